@@ -1,0 +1,23 @@
+//! The KVMI v12 wire ABI for x86_64: message and event ids, `KVM_E*` error
+//! codes, and every structure of the protocol, byte-compatible with the
+//! "VM introspection" v12 patch series. Types only: no I/O, no threads.
+//!
+//! All integers are little-endian (host order on x86_64). Structures are
+//! `#[repr(C)]` with explicit padding and use `zerocopy` for conversion to and
+//! from bytes; [`read_zext`] applies the kernel's rule that a short body reads
+//! as if zero-extended.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
+
+mod codec;
+mod errno;
+pub mod handshake;
+mod ids;
+mod structs;
+
+pub use codec::{frame, read_zext, tail, TooLarge};
+pub use errno::KvmErrno;
+pub use ids::*;
+pub use structs::*;
+
+pub use zerocopy;
+pub use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes};
