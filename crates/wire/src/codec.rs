@@ -13,9 +13,9 @@ use zerocopy::{FromBytes, IntoBytes};
 /// ignoring anything past `size_of::<T>()`.
 pub fn read_zext<T: FromBytes + IntoBytes>(bytes: &[u8]) -> T {
     let mut v = T::new_zeroed();
-    let dst = v.as_mut_bytes();
-    let n = dst.len().min(bytes.len());
-    dst[..n].copy_from_slice(&bytes[..n]);
+    for (d, s) in v.as_mut_bytes().iter_mut().zip(bytes) {
+        *d = *s;
+    }
     v
 }
 

@@ -52,15 +52,17 @@ impl ToIntrospector {
             name: [0; 64],
             max_gpa,
         };
-        let n = name.len().min(63);
-        s.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        // Keep the last byte as the terminating NUL.
+        for (d, c) in s.name.iter_mut().take(63).zip(name.bytes()) {
+            *d = c;
+        }
         s
     }
 
     /// The name up to its first NUL, lossily decoded.
     pub fn name_str(&self) -> String {
-        let end = self.name.iter().position(|&b| b == 0).unwrap_or(self.name.len());
-        String::from_utf8_lossy(&self.name[..end]).into_owned()
+        let bytes: Vec<u8> = self.name.iter().copied().take_while(|&b| b != 0).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 }
 

@@ -1,0 +1,79 @@
+//! The receiving thread: one per connection. It reads each message, runs VM
+//! commands itself (in order, answering each before reading the next), hands
+//! vCPU messages to [`crate::vcpu_dispatch`], and on any hard error shuts the
+//! connection down and releases every vCPU.
+
+use crate::session::{Disconnect, Message, Session};
+use crate::{vcpu_dispatch, vm_commands};
+use std::io::{ErrorKind, Read};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use ukvmi_wire::{msg, read_zext, KvmErrno, MsgHdr, MAX_MSG_SIZE, MSG_HDR_SIZE};
+
+/// Body of the receiving thread.
+pub(crate) fn run(sess: Arc<Session>, mut rd: UnixStream) {
+    let why = loop {
+        let m = match read_message(&mut rd) {
+            Ok(m) => m,
+            Err(why) => break why,
+        };
+        if let Err(why) = route(&sess, m) {
+            break why;
+        }
+    };
+    sess.hard_error(why);
+    sess.receiver_finished();
+}
+
+/// Reads until `buf` is full or the peer closes; returns the bytes read.
+fn read_full(rd: &mut UnixStream, buf: &mut [u8]) -> Result<usize, Disconnect> {
+    let mut got = 0;
+    while got < buf.len() {
+        let Some(rest) = buf.get_mut(got..) else { break };
+        match rd.read(rest) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Disconnect::ReadFailed(e.to_string())),
+        }
+    }
+    Ok(got)
+}
+
+/// Reads one message. EOF before a header is a clean close; anything short
+/// after that, or a size over 8184, is a hard error.
+pub(crate) fn read_message(rd: &mut UnixStream) -> Result<Message, Disconnect> {
+    let mut hb = [0u8; MSG_HDR_SIZE];
+    match read_full(rd, &mut hb)? {
+        0 => return Err(Disconnect::PeerClosed),
+        MSG_HDR_SIZE => {}
+        got => return Err(Disconnect::Truncated { id: 0, expected: MSG_HDR_SIZE, got }),
+    }
+    let hdr: MsgHdr = read_zext(&hb);
+    let size = usize::from(hdr.size);
+    if size > MAX_MSG_SIZE {
+        return Err(Disconnect::Oversize { id: hdr.id, size: hdr.size });
+    }
+    let mut body = vec![0u8; size];
+    let got = read_full(rd, &mut body)?;
+    if got != size {
+        return Err(Disconnect::Truncated { id: hdr.id, expected: size, got });
+    }
+    Ok(Message { hdr, body })
+}
+
+/// Spec §7.1: VM commands here, vCPU messages to their queue, the rest ENOSYS.
+fn route(sess: &Session, m: Message) -> Result<(), Disconnect> {
+    let id = m.hdr.id;
+    if msg::is_vcpu_message(id) {
+        if id == msg::VCPU_EVENT || msg::is_known_command(id) {
+            return vcpu_dispatch::validate_and_queue(sess, m);
+        }
+    } else if msg::is_known_command(id) {
+        if !sess.perms.command_allowed(id) {
+            return sess.reply(&m.hdr, Err(KvmErrno::Eperm));
+        }
+        return vm_commands::handle(sess, &m);
+    }
+    sess.reply(&m.hdr, Err(KvmErrno::Enosys))
+}

@@ -1,0 +1,280 @@
+//! One introspection connection: the socket, the VM-wide state the tool set
+//! up, and one job queue per vCPU. Everything here is fresh for each
+//! connection and dropped when it is unhooked.
+
+use crate::backend::{HostCaps, IdSet, VmBackend};
+use crate::permissions::Permissions;
+use crate::vcpu::Local;
+use std::collections::VecDeque;
+use std::io::Write;
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use thiserror::Error;
+use ukvmi_wire::{frame, ErrorCode, IntoBytes, KvmErrno, MsgHdr};
+
+/// Why a connection ended. The first hard error wins.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Disconnect {
+    /// The tool closed its end (EOF between messages).
+    #[error("the introspector closed the connection")]
+    PeerClosed,
+    /// Reading the socket failed.
+    #[error("reading from the introspector failed: {0}")]
+    ReadFailed(String),
+    /// The socket ended inside a message.
+    #[error("message id {id} truncated: expected {expected} bytes, got {got}")]
+    Truncated {
+        /// Message id (0 if the header itself was cut).
+        id: u16,
+        /// Bytes announced.
+        expected: usize,
+        /// Bytes received.
+        got: usize,
+    },
+    /// A header announced a body larger than `KVMI_MAX_MSG_SIZE`.
+    #[error("message id {id} announces {size} body bytes, more than 8184")]
+    Oversize {
+        /// Message id.
+        id: u16,
+        /// Announced size.
+        size: u16,
+    },
+    /// Writing a reply or an event failed.
+    #[error("writing to the introspector failed: {0}")]
+    WriteFailed(String),
+    /// VM_WRITE_PHYSICAL announced more data than its body holds.
+    #[error("VM_WRITE_PHYSICAL announces {size} data bytes but only {available} arrived")]
+    WritePhysicalOverflow {
+        /// Announced data bytes.
+        size: u16,
+        /// Data bytes present.
+        available: usize,
+    },
+    /// VM_SET_PAGE_ACCESS announced more entries than its body holds.
+    #[error("VM_SET_PAGE_ACCESS announces {count} entries but the body has {body} bytes")]
+    PageAccessOverflow {
+        /// Announced entries.
+        count: u16,
+        /// Body bytes.
+        body: usize,
+    },
+    /// An event reply broke a rule of spec §7.3.
+    #[error("invalid event reply for vCPU {vcpu}: {why}")]
+    BadEventReply {
+        /// The vCPU it named.
+        vcpu: u16,
+        /// The rule it broke.
+        why: &'static str,
+    },
+    /// An event was answered with an action it does not accept.
+    #[error("vCPU {vcpu}: action {action} is not accepted by {event}")]
+    UnsupportedAction {
+        /// The vCPU.
+        vcpu: u16,
+        /// The action byte.
+        action: u8,
+        /// The event's name.
+        event: &'static str,
+    },
+    /// The device manager unhooked the VM.
+    #[error("unhooked by the device manager")]
+    Unhooked,
+}
+
+/// A message as received: header plus exactly `size` body bytes. The
+/// receiving thread allocates it; a vCPU job owns it until it has run.
+#[derive(Debug)]
+pub(crate) struct Message {
+    pub hdr: MsgHdr,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub(crate) enum Job {
+    /// A vCPU command or an event reply, already validated by the receiving thread.
+    Message(Message),
+    /// The connection is gone: drop pauses, end any wait as if CONTINUE.
+    Release,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Queue {
+    pub jobs: VecDeque<Job>,
+    pub pauses: u32,
+}
+
+/// Per-vCPU part of a session.
+pub(crate) struct VcpuSession {
+    /// Filled by the receiving thread, drained by the vCPU thread.
+    pub queue: Mutex<Queue>,
+    /// Signalled whenever a job is queued (wakes a vCPU waiting for a reply).
+    pub wake: Condvar,
+    /// The vCPU is blocked in an event, waiting for its reply.
+    pub waiting: AtomicBool,
+    /// State only the vCPU thread touches.
+    pub local: Mutex<Local>,
+    /// The port's "has requests" flag (shared with `VcpuPort`).
+    pub request: Arc<AtomicBool>,
+}
+
+pub(crate) struct Session {
+    pub vm: Arc<dyn VmBackend>,
+    pub perms: Arc<Permissions>,
+    pub caps: HostCaps,
+    pub vcpus: Vec<VcpuSession>,
+    /// VM events the tool enabled.
+    pub vm_events: AtomicU32,
+    /// CONTROL_CLEANUP flag: undo interceptions on unhook (default on).
+    pub cleanup: AtomicBool,
+    socket: UnixStream,
+    writer: Mutex<UnixStream>,
+    seq: AtomicU32,
+    end: Mutex<End>,
+    ended: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct End {
+    reason: Option<Disconnect>,
+    receiver_done: bool,
+}
+
+/// Locks a mutex, recovering the data if another thread panicked with it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Session {
+    pub fn new(
+        vm: Arc<dyn VmBackend>,
+        perms: Arc<Permissions>,
+        requests: &[Arc<AtomicBool>],
+        socket: UnixStream,
+    ) -> std::io::Result<Session> {
+        let writer = socket.try_clone()?;
+        let caps = vm.caps();
+        let vcpus = requests
+            .iter()
+            .map(|r| VcpuSession {
+                queue: Mutex::new(Queue::default()),
+                wake: Condvar::new(),
+                waiting: AtomicBool::new(false),
+                local: Mutex::new(Local::default()),
+                request: Arc::clone(r),
+            })
+            .collect();
+        Ok(Session {
+            vm,
+            perms,
+            caps,
+            vcpus,
+            vm_events: AtomicU32::new(0),
+            cleanup: AtomicBool::new(true),
+            socket,
+            writer: Mutex::new(writer),
+            seq: AtomicU32::new(0),
+            end: Mutex::new(End::default()),
+            ended: Condvar::new(),
+        })
+    }
+
+    pub fn reader(&self) -> std::io::Result<UnixStream> {
+        self.socket.try_clone()
+    }
+
+    /// The next event sequence number: VM-wide, pre-incremented, so the
+    /// first event of a session has seq 1.
+    pub fn next_seq(&self) -> u32 {
+        self.seq.fetch_add(1, Ordering::SeqCst).wrapping_add(1)
+    }
+
+    pub fn vm_event_enabled(&self, id: u16) -> bool {
+        IdSet::from_bits(self.vm_events.load(Ordering::SeqCst)).contains(id)
+    }
+
+    /// Writes one whole message with a single write under the write lock.
+    pub fn send(&self, bytes: &[u8]) -> Result<(), Disconnect> {
+        let mut w = lock(&self.writer);
+        w.write_all(bytes).map_err(|e| Disconnect::WriteFailed(e.to_string()))
+    }
+
+    /// Sends a command reply: the request's id and seq, the error code, and
+    /// `data` only on success.
+    pub fn reply(&self, req: &MsgHdr, res: Result<&[u8], KvmErrno>) -> Result<(), Disconnect> {
+        let (err, data): (i32, &[u8]) = match res {
+            Ok(d) => (0, d),
+            Err(e) => (e.wire(), &[]),
+        };
+        let ec = ErrorCode { err, padding: 0 };
+        let bytes = frame(req.id, req.seq, &[ec.as_bytes(), data])
+            .map_err(|e| Disconnect::WriteFailed(e.to_string()))?;
+        self.send(&bytes)
+    }
+
+    /// A hard error: remember why, and shut the socket down so the tool sees
+    /// EOF and the receiving thread stops.
+    pub fn hard_error(&self, why: Disconnect) {
+        {
+            let mut end = lock(&self.end);
+            if end.reason.is_none() {
+                end.reason = Some(why);
+            }
+        }
+        let _ = self.socket.shutdown(Shutdown::Both);
+    }
+
+    /// Queues a job on a vCPU and kicks it.
+    pub fn queue_job(&self, vcpu: u16, job: Job) {
+        if let Some(vs) = self.vcpus.get(usize::from(vcpu)) {
+            lock(&vs.queue).jobs.push_back(job);
+            self.poke(vcpu, vs, false);
+        }
+    }
+
+    /// Raises the vCPU's request flag, wakes it if it waits for a reply, and
+    /// kicks it out of guest mode.
+    pub fn poke(&self, vcpu: u16, vs: &VcpuSession, wait: bool) {
+        vs.request.store(true, Ordering::SeqCst);
+        vs.wake.notify_all();
+        self.vm.kick(vcpu, wait);
+    }
+
+    /// Called by the receiving thread as it exits: release every vCPU.
+    pub fn receiver_finished(&self) {
+        for i in 0..self.vcpus.len() {
+            // vcpus.len() came from a u16 vCPU count.
+            self.queue_job(i as u16, Job::Release);
+        }
+        let mut end = lock(&self.end);
+        end.receiver_done = true;
+        self.ended.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        lock(&self.end).receiver_done
+    }
+
+    /// Waits until the receiving thread has ended, at most `timeout`.
+    pub fn wait_closed(&self, timeout: Option<std::time::Duration>) -> bool {
+        let end = lock(&self.end);
+        match timeout {
+            None => {
+                let _g = self.ended.wait_while(end, |e| !e.receiver_done);
+                true
+            }
+            Some(t) => {
+                let (g, _) = self
+                    .ended
+                    .wait_timeout_while(end, t, |e| !e.receiver_done)
+                    .unwrap_or_else(|e| e.into_inner());
+                g.receiver_done
+            }
+        }
+    }
+
+    pub fn reason(&self) -> Option<Disconnect> {
+        lock(&self.end).reason.clone()
+    }
+}

@@ -1,0 +1,540 @@
+//! The vCPU side: what a vCPU thread calls between guest entries.
+//!
+//! A [`VcpuPort`] belongs to one vCPU thread. The VMM calls
+//! [`VcpuPort::handle_requests`] whenever [`VcpuPort::has_requests`] is set
+//! (after every exit and after a kick), and [`VcpuPort::raise`] where the
+//! guest did something an event reports. Both run jobs (vCPU commands and
+//! event replies) on this thread, so the handlers see the vCPU's own state.
+
+use crate::backend::{Exception, IdSet, VcpuBackend};
+use crate::endpoint::Shared;
+use crate::session::{lock, Disconnect, Job, Message, Session, VcpuSession};
+use crate::vcpu_commands;
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use ukvmi_wire::{
+    event, frame, msg, read_zext, tail, Action, EventBreakpoint, EventCr, EventDescriptor,
+    EventHdr, EventMsr, EventMsrs, EventPf, EventSinglestep, EventTrap, EventXsetbv, IntoBytes,
+    KvmRegs, KvmSregs, VcpuEvent, VcpuEventArch, VcpuEventReply, EVENT_REPLY_BODY_BASE,
+};
+
+/// Something the guest did that a vCPU event reports. PAUSE and TRAP are
+/// raised by the endpoint itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestEvent {
+    /// The agent hypercall (RAX=34, RDI=24, RSI=0, or the doorbell).
+    Hypercall,
+    /// An `int3`. `gpa` is the translation of CS.base + RIP.
+    Breakpoint {
+        /// Guest physical address of the instruction.
+        gpa: u64,
+        /// Instruction length.
+        insn_len: u8,
+    },
+    /// A write of CR0, CR3 or CR4.
+    Cr {
+        /// 0, 3 or 4.
+        cr: u8,
+        /// Current value.
+        old_value: u64,
+        /// Value being written.
+        new_value: u64,
+    },
+    /// XCR0 changed (informational; already in place).
+    Xsetbv {
+        /// XCR index.
+        xcr: u8,
+        /// Previous value.
+        old_value: u64,
+        /// New value.
+        new_value: u64,
+    },
+    /// A descriptor-table instruction.
+    Descriptor {
+        /// `desc::*`.
+        descriptor: u8,
+        /// A load (LIDT...) rather than a store.
+        write: bool,
+    },
+    /// A guest write to an MSR.
+    Msr {
+        /// MSR index.
+        msr: u32,
+        /// Current value.
+        old_value: u64,
+        /// Value being written.
+        new_value: u64,
+    },
+    /// An access to a restricted page.
+    Pf {
+        /// Guest virtual address, all ones if unknown.
+        gva: u64,
+        /// Guest physical address.
+        gpa: u64,
+        /// The attempted access (`access::*`).
+        access: u8,
+    },
+    /// One instruction was stepped (or the step was interrupted).
+    Singlestep {
+        /// Another exit interrupted the step.
+        failed: bool,
+    },
+}
+
+impl GuestEvent {
+    /// The event id on the wire.
+    pub fn id(&self) -> u16 {
+        match self {
+            GuestEvent::Hypercall => event::HYPERCALL,
+            GuestEvent::Breakpoint { .. } => event::BREAKPOINT,
+            GuestEvent::Cr { .. } => event::CR,
+            GuestEvent::Xsetbv { .. } => event::XSETBV,
+            GuestEvent::Descriptor { .. } => event::DESCRIPTOR,
+            GuestEvent::Msr { .. } => event::MSR,
+            GuestEvent::Pf { .. } => event::PF,
+            GuestEvent::Singlestep { .. } => event::SINGLESTEP,
+        }
+    }
+
+    fn payload(&self) -> Vec<u8> {
+        match *self {
+            GuestEvent::Hypercall => Vec::new(),
+            GuestEvent::Breakpoint { gpa, insn_len } => {
+                EventBreakpoint { gpa, insn_len, padding: [0; 7] }.as_bytes().to_vec()
+            }
+            GuestEvent::Cr { cr, old_value, new_value } => {
+                EventCr { cr, padding: [0; 7], old_value, new_value }.as_bytes().to_vec()
+            }
+            GuestEvent::Xsetbv { xcr, old_value, new_value } => {
+                EventXsetbv { xcr, padding: [0; 7], old_value, new_value }.as_bytes().to_vec()
+            }
+            GuestEvent::Descriptor { descriptor, write } => {
+                EventDescriptor { descriptor, write: u8::from(write), padding: [0; 6] }.as_bytes().to_vec()
+            }
+            GuestEvent::Msr { msr, old_value, new_value } => {
+                EventMsr { msr, padding: 0, old_value, new_value }.as_bytes().to_vec()
+            }
+            GuestEvent::Pf { gva, gpa, access } => EventPf {
+                gva,
+                gpa,
+                access,
+                padding1: 0,
+                padding2: 0,
+                padding3: 0,
+            }
+            .as_bytes()
+            .to_vec(),
+            GuestEvent::Singlestep { failed } => {
+                EventSinglestep { failed: u8::from(failed), padding: [0; 7] }.as_bytes().to_vec()
+            }
+        }
+    }
+
+    /// The guest's own value for CR and MSR writes.
+    fn guest_value(&self) -> Option<u64> {
+        match *self {
+            GuestEvent::Cr { new_value, .. } | GuestEvent::Msr { new_value, .. } => Some(new_value),
+            _ => None,
+        }
+    }
+}
+
+/// How the tool answered an event. When the connection failed during the
+/// event the outcome is CONTINUE with the guest's own value, as the spec asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventOutcome {
+    /// What to do.
+    pub action: Action,
+    /// For CR and MSR events: the value to write.
+    pub new_val: Option<u64>,
+    /// True when the tool really answered (false: released or failed).
+    pub answered: bool,
+}
+
+/// What the VMM should do after [`VcpuPort::handle_requests`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Enter the guest.
+    Continue,
+    /// A PAUSE or TRAP event was answered CRASH: stop the VM as a guest shutdown.
+    Crash,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Expected {
+    pub seq: u32,
+    pub reply_size: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReplyData {
+    pub action: u8,
+    pub payload: [u8; 8],
+}
+
+/// Per-vCPU, per-session state that only the vCPU thread touches.
+#[derive(Debug, Default)]
+pub(crate) struct Local {
+    /// vCPU events the tool enabled.
+    pub enabled: IdSet,
+    /// Events for which we asked the backend to intercept something.
+    pub intercepts: IdSet,
+    /// CRs selected with CONTROL_CR (bit n = CRn).
+    pub crs: u8,
+    /// MSRs selected with CONTROL_MSR.
+    pub msrs: BTreeSet<u32>,
+    pub singlestep: bool,
+    /// The event being waited for.
+    pub expect: Option<Expected>,
+    /// Its reply, once it came (`None` inside: released or invalid).
+    pub reply: Option<Option<ReplyData>>,
+    /// SET_REGISTERS, applied when the reply comes.
+    pub delayed_regs: Option<KvmRegs>,
+    /// INJECT_EXCEPTION, performed before the next guest entry.
+    pub pending_inject: Option<Exception>,
+}
+
+impl Local {
+    pub fn waiting(&self) -> bool {
+        self.expect.is_some()
+    }
+}
+
+/// The handle a vCPU thread uses. Cheap to clone.
+#[derive(Clone)]
+pub struct VcpuPort {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) index: u16,
+}
+
+impl std::fmt::Debug for VcpuPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuPort").field("index", &self.index).finish()
+    }
+}
+
+impl VcpuPort {
+    /// The vCPU index.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Whether [`VcpuPort::handle_requests`] has work: queued jobs, pauses,
+    /// a pending injection, or cleanup after unhook. One atomic load.
+    pub fn has_requests(&self) -> bool {
+        self.shared.port(self.index).is_some_and(|p| p.request.load(Ordering::SeqCst))
+    }
+
+    /// Whether the tool enabled vCPU event `id` on this vCPU (a hint for the
+    /// VMM to skip work; [`VcpuPort::raise`] decides for itself).
+    pub fn event_enabled(&self, id: u16) -> bool {
+        let Some(s) = self.shared.current() else { return false };
+        let Some(vs) = s.vcpus.get(usize::from(self.index)) else { return false };
+        let local = lock(&vs.local);
+        !s.is_closed() && (local.enabled.contains(id) || (id == event::SINGLESTEP && local.singlestep))
+    }
+
+    /// Runs everything the introspector asked of this vCPU: cleanup left by
+    /// a previous connection, queued jobs in FIFO order, one PAUSE event per
+    /// pending pause (only once the queue is empty), then a requested
+    /// exception injection followed by its TRAP event. Call it with the vCPU
+    /// out of guest mode, before entering the guest, whenever
+    /// [`VcpuPort::has_requests`] is set.
+    ///
+    /// Never call a `VcpuPort` method from inside a backend callback.
+    pub fn handle_requests(&self, vcpu: &mut dyn VcpuBackend) -> Flow {
+        if let Some(p) = self.shared.port(self.index) {
+            p.request.store(false, Ordering::SeqCst);
+        }
+        let Some(sess) = self.current(vcpu) else { return Flow::Continue };
+        let Some(vs) = sess.vcpus.get(usize::from(self.index)) else { return Flow::Continue };
+        let mut local = lock(&vs.local);
+        let mut cx = Ctx { sess: &sess, vs, vcpu, index: self.index };
+        loop {
+            cx.run_jobs(&mut local);
+            let pause = {
+                let mut q = lock(&vs.queue);
+                let take = q.pauses > 0 && q.jobs.is_empty();
+                if take {
+                    q.pauses -= 1;
+                }
+                take
+            };
+            if !pause {
+                break;
+            }
+            if cx.deliver(&mut local, event::PAUSE, &[], None).action == Action::Crash {
+                return Flow::Crash;
+            }
+        }
+        if let Some(exc) = local.pending_inject.take() {
+            let injected = cx.vcpu.support_inject().map(|i| i.inject(exc));
+            if let Some(Ok(done)) = injected {
+                let trap = EventTrap {
+                    nr: done.nr,
+                    padding1: 0,
+                    padding2: 0,
+                    error_code: done.error_code,
+                    address: done.address,
+                };
+                if cx.deliver(&mut local, event::TRAP, trap.as_bytes(), None).action == Action::Crash {
+                    return Flow::Crash;
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Reports something the guest did. Returns `None` when no event was
+    /// sent (nobody is connected, or the tool did not ask for it): the VMM
+    /// then behaves as if not introspected. Otherwise the vCPU blocks here,
+    /// running its jobs, until the tool answers or the connection ends.
+    pub fn raise(&self, vcpu: &mut dyn VcpuBackend, ev: GuestEvent) -> Option<EventOutcome> {
+        let sess = self.current(vcpu)?;
+        if sess.is_closed() {
+            return None;
+        }
+        let vs = sess.vcpus.get(usize::from(self.index))?;
+        let mut local = lock(&vs.local);
+        let id = ev.id();
+        let wanted = match ev {
+            GuestEvent::Singlestep { .. } => local.singlestep,
+            GuestEvent::Cr { cr, old_value, new_value } => {
+                local.enabled.contains(id) && cr < 8 && local.crs & (1 << cr) != 0 && old_value != new_value
+            }
+            GuestEvent::Msr { msr, old_value, new_value } => {
+                local.enabled.contains(id) && local.msrs.contains(&msr) && old_value != new_value
+            }
+            GuestEvent::Xsetbv { xcr, old_value, new_value } => {
+                local.enabled.contains(id) && xcr == 0 && old_value != new_value
+            }
+            _ => local.enabled.contains(id),
+        };
+        if !wanted {
+            return None;
+        }
+        let mut cx = Ctx { sess: &sess, vs, vcpu, index: self.index };
+        Some(cx.deliver(&mut local, id, &ev.payload(), ev.guest_value()))
+    }
+
+    /// The current session, after finishing any cleanup the previous one left.
+    fn current(&self, vcpu: &mut dyn VcpuBackend) -> Option<Arc<Session>> {
+        self.finish_cleanup(vcpu);
+        self.shared.current()
+    }
+
+    /// After unhook: drop the old session's jobs, stop single-stepping, and
+    /// (with the cleanup flag) undo every interception the tool set up.
+    fn finish_cleanup(&self, vcpu: &mut dyn VcpuBackend) {
+        let Some(p) = self.shared.port(self.index) else { return };
+        let Some((old, restore)) = lock(&p.cleanup).take() else { return };
+        let Some(vs) = old.vcpus.get(usize::from(self.index)) else { return };
+        {
+            let mut q = lock(&vs.queue);
+            q.jobs.clear();
+            q.pauses = 0;
+        }
+        let mut local = lock(&vs.local);
+        if local.singlestep {
+            if let Some(ss) = vcpu.support_singlestep() {
+                let _ = ss.set_singlestep(false);
+            }
+        }
+        if restore {
+            if let Some(ic) = vcpu.support_intercepts() {
+                for id in event::VCPU_EVENTS.into_iter().filter(|id| local.intercepts.contains(*id)) {
+                    let _ = ic.set_event_intercept(id, false);
+                }
+                for cr in [0u8, 3, 4].into_iter().filter(|cr| local.crs & (1 << cr) != 0) {
+                    let _ = ic.set_cr_intercept(cr, false);
+                }
+                for msr in &local.msrs {
+                    let _ = ic.set_msr_intercept(*msr, false);
+                }
+            }
+        }
+        *local = Local::default();
+    }
+}
+
+/// Everything a job or an event needs on the vCPU thread.
+pub(crate) struct Ctx<'a> {
+    pub sess: &'a Session,
+    pub vs: &'a VcpuSession,
+    pub vcpu: &'a mut dyn VcpuBackend,
+    pub index: u16,
+}
+
+impl Ctx<'_> {
+    /// Pops and runs jobs until the queue is empty.
+    pub fn run_jobs(&mut self, local: &mut Local) {
+        loop {
+            let job = lock(&self.vs.queue).jobs.pop_front();
+            match job {
+                None => return,
+                Some(Job::Release) => self.release(local),
+                Some(Job::Message(m)) => self.run_message(local, &m),
+            }
+        }
+    }
+
+    fn run_message(&mut self, local: &mut Local, m: &Message) {
+        if m.hdr.id == msg::VCPU_EVENT {
+            if let Err(why) = self.event_reply(local, m) {
+                self.sess.hard_error(why);
+            }
+            return;
+        }
+        let res = vcpu_commands::handle(self, local, m);
+        let sent = match &res {
+            Ok(data) => self.sess.reply(&m.hdr, Ok(data)),
+            Err(e) => self.sess.reply(&m.hdr, Err(*e)),
+        };
+        if let Err(why) = sent {
+            self.sess.hard_error(why);
+        }
+    }
+
+    /// The connection is gone: drop pauses, end the wait as if CONTINUE,
+    /// stop single-stepping.
+    fn release(&mut self, local: &mut Local) {
+        lock(&self.vs.queue).pauses = 0;
+        if local.expect.take().is_some() {
+            local.reply = Some(None);
+        }
+        if local.singlestep {
+            if let Some(ss) = self.vcpu.support_singlestep() {
+                let _ = ss.set_singlestep(false);
+            }
+            local.singlestep = false;
+        }
+    }
+
+    /// Spec §7.3. Any violation is a hard error and ends the wait.
+    fn event_reply(&mut self, local: &mut Local, m: &Message) -> Result<(), Disconnect> {
+        let vcpu = self.index;
+        let Some(exp) = local.expect else {
+            return Err(Disconnect::BadEventReply { vcpu, why: "the vCPU is not waiting for an event reply" });
+        };
+        let body = m.body.as_slice();
+        let why = if m.hdr.seq != exp.seq {
+            Some("sequence number does not match the event")
+        } else if body.len() < EVENT_REPLY_BODY_BASE {
+            Some("body shorter than 16 bytes")
+        } else if body.len() - EVENT_REPLY_BODY_BASE > exp.reply_size {
+            Some("payload larger than the event's reply structure")
+        } else {
+            let r: VcpuEventReply = read_zext(tail(body, 8));
+            if r.padding1 != 0 || r.padding2 != 0 {
+                Some("non-zero padding in kvmi_vcpu_event_reply")
+            } else {
+                let payload: [u8; 8] = read_zext(tail(body, EVENT_REPLY_BODY_BASE));
+                local.expect = None;
+                local.reply = Some(Some(ReplyData { action: r.action, payload }));
+                None
+            }
+        };
+        match why {
+            None => Ok(()),
+            Some(why) => {
+                local.expect = None;
+                local.reply = Some(None);
+                Err(Disconnect::BadEventReply { vcpu, why })
+            }
+        }
+    }
+
+    /// Sends one vCPU event and blocks until it is answered, running this
+    /// vCPU's jobs meanwhile. Failures behave as CONTINUE with the guest's value.
+    pub fn deliver(&mut self, local: &mut Local, id: u16, payload: &[u8], guest_value: Option<u64>) -> EventOutcome {
+        let fallback = EventOutcome { action: Action::Continue, new_val: guest_value, answered: false };
+        let Some(info) = event::info(id) else { return fallback };
+        if self.sess.is_closed() {
+            return fallback;
+        }
+        let body = self.event_body(id);
+        let seq = self.sess.next_seq();
+        local.expect = Some(Expected { seq, reply_size: info.reply_size });
+        local.reply = None;
+        self.vs.waiting.store(true, Ordering::SeqCst);
+        let sent = frame(msg::VCPU_EVENT, seq, &[&body, payload])
+            .map_err(|e| Disconnect::WriteFailed(e.to_string()))
+            .and_then(|bytes| self.sess.send(&bytes));
+        if let Err(why) = sent {
+            self.sess.hard_error(why);
+            local.expect = None;
+        }
+        while local.expect.is_some() {
+            self.run_jobs(local);
+            if local.expect.is_none() {
+                break;
+            }
+            let q = lock(&self.vs.queue);
+            drop(self.vs.wake.wait_while(q, |q| q.jobs.is_empty()).unwrap_or_else(|e| e.into_inner()));
+        }
+        self.vs.waiting.store(false, Ordering::SeqCst);
+        let delayed = local.delayed_regs.take();
+        let Some(Some(reply)) = local.reply.take() else { return fallback };
+        let action = Action::from_u8(reply.action).filter(|a| info.actions.contains(*a));
+        let Some(action) = action else {
+            self.sess.hard_error(Disconnect::UnsupportedAction {
+                vcpu: self.index,
+                action: reply.action,
+                event: info.name,
+            });
+            return fallback;
+        };
+        if let Some(regs) = delayed {
+            let _ = self.vcpu.set_regs(&regs);
+        }
+        EventOutcome { action, new_val: guest_value.map(|_| u64::from_le_bytes(reply.payload)), answered: true }
+    }
+
+    /// Event header plus `kvmi_vcpu_event` with the vCPU's current state.
+    fn event_body(&mut self, id: u16) -> Vec<u8> {
+        let regs = self.vcpu.regs().unwrap_or_default();
+        let sregs = self.vcpu.sregs().unwrap_or_default();
+        let mut vals = [0u64; 9];
+        if self.vcpu.msrs(&EventMsrs::INDICES, &mut vals).is_err() {
+            // Read one by one; an MSR the host cannot read reports 0.
+            for (i, idx) in EventMsrs::INDICES.iter().enumerate() {
+                let mut one = [0u64; 1];
+                if self.vcpu.msrs(&[*idx], &mut one).is_ok() {
+                    if let Some(v) = vals.get_mut(i) {
+                        *v = one[0];
+                    }
+                }
+            }
+        }
+        let ev = VcpuEvent {
+            size: core::mem::size_of::<VcpuEvent>() as u16,
+            vcpu: self.index,
+            padding: 0,
+            arch: VcpuEventArch {
+                mode: cpu_mode(&sregs),
+                padding: [0; 7],
+                regs,
+                sregs,
+                msrs: EventMsrs::from_values(vals),
+            },
+        };
+        let hdr = EventHdr { event: id, padding: [0; 3] };
+        let mut out = Vec::with_capacity(8 + core::mem::size_of::<VcpuEvent>());
+        out.extend_from_slice(hdr.as_bytes());
+        out.extend_from_slice(ev.as_bytes());
+        out
+    }
+}
+
+/// Operand size in bytes from CS and EFER.LMA (spec §5.3).
+pub(crate) fn cpu_mode(sregs: &KvmSregs) -> u8 {
+    const EFER_LMA: u64 = 1 << 10;
+    if sregs.efer & EFER_LMA != 0 && sregs.cs.l != 0 {
+        8
+    } else if sregs.cs.db == 0 {
+        2
+    } else {
+        4
+    }
+}

@@ -1,0 +1,39 @@
+//! The seed: "KVM: introspection: handle vCPU commands" (spec §7.2).
+//!
+//! Runs on the receiving thread for every odd message id. It checks, in this
+//! order, and answers each failure itself:
+//!
+//! 1. the command is allowed (event replies are exempt) → else `-KVM_EPERM`;
+//! 2. the vCPU header's padding is zero → else `-KVM_EINVAL`;
+//! 3. the vCPU index is below the vCPU count → else `-KVM_EINVAL`;
+//! 4. the vCPU is ready (started by the guest, or waiting in an event) → else
+//!    `-KVM_EAGAIN`.
+//!
+//! A message that passes is moved, buffer and all, into that vCPU's FIFO job
+//! queue and the vCPU is kicked. From then on the vCPU thread runs it and
+//! sends the reply itself.
+
+use crate::session::{Disconnect, Job, Message, Session};
+use std::sync::atomic::Ordering;
+use ukvmi_wire::{msg, read_zext, KvmErrno, VcpuHdr};
+
+/// Validates a vCPU message and queues it as a job on its vCPU.
+pub(crate) fn validate_and_queue(sess: &Session, m: Message) -> Result<(), Disconnect> {
+    let id = m.hdr.id;
+    if id != msg::VCPU_EVENT && !sess.perms.command_allowed(id) {
+        return sess.reply(&m.hdr, Err(KvmErrno::Eperm));
+    }
+    // A body shorter than the header is zero-extended: it names vCPU 0.
+    let h: VcpuHdr = read_zext(&m.body);
+    if h.padding1 != 0 || h.padding2 != 0 {
+        return sess.reply(&m.hdr, Err(KvmErrno::Einval));
+    }
+    let Some(vs) = sess.vcpus.get(usize::from(h.vcpu)) else {
+        return sess.reply(&m.hdr, Err(KvmErrno::Einval));
+    };
+    if !(sess.vm.vcpu_ready(h.vcpu) || vs.waiting.load(Ordering::SeqCst)) {
+        return sess.reply(&m.hdr, Err(KvmErrno::Eagain));
+    }
+    sess.queue_job(h.vcpu, Job::Message(m));
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! VM commands (even ids), run on the receiving thread in arrival order.
+//! Each handler validates in the order of spec §8 and sends its reply before
+//! the next message is read.
+
+use crate::backend::IdSet;
+use crate::session::{lock, Disconnect, Message, Session};
+use std::sync::atomic::Ordering;
+use ukvmi_wire::{
+    access, event, msg, read_zext, tail, ControlEvents, Features, GetVersionReply, IntoBytes,
+    KvmErrno, PageAccessEntry, VmCheck, VmControlCleanup, VmGetInfoReply, VmPauseVcpu,
+    VmPhysical, VmSetPageAccess, KVMI_VERSION, MAX_MSG_SIZE, MAX_PENDING_PAUSES, PAGE_SIZE,
+};
+
+type Reply = Result<Vec<u8>, KvmErrno>;
+
+/// Runs one allowed VM command and sends its reply.
+pub(crate) fn handle(sess: &Session, m: &Message) -> Result<(), Disconnect> {
+    let body = m.body.as_slice();
+    let res: Reply = match m.hdr.id {
+        msg::GET_VERSION => Ok(get_version(sess)),
+        msg::VM_CHECK_COMMAND => check_command(sess, body),
+        msg::VM_CHECK_EVENT => check_event(sess, body),
+        msg::VM_GET_INFO => Ok(get_info(sess)),
+        msg::VM_CONTROL_EVENTS => control_events(sess, body),
+        msg::VM_READ_PHYSICAL => read_physical(sess, body),
+        msg::VM_WRITE_PHYSICAL => write_physical(sess, body)?,
+        msg::VM_PAUSE_VCPU => pause_vcpu(sess, body),
+        msg::VM_CONTROL_CLEANUP => control_cleanup(sess, body),
+        msg::VM_SET_PAGE_ACCESS => set_page_access(sess, body)?,
+        _ => Err(KvmErrno::Enosys),
+    };
+    match res {
+        Ok(data) => sess.reply(&m.hdr, Ok(&data)),
+        Err(e) => sess.reply(&m.hdr, Err(e)),
+    }
+}
+
+fn get_version(sess: &Session) -> Vec<u8> {
+    GetVersionReply {
+        version: KVMI_VERSION,
+        max_msg_size: MAX_MSG_SIZE as u32,
+        features: Features { singlestep: u8::from(sess.caps.singlestep), padding: [0; 7] },
+    }
+    .as_bytes()
+    .to_vec()
+}
+
+/// Spec §6.3, plus what the host cannot do: `-KVM_EOPNOTSUPP`.
+fn check_command(sess: &Session, body: &[u8]) -> Reply {
+    let r: VmCheck = read_zext(body);
+    if r.padding1 != 0 || r.padding2 != 0 {
+        return Err(KvmErrno::Einval);
+    }
+    if !msg::is_known_command(r.id) {
+        return Err(KvmErrno::Enoent);
+    }
+    if !sess.perms.command_allowed(r.id) {
+        return Err(KvmErrno::Eperm);
+    }
+    if !sess.caps.commands.contains(r.id) {
+        return Err(KvmErrno::Eopnotsupp);
+    }
+    Ok(Vec::new())
+}
+
+fn check_event(sess: &Session, body: &[u8]) -> Reply {
+    let r: VmCheck = read_zext(body);
+    if r.padding1 != 0 || r.padding2 != 0 {
+        return Err(KvmErrno::Einval);
+    }
+    if !event::is_known(r.id) {
+        return Err(KvmErrno::Enoent);
+    }
+    if !sess.perms.event_allowed(r.id) {
+        return Err(KvmErrno::Eperm);
+    }
+    if !sess.caps.events.contains(r.id) {
+        return Err(KvmErrno::Eopnotsupp);
+    }
+    Ok(Vec::new())
+}
+
+fn get_info(sess: &Session) -> Vec<u8> {
+    VmGetInfoReply { vcpu_count: sess.vcpus.len() as u32, padding: [0; 3] }.as_bytes().to_vec()
+}
+
+fn control_events(sess: &Session, body: &[u8]) -> Reply {
+    let r: ControlEvents = read_zext(body);
+    if r.padding1 != 0 || r.padding2 != 0 || r.enable > 1 {
+        return Err(KvmErrno::Einval);
+    }
+    if !event::is_vm_event(r.event_id) {
+        return Err(KvmErrno::Einval);
+    }
+    if !sess.perms.event_allowed(r.event_id) {
+        return Err(KvmErrno::Eperm);
+    }
+    let bit = IdSet::EMPTY.with(r.event_id).bits();
+    if r.enable == 1 {
+        sess.vm_events.fetch_or(bit, Ordering::SeqCst);
+    } else {
+        sess.vm_events.fetch_and(!bit, Ordering::SeqCst);
+    }
+    Ok(Vec::new())
+}
+
+/// gpa/size/padding rules shared by READ and WRITE_PHYSICAL.
+fn check_physical(r: &VmPhysical) -> Result<(), KvmErrno> {
+    let size = usize::from(r.size);
+    let offset = (r.gpa % PAGE_SIZE as u64) as usize;
+    if size == 0 || size > PAGE_SIZE || offset + size > PAGE_SIZE || r.padding1 != 0 || r.padding2 != 0 {
+        return Err(KvmErrno::Einval);
+    }
+    Ok(())
+}
+
+fn read_physical(sess: &Session, body: &[u8]) -> Reply {
+    let r: VmPhysical = read_zext(body);
+    check_physical(&r)?;
+    let mut buf = vec![0u8; usize::from(r.size)];
+    sess.vm.read_physical(r.gpa, &mut buf).map_err(|e| e.errno())?;
+    Ok(buf)
+}
+
+/// The size check against the received body is a hard error (spec §8.7).
+fn write_physical(sess: &Session, body: &[u8]) -> Result<Reply, Disconnect> {
+    let r: VmPhysical = read_zext(body);
+    let data = tail(body, core::mem::size_of::<VmPhysical>());
+    if data.len() < usize::from(r.size) {
+        return Err(Disconnect::WritePhysicalOverflow { size: r.size, available: data.len() });
+    }
+    if let Err(e) = check_physical(&r) {
+        return Ok(Err(e));
+    }
+    let data = data.get(..usize::from(r.size)).unwrap_or(&[]);
+    Ok(sess.vm.write_physical(r.gpa, data).map(|()| Vec::new()).map_err(|e| e.errno()))
+}
+
+fn pause_vcpu(sess: &Session, body: &[u8]) -> Reply {
+    let r: VmPauseVcpu = read_zext(body);
+    if r.wait > 1 || r.padding1 != 0 || r.padding2 != 0 {
+        return Err(KvmErrno::Einval);
+    }
+    if !sess.perms.event_allowed(event::PAUSE) {
+        return Err(KvmErrno::Eperm);
+    }
+    let Some(vs) = sess.vcpus.get(usize::from(r.vcpu)) else {
+        return Err(KvmErrno::Einval);
+    };
+    {
+        let mut q = lock(&vs.queue);
+        if q.pauses > MAX_PENDING_PAUSES {
+            return Err(KvmErrno::Ebusy);
+        }
+        q.pauses += 1;
+    }
+    sess.poke(r.vcpu, vs, r.wait == 1);
+    Ok(Vec::new())
+}
+
+fn control_cleanup(sess: &Session, body: &[u8]) -> Reply {
+    let r: VmControlCleanup = read_zext(body);
+    if r.padding.iter().any(|&b| b != 0) || r.enable > 1 {
+        return Err(KvmErrno::Einval);
+    }
+    sess.cleanup.store(r.enable == 1, Ordering::SeqCst);
+    Ok(Vec::new())
+}
+
+/// Every entry is attempted; the first error is reported; no rollback.
+fn set_page_access(sess: &Session, body: &[u8]) -> Result<Reply, Disconnect> {
+    let r: VmSetPageAccess = read_zext(body);
+    let entry_size = core::mem::size_of::<PageAccessEntry>();
+    let head = core::mem::size_of::<VmSetPageAccess>();
+    if head + entry_size * usize::from(r.count) > body.len() {
+        return Err(Disconnect::PageAccessOverflow { count: r.count, body: body.len() });
+    }
+    if r.padding1 != 0 || r.padding2 != 0 {
+        return Ok(Err(KvmErrno::Einval));
+    }
+    let Some(pa) = sess.vm.support_page_access() else {
+        return Ok(Err(KvmErrno::Eopnotsupp));
+    };
+    let mut first: Option<KvmErrno> = None;
+    for chunk in tail(body, head).chunks_exact(entry_size).take(usize::from(r.count)) {
+        let e: PageAccessEntry = read_zext(chunk);
+        let res = if e.access & !access::RWX != 0 || e.padding.iter().any(|&b| b != 0) {
+            Err(KvmErrno::Einval)
+        } else {
+            pa.set_page_access(e.gpa, e.access).map_err(|err| err.errno())
+        };
+        if let (Err(err), None) = (res, first) {
+            first = Some(err);
+        }
+    }
+    Ok(match first {
+        Some(e) => Err(e),
+        None => Ok(Vec::new()),
+    })
+}
