@@ -11,8 +11,11 @@ use std::sync::Arc;
 use ukvmi_wire::{msg, read_zext, KvmErrno, MsgHdr, MAX_MSG_SIZE, MSG_HDR_SIZE};
 
 /// Body of the receiving thread.
+///
+/// Whatever happens, even a bug that panics, the connection is shut down and
+/// every vCPU is released, so no vCPU stays blocked in an event.
 pub(crate) fn run(sess: Arc<Session>, mut rd: UnixStream) {
-    let why = loop {
+    let looped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
         let m = match read_message(&mut rd) {
             Ok(m) => m,
             Err(why) => break why,
@@ -20,7 +23,15 @@ pub(crate) fn run(sess: Arc<Session>, mut rd: UnixStream) {
         if let Err(why) = route(&sess, m) {
             break why;
         }
-    };
+    }));
+    let why = looped.unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Disconnect::Internal(format!("receiving thread panicked: {what}"))
+    });
     sess.hard_error(why);
     sess.receiver_finished();
 }

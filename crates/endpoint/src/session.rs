@@ -81,6 +81,9 @@ pub enum Disconnect {
     /// The device manager unhooked the VM.
     #[error("unhooked by the device manager")]
     Unhooked,
+    /// A bug in the endpoint (it should never happen; the guest is safe anyway).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// A message as received: header plus exactly `size` body bytes. The
