@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 
 pub mod fake;
-pub mod harness;
+pub mod raw;
 
 pub use fake::{FakeConfig, FakeVm, GuestAction, Intercepts, Observed};
-pub use harness::Harness;
+pub use raw::{RawPeer, Setup};

@@ -1,0 +1,247 @@
+//! Typed KVMI commands (spec §8), one method per command.
+
+use ukvmi_wire::{
+    get_registers_reply_size, msg, read_zext, tail, ControlEvents, FromBytes, GetVersionReply,
+    IntoBytes, KvmMsrEntry, KvmRegs, KvmSregs, KvmXsave, PageAccessEntry, VcpuControlCr,
+    VcpuControlMsr, VcpuControlSinglestep, VcpuGetCpuid, VcpuGetCpuidReply, VcpuGetInfoReply,
+    VcpuGetMtrrType, VcpuGetMtrrTypeReply, VcpuGetRegisters, VcpuGetRegistersReply, VcpuGetXcr,
+    VcpuGetXcrReply, VcpuHdr, VcpuInjectException, VcpuTranslateGva, VcpuTranslateGvaReply,
+    VmCheck, VmControlCleanup, VmGetInfoReply, VmPauseVcpu, VmPhysical, VmSetPageAccess,
+};
+
+use crate::error::{Error, Result};
+use crate::vm::{command_name, expect_len, Vm};
+
+/// `KVMI_GET_VERSION` reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// API version (1).
+    pub version: u32,
+    /// Largest message body the hypervisor accepts (8184).
+    pub max_msg_size: u32,
+    /// Whether `KVMI_VCPU_CONTROL_SINGLESTEP` is supported.
+    pub singlestep: bool,
+}
+
+/// `KVMI_VCPU_GET_REGISTERS` reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registers {
+    /// Operand size in bytes: 2, 4 or 8.
+    pub mode: u32,
+    /// General registers.
+    pub regs: KvmRegs,
+    /// Special registers.
+    pub sregs: KvmSregs,
+    /// The MSRs asked for, in request order.
+    pub msrs: Vec<KvmMsrEntry>,
+}
+
+fn bool_u8(b: bool) -> u8 {
+    u8::from(b)
+}
+
+fn u16_len(id: u16, what: &str, n: usize) -> Result<u16> {
+    u16::try_from(n).map_err(|_| Error::Refused(format!("{}: {n} {what} do not fit in a u16", command_name(id))))
+}
+
+impl Vm {
+    /// Sends a vCPU command: vCPU header, then `parts`.
+    fn vcpu_command(&self, id: u16, vcpu: u16, parts: &[&[u8]], len: usize) -> Result<Vec<u8>> {
+        let hdr = VcpuHdr { vcpu, ..Default::default() };
+        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+        all.push(hdr.as_bytes());
+        all.extend_from_slice(parts);
+        self.command_exact(id, &all, len)
+    }
+
+    // ------------------------------------------------------------ VM commands
+
+    /// `KVMI_GET_VERSION`. Accepts the 16-byte v12 reply and the 8-byte reply
+    /// of earlier revisions (then `singlestep` is false).
+    pub fn get_version(&self) -> Result<VersionInfo> {
+        let data = self.command(msg::GET_VERSION, &[])?;
+        if data.len() != 8 && data.len() != 16 {
+            expect_len(msg::GET_VERSION, &data, 16)?;
+        }
+        let r: GetVersionReply = read_zext(&data);
+        Ok(VersionInfo { version: r.version, max_msg_size: r.max_msg_size, singlestep: r.features.singlestep != 0 })
+    }
+
+    /// `KVMI_VM_CHECK_COMMAND`: `Ok` if command `id` is known and allowed.
+    pub fn check_command(&self, id: u16) -> Result<()> {
+        let req = VmCheck { id, ..Default::default() };
+        self.command_exact(msg::VM_CHECK_COMMAND, &[req.as_bytes()], 0).map(drop)
+    }
+
+    /// `KVMI_VM_CHECK_EVENT`: `Ok` if event `id` is known and allowed.
+    pub fn check_event(&self, id: u16) -> Result<()> {
+        let req = VmCheck { id, ..Default::default() };
+        self.command_exact(msg::VM_CHECK_EVENT, &[req.as_bytes()], 0).map(drop)
+    }
+
+    /// `KVMI_VM_GET_INFO`: the number of online vCPUs.
+    pub fn get_info(&self) -> Result<u32> {
+        let data = self.command_exact(msg::VM_GET_INFO, &[], 16)?;
+        Ok(read_zext::<VmGetInfoReply>(&data).vcpu_count)
+    }
+
+    /// `KVMI_VM_CONTROL_EVENTS`: enables or disables a VM event (only UNHOOK exists).
+    pub fn control_vm_events(&self, event_id: u16, enable: bool) -> Result<()> {
+        let req = ControlEvents { event_id, enable: bool_u8(enable), ..Default::default() };
+        self.command_exact(msg::VM_CONTROL_EVENTS, &[req.as_bytes()], 0).map(drop)
+    }
+
+    /// `KVMI_VM_READ_PHYSICAL`: reads `size` bytes at `gpa` (within one page).
+    pub fn read_physical(&self, gpa: u64, size: u16) -> Result<Vec<u8>> {
+        let req = VmPhysical { gpa, size, ..Default::default() };
+        self.command_exact(msg::VM_READ_PHYSICAL, &[req.as_bytes()], usize::from(size))
+    }
+
+    /// `KVMI_VM_READ_PHYSICAL` into `buf` (whose length is the size asked for).
+    pub fn read_physical_into(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        let size = u16_len(msg::VM_READ_PHYSICAL, "bytes", buf.len())?;
+        let data = self.read_physical(gpa, size)?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    /// `KVMI_VM_WRITE_PHYSICAL`: writes `data` at `gpa` (within one page).
+    pub fn write_physical(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        let size = u16_len(msg::VM_WRITE_PHYSICAL, "bytes", data.len())?;
+        let req = VmPhysical { gpa, size, ..Default::default() };
+        self.command_exact(msg::VM_WRITE_PHYSICAL, &[req.as_bytes(), data], 0).map(drop)
+    }
+
+    /// `KVMI_VM_PAUSE_VCPU`: asks `vcpu` for one PAUSE event; with `wait` the
+    /// reply comes once the vCPU has left guest mode.
+    pub fn pause_vcpu(&self, vcpu: u16, wait: bool) -> Result<()> {
+        let req = VmPauseVcpu { vcpu, wait: bool_u8(wait), ..Default::default() };
+        self.command_exact(msg::VM_PAUSE_VCPU, &[req.as_bytes()], 0).map(drop)
+    }
+
+    /// `KVMI_VM_CONTROL_CLEANUP`: whether interceptions are undone on unhook.
+    pub fn control_cleanup(&self, enable: bool) -> Result<()> {
+        let req = VmControlCleanup { enable: bool_u8(enable), ..Default::default() };
+        self.command_exact(msg::VM_CONTROL_CLEANUP, &[req.as_bytes()], 0).map(drop)
+    }
+
+    /// `KVMI_VM_SET_PAGE_ACCESS`: `(gpa, allowed access bits)` per page, in
+    /// one message (at most 511 entries fit).
+    pub fn set_page_access(&self, entries: &[(u64, u8)]) -> Result<()> {
+        let count = u16_len(msg::VM_SET_PAGE_ACCESS, "entries", entries.len())?;
+        let head = VmSetPageAccess { count, ..Default::default() };
+        let mut body = Vec::with_capacity(8 + 16 * entries.len());
+        body.extend_from_slice(head.as_bytes());
+        for &(gpa, access) in entries {
+            body.extend_from_slice(PageAccessEntry { gpa, access, ..Default::default() }.as_bytes());
+        }
+        self.command_exact(msg::VM_SET_PAGE_ACCESS, &[&body], 0).map(drop)
+    }
+
+    // ---------------------------------------------------------- vCPU commands
+
+    /// `KVMI_VCPU_GET_INFO`: the TSC frequency in Hz (0 when unknown).
+    pub fn vcpu_get_info(&self, vcpu: u16) -> Result<u64> {
+        let data = self.vcpu_command(msg::VCPU_GET_INFO, vcpu, &[], 8)?;
+        Ok(read_zext::<VcpuGetInfoReply>(&data).tsc_speed)
+    }
+
+    /// `KVMI_VCPU_CONTROL_EVENTS`: enables or disables a vCPU event.
+    pub fn control_events(&self, vcpu: u16, event_id: u16, enable: bool) -> Result<()> {
+        let req = ControlEvents { event_id, enable: bool_u8(enable), ..Default::default() };
+        self.vcpu_command(msg::VCPU_CONTROL_EVENTS, vcpu, &[req.as_bytes()], 0).map(drop)
+    }
+
+    /// `KVMI_VCPU_GET_REGISTERS`: registers plus the MSRs listed in `msrs`.
+    pub fn get_registers(&self, vcpu: u16, msrs: &[u32]) -> Result<Registers> {
+        let id = msg::VCPU_GET_REGISTERS;
+        let nmsrs = u16_len(id, "MSRs", msrs.len())?;
+        let head = VcpuGetRegisters { nmsrs, ..Default::default() };
+        let data = self.vcpu_command(id, vcpu, &[head.as_bytes(), msrs.as_bytes()], get_registers_reply_size(msrs.len()))?;
+        let fixed: VcpuGetRegistersReply = read_zext(&data);
+        if usize::try_from(fixed.msrs.nmsrs).ok() != Some(msrs.len()) {
+            return Err(Error::Protocol(format!(
+                "{}: reply lists {} MSRs, {} were asked for",
+                command_name(id),
+                fixed.msrs.nmsrs,
+                msrs.len()
+            )));
+        }
+        let entries = tail(&data, size_of::<VcpuGetRegistersReply>())
+            .chunks_exact(size_of::<KvmMsrEntry>())
+            .map(read_zext::<KvmMsrEntry>)
+            .collect();
+        Ok(Registers { mode: fixed.mode, regs: fixed.regs, sregs: fixed.sregs, msrs: entries })
+    }
+
+    /// `KVMI_VCPU_SET_REGISTERS`: applied when the pending event gets its reply.
+    pub fn set_registers(&self, vcpu: u16, regs: &KvmRegs) -> Result<()> {
+        self.vcpu_command(msg::VCPU_SET_REGISTERS, vcpu, &[regs.as_bytes()], 0).map(drop)
+    }
+
+    /// `KVMI_VCPU_GET_CPUID`: CPUID leaf `function`, sub-leaf `index`, as the guest sees it.
+    pub fn get_cpuid(&self, vcpu: u16, function: u32, index: u32) -> Result<VcpuGetCpuidReply> {
+        let req = VcpuGetCpuid { function, index };
+        let data = self.vcpu_command(msg::VCPU_GET_CPUID, vcpu, &[req.as_bytes()], 16)?;
+        Ok(read_zext(&data))
+    }
+
+    /// `KVMI_VCPU_CONTROL_CR`: selects CR0, CR3 or CR4 for CR events.
+    pub fn control_cr(&self, vcpu: u16, cr: u8, enable: bool) -> Result<()> {
+        let req = VcpuControlCr { cr, enable: bool_u8(enable), ..Default::default() };
+        self.vcpu_command(msg::VCPU_CONTROL_CR, vcpu, &[req.as_bytes()], 0).map(drop)
+    }
+
+    /// `KVMI_VCPU_INJECT_EXCEPTION`: a TRAP event follows.
+    pub fn inject_exception(&self, vcpu: u16, nr: u8, error_code: u32, address: u64) -> Result<()> {
+        let req = VcpuInjectException { nr, error_code, address, ..Default::default() };
+        self.vcpu_command(msg::VCPU_INJECT_EXCEPTION, vcpu, &[req.as_bytes()], 0).map(drop)
+    }
+
+    /// `KVMI_VCPU_GET_XCR` (only XCR0 exists).
+    pub fn get_xcr(&self, vcpu: u16, xcr: u8) -> Result<u64> {
+        let req = VcpuGetXcr { xcr, ..Default::default() };
+        let data = self.vcpu_command(msg::VCPU_GET_XCR, vcpu, &[req.as_bytes()], 8)?;
+        Ok(read_zext::<VcpuGetXcrReply>(&data).value)
+    }
+
+    /// `KVMI_VCPU_GET_XSAVE`: the 4096-byte XSAVE area.
+    pub fn get_xsave(&self, vcpu: u16) -> Result<Box<KvmXsave>> {
+        let data = self.vcpu_command(msg::VCPU_GET_XSAVE, vcpu, &[], size_of::<KvmXsave>())?;
+        KvmXsave::read_from_bytes(&data)
+            .map(Box::new)
+            .map_err(|_| Error::Protocol("KVMI_VCPU_GET_XSAVE: bad reply size".into()))
+    }
+
+    /// `KVMI_VCPU_SET_XSAVE`.
+    pub fn set_xsave(&self, vcpu: u16, xsave: &KvmXsave) -> Result<()> {
+        self.vcpu_command(msg::VCPU_SET_XSAVE, vcpu, &[xsave.as_bytes()], 0).map(drop)
+    }
+
+    /// `KVMI_VCPU_GET_MTRR_TYPE`: the guest memory type of the page at `gpa`.
+    pub fn get_mtrr_type(&self, vcpu: u16, gpa: u64) -> Result<u8> {
+        let req = VcpuGetMtrrType { gpa };
+        let data = self.vcpu_command(msg::VCPU_GET_MTRR_TYPE, vcpu, &[req.as_bytes()], 8)?;
+        Ok(read_zext::<VcpuGetMtrrTypeReply>(&data).type_)
+    }
+
+    /// `KVMI_VCPU_CONTROL_MSR`: selects an MSR for MSR events.
+    pub fn control_msr(&self, vcpu: u16, msr: u32, enable: bool) -> Result<()> {
+        let req = VcpuControlMsr { enable: bool_u8(enable), msr, ..Default::default() };
+        self.vcpu_command(msg::VCPU_CONTROL_MSR, vcpu, &[req.as_bytes()], 0).map(drop)
+    }
+
+    /// `KVMI_VCPU_CONTROL_SINGLESTEP` (VMX only).
+    pub fn control_singlestep(&self, vcpu: u16, enable: bool) -> Result<()> {
+        let req = VcpuControlSinglestep { enable: bool_u8(enable), ..Default::default() };
+        self.vcpu_command(msg::VCPU_CONTROL_SINGLESTEP, vcpu, &[req.as_bytes()], 0).map(drop)
+    }
+
+    /// `KVMI_VCPU_TRANSLATE_GVA`: `None` when `gva` has no translation.
+    pub fn translate_gva(&self, vcpu: u16, gva: u64) -> Result<Option<u64>> {
+        let req = VcpuTranslateGva { gva };
+        let data = self.vcpu_command(msg::VCPU_TRANSLATE_GVA, vcpu, &[req.as_bytes()], 8)?;
+        let gpa = read_zext::<VcpuTranslateGvaReply>(&data).gpa;
+        Ok((gpa != u64::MAX).then_some(gpa))
+    }
+}

@@ -1,0 +1,477 @@
+//! One KVMI connection: the reader thread, request/reply matching, the event
+//! queue and the raw send paths.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ukvmi_wire::{frame, msg, read_zext, tail, ErrorCode, MsgHdr, VCPU_EVENT_BODY_BASE};
+
+use crate::error::{Error, Result};
+use crate::event::{self, Event, EventReply, VcpuEventMsg};
+
+/// Default time a command waits for its reply.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How many unmatched replies are kept for [`Vm::take_unmatched`].
+const UNMATCHED_KEEP: usize = 64;
+
+/// What the handshake and `KVMI_GET_VERSION` told us about the VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmInfo {
+    /// VM UUID.
+    pub uuid: [u8; 16],
+    /// VM name (empty if unset or the handshake structure was too short).
+    pub name: String,
+    /// VM start time, host clock, seconds.
+    pub start_time: i64,
+    /// Highest end address of guest RAM; 0 if the structure was too short to carry it.
+    pub max_gpa: u64,
+    /// `struct_size` the device manager announced.
+    pub handshake_size: u32,
+    /// `KVMI_GET_VERSION.version`.
+    pub version: u32,
+    /// `KVMI_GET_VERSION.max_msg_size`.
+    pub max_msg_size: u32,
+    /// Whether the host can single-step (`features.singlestep`).
+    pub singlestep: bool,
+}
+
+/// A reply as received, for the raw request paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawReply {
+    /// The message header (id and seq echoed from the request).
+    pub hdr: MsgHdr,
+    /// `kvmi_error_code.err` (zero-extended if the body was shorter than 8).
+    pub err: i32,
+    /// The bytes after `kvmi_error_code`.
+    pub data: Vec<u8>,
+}
+
+impl RawReply {
+    fn from_msg(m: &Message) -> RawReply {
+        let ec: ErrorCode = read_zext(&m.body);
+        RawReply { hdr: m.hdr, err: ec.err, data: tail(&m.body, 8).to_vec() }
+    }
+}
+
+/// One message read from the socket.
+pub(crate) struct Message {
+    pub(crate) hdr: MsgHdr,
+    pub(crate) body: Vec<u8>,
+}
+
+/// Requests waiting for their replies.
+#[derive(Default)]
+struct Pending {
+    closed: bool,
+    /// seq → (request id, where to deliver the reply).
+    map: HashMap<u32, (u16, SyncSender<Message>)>,
+}
+
+#[derive(Default)]
+struct EventQueue {
+    closed: bool,
+    queue: VecDeque<Event>,
+}
+
+/// State shared by the `Vm` handle and its reader thread.
+struct Inner {
+    /// Used for writing and shutting down; the reader has its own clone.
+    stream: UnixStream,
+    write_lock: Mutex<()>,
+    seq: AtomicU32,
+    timeout_ns: AtomicU64,
+    pending: Mutex<Pending>,
+    events: Mutex<EventQueue>,
+    events_cv: Condvar,
+    unmatched: Mutex<VecDeque<RawReply>>,
+    unmatched_count: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inner {
+    fn dispatch(&self, m: Message) {
+        match m.hdr.id {
+            msg::VM_EVENT if !self.is_id0_error_reply(&m) => {
+                self.push_event(event::parse_vm_event(m.hdr.seq, &m.body));
+            }
+            msg::VCPU_EVENT if m.body.len() >= VCPU_EVENT_BODY_BASE => {
+                self.push_event(Event::Vcpu(Box::new(event::parse_vcpu_event(m.hdr.seq, &m.body))));
+            }
+            _ => self.deliver_reply(m),
+        }
+    }
+
+    /// The kernel answers a message with id 0 by an 8-byte error reply with
+    /// id 0; an UNHOOK event is also 8 bytes but starts with event id 0 and
+    /// zero padding. Only a non-zero `err` for a pending id-0 request counts.
+    fn is_id0_error_reply(&self, m: &Message) -> bool {
+        let ec: ErrorCode = read_zext(&m.body);
+        m.body.len() == 8
+            && ec.err != 0
+            && lock(&self.pending).map.get(&m.hdr.seq).is_some_and(|(id, _)| *id == msg::VM_EVENT)
+    }
+
+    fn push_event(&self, ev: Event) {
+        let mut q = lock(&self.events);
+        q.queue.push_back(ev);
+        self.events_cv.notify_all();
+    }
+
+    /// Hands a reply to the request with the same seq *and* id (event and
+    /// command seqs are separate counters, so seq alone can collide).
+    fn deliver_reply(&self, m: Message) {
+        let mut p = lock(&self.pending);
+        let matches = p.map.get(&m.hdr.seq).is_some_and(|(id, _)| *id == m.hdr.id);
+        if matches {
+            if let Some((_, tx)) = p.map.remove(&m.hdr.seq) {
+                // Capacity 1, one message per slot: never blocks. A waiter that
+                // already gave up has dropped its receiver; ignore that.
+                let _ = tx.try_send(m);
+            }
+            return;
+        }
+        drop(p);
+        self.unmatched_count.fetch_add(1, Ordering::Relaxed);
+        let mut u = lock(&self.unmatched);
+        if u.len() >= UNMATCHED_KEEP {
+            u.pop_front();
+        }
+        u.push_back(RawReply::from_msg(&m));
+    }
+
+    fn mark_closed(&self) {
+        {
+            let mut p = lock(&self.pending);
+            p.closed = true;
+            // Dropping the senders wakes every waiter with "disconnected".
+            p.map.clear();
+        }
+        let mut q = lock(&self.events);
+        q.closed = true;
+        self.events_cv.notify_all();
+    }
+
+    fn is_closed(&self) -> bool {
+        lock(&self.pending).closed
+    }
+
+    fn write(&self, bytes: &[u8]) -> Result<()> {
+        let _guard = lock(&self.write_lock);
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        if let Err(e) = (&self.stream).write_all(bytes) {
+            // A partial write would desynchronise the framing: end the connection.
+            let _ = self.stream.shutdown(Shutdown::Both);
+            if self.is_closed() || e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Err(Error::Closed);
+            }
+            return Err(Error::Io { context: "writing to the KVMI socket", source: e });
+        }
+        Ok(())
+    }
+}
+
+fn reader_loop(inner: &Inner, mut stream: UnixStream) {
+    loop {
+        let mut hdr_buf = [0u8; 8];
+        if stream.read_exact(&mut hdr_buf).is_err() {
+            break;
+        }
+        let hdr: MsgHdr = read_zext(&hdr_buf);
+        let mut body = vec![0u8; usize::from(hdr.size)];
+        if stream.read_exact(&mut body).is_err() {
+            break;
+        }
+        inner.dispatch(Message { hdr, body });
+    }
+    inner.mark_closed();
+}
+
+/// One introspected VM: a KVMI connection and its reader thread.
+///
+/// All methods take `&self`; a `Vm` can be shared between threads (wrap it
+/// in an `Arc` or use scoped threads) and commands from several threads are
+/// in flight at once.
+pub struct Vm {
+    inner: Arc<Inner>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+    pub(crate) info: VmInfo,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("info", &self.info).field("closed", &self.is_closed()).finish()
+    }
+}
+
+impl Vm {
+    /// Wraps an already-connected stream on which KVMI messages flow (no
+    /// handshake, no `KVMI_GET_VERSION`): only starts the reader thread.
+    /// [`Vm::info`] is all zeros. Meant for tests over `UnixStream::pair()`.
+    pub fn connect_raw(stream: UnixStream) -> Result<Vm> {
+        Vm::start(stream, VmInfo::default(), DEFAULT_REPLY_TIMEOUT)
+    }
+
+    pub(crate) fn start(stream: UnixStream, info: VmInfo, timeout: Duration) -> Result<Vm> {
+        let read_half = stream.try_clone().map_err(Error::io("cloning the KVMI socket"))?;
+        let inner = Arc::new(Inner {
+            stream,
+            write_lock: Mutex::new(()),
+            seq: AtomicU32::new(1),
+            timeout_ns: AtomicU64::new(duration_ns(timeout)),
+            pending: Mutex::new(Pending::default()),
+            events: Mutex::new(EventQueue::default()),
+            events_cv: Condvar::new(),
+            unmatched: Mutex::new(VecDeque::new()),
+            unmatched_count: AtomicU64::new(0),
+        });
+        let for_thread = Arc::clone(&inner);
+        let handle = std::thread::Builder::new()
+            .name("ukvmi-reader".into())
+            .spawn(move || reader_loop(&for_thread, read_half))
+            .map_err(Error::io("spawning the reader thread"))?;
+        Ok(Vm { inner, reader: Mutex::new(Some(handle)), info })
+    }
+
+    /// What the handshake and `KVMI_GET_VERSION` reported (all zeros after
+    /// [`Vm::connect_raw`]).
+    pub fn info(&self) -> &VmInfo {
+        &self.info
+    }
+
+    /// Sets how long each command waits for its reply (default 15 s).
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.inner.timeout_ns.store(duration_ns(timeout), Ordering::Relaxed);
+    }
+
+    /// The current reply timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_nanos(self.inner.timeout_ns.load(Ordering::Relaxed))
+    }
+
+    /// Takes a fresh sequence number (a process-wide counter per `Vm`, from 1).
+    pub fn next_seq(&self) -> u32 {
+        self.inner.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    /// Sends a message with `id` and `body` (framed, fresh seq) and waits for
+    /// the reply with the same seq and id, whatever its `err`.
+    pub fn request_raw(&self, id: u16, body: &[u8]) -> Result<RawReply> {
+        let seq = self.next_seq();
+        let bytes = frame(id, seq, &[body]).map_err(|e| Error::Refused(e.to_string()))?;
+        self.request_bytes(id, seq, &bytes)
+    }
+
+    /// Writes `bytes` as they are (the caller framed them, possibly wrongly)
+    /// and waits for a reply carrying `id` and `seq`.
+    pub fn request_bytes(&self, id: u16, seq: u32, bytes: &[u8]) -> Result<RawReply> {
+        let m = self.roundtrip(id, seq, command_name(id), bytes)?;
+        Ok(RawReply::from_msg(&m))
+    }
+
+    /// Writes `bytes` as they are, with no framing and no reply expected.
+    pub fn send_bytes(&self, bytes: &[u8]) -> Result<()> {
+        self.inner.write(bytes)
+    }
+
+    /// Replies that matched no pending request (taken: the store is emptied).
+    /// At most the last 64 are kept; see [`Vm::unmatched_count`].
+    pub fn take_unmatched(&self) -> Vec<RawReply> {
+        lock(&self.inner.unmatched).drain(..).collect()
+    }
+
+    /// How many replies matched no pending request since the connection began.
+    pub fn unmatched_count(&self) -> u64 {
+        self.inner.unmatched_count.load(Ordering::Relaxed)
+    }
+
+    /// Waits for the next event. `None` waits forever. `Ok(None)` on timeout;
+    /// `Err(Error::Closed)` once the connection has ended and every queued
+    /// event has been taken.
+    pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let forever = timeout.is_none() || deadline.is_none();
+        let mut q = lock(&self.inner.events);
+        loop {
+            if let Some(ev) = q.queue.pop_front() {
+                return Ok(Some(ev));
+            }
+            if q.closed {
+                return Err(Error::Closed);
+            }
+            match deadline {
+                Some(d) if !forever => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    q = self
+                        .inner
+                        .events_cv
+                        .wait_timeout(q, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                _ => q = self.inner.events_cv.wait(q).unwrap_or_else(PoisonError::into_inner),
+            }
+        }
+    }
+
+    /// A blocking iterator over events; it ends when the connection ends.
+    pub fn events(&self) -> Events<'_> {
+        Events { vm: self }
+    }
+
+    /// Answers a vCPU event. Refuses (sends nothing) an action the event does
+    /// not accept, a value for an event that takes none, or an unknown event.
+    /// Fire-and-forget: the hypervisor sends no reply to it.
+    pub fn reply(&self, ev: &VcpuEventMsg, reply: EventReply) -> Result<()> {
+        let body = event::reply_body(ev, reply)?;
+        let bytes = frame(msg::VCPU_EVENT, ev.seq, &[&body]).map_err(|e| Error::Refused(e.to_string()))?;
+        self.inner.write(&bytes)
+    }
+
+    /// Sends an event reply built from raw parts, unchecked: vCPU header
+    /// (`vcpu`), `kvmi_vcpu_event_reply` (`action`, `event`), then `payload`.
+    pub fn reply_raw(&self, seq: u32, vcpu: u16, action: u8, event: u8, payload: &[u8]) -> Result<()> {
+        let body = event::build_reply_body(vcpu, action, event, payload);
+        let bytes = frame(msg::VCPU_EVENT, seq, &[&body]).map_err(|e| Error::Refused(e.to_string()))?;
+        self.inner.write(&bytes)
+    }
+
+    /// Shuts the socket down (both directions) without waiting; the reader
+    /// thread then ends and every waiter gets [`Error::Closed`].
+    pub fn shutdown(&self) {
+        let _ = self.inner.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Shuts the socket down and waits for the reader thread to end.
+    pub fn close(&self) {
+        self.shutdown();
+        let handle = lock(&self.reader).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+        self.inner.mark_closed();
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn register(&self, seq: u32, id: u16) -> Result<Receiver<Message>> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let mut p = lock(&self.inner.pending);
+        if p.closed {
+            return Err(Error::Closed);
+        }
+        p.map.insert(seq, (id, tx));
+        Ok(rx)
+    }
+
+    fn unregister(&self, seq: u32) {
+        lock(&self.inner.pending).map.remove(&seq);
+    }
+
+    /// Registers `seq`, writes `bytes`, waits for the reply.
+    fn roundtrip(&self, id: u16, seq: u32, command: &'static str, bytes: &[u8]) -> Result<Message> {
+        let rx = self.register(seq, id)?;
+        if let Err(e) = self.inner.write(bytes) {
+            self.unregister(seq);
+            return Err(e);
+        }
+        match rx.recv_timeout(self.timeout()) {
+            Ok(m) => Ok(m),
+            Err(RecvTimeoutError::Disconnected) => Err(Error::Closed),
+            Err(RecvTimeoutError::Timeout) => {
+                self.unregister(seq);
+                // The reply may have slipped in between the timeout and the removal.
+                rx.try_recv().map_err(|_| Error::Timeout { command })
+            }
+        }
+    }
+
+    /// Sends command `id` with a body made of `parts` and returns the reply
+    /// data after a successful `kvmi_error_code`.
+    pub(crate) fn command(&self, id: u16, parts: &[&[u8]]) -> Result<Vec<u8>> {
+        let name = command_name(id);
+        let seq = self.next_seq();
+        let bytes = frame(id, seq, parts).map_err(|e| Error::Refused(format!("{name}: {e}")))?;
+        let m = self.roundtrip(id, seq, name, &bytes)?;
+        if m.body.len() < 8 {
+            return Err(Error::Protocol(format!(
+                "{name}: reply body of {} bytes is shorter than kvmi_error_code",
+                m.body.len()
+            )));
+        }
+        let ec: ErrorCode = read_zext(&m.body);
+        if ec.err != 0 {
+            return Err(Error::from_reply(name, ec.err));
+        }
+        Ok(tail(&m.body, 8).to_vec())
+    }
+
+    /// [`Vm::command`], then checks the reply data is exactly `len` bytes.
+    pub(crate) fn command_exact(&self, id: u16, parts: &[&[u8]], len: usize) -> Result<Vec<u8>> {
+        let data = self.command(id, parts)?;
+        expect_len(id, &data, len)?;
+        Ok(data)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Checks a reply's data length.
+pub(crate) fn expect_len(id: u16, data: &[u8], len: usize) -> Result<()> {
+    if data.len() == len {
+        Ok(())
+    } else {
+        Err(Error::Protocol(format!(
+            "{}: reply carries {} bytes of data, expected {len}",
+            command_name(id),
+            data.len()
+        )))
+    }
+}
+
+/// The kernel's name of a message id, or a placeholder.
+pub(crate) fn command_name(id: u16) -> &'static str {
+    msg::name(id).unwrap_or("KVMI_UNKNOWN_MESSAGE")
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Blocking iterator over a [`Vm`]'s events; see [`Vm::events`].
+#[derive(Debug)]
+pub struct Events<'a> {
+    vm: &'a Vm,
+}
+
+impl Iterator for Events<'_> {
+    type Item = Event;
+
+    fn next(&mut self) -> Option<Event> {
+        self.vm.next_event(None).ok().flatten()
+    }
+}
