@@ -460,6 +460,7 @@ impl FakeVcpu {
                     },
                     _ => {
                         self.apply(a, None);
+                        self.log(Observed::Event { cause: a, outcome: None });
                         return;
                     }
                 }
@@ -477,7 +478,14 @@ impl FakeVcpu {
             None => self.apply(a, None),
             Some(o) if o.action == Action::Crash => self.log(Observed::Crashed),
             Some(o) if o.action == Action::Continue => self.apply(a, o.new_val),
-            Some(_) => {} // RETRY: re-enter without completing the action.
+            Some(_) => {
+                // RETRY: re-enter without completing the action. A memory
+                // access is re-executed (the tool relaxed the page, or it
+                // faults again); an int3 is not (the tool moved RIP past it).
+                if matches!(a, GuestAction::Write { .. }) {
+                    self.shared().script.lock().unwrap().push_front(a);
+                }
+            }
         }
     }
 

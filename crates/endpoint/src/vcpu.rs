@@ -369,7 +369,19 @@ pub(crate) struct Ctx<'a> {
 impl Ctx<'_> {
     /// Pops and runs jobs until the queue is empty.
     pub fn run_jobs(&mut self, local: &mut Local) {
+        self.run_jobs_until(local, false);
+    }
+
+    /// Pops and runs jobs until the queue is empty or, with
+    /// `stop_at_reply`, until the awaited event reply has been consumed:
+    /// commands queued behind a reply then run after the delayed registers
+    /// and the action took effect, so a tool sees the state it asked for
+    /// (the spec leaves this order open; we pick the useful one).
+    fn run_jobs_until(&mut self, local: &mut Local, stop_at_reply: bool) {
         loop {
+            if stop_at_reply && local.expect.is_none() {
+                return;
+            }
             let job = lock(&self.vs.queue).jobs.pop_front();
             match job {
                 None => return,
@@ -466,7 +478,7 @@ impl Ctx<'_> {
             local.expect = None;
         }
         while local.expect.is_some() {
-            self.run_jobs(local);
+            self.run_jobs_until(local, true);
             if local.expect.is_none() {
                 break;
             }
