@@ -589,7 +589,7 @@ impl XstateOps for FakeVcpu {
         if area.region[128] & !0x7 != 0 {
             return Err(BackendError::Invalid("reserved XSTATE_BV bits".into()));
         }
-        self.xsave = Box::new(*area);
+        *self.xsave = *area;
         Ok(())
     }
 }

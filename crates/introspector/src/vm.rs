@@ -306,8 +306,8 @@ impl Vm {
     /// `Err(Error::Closed)` once the connection has ended and every queued
     /// event has been taken.
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
+        // `None` (wait forever) also when the deadline is too far to represent.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let forever = timeout.is_none() || deadline.is_none();
         let mut q = lock(&self.inner.events);
         loop {
             if let Some(ev) = q.queue.pop_front() {
@@ -317,7 +317,7 @@ impl Vm {
                 return Err(Error::Closed);
             }
             match deadline {
-                Some(d) if !forever => {
+                Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Ok(None);
@@ -329,7 +329,7 @@ impl Vm {
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                 }
-                _ => q = self.inner.events_cv.wait(q).unwrap_or_else(PoisonError::into_inner),
+                None => q = self.inner.events_cv.wait(q).unwrap_or_else(PoisonError::into_inner),
             }
         }
     }
