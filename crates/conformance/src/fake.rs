@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ukvmi_endpoint::{
-    BackendError, BackendResult, CpuidOps, Endpoint, Exception, Flow, GuestEvent, HostCaps,
+    BackendError, BackendResult, CpuidOps, Endpoint, EventPayload, Exception, Flow, HostCaps,
     InjectOps, InterceptOps, MtrrOps, PageAccessOps, SinglestepOps, TranslateOps, VcpuBackend,
     VcpuPort, VmBackend, XstateOps,
 };
@@ -414,7 +414,7 @@ impl FakeVcpu {
                 me.in_guest.store(false, Ordering::SeqCst);
                 me.exits.fetch_add(1, Ordering::SeqCst);
                 if self.singlestep {
-                    if let Some(o) = port.raise(&mut self, GuestEvent::Singlestep { failed: false }) {
+                    if let Some(o) = port.raise(&mut self, EventPayload::Singlestep { failed: false }) {
                         if o.action == Action::Crash {
                             self.log(Observed::Crashed);
                         }
@@ -439,21 +439,21 @@ impl FakeVcpu {
         let ev = match a {
             GuestAction::Int3 => {
                 let gpa = self.regs.rip.wrapping_sub(KERNEL_BASE);
-                GuestEvent::Breakpoint { gpa, insn_len: 1 }
+                EventPayload::Breakpoint { gpa, insn_len: 1 }
             }
-            GuestAction::Hypercall => GuestEvent::Hypercall,
+            GuestAction::Hypercall => EventPayload::Hypercall,
             GuestAction::WriteMsr { msr, value } => {
-                GuestEvent::Msr { msr, old_value: self.vm.msr(self.index, msr), new_value: value }
+                EventPayload::Msr { msr, old_value: self.vm.msr(self.index, msr), new_value: value }
             }
             GuestAction::WriteCr { cr, value } => {
-                GuestEvent::Cr { cr, old_value: self.vm.cr(self.index, cr), new_value: value }
+                EventPayload::Cr { cr, old_value: self.vm.cr(self.index, cr), new_value: value }
             }
-            GuestAction::Xsetbv { value } => GuestEvent::Xsetbv { xcr: 0, old_value: self.xcr0, new_value: value },
-            GuestAction::Gdt { write } => GuestEvent::Descriptor { descriptor: ukvmi_wire::desc::GDTR, write },
+            GuestAction::Xsetbv { value } => EventPayload::Xsetbv { xcr: 0, old_value: self.xcr0, new_value: value },
+            GuestAction::Gdt { write } => EventPayload::Descriptor { descriptor: ukvmi_wire::desc::GDTR, write },
             GuestAction::Write { gpa, .. } => {
                 let restricted = self.vm.pages.lock().unwrap().get(&(gpa >> 12)).copied();
                 match restricted {
-                    Some(acc) if acc & ukvmi_wire::access::W == 0 => GuestEvent::Pf {
+                    Some(acc) if acc & ukvmi_wire::access::W == 0 => EventPayload::Pf {
                         gva: gpa + KERNEL_BASE,
                         gpa,
                         access: ukvmi_wire::access::W,

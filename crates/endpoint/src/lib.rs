@@ -40,4 +40,5 @@ pub use backend::{
 pub use endpoint::{Endpoint, HookError, PreUnhookError};
 pub use permissions::{PermissionError, Permissions};
 pub use session::Disconnect;
-pub use vcpu::{EventOutcome, Flow, GuestEvent, VcpuPort};
+pub use vcpu::{EventOutcome, Flow, VcpuPort};
+pub use ukvmi_wire::EventPayload;

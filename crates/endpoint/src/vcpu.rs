@@ -14,131 +14,9 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use ukvmi_wire::{
-    event, frame, msg, read_zext, tail, Action, EventBreakpoint, EventCr, EventDescriptor,
-    EventHdr, EventMsr, EventMsrs, EventPf, EventSinglestep, EventTrap, EventXsetbv, IntoBytes,
+    event, frame, msg, read_zext, tail, Action, EventHdr, EventMsrs, EventPayload, IntoBytes,
     KvmRegs, KvmSregs, VcpuEvent, VcpuEventArch, VcpuEventReply, EVENT_REPLY_BODY_BASE,
 };
-
-/// Something the guest did that a vCPU event reports. PAUSE and TRAP are
-/// raised by the endpoint itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GuestEvent {
-    /// The agent hypercall (RAX=34, RDI=24, RSI=0, or the doorbell).
-    Hypercall,
-    /// An `int3`. `gpa` is the translation of CS.base + RIP.
-    Breakpoint {
-        /// Guest physical address of the instruction.
-        gpa: u64,
-        /// Instruction length.
-        insn_len: u8,
-    },
-    /// A write of CR0, CR3 or CR4.
-    Cr {
-        /// 0, 3 or 4.
-        cr: u8,
-        /// Current value.
-        old_value: u64,
-        /// Value being written.
-        new_value: u64,
-    },
-    /// XCR0 changed (informational; already in place).
-    Xsetbv {
-        /// XCR index.
-        xcr: u8,
-        /// Previous value.
-        old_value: u64,
-        /// New value.
-        new_value: u64,
-    },
-    /// A descriptor-table instruction.
-    Descriptor {
-        /// `desc::*`.
-        descriptor: u8,
-        /// A load (LIDT...) rather than a store.
-        write: bool,
-    },
-    /// A guest write to an MSR.
-    Msr {
-        /// MSR index.
-        msr: u32,
-        /// Current value.
-        old_value: u64,
-        /// Value being written.
-        new_value: u64,
-    },
-    /// An access to a restricted page.
-    Pf {
-        /// Guest virtual address, all ones if unknown.
-        gva: u64,
-        /// Guest physical address.
-        gpa: u64,
-        /// The attempted access (`access::*`).
-        access: u8,
-    },
-    /// One instruction was stepped (or the step was interrupted).
-    Singlestep {
-        /// Another exit interrupted the step.
-        failed: bool,
-    },
-}
-
-impl GuestEvent {
-    /// The event id on the wire.
-    pub fn id(&self) -> u16 {
-        match self {
-            GuestEvent::Hypercall => event::HYPERCALL,
-            GuestEvent::Breakpoint { .. } => event::BREAKPOINT,
-            GuestEvent::Cr { .. } => event::CR,
-            GuestEvent::Xsetbv { .. } => event::XSETBV,
-            GuestEvent::Descriptor { .. } => event::DESCRIPTOR,
-            GuestEvent::Msr { .. } => event::MSR,
-            GuestEvent::Pf { .. } => event::PF,
-            GuestEvent::Singlestep { .. } => event::SINGLESTEP,
-        }
-    }
-
-    fn payload(&self) -> Vec<u8> {
-        match *self {
-            GuestEvent::Hypercall => Vec::new(),
-            GuestEvent::Breakpoint { gpa, insn_len } => {
-                EventBreakpoint { gpa, insn_len, padding: [0; 7] }.as_bytes().to_vec()
-            }
-            GuestEvent::Cr { cr, old_value, new_value } => {
-                EventCr { cr, padding: [0; 7], old_value, new_value }.as_bytes().to_vec()
-            }
-            GuestEvent::Xsetbv { xcr, old_value, new_value } => {
-                EventXsetbv { xcr, padding: [0; 7], old_value, new_value }.as_bytes().to_vec()
-            }
-            GuestEvent::Descriptor { descriptor, write } => {
-                EventDescriptor { descriptor, write: u8::from(write), padding: [0; 6] }.as_bytes().to_vec()
-            }
-            GuestEvent::Msr { msr, old_value, new_value } => {
-                EventMsr { msr, padding: 0, old_value, new_value }.as_bytes().to_vec()
-            }
-            GuestEvent::Pf { gva, gpa, access } => EventPf {
-                gva,
-                gpa,
-                access,
-                padding1: 0,
-                padding2: 0,
-                padding3: 0,
-            }
-            .as_bytes()
-            .to_vec(),
-            GuestEvent::Singlestep { failed } => {
-                EventSinglestep { failed: u8::from(failed), padding: [0; 7] }.as_bytes().to_vec()
-            }
-        }
-    }
-
-    /// The guest's own value for CR and MSR writes.
-    fn guest_value(&self) -> Option<u64> {
-        match *self {
-            GuestEvent::Cr { new_value, .. } | GuestEvent::Msr { new_value, .. } => Some(new_value),
-            _ => None,
-        }
-    }
-}
 
 /// How the tool answered an event. When the connection failed during the
 /// event the outcome is CONTINUE with the guest's own value, as the spec asks.
@@ -264,21 +142,15 @@ impl VcpuPort {
             if !pause {
                 break;
             }
-            if cx.deliver(&mut local, event::PAUSE, &[], None).action == Action::Crash {
+            if cx.deliver(&mut local, &EventPayload::Pause).action == Action::Crash {
                 return Flow::Crash;
             }
         }
         if let Some(exc) = local.pending_inject.take() {
             let injected = cx.vcpu.support_inject().map(|i| i.inject(exc));
             if let Some(Ok(done)) = injected {
-                let trap = EventTrap {
-                    nr: done.nr,
-                    padding1: 0,
-                    padding2: 0,
-                    error_code: done.error_code,
-                    address: done.address,
-                };
-                if cx.deliver(&mut local, event::TRAP, trap.as_bytes(), None).action == Action::Crash {
+                let trap = EventPayload::Trap { nr: done.nr, error_code: done.error_code, address: done.address };
+                if cx.deliver(&mut local, &trap).action == Action::Crash {
                     return Flow::Crash;
                 }
             }
@@ -287,10 +159,12 @@ impl VcpuPort {
     }
 
     /// Reports something the guest did. Returns `None` when no event was
-    /// sent (nobody is connected, or the tool did not ask for it): the VMM
-    /// then behaves as if not introspected. Otherwise the vCPU blocks here,
-    /// running its jobs, until the tool answers or the connection ends.
-    pub fn raise(&self, vcpu: &mut dyn VcpuBackend, ev: GuestEvent) -> Option<EventOutcome> {
+    /// sent (nobody is connected, the tool did not ask for it, or a CR/MSR/
+    /// XSETBV value did not change): the VMM then behaves as if not
+    /// introspected. Otherwise the vCPU blocks here, running its jobs, until
+    /// the tool answers or the connection ends. PAUSE and TRAP are the
+    /// endpoint's own events and are never sent from here.
+    pub fn raise(&self, vcpu: &mut dyn VcpuBackend, ev: EventPayload) -> Option<EventOutcome> {
         let sess = self.current(vcpu)?;
         if sess.is_closed() {
             return None;
@@ -299,14 +173,15 @@ impl VcpuPort {
         let mut local = lock(&vs.local);
         let id = ev.id();
         let wanted = match ev {
-            GuestEvent::Singlestep { .. } => local.singlestep,
-            GuestEvent::Cr { cr, old_value, new_value } => {
+            EventPayload::Pause | EventPayload::Trap { .. } | EventPayload::Unknown { .. } => false,
+            EventPayload::Singlestep { .. } => local.singlestep,
+            EventPayload::Cr { cr, old_value, new_value } => {
                 local.enabled.contains(id) && cr < 8 && local.crs & (1 << cr) != 0 && old_value != new_value
             }
-            GuestEvent::Msr { msr, old_value, new_value } => {
+            EventPayload::Msr { msr, old_value, new_value } => {
                 local.enabled.contains(id) && local.msrs.contains(&msr) && old_value != new_value
             }
-            GuestEvent::Xsetbv { xcr, old_value, new_value } => {
+            EventPayload::Xsetbv { xcr, old_value, new_value } => {
                 local.enabled.contains(id) && xcr == 0 && old_value != new_value
             }
             _ => local.enabled.contains(id),
@@ -315,7 +190,7 @@ impl VcpuPort {
             return None;
         }
         let mut cx = Ctx { sess: &sess, vs, vcpu, index: self.index };
-        Some(cx.deliver(&mut local, id, &ev.payload(), ev.guest_value()))
+        Some(cx.deliver(&mut local, &ev))
     }
 
     /// The current session, after finishing any cleanup the previous one left.
@@ -459,7 +334,8 @@ impl Ctx<'_> {
 
     /// Sends one vCPU event and blocks until it is answered, running this
     /// vCPU's jobs meanwhile. Failures behave as CONTINUE with the guest's value.
-    pub fn deliver(&mut self, local: &mut Local, id: u16, payload: &[u8], guest_value: Option<u64>) -> EventOutcome {
+    pub fn deliver(&mut self, local: &mut Local, ev: &EventPayload) -> EventOutcome {
+        let (id, guest_value) = (ev.id(), ev.guest_value());
         let fallback = EventOutcome { action: Action::Continue, new_val: guest_value, answered: false };
         let Some(info) = event::info(id) else { return fallback };
         if self.sess.is_closed() {
@@ -470,7 +346,7 @@ impl Ctx<'_> {
         local.expect = Some(Expected { seq, reply_size: info.reply_size });
         local.reply = None;
         self.vs.waiting.store(true, Ordering::SeqCst);
-        let sent = frame(msg::VCPU_EVENT, seq, &[&body, payload])
+        let sent = frame(msg::VCPU_EVENT, seq, &[&body, &ev.encode()])
             .map_err(|e| Disconnect::WriteFailed(e.to_string()))
             .and_then(|bytes| self.sess.send(&bytes));
         if let Err(why) = sent {

@@ -1,9 +1,8 @@
 //! Typed events (spec §9) and event replies (spec §5.5).
 
 use ukvmi_wire::{
-    event, read_zext, tail, Action, EventBreakpoint, EventCr, EventDescriptor, EventHdr, EventMsr,
-    EventMsrs, EventPf, EventSinglestep, EventTrap, EventXsetbv, IntoBytes, KvmRegs, KvmSregs,
-    VcpuEvent, VcpuEventReply, VcpuHdr,
+    event, read_zext, tail, Action, EventHdr, EventMsrs, IntoBytes, KvmRegs, KvmSregs, VcpuEvent,
+    VcpuEventReply, VcpuHdr,
 };
 
 use crate::error::{Error, Result};
@@ -67,85 +66,8 @@ pub struct VcpuEventMsg {
     pub payload: Vec<u8>,
 }
 
-/// The event-specific part of a vCPU event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EventKind {
-    /// `KVMI_VCPU_EVENT_PAUSE`.
-    Pause,
-    /// `KVMI_VCPU_EVENT_HYPERCALL`.
-    Hypercall,
-    /// `KVMI_VCPU_EVENT_BREAKPOINT`.
-    Breakpoint {
-        /// Guest physical address of the INT3.
-        gpa: u64,
-        /// Instruction length.
-        insn_len: u8,
-    },
-    /// `KVMI_VCPU_EVENT_CR`.
-    Cr {
-        /// 0, 3 or 4.
-        cr: u8,
-        /// Current value.
-        old_value: u64,
-        /// Value the guest wants to write.
-        new_value: u64,
-    },
-    /// `KVMI_VCPU_EVENT_TRAP`.
-    Trap {
-        /// Vector actually injected.
-        nr: u8,
-        /// Error code.
-        error_code: u32,
-        /// CR2 for #PF.
-        address: u64,
-    },
-    /// `KVMI_VCPU_EVENT_XSETBV`.
-    Xsetbv {
-        /// XCR index.
-        xcr: u8,
-        /// Previous value.
-        old_value: u64,
-        /// New value.
-        new_value: u64,
-    },
-    /// `KVMI_VCPU_EVENT_DESCRIPTOR`.
-    Descriptor {
-        /// `ukvmi_wire::desc::*`.
-        descriptor: u8,
-        /// True for a load (LIDT...), false for a store (SIDT...).
-        write: bool,
-    },
-    /// `KVMI_VCPU_EVENT_MSR`.
-    Msr {
-        /// MSR index.
-        msr: u32,
-        /// Current value.
-        old_value: u64,
-        /// Value the guest wants to write.
-        new_value: u64,
-    },
-    /// `KVMI_VCPU_EVENT_PF`.
-    Pf {
-        /// Guest virtual address, all ones if unknown.
-        gva: u64,
-        /// Guest physical address.
-        gpa: u64,
-        /// Attempted access (`ukvmi_wire::access::*`).
-        access: u8,
-    },
-    /// `KVMI_VCPU_EVENT_SINGLESTEP`.
-    Singlestep {
-        /// True when another VM exit interrupted the step.
-        failed: bool,
-    },
-    /// An event id this crate does not know.
-    Unknown {
-        /// The event id.
-        event: u16,
-        /// The event-specific bytes.
-        payload: Vec<u8>,
-    },
-}
+/// The event-specific part of a vCPU event (the wire crate's typed payload).
+pub use ukvmi_wire::EventPayload as EventKind;
 
 /// How to answer a vCPU event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,10 +92,7 @@ impl VcpuEventMsg {
 
     /// The value a plain CONTINUE writes for CR and MSR events: the guest's.
     fn guest_value(&self) -> u64 {
-        match self.kind {
-            EventKind::Cr { new_value, .. } | EventKind::Msr { new_value, .. } => new_value,
-            _ => 0,
-        }
+        self.kind.guest_value().unwrap_or(0)
     }
 }
 
@@ -193,7 +112,7 @@ pub(crate) fn parse_vcpu_event(seq: u32, body: &[u8]) -> VcpuEventMsg {
     let hdr: EventHdr = read_zext(body);
     let ev: VcpuEvent = read_zext(tail(body, 8));
     let payload = tail(body, 8 + usize::from(ev.size)).to_vec();
-    let kind = parse_kind(hdr.event, &payload);
+    let kind = EventKind::decode(hdr.event, &payload);
     VcpuEventMsg {
         seq,
         event: hdr.event,
@@ -205,47 +124,6 @@ pub(crate) fn parse_vcpu_event(seq: u32, body: &[u8]) -> VcpuEventMsg {
         msrs: ev.arch.msrs,
         kind,
         payload,
-    }
-}
-
-/// Decodes the event-specific bytes (zero-extended if short, padding ignored).
-fn parse_kind(id: u16, p: &[u8]) -> EventKind {
-    match id {
-        event::PAUSE => EventKind::Pause,
-        event::HYPERCALL => EventKind::Hypercall,
-        event::BREAKPOINT => {
-            let e: EventBreakpoint = read_zext(p);
-            EventKind::Breakpoint { gpa: e.gpa, insn_len: e.insn_len }
-        }
-        event::CR => {
-            let e: EventCr = read_zext(p);
-            EventKind::Cr { cr: e.cr, old_value: e.old_value, new_value: e.new_value }
-        }
-        event::TRAP => {
-            let e: EventTrap = read_zext(p);
-            EventKind::Trap { nr: e.nr, error_code: e.error_code, address: e.address }
-        }
-        event::XSETBV => {
-            let e: EventXsetbv = read_zext(p);
-            EventKind::Xsetbv { xcr: e.xcr, old_value: e.old_value, new_value: e.new_value }
-        }
-        event::DESCRIPTOR => {
-            let e: EventDescriptor = read_zext(p);
-            EventKind::Descriptor { descriptor: e.descriptor, write: e.write != 0 }
-        }
-        event::MSR => {
-            let e: EventMsr = read_zext(p);
-            EventKind::Msr { msr: e.msr, old_value: e.old_value, new_value: e.new_value }
-        }
-        event::PF => {
-            let e: EventPf = read_zext(p);
-            EventKind::Pf { gva: e.gva, gpa: e.gpa, access: e.access }
-        }
-        event::SINGLESTEP => {
-            let e: EventSinglestep = read_zext(p);
-            EventKind::Singlestep { failed: e.failed != 0 }
-        }
-        other => EventKind::Unknown { event: other, payload: p.to_vec() },
     }
 }
 

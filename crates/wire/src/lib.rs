@@ -12,11 +12,13 @@ mod codec;
 mod errno;
 pub mod handshake;
 mod ids;
+mod payload;
 mod structs;
 
 pub use codec::{frame, read_zext, tail, TooLarge};
 pub use errno::KvmErrno;
 pub use ids::*;
+pub use payload::EventPayload;
 pub use structs::*;
 
 pub use zerocopy;
