@@ -25,6 +25,7 @@
 
 pub mod backend;
 mod endpoint;
+pub mod handshake;
 mod permissions;
 mod receiver;
 mod session;
