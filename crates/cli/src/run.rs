@@ -1,0 +1,252 @@
+//! `ukvmi run`: parse the options, build the VM, run it, map the outcome to
+//! an exit status with a one-line reason.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use ukvmi_vmm::{Exit, Image, IntrospectConfig, SerialSink, Vm, VmConfig};
+use ukvmi_wire::{event, msg};
+
+pub(crate) fn help() -> String {
+    let mut s = String::from(
+        "\
+ukvmi run: start a VM on /dev/kvm, optionally introspected over KVMI v12
+
+USAGE:
+    ukvmi run --guest NAME|--kernel PATH [OPTIONS]
+
+WHAT TO RUN:
+    --guest NAME             a built-in guest (see below)
+    --kernel PATH            a flat binary (loaded at 1 MiB) or an ELF64 file,
+                             entered in 64-bit ring 0 (see crates/guests for the ABI)
+    --vcpus N                number of vCPUs (default 1)
+    --memory MIB             guest RAM in MiB (default 64)
+    --serial stdio|file:PATH where the guest's serial console goes (default stdio)
+
+INTROSPECTION (the VMM connects to the tool, as QEMU does):
+    --introspect unix:PATH   connect to an introspector listening at PATH; the VM
+                             runs whether or not it is there
+    --key SECRET             the tool must prove it knows SECRET (SHA-1 cookie)
+    --name NAME              VM name sent in the handshake
+    --uuid UUID              VM UUID sent in the handshake (default: random)
+    --reconnect SECS         retry the connection every SECS seconds (default 1)
+    --handshake-timeout SECS give up on a silent tool after SECS (default 10)
+    --unhook-timeout SECS    at shutdown, wait up to SECS for the tool to close
+                             after the UNHOOK event (default 10)
+    --allow-command ID       allow only these commands (repeat; number or name,
+                             e.g. 8 or KVMI_VM_GET_INFO); default: all
+    --allow-event ID         allow only these events (repeat); default: all
+
+EXIT STATUS:
+    the guest's power-off status (0 for a normal power-off), 0 when stopped by
+    SIGINT/SIGTERM, 2 when an introspector answered CRASH, 1 on any failure.
+
+BUILT-IN GUESTS:
+",
+    );
+    for g in ukvmi_guests::all() {
+        s.push_str(&format!("    {:<12} {}\n", g.name, g.summary));
+    }
+    s.push_str(
+        "
+ON THIS HOST (stock KVM; reported as -KVM_EOPNOTSUPP by KVMI_VM_CHECK_COMMAND/EVENT):
+    available: every VM command except SET_PAGE_ACCESS; vCPU GET_INFO, CONTROL_EVENTS,
+               GET/SET_REGISTERS, GET_CPUID, GET_XCR, GET/SET_XSAVE, GET_MTRR_TYPE,
+               TRANSLATE_GVA; events PAUSE and UNHOOK
+    not yet:   CONTROL_CR, CONTROL_MSR, INJECT_EXCEPTION, CONTROL_SINGLESTEP,
+               SET_PAGE_ACCESS and the events behind them
+",
+    );
+    s
+}
+
+fn parse_id(kind: &str, v: &str, name_of: fn(u16) -> Option<&'static str>) -> Result<u16, String> {
+    if let Ok(n) = v.parse::<u16>() {
+        return Ok(n);
+    }
+    let want = v.to_ascii_uppercase();
+    let want = want.strip_prefix("KVMI_").unwrap_or(&want);
+    (0..64u16)
+        .find(|&id| name_of(id).is_some_and(|n| n.strip_prefix("KVMI_") == Some(want)))
+        .ok_or_else(|| format!("unknown {kind} `{v}` (give a number or a name such as KVMI_VM_GET_INFO)"))
+}
+
+fn parse_uuid(v: &str) -> Result<[u8; 16], String> {
+    let hex: String = v.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return Err(format!("bad --uuid `{v}`: expected 32 hex digits"));
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        let pair = hex.get(2 * i..2 * i + 2).ok_or("bad --uuid")?;
+        *o = u8::from_str_radix(pair, 16).map_err(|_| format!("bad --uuid `{v}`: not hex"))?;
+    }
+    Ok(out)
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    // SAFETY: getrandom writes at most u.len() bytes into the buffer.
+    let _ = unsafe { libc::getrandom(u.as_mut_ptr().cast(), u.len(), 0) };
+    u
+}
+
+fn secs(opt: &str, v: &str) -> Result<Duration, String> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{opt} takes a number of seconds, not `{v}`"))
+}
+
+fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
+    let mut cfg = VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        image: Image::Kernel(PathBuf::new()),
+        name: String::new(),
+        uuid: random_uuid(),
+        allow_commands: None,
+        allow_events: None,
+        serial: SerialSink::Stdout,
+        introspect: None,
+    };
+    let mut image = None;
+    let mut path = None;
+    let (mut key, mut reconnect, mut hs, mut unhook) = (None, Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(10));
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "-h" || a == "--help" {
+            return Ok(None);
+        }
+        let mut val = || it.next().cloned().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--guest" => {
+                let v = val()?;
+                let g = ukvmi_guests::find(&v).ok_or_else(|| {
+                    let names: Vec<&str> = ukvmi_guests::all().iter().map(|g| g.name).collect();
+                    format!("no built-in guest `{v}` (there are: {})", names.join(", "))
+                })?;
+                image = Some(Image::Builtin(g));
+            }
+            "--kernel" => {
+                let p = PathBuf::from(val()?);
+                if !p.is_file() {
+                    return Err(format!("--kernel {}: no such file", p.display()));
+                }
+                image = Some(Image::Kernel(p));
+            }
+            "--vcpus" => cfg.vcpus = val()?.parse().map_err(|_| "--vcpus takes a number from 1 to 65535")?,
+            "--memory" => cfg.memory_mib = val()?.parse().map_err(|_| "--memory takes a size in MiB")?,
+            "--introspect" => {
+                let v = val()?;
+                let p = v.strip_prefix("unix:").ok_or_else(|| format!("--introspect takes unix:PATH, not `{v}`"))?;
+                if p.is_empty() {
+                    return Err("--introspect unix:PATH needs a path".into());
+                }
+                path = Some(PathBuf::from(p));
+            }
+            "--key" => key = Some(val()?.into_bytes()),
+            "--name" => cfg.name = val()?,
+            "--uuid" => cfg.uuid = parse_uuid(&val()?)?,
+            "--reconnect" => reconnect = secs(a, &val()?)?,
+            "--handshake-timeout" => hs = secs(a, &val()?)?,
+            "--unhook-timeout" => unhook = secs(a, &val()?)?,
+            "--allow-command" => {
+                let id = parse_id("command", &val()?, msg::name)?;
+                cfg.allow_commands.get_or_insert_with(Vec::new).push(id);
+            }
+            "--allow-event" => {
+                let id = parse_id("event", &val()?, event::name)?;
+                cfg.allow_events.get_or_insert_with(Vec::new).push(id);
+            }
+            "--serial" => {
+                let v = val()?;
+                cfg.serial = if v == "stdio" {
+                    SerialSink::Stdout
+                } else if let Some(p) = v.strip_prefix("file:") {
+                    let f = std::fs::File::create(p).map_err(|e| format!("--serial file:{p}: {e}"))?;
+                    SerialSink::Writer(Box::new(f))
+                } else {
+                    return Err(format!("--serial takes stdio or file:PATH, not `{v}`"));
+                };
+            }
+            other => return Err(format!("unknown option `{other}` (see ukvmi run --help)")),
+        }
+    }
+    cfg.image = image.ok_or("give --guest NAME or --kernel PATH (see ukvmi run --help)")?;
+    if key.is_some() && path.is_none() {
+        return Err("--key only makes sense with --introspect".into());
+    }
+    cfg.introspect = path.map(|path| IntrospectConfig { path, key, reconnect, handshake_timeout: hs, unhook_timeout: unhook });
+    if cfg.name.is_empty() {
+        cfg.name = match &cfg.image {
+            Image::Builtin(g) => g.name.to_string(),
+            Image::Kernel(p) => p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        };
+    }
+    Ok(Some(cfg))
+}
+
+/// SIGINT/SIGTERM are blocked in every thread and taken by one waiter thread.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: plain signal-set manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+pub(crate) fn main(args: &[String]) -> ExitCode {
+    let cfg = match parse(args) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            print!("{}", help());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("ukvmi run: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let set = block_stop_signals();
+    let log: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(|m: &str| eprintln!("ukvmi: {m}"));
+    let vm = match Vm::new(cfg, Arc::clone(&log)) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("ukvmi run: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let stop = vm.stop_handle();
+    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut sig = 0;
+        // SAFETY: sigwait on a valid set, writing the signal number to `sig`.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            eprintln!("ukvmi: signal {sig}: stopping the VM");
+            stop.stop();
+        }
+    });
+    match vm.run() {
+        Exit::PowerOff(s) => {
+            if s != 0 {
+                eprintln!("ukvmi: the guest powered off with status {s}");
+            }
+            ExitCode::from(s)
+        }
+        Exit::Stopped => ExitCode::SUCCESS,
+        Exit::Crashed(why) => {
+            eprintln!("ukvmi: VM crashed: {why}");
+            ExitCode::from(2)
+        }
+        Exit::Failed(why) => {
+            eprintln!("ukvmi: VM failed: {why}");
+            ExitCode::from(1)
+        }
+    }
+}

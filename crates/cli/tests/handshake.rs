@@ -1,0 +1,99 @@
+//! The QEMU-style connection of `ukvmi run --introspect`: keys, restarts,
+//! silent tools, absent tools, and shutdown by signal.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+
+mod common;
+
+use common::{RunningVm, Scratch};
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::time::Duration;
+use ukvmi_introspector::{Event, Listener};
+use ukvmi_wire::event;
+
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn wrong_key_is_refused_and_the_vm_goes_on() {
+    let dir = Scratch::new("key");
+    let sock = dir.path("kvmi.sock");
+    let bad = Listener::bind(&sock).unwrap().with_key(b"wrong");
+    let intro = format!("unix:{}", sock.display());
+    let vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--key", "right", "--reconnect", "0.2"]);
+    let err = bad.accept().unwrap_err();
+    assert!(err.to_string().contains("authentication"), "{err}");
+    vm.wait_stderr("cookie hash does not match", T);
+    vm.assert_guest_runs();
+    drop(bad);
+    // The right key is accepted on the next attempt.
+    let good = Listener::bind(&sock).unwrap().with_key(b"right");
+    let tool = good.accept().unwrap();
+    assert_eq!(tool.get_info().unwrap(), 1);
+}
+
+#[test]
+fn a_restarted_tool_gets_a_fresh_session() {
+    let dir = Scratch::new("restart");
+    let sock = dir.path("kvmi.sock");
+    let intro = format!("unix:{}", sock.display());
+    let l = Listener::bind(&sock).unwrap();
+    let vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--reconnect", "0.2"]);
+    let tool = l.accept().unwrap();
+    tool.control_vm_events(event::UNHOOK, true).unwrap();
+    tool.pause_vcpu(0, true).unwrap();
+    assert!(matches!(tool.next_event(Some(T)).unwrap(), Some(Event::Vcpu(_))));
+    drop(tool);
+    drop(l);
+    vm.assert_guest_runs();
+    let l = Listener::bind(&sock).unwrap();
+    let tool = l.accept().unwrap();
+    tool.pause_vcpu(0, true).unwrap();
+    let Some(Event::Vcpu(ev)) = tool.next_event(Some(T)).unwrap() else { panic!() };
+    assert_eq!(ev.seq, 1);
+}
+
+#[test]
+fn a_silent_tool_times_out_and_an_absent_one_is_retried() {
+    let dir = Scratch::new("silent");
+    let sock = dir.path("kvmi.sock");
+    let intro = format!("unix:{}", sock.display());
+    // Nobody listens yet: the VM boots anyway.
+    let vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--reconnect", "0.2", "--handshake-timeout", "0.5"]);
+    vm.wait_serial("tick", 1, T);
+    vm.wait_stderr("cannot connect", T);
+    // A tool that accepts and never answers.
+    let raw = UnixListener::bind(&sock).unwrap();
+    let (mut c, _) = raw.accept().unwrap();
+    let mut hello = [0u8; 104];
+    c.read_exact(&mut hello).unwrap();
+    assert_eq!(u32::from_le_bytes(hello[..4].try_into().unwrap()), 104);
+    vm.wait_stderr("did not answer the handshake", T);
+    vm.assert_guest_runs();
+    drop(c);
+    drop(raw);
+    let _ = std::fs::remove_file(&sock);
+    let l = Listener::bind(&sock).unwrap();
+    let tool = l.accept().unwrap();
+    assert_eq!(tool.get_info().unwrap(), 1);
+}
+
+#[test]
+fn sigterm_unhooks_the_tool_and_exits_cleanly() {
+    let dir = Scratch::new("sigterm");
+    let sock = dir.path("kvmi.sock");
+    let intro = format!("unix:{}", sock.display());
+    let l = Listener::bind(&sock).unwrap();
+    let mut vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--unhook-timeout", "5"]);
+    let tool = l.accept().unwrap();
+    tool.control_vm_events(event::UNHOOK, true).unwrap();
+    vm.wait_serial("tick", 1, T);
+    vm.signal(libc::SIGTERM);
+    match tool.next_event(Some(T)).unwrap() {
+        Some(Event::Unhook { .. }) => {}
+        other => panic!("expected UNHOOK, got {other:?}"),
+    }
+    tool.close();
+    let status = vm.wait_exit(T);
+    assert_eq!(status.code(), Some(0), "{}", vm.stderr_text());
+    assert!(vm.stderr_text().contains("introspector closed after UNHOOK"), "{}", vm.stderr_text());
+}

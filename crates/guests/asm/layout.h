@@ -1,0 +1,20 @@
+/*
+ * Guest ABI constants shared by every guest image. The Rust side mirrors
+ * these in `ukvmi_guests::layout`; a unit test parses this file and checks
+ * that both agree, so change them together.
+ */
+#define LOAD_ADDR        0x100000   /* flat image base, _start is first   */
+#define STACK_TOP        0x80000    /* vCPU i: RSP = STACK_TOP - i*STACK_SIZE */
+#define STACK_SIZE       0x4000
+#define MAX_VCPUS        31         /* stacks reach down to 0x4000        */
+#define PATTERN_BASE     0x200000   /* vCPU i fills PATTERN_BASE + i*0x1000 */
+#define PATTERN_SIZE     0x1000
+#define COUNTER_BASE     0x300000   /* u64 loop counter of vCPU i at +i*8 */
+#define PRINT_LOCK       0x3ff000   /* u32 spinlock serialising serial output */
+#define PORT_SERIAL      0x3f8
+#define PORT_POWEROFF    0xf4
+#define PORT_START_VCPU  0x600
+#define R12_TAG          0x5a5a000000000000
+#define R15_MAGIC        0x123456789abcdef0
+#define TICK_EVERY       64         /* vCPU 0 prints "tick <n>" when n % 64 == 0 */
+#define SMP_WARMUP       200        /* smp: iterations before vCPU 0 starts the others */

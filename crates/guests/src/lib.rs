@@ -1,0 +1,394 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(
+    test,
+    allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)
+)]
+
+use std::fmt;
+
+mod built {
+    include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+}
+
+/// One guest image: a flat binary to copy to [`load_addr`](Self::load_addr)
+/// in guest physical memory, entered at [`entry`](Self::entry) on every vCPU
+/// (see the crate documentation for the register and memory ABI).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Guest {
+    /// Short name, e.g. `"spin"`; also printed in vCPU 0's banner.
+    pub name: &'static str,
+    /// One line for `--help` listings.
+    pub summary: &'static str,
+    /// The flat image (the linked `.text` section).
+    pub image: &'static [u8],
+    /// Guest physical (= virtual) address of `image[0]`: [`layout::LOAD_ADDR`].
+    pub load_addr: u64,
+    /// Address of `_start`, where every vCPU begins (equals `load_addr`).
+    pub entry: u64,
+    /// Text symbols (`nm`), sorted by address.
+    pub symbols: &'static [(&'static str, u64)],
+}
+
+impl Guest {
+    /// Address of a symbol, e.g. `guest.symbol("iterate")`.
+    #[must_use]
+    pub fn symbol(&self, name: &str) -> Option<u64> {
+        self.symbols
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|&(_, a)| a)
+    }
+
+    /// The symbol containing `addr` (the last one at or below it inside the
+    /// image) and the offset from it, e.g. to name a vCPU's RIP.
+    #[must_use]
+    pub fn symbolize(&self, addr: u64) -> Option<(&'static str, u64)> {
+        if addr < self.load_addr || addr >= self.end() {
+            return None;
+        }
+        self.symbols
+            .iter()
+            .rev()
+            .find(|(_, a)| *a <= addr)
+            .map(|&(n, a)| (n, addr - a))
+    }
+
+    /// One past the image's last byte in guest memory.
+    #[must_use]
+    pub fn end(&self) -> u64 {
+        self.load_addr + self.image.len() as u64
+    }
+}
+
+impl fmt::Debug for Guest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guest")
+            .field("name", &self.name)
+            .field("summary", &self.summary)
+            .field("image_len", &self.image.len())
+            .field("load_addr", &format_args!("{:#x}", self.load_addr))
+            .field("entry", &format_args!("{:#x}", self.entry))
+            .field("symbols", &self.symbols.len())
+            .finish()
+    }
+}
+
+macro_rules! guest {
+    ($name:ident, $summary:expr) => {
+        Guest {
+            name: stringify!($name),
+            summary: $summary,
+            image: built::$name::IMAGE,
+            load_addr: layout::LOAD_ADDR,
+            entry: built::$name::ENTRY,
+            symbols: built::$name::SYMBOLS,
+        }
+    };
+}
+
+static GUESTS: [Guest; 4] = [
+    guest!(spin, "every vCPU started at once, loops forever at ring 0 (idles with hlt)"),
+    guest!(
+        smp,
+        "vCPU 0 loops alone for 200 iterations (~0.2 s), prints \"starting vcpus\", then starts the others"
+    ),
+    guest!(poweroff, "vCPU 0 prints \"bye\" and powers off with exit status 0 (port 0xf4)"),
+    guest!(poweroff7, "vCPU 0 prints \"bye\" and powers off with exit status 7 (port 0xf4)"),
+];
+
+/// Every guest, in a fixed order (`spin` first).
+#[must_use]
+pub fn all() -> &'static [Guest] {
+    &GUESTS
+}
+
+/// The guest called `name`.
+#[must_use]
+pub fn find(name: &str) -> Option<&'static Guest> {
+    GUESTS.iter().find(|g| g.name == name)
+}
+
+/// Addresses, ports and register values of the guest ABI. `asm/layout.h`
+/// holds the same values for the guests (a unit test checks they agree).
+pub mod layout {
+    /// Where every image is loaded; `_start` is its first byte.
+    pub const LOAD_ADDR: u64 = 0x10_0000;
+    /// Largest image that fits below [`PATTERN_BASE`].
+    pub const MAX_IMAGE_SIZE: u64 = PATTERN_BASE - LOAD_ADDR;
+
+    /// GDT (written by the VMM): null, code64, data; 5 entries of room.
+    pub const GDT_ADDR: u64 = 0x500;
+    /// 64-bit code segment selector.
+    pub const CODE64_SELECTOR: u16 = 0x08;
+    /// Data segment selector (DS, ES, FS, GS, SS).
+    pub const DATA_SELECTOR: u16 = 0x10;
+    /// PML4 (CR3); entry 0 points to [`PDPT_ADDR`].
+    pub const PML4_ADDR: u64 = 0x1000;
+    /// PDPT; entry 0 points to [`PD_ADDR`].
+    pub const PDPT_ADDR: u64 = 0x2000;
+    /// Page directory: 512 identity 2 MiB pages.
+    pub const PD_ADDR: u64 = 0x3000;
+    /// Size of the identity map (GVA == GPA below this).
+    pub const IDENTITY_MAP_SIZE: u64 = 1 << 30;
+
+    /// Top of vCPU 0's stack; vCPU i starts with RSP = `STACK_TOP - i * STACK_SIZE`.
+    pub const STACK_TOP: u64 = 0x8_0000;
+    /// Stack size per vCPU.
+    pub const STACK_SIZE: u64 = 0x4000;
+    /// Most vCPUs whose stacks fit between the page tables and [`STACK_TOP`]
+    /// (guests clamp RSI to this).
+    pub const MAX_VCPUS: u16 = 31;
+
+    /// vCPU i fills the page at `PATTERN_BASE + i * PATTERN_SIZE`.
+    pub const PATTERN_BASE: u64 = 0x20_0000;
+    /// Size of each vCPU's pattern page.
+    pub const PATTERN_SIZE: u64 = 0x1000;
+    /// vCPU i's loop counter is the u64 at `COUNTER_BASE + i * 8`.
+    pub const COUNTER_BASE: u64 = 0x30_0000;
+    /// u32 spinlock serialising serial output (0 free, 1 taken).
+    pub const PRINT_LOCK: u64 = 0x3f_f000;
+    /// Guest RAM the guests need (everything above lies below 4 MiB).
+    pub const MIN_MEM_SIZE: u64 = 0x40_0000;
+
+    /// Serial transmit: `out` of one byte prints it.
+    pub const PORT_SERIAL: u16 = 0x3f8;
+    /// Power-off: `out` of one byte (the exit status) ends the VM.
+    pub const PORT_POWEROFF: u16 = 0xf4;
+    /// Start vCPU: `out` of four bytes, the vCPU index.
+    pub const PORT_START_VCPU: u16 = 0x600;
+
+    /// R12 holds `R12_TAG | i` on vCPU i while it loops.
+    pub const R12_TAG: u64 = 0x5a5a_0000_0000_0000;
+    /// R15 holds this on every vCPU while it loops.
+    pub const R15_MAGIC: u64 = 0x1234_5678_9abc_def0;
+    /// vCPU 0 prints `tick <n>` when its counter n is a multiple of this.
+    pub const TICK_EVERY: u64 = 64;
+    /// `smp`: loop iterations vCPU 0 runs before it starts the others.
+    pub const SMP_WARMUP_ITERATIONS: u64 = 200;
+
+    /// The byte vCPU `vcpu` writes at `offset` of its pattern page:
+    /// `(offset + vcpu) & 0xff`.
+    #[must_use]
+    pub const fn pattern_byte(vcpu: u16, offset: usize) -> u8 {
+        // Truncation to the low byte is the definition.
+        offset.wrapping_add(vcpu as usize) as u8
+    }
+
+    /// Address of vCPU `vcpu`'s pattern page.
+    #[must_use]
+    pub const fn pattern_addr(vcpu: u16) -> u64 {
+        PATTERN_BASE + vcpu as u64 * PATTERN_SIZE
+    }
+
+    /// Address of vCPU `vcpu`'s u64 loop counter.
+    #[must_use]
+    pub const fn counter_addr(vcpu: u16) -> u64 {
+        COUNTER_BASE + vcpu as u64 * 8
+    }
+
+    /// Initial RSP of vCPU `vcpu`, or `None` beyond [`MAX_VCPUS`].
+    #[must_use]
+    pub const fn stack_top(vcpu: u16) -> Option<u64> {
+        if vcpu < MAX_VCPUS {
+            Some(STACK_TOP - vcpu as u64 * STACK_SIZE)
+        } else {
+            None
+        }
+    }
+
+    /// R12 of vCPU `vcpu` while it loops.
+    #[must_use]
+    pub const fn r12_value(vcpu: u16) -> u64 {
+        R12_TAG | vcpu as u64
+    }
+
+    // The regions must not overlap (checked at compile time).
+    const _: () = {
+        assert!(GDT_ADDR + 5 * 8 <= PML4_ADDR);
+        assert!(PML4_ADDR < PDPT_ADDR && PDPT_ADDR < PD_ADDR);
+        // vCPU MAX_VCPUS-1's stack bottom stays above the page directory.
+        assert!(STACK_TOP - MAX_VCPUS as u64 * STACK_SIZE >= PD_ADDR + 0x1000);
+        assert!(STACK_TOP <= LOAD_ADDR);
+        assert!(pattern_addr(MAX_VCPUS) <= COUNTER_BASE);
+        assert!(counter_addr(MAX_VCPUS) <= PRINT_LOCK);
+        assert!(PRINT_LOCK + 4 <= MIN_MEM_SIZE);
+        assert!(MIN_MEM_SIZE <= IDENTITY_MAP_SIZE);
+        assert!(TICK_EVERY.is_power_of_two());
+    };
+
+    /// The full 4 KiB page vCPU `vcpu` writes at [`pattern_addr`].
+    #[must_use]
+    pub fn pattern_page(vcpu: u16) -> Vec<u8> {
+        (0..PATTERN_SIZE as usize)
+            .map(|j| pattern_byte(vcpu, j))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layout::*;
+    use super::*;
+
+    const NAMES: [&str; 4] = ["spin", "smp", "poweroff", "poweroff7"];
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn all_and_find() {
+        let names: Vec<_> = all().iter().map(|g| g.name).collect();
+        assert_eq!(names, NAMES);
+        for name in NAMES {
+            let g = find(name).unwrap();
+            assert_eq!(g.name, name);
+            assert!(std::ptr::eq(
+                g,
+                all().iter().find(|a| a.name == name).unwrap()
+            ));
+            assert!(
+                !g.summary.is_empty() && !g.summary.contains('\n'),
+                "{name}: summary"
+            );
+        }
+        assert!(find("nope").is_none());
+        assert!(find("").is_none());
+        assert!(find("Spin").is_none());
+    }
+
+    #[test]
+    fn images_are_sane() {
+        for g in all() {
+            assert!(g.image.len() > 16, "{}: image too small", g.name);
+            assert!((g.image.len() as u64) < MAX_IMAGE_SIZE, "{}", g.name);
+            assert_eq!(g.load_addr, LOAD_ADDR);
+            assert_eq!(
+                g.entry, g.load_addr,
+                "{}: _start must be the first byte",
+                g.name
+            );
+            assert_eq!(g.symbol("_start"), Some(g.entry));
+            assert!(g.end() > g.entry);
+            // Every _start begins with `call setup` (e8 rel32).
+            assert_eq!(
+                g.image[0], 0xe8,
+                "{}: _start should begin with a call",
+                g.name
+            );
+            let banner = format!("ukvmi guest {}: vcpu 0 up\n", g.name);
+            assert!(contains(g.image, banner.as_bytes()), "{}: banner", g.name);
+            // Ports above 0xff must go through %dx: `mov $0x3f8,%dx` = 66 ba f8 03.
+            assert!(
+                contains(g.image, &[0x66, 0xba, 0xf8, 0x03]),
+                "{}: serial port",
+                g.name
+            );
+            assert!(contains(g.image, &[0x66, 0xba, 0xf4, 0x00]) == g.name.starts_with("poweroff"));
+        }
+        assert!(contains(find("smp").unwrap().image, b"starting vcpus\n"));
+        assert!(contains(find("poweroff").unwrap().image, b"bye\n"));
+    }
+
+    #[test]
+    fn symbols_are_sorted_and_inside_the_image() {
+        for g in all() {
+            for name in [
+                "_start",
+                "setup",
+                "announce",
+                "iterate",
+                "start_others",
+                "puts",
+                "putdec",
+                "lock_print",
+            ] {
+                assert!(g.symbol(name).is_some(), "{}: no symbol {name}", g.name);
+            }
+            assert!(
+                g.symbols.windows(2).all(|w| w[0].1 <= w[1].1),
+                "{}: unsorted",
+                g.name
+            );
+            for &(name, addr) in g.symbols {
+                assert!(
+                    addr >= g.load_addr && addr < g.end(),
+                    "{}: {name} at {addr:#x}",
+                    g.name
+                );
+            }
+            let iterate = g.symbol("iterate").unwrap();
+            assert_eq!(g.symbolize(iterate + 3), Some(("iterate", 3)));
+            assert_eq!(g.symbolize(g.entry), Some(("_start", 0)));
+            assert_eq!(g.symbolize(g.end()), None);
+            assert_eq!(g.symbolize(g.load_addr - 1), None);
+        }
+        assert!(find("spin").unwrap().symbol("spin_loop").is_some());
+        let smp = find("smp").unwrap();
+        assert!(smp.symbol("smp_warmup").unwrap() < smp.symbol("smp_loop").unwrap());
+    }
+
+    #[test]
+    fn exit_status_bytes() {
+        for (name, status) in [("poweroff", 0u8), ("poweroff7", 7)] {
+            let g = find(name).unwrap();
+            let at = g.symbol("exit_status").unwrap() - g.load_addr;
+            assert_eq!(g.image[at as usize], status, "{name}");
+            assert!(g.symbol("halt_forever").is_some());
+        }
+    }
+
+    #[test]
+    fn pattern_byte_matches_definition() {
+        assert_eq!(pattern_byte(0, 0), 0);
+        assert_eq!(pattern_byte(0, 255), 255);
+        assert_eq!(pattern_byte(0, 256), 0);
+        assert_eq!(pattern_byte(1, 0), 1);
+        assert_eq!(pattern_byte(1, 255), 0);
+        assert_eq!(pattern_byte(3, 4095), ((4095 + 3) & 0xff) as u8);
+        assert_eq!(pattern_byte(300, 10), ((300 + 10) & 0xff) as u8);
+        let page = pattern_page(2);
+        assert_eq!(page.len(), 4096);
+        assert_eq!(page[0], 2);
+        assert_eq!(page[254], 0);
+        assert_eq!(pattern_addr(2), 0x20_2000);
+        assert_eq!(counter_addr(2), 0x30_0010);
+        assert_eq!(stack_top(0), Some(0x8_0000));
+        assert_eq!(stack_top(1), Some(0x7_c000));
+        assert_eq!(stack_top(30), Some(0x8000));
+        assert_eq!(stack_top(31), None);
+        assert_eq!(r12_value(5), 0x5a5a_0000_0000_0005);
+    }
+
+    /// `asm/layout.h` and [`layout`] must agree.
+    #[test]
+    fn layout_h_matches_rust() {
+        let header = include_str!("../asm/layout.h");
+        let define = |name: &str| -> u64 {
+            let line = header
+                .lines()
+                .find(|l| l.split_whitespace().take(2).eq(["#define", name]))
+                .unwrap_or_else(|| panic!("layout.h: no {name}"));
+            let v = line.split_whitespace().nth(2).unwrap();
+            match v.strip_prefix("0x") {
+                Some(h) => u64::from_str_radix(h, 16).unwrap(),
+                None => v.parse().unwrap(),
+            }
+        };
+        assert_eq!(define("LOAD_ADDR"), LOAD_ADDR);
+        assert_eq!(define("STACK_TOP"), STACK_TOP);
+        assert_eq!(define("STACK_SIZE"), STACK_SIZE);
+        assert_eq!(define("MAX_VCPUS"), u64::from(MAX_VCPUS));
+        assert_eq!(define("PATTERN_BASE"), PATTERN_BASE);
+        assert_eq!(define("PATTERN_SIZE"), PATTERN_SIZE);
+        assert_eq!(define("COUNTER_BASE"), COUNTER_BASE);
+        assert_eq!(define("PRINT_LOCK"), PRINT_LOCK);
+        assert_eq!(define("PORT_SERIAL"), u64::from(PORT_SERIAL));
+        assert_eq!(define("PORT_POWEROFF"), u64::from(PORT_POWEROFF));
+        assert_eq!(define("PORT_START_VCPU"), u64::from(PORT_START_VCPU));
+        assert_eq!(define("R12_TAG"), R12_TAG);
+        assert_eq!(define("R15_MAGIC"), R15_MAGIC);
+        assert_eq!(define("TICK_EVERY"), TICK_EVERY);
+        assert_eq!(define("SMP_WARMUP"), SMP_WARMUP_ITERATIONS);
+    }
+}

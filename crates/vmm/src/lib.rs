@@ -1,0 +1,24 @@
+//! A small KVM VMM on stock ioctls (rust-vmm's `kvm-ioctls`, `vm-memory`)
+//! that serves KVMI through `ukvmi-endpoint`: it is the endpoint's backend.
+//!
+//! * `memory`: guest RAM in a memfd, memslot 0.
+//! * `vm`: KVM objects, the shared state (`VmBackend`), serial, power-off,
+//!   the introspection connection with handshake and reconnects.
+//! * `vcpu`: one thread per vCPU; runs KVMI jobs between guest entries and
+//!   implements `VcpuBackend` with vCPU ioctls on its own thread.
+//! * `kick`: signal + `immediate_exit` to pull a vCPU out of `KVM_RUN`.
+//!
+//! Guests follow the ABI of `ukvmi-guests`: entered in 64-bit ring 0 with
+//! identity paging, serial at 0x3f8, power-off at 0xf4, "start vCPU" at 0x600.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
+
+mod convert;
+mod error;
+mod kick;
+mod loader;
+mod memory;
+mod vcpu;
+mod vm;
+
+pub use error::{Error, Result};
+pub use vm::{Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig};

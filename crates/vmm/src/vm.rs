@@ -1,0 +1,507 @@
+//! The VM: KVM objects, guest RAM, vCPU threads, the serial console, and the
+//! introspection connection that comes and goes.
+
+use crate::error::{Error, Result};
+use crate::kick;
+use crate::memory::GuestRam;
+use crate::vcpu::KvmVcpu;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use ukvmi_endpoint::handshake::{self, VmIdentity};
+use ukvmi_endpoint::{BackendResult, Endpoint, HostCaps, Permissions, VmBackend};
+use ukvmi_guests::{layout, Guest};
+use ukvmi_wire::{event, msg};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What runs in the VM.
+#[derive(Debug, Clone)]
+pub enum Image {
+    /// A built-in guest.
+    Builtin(&'static Guest),
+    /// A flat binary (loaded at 1 MiB) or an ELF64 file.
+    Kernel(PathBuf),
+}
+
+/// How to reach the introspector.
+#[derive(Debug, Clone)]
+pub struct IntrospectConfig {
+    /// UNIX socket the tool listens on.
+    pub path: PathBuf,
+    /// Shared secret the tool must prove (SHA-1 cookie).
+    pub key: Option<Vec<u8>>,
+    /// Seconds between connection attempts.
+    pub reconnect: Duration,
+    /// How long the tool has to answer the handshake.
+    pub handshake_timeout: Duration,
+    /// How long to wait for the tool to close after UNHOOK at shutdown.
+    pub unhook_timeout: Duration,
+}
+
+/// Where serial output goes.
+pub enum SerialSink {
+    /// The VMM's stdout.
+    Stdout,
+    /// Any writer (a file, a test buffer).
+    Writer(Box<dyn Write + Send>),
+}
+
+impl std::fmt::Debug for SerialSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SerialSink::Stdout => "Stdout",
+            SerialSink::Writer(_) => "Writer",
+        })
+    }
+}
+
+/// Everything `ukvmi run` can set.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: u16,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The guest.
+    pub image: Image,
+    /// VM name sent in the handshake.
+    pub name: String,
+    /// VM UUID sent in the handshake.
+    pub uuid: [u8; 16],
+    /// Allowed commands (None: all).
+    pub allow_commands: Option<Vec<u16>>,
+    /// Allowed events (None: all).
+    pub allow_events: Option<Vec<u16>>,
+    /// Serial console.
+    pub serial: SerialSink,
+    /// The introspector, if any.
+    pub introspect: Option<IntrospectConfig>,
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest wrote its status to the power-off port.
+    PowerOff(u8),
+    /// Stopped from outside (a signal).
+    Stopped,
+    /// An event reply asked for CRASH.
+    Crashed(String),
+    /// The guest or the VMM failed.
+    Failed(String),
+}
+
+pub(crate) struct VcpuShared {
+    pub started: AtomicBool,
+    pub in_guest: AtomicBool,
+    pub exits: AtomicU64,
+    thread: Mutex<Option<libc::pthread_t>>,
+    wake: Mutex<bool>,
+    woken: Condvar,
+}
+
+/// State shared by every thread of the VM; the endpoint's `VmBackend`.
+pub(crate) struct VmShared {
+    pub ram: GuestRam,
+    pub entry: u64,
+    vcpus: Vec<VcpuShared>,
+    caps: HostCaps,
+    stop: AtomicBool,
+    exit: Mutex<Option<Exit>>,
+    exited: Condvar,
+    serial: Mutex<(SerialSink, Vec<u8>)>,
+}
+
+impl VmShared {
+    pub fn vcpu(&self, i: u16) -> Option<&VcpuShared> {
+        self.vcpus.get(usize::from(i))
+    }
+
+    pub fn vcpu_count(&self) -> u16 {
+        self.vcpus.len() as u16
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    pub fn register_thread(&self, i: u16, alive: bool) {
+        if let Some(v) = self.vcpu(i) {
+            // SAFETY: pthread_self has no preconditions.
+            *lock(&v.thread) = alive.then(|| unsafe { libc::pthread_self() });
+        }
+    }
+
+    /// Sleeps up to `t`, or until kicked.
+    pub fn idle(&self, i: u16, t: Duration) {
+        if let Some(v) = self.vcpu(i) {
+            let g = lock(&v.wake);
+            let (mut g, _) = v.woken.wait_timeout_while(g, t, |k| !*k).unwrap_or_else(|e| e.into_inner());
+            *g = false;
+        }
+    }
+
+    pub fn start_vcpu(&self, i: u16) {
+        if let Some(v) = self.vcpu(i) {
+            v.started.store(true, Ordering::SeqCst);
+            self.kick(i, false);
+        }
+    }
+
+    pub fn serial_byte(&self, b: u8) {
+        let mut s = lock(&self.serial);
+        s.1.push(b);
+        if b == b'\n' || s.1.len() >= 256 {
+            let line = std::mem::take(&mut s.1);
+            let _ = match &mut s.0 {
+                SerialSink::Stdout => {
+                    let mut o = std::io::stdout().lock();
+                    o.write_all(&line).and_then(|()| o.flush())
+                }
+                SerialSink::Writer(w) => w.write_all(&line).and_then(|()| w.flush()),
+            };
+        }
+    }
+
+    /// Records how the VM ended (the first reason wins) and stops every vCPU.
+    pub fn finish(&self, why: Exit) {
+        {
+            let mut e = lock(&self.exit);
+            if e.is_none() {
+                *e = Some(why);
+            }
+            self.exited.notify_all();
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        for i in 0..self.vcpu_count() {
+            self.kick(i, false);
+        }
+    }
+}
+
+impl VmBackend for VmShared {
+    fn vcpu_count(&self) -> u16 {
+        self.vcpus.len() as u16
+    }
+
+    fn vcpu_ready(&self, vcpu: u16) -> bool {
+        self.vcpu(vcpu).is_some_and(|v| v.started.load(Ordering::SeqCst))
+    }
+
+    fn kick(&self, vcpu: u16, wait: bool) {
+        let Some(v) = self.vcpu(vcpu) else { return };
+        let before = v.exits.load(Ordering::SeqCst);
+        *lock(&v.wake) = true;
+        v.woken.notify_all();
+        if let Some(t) = *lock(&v.thread) {
+            kick::signal(t);
+        }
+        if wait {
+            let t0 = Instant::now();
+            while v.in_guest.load(Ordering::SeqCst)
+                && v.exits.load(Ordering::SeqCst) == before
+                && t0.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    fn read_physical(&self, gpa: u64, buf: &mut [u8]) -> BackendResult<()> {
+        self.ram.read(gpa, buf)
+    }
+
+    fn write_physical(&self, gpa: u64, data: &[u8]) -> BackendResult<()> {
+        self.ram.write(gpa, data)
+    }
+
+    fn caps(&self) -> HostCaps {
+        self.caps
+    }
+}
+
+/// What this host can do through stock KVM today. Events other than PAUSE
+/// and UNHOOK need interception mechanisms that come with the events work;
+/// until then they are reported as unsupported, never failing later.
+fn host_caps() -> HostCaps {
+    let mut caps = HostCaps::full();
+    for id in [
+        msg::VCPU_CONTROL_CR,
+        msg::VCPU_CONTROL_MSR,
+        msg::VCPU_INJECT_EXCEPTION,
+        msg::VCPU_CONTROL_SINGLESTEP,
+        msg::VM_SET_PAGE_ACCESS,
+    ] {
+        caps = caps.without_command(id);
+    }
+    for id in event::VCPU_EVENTS {
+        if id != event::PAUSE {
+            caps = caps.without_event(id);
+        }
+    }
+    caps
+}
+
+/// Loads the image into RAM and returns the entry point.
+fn load(ram: &GuestRam, image: &Image) -> Result<u64> {
+    match image {
+        Image::Builtin(g) => {
+            ram.write(g.load_addr, g.image)
+                .map_err(|_| Error::Config(format!("guest {} does not fit in RAM", g.name)))?;
+            Ok(g.entry)
+        }
+        Image::Kernel(path) => {
+            let bytes = std::fs::read(path)
+                .map_err(|e| Error::Config(format!("cannot read kernel {}: {e}", path.display())))?;
+            crate::loader::load(ram, &bytes).map_err(|e| Error::Config(format!("kernel {}: {e}", path.display())))
+        }
+    }
+}
+
+/// Writes the GDT and identity page tables of the guest ABI.
+fn write_tables(ram: &GuestRam) -> Result<()> {
+    let gdt: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8900_0000_0067, 0];
+    let fail = |_| Error::Config("RAM too small for page tables".into());
+    for (i, e) in gdt.iter().enumerate() {
+        ram.write_u64(layout::GDT_ADDR + 8 * i as u64, *e).map_err(fail)?;
+    }
+    let pdpt = layout::PML4_ADDR + 0x1000;
+    let pd = layout::PML4_ADDR + 0x2000;
+    ram.write_u64(layout::PML4_ADDR, pdpt | 3).map_err(fail)?;
+    ram.write_u64(pdpt, pd | 3).map_err(fail)?;
+    for i in 0..512u64 {
+        ram.write_u64(pd + 8 * i, (i << 21) | 0x83).map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// A handle to stop a running VM from another thread (e.g. on SIGTERM).
+#[derive(Clone)]
+pub struct StopHandle(Arc<VmShared>);
+
+impl std::fmt::Debug for StopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StopHandle")
+    }
+}
+
+impl StopHandle {
+    /// Asks the VM to stop; `Vm::run` then unhooks cleanly and returns.
+    pub fn stop(&self) {
+        let mut e = lock(&self.0.exit);
+        if e.is_none() {
+            *e = Some(Exit::Stopped);
+        }
+        self.0.exited.notify_all();
+    }
+}
+
+/// A created VM, ready to run.
+pub struct Vm {
+    shared: Arc<VmShared>,
+    endpoint: Arc<Endpoint>,
+    threads: Vec<JoinHandle<Option<Exit>>>,
+    introspect: Option<IntrospectConfig>,
+    identity: VmIdentity,
+    log: Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("vcpus", &self.shared.vcpu_count()).finish()
+    }
+}
+
+impl Vm {
+    /// Creates the VM and its vCPU threads (vCPU 0 starts at once).
+    /// `log` receives one-line status messages (connections, errors).
+    pub fn new(cfg: VmConfig, log: Arc<dyn Fn(&str) + Send + Sync>) -> Result<Vm> {
+        if cfg.vcpus == 0 {
+            return Err(Error::Config("--vcpus must be at least 1".into()));
+        }
+        if cfg.memory_mib < 4 {
+            return Err(Error::Config("--memory must be at least 4 MiB".into()));
+        }
+        kick::install();
+        let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
+        let max = kvm.get_max_vcpus();
+        if usize::from(cfg.vcpus) > max {
+            return Err(Error::Config(format!("--vcpus {} exceeds this host's limit of {max}", cfg.vcpus)));
+        }
+        let vmfd = kvm.create_vm().map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
+        let ram = GuestRam::new(cfg.memory_mib << 20)?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_base()?,
+        };
+        // SAFETY: the region is RAM's own mapping, which lives in `shared`
+        // as long as the VM fd's users (the vCPU threads) run.
+        unsafe { vmfd.set_user_memory_region(region) }.map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        write_tables(&ram)?;
+        let entry = load(&ram, &cfg.image)?;
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut fds = Vec::new();
+        for i in 0..cfg.vcpus {
+            let fd = vmfd.create_vcpu(u64::from(i)).map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?;
+            fd.set_cpuid2(&cpuid).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
+            fds.push(fd);
+        }
+        let shared = Arc::new(VmShared {
+            ram,
+            entry,
+            vcpus: (0..cfg.vcpus)
+                .map(|i| VcpuShared {
+                    started: AtomicBool::new(i == 0),
+                    in_guest: AtomicBool::new(false),
+                    exits: AtomicU64::new(0),
+                    thread: Mutex::new(None),
+                    wake: Mutex::new(false),
+                    woken: Condvar::new(),
+                })
+                .collect(),
+            caps: host_caps(),
+            stop: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            exited: Condvar::new(),
+            serial: Mutex::new((cfg.serial, Vec::new())),
+        });
+        let perms = Permissions::allow_all();
+        if let Some(ids) = &cfg.allow_commands {
+            let _ = perms.set_command(-1, false);
+            for id in ids {
+                perms.set_command(i32::from(*id), true).map_err(|e| Error::Config(format!("--allow-command {id}: {e}")))?;
+            }
+        }
+        if let Some(ids) = &cfg.allow_events {
+            let _ = perms.set_event(-1, false);
+            for id in ids {
+                perms.set_event(i32::from(*id), true).map_err(|e| Error::Config(format!("--allow-event {id}: {e}")))?;
+            }
+        }
+        let endpoint = Arc::new(Endpoint::with_permissions(Arc::clone(&shared) as Arc<dyn VmBackend>, perms));
+        let mut threads = Vec::new();
+        for (i, fd) in fds.into_iter().enumerate() {
+            let index = i as u16;
+            let port = endpoint.vcpu_port(index).ok_or_else(|| Error::Config("vCPU port".into()))?;
+            let v = KvmVcpu { fd, index, shared: Arc::clone(&shared), cpuid: cpuid.clone() };
+            let sh = Arc::clone(&shared);
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || {
+                    let end = v.run(port);
+                    if let Some(e) = &end {
+                        sh.finish(e.clone());
+                    }
+                    end
+                })
+                .map_err(|e| Error::os("spawning a vCPU thread", e))?;
+            threads.push(h);
+        }
+        let start_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let identity = VmIdentity { uuid: cfg.uuid, name: cfg.name, start_time, max_gpa: shared.ram.size() };
+        Ok(Vm { shared, endpoint, threads, introspect: cfg.introspect, identity, log })
+    }
+
+    /// A handle that stops the VM from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(Arc::clone(&self.shared))
+    }
+
+    /// The KVMI endpoint (for embedding and tests).
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// Runs until the guest powers off, fails, is crashed, or is stopped.
+    pub fn run(mut self) -> Exit {
+        let conn = self.introspect.clone().map(|cfg| {
+            let ep = Arc::clone(&self.endpoint);
+            let sh = Arc::clone(&self.shared);
+            let id = self.identity.clone();
+            let log = Arc::clone(&self.log);
+            std::thread::Builder::new()
+                .name("kvmi-connect".into())
+                .spawn(move || connection_loop(&ep, &sh, &cfg, &id, &*log))
+        });
+        let why = {
+            let e = lock(&self.shared.exit);
+            let e = self.shared.exited.wait_while(e, |e| e.is_none()).unwrap_or_else(|p| p.into_inner());
+            e.clone().unwrap_or(Exit::Stopped)
+        };
+        // A connected tool is told first (if it asked) and given time to clean up.
+        if let Some(cfg) = &self.introspect {
+            if self.endpoint.is_connected() {
+                match self.endpoint.pre_unhook(cfg.unhook_timeout) {
+                    Ok(true) => (self.log)("introspector closed after UNHOOK"),
+                    Ok(false) => (self.log)("introspector did not close within the unhook timeout"),
+                    Err(_) => {}
+                }
+            }
+        }
+        self.shared.finish(why.clone());
+        self.endpoint.unhook();
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+        if let Some(Ok(h)) = conn {
+            let _ = h.join();
+        }
+        self.endpoint.unhook();
+        why
+    }
+}
+
+/// Connects to the tool, serves it until it goes, and tries again every
+/// `reconnect`, as QEMU's `reconnect=N` chardev does. The guest never waits.
+fn connection_loop(ep: &Endpoint, sh: &VmShared, cfg: &IntrospectConfig, id: &VmIdentity, log: &dyn Fn(&str)) {
+    let mut last_err = String::new();
+    while !sh.stopping() && lock(&sh.exit).is_none() {
+        match handshake::connect(&cfg.path, id, cfg.key.as_deref(), cfg.handshake_timeout) {
+            Ok(stream) => {
+                last_err.clear();
+                if let Err(e) = ep.hook(stream) {
+                    log(&format!("introspection: {e}"));
+                } else {
+                    log(&format!("introspector connected at {}", cfg.path.display()));
+                    while !ep.wait_disconnected(Some(Duration::from_millis(100))) {
+                        if sh.stopping() || lock(&sh.exit).is_some() {
+                            return;
+                        }
+                    }
+                    let why = ep.unhook();
+                    log(&format!(
+                        "introspector disconnected ({}); the guest keeps running",
+                        why.map_or_else(|| "closed".to_string(), |w| w.to_string())
+                    ));
+                }
+            }
+            Err(e) => {
+                let s = e.to_string();
+                if s != last_err {
+                    log(&format!("introspection: {s}; retrying every {:?}", cfg.reconnect));
+                    last_err = s;
+                }
+            }
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < cfg.reconnect {
+            if sh.stopping() || lock(&sh.exit).is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20).min(cfg.reconnect));
+        }
+    }
+}
