@@ -56,8 +56,8 @@ fn run(tool: &str, package: &str, args: &[&str]) -> String {
     let out = match Command::new(tool).args(args).output() {
         Ok(out) => out,
         Err(e) if e.kind() == ErrorKind::NotFound => fail(&format!(
-            "`{tool}` not found: the guest images are built with gcc, ld, objcopy, \
-             nm and size; install the Debian package `{package}` \
+            "`{tool}` not found: the guest images are built with gcc, as, ld, \
+             objcopy, nm and size; install the Debian package `{package}` \
              (apt-get install gcc binutils)"
         )),
         Err(e) => fail(&format!("cannot run `{tool}`: {e}")),
@@ -73,6 +73,17 @@ fn run(tool: &str, package: &str, args: &[&str]) -> String {
     }
     String::from_utf8(out.stdout).expect("tool output is not UTF-8")
 }
+
+/// Every external tool and the Debian package that provides it. `as` is only
+/// run by gcc, so it is checked up front for a clear message.
+const TOOLS: &[(&str, &str)] = &[
+    ("gcc", "gcc"),
+    ("as", "binutils"),
+    ("ld", "binutils"),
+    ("objcopy", "binutils"),
+    ("nm", "binutils"),
+    ("size", "binutils"),
+];
 
 fn path_str(p: &Path) -> &str {
     p.to_str()
@@ -104,6 +115,10 @@ fn main() {
     for f in SHARED {
         println!("cargo:rerun-if-changed=asm/{f}");
     }
+    for &(tool, package) in TOOLS {
+        run(tool, package, &["--version"]);
+    }
+
     let layout = fs::read_to_string(asm.join("layout.h")).expect("cannot read asm/layout.h");
     let load_addr = layout_define(&layout, "LOAD_ADDR");
 
