@@ -31,6 +31,8 @@ fn bad_input_is_a_clear_error_never_a_panic() {
         (vec!["run", "--kernel", "/nonexistent/k.bin"], "no such file"),
         (vec!["run", "--guest", "spin", "--vcpus", "x"], "--vcpus takes a number"),
         (vec!["run", "--guest", "spin", "--vcpus", "0"], "at least 1"),
+        (vec!["run", "--guest", "spin", "--vcpus", "32"], "more than the guest ABI's 31"),
+        (vec!["run", "--guest", "spin", "--memory", "2"], "at least 4 MiB"),
         (vec!["run", "--guest", "spin", "--introspect", "/tmp/x"], "unix:PATH"),
         (vec!["run", "--guest", "spin", "--bogus"], "unknown option `--bogus`"),
         (vec!["run", "--guest", "spin", "--allow-command", "KVMI_NOPE"], "unknown command"),

@@ -327,6 +327,13 @@ impl Vm {
         if cfg.vcpus == 0 {
             return Err(Error::Config("--vcpus must be at least 1".into()));
         }
+        if cfg.vcpus > layout::MAX_VCPUS {
+            return Err(Error::Config(format!(
+                "--vcpus {} is more than the guest ABI's {} (one 16 KiB stack each below 512 KiB)",
+                cfg.vcpus,
+                layout::MAX_VCPUS
+            )));
+        }
         if cfg.memory_mib < 4 {
             return Err(Error::Config("--memory must be at least 4 MiB".into()));
         }
