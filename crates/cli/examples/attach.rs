@@ -22,7 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("no PAUSE event".into());
     };
     let regs = vm.get_registers(0, &[0xc000_0080])?;
-    println!("vCPU 0 paused at rip {:#x} (mode {}-bit), EFER {:#x}", regs.regs.rip, regs.mode * 8, regs.msrs[0].data);
+    let efer = regs.msrs.first().map_or(0, |m| m.data);
+    println!("vCPU 0 paused at rip {:#x} (mode {}-bit), EFER {efer:#x}", regs.regs.rip, regs.mode * 8);
     let bytes = vm.read_physical(0x20_0000, 16)?;
     println!("first bytes of vCPU 0's pattern page: {bytes:02x?}");
     vm.reply(&ev, EventReply::Continue)?;
