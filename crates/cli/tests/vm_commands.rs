@@ -125,6 +125,12 @@ fn vcpu_commands_on_a_paused_and_a_running_vcpu() {
     tool.set_xsave(1, &xs).unwrap();
     assert_eq!(tool.get_mtrr_type(0, layout::PATTERN_BASE).unwrap(), 6, "write-back");
     assert_eq!(tool.translate_gva(0, layout::PATTERN_BASE + 0x123).unwrap(), Some(layout::PATTERN_BASE + 0x123));
+    // Through the non-identity alias: translate, then read what the guest wrote there.
+    let gva = layout::ALIAS_GVA + (layout::PATTERN_BASE - layout::ALIAS_GPA) + 0x1000 + 0x42;
+    let gpa = tool.translate_gva(1, gva).unwrap().expect("the alias is mapped");
+    assert_eq!(gpa, layout::PATTERN_BASE + 0x1000 + 0x42);
+    assert_eq!(tool.read_physical(gpa, 1).unwrap(), [layout::pattern_byte(1, 0x42)]);
+    assert_eq!(tool.translate_gva(0, layout::ALIAS_GVA + (2 << 20)).unwrap(), None, "past the alias");
     assert_eq!(tool.translate_gva(0, 1 << 40).unwrap(), None);
     assert_eq!(tool.translate_gva(0, u64::MAX).unwrap(), None);
     vm.assert_guest_runs();

@@ -147,6 +147,14 @@ pub mod layout {
     pub const COUNTER_BASE: u64 = 0x30_0000;
     /// u32 spinlock serialising serial output (0 free, 1 taken).
     pub const PRINT_LOCK: u64 = 0x3f_f000;
+    /// A non-identity mapping the VMM adds (guests never use it), so that
+    /// address translation can be checked: the 2 MiB of GVA at `ALIAS_GVA`
+    /// (PDPT entry 1) map the 2 MiB of gpa at `ALIAS_GPA`.
+    pub const ALIAS_GVA: u64 = 0x4000_0000;
+    /// Physical start of the aliased 2 MiB (the page holding the pattern pages).
+    pub const ALIAS_GPA: u64 = 0x20_0000;
+    /// The page directory holding the alias (written by the VMM).
+    pub const ALIAS_PD_ADDR: u64 = 0x3f_e000;
     /// Guest RAM the guests need (everything above lies below 4 MiB).
     pub const MIN_MEM_SIZE: u64 = 0x40_0000;
 

@@ -280,6 +280,9 @@ fn write_tables(ram: &GuestRam) -> Result<()> {
     for i in 0..512u64 {
         ram.write_u64(pd + 8 * i, (i << 21) | 0x83).map_err(fail)?;
     }
+    // The ABI's alias: GVA 1 GiB (PDPT[1]) → one 2 MiB page at ALIAS_GPA.
+    ram.write_u64(pdpt + 8, layout::ALIAS_PD_ADDR | 3).map_err(fail)?;
+    ram.write_u64(layout::ALIAS_PD_ADDR, layout::ALIAS_GPA | 0x83).map_err(fail)?;
     Ok(())
 }
 
