@@ -32,6 +32,11 @@ const GUESTS: &[GuestSrc] = &[
         defines: &[],
     },
     GuestSrc {
+        name: "msr",
+        src: "msr.S",
+        defines: &[],
+    },
+    GuestSrc {
         name: "poweroff",
         src: "poweroff.S",
         defines: &[("EXIT_STATUS", "0")],

@@ -53,9 +53,12 @@ BUILT-IN GUESTS:
 ON THIS HOST (stock KVM; reported as -KVM_EOPNOTSUPP by KVMI_VM_CHECK_COMMAND/EVENT):
     available: every VM command except SET_PAGE_ACCESS; vCPU GET_INFO, CONTROL_EVENTS,
                GET/SET_REGISTERS, GET_CPUID, GET_XCR, GET/SET_XSAVE, GET_MTRR_TYPE,
-               TRANSLATE_GVA; events PAUSE and UNHOOK
-    not yet:   CONTROL_CR, CONTROL_MSR, INJECT_EXCEPTION, CONTROL_SINGLESTEP,
-               SET_PAGE_ACCESS and the events behind them
+               TRANSLATE_GVA, CONTROL_MSR; events PAUSE, UNHOOK and MSR (through
+               KVM's MSR filter, where the host has KVM_CAP_X86_USER_SPACE_MSR)
+    not yet:   INJECT_EXCEPTION, CONTROL_SINGLESTEP, SET_PAGE_ACCESS and the
+               events behind them
+    never on a stock kernel: CR, XSETBV and DESCRIPTOR events (no exit to
+               userspace exists for them)
 ",
     );
     s

@@ -18,3 +18,12 @@
 #define R15_MAGIC        0x123456789abcdef0
 #define TICK_EVERY       64         /* vCPU 0 prints "tick <n>" when n % 64 == 0 */
 #define SMP_WARMUP       200        /* smp: iterations before vCPU 0 starts the others */
+
+/* msr guest: every MSR_EVERY iterations vCPU i writes MSR_LSTAR with
+ * LSTAR_TAG | counter (stored first at MSR_TRIED_BASE + i*8), reads it back
+ * with rdmsr and stores what it saw at MSR_SEEN_BASE + i*8. */
+#define MSR_LSTAR        0xc0000082
+#define LSTAR_TAG        0xffff800000000000
+#define MSR_EVERY        16
+#define MSR_TRIED_BASE   0x300400
+#define MSR_SEEN_BASE    0x300600

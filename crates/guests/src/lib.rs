@@ -86,11 +86,15 @@ macro_rules! guest {
     };
 }
 
-static GUESTS: [Guest; 4] = [
+static GUESTS: [Guest; 5] = [
     guest!(spin, "every vCPU started at once, loops forever at ring 0 (idles with hlt)"),
     guest!(
         smp,
         "vCPU 0 loops alone for 200 iterations (~0.2 s), prints \"starting vcpus\", then starts the others"
+    ),
+    guest!(
+        msr,
+        "like spin; every 16 iterations each vCPU writes LSTAR and records what its own rdmsr then sees"
     ),
     guest!(poweroff, "vCPU 0 prints \"bye\" and powers off with exit status 0 (port 0xf4)"),
     guest!(poweroff7, "vCPU 0 prints \"bye\" and powers off with exit status 7 (port 0xf4)"),
@@ -145,6 +149,16 @@ pub mod layout {
     pub const PATTERN_SIZE: u64 = 0x1000;
     /// vCPU i's loop counter is the u64 at `COUNTER_BASE + i * 8`.
     pub const COUNTER_BASE: u64 = 0x30_0000;
+    /// `msr` guest: the MSR it writes (LSTAR).
+    pub const MSR_LSTAR: u32 = 0xc000_0082;
+    /// `msr` guest: the value written is `LSTAR_TAG | counter`.
+    pub const LSTAR_TAG: u64 = 0xffff_8000_0000_0000;
+    /// `msr` guest: writes every this many iterations.
+    pub const MSR_EVERY: u64 = 16;
+    /// `msr` guest: u64 per vCPU, the value it is about to write.
+    pub const MSR_TRIED_BASE: u64 = 0x30_0400;
+    /// `msr` guest: u64 per vCPU, what its rdmsr saw right after the write.
+    pub const MSR_SEEN_BASE: u64 = 0x30_0600;
     /// u32 spinlock serialising serial output (0 free, 1 taken).
     pub const PRINT_LOCK: u64 = 0x3f_f000;
     /// A non-identity mapping the VMM adds (guests never use it), so that
@@ -238,7 +252,7 @@ mod tests {
     use super::layout::*;
     use super::*;
 
-    const NAMES: [&str; 4] = ["spin", "smp", "poweroff", "poweroff7"];
+    const NAMES: [&str; 5] = ["spin", "smp", "msr", "poweroff", "poweroff7"];
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
         hay.windows(needle.len()).any(|w| w == needle)
@@ -398,5 +412,10 @@ mod tests {
         assert_eq!(define("R15_MAGIC"), R15_MAGIC);
         assert_eq!(define("TICK_EVERY"), TICK_EVERY);
         assert_eq!(define("SMP_WARMUP"), SMP_WARMUP_ITERATIONS);
+        assert_eq!(define("MSR_LSTAR"), u64::from(MSR_LSTAR));
+        assert_eq!(define("LSTAR_TAG"), LSTAR_TAG);
+        assert_eq!(define("MSR_EVERY"), MSR_EVERY);
+        assert_eq!(define("MSR_TRIED_BASE"), MSR_TRIED_BASE);
+        assert_eq!(define("MSR_SEEN_BASE"), MSR_SEEN_BASE);
     }
 }

@@ -17,6 +17,7 @@ mod error;
 mod kick;
 mod loader;
 mod memory;
+mod msr_filter;
 mod vcpu;
 mod vm;
 

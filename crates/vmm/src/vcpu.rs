@@ -11,8 +11,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use ukvmi_endpoint::{
-    BackendError, BackendResult, CpuidOps, Flow, MtrrOps, TranslateOps, VcpuBackend, VcpuPort, XstateOps,
+    BackendError, BackendResult, CpuidOps, EventPayload, Flow, InterceptOps, MtrrOps, TranslateOps,
+    VcpuBackend, VcpuPort, XstateOps,
 };
+use ukvmi_wire::Action;
 use ukvmi_guests::layout;
 use ukvmi_wire::{KvmRegs, KvmSregs, KvmXsave};
 
@@ -29,6 +31,8 @@ enum Step {
     Out(u16, u32),
     In,
     Hlt,
+    /// A guest write to a filtered MSR, not yet applied.
+    Wrmsr(u32, u64),
     Fatal(String),
 }
 
@@ -94,6 +98,11 @@ impl KvmVcpu {
                         self.shared.idle(self.index, Duration::from_millis(1));
                     }
                 }
+                Step::Wrmsr(msr, data) => {
+                    if let Some(end) = self.wrmsr(port, msr, data) {
+                        return Some(end);
+                    }
+                }
                 Step::Fatal(why) => return Some(Exit::Failed(format!("vCPU {}: {why}", self.index))),
             }
         }
@@ -116,6 +125,10 @@ impl KvmVcpu {
                 Step::In
             }
             Ok(VcpuExit::Hlt) => Step::Hlt,
+            Ok(VcpuExit::X86Wrmsr(w)) => {
+                *w.error = 0;
+                Step::Wrmsr(w.index, w.data)
+            }
             Ok(VcpuExit::Shutdown) => Step::Fatal("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into()),
             Ok(VcpuExit::InternalError) => Step::Fatal("KVM_EXIT_INTERNAL_ERROR".into()),
             Ok(other) => Step::Fatal(format!("unexpected exit {other:?}")),
@@ -129,6 +142,30 @@ impl KvmVcpu {
             return Step::Fatal(format!("{why} at rip {rip:#x} (code bytes {bytes:02x?})"));
         }
         step
+    }
+
+    /// A guest MSR write stopped by the filter: report it if this vCPU's tool
+    /// watches it, then write the value the tool chose (or the guest's). A
+    /// value KVM refuses raises #GP in the guest, as the write itself would.
+    fn wrmsr(&mut self, port: &VcpuPort, msr: u32, data: u64) -> Option<Exit> {
+        let old = self.read_msrs(&[msr]).ok().and_then(|v| v.first().copied()).unwrap_or(0);
+        let value = match port.raise(self, EventPayload::Msr { msr, old_value: old, new_value: data }) {
+            None => data,
+            Some(o) if o.action == Action::Crash => {
+                return Some(Exit::Crashed(format!("the introspector answered CRASH to an MSR {msr:#x} write on vCPU {}", self.index)));
+            }
+            Some(o) => o.new_val.unwrap_or(data),
+        };
+        let ok = Msrs::from_entries(&[kvm_msr_entry { index: msr, data: value, ..Default::default() }])
+            .ok()
+            .and_then(|m| self.fd.set_msrs(&m).ok())
+            == Some(1);
+        if !ok {
+            // The last exit was KVM_EXIT_X86_WRMSR, so `msr` is the active
+            // member of the exit union until the next KVM_RUN.
+            self.fd.get_kvm_run().__bindgen_anon_1.msr.error = 1;
+        }
+        None
     }
 
     fn io_out(&mut self, port: u16, value: u32) -> Option<Exit> {
@@ -237,6 +274,24 @@ impl VcpuBackend for KvmVcpu {
     }
     fn support_translate(&mut self) -> Option<&mut dyn TranslateOps> {
         Some(self)
+    }
+    fn support_intercepts(&mut self) -> Option<&mut dyn InterceptOps> {
+        Some(self)
+    }
+}
+
+impl InterceptOps for KvmVcpu {
+    fn set_event_intercept(&mut self, _event: u16, _enable: bool) -> BackendResult<()> {
+        // Events this host offers need no per-event switch: the MSR filter is
+        // driven by CONTROL_MSR, PAUSE needs nothing.
+        Ok(())
+    }
+    fn set_cr_intercept(&mut self, _cr: u8, _enable: bool) -> BackendResult<()> {
+        Err(BackendError::NotSupported)
+    }
+    fn set_msr_intercept(&mut self, msr: u32, enable: bool) -> BackendResult<()> {
+        let filter = self.shared.msr_filter.as_ref().ok_or(BackendError::NotSupported)?;
+        filter.watch(&self.shared.vm, self.index, msr, enable)
     }
 }
 

@@ -6,7 +6,8 @@ use crate::kick;
 use crate::memory::GuestRam;
 use crate::vcpu::KvmVcpu;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use crate::msr_filter::{self, MsrFilter};
+use kvm_ioctls::{Kvm, VmFd};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -111,6 +112,10 @@ pub(crate) struct VcpuShared {
 /// State shared by every thread of the VM; the endpoint's `VmBackend`.
 pub(crate) struct VmShared {
     pub ram: GuestRam,
+    /// The VM fd, for VM-wide interception (MSR filter).
+    pub vm: VmFd,
+    /// Watched MSRs (present when the host delivers MSR-write exits).
+    pub msr_filter: Option<MsrFilter>,
     pub entry: u64,
     vcpus: Vec<VcpuShared>,
     caps: HostCaps,
@@ -228,24 +233,21 @@ impl VmBackend for VmShared {
     }
 }
 
-/// What this host can do through stock KVM today. Events other than PAUSE
-/// and UNHOOK need interception mechanisms that come with the events work;
-/// until then they are reported as unsupported, never failing later.
-fn host_caps() -> HostCaps {
+/// What this host can do through stock KVM, decided by probing. What is
+/// missing answers `-KVM_EOPNOTSUPP` up front, never failing later.
+fn host_caps(msr_events: bool) -> HostCaps {
     let mut caps = HostCaps::full();
-    for id in [
-        msg::VCPU_CONTROL_CR,
-        msg::VCPU_CONTROL_MSR,
-        msg::VCPU_INJECT_EXCEPTION,
-        msg::VCPU_CONTROL_SINGLESTEP,
-        msg::VM_SET_PAGE_ACCESS,
-    ] {
+    for id in [msg::VCPU_CONTROL_CR, msg::VCPU_INJECT_EXCEPTION, msg::VCPU_CONTROL_SINGLESTEP, msg::VM_SET_PAGE_ACCESS] {
         caps = caps.without_command(id);
     }
     for id in event::VCPU_EVENTS {
-        if id != event::PAUSE {
+        let have = id == event::PAUSE || (id == event::MSR && msr_events);
+        if !have {
             caps = caps.without_event(id);
         }
+    }
+    if !msr_events {
+        caps = caps.without_command(msg::VCPU_CONTROL_MSR);
     }
     caps
 }
@@ -367,8 +369,11 @@ impl Vm {
             fd.set_cpuid2(&cpuid).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
             fds.push(fd);
         }
+        let msr_events = msr_filter::probe(&kvm, &vmfd);
         let shared = Arc::new(VmShared {
             ram,
+            vm: vmfd,
+            msr_filter: msr_events.then(MsrFilter::default),
             entry,
             vcpus: (0..cfg.vcpus)
                 .map(|i| VcpuShared {
@@ -380,7 +385,7 @@ impl Vm {
                     woken: Condvar::new(),
                 })
                 .collect(),
-            caps: host_caps(),
+            caps: host_caps(msr_events),
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
             exited: Condvar::new(),
