@@ -159,3 +159,119 @@ banner:         .ascii  "ukvmi guest "
 vcpu_msg:       .asciz  "vcpu "
 up_msg:         .asciz  " up\n"
 tick_msg:       .asciz  "tick "
+
+/* idt_init: build the 32-vector IDT at IDT_ADDR (idempotent: every vCPU may
+ * run it) and load it. Vector 3 has DPL 3 so a ring-3 int3 reaches it. */
+idt_init:
+        lea     exc_table(%rip), %rsi
+        mov     $IDT_ADDR, %rdi
+        xor     %ecx, %ecx
+1:      mov     (%rsi,%rcx,8), %rax     /* handler address */
+        mov     %rax, %rdx
+        and     $0xffff, %edx           /* offset 15:0 */
+        or      $(0x08 << 16), %rdx     /* selector */
+        mov     $0x8e, %r8d             /* present, DPL 0, 64-bit interrupt gate */
+        cmp     $3, %ecx
+        jne     2f
+        mov     $0xee, %r8d             /* DPL 3 for #BP */
+2:      shl     $40, %r8
+        or      %r8, %rdx
+        mov     %rax, %r8
+        shr     $16, %r8
+        and     $0xffff, %r8d
+        shl     $48, %r8                /* offset 31:16 */
+        or      %r8, %rdx
+        mov     %rdx, (%rdi)
+        shr     $32, %rax               /* offset 63:32 */
+        mov     %rax, 8(%rdi)
+        add     $16, %rdi
+        inc     %ecx
+        cmp     $32, %ecx
+        jb      1b
+        sub     $16, %rsp
+        movw    $(32 * 16 - 1), (%rsp)
+        movq    $IDT_ADDR, 2(%rsp)
+        lidt    (%rsp)
+        add     $16, %rsp
+        ret
+
+/* One stub per vector: push a 0 error code where the CPU pushes none, then
+ * the vector. */
+.macro EXC_STUB v
+exc_stub_\v:
+.if (\v == 8) || (\v == 10) || (\v == 11) || (\v == 12) || (\v == 13) || (\v == 14) || (\v == 17) || (\v == 21) || (\v == 29) || (\v == 30)
+        push    $\v
+.else
+        push    $0
+        push    $\v
+.endif
+        jmp     exc_common
+.endm
+.irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+        EXC_STUB \v
+.endr
+        .balign 8
+exc_table:
+.irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+        .quad   exc_stub_\v
+.endr
+
+/* exc_common: count and record the exception, then return without iretq
+ * (KVM's emulator, which runs ring-0 code on PVM hosts, has no 64-bit
+ * iret): the return RIP and RFLAGS are copied below the interrupted stack
+ * and restored with popfq; ret. Same-privilege exceptions only.
+ * Frame after the four pushes: +32 vector, +40 error, +48 rip, +56 cs,
+ * +64 rflags, +72 rsp, +80 ss. */
+        .globl  exc_common
+exc_common:
+        push    %rax
+        push    %rbx
+        push    %rcx
+        push    %rdx
+        mov     32(%rsp), %rax
+        and     $31, %eax
+        lock incq EXC_COUNT_BASE(,%rax,8)
+        mov     %r13, %rbx
+        and     $31, %ebx
+        shl     $5, %rbx
+        add     $EXC_INFO_BASE, %rbx
+        mov     %rax, (%rbx)
+        mov     40(%rsp), %rax
+        mov     %rax, 8(%rbx)
+        mov     48(%rsp), %rax
+        mov     %rax, 16(%rbx)
+        mov     %cr2, %rax
+        mov     %rax, 24(%rbx)
+        /* Read everything the copy below would overwrite first. */
+        mov     48(%rsp), %rax          /* rip */
+        mov     64(%rsp), %rbx          /* rflags */
+        mov     72(%rsp), %rcx          /* interrupted rsp */
+        mov     %rax, -8(%rcx)
+        mov     %rbx, -16(%rcx)
+        mov     24(%rsp), %rax
+        mov     %rax, -24(%rcx)         /* rax */
+        mov     16(%rsp), %rax
+        mov     %rax, -32(%rcx)         /* rbx */
+        mov     8(%rsp), %rax
+        mov     %rax, -40(%rcx)         /* rcx */
+        mov     (%rsp), %rax
+        mov     %rax, -48(%rcx)         /* rdx */
+        lea     -48(%rcx), %rsp
+        pop     %rdx
+        pop     %rcx
+        pop     %rbx
+        pop     %rax
+        popfq
+        ret
+
+/* hypercall: the KVMI hypercall through the doorbell port; returns RAX. */
+        .globl  hypercall
+hypercall:
+        mov     $HC_KVMI_NR, %eax
+        mov     $HC_KVMI_SUBFN, %edi
+        xor     %esi, %esi
+        mov     $PORT_HYPERCALL, %dx
+        .globl  hypercall_out
+hypercall_out:
+        out     %eax, %dx
+        ret

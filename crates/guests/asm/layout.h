@@ -27,3 +27,30 @@
 #define MSR_EVERY        16
 #define MSR_TRIED_BASE   0x300400
 #define MSR_SEEN_BASE    0x300600
+
+/* Exceptions (guests that call idt_init): a 32-vector IDT at IDT_ADDR whose
+ * handlers count vector v at EXC_COUNT_BASE + v*8 and store, for vCPU i at
+ * EXC_INFO_BASE + i*32: vector, error code (0 if none), return RIP, CR2. */
+#define IDT_ADDR         0x3fc000
+#define EXC_COUNT_BASE   0x3fd000
+#define EXC_INFO_BASE    0x3fd100
+#define EXC_INFO_SIZE    32
+
+/* traps guest: each iteration vCPU i executes `incq BP_TARGET_RUNS(,i,8)` at
+ * bp_target (a place for a tool's breakpoint), every INT3_EVERY iterations
+ * its own int3 at guest_int3 (then counts INT3_DONE), and every HC_EVERY
+ * iterations the hypercall doorbell (result RAX at HC_RESULT_BASE + i*8,
+ * count at HC_COUNT_BASE + i*8). */
+#define BP_TARGET_RUNS   0x300800
+#define INT3_DONE        0x300900
+#define HC_RESULT_BASE   0x3fd500
+#define HC_COUNT_BASE    0x3fd600
+#define INT3_EVERY       8
+#define HC_EVERY         4
+
+/* The hypercall doorbell: `out %eax,%dx` to this port with KVMI's register
+ * convention (RAX = 34, RDI = 24, RSI = 0); the result comes back in RAX
+ * (0 when the introspector answered, -1000 = -KVM_ENOSYS when nobody did). */
+#define PORT_HYPERCALL   0x610
+#define HC_KVMI_NR       34
+#define HC_KVMI_SUBFN    24

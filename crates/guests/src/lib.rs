@@ -86,7 +86,7 @@ macro_rules! guest {
     };
 }
 
-static GUESTS: [Guest; 5] = [
+static GUESTS: [Guest; 6] = [
     guest!(spin, "every vCPU started at once, loops forever at ring 0 (idles with hlt)"),
     guest!(
         smp,
@@ -95,6 +95,10 @@ static GUESTS: [Guest; 5] = [
     guest!(
         msr,
         "like spin; every 16 iterations each vCPU writes LSTAR and records what its own rdmsr then sees"
+    ),
+    guest!(
+        traps,
+        "like spin, with an IDT; runs a breakpoint target, its own int3 every 8 and the hypercall doorbell every 4 iterations"
     ),
     guest!(poweroff, "vCPU 0 prints \"bye\" and powers off with exit status 0 (port 0xf4)"),
     guest!(poweroff7, "vCPU 0 prints \"bye\" and powers off with exit status 7 (port 0xf4)"),
@@ -159,6 +163,43 @@ pub mod layout {
     pub const MSR_TRIED_BASE: u64 = 0x30_0400;
     /// `msr` guest: u64 per vCPU, what its rdmsr saw right after the write.
     pub const MSR_SEEN_BASE: u64 = 0x30_0600;
+    /// Guests that call `idt_init` load a 32-vector IDT here.
+    pub const IDT_ADDR: u64 = 0x3f_c000;
+    /// u64 per vector: how many times the guest's handlers saw it (all vCPUs).
+    pub const EXC_COUNT_BASE: u64 = 0x3f_d000;
+    /// Per vCPU, [`EXC_INFO_SIZE`] bytes: the last exception's vector, error
+    /// code (0 if none), return RIP and CR2, as four u64.
+    pub const EXC_INFO_BASE: u64 = 0x3f_d100;
+    /// Size of one vCPU's exception record.
+    pub const EXC_INFO_SIZE: u64 = 32;
+    /// `traps` guest: u64 per vCPU, runs of the instruction at `bp_target`.
+    pub const BP_TARGET_RUNS: u64 = 0x30_0800;
+    /// `traps` guest: u64 per vCPU, times the guest went on after its own int3.
+    pub const INT3_DONE: u64 = 0x30_0900;
+    /// `traps` guest: u64 per vCPU, RAX returned by the last hypercall.
+    pub const HC_RESULT_BASE: u64 = 0x3f_d500;
+    /// `traps` guest: u64 per vCPU, hypercalls made.
+    pub const HC_COUNT_BASE: u64 = 0x3f_d600;
+    /// `traps` guest: its own int3 every this many iterations.
+    pub const INT3_EVERY: u64 = 8;
+    /// `traps` guest: a hypercall every this many iterations.
+    pub const HC_EVERY: u64 = 4;
+    /// The hypercall doorbell: `out %eax,%dx` here with RAX = [`HC_KVMI_NR`],
+    /// RDI = [`HC_KVMI_SUBFN`], RSI = 0 (KVMI's VMCALL convention). The
+    /// result comes back in RAX: 0 when the introspector answered, -1000
+    /// (`-KVM_ENOSYS`) when no event was sent.
+    pub const PORT_HYPERCALL: u16 = 0x610;
+    /// RAX of a KVMI hypercall.
+    pub const HC_KVMI_NR: u64 = 34;
+    /// RDI of a KVMI hypercall (64-bit mode).
+    pub const HC_KVMI_SUBFN: u64 = 24;
+
+    /// Address of vCPU `vcpu`'s exception record (vector, error, rip, cr2).
+    #[must_use]
+    pub const fn exc_info_addr(vcpu: u16) -> u64 {
+        EXC_INFO_BASE + vcpu as u64 * EXC_INFO_SIZE
+    }
+
     /// u32 spinlock serialising serial output (0 free, 1 taken).
     pub const PRINT_LOCK: u64 = 0x3f_f000;
     /// A non-identity mapping the VMM adds (guests never use it), so that
@@ -234,6 +275,11 @@ pub mod layout {
         assert!(pattern_addr(MAX_VCPUS) <= COUNTER_BASE);
         assert!(counter_addr(MAX_VCPUS) <= PRINT_LOCK);
         assert!(PRINT_LOCK + 4 <= MIN_MEM_SIZE);
+        assert!(IDT_ADDR + 32 * 16 <= EXC_COUNT_BASE && EXC_COUNT_BASE + 32 * 8 <= EXC_INFO_BASE);
+        assert!(exc_info_addr(MAX_VCPUS) <= HC_RESULT_BASE);
+        assert!(HC_RESULT_BASE + MAX_VCPUS as u64 * 8 <= HC_COUNT_BASE);
+        assert!(HC_COUNT_BASE + MAX_VCPUS as u64 * 8 <= ALIAS_PD_ADDR);
+        assert!(counter_addr(MAX_VCPUS) <= MSR_TRIED_BASE && BP_TARGET_RUNS + MAX_VCPUS as u64 * 8 <= INT3_DONE);
         assert!(MIN_MEM_SIZE <= IDENTITY_MAP_SIZE);
         assert!(TICK_EVERY.is_power_of_two());
     };
@@ -252,7 +298,7 @@ mod tests {
     use super::layout::*;
     use super::*;
 
-    const NAMES: [&str; 5] = ["spin", "smp", "msr", "poweroff", "poweroff7"];
+    const NAMES: [&str; 6] = ["spin", "smp", "msr", "traps", "poweroff", "poweroff7"];
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
         hay.windows(needle.len()).any(|w| w == needle)
@@ -417,5 +463,22 @@ mod tests {
         assert_eq!(define("MSR_EVERY"), MSR_EVERY);
         assert_eq!(define("MSR_TRIED_BASE"), MSR_TRIED_BASE);
         assert_eq!(define("MSR_SEEN_BASE"), MSR_SEEN_BASE);
+        for (name, v) in [
+            ("IDT_ADDR", IDT_ADDR),
+            ("EXC_COUNT_BASE", EXC_COUNT_BASE),
+            ("EXC_INFO_BASE", EXC_INFO_BASE),
+            ("EXC_INFO_SIZE", EXC_INFO_SIZE),
+            ("BP_TARGET_RUNS", BP_TARGET_RUNS),
+            ("INT3_DONE", INT3_DONE),
+            ("HC_RESULT_BASE", HC_RESULT_BASE),
+            ("HC_COUNT_BASE", HC_COUNT_BASE),
+            ("INT3_EVERY", INT3_EVERY),
+            ("HC_EVERY", HC_EVERY),
+            ("PORT_HYPERCALL", u64::from(PORT_HYPERCALL)),
+            ("HC_KVMI_NR", HC_KVMI_NR),
+            ("HC_KVMI_SUBFN", HC_KVMI_SUBFN),
+        ] {
+            assert_eq!(define(name), v, "{name}");
+        }
     }
 }

@@ -11,10 +11,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use ukvmi_endpoint::{
-    BackendError, BackendResult, CpuidOps, EventPayload, Flow, InterceptOps, MtrrOps, TranslateOps,
-    VcpuBackend, VcpuPort, XstateOps,
+    BackendError, BackendResult, CpuidOps, EventPayload, Exception, Flow, InjectOps, InterceptOps, MtrrOps,
+    SinglestepOps, TranslateOps, VcpuBackend, VcpuPort, VmBackend, XstateOps,
 };
-use ukvmi_wire::Action;
+use ukvmi_wire::{msg, Action};
 use ukvmi_guests::layout;
 use ukvmi_wire::{KvmRegs, KvmSregs, KvmXsave};
 
@@ -33,7 +33,48 @@ enum Step {
     Hlt,
     /// A guest write to a filtered MSR, not yet applied.
     Wrmsr(u32, u64),
+    /// `KVM_EXIT_DEBUG`: exception 1 (a single step) or 3 (int3 with
+    /// `KVM_GUESTDBG_USE_SW_BP`, hardware KVM), at linear address `pc`.
+    Debug { exception: u32, pc: u64 },
+    /// An emulation failure on an `int3` (0xCC) at `rip`: how a ring-0 int3
+    /// shows up where KVM emulates ring 0 (PVM). No #BP was delivered.
+    Int3 { rip: u64 },
     Fatal(String),
+}
+
+impl Step {
+    /// Whether the guest ran at all (a kick returns before any instruction).
+    fn ran_guest(&self) -> bool {
+        !matches!(self, Step::Kicked)
+    }
+}
+
+/// Guest-debug switches of one vCPU, combined into one `KVM_SET_GUEST_DEBUG`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Debug {
+    /// The tool's single-stepping (`KVMI_VCPU_CONTROL_SINGLESTEP`).
+    pub singlestep: bool,
+    /// `int3` exits (`KVM_GUESTDBG_USE_SW_BP`) for BREAKPOINT events.
+    pub sw_bp: bool,
+    /// One internal step (the VMM stepping over something by itself).
+    pub step_over: bool,
+}
+
+impl Debug {
+    fn control(self) -> u32 {
+        use kvm_bindings::{KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_SW_BP};
+        let mut c = 0;
+        if self.singlestep || self.step_over {
+            c |= KVM_GUESTDBG_SINGLESTEP;
+        }
+        if self.sw_bp {
+            c |= KVM_GUESTDBG_USE_SW_BP;
+        }
+        if c != 0 {
+            c |= KVM_GUESTDBG_ENABLE;
+        }
+        c
+    }
 }
 
 /// The vCPU thread's own state.
@@ -42,6 +83,8 @@ pub(crate) struct KvmVcpu {
     pub index: u16,
     pub shared: Arc<VmShared>,
     pub cpuid: CpuId,
+    /// What guest debugging is switched on.
+    pub debug: Debug,
 }
 
 fn io_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> BackendError {
@@ -85,27 +128,54 @@ impl KvmVcpu {
             let step = self.enter();
             me.in_guest.store(false, Ordering::SeqCst);
             me.exits.fetch_add(1, Ordering::SeqCst);
+            // While the tool single-steps, an exit other than the step's own
+            // #DB means the step was interrupted: SINGLESTEP with `failed`.
+            let step_failed = self.debug.singlestep && step.ran_guest() && !matches!(step, Step::Debug { exception: 1, .. });
+            if let Some(end) = self.handle(port, step) {
+                return Some(end);
+            }
+            if step_failed {
+                if let Some(end) = self.singlestep_event(port, true) {
+                    return Some(end);
+                }
+            }
+        }
+    }
+
+    /// Handles one exit; `Some` ends the VM.
+    fn handle(&mut self, port: &VcpuPort, step: Step) -> Option<Exit> {
+        {
             match step {
                 Step::Kicked => self.fd.set_kvm_immediate_exit(0),
-                Step::Out(p, v) => {
-                    if let Some(end) = self.io_out(p, v) {
-                        return Some(end);
-                    }
-                }
+                Step::Out(p, v) => return self.io_out(port, p, v),
                 Step::In => {}
                 Step::Hlt => {
                     if !port.has_requests() {
                         self.shared.idle(self.index, Duration::from_millis(1));
                     }
                 }
-                Step::Wrmsr(msr, data) => {
-                    if let Some(end) = self.wrmsr(port, msr, data) {
-                        return Some(end);
+                Step::Wrmsr(msr, data) => return self.wrmsr(port, msr, data),
+                Step::Debug { exception: 3, pc } => return self.breakpoint(port, pc, false),
+                Step::Debug { exception: 1, .. } => {
+                    if self.debug.step_over {
+                        self.debug.step_over = false;
+                        let _ = self.sync_debug();
+                    }
+                    if self.debug.singlestep {
+                        return self.singlestep_event(port, false);
                     }
                 }
+                Step::Debug { exception, pc } => {
+                    return Some(Exit::Failed(format!(
+                        "vCPU {}: unexpected debug exit, exception {exception} at {pc:#x}",
+                        self.index
+                    )))
+                }
+                Step::Int3 { rip } => return self.breakpoint(port, rip, true),
                 Step::Fatal(why) => return Some(Exit::Failed(format!("vCPU {}: {why}", self.index))),
             }
         }
+        None
     }
 
     /// One `KVM_RUN`, with the exit copied out.
@@ -129,8 +199,9 @@ impl KvmVcpu {
                 *w.error = 0;
                 Step::Wrmsr(w.index, w.data)
             }
+            Ok(VcpuExit::Debug(arch)) => Step::Debug { exception: arch.exception, pc: arch.pc },
             Ok(VcpuExit::Shutdown) => Step::Fatal("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into()),
-            Ok(VcpuExit::InternalError) => Step::Fatal("KVM_EXIT_INTERNAL_ERROR".into()),
+            Ok(VcpuExit::InternalError) => self.internal_error(),
             Ok(other) => Step::Fatal(format!("unexpected exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kicked,
             Err(e) => Step::Fatal(format!("KVM_RUN failed: {e}")),
@@ -142,6 +213,138 @@ impl KvmVcpu {
             return Step::Fatal(format!("{why} at rip {rip:#x} (code bytes {bytes:02x?})"));
         }
         step
+    }
+
+    /// Classifies `KVM_EXIT_INTERNAL_ERROR`: an emulation failure on a 0xCC
+    /// is a ring-0 int3 (PVM hosts); anything else is fatal.
+    fn internal_error(&mut self) -> Step {
+        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal`
+        // is the member of the exit union KVM filled in; it stays valid
+        // until the next KVM_RUN, and a u32 has no invalid bit patterns.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+            if let Ok(regs) = self.fd.get_regs() {
+                if self.guest_byte(regs.rip) == Some(0xcc) {
+                    return Step::Int3 { rip: regs.rip };
+                }
+            }
+        }
+        Step::Fatal(format!("KVM_EXIT_INTERNAL_ERROR (suberror {suberror})"))
+    }
+
+    /// The byte at guest virtual address `gva`, through the vCPU's paging.
+    fn guest_byte(&self, gva: u64) -> Option<u8> {
+        let t = self.fd.translate_gva(gva).ok().filter(|t| t.valid != 0)?;
+        let mut b = [0u8; 1];
+        self.shared.ram.read(t.physical_address, &mut b).ok()?;
+        Some(b[0])
+    }
+
+    /// Applies [`KvmVcpu::debug`] with `KVM_SET_GUEST_DEBUG`.
+    pub(crate) fn sync_debug(&mut self) -> std::result::Result<(), kvm_ioctls::Error> {
+        let dbg = kvm_bindings::kvm_guest_debug { control: self.debug.control(), ..Default::default() };
+        self.fd.set_guest_debug(&dbg)
+    }
+
+    /// Lets KVM finish an I/O instruction the last exit left pending without
+    /// running any further guest code (`immediate_exit`: KVM completes
+    /// pending I/O first, then returns `EINTR`). Afterwards RIP is past the
+    /// instruction on every kind of host.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    /// An int3 at `rip`. With the BREAKPOINT event enabled the tool decides:
+    /// CONTINUE delivers #BP to the guest, RETRY re-enters without it (the
+    /// tool normally moved RIP or removed its 0xCC). Otherwise the guest gets
+    /// its own #BP, as on bare hardware. `emulated`: the int3 came as an
+    /// emulation failure (PVM), where RIP still points at the 0xCC and KVM
+    /// pushes the current RIP, so RIP is moved past the int3 first.
+    fn breakpoint(&mut self, port: &VcpuPort, rip: u64, emulated: bool) -> Option<Exit> {
+        let gpa = self.fd.translate_gva(rip).ok().filter(|t| t.valid != 0).map_or(u64::MAX, |t| t.physical_address);
+        match port.raise(self, EventPayload::Breakpoint { gpa, insn_len: 1 }) {
+            Some(o) if o.action == Action::Crash => {
+                return Some(Exit::Crashed(format!(
+                    "the introspector answered CRASH to a breakpoint at {rip:#x} on vCPU {}",
+                    self.index
+                )));
+            }
+            Some(o) if o.action == Action::Retry => return None,
+            _ => {}
+        }
+        if let Err(e) = self.deliver_bp(rip, emulated) {
+            return Some(Exit::Failed(format!("vCPU {}: delivering #BP at {rip:#x}: {e}", self.index)));
+        }
+        None
+    }
+
+    /// Delivers #BP for the int3 at `rip` to the guest.
+    fn deliver_bp(&mut self, rip: u64, emulated: bool) -> std::result::Result<(), kvm_ioctls::Error> {
+        if emulated {
+            let mut regs = self.fd.get_regs()?;
+            if regs.rip == rip {
+                regs.rip = rip.wrapping_add(1);
+                self.fd.set_regs(&regs)?;
+            }
+        }
+        // Hardware KVM adds the int3's length itself (soft exception).
+        self.inject_exception(Exception { nr: 3, error_code: 0, address: 0 }).map(|_| ())
+    }
+
+    /// Makes `exc` the exception delivered at the next entry, unless one is
+    /// already being delivered; returns the one that will be.
+    fn inject_exception(&mut self, exc: Exception) -> std::result::Result<Exception, kvm_ioctls::Error> {
+        let mut ev = self.fd.get_vcpu_events()?;
+        if ev.exception.injected != 0 || ev.exception.pending != 0 {
+            let nr = ev.exception.nr;
+            let error_code = if ev.exception.has_error_code != 0 { ev.exception.error_code } else { 0 };
+            let address = if nr == 14 { self.fd.get_sregs()?.cr2 } else { 0 };
+            return Ok(Exception { nr, error_code, address });
+        }
+        if exc.nr == 14 {
+            let mut s = self.fd.get_sregs()?;
+            s.cr2 = exc.address;
+            self.fd.set_sregs(&s)?;
+        }
+        let has_error_code = Exception::has_error_code(exc.nr);
+        ev.exception.injected = 1;
+        ev.exception.pending = 0;
+        ev.exception.nr = exc.nr;
+        ev.exception.has_error_code = u8::from(has_error_code);
+        ev.exception.error_code = if has_error_code { exc.error_code } else { 0 };
+        self.fd.set_vcpu_events(&ev)?;
+        Ok(Exception { nr: exc.nr, error_code: ev.exception.error_code, address: if exc.nr == 14 { exc.address } else { 0 } })
+    }
+
+    /// A single step ended (`failed`: another exit interrupted it).
+    fn singlestep_event(&mut self, port: &VcpuPort, failed: bool) -> Option<Exit> {
+        match port.raise(self, EventPayload::Singlestep { failed }) {
+            Some(o) if o.action == Action::Crash => Some(Exit::Crashed(format!(
+                "the introspector answered CRASH to a single step on vCPU {}",
+                self.index
+            ))),
+            _ => None,
+        }
+    }
+
+    /// The hypercall doorbell: KVMI's convention (RAX = 34, RDI = 24,
+    /// RSI = 0) sends HYPERCALL; the guest gets 0 in RAX when the tool
+    /// answered, -1000 (`-KVM_ENOSYS`) when no event was sent.
+    fn hypercall(&mut self, port: &VcpuPort) -> Option<Exit> {
+        self.complete_pending_io();
+        let Ok(regs) = self.fd.get_regs() else { return None };
+        let kvmi = regs.rax & 0xffff_ffff == layout::HC_KVMI_NR && regs.rdi == layout::HC_KVMI_SUBFN && regs.rsi == 0;
+        let outcome = if kvmi { port.raise(self, EventPayload::Hypercall) } else { None };
+        if outcome.is_some_and(|o| o.action == Action::Crash) {
+            return Some(Exit::Crashed(format!("the introspector answered CRASH to a hypercall on vCPU {}", self.index)));
+        }
+        if let Ok(mut regs) = self.fd.get_regs() {
+            regs.rax = if outcome.is_some() { 0 } else { (-1000i64) as u64 };
+            let _ = self.fd.set_regs(&regs);
+        }
+        None
     }
 
     /// A guest MSR write stopped by the filter: report it if this vCPU's tool
@@ -168,8 +371,9 @@ impl KvmVcpu {
         None
     }
 
-    fn io_out(&mut self, port: u16, value: u32) -> Option<Exit> {
+    fn io_out(&mut self, vport: &VcpuPort, port: u16, value: u32) -> Option<Exit> {
         match port {
+            layout::PORT_HYPERCALL => return self.hypercall(vport),
             layout::PORT_SERIAL => self.shared.serial_byte(value as u8),
             layout::PORT_POWEROFF => return Some(Exit::PowerOff(value as u8)),
             layout::PORT_START_VCPU => {
@@ -278,12 +482,45 @@ impl VcpuBackend for KvmVcpu {
     fn support_intercepts(&mut self) -> Option<&mut dyn InterceptOps> {
         Some(self)
     }
+    fn support_singlestep(&mut self) -> Option<&mut dyn SinglestepOps> {
+        self.shared.caps().singlestep.then_some(self as &mut dyn SinglestepOps)
+    }
+    fn support_inject(&mut self) -> Option<&mut dyn InjectOps> {
+        self.shared.caps().commands.contains(msg::VCPU_INJECT_EXCEPTION).then_some(self as &mut dyn InjectOps)
+    }
+}
+
+impl SinglestepOps for KvmVcpu {
+    fn set_singlestep(&mut self, enable: bool) -> BackendResult<()> {
+        let before = self.debug;
+        self.debug.singlestep = enable;
+        self.sync_debug().map_err(|e| {
+            self.debug = before;
+            BackendError::Failed(format!("KVM_SET_GUEST_DEBUG: {e}"))
+        })
+    }
+}
+
+impl InjectOps for KvmVcpu {
+    fn inject(&mut self, exc: Exception) -> BackendResult<Exception> {
+        self.inject_exception(exc).map_err(io_err("KVM_SET_VCPU_EVENTS"))
+    }
 }
 
 impl InterceptOps for KvmVcpu {
-    fn set_event_intercept(&mut self, _event: u16, _enable: bool) -> BackendResult<()> {
-        // Events this host offers need no per-event switch: the MSR filter is
-        // driven by CONTROL_MSR, PAUSE needs nothing.
+    fn set_event_intercept(&mut self, event: u16, enable: bool) -> BackendResult<()> {
+        // BREAKPOINT needs int3 exits where KVM runs the guest natively
+        // (hardware KVM). Where ring 0 is emulated (PVM) an int3 exits as an
+        // emulation failure anyway, and asking for SW_BP changes nothing.
+        // The MSR filter is driven by CONTROL_MSR; the others need nothing.
+        if event == ukvmi_wire::event::BREAKPOINT && self.shared.guest_debug {
+            let before = self.debug;
+            self.debug.sw_bp = enable;
+            return self.sync_debug().map_err(|e| {
+                self.debug = before;
+                BackendError::Failed(format!("KVM_SET_GUEST_DEBUG: {e}"))
+            });
+        }
         Ok(())
     }
     fn set_cr_intercept(&mut self, _cr: u8, _enable: bool) -> BackendResult<()> {

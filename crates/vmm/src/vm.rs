@@ -116,6 +116,8 @@ pub(crate) struct VmShared {
     pub vm: VmFd,
     /// Watched MSRs (present when the host delivers MSR-write exits).
     pub msr_filter: Option<MsrFilter>,
+    /// `KVM_SET_GUEST_DEBUG` works (single-step; int3 exits on hardware KVM).
+    pub guest_debug: bool,
     pub entry: u64,
     vcpus: Vec<VcpuShared>,
     caps: HostCaps,
@@ -233,21 +235,45 @@ impl VmBackend for VmShared {
     }
 }
 
+/// What the probe found on this host.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Probed {
+    /// MSR-write exits through the MSR filter.
+    pub msr_events: bool,
+    /// `KVM_SET_GUEST_DEBUG` (single-step, int3 exits).
+    pub guest_debug: bool,
+    /// `KVM_GET/SET_VCPU_EVENTS` (exception injection, #BP re-injection).
+    pub vcpu_events: bool,
+}
+
 /// What this host can do through stock KVM, decided by probing. What is
 /// missing answers `-KVM_EOPNOTSUPP` up front, never failing later.
-fn host_caps(msr_events: bool) -> HostCaps {
-    let mut caps = HostCaps::full();
-    for id in [msg::VCPU_CONTROL_CR, msg::VCPU_INJECT_EXCEPTION, msg::VCPU_CONTROL_SINGLESTEP, msg::VM_SET_PAGE_ACCESS] {
-        caps = caps.without_command(id);
+///
+/// CR, XSETBV and DESCRIPTOR events (and CONTROL_CR) have no exit to
+/// userspace on a stock kernel. BREAKPOINT needs #BP re-injection
+/// (VCPU_EVENTS); HYPERCALL is the VMM's own doorbell and always works.
+fn host_caps(p: Probed) -> HostCaps {
+    let mut caps = HostCaps::full().without_command(msg::VCPU_CONTROL_CR).without_command(msg::VM_SET_PAGE_ACCESS);
+    if !p.vcpu_events {
+        caps = caps.without_command(msg::VCPU_INJECT_EXCEPTION);
+    }
+    if !p.guest_debug {
+        caps = caps.without_command(msg::VCPU_CONTROL_SINGLESTEP);
+    }
+    if !p.msr_events {
+        caps = caps.without_command(msg::VCPU_CONTROL_MSR);
     }
     for id in event::VCPU_EVENTS {
-        let have = id == event::PAUSE || (id == event::MSR && msr_events);
+        let have = match id {
+            event::PAUSE | event::HYPERCALL => true,
+            event::MSR => p.msr_events,
+            event::BREAKPOINT | event::TRAP => p.vcpu_events,
+            event::SINGLESTEP => p.guest_debug,
+            _ => false,
+        };
         if !have {
             caps = caps.without_event(id);
         }
-    }
-    if !msr_events {
-        caps = caps.without_command(msg::VCPU_CONTROL_MSR);
     }
     caps
 }
@@ -369,11 +395,17 @@ impl Vm {
             fd.set_cpuid2(&cpuid).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
             fds.push(fd);
         }
-        let msr_events = msr_filter::probe(&kvm, &vmfd);
+        let cap = |c: u32| kvm.check_extension_raw(u64::from(c)) > 0;
+        let probed = Probed {
+            msr_events: msr_filter::probe(&kvm, &vmfd),
+            guest_debug: cap(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG),
+            vcpu_events: cap(kvm_bindings::KVM_CAP_VCPU_EVENTS),
+        };
         let shared = Arc::new(VmShared {
             ram,
             vm: vmfd,
-            msr_filter: msr_events.then(MsrFilter::default),
+            msr_filter: probed.msr_events.then(MsrFilter::default),
+            guest_debug: probed.guest_debug,
             entry,
             vcpus: (0..cfg.vcpus)
                 .map(|i| VcpuShared {
@@ -385,7 +417,7 @@ impl Vm {
                     woken: Condvar::new(),
                 })
                 .collect(),
-            caps: host_caps(msr_events),
+            caps: host_caps(probed),
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
             exited: Condvar::new(),
@@ -409,7 +441,7 @@ impl Vm {
         for (i, fd) in fds.into_iter().enumerate() {
             let index = i as u16;
             let port = endpoint.vcpu_port(index).ok_or_else(|| Error::Config("vCPU port".into()))?;
-            let v = KvmVcpu { fd, index, shared: Arc::clone(&shared), cpuid: cpuid.clone() };
+            let v = KvmVcpu { fd, index, shared: Arc::clone(&shared), cpuid: cpuid.clone(), debug: Default::default() };
             let sh = Arc::clone(&shared);
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
