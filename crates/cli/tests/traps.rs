@@ -406,3 +406,75 @@ fn crash_from_a_breakpoint_stops_the_vm_as_a_guest_shutdown() {
     assert_eq!(status.code(), Some(2), "{}", vm.stderr_text());
     assert!(vm.stderr_text().contains("CRASH to a breakpoint"), "{}", vm.stderr_text());
 }
+
+/// Makes vCPU 0 raise `which` and returns the event (other events are
+/// answered CONTINUE on the way).
+fn trigger(tool: &Vm, which: u16) -> VcpuEventMsg {
+    match which {
+        event::PAUSE => tool.pause_vcpu(0, false).unwrap(),
+        event::SINGLESTEP => tool.control_singlestep(0, true).unwrap(),
+        event::TRAP => {
+            tool.control_events(0, event::TRAP, true).unwrap();
+            tool.inject_exception(0, 6, 0, 0).unwrap();
+        }
+        other => tool.control_events(0, other, true).unwrap(),
+    }
+    let t0 = Instant::now();
+    loop {
+        let ev = next_vcpu_event(tool);
+        if ev.event == which && ev.vcpu == 0 {
+            return ev;
+        }
+        tool.reply(&ev, EventReply::Continue).unwrap();
+        assert!(t0.elapsed() < T, "no {which} event");
+    }
+}
+
+#[test]
+fn crash_from_any_event_stops_the_vm_with_a_clear_message() {
+    for (which, words) in [
+        (event::PAUSE, "on vCPU 0"),
+        (event::HYPERCALL, "CRASH to a hypercall"),
+        (event::SINGLESTEP, "CRASH to a single step"),
+        (event::TRAP, "on vCPU 0"),
+    ] {
+        let dir = Scratch::new("crashall");
+        let (mut vm, _l, tool) = start(&dir, "traps", 1);
+        vm.wait_serial("tick", 1, T);
+        let ev = trigger(&tool, which);
+        tool.reply(&ev, EventReply::Crash).unwrap();
+        let status = vm.wait_exit(T);
+        let err = vm.stderr_text();
+        assert_eq!(status.code(), Some(2), "event {which}: {err}");
+        assert!(err.contains("CRASH") && err.contains(words), "event {which}: {err}");
+    }
+}
+
+#[test]
+fn an_action_the_event_does_not_accept_closes_the_connection_and_the_guest_runs_on() {
+    let dir = Scratch::new("badaction");
+    let (vm, l, mut tool) = start(&dir, "traps", 1);
+    vm.wait_serial("tick", 1, T);
+    // RETRY (1) where only CONTINUE/CRASH are accepted, and an action byte
+    // that means nothing (7) for an event that accepts RETRY.
+    for (n, (which, action)) in
+        [(event::PAUSE, 1u8), (event::HYPERCALL, 1), (event::SINGLESTEP, 1), (event::TRAP, 1), (event::BREAKPOINT, 7)]
+            .into_iter()
+            .enumerate()
+    {
+        let ev = trigger(&tool, which);
+        tool.reply_raw(ev.seq, ev.vcpu, action, which as u8, &[]).unwrap();
+        let t0 = Instant::now();
+        while tool.next_event(Some(Duration::from_millis(50))).is_ok() {
+            assert!(t0.elapsed() < T, "event {which}, action {action}: the connection stayed open");
+        }
+        let t0 = Instant::now();
+        while vm.stderr_text().matches("is not accepted by").count() <= n {
+            assert!(t0.elapsed() < T, "event {which}: the VMM did not say why\n{}", vm.stderr_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tool = l.accept().unwrap();
+        assert!(tool.next_event(Some(Duration::from_millis(100))).unwrap().is_none(), "a fresh session");
+    }
+    vm.assert_guest_runs();
+}
