@@ -48,18 +48,55 @@ BUILT-IN GUESTS:
     for g in ukvmi_guests::all() {
         s.push_str(&format!("    {:<12} {}\n", g.name, g.summary));
     }
+    s.push_str(&host_section());
+    s
+}
+
+/// "ON THIS HOST": what a probe of /dev/kvm finds, as CHECK_COMMAND/EVENT
+/// will report it. See docs/mechanisms.md for how each is served.
+fn host_section() -> String {
+    let mut s = String::from("\nON THIS HOST (what KVMI_VM_CHECK_COMMAND/EVENT report; the rest answer -KVM_EOPNOTSUPP):\n");
+    let caps = match ukvmi_vmm::host_capabilities() {
+        Ok(c) => c,
+        Err(e) => {
+            s.push_str(&format!("    cannot probe: {e}\n"));
+            return s;
+        }
+    };
+    let short = |n: &'static str| n.trim_start_matches("KVMI_").trim_start_matches("VCPU_EVENT_").trim_start_matches("VM_EVENT_");
+    let list = |ids: &mut dyn Iterator<Item = u16>, name: fn(u16) -> Option<&'static str>| -> String {
+        ids.filter_map(name).map(short).collect::<Vec<_>>().join(" ")
+    };
+    let cmds = || msg::VM_COMMANDS.into_iter().chain(msg::VCPU_COMMANDS);
+    let evs = || std::iter::once(event::UNHOOK).chain(event::VCPU_EVENTS);
+    let rows = [
+        ("commands", list(&mut cmds().filter(|id| caps.commands.contains(*id)), msg::name)),
+        ("events", list(&mut evs().filter(|id| caps.events.contains(*id)), event::name)),
+        (
+            "missing",
+            list(&mut cmds().filter(|id| !caps.commands.contains(*id)), msg::name)
+                + " "
+                + &list(&mut evs().filter(|id| !caps.events.contains(*id)), event::name),
+        ),
+    ];
+    for (what, names) in rows {
+        s.push_str(&format!("    {what:<9}"));
+        let mut col = 13;
+        for w in names.split_whitespace() {
+            if col + w.len() + 1 > 90 {
+                s.push_str("\n             ");
+                col = 13;
+            }
+            s.push(' ');
+            s.push_str(w);
+            col += w.len() + 1;
+        }
+        s.push('\n');
+    }
     s.push_str(
-        "
-ON THIS HOST (stock KVM; reported as -KVM_EOPNOTSUPP by KVMI_VM_CHECK_COMMAND/EVENT):
-    available: every VM command except SET_PAGE_ACCESS; vCPU GET_INFO, CONTROL_EVENTS,
-               GET/SET_REGISTERS, GET_CPUID, GET_XCR, GET/SET_XSAVE, GET_MTRR_TYPE,
-               TRANSLATE_GVA, CONTROL_MSR; events PAUSE, UNHOOK and MSR (through
-               KVM's MSR filter, where the host has KVM_CAP_X86_USER_SPACE_MSR)
-    not yet:   INJECT_EXCEPTION, CONTROL_SINGLESTEP, SET_PAGE_ACCESS and the
-               events behind them
-    never on a stock kernel: CR, XSETBV and DESCRIPTOR events (no exit to
-               userspace exists for them)
-",
+        "    CR, XSETBV and DESCRIPTOR events (and CONTROL_CR) never work on a stock kernel: KVM\n             \
+         has no exit to userspace for them. A ring-3 int3 or single step on a PVM host goes\n             \
+         to the guest. HYPERCALL is the port-0x610 doorbell (docs/mechanisms.md).\n",
     );
     s
 }

@@ -21,6 +21,12 @@ fn help_lists_the_builtin_guests_and_host_limits() {
     }
     assert!(out.contains("--introspect unix:PATH"));
     assert!(out.contains("EOPNOTSUPP"));
+    // The host section comes from a real probe of /dev/kvm.
+    let host = out.split("ON THIS HOST").nth(1).expect("a host section");
+    let line = |what: &str| host.lines().find(|l| l.trim_start().starts_with(what)).unwrap_or_else(|| panic!("{what}: {host}"));
+    assert!(line("events").contains("BREAKPOINT") && line("events").contains("MSR"), "{host}");
+    assert!(line("missing").contains("CONTROL_CR") && line("missing").contains(" CR"), "{host}");
+    assert!(!line("events").contains("XSETBV"), "{host}");
 }
 
 #[test]

@@ -22,4 +22,4 @@ mod vcpu;
 mod vm;
 
 pub use error::{Error, Result};
-pub use vm::{Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig};
+pub use vm::{host_capabilities, Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig};

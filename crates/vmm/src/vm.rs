@@ -246,6 +246,25 @@ pub(crate) struct Probed {
     pub vcpu_events: bool,
 }
 
+/// Probes `vm` (a VM of `kvm`): capabilities, and the MSR filter's exit
+/// reason, which it enables on `vm` as a side effect.
+fn probe(kvm: &Kvm, vm: &VmFd) -> Probed {
+    let cap = |c: u32| kvm.check_extension_raw(u64::from(c)) > 0;
+    Probed {
+        msr_events: msr_filter::probe(kvm, vm),
+        guest_debug: cap(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG),
+        vcpu_events: cap(kvm_bindings::KVM_CAP_VCPU_EVENTS),
+    }
+}
+
+/// What KVMI commands and events this host serves: probes `/dev/kvm` with a
+/// throwaway VM, exactly as [`Vm::new`] does for a real one.
+pub fn host_capabilities() -> Result<HostCaps> {
+    let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
+    let vm = kvm.create_vm().map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
+    Ok(host_caps(probe(&kvm, &vm)))
+}
+
 /// What this host can do through stock KVM, decided by probing. What is
 /// missing answers `-KVM_EOPNOTSUPP` up front, never failing later.
 ///
@@ -395,12 +414,7 @@ impl Vm {
             fd.set_cpuid2(&cpuid).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
             fds.push(fd);
         }
-        let cap = |c: u32| kvm.check_extension_raw(u64::from(c)) > 0;
-        let probed = Probed {
-            msr_events: msr_filter::probe(&kvm, &vmfd),
-            guest_debug: cap(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG),
-            vcpu_events: cap(kvm_bindings::KVM_CAP_VCPU_EVENTS),
-        };
+        let probed = probe(&kvm, &vmfd);
         let shared = Arc::new(VmShared {
             ram,
             vm: vmfd,
