@@ -478,3 +478,21 @@ fn an_action_the_event_does_not_accept_closes_the_connection_and_the_guest_runs_
     }
     vm.assert_guest_runs();
 }
+
+#[test]
+fn a_tool_dying_mid_step_leaves_the_guest_running_at_full_speed() {
+    let dir = Scratch::new("stepdrop");
+    let (vm, l, tool) = start(&dir, "traps", 1);
+    vm.wait_serial("tick", 1, T);
+    tool.control_singlestep(0, true).unwrap();
+    let ev = next_vcpu_event(&tool);
+    assert!(matches!(ev.kind, EventKind::Singlestep { .. }));
+    let held = read_u64(&tool, layout::counter_addr(0));
+    drop(tool); // dies with vCPU 0 waiting in a SINGLESTEP event
+    let tool = l.accept().unwrap();
+    // Stepping stopped: the loop runs at its normal rate (~1 ms per
+    // iteration, versus one event round trip per instruction before).
+    serve_until(&tool, "the guest runs 100 iterations", |t| read_u64(t, layout::counter_addr(0)) >= held + 100);
+    assert!(tool.next_event(Some(Duration::from_millis(200))).unwrap().is_none(), "no more steps");
+    assert_eq!(code(tool.inject_exception(0, 6, 0, 0)), 0, "not single-stepping any more (no EBUSY)");
+}
