@@ -42,6 +42,11 @@ const GUESTS: &[GuestSrc] = &[
         defines: &[],
     },
     GuestSrc {
+        name: "bench",
+        src: "bench.S",
+        defines: &[],
+    },
+    GuestSrc {
         name: "poweroff",
         src: "poweroff.S",
         defines: &[("EXIT_STATUS", "0")],

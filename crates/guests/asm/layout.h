@@ -54,3 +54,21 @@
 #define PORT_HYPERCALL   0x610
 #define HC_KVMI_NR       34
 #define HC_KVMI_SUBFN    24
+
+/* bench guest: vCPU 0 reads the mode word at BENCH_MODE (the tool changes it
+ * with WRITE_PHYSICAL) and runs the matching tight loop, counting iterations
+ * in the u64 at BENCH_COUNT; each loop re-reads the mode every iteration.
+ * Modes: 0 idle (hlt), 1 `out %al,%dx` to PORT_BENCH (a port nobody
+ * handles), 2 wrmsr LSTAR (LSTAR_TAG | count), 3 int3 (the guest's own #BP
+ * handler returns after it), 4 write the count to BENCH_PF_PAGE, 5 spin
+ * (no exits). Only 0x300c00-0x300cff and the page BENCH_PF_PAGE are used. */
+#define BENCH_MODE       0x300c00
+#define BENCH_COUNT      0x300c08
+#define BENCH_PF_PAGE    0x320000
+#define PORT_BENCH       0x620
+#define BENCH_IDLE       0
+#define BENCH_OUT        1
+#define BENCH_WRMSR      2
+#define BENCH_INT3       3
+#define BENCH_PF         4
+#define BENCH_SPIN       5

@@ -86,7 +86,7 @@ macro_rules! guest {
     };
 }
 
-static GUESTS: [Guest; 6] = [
+static GUESTS: [Guest; 7] = [
     guest!(spin, "every vCPU started at once, loops forever at ring 0 (idles with hlt)"),
     guest!(
         smp,
@@ -99,6 +99,10 @@ static GUESTS: [Guest; 6] = [
     guest!(
         traps,
         "like spin, with an IDT; runs a breakpoint target, its own int3 every 8 and the hypercall doorbell every 4 iterations"
+    ),
+    guest!(
+        bench,
+        "for benchmarks, with an IDT: vCPU 0 runs the tight loop (out, wrmsr, int3, page write, spin or hlt) that the mode word at BENCH_MODE selects"
     ),
     guest!(poweroff, "vCPU 0 prints \"bye\" and powers off with exit status 0 (port 0xf4)"),
     guest!(poweroff7, "vCPU 0 prints \"bye\" and powers off with exit status 7 (port 0xf4)"),
@@ -194,6 +198,29 @@ pub mod layout {
     /// RDI of a KVMI hypercall (64-bit mode).
     pub const HC_KVMI_SUBFN: u64 = 24;
 
+    /// `bench` guest: u64 mode word vCPU 0 re-reads every iteration (one of
+    /// the `BENCH_*` modes below; anything else idles). Set it with
+    /// WRITE_PHYSICAL to switch loops.
+    pub const BENCH_MODE: u64 = 0x30_0c00;
+    /// `bench` guest: u64 iteration counter of the current loop.
+    pub const BENCH_COUNT: u64 = 0x30_0c08;
+    /// `bench` guest: the page mode [`BENCH_PF`] writes (its first u64 gets the count).
+    pub const BENCH_PF_PAGE: u64 = 0x32_0000;
+    /// `bench` guest: the port mode [`BENCH_OUT`] writes to (nobody handles it).
+    pub const PORT_BENCH: u16 = 0x620;
+    /// `bench` mode: `hlt` loop (the VMM sleeps, no core burnt).
+    pub const BENCH_IDLE: u64 = 0;
+    /// `bench` mode: `out %al,%dx` to [`PORT_BENCH`], one port-I/O exit per iteration.
+    pub const BENCH_OUT: u64 = 1;
+    /// `bench` mode: `wrmsr` of LSTAR with `LSTAR_TAG | count` (a new value every time).
+    pub const BENCH_WRMSR: u64 = 2;
+    /// `bench` mode: `int3`, handled by the guest's own #BP handler.
+    pub const BENCH_INT3: u64 = 3;
+    /// `bench` mode: a write of the count to [`BENCH_PF_PAGE`].
+    pub const BENCH_PF: u64 = 4;
+    /// `bench` mode: counter increment only, no exits.
+    pub const BENCH_SPIN: u64 = 5;
+
     /// Address of vCPU `vcpu`'s exception record (vector, error, rip, cr2).
     #[must_use]
     pub const fn exc_info_addr(vcpu: u16) -> u64 {
@@ -280,6 +307,8 @@ pub mod layout {
         assert!(HC_RESULT_BASE + MAX_VCPUS as u64 * 8 <= HC_COUNT_BASE);
         assert!(HC_COUNT_BASE + MAX_VCPUS as u64 * 8 <= ALIAS_PD_ADDR);
         assert!(counter_addr(MAX_VCPUS) <= MSR_TRIED_BASE && BP_TARGET_RUNS + MAX_VCPUS as u64 * 8 <= INT3_DONE);
+        assert!(INT3_DONE + MAX_VCPUS as u64 * 8 <= BENCH_MODE && BENCH_COUNT + 8 <= 0x30_0d00);
+        assert!(BENCH_PF_PAGE % 0x1000 == 0 && BENCH_PF_PAGE >= 0x30_1000 && BENCH_PF_PAGE + 0x1000 <= IDT_ADDR);
         assert!(MIN_MEM_SIZE <= IDENTITY_MAP_SIZE);
         assert!(TICK_EVERY.is_power_of_two());
     };
@@ -298,7 +327,7 @@ mod tests {
     use super::layout::*;
     use super::*;
 
-    const NAMES: [&str; 6] = ["spin", "smp", "msr", "traps", "poweroff", "poweroff7"];
+    const NAMES: [&str; 7] = ["spin", "smp", "msr", "traps", "bench", "poweroff", "poweroff7"];
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
         hay.windows(needle.len()).any(|w| w == needle)
@@ -407,6 +436,23 @@ mod tests {
     }
 
     #[test]
+    fn bench_loops() {
+        let g = find("bench").unwrap();
+        let at = |name: &str| g.symbol(name).unwrap_or_else(|| panic!("bench: no {name}"));
+        let int3 = at("bench_int3_insn");
+        assert_eq!(g.image[(int3 - g.load_addr) as usize], 0xcc, "a one-byte int3");
+        assert_eq!(at("bench_after_int3"), int3 + 1);
+        let wrmsr = (at("bench_wrmsr_insn") - g.load_addr) as usize;
+        assert_eq!(&g.image[wrmsr..wrmsr + 2], &[0x0f, 0x30]);
+        // `mov $PORT_BENCH,%dx` = 66 ba 20 06, then `out %al,%dx` = ee.
+        let out = (at("bench_out_loop") - g.load_addr) as usize;
+        assert_eq!(&g.image[out - 4..=out], &[0x66, 0xba, 0x20, 0x06, 0xee]);
+        for name in ["bench_dispatch", "bench_idle", "bench_pf_write", "bench_wrmsr_loop"] {
+            at(name);
+        }
+    }
+
+    #[test]
     fn pattern_byte_matches_definition() {
         assert_eq!(pattern_byte(0, 0), 0);
         assert_eq!(pattern_byte(0, 255), 255);
@@ -477,6 +523,16 @@ mod tests {
             ("PORT_HYPERCALL", u64::from(PORT_HYPERCALL)),
             ("HC_KVMI_NR", HC_KVMI_NR),
             ("HC_KVMI_SUBFN", HC_KVMI_SUBFN),
+            ("BENCH_MODE", BENCH_MODE),
+            ("BENCH_COUNT", BENCH_COUNT),
+            ("BENCH_PF_PAGE", BENCH_PF_PAGE),
+            ("PORT_BENCH", u64::from(PORT_BENCH)),
+            ("BENCH_IDLE", BENCH_IDLE),
+            ("BENCH_OUT", BENCH_OUT),
+            ("BENCH_WRMSR", BENCH_WRMSR),
+            ("BENCH_INT3", BENCH_INT3),
+            ("BENCH_PF", BENCH_PF),
+            ("BENCH_SPIN", BENCH_SPIN),
         ] {
             assert_eq!(define(name), v, "{name}");
         }

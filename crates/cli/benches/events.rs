@@ -1,0 +1,576 @@
+//! Event round trips beside the raw KVM exit, all measured in the same run:
+//!
+//! * baselines: a bare `KVM_RUN` loop in this process (a 1-vCPU real-mode
+//!   VM doing `out %al,%dx; jmp .-1`, each `KVM_RUN` timed), the `bench`
+//!   guest's `out` loop under `ukvmi run` (iterations/s read from guest
+//!   memory → µs per exit), the same guest's exit-free spin loop (the cost of
+//!   the loop's own emulated instructions), and the bare UNIX-socket round
+//!   trip (as in `rtt.rs`);
+//! * event round trips through `ukvmi run` and `ukvmi-introspector` over the
+//!   real socket, with the guest raising the event in a tight loop, so the
+//!   time from one event to the next is one full round trip (event out →
+//!   tool answers → guest resumed → next event): MSR (wrmsr LSTAR) with
+//!   CONTINUE, BREAKPOINT (int3) with CONTINUE (#BP re-injected into the
+//!   guest's own handler) and with SET_REGISTERS (rip + 1) + RETRY, PAUSE
+//!   (PAUSE_VCPU, event, CONTINUE) on a spinning and on an idle vCPU, and PF
+//!   (a write to a W-restricted page, CONTINUE) where the build and the host
+//!   have it.
+//!
+//! Ratios divide a figure's p50 (or its mean, where only a rate is
+//! measurable) by the baseline's.
+//!
+//! Run: `cargo bench -p ukvmi --bench events` (needs /dev/kvm).
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use ukvmi_guests::layout;
+use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
+use ukvmi_wire::{access, event, msg};
+
+/// Timed samples per round-trip figure (after `WARMUP` untimed ones).
+const N: usize = 3000;
+const WARMUP: usize = 300;
+/// Samples of the bare KVM_RUN loop.
+const BARE_N: usize = 20_000;
+/// How long each guest loop rate is measured.
+const RATE: Duration = Duration::from_secs(2);
+/// Longest wait for any single event or command.
+const T: Duration = Duration::from_secs(20);
+
+/// One figure: per-sample p50/p99 where each sample was timed, and the mean.
+#[derive(Clone, Copy)]
+struct Fig {
+    p50: Option<f64>,
+    p99: Option<f64>,
+    mean: f64,
+}
+
+impl Fig {
+    fn from_samples(mut v: Vec<Duration>) -> Fig {
+        assert!(!v.is_empty());
+        v.sort();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let mean = v.iter().map(|&d| us(d)).sum::<f64>() / v.len() as f64;
+        Fig { p50: Some(us(v[v.len() / 2])), p99: Some(us(v[v.len() * 99 / 100])), mean }
+    }
+
+    fn mean_only(mean_us: f64) -> Fig {
+        Fig { p50: None, p99: None, mean: mean_us }
+    }
+
+    /// What ratios compare: the p50, or the mean where there are no samples.
+    fn key(&self) -> f64 {
+        self.p50.unwrap_or(self.mean)
+    }
+}
+
+fn measure(mut f: impl FnMut()) -> Fig {
+    for _ in 0..WARMUP {
+        f();
+    }
+    let mut v = Vec::with_capacity(N);
+    for _ in 0..N {
+        let t = Instant::now();
+        f();
+        v.push(t.elapsed());
+    }
+    Fig::from_samples(v)
+}
+
+fn socket_rtt() -> Fig {
+    let (mut a, mut b) = UnixStream::pair().unwrap();
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 24];
+        while b.read_exact(&mut buf).is_ok() {
+            if b.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = [0u8; 24];
+    let r = measure(|| {
+        a.write_all(&buf.clone()).unwrap();
+        a.read_exact(&mut buf).unwrap();
+    });
+    drop(a);
+    echo.join().unwrap();
+    r
+}
+
+/// The bare KVM exit: a VM made here with raw ioctls, no VMM around it.
+mod bare {
+    use std::fs::{File, OpenOptions};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::time::{Duration, Instant};
+
+    const KVM_CREATE_VM: u64 = 0xae01;
+    const KVM_GET_VCPU_MMAP_SIZE: u64 = 0xae04;
+    const KVM_CREATE_VCPU: u64 = 0xae41;
+    /// `_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)` (32 bytes).
+    const KVM_SET_USER_MEMORY_REGION: u64 = 0x4020_ae46;
+    const KVM_SET_TSS_ADDR: u64 = 0xae47;
+    const KVM_RUN: u64 = 0xae80;
+    const KVM_EXIT_IO: u32 = 2;
+    /// `kvm_run`: `exit_reason` (u32) at 8, `io.port` (u16) at 34.
+    const RUN_EXIT_REASON: usize = 8;
+    const RUN_IO_PORT: usize = 34;
+
+    /// 64 KiB of RAM ending at 4 GiB, so the reset vector (CS base
+    /// 0xffff0000, IP 0xfff0) lands in it and no register needs setting.
+    const MEM_BASE: u64 = 0xffff_0000;
+    const MEM_SIZE: usize = 0x1_0000;
+    const RESET_IP: usize = 0xfff0;
+    const PORT: u16 = 0x500;
+    /// Real mode: `mov $0x500,%dx; 1: out %al,(%dx); jmp 1b`.
+    const CODE: [u8; 6] = [0xba, 0x00, 0x05, 0xee, 0xeb, 0xfd];
+
+    #[repr(C)]
+    struct MemRegion {
+        slot: u32,
+        flags: u32,
+        guest_phys_addr: u64,
+        memory_size: u64,
+        userspace_addr: u64,
+    }
+
+    fn os_err(what: &str) -> String {
+        format!("{what}: {}", std::io::Error::last_os_error())
+    }
+
+    /// `ioctl(fd, req, arg)`; `Err` names the call.
+    ///
+    /// # Safety
+    /// `arg` must be what `req` expects: a plain integer, or the address of
+    /// a live value of the type `req` reads or writes.
+    unsafe fn ioctl(fd: RawFd, req: u64, arg: libc::c_ulong, what: &str) -> Result<i32, String> {
+        // SAFETY: the caller guarantees `arg` matches `req` (see above).
+        let r = unsafe { libc::ioctl(fd, req as _, arg) };
+        if r < 0 {
+            Err(os_err(what))
+        } else {
+            Ok(r)
+        }
+    }
+
+    /// An `mmap`ing, unmapped on drop.
+    struct Mapping {
+        ptr: *mut u8,
+        len: usize,
+    }
+
+    impl Mapping {
+        /// Anonymous memory (`fd` None) or `len` bytes of `fd` from offset 0.
+        fn new(fd: Option<RawFd>, len: usize) -> Result<Mapping, String> {
+            let (flags, fd) = match fd {
+                Some(fd) => (libc::MAP_SHARED, fd),
+                None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+            };
+            // SAFETY: a fresh mapping chosen by the kernel (address hint
+            // null); no existing memory is touched.
+            let p = unsafe {
+                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0)
+            };
+            if p == libc::MAP_FAILED {
+                return Err(os_err("mmap"));
+            }
+            Ok(Mapping { ptr: p.cast(), len })
+        }
+    }
+
+    impl Drop for Mapping {
+        fn drop(&mut self) {
+            // SAFETY: `ptr`/`len` are exactly what mmap returned, and
+            // nothing borrows the mapping once its owner is dropped.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+
+    /// A 1-vCPU VM. Fields drop in order: kvm_run, vCPU, VM, then RAM.
+    pub struct BareVm {
+        run: Mapping,
+        vcpu: OwnedFd,
+        _vm: OwnedFd,
+        _mem: Mapping,
+        _kvm: File,
+    }
+
+    fn owned(fd: i32) -> OwnedFd {
+        // SAFETY: `fd` was just returned by a KVM ioctl that creates a new
+        // file descriptor; nothing else owns it.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    impl BareVm {
+        pub fn new() -> Result<BareVm, String> {
+            let kvm = OpenOptions::new().read(true).write(true).open("/dev/kvm").map_err(|e| format!("/dev/kvm: {e}"))?;
+            // SAFETY: KVM_CREATE_VM takes the machine type, 0.
+            let vm = owned(unsafe { ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0, "KVM_CREATE_VM") }?);
+            let mem = Mapping::new(None, MEM_SIZE)?;
+            // SAFETY: `mem` is MEM_SIZE writable bytes and the code fits
+            // below its end (RESET_IP + 6 < 0x10000); no VM runs yet.
+            unsafe { std::ptr::copy_nonoverlapping(CODE.as_ptr(), mem.ptr.add(RESET_IP), CODE.len()) };
+            let region = MemRegion {
+                slot: 0,
+                flags: 0,
+                guest_phys_addr: MEM_BASE,
+                memory_size: MEM_SIZE as u64,
+                userspace_addr: mem.ptr as u64,
+            };
+            // SAFETY: the argument is the address of a live
+            // kvm_userspace_memory_region; the memory it names (`mem`)
+            // outlives the VM (field order of BareVm).
+            unsafe {
+                ioctl(vm.as_raw_fd(), KVM_SET_USER_MEMORY_REGION, &raw const region as libc::c_ulong, "KVM_SET_USER_MEMORY_REGION")
+            }?;
+            // Only VMX without unrestricted guest needs it; other hosts may
+            // refuse it, which is harmless. Three pages below the RAM.
+            // SAFETY: KVM_SET_TSS_ADDR takes an address as a plain integer.
+            let _ = unsafe { ioctl(vm.as_raw_fd(), KVM_SET_TSS_ADDR, 0xfffb_d000, "KVM_SET_TSS_ADDR") };
+            // SAFETY: KVM_CREATE_VCPU takes the vCPU id, 0.
+            let vcpu = owned(unsafe { ioctl(vm.as_raw_fd(), KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU") }?);
+            // SAFETY: KVM_GET_VCPU_MMAP_SIZE takes no argument.
+            let run_size = unsafe { ioctl(kvm.as_raw_fd(), KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE") }?;
+            let run = Mapping::new(Some(vcpu.as_raw_fd()), usize::try_from(run_size).map_err(|e| e.to_string())?)?;
+            Ok(BareVm { run, vcpu, _vm: vm, _mem: mem, _kvm: kvm })
+        }
+
+        /// One KVM_RUN, which must end in the guest's `out`.
+        pub fn run_once(&self) -> Result<(), String> {
+            // SAFETY: KVM_RUN takes no argument; the vCPU is ours and its
+            // kvm_run area stays mapped while `self` lives.
+            unsafe { ioctl(self.vcpu.as_raw_fd(), KVM_RUN, 0, "KVM_RUN") }?;
+            // SAFETY: the kvm_run mapping is at least a page long and page
+            // aligned, so both offsets are in bounds and aligned; KVM wrote
+            // them before KVM_RUN returned and does not touch them until the
+            // next KVM_RUN.
+            let (reason, port) = unsafe {
+                (
+                    std::ptr::read_volatile(self.run.ptr.add(RUN_EXIT_REASON).cast::<u32>()),
+                    std::ptr::read_volatile(self.run.ptr.add(RUN_IO_PORT).cast::<u16>()),
+                )
+            };
+            if reason != KVM_EXIT_IO || port != PORT {
+                return Err(format!("exit reason {reason} port {port:#x}, expected KVM_EXIT_IO on {PORT:#x}"));
+            }
+            Ok(())
+        }
+    }
+
+    /// `n` timed KVM_RUN → KVM_EXIT_IO round trips (after `warmup`).
+    pub fn exit_loop(warmup: usize, n: usize) -> Result<Vec<Duration>, String> {
+        let vm = BareVm::new()?;
+        for _ in 0..warmup {
+            vm.run_once()?;
+        }
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            vm.run_once()?;
+            v.push(t.elapsed());
+        }
+        Ok(v)
+    }
+}
+
+/// The `ukvmi run` child and its scratch directory: killed and removed on
+/// every path out of `main`, panics included (drop runs while unwinding).
+struct VmProcess {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn read_u64(vm: &Vm, gpa: u64) -> u64 {
+    u64::from_le_bytes(vm.read_physical(gpa, 8).unwrap().try_into().unwrap())
+}
+
+fn set_mode(vm: &Vm, mode: u64) {
+    vm.write_physical(layout::BENCH_MODE, &mode.to_le_bytes()).unwrap();
+}
+
+fn count(vm: &Vm) -> u64 {
+    read_u64(vm, layout::BENCH_COUNT)
+}
+
+fn next_vcpu_event(vm: &Vm) -> Box<VcpuEventMsg> {
+    match vm.next_event(Some(T)).unwrap() {
+        Some(Event::Vcpu(ev)) => ev,
+        other => panic!("expected a vCPU event, got {other:?}"),
+    }
+}
+
+/// Runs guest loop `mode` without any event enabled for `RATE` and returns
+/// the mean time per iteration, from the guest's own counter.
+fn rate(vm: &Vm, mode: u64) -> Fig {
+    set_mode(vm, mode);
+    std::thread::sleep(Duration::from_millis(200));
+    let (c0, t0) = (count(vm), Instant::now());
+    std::thread::sleep(RATE);
+    let (c1, t1) = (count(vm), Instant::now());
+    set_mode(vm, layout::BENCH_IDLE);
+    assert!(c1 > c0, "mode {mode}: the guest loop did not run ({c0} → {c1})");
+    Fig::mean_only((t1 - t0).as_secs_f64() * 1e6 / (c1 - c0) as f64)
+}
+
+/// What one served event loop gave: the figure, events answered and guest
+/// iterations counted meanwhile.
+struct Served {
+    fig: Fig,
+    events: u64,
+    iterations: u64,
+}
+
+/// Switches the guest to `mode` with `id` enabled (by the caller) and
+/// answers every event with `answer`; the time between consecutive events is
+/// one round trip. Afterwards: guest idle, `id` disabled, nothing pending.
+fn serve(vm: &Vm, mode: u64, id: u16, mut answer: impl FnMut(&Vm, &VcpuEventMsg)) -> Served {
+    let c0 = count(vm);
+    set_mode(vm, mode);
+    let mut v = Vec::with_capacity(N);
+    let mut last: Option<Instant> = None;
+    let mut events = 0u64;
+    for i in 0..=WARMUP + N {
+        let ev = next_vcpu_event(vm);
+        let now = Instant::now();
+        assert_eq!(ev.event, id, "expected event {:?}, got {:?}", event::name(id), ev.name());
+        if i > WARMUP {
+            v.push(now - last.unwrap());
+        }
+        last = Some(now);
+        answer(vm, &ev);
+        events += 1;
+    }
+    set_mode(vm, layout::BENCH_IDLE);
+    vm.control_events(0, id, false).unwrap();
+    while let Some(e) = vm.next_event(Some(Duration::from_millis(300))).unwrap() {
+        if let Event::Vcpu(ev) = e {
+            vm.reply(&ev, EventReply::Continue).unwrap();
+            events += 1;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    Served { fig: Fig::from_samples(v), events, iterations: count(vm) - c0 }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches/--all-targets`
+    // runs this binary without it (or with `--list`): then do nothing, so
+    // no VM is started and nothing is timed under `cargo test`.
+    if !std::env::args().any(|a| a == "--bench") || std::env::args().any(|a| a == "--list") {
+        println!("events: benchmark skipped (run it with `cargo bench -p ukvmi --bench events`)");
+        return;
+    }
+    let bench = ukvmi_guests::find("bench").expect("the bench guest");
+    let sym = |s: &str| bench.symbol(s).unwrap_or_else(|| panic!("bench guest: no {s}"));
+
+    let sock_rtt = socket_rtt();
+    let bare = bare::exit_loop(WARMUP, BARE_N).map(Fig::from_samples);
+
+    let dir = std::env::temp_dir().join(format!("ukvmi-bench-events-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("kvmi.sock");
+    let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(T);
+    let child = Command::new(env!("CARGO_BIN_EXE_ukvmi"))
+        .args(["run", "--guest", "bench", "--vcpus", "1", "--serial", &format!("file:{}", dir.join("serial").display())])
+        .arg("--introspect")
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ukvmi run (needs /dev/kvm)");
+    let _proc = VmProcess { child, dir };
+    let vm = listener.accept().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Guest loops without events: the exit through our VMM, and the loop's
+    // own cost (no exits).
+    let spin = rate(&vm, layout::BENCH_SPIN);
+    let out = rate(&vm, layout::BENCH_OUT);
+    let wrmsr_free = rate(&vm, layout::BENCH_WRMSR);
+    let bp0 = read_u64(&vm, layout::EXC_COUNT_BASE + 3 * 8);
+    let c0 = count(&vm);
+    let int3_free = rate(&vm, layout::BENCH_INT3);
+    let (bp_free_handled, int3_free_iter) = (read_u64(&vm, layout::EXC_COUNT_BASE + 3 * 8) - bp0, count(&vm) - c0);
+
+    let mut checks: Vec<String> = Vec::new();
+    let mut check = |ok: bool, what: String| checks.push(format!("{} {what}", if ok { "ok  " } else { "FAIL" }));
+    check(
+        int3_free_iter.abs_diff(bp_free_handled) <= 1,
+        format!("int3 without the event: {int3_free_iter} iterations, the guest's #BP handler ran {bp_free_handled} times"),
+    );
+
+    // MSR: wrmsr LSTAR, CONTINUE (the guest's value is written).
+    vm.control_events(0, event::MSR, true).unwrap();
+    vm.control_msr(0, layout::MSR_LSTAR, true).unwrap();
+    let msr = serve(&vm, layout::BENCH_WRMSR, event::MSR, |vm, ev| {
+        match ev.kind {
+            EventKind::Msr { msr, new_value, .. } => {
+                assert_eq!(msr, layout::MSR_LSTAR);
+                assert_eq!(new_value >> 32, layout::LSTAR_TAG >> 32);
+            }
+            ref k => panic!("MSR event with {k:?}"),
+        }
+        vm.reply(ev, EventReply::Continue).unwrap();
+    });
+    vm.control_msr(0, layout::MSR_LSTAR, false).unwrap();
+    let lstar = vm.get_registers(0, &[layout::MSR_LSTAR]).unwrap().msrs[0].data;
+    let last_count = count(&vm);
+    check(msr.events == msr.iterations, format!("MSR: {} events, {} guest iterations", msr.events, msr.iterations));
+    check(
+        lstar == layout::LSTAR_TAG | (last_count & 0xffff_ffff),
+        format!("MSR: LSTAR is {lstar:#x} after CONTINUE (count {last_count})"),
+    );
+
+    // BREAKPOINT, CONTINUE: #BP re-injected into the guest's handler.
+    vm.control_events(0, event::BREAKPOINT, true).unwrap();
+    let bp0 = read_u64(&vm, layout::EXC_COUNT_BASE + 3 * 8);
+    let int3 = sym("bench_int3_insn");
+    let bp_cont = serve(&vm, layout::BENCH_INT3, event::BREAKPOINT, |vm, ev| {
+        assert_eq!(ev.regs.rip, int3, "BREAKPOINT at the bench int3");
+        vm.reply(ev, EventReply::Continue).unwrap();
+    });
+    let handled = read_u64(&vm, layout::EXC_COUNT_BASE + 3 * 8) - bp0;
+    check(
+        bp_cont.events == bp_cont.iterations && handled == bp_cont.events,
+        format!(
+            "BREAKPOINT CONTINUE: {} events, {} iterations, the guest's #BP handler ran {handled} times",
+            bp_cont.events, bp_cont.iterations
+        ),
+    );
+
+    // BREAKPOINT, SET_REGISTERS (rip + 1) + RETRY: stepping over, as a
+    // debugger does; the guest never sees the #BP. (The drain in `serve`
+    // answers CONTINUE, so at most one straggler reaches the handler.)
+    vm.control_events(0, event::BREAKPOINT, true).unwrap();
+    let bp0 = read_u64(&vm, layout::EXC_COUNT_BASE + 3 * 8);
+    let bp_retry = serve(&vm, layout::BENCH_INT3, event::BREAKPOINT, |vm, ev| {
+        let mut regs = ev.regs;
+        regs.rip += 1;
+        vm.set_registers(0, &regs).unwrap();
+        vm.reply(ev, EventReply::Retry).unwrap();
+    });
+    let handled = read_u64(&vm, layout::EXC_COUNT_BASE + 3 * 8) - bp0;
+    check(
+        bp_retry.events == bp_retry.iterations && handled <= 1,
+        format!(
+            "BREAKPOINT RETRY: {} events, {} iterations, the guest's #BP handler ran {handled} times",
+            bp_retry.events, bp_retry.iterations
+        ),
+    );
+
+    // PAUSE: PAUSE_VCPU(wait), the PAUSE event, CONTINUE; spinning and idle.
+    let pause = |mode: u64| {
+        set_mode(&vm, mode);
+        std::thread::sleep(Duration::from_millis(100));
+        let f = measure(|| {
+            vm.pause_vcpu(0, true).unwrap();
+            let ev = next_vcpu_event(&vm);
+            assert_eq!(ev.event, event::PAUSE);
+            vm.reply(&ev, EventReply::Continue).unwrap();
+        });
+        set_mode(&vm, layout::BENCH_IDLE);
+        f
+    };
+    let pause_spin = pause(layout::BENCH_SPIN);
+    let pause_idle = pause(layout::BENCH_IDLE);
+
+    // PF: a write to a page whose W access was removed, CONTINUE applies it.
+    let pf_avail = vm.check_event(event::PF).and_then(|()| vm.check_command(msg::VM_SET_PAGE_ACCESS));
+    let pf = match pf_avail {
+        Err(e) => Err(e.raw_err().map_or_else(|| e.to_string(), |c| c.to_string())),
+        Ok(()) => {
+            let page = layout::BENCH_PF_PAGE;
+            vm.control_events(0, event::PF, true).unwrap();
+            vm.set_page_access(&[(page, access::R | access::X)]).unwrap();
+            let s = serve(&vm, layout::BENCH_PF, event::PF, |vm, ev| {
+                match ev.kind {
+                    EventKind::Pf { gpa, access: a, .. } => {
+                        assert_eq!(gpa & !0xfff, page, "PF on the bench page");
+                        assert_eq!(a, access::W, "a write");
+                    }
+                    ref k => panic!("PF event with {k:?}"),
+                }
+                vm.reply(ev, EventReply::Continue).unwrap();
+            });
+            vm.set_page_access(&[(page, access::RWX)]).unwrap();
+            let (on_page, last) = (read_u64(&vm, page), count(&vm));
+            check(s.events == s.iterations, format!("PF: {} events, {} guest iterations", s.events, s.iterations));
+            check(on_page == last, format!("PF: the page holds {on_page}, the last count is {last} (CONTINUE applied the writes)"));
+            Ok(s)
+        }
+    };
+
+    let sock_again = socket_rtt();
+
+    // ----------------------------------------------------------------- report
+    let ukvmi_exit = out.mean;
+    println!("ukvmi event round trips beside the raw KVM exit, one run");
+    println!("(microseconds; p50/p99 where every sample was timed, mean always; ratio = p50, or the mean where only a rate exists, / baseline)");
+    println!(
+        "{:<58} {:>8} {:>8} {:>8} {:>10} {:>10}",
+        "what", "p50", "p99", "mean", "x exit", "x bare KVM"
+    );
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |x| format!("{x:.1}"));
+    let bare_key = bare.as_ref().ok().map(Fig::key);
+    let row = |name: &str, f: &Fig| {
+        let vs_bare = bare_key.map_or_else(|| "-".to_owned(), |b| format!("{:.2}x", f.key() / b));
+        println!(
+            "{name:<58} {:>8} {:>8} {:>8.1} {:>9.2}x {:>10}",
+            opt(f.p50),
+            opt(f.p99),
+            f.mean,
+            f.key() / ukvmi_exit,
+            vs_bare
+        );
+    };
+    println!("-- baselines");
+    match &bare {
+        Ok(f) => row(&format!("bare KVM_RUN, out exit, no VMM ({BARE_N} timed)"), f),
+        Err(e) => println!("bare KVM_RUN loop: not available here ({e})"),
+    }
+    row("out exit through ukvmi run (guest loop, iterations/s)", &out);
+    row("  guest loop alone, no exit (spin, iterations/s)", &spin);
+    row("  out exit minus the loop (out - spin)", &Fig::mean_only(out.mean - spin.mean));
+    row("wrmsr LSTAR, not watched (no exit; iterations/s)", &wrmsr_free);
+    row("int3, event off: #BP via VMM into guest handler (it/s)", &int3_free);
+    row("bare UNIX socket round trip (24 bytes)", &sock_rtt);
+    println!("-- event round trips ({N} timed each, event to event as the tool sees it)");
+    row("MSR (wrmsr LSTAR) + CONTINUE", &msr.fig);
+    row("BREAKPOINT (int3) + CONTINUE (#BP into the guest)", &bp_cont.fig);
+    row("BREAKPOINT + SET_REGISTERS(rip+1) + RETRY", &bp_retry.fig);
+    row("PAUSE_VCPU(wait) + PAUSE event + CONTINUE, spinning vCPU", &pause_spin);
+    row("PAUSE_VCPU(wait) + PAUSE event + CONTINUE, idle vCPU", &pause_idle);
+    match &pf {
+        Ok(s) => row("PF (write to a W-restricted page) + CONTINUE", &s.fig),
+        Err(code) => println!("PF: not available on this build/host ({code})"),
+    }
+    row("bare UNIX socket round trip (again, at end)", &sock_again);
+    println!("-- in socket round trips (p50 / socket p50 at start)");
+    let in_sockets = |name: &str, f: &Fig| println!("{name:<58} {:>8.1}", f.key() / sock_rtt.key());
+    in_sockets("MSR + CONTINUE", &msr.fig);
+    in_sockets("BREAKPOINT + CONTINUE", &bp_cont.fig);
+    in_sockets("BREAKPOINT + SET_REGISTERS + RETRY", &bp_retry.fig);
+    if let Ok(s) = &pf {
+        in_sockets("PF + CONTINUE", &s.fig);
+    }
+    println!(
+        "(one event = the vCPU thread writes the event, the tool's reader thread wakes the caller, the caller writes \
+         the reply, the VMM's receiving thread queues it and wakes the vCPU thread, which re-enters KVM: two socket \
+         messages and about four thread wake-ups, on top of the exit itself)"
+    );
+    println!("-- checks (what the guest saw)");
+    for c in &checks {
+        println!("{c}");
+    }
+}
