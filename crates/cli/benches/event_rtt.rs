@@ -19,7 +19,7 @@
 //! Ratios divide a figure's p50 (or its mean, where only a rate is
 //! measurable) by the baseline's.
 //!
-//! Run: `cargo bench -p ukvmi --bench events` (needs /dev/kvm).
+//! Run: `cargo bench -p ukvmi --bench event_rtt` (needs /dev/kvm).
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::io::{Read, Write};
@@ -368,7 +368,7 @@ fn main() {
     // runs this binary without it (or with `--list`): then do nothing, so
     // no VM is started and nothing is timed under `cargo test`.
     if !std::env::args().any(|a| a == "--bench") || std::env::args().any(|a| a == "--list") {
-        println!("events: benchmark skipped (run it with `cargo bench -p ukvmi --bench events`)");
+        println!("event_rtt: benchmark skipped (run it with `cargo bench -p ukvmi --bench event_rtt`)");
         return;
     }
     let bench = ukvmi_guests::find("bench").expect("the bench guest");
