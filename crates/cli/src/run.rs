@@ -38,6 +38,12 @@ INTROSPECTION (the VMM connects to the tool, as QEMU does):
                              e.g. 8 or KVMI_VM_GET_INFO); default: all
     --allow-event ID         allow only these events (repeat); default: all
 
+SIGNALS:
+    SIGINT, SIGTERM          send UNHOOK (if the tool enabled it), wait for the tool
+                             to close (--unhook-timeout), stop the VM, exit 0
+    SIGUSR1                  print the interceptions in force to stderr (watched
+                             MSRs, guest debugging per vCPU, restricted pages)
+
 EXIT STATUS:
     the guest's power-off status (0 for a normal power-off), 0 when stopped by
     SIGINT/SIGTERM, 2 when an introspector answered CRASH, 1 on any failure.
@@ -229,7 +235,8 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     Ok(Some(cfg))
 }
 
-/// SIGINT/SIGTERM are blocked in every thread and taken by one waiter thread.
+/// SIGINT/SIGTERM (stop) and SIGUSR1 (report the interceptions in force)
+/// are blocked in every thread and taken by one waiter thread.
 fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: plain signal-set manipulation on a local set.
     unsafe {
@@ -237,6 +244,7 @@ fn block_stop_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -265,11 +273,19 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     };
     let stop = vm.stop_handle();
     let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
-        let mut sig = 0;
-        // SAFETY: sigwait on a valid set, writing the signal number to `sig`.
-        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+        loop {
+            let mut sig = 0;
+            // SAFETY: sigwait on a valid set, writing the signal number to `sig`.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
+            }
+            if sig == libc::SIGUSR1 {
+                eprintln!("ukvmi: {}", stop.interceptions());
+                continue;
+            }
             eprintln!("ukvmi: signal {sig}: stopping the VM");
             stop.stop();
+            return;
         }
     });
     match vm.run() {

@@ -95,6 +95,11 @@ fn msr_control_validation_and_crash() {
     let code = |r: ukvmi_introspector::Result<()>| r.err().and_then(|e| e.raw_err()).unwrap_or(0);
     assert_eq!(code(tool.control_msr(0, 0x2000, true)), -22, "outside KVMI's MSR ranges");
     assert_eq!(code(tool.control_msr(0, 0xc000_2000, true)), -22);
+    // MSRs whose guest write KVM_SET_MSRS cannot reproduce are refused up front.
+    assert_eq!(code(tool.control_msr(0, 0xc000_0080, true)), -95, "EFER");
+    assert_eq!(code(tool.control_msr(0, 0x3b, true)), -95, "TSC_ADJUST");
+    assert_eq!(code(tool.control_msr(0, 0xc000_0081, true)), 0, "STAR is fine");
+    tool.control_msr(0, 0xc000_0081, false).unwrap();
     tool.control_events(0, event::MSR, true).unwrap();
     tool.control_msr(0, layout::MSR_LSTAR, true).unwrap();
     let (ev, ..) = msr_event(&tool);
@@ -111,6 +116,7 @@ fn disconnect_while_watching_msrs_leaves_the_guest_writing_freely() {
     tool.control_events(0, event::MSR, true).unwrap();
     tool.control_msr(0, layout::MSR_LSTAR, true).unwrap();
     let (_ev, ..) = msr_event(&tool);
+    assert!(vm.interceptions().contains("msr-writes=0xc0000082"), "{}", vm.interceptions());
     drop(tool); // dies holding vCPU 0 in the event
     vm.assert_guest_runs();
     let tool = l.accept().unwrap();
@@ -120,4 +126,6 @@ fn disconnect_while_watching_msrs_leaves_the_guest_writing_freely() {
     let seen = u64::from_le_bytes(tool.read_physical(layout::MSR_SEEN_BASE, 8).unwrap().try_into().unwrap());
     assert!(seen >= tried, "writes apply once nobody watches: tried {tried:#x}, seen {seen:#x}");
     assert!(tool.next_event(Some(Duration::from_millis(300))).unwrap().is_none(), "the new session watches nothing");
+    let report = vm.interceptions();
+    assert!(report.contains("msr-writes=none"), "the filter is gone: {report}");
 }

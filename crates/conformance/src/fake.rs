@@ -429,7 +429,7 @@ impl FakeVcpu {
                 let (mut k, _) = me.kicked.wait_timeout_while(k, Duration::from_millis(2), |k| !*k).unwrap();
                 *k = false;
             }
-            if port.has_requests() && port.handle_requests(&mut self) == Flow::Crash {
+            if port.has_requests() && matches!(port.handle_requests(&mut self), Flow::Crash(_)) {
                 self.log(Observed::Crashed);
             }
         }

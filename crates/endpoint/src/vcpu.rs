@@ -35,8 +35,9 @@ pub struct EventOutcome {
 pub enum Flow {
     /// Enter the guest.
     Continue,
-    /// A PAUSE or TRAP event was answered CRASH: stop the VM as a guest shutdown.
-    Crash,
+    /// A PAUSE or TRAP event (the id) was answered CRASH: stop the VM as a
+    /// guest shutdown.
+    Crash(u16),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -133,7 +134,12 @@ impl VcpuPort {
             cx.run_jobs(&mut local);
             let pause = {
                 let mut q = lock(&vs.queue);
-                let take = q.pauses > 0 && q.jobs.is_empty();
+                if !q.jobs.is_empty() {
+                    // A job arrived after the drain: run it first, and never
+                    // enter the guest with a PAUSE still owed.
+                    continue;
+                }
+                let take = q.pauses > 0;
                 if take {
                     q.pauses -= 1;
                 }
@@ -143,7 +149,7 @@ impl VcpuPort {
                 break;
             }
             if cx.deliver(&mut local, &EventPayload::Pause).action == Action::Crash {
-                return Flow::Crash;
+                return Flow::Crash(event::PAUSE);
             }
         }
         if let Some(exc) = local.pending_inject.take() {
@@ -151,7 +157,7 @@ impl VcpuPort {
             if let Some(Ok(done)) = injected {
                 let trap = EventPayload::Trap { nr: done.nr, error_code: done.error_code, address: done.address };
                 if cx.deliver(&mut local, &trap).action == Action::Crash {
-                    return Flow::Crash;
+                    return Flow::Crash(event::TRAP);
                 }
             }
         }

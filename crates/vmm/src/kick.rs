@@ -19,9 +19,13 @@ pub(crate) fn kick_signal() -> libc::c_int {
 extern "C" fn on_kick(_: libc::c_int) {
     let p = RUN.with(|c| c.get());
     if !p.is_null() {
-        // SAFETY: `p` was registered by this very thread and stays valid until
-        // the thread unregisters it (before its VcpuFd is dropped); a volatile
-        // byte store is async-signal-safe.
+        // SAFETY: `p` was registered by this very thread (a kick is sent to
+        // the vCPU thread itself, so this handler interrupts that thread) and
+        // stays valid until the thread's `Registration` drops, before its
+        // VcpuFd does. The thread itself only touches `immediate_exit`
+        // through `set_immediate_exit`, also one volatile byte store, so the
+        // interrupted code never holds a reference to the byte; a volatile
+        // store is async-signal-safe.
         unsafe { std::ptr::write_volatile(&raw mut (*p).immediate_exit, 1) };
     }
 }
@@ -42,9 +46,31 @@ pub(crate) fn install() {
     });
 }
 
-/// Registers (or, with null, unregisters) this thread's `kvm_run`.
-pub(crate) fn register(run: *mut kvm_bindings::kvm_run) {
+/// This thread's registration of its `kvm_run` for kicks; unregisters when
+/// dropped, also when the thread unwinds from a panic.
+pub(crate) struct Registration(());
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// Registers this thread's `kvm_run` (which must outlive the returned guard).
+pub(crate) fn register(run: *mut kvm_bindings::kvm_run) -> Registration {
     RUN.with(|c| c.set(run));
+    Registration(())
+}
+
+/// Sets or clears `immediate_exit` of this thread's registered `kvm_run`
+/// (a volatile store, like the signal handler's). No-op when unregistered.
+pub(crate) fn set_immediate_exit(v: u8) {
+    let p = RUN.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: as in `on_kick`: registered by this thread, valid while
+        // registered; only ever accessed with volatile byte stores.
+        unsafe { std::ptr::write_volatile(&raw mut (*p).immediate_exit, v) };
+    }
 }
 
 /// Sends the kick signal to a live thread.

@@ -14,6 +14,26 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use ukvmi_endpoint::{BackendError, BackendResult};
 
+/// MSRs whose guest writes `KVM_SET_MSRS` cannot reproduce: for these KVM
+/// treats a host write differently (it skips the guest-write validity checks
+/// or side effects: TSC offsetting for TSC and TSC_ADJUST, EFER's paging
+/// checks, APIC_BASE's transitions, read-only feature MSRs). Watching one
+/// would change what the guest's own write does, so CONTROL_MSR answers
+/// `-KVM_EOPNOTSUPP` for them rather than pretend.
+pub(crate) const HOST_WRITE_DIFFERS: [u32; 11] = [
+    0x10,        // IA32_TSC
+    0x1b,        // IA32_APIC_BASE
+    0x3a,        // IA32_FEATURE_CONTROL
+    0x3b,        // IA32_TSC_ADJUST
+    0x48,        // IA32_SPEC_CTRL
+    0x49,        // IA32_PRED_CMD
+    0x10a,       // IA32_ARCH_CAPABILITIES
+    0x10b,       // IA32_FLUSH_CMD
+    0x1a0,       // IA32_MISC_ENABLE
+    0xda0,       // IA32_XSS
+    0xc000_0080, // EFER
+];
+
 /// KVMI's two MSR ranges (spec §8.21), each 0x2000 MSRs.
 const RANGES: [u32; 2] = [0, 0xc000_0000];
 const RANGE_LEN: u32 = 0x2000;
@@ -41,8 +61,16 @@ pub(crate) fn probe(kvm: &Kvm, vm: &VmFd) -> bool {
 }
 
 impl MsrFilter {
+    /// The MSRs whose guest writes the filter stops now.
+    pub fn watched(&self) -> Vec<u32> {
+        self.watched.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect()
+    }
+
     /// vCPU `vcpu` starts or stops watching `msr`; the VM's filter follows.
     pub fn watch(&self, vm: &VmFd, vcpu: u16, msr: u32, enable: bool) -> BackendResult<()> {
+        if enable && HOST_WRITE_DIFFERS.contains(&msr) {
+            return Err(BackendError::NotSupported);
+        }
         let mut w = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         let before = w.clone();
         if enable {

@@ -19,6 +19,8 @@ use ukvmi_guests::layout;
 use ukvmi_wire::{KvmRegs, KvmSregs, KvmXsave};
 
 const MSR_MTRR_CAP: u32 = 0xfe;
+/// DR6.BS: the #DB came from a single step.
+const DR6_BS: u64 = 1 << 14;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 const MSR_MTRR_PHYS_BASE0: u32 = 0x200;
 const MTRR_FIX_64K: u32 = 0x250;
@@ -35,7 +37,7 @@ enum Step {
     Wrmsr(u32, u64),
     /// `KVM_EXIT_DEBUG`: exception 1 (a single step) or 3 (int3 with
     /// `KVM_GUESTDBG_USE_SW_BP`, hardware KVM), at linear address `pc`.
-    Debug { exception: u32, pc: u64 },
+    Debug { exception: u32, pc: u64, dr6: u64 },
     /// An emulation failure on an `int3` (0xCC) at `rip`: how a ring-0 int3
     /// shows up where KVM emulates ring 0 (PVM). No #BP was delivered.
     Int3 { rip: u64 },
@@ -96,9 +98,9 @@ impl KvmVcpu {
     pub fn run(mut self, port: VcpuPort) -> Option<Exit> {
         let shared = Arc::clone(&self.shared);
         shared.register_thread(self.index, true);
-        kick::register(self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run);
+        let kicks = kick::register(self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run);
         let end = self.run_loop(&port);
-        kick::register(std::ptr::null_mut());
+        drop(kicks);
         shared.register_thread(self.index, false);
         end
     }
@@ -121,8 +123,14 @@ impl KvmVcpu {
                 }
                 booted = true;
             }
-            if port.has_requests() && port.handle_requests(self) == Flow::Crash {
-                return Some(Exit::Crashed(format!("the introspector answered CRASH on vCPU {}", self.index)));
+            if port.has_requests() {
+                if let Flow::Crash(ev) = port.handle_requests(self) {
+                    let name = ukvmi_wire::event::name(ev).unwrap_or("an event");
+                    return Some(Exit::Crashed(format!(
+                        "the introspector answered CRASH to {name} on vCPU {}",
+                        self.index
+                    )));
+                }
             }
             me.in_guest.store(true, Ordering::SeqCst);
             let step = self.enter();
@@ -146,7 +154,7 @@ impl KvmVcpu {
     fn handle(&mut self, port: &VcpuPort, step: Step) -> Option<Exit> {
         {
             match step {
-                Step::Kicked => self.fd.set_kvm_immediate_exit(0),
+                Step::Kicked => kick::set_immediate_exit(0),
                 Step::Out(p, v) => return self.io_out(port, p, v),
                 Step::In => {}
                 Step::Hlt => {
@@ -155,7 +163,14 @@ impl KvmVcpu {
                     }
                 }
                 Step::Wrmsr(msr, data) => return self.wrmsr(port, msr, data),
-                Step::Debug { exception: 3, pc } => return self.breakpoint(port, pc, false),
+                Step::Debug { exception: 3, pc, .. } => return self.breakpoint(port, pc, false),
+                Step::Debug { exception: 1, dr6, .. } if dr6 & DR6_BS == 0 => {
+                    // Not a single step: the guest's own #DB (a hardware
+                    // breakpoint, icebp) goes back to the guest.
+                    if let Err(e) = self.inject_exception(Exception { nr: 1, error_code: 0, address: 0 }) {
+                        return Some(Exit::Failed(format!("vCPU {}: re-injecting #DB: {e}", self.index)));
+                    }
+                }
                 Step::Debug { exception: 1, .. } => {
                     if self.debug.step_over {
                         self.debug.step_over = false;
@@ -165,7 +180,7 @@ impl KvmVcpu {
                         return self.singlestep_event(port, false);
                     }
                 }
-                Step::Debug { exception, pc } => {
+                Step::Debug { exception, pc, .. } => {
                     return Some(Exit::Failed(format!(
                         "vCPU {}: unexpected debug exit, exception {exception} at {pc:#x}",
                         self.index
@@ -199,7 +214,7 @@ impl KvmVcpu {
                 *w.error = 0;
                 Step::Wrmsr(w.index, w.data)
             }
-            Ok(VcpuExit::Debug(arch)) => Step::Debug { exception: arch.exception, pc: arch.pc },
+            Ok(VcpuExit::Debug(arch)) => Step::Debug { exception: arch.exception, pc: arch.pc, dr6: arch.dr6 },
             Ok(VcpuExit::Shutdown) => Step::Fatal("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into()),
             Ok(VcpuExit::InternalError) => self.internal_error(),
             Ok(other) => Step::Fatal(format!("unexpected exit {other:?}")),
@@ -240,10 +255,24 @@ impl KvmVcpu {
         Some(b[0])
     }
 
+    /// `KVM_SET_REGS`, then guest debugging again: hardware KVM forgets its
+    /// single-step flag when RIP changes under it (`singlestep_rip`).
+    fn put_regs(&mut self, regs: &kvm_bindings::kvm_regs) -> std::result::Result<(), kvm_ioctls::Error> {
+        self.fd.set_regs(regs)?;
+        if self.debug.singlestep || self.debug.step_over {
+            self.sync_debug()?;
+        }
+        Ok(())
+    }
+
     /// Applies [`KvmVcpu::debug`] with `KVM_SET_GUEST_DEBUG`.
     pub(crate) fn sync_debug(&mut self) -> std::result::Result<(), kvm_ioctls::Error> {
         let dbg = kvm_bindings::kvm_guest_debug { control: self.debug.control(), ..Default::default() };
-        self.fd.set_guest_debug(&dbg)
+        self.fd.set_guest_debug(&dbg)?;
+        if let Some(me) = self.shared.vcpu(self.index) {
+            me.debug_control.store(dbg.control, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     /// Lets KVM finish an I/O instruction the last exit left pending without
@@ -251,9 +280,9 @@ impl KvmVcpu {
     /// pending I/O first, then returns `EINTR`). Afterwards RIP is past the
     /// instruction on every kind of host.
     fn complete_pending_io(&mut self) {
-        self.fd.set_kvm_immediate_exit(1);
+        kick::set_immediate_exit(1);
         let _ = self.fd.run();
-        self.fd.set_kvm_immediate_exit(0);
+        kick::set_immediate_exit(0);
     }
 
     /// An int3 at `rip`. With the BREAKPOINT event enabled the tool decides:
@@ -286,7 +315,7 @@ impl KvmVcpu {
             let mut regs = self.fd.get_regs()?;
             if regs.rip == rip {
                 regs.rip = rip.wrapping_add(1);
-                self.fd.set_regs(&regs)?;
+                self.put_regs(&regs)?;
             }
         }
         // Hardware KVM adds the int3's length itself (soft exception).
@@ -342,7 +371,7 @@ impl KvmVcpu {
         }
         if let Ok(mut regs) = self.fd.get_regs() {
             regs.rax = if outcome.is_some() { 0 } else { (-1000i64) as u64 };
-            let _ = self.fd.set_regs(&regs);
+            let _ = self.put_regs(&regs);
         }
         None
     }
@@ -453,7 +482,7 @@ impl VcpuBackend for KvmVcpu {
         self.fd.get_regs().map(|r| regs_to_wire(&r)).map_err(io_err("KVM_GET_REGS"))
     }
     fn set_regs(&mut self, regs: &KvmRegs) -> BackendResult<()> {
-        self.fd.set_regs(&regs_from_wire(regs)).map_err(io_err("KVM_SET_REGS"))
+        self.put_regs(&regs_from_wire(regs)).map_err(io_err("KVM_SET_REGS"))
     }
     fn sregs(&mut self) -> BackendResult<KvmSregs> {
         self.fd.get_sregs().map(|s| sregs_to_wire(&s)).map_err(io_err("KVM_GET_SREGS"))

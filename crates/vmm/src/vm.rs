@@ -102,6 +102,8 @@ pub enum Exit {
 
 pub(crate) struct VcpuShared {
     pub started: AtomicBool,
+    /// The `KVM_SET_GUEST_DEBUG` control last applied (for reports).
+    pub debug_control: std::sync::atomic::AtomicU32,
     pub in_guest: AtomicBool,
     pub exits: AtomicU64,
     thread: Mutex<Option<libc::pthread_t>>,
@@ -111,9 +113,11 @@ pub(crate) struct VcpuShared {
 
 /// State shared by every thread of the VM; the endpoint's `VmBackend`.
 pub(crate) struct VmShared {
-    pub ram: GuestRam,
-    /// The VM fd, for VM-wide interception (MSR filter).
+    /// The VM fd, for VM-wide interception (MSR filter). Declared before
+    /// `ram` so that it is closed (dropping KVM's use of the memory) before
+    /// the RAM mapping goes.
     pub vm: VmFd,
+    pub ram: GuestRam,
     /// Watched MSRs (present when the host delivers MSR-write exits).
     pub msr_filter: Option<MsrFilter>,
     /// `KVM_SET_GUEST_DEBUG` works (single-step; int3 exits on hardware KVM).
@@ -176,6 +180,32 @@ impl VmShared {
                 SerialSink::Writer(w) => w.write_all(&line).and_then(|()| w.flush()),
             };
         }
+    }
+
+    /// See [`StopHandle::interceptions`].
+    pub fn interceptions(&self) -> String {
+        let msrs = self.msr_filter.as_ref().map(MsrFilter::watched).unwrap_or_default();
+        let msrs = if msrs.is_empty() {
+            "none".to_string()
+        } else {
+            msrs.iter().map(|m| format!("{m:#x}")).collect::<Vec<_>>().join(",")
+        };
+        let mut debug = Vec::new();
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let c = v.debug_control.load(Ordering::SeqCst);
+            if c != 0 {
+                let mut what = Vec::new();
+                if c & kvm_bindings::KVM_GUESTDBG_SINGLESTEP != 0 {
+                    what.push("singlestep");
+                }
+                if c & kvm_bindings::KVM_GUESTDBG_USE_SW_BP != 0 {
+                    what.push("int3");
+                }
+                debug.push(format!("vcpu{i}:{}", what.join("+")));
+            }
+        }
+        let debug = if debug.is_empty() { "none".to_string() } else { debug.join(",") };
+        format!("interceptions: msr-writes={msrs} guest-debug={debug}")
     }
 
     /// Records how the VM ended (the first reason wins) and stops every vCPU.
@@ -344,6 +374,13 @@ impl std::fmt::Debug for StopHandle {
 }
 
 impl StopHandle {
+    /// One line describing every interception in force now: the MSRs the
+    /// filter stops, guest debugging per vCPU, restricted pages. After an
+    /// unhook with cleanup, all are gone.
+    pub fn interceptions(&self) -> String {
+        self.0.interceptions()
+    }
+
     /// Asks the VM to stop; `Vm::run` then unhooks cleanly and returns.
     pub fn stop(&self) {
         let mut e = lock(&self.0.exit);
@@ -424,6 +461,7 @@ impl Vm {
             vcpus: (0..cfg.vcpus)
                 .map(|i| VcpuShared {
                     started: AtomicBool::new(i == 0),
+                    debug_control: std::sync::atomic::AtomicU32::new(0),
                     in_guest: AtomicBool::new(false),
                     exits: AtomicU64::new(0),
                     thread: Mutex::new(None),
@@ -502,14 +540,12 @@ impl Vm {
             let e = self.shared.exited.wait_while(e, |e| e.is_none()).unwrap_or_else(|p| p.into_inner());
             e.clone().unwrap_or(Exit::Stopped)
         };
-        // A connected tool is told first (if it asked) and given time to clean up.
+        // A connected tool is told first (if it asked) and given time to
+        // clean up. From here on no new tool is hooked (connection_loop
+        // checks `exit` under its lock before hooking).
         if let Some(cfg) = &self.introspect {
             if self.endpoint.is_connected() {
-                match self.endpoint.pre_unhook(cfg.unhook_timeout) {
-                    Ok(true) => (self.log)("introspector closed after UNHOOK"),
-                    Ok(false) => (self.log)("introspector did not close within the unhook timeout"),
-                    Err(_) => {}
-                }
+                self.pre_unhook(cfg.unhook_timeout);
             }
         }
         self.shared.finish(why.clone());
@@ -525,6 +561,31 @@ impl Vm {
     }
 }
 
+impl Vm {
+    /// Sends UNHOOK and waits up to `timeout` for the tool to close. A tool
+    /// that stopped reading its socket can block the send itself: then the
+    /// connection is shut down at the deadline, which ends the send.
+    fn pre_unhook(&self, timeout: Duration) {
+        let ep = &self.endpoint;
+        let log = &self.log;
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            s.spawn(move || {
+                let _ = tx.send(ep.pre_unhook(timeout));
+            });
+            match rx.recv_timeout(timeout + Duration::from_millis(500)) {
+                Ok(Ok(true)) => log("introspector closed after UNHOOK"),
+                Ok(Ok(false)) => log("introspector did not close within the unhook timeout"),
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    log("introspector is not reading its socket; closing the connection");
+                    ep.unhook();
+                }
+            }
+        });
+    }
+}
+
 /// Connects to the tool, serves it until it goes, and tries again every
 /// `reconnect`, as QEMU's `reconnect=N` chardev does. The guest never waits.
 fn connection_loop(ep: &Endpoint, sh: &VmShared, cfg: &IntrospectConfig, id: &VmIdentity, log: &dyn Fn(&str)) {
@@ -533,7 +594,16 @@ fn connection_loop(ep: &Endpoint, sh: &VmShared, cfg: &IntrospectConfig, id: &Vm
         match handshake::connect(&cfg.path, id, cfg.key.as_deref(), cfg.handshake_timeout) {
             Ok(stream) => {
                 last_err.clear();
-                if let Err(e) = ep.hook(stream) {
+                // Hook under the exit lock: once `Vm::run` has seen the VM
+                // end, no new session can start behind its back.
+                let hooked = {
+                    let exit = lock(&sh.exit);
+                    if exit.is_some() || sh.stopping() {
+                        return;
+                    }
+                    ep.hook(stream)
+                };
+                if let Err(e) = hooked {
                     log(&format!("introspection: {e}"));
                 } else {
                     log(&format!("introspector connected at {}", cfg.path.display()));

@@ -90,6 +90,24 @@ impl RunningVm {
         self.wait_serial("tick", before + 2, Duration::from_secs(20));
     }
 
+    /// The VMM's report of the interceptions in force (SIGUSR1), e.g.
+    /// `interceptions: msr-writes=none guest-debug=vcpu0:singlestep`.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn interceptions(&self) -> String {
+        let lines = |s: String| s.lines().filter(|l| l.contains("interceptions:")).map(str::to_string).collect::<Vec<_>>();
+        let before = lines(self.stderr_text()).len();
+        self.signal(libc::SIGUSR1);
+        let t0 = Instant::now();
+        loop {
+            let now = lines(self.stderr_text());
+            if now.len() > before {
+                return now[before].clone();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no interception report:\n{}", self.stderr_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits until stderr contains `needle`.
     pub fn wait_stderr(&self, needle: &str, timeout: Duration) {
         let t0 = Instant::now();
