@@ -97,3 +97,39 @@ fn sigterm_unhooks_the_tool_and_exits_cleanly() {
     assert_eq!(status.code(), Some(0), "{}", vm.stderr_text());
     assert!(vm.stderr_text().contains("introspector closed after UNHOOK"), "{}", vm.stderr_text());
 }
+
+#[test]
+fn a_tool_that_stops_reading_cannot_hang_shutdown() {
+    use std::io::Write;
+    let dir = Scratch::new("noread");
+    let sock = dir.path("kvmi.sock");
+    let intro = format!("unix:{}", sock.display());
+    let raw = UnixListener::bind(&sock).unwrap();
+    let mut vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--unhook-timeout", "1"]);
+    let (mut s, _) = raw.accept().unwrap();
+    // The handshake by hand: read the VMM's structure, answer with no cookie.
+    let mut size = [0u8; 4];
+    s.read_exact(&mut size).unwrap();
+    let mut rest = vec![0u8; u32::from_le_bytes(size) as usize - 4];
+    s.read_exact(&mut rest).unwrap();
+    let mut reply = vec![0u8; 24];
+    reply[..4].copy_from_slice(&24u32.to_le_bytes());
+    s.write_all(&reply).unwrap();
+    // Enable UNHOOK, then send commands and never read a reply, until the
+    // VMM's writes back to us block.
+    let enable = [event::UNHOOK.to_le_bytes()[0], event::UNHOOK.to_le_bytes()[1], 1, 0, 0, 0, 0, 0];
+    s.write_all(&ukvmi_wire::frame(ukvmi_wire::msg::VM_CONTROL_EVENTS, 1, &[&enable]).unwrap()).unwrap();
+    s.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+    let get_version = ukvmi_wire::frame(ukvmi_wire::msg::GET_VERSION, 2, &[]).unwrap();
+    let mut sent = 0;
+    while s.write_all(&get_version).is_ok() {
+        sent += 1;
+        assert!(sent < 1_000_000, "the VMM never stopped reading");
+    }
+    vm.wait_serial("tick", 1, T);
+    vm.signal(libc::SIGTERM);
+    let status = vm.wait_exit(T);
+    assert_eq!(status.code(), Some(0), "{}", vm.stderr_text());
+    assert!(vm.stderr_text().contains("not reading its socket"), "{}", vm.stderr_text());
+    drop(s);
+}
