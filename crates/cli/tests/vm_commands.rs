@@ -140,6 +140,9 @@ fn vcpu_commands_on_a_paused_and_a_running_vcpu() {
 fn dispatch_errors_on_a_real_vm() {
     let dir = Scratch::new("dispatch");
     let (vm, _l, tool) = start(&dir, "smp", 2, &["--allow-command", "KVMI_VM_GET_INFO", "--allow-command", "7", "--allow-command", "KVMI_VM_PAUSE_VCPU"]);
+    // Hold vCPU 0 first, so that the guest cannot start vCPU 1 while the
+    // checks below run, however slow this machine is.
+    let held = pause(&tool, 0);
     assert_eq!(code(tool.get_info()), 0);
     assert_eq!(code(tool.read_physical(0, 8)), -1, "not in --allow-command");
     assert_eq!(code(tool.vcpu_get_info(0)), -1);
@@ -153,6 +156,7 @@ fn dispatch_errors_on_a_real_vm() {
     // vCPU 1 is not started by the smp guest yet: EAGAIN, then it works.
     assert!(!vm.serial_text().contains("starting vcpus"), "the test must run before the guest starts vCPU 1");
     assert_eq!(code(tool.get_registers(1, &[])), -11);
+    tool.reply(&held, EventReply::Continue).unwrap();
     vm.wait_serial("vcpu 1 up", 1, T);
     let r = tool.get_registers(1, &[]).unwrap();
     assert_eq!(r.regs.r13, 1);
