@@ -86,7 +86,7 @@ macro_rules! guest {
     };
 }
 
-static GUESTS: [Guest; 5] = [
+static GUESTS: [Guest; 6] = [
     guest!(spin, "every vCPU started at once, loops forever at ring 0 (idles with hlt)"),
     guest!(
         smp,
@@ -95,6 +95,10 @@ static GUESTS: [Guest; 5] = [
     guest!(
         msr,
         "like spin; every 16 iterations each vCPU writes LSTAR and records what its own rdmsr then sees"
+    ),
+    guest!(
+        pf,
+        "like spin; every 4 iterations each vCPU stores, loads, straddles two data pages and calls a function on its own code page"
     ),
     guest!(poweroff, "vCPU 0 prints \"bye\" and powers off with exit status 0 (port 0xf4)"),
     guest!(poweroff7, "vCPU 0 prints \"bye\" and powers off with exit status 7 (port 0xf4)"),
@@ -159,6 +163,47 @@ pub mod layout {
     pub const MSR_TRIED_BASE: u64 = 0x30_0400;
     /// `msr` guest: u64 per vCPU, what its rdmsr saw right after the write.
     pub const MSR_SEEN_BASE: u64 = 0x30_0600;
+    /// `pf` guest: vCPU i's data page A is at `PF_DATA_BASE + i * PF_DATA_STRIDE`,
+    /// its page B (where the straddling store ends) right after it.
+    pub const PF_DATA_BASE: u64 = 0x31_0000;
+    /// `pf` guest: distance between two vCPUs' data pages (A and B each).
+    pub const PF_DATA_STRIDE: u64 = 0x2000;
+    /// `pf` guest: vCPUs from this index on only loop.
+    pub const PF_MAX_VCPUS: u16 = 8;
+    /// `pf` guest: one round of accesses every this many iterations.
+    pub const PF_EVERY: u64 = 4;
+    /// `pf` guest: the value stored at A is `PF_TAG | counter`.
+    pub const PF_TAG: u64 = 0x5046_0000_0000_0000;
+    /// `pf` guest: see [`pf_straddle_value`].
+    pub const PF_STRADDLE_TAG: u64 = 0xb000_0000_a000_0000;
+    /// `pf` guest: u64 per vCPU, the value it is about to store at A.
+    pub const PF_TRIED_BASE: u64 = 0x30_0a00;
+    /// `pf` guest: u64 per vCPU, what its load of A then read.
+    pub const PF_SEEN_BASE: u64 = 0x30_0a40;
+    /// `pf` guest: u64 per vCPU, the value it is about to store at A + 0xffc.
+    pub const PF_STRADDLE_TRIED_BASE: u64 = 0x30_0a80;
+    /// `pf` guest: u64 per vCPU, what its load of A + 0xffc then read.
+    pub const PF_STRADDLE_SEEN_BASE: u64 = 0x30_0ac0;
+    /// `pf` guest: u64 per vCPU, how many times `pf_func` ran to its end.
+    pub const PF_EXEC_COUNT_BASE: u64 = 0x30_0b00;
+    /// `pf` guest: u64 per vCPU, completed rounds.
+    pub const PF_ROUNDS_BASE: u64 = 0x30_0b40;
+
+    /// `pf` guest: vCPU `vcpu`'s data page A.
+    #[must_use]
+    pub const fn pf_data_addr(vcpu: u16) -> u64 {
+        PF_DATA_BASE + vcpu as u64 * PF_DATA_STRIDE
+    }
+
+    /// `pf` guest: the straddling store's value for loop counter `counter`:
+    /// low half `0xa000_0000 | c`, high half `0xb000_0000 | c`, with
+    /// `c = counter & 0x0fff_ffff`.
+    #[must_use]
+    pub const fn pf_straddle_value(counter: u64) -> u64 {
+        let c = counter & 0x0fff_ffff;
+        PF_STRADDLE_TAG | c << 32 | c
+    }
+
     /// u32 spinlock serialising serial output (0 free, 1 taken).
     pub const PRINT_LOCK: u64 = 0x3f_f000;
     /// A non-identity mapping the VMM adds (guests never use it), so that
@@ -233,6 +278,12 @@ pub mod layout {
         assert!(STACK_TOP <= LOAD_ADDR);
         assert!(pattern_addr(MAX_VCPUS) <= COUNTER_BASE);
         assert!(counter_addr(MAX_VCPUS) <= PRINT_LOCK);
+        // pf: counters in 0x300a00..0x300c00, data pages in 0x310000..0x320000.
+        assert!(counter_addr(MAX_VCPUS) <= PF_TRIED_BASE);
+        assert!(MSR_SEEN_BASE + 8 * MAX_VCPUS as u64 <= PF_TRIED_BASE);
+        assert!(PF_ROUNDS_BASE + 8 * PF_MAX_VCPUS as u64 <= 0x30_0c00);
+        assert!(pf_data_addr(PF_MAX_VCPUS) <= 0x32_0000);
+        assert!(PF_EVERY.is_power_of_two());
         assert!(PRINT_LOCK + 4 <= MIN_MEM_SIZE);
         assert!(MIN_MEM_SIZE <= IDENTITY_MAP_SIZE);
         assert!(TICK_EVERY.is_power_of_two());
@@ -252,7 +303,7 @@ mod tests {
     use super::layout::*;
     use super::*;
 
-    const NAMES: [&str; 5] = ["spin", "smp", "msr", "poweroff", "poweroff7"];
+    const NAMES: [&str; 6] = ["spin", "smp", "msr", "pf", "poweroff", "poweroff7"];
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
         hay.windows(needle.len()).any(|w| w == needle)
@@ -351,6 +402,20 @@ mod tests {
     }
 
     #[test]
+    fn pf_guest_function_has_its_own_page() {
+        let g = find("pf").unwrap();
+        let f = g.symbol("pf_func").unwrap();
+        assert_eq!(f % 4096, 0);
+        assert!(g.symbol("pf_func_ret").unwrap() < f + 4096);
+        assert!(g.symbols.iter().all(|&(n, a)| a < f || a >= f + 4096 || n.starts_with("pf_func")));
+        assert!(g.end() >= f + 4096, "the page is padded to its end");
+        assert_eq!(g.symbolize(g.symbol("pf_store").unwrap()), Some(("pf_store", 0)));
+        assert_eq!(pf_straddle_value(0x1234), 0xb000_1234_a000_1234);
+        assert_eq!(pf_straddle_value(0x1000_0001), 0xb000_0001_a000_0001);
+        assert_eq!(pf_data_addr(1), 0x31_2000);
+    }
+
+    #[test]
     fn exit_status_bytes() {
         for (name, status) in [("poweroff", 0u8), ("poweroff7", 7)] {
             let g = find(name).unwrap();
@@ -417,5 +482,17 @@ mod tests {
         assert_eq!(define("MSR_EVERY"), MSR_EVERY);
         assert_eq!(define("MSR_TRIED_BASE"), MSR_TRIED_BASE);
         assert_eq!(define("MSR_SEEN_BASE"), MSR_SEEN_BASE);
+        assert_eq!(define("PF_DATA_BASE"), PF_DATA_BASE);
+        assert_eq!(define("PF_DATA_STRIDE"), PF_DATA_STRIDE);
+        assert_eq!(define("PF_MAX_VCPUS"), u64::from(PF_MAX_VCPUS));
+        assert_eq!(define("PF_EVERY"), PF_EVERY);
+        assert_eq!(define("PF_TAG"), PF_TAG);
+        assert_eq!(define("PF_STRADDLE_TAG"), PF_STRADDLE_TAG);
+        assert_eq!(define("PF_TRIED_BASE"), PF_TRIED_BASE);
+        assert_eq!(define("PF_SEEN_BASE"), PF_SEEN_BASE);
+        assert_eq!(define("PF_STRADDLE_TRIED_BASE"), PF_STRADDLE_TRIED_BASE);
+        assert_eq!(define("PF_STRADDLE_SEEN_BASE"), PF_STRADDLE_SEEN_BASE);
+        assert_eq!(define("PF_EXEC_COUNT_BASE"), PF_EXEC_COUNT_BASE);
+        assert_eq!(define("PF_ROUNDS_BASE"), PF_ROUNDS_BASE);
     }
 }

@@ -4,9 +4,10 @@
 use crate::error::{Error, Result};
 use crate::kick;
 use crate::memory::GuestRam;
-use crate::vcpu::KvmVcpu;
+use crate::vcpu::{Debug, KvmVcpu, PfState};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use crate::msr_filter::{self, MsrFilter};
+use crate::page_access::{self, PageAccess};
 use kvm_ioctls::{Kvm, VmFd};
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ukvmi_endpoint::handshake::{self, VmIdentity};
-use ukvmi_endpoint::{BackendResult, Endpoint, HostCaps, Permissions, VmBackend};
+use ukvmi_endpoint::{BackendResult, Endpoint, HostCaps, PageAccessOps, Permissions, VmBackend};
 use ukvmi_guests::{layout, Guest};
 use ukvmi_wire::{event, msg};
 
@@ -116,6 +117,9 @@ pub(crate) struct VmShared {
     pub vm: VmFd,
     /// Watched MSRs (present when the host delivers MSR-write exits).
     pub msr_filter: Option<MsrFilter>,
+    /// Page restrictions (present when the host has read-only memslots and
+    /// guest debug, see `page_access`).
+    pub page_access: Option<PageAccess>,
     pub entry: u64,
     vcpus: Vec<VcpuShared>,
     caps: HostCaps,
@@ -231,17 +235,41 @@ impl VmBackend for VmShared {
     fn caps(&self) -> HostCaps {
         self.caps
     }
+
+    fn support_page_access(&self) -> Option<&dyn PageAccessOps> {
+        self.page_access.is_some().then_some(self as &dyn PageAccessOps)
+    }
+}
+
+impl PageAccessOps for VmShared {
+    fn set_page_access(&self, gpa: u64, access: u8) -> BackendResult<()> {
+        let pa = self.page_access.as_ref().ok_or(ukvmi_endpoint::BackendError::NotSupported)?;
+        pa.set_with(&self.vm, gpa, access)
+    }
+
+    fn clear_page_access(&self) {
+        if let Some(pa) = &self.page_access {
+            if let Err(e) = pa.clear_with(&self.vm) {
+                // Nothing to answer to (unhook); the guest may now fault on
+                // RAM it should see, so say it loudly.
+                eprintln!("ukvmi: removing page restrictions failed: {e}");
+            }
+        }
+    }
 }
 
 /// What this host can do through stock KVM, decided by probing. What is
 /// missing answers `-KVM_EOPNOTSUPP` up front, never failing later.
-fn host_caps(msr_events: bool) -> HostCaps {
+fn host_caps(msr_events: bool, page_access: bool) -> HostCaps {
     let mut caps = HostCaps::full();
-    for id in [msg::VCPU_CONTROL_CR, msg::VCPU_INJECT_EXCEPTION, msg::VCPU_CONTROL_SINGLESTEP, msg::VM_SET_PAGE_ACCESS] {
+    for id in [msg::VCPU_CONTROL_CR, msg::VCPU_INJECT_EXCEPTION, msg::VCPU_CONTROL_SINGLESTEP] {
         caps = caps.without_command(id);
     }
+    if !page_access {
+        caps = caps.without_command(msg::VM_SET_PAGE_ACCESS);
+    }
     for id in event::VCPU_EVENTS {
-        let have = id == event::PAUSE || (id == event::MSR && msr_events);
+        let have = id == event::PAUSE || (id == event::MSR && msr_events) || (id == event::PF && page_access);
         if !have {
             caps = caps.without_event(id);
         }
@@ -360,6 +388,7 @@ impl Vm {
         // SAFETY: the region is RAM's own mapping, which lives in `shared`
         // as long as the VM fd's users (the vCPU threads) run.
         unsafe { vmfd.set_user_memory_region(region) }.map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        let page_access = page_access::probe(&kvm, &vmfd, region.userspace_addr, ram.size()).map_err(Error::Config)?;
         write_tables(&ram)?;
         let entry = load(&ram, &cfg.image)?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -374,6 +403,8 @@ impl Vm {
             ram,
             vm: vmfd,
             msr_filter: msr_events.then(MsrFilter::default),
+            caps: host_caps(msr_events, page_access.is_some()),
+            page_access,
             entry,
             vcpus: (0..cfg.vcpus)
                 .map(|i| VcpuShared {
@@ -385,7 +416,6 @@ impl Vm {
                     woken: Condvar::new(),
                 })
                 .collect(),
-            caps: host_caps(msr_events),
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
             exited: Condvar::new(),
@@ -409,7 +439,14 @@ impl Vm {
         for (i, fd) in fds.into_iter().enumerate() {
             let index = i as u16;
             let port = endpoint.vcpu_port(index).ok_or_else(|| Error::Config("vCPU port".into()))?;
-            let v = KvmVcpu { fd, index, shared: Arc::clone(&shared), cpuid: cpuid.clone() };
+            let v = KvmVcpu {
+                fd,
+                index,
+                shared: Arc::clone(&shared),
+                cpuid: cpuid.clone(),
+                debug: Debug::default(),
+                pf: PfState::default(),
+            };
             let sh = Arc::clone(&shared);
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
