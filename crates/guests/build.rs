@@ -47,6 +47,11 @@ const GUESTS: &[GuestSrc] = &[
         defines: &[],
     },
     GuestSrc {
+        name: "pf",
+        src: "pf.S",
+        defines: &[],
+    },
+    GuestSrc {
         name: "poweroff",
         src: "poweroff.S",
         defines: &[("EXIT_STATUS", "0")],

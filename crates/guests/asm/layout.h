@@ -72,3 +72,19 @@
 #define BENCH_INT3       3
 #define BENCH_PF         4
 #define BENCH_SPIN       5
+/* pf guest: every PF_EVERY iterations vCPU i < PF_MAX_VCPUS stores, loads,
+ * does a page-straddling store and load on its data pages A = PF_DATA_BASE +
+ * i*PF_DATA_STRIDE and B = A + 0x1000, then calls pf_func (own code page);
+ * what it tried and saw goes to the u64 arrays below, at +i*8. */
+#define PF_DATA_BASE            0x310000
+#define PF_DATA_STRIDE          0x2000
+#define PF_MAX_VCPUS            8
+#define PF_EVERY                4
+#define PF_TAG                  0x5046000000000000
+#define PF_STRADDLE_TAG         0xb0000000a0000000
+#define PF_TRIED_BASE           0x300a00
+#define PF_SEEN_BASE            0x300a40
+#define PF_STRADDLE_TRIED_BASE  0x300a80
+#define PF_STRADDLE_SEEN_BASE   0x300ac0
+#define PF_EXEC_COUNT_BASE      0x300b00
+#define PF_ROUNDS_BASE          0x300b40

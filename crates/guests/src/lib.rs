@@ -86,7 +86,7 @@ macro_rules! guest {
     };
 }
 
-static GUESTS: [Guest; 7] = [
+static GUESTS: [Guest; 8] = [
     guest!(spin, "every vCPU started at once, loops forever at ring 0 (idles with hlt)"),
     guest!(
         smp,
@@ -103,6 +103,10 @@ static GUESTS: [Guest; 7] = [
     guest!(
         bench,
         "for benchmarks, with an IDT: vCPU 0 runs the tight loop (out, wrmsr, int3, page write, spin or hlt) that the mode word at BENCH_MODE selects"
+    ),
+    guest!(
+        pf,
+        "like spin; every 4 iterations each vCPU stores, loads, straddles two data pages and calls a function on its own code page"
     ),
     guest!(poweroff, "vCPU 0 prints \"bye\" and powers off with exit status 0 (port 0xf4)"),
     guest!(poweroff7, "vCPU 0 prints \"bye\" and powers off with exit status 7 (port 0xf4)"),
@@ -227,6 +231,47 @@ pub mod layout {
         EXC_INFO_BASE + vcpu as u64 * EXC_INFO_SIZE
     }
 
+    /// `pf` guest: vCPU i's data page A is at `PF_DATA_BASE + i * PF_DATA_STRIDE`,
+    /// its page B (where the straddling store ends) right after it.
+    pub const PF_DATA_BASE: u64 = 0x31_0000;
+    /// `pf` guest: distance between two vCPUs' data pages (A and B each).
+    pub const PF_DATA_STRIDE: u64 = 0x2000;
+    /// `pf` guest: vCPUs from this index on only loop.
+    pub const PF_MAX_VCPUS: u16 = 8;
+    /// `pf` guest: one round of accesses every this many iterations.
+    pub const PF_EVERY: u64 = 4;
+    /// `pf` guest: the value stored at A is `PF_TAG | counter`.
+    pub const PF_TAG: u64 = 0x5046_0000_0000_0000;
+    /// `pf` guest: see [`pf_straddle_value`].
+    pub const PF_STRADDLE_TAG: u64 = 0xb000_0000_a000_0000;
+    /// `pf` guest: u64 per vCPU, the value it is about to store at A.
+    pub const PF_TRIED_BASE: u64 = 0x30_0a00;
+    /// `pf` guest: u64 per vCPU, what its load of A then read.
+    pub const PF_SEEN_BASE: u64 = 0x30_0a40;
+    /// `pf` guest: u64 per vCPU, the value it is about to store at A + 0xffc.
+    pub const PF_STRADDLE_TRIED_BASE: u64 = 0x30_0a80;
+    /// `pf` guest: u64 per vCPU, what its load of A + 0xffc then read.
+    pub const PF_STRADDLE_SEEN_BASE: u64 = 0x30_0ac0;
+    /// `pf` guest: u64 per vCPU, how many times `pf_func` ran to its end.
+    pub const PF_EXEC_COUNT_BASE: u64 = 0x30_0b00;
+    /// `pf` guest: u64 per vCPU, completed rounds.
+    pub const PF_ROUNDS_BASE: u64 = 0x30_0b40;
+
+    /// `pf` guest: vCPU `vcpu`'s data page A.
+    #[must_use]
+    pub const fn pf_data_addr(vcpu: u16) -> u64 {
+        PF_DATA_BASE + vcpu as u64 * PF_DATA_STRIDE
+    }
+
+    /// `pf` guest: the straddling store's value for loop counter `counter`:
+    /// low half `0xa000_0000 | c`, high half `0xb000_0000 | c`, with
+    /// `c = counter & 0x0fff_ffff`.
+    #[must_use]
+    pub const fn pf_straddle_value(counter: u64) -> u64 {
+        let c = counter & 0x0fff_ffff;
+        PF_STRADDLE_TAG | c << 32 | c
+    }
+
     /// u32 spinlock serialising serial output (0 free, 1 taken).
     pub const PRINT_LOCK: u64 = 0x3f_f000;
     /// A non-identity mapping the VMM adds (guests never use it), so that
@@ -301,6 +346,12 @@ pub mod layout {
         assert!(STACK_TOP <= LOAD_ADDR);
         assert!(pattern_addr(MAX_VCPUS) <= COUNTER_BASE);
         assert!(counter_addr(MAX_VCPUS) <= PRINT_LOCK);
+        // pf: counters in 0x300a00..0x300c00, data pages in 0x310000..0x320000.
+        assert!(counter_addr(MAX_VCPUS) <= PF_TRIED_BASE);
+        assert!(MSR_SEEN_BASE + 8 * MAX_VCPUS as u64 <= PF_TRIED_BASE);
+        assert!(PF_ROUNDS_BASE + 8 * PF_MAX_VCPUS as u64 <= 0x30_0c00);
+        assert!(pf_data_addr(PF_MAX_VCPUS) <= 0x32_0000);
+        assert!(PF_EVERY.is_power_of_two());
         assert!(PRINT_LOCK + 4 <= MIN_MEM_SIZE);
         assert!(IDT_ADDR + 32 * 16 <= EXC_COUNT_BASE && EXC_COUNT_BASE + 32 * 8 <= EXC_INFO_BASE);
         assert!(exc_info_addr(MAX_VCPUS) <= HC_RESULT_BASE);
@@ -327,7 +378,7 @@ mod tests {
     use super::layout::*;
     use super::*;
 
-    const NAMES: [&str; 7] = ["spin", "smp", "msr", "traps", "bench", "poweroff", "poweroff7"];
+    const NAMES: [&str; 8] = ["spin", "smp", "msr", "traps", "bench", "pf", "poweroff", "poweroff7"];
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
         hay.windows(needle.len()).any(|w| w == needle)
@@ -423,6 +474,20 @@ mod tests {
         assert!(find("spin").unwrap().symbol("spin_loop").is_some());
         let smp = find("smp").unwrap();
         assert!(smp.symbol("smp_warmup").unwrap() < smp.symbol("smp_loop").unwrap());
+    }
+
+    #[test]
+    fn pf_guest_function_has_its_own_page() {
+        let g = find("pf").unwrap();
+        let f = g.symbol("pf_func").unwrap();
+        assert_eq!(f % 4096, 0);
+        assert!(g.symbol("pf_func_ret").unwrap() < f + 4096);
+        assert!(g.symbols.iter().all(|&(n, a)| a < f || a >= f + 4096 || n.starts_with("pf_func")));
+        assert!(g.end() >= f + 4096, "the page is padded to its end");
+        assert_eq!(g.symbolize(g.symbol("pf_store").unwrap()), Some(("pf_store", 0)));
+        assert_eq!(pf_straddle_value(0x1234), 0xb000_1234_a000_1234);
+        assert_eq!(pf_straddle_value(0x1000_0001), 0xb000_0001_a000_0001);
+        assert_eq!(pf_data_addr(1), 0x31_2000);
     }
 
     #[test]
@@ -536,5 +601,17 @@ mod tests {
         ] {
             assert_eq!(define(name), v, "{name}");
         }
+        assert_eq!(define("PF_DATA_BASE"), PF_DATA_BASE);
+        assert_eq!(define("PF_DATA_STRIDE"), PF_DATA_STRIDE);
+        assert_eq!(define("PF_MAX_VCPUS"), u64::from(PF_MAX_VCPUS));
+        assert_eq!(define("PF_EVERY"), PF_EVERY);
+        assert_eq!(define("PF_TAG"), PF_TAG);
+        assert_eq!(define("PF_STRADDLE_TAG"), PF_STRADDLE_TAG);
+        assert_eq!(define("PF_TRIED_BASE"), PF_TRIED_BASE);
+        assert_eq!(define("PF_SEEN_BASE"), PF_SEEN_BASE);
+        assert_eq!(define("PF_STRADDLE_TRIED_BASE"), PF_STRADDLE_TRIED_BASE);
+        assert_eq!(define("PF_STRADDLE_SEEN_BASE"), PF_STRADDLE_SEEN_BASE);
+        assert_eq!(define("PF_EXEC_COUNT_BASE"), PF_EXEC_COUNT_BASE);
+        assert_eq!(define("PF_ROUNDS_BASE"), PF_ROUNDS_BASE);
     }
 }

@@ -7,6 +7,8 @@
 //! * `vcpu`: one thread per vCPU; runs KVMI jobs between guest entries and
 //!   implements `VcpuBackend` with vCPU ioctls on its own thread.
 //! * `kick`: signal + `immediate_exit` to pull a vCPU out of `KVM_RUN`.
+//! * `page_access`: page restrictions (`KVMI_VM_SET_PAGE_ACCESS`) as a
+//!   memslot layout; the vCPU side of the PF event is in `vcpu`.
 //!
 //! Guests follow the ABI of `ukvmi-guests`: entered in 64-bit ring 0 with
 //! identity paging, serial at 0x3f8, power-off at 0xf4, "start vCPU" at 0x600.
@@ -18,6 +20,7 @@ mod kick;
 mod loader;
 mod memory;
 mod msr_filter;
+mod page_access;
 mod vcpu;
 mod vm;
 

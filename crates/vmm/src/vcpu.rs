@@ -4,6 +4,7 @@
 use crate::convert::{regs_from_wire, regs_to_wire, sregs_to_wire};
 use crate::error::{Error, Result};
 use crate::kick;
+use crate::page_access::ExecToken;
 use crate::vm::{Exit, VmShared};
 use kvm_bindings::{kvm_msr_entry, kvm_segment, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -14,7 +15,7 @@ use ukvmi_endpoint::{
     BackendError, BackendResult, CpuidOps, EventPayload, Exception, Flow, InjectOps, InterceptOps, MtrrOps,
     SinglestepOps, TranslateOps, VcpuBackend, VcpuPort, VmBackend, XstateOps,
 };
-use ukvmi_wire::{msg, Action};
+use ukvmi_wire::{access, msg, Action};
 use ukvmi_guests::layout;
 use ukvmi_wire::{KvmRegs, KvmSregs, KvmXsave};
 
@@ -41,6 +42,17 @@ enum Step {
     /// An emulation failure on an `int3` (0xCC) at `rip`: how a ring-0 int3
     /// shows up where KVM emulates ring 0 (PVM). No #BP was delivered.
     Int3 { rip: u64 },
+    /// `KVM_EXIT_MMIO` read (gpa, length): the instruction waits for the
+    /// data until the next `KVM_RUN`.
+    MmioRead(u64, usize),
+    /// `KVM_EXIT_MMIO` write (gpa, data, length): the instruction is done
+    /// (RIP is past it), its memory effect is not.
+    MmioWrite(u64, [u8; 8], usize),
+    /// An instruction fetch from a RAM page without a memslot (emulation
+    /// failure): RIP and the gpa of the page that has no slot.
+    Fetch { gva: u64, gpa: u64 },
+    /// The one-instruction step over a fetch fault is done.
+    SteppedOver,
     Fatal(String),
 }
 
@@ -79,6 +91,20 @@ impl Debug {
     }
 }
 
+/// This vCPU's part of page-access handling (the PF event).
+#[derive(Default)]
+pub(crate) struct PfState {
+    /// An MMIO read that KVM still waits for: (gpa, length).
+    read_pending: Option<(u64, usize)>,
+    /// SET_REGISTERS was applied during the current PF event.
+    regs_set: bool,
+    /// An exit that came out of `KVM_RUN` while completing a pending read
+    /// early (in `set_regs`); handled before the next guest entry.
+    deferred: Option<Step>,
+    /// Pages mapped back for the current step over a fetch fault.
+    exec: Vec<ExecToken>,
+}
+
 /// The vCPU thread's own state.
 pub(crate) struct KvmVcpu {
     pub fd: VcpuFd,
@@ -87,6 +113,8 @@ pub(crate) struct KvmVcpu {
     pub cpuid: CpuId,
     /// What guest debugging is switched on.
     pub debug: Debug,
+    /// Page-access (PF) handling state.
+    pub pf: PfState,
 }
 
 fn io_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> BackendError {
@@ -187,6 +215,26 @@ impl KvmVcpu {
                     )))
                 }
                 Step::Int3 { rip } => return self.breakpoint(port, rip, true),
+                Step::MmioRead(gpa, len) => {
+                    if let Some(end) = self.mmio_read(port, gpa, len) {
+                        return Some(end);
+                    }
+                }
+                Step::MmioWrite(gpa, data, len) => {
+                    if let Some(end) = self.mmio_write(port, gpa, &data, len) {
+                        return Some(end);
+                    }
+                }
+                Step::Fetch { gva, gpa } => {
+                    if let Some(end) = self.fetch(port, gva, gpa) {
+                        return Some(end);
+                    }
+                }
+                Step::SteppedOver => {
+                    if let Some(end) = self.step_over_done() {
+                        return Some(end);
+                    }
+                }
                 Step::Fatal(why) => return Some(Exit::Failed(format!("vCPU {}: {why}", self.index))),
             }
         }
@@ -195,6 +243,9 @@ impl KvmVcpu {
 
     /// One `KVM_RUN`, with the exit copied out.
     fn enter(&mut self) -> Step {
+        if let Some(step) = self.pf.deferred.take() {
+            return step;
+        }
         let step = match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 let mut v = [0u8; 4];
@@ -214,9 +265,18 @@ impl KvmVcpu {
                 *w.error = 0;
                 Step::Wrmsr(w.index, w.data)
             }
+            Ok(VcpuExit::MmioRead(gpa, data)) => Step::MmioRead(gpa, data.len()),
+            Ok(VcpuExit::MmioWrite(gpa, data)) => {
+                let mut v = [0u8; 8];
+                for (d, s) in v.iter_mut().zip(data.iter()) {
+                    *d = *s;
+                }
+                Step::MmioWrite(gpa, v, data.len().min(8))
+            }
+            Ok(VcpuExit::Debug(_)) if self.debug.step_over => Step::SteppedOver,
             Ok(VcpuExit::Debug(arch)) => Step::Debug { exception: arch.exception, pc: arch.pc, dr6: arch.dr6 },
             Ok(VcpuExit::Shutdown) => Step::Fatal("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into()),
-            Ok(VcpuExit::InternalError) => self.internal_error(),
+            Ok(VcpuExit::InternalError) => self.fetch_fault().unwrap_or_else(|| self.internal_error()),
             Ok(other) => Step::Fatal(format!("unexpected exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kicked,
             Err(e) => Step::Fatal(format!("KVM_RUN failed: {e}")),
@@ -279,10 +339,16 @@ impl KvmVcpu {
     /// running any further guest code (`immediate_exit`: KVM completes
     /// pending I/O first, then returns `EINTR`). Afterwards RIP is past the
     /// instruction on every kind of host.
+    /// If finishing the instruction produced another exit instead (the
+    /// write half of a read-modify-write, a single step), that exit is kept
+    /// and handled before the next entry.
     fn complete_pending_io(&mut self) {
         kick::set_immediate_exit(1);
-        let _ = self.fd.run();
+        let step = self.enter();
         kick::set_immediate_exit(0);
+        if !matches!(step, Step::Kicked) {
+            self.pf.deferred = Some(step);
+        }
     }
 
     /// An int3 at `rip`. With the BREAKPOINT event enabled the tool decides:
@@ -400,6 +466,167 @@ impl KvmVcpu {
         None
     }
 
+    // ---- Page access (PF event). Restrictions live in `page_access` as a
+    // memslot layout; these handlers serve the exits it causes. ----
+
+    /// `KVM_EXIT_MMIO` read. Outside RAM: all ones. A page whose reads are
+    /// allowed (or a page between two memslot updates): its RAM. A page
+    /// whose reads are removed: the PF event first. CONTINUE supplies the
+    /// RAM's current value; RETRY supplies it if the tool has allowed reads
+    /// meanwhile, else the event comes again (re-executing would fault
+    /// again). SET_REGISTERS during the event completes the read first (see
+    /// `set_regs`); the tool's registers then replace the result.
+    fn mmio_read(&mut self, port: &VcpuPort, gpa: u64, len: usize) -> Option<Exit> {
+        self.pf.read_pending = Some((gpa, len));
+        let shared = Arc::clone(&self.shared);
+        if let Some(pa) = &shared.page_access {
+            while pa.allowed(gpa) & access::R == 0 {
+                self.pf.regs_set = false;
+                let outcome = port.raise(self, EventPayload::Pf { gva: u64::MAX, gpa, access: access::R });
+                if self.pf.read_pending.is_none() {
+                    break; // completed by set_regs
+                }
+                match outcome.map(|o| o.action) {
+                    None | Some(Action::Continue) => break,
+                    Some(Action::Crash) => return Some(self.pf_crash(gpa, "read")),
+                    Some(_) => {} // RETRY: check again
+                }
+            }
+        }
+        if let Some((gpa, len)) = self.pf.read_pending.take() {
+            self.supply_read(gpa, len);
+        }
+        None
+    }
+
+    /// `KVM_EXIT_MMIO` write: the instruction has retired (RIP is past it),
+    /// only its memory effect is held. Outside RAM: ignored. A page whose
+    /// writes are allowed: written. Writes removed: the PF event first
+    /// (`gva` unknown, all ones). CONTINUE writes. RETRY cannot re-execute
+    /// a retired instruction, so: if the tool sent SET_REGISTERS during the
+    /// event it has redirected the vCPU and the write is dropped (RIP was
+    /// already past the store, so writing the registers back unchanged
+    /// "skips" it); else if the page now allows writes, the write is done
+    /// (what re-executing would do); else the event comes again.
+    fn mmio_write(&mut self, port: &VcpuPort, gpa: u64, data: &[u8; 8], len: usize) -> Option<Exit> {
+        let bytes = data.get(..len).unwrap_or(data);
+        let shared = Arc::clone(&self.shared);
+        if let Some(pa) = &shared.page_access {
+            while pa.allowed(gpa) & access::W == 0 {
+                self.pf.regs_set = false;
+                match port.raise(self, EventPayload::Pf { gva: u64::MAX, gpa, access: access::W }).map(|o| o.action) {
+                    None | Some(Action::Continue) => break,
+                    Some(Action::Crash) => return Some(self.pf_crash(gpa, "write")),
+                    Some(_) if self.pf.regs_set => return None, // RETRY after SET_REGISTERS: dropped
+                    Some(_) => {}                               // RETRY: check again
+                }
+            }
+        }
+        // Outside RAM (real MMIO) the write goes nowhere.
+        let _ = shared.ram.write(gpa, bytes);
+        None
+    }
+
+    /// An emulation failure: ours if the instruction at RIP (which may
+    /// cross into the next page) touches a RAM page that has no memslot.
+    fn fetch_fault(&mut self) -> Option<Step> {
+        let pa = self.shared.page_access.as_ref()?;
+        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal`
+        // is the active member of the exit union; it is plain data.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        if suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+            return None;
+        }
+        let rip = self.fd.get_regs().ok()?.rip;
+        // An instruction is at most 15 bytes long.
+        let next_page = (rip | 0xfff).wrapping_add(1);
+        let pages = [Some(rip), (rip.wrapping_add(14) >= next_page).then_some(next_page)];
+        for gva in pages.into_iter().flatten() {
+            let t = self.fd.translate_gva(gva).ok()?;
+            if t.valid == 0 {
+                continue;
+            }
+            if pa.state(t.physical_address).is_some_and(|s| !s.mapped) {
+                return Some(Step::Fetch { gva: rip, gpa: t.physical_address });
+            }
+        }
+        None
+    }
+
+    /// A fetch from a page without a memslot. Fetches removed: the PF event
+    /// (gva = RIP). CONTINUE (or no event) maps the page back, lets exactly
+    /// one instruction run (guest single-step), then restores the
+    /// protection (`step_over_done`). RETRY re-enters: unless the tool
+    /// relaxed the page or moved RIP, the fetch faults again and so the
+    /// event comes again. A page that only lost reads executes the same way
+    /// without an event; a page that has its slot again (an update just
+    /// finished) simply runs.
+    fn fetch(&mut self, port: &VcpuPort, gva: u64, gpa: u64) -> Option<Exit> {
+        let shared = Arc::clone(&self.shared);
+        let pa = shared.page_access.as_ref()?;
+        let state = pa.state(gpa)?;
+        if state.mapped {
+            return None;
+        }
+        if state.allowed & access::X == 0 {
+            match port.raise(self, EventPayload::Pf { gva, gpa, access: access::X }).map(|o| o.action) {
+                None | Some(Action::Continue) => {}
+                Some(Action::Crash) => return Some(self.pf_crash(gpa, "fetch")),
+                Some(_) => return None, // RETRY
+            }
+            if pa.state(gpa).is_none_or(|s| s.mapped) {
+                return None; // the tool relaxed the page meanwhile
+            }
+        }
+        match pa.begin_exec(&shared.vm, gpa) {
+            Ok(token) => self.pf.exec.push(token),
+            Err(e) => return Some(Exit::Failed(format!("vCPU {}: mapping gpa {gpa:#x} back: {e}", self.index))),
+        }
+        self.debug.step_over = true;
+        if let Err(e) = self.sync_debug() {
+            return Some(Exit::Failed(format!("vCPU {}: KVM_SET_GUEST_DEBUG: {e}", self.index)));
+        }
+        None
+    }
+
+    /// The instruction stepped over a fetch fault has run: stop stepping
+    /// and unmap the page(s) again.
+    fn step_over_done(&mut self) -> Option<Exit> {
+        self.debug.step_over = false;
+        let synced = self.sync_debug();
+        let shared = Arc::clone(&self.shared);
+        if let Some(pa) = &shared.page_access {
+            for token in self.pf.exec.drain(..) {
+                if let Err(e) = pa.end_exec(&shared.vm, token) {
+                    return Some(Exit::Failed(format!("vCPU {}: restoring a page restriction: {e}", self.index)));
+                }
+            }
+        }
+        synced.err().map(|e| Exit::Failed(format!("vCPU {}: KVM_SET_GUEST_DEBUG: {e}", self.index)))
+    }
+
+    fn pf_crash(&self, gpa: u64, what: &str) -> Exit {
+        Exit::Crashed(format!(
+            "the introspector answered CRASH to a PF event ({what} at gpa {gpa:#x}) on vCPU {}",
+            self.index
+        ))
+    }
+
+    /// Gives KVM the data of the pending MMIO read: RAM, or all ones
+    /// outside RAM.
+    fn supply_read(&mut self, gpa: u64, len: usize) {
+        let mut buf = [0xffu8; 8];
+        let n = len.min(8);
+        if let Some(b) = buf.get_mut(..n) {
+            if self.shared.ram.read(gpa, b).is_err() {
+                b.fill(0xff);
+            }
+        }
+        // The last exit was KVM_EXIT_MMIO (a read is pending), so `mmio` is
+        // the active member of the exit union until the next KVM_RUN.
+        self.fd.get_kvm_run().__bindgen_anon_1.mmio.data = buf;
+    }
+
     fn io_out(&mut self, vport: &VcpuPort, port: u16, value: u32) -> Option<Exit> {
         match port {
             layout::PORT_HYPERCALL => return self.hypercall(vport),
@@ -482,6 +709,14 @@ impl VcpuBackend for KvmVcpu {
         self.fd.get_regs().map(|r| regs_to_wire(&r)).map_err(io_err("KVM_GET_REGS"))
     }
     fn set_regs(&mut self, regs: &KvmRegs) -> BackendResult<()> {
+        self.pf.regs_set = true;
+        // KVM_SET_REGS must not meet an instruction half done: finish a
+        // pending MMIO read (with the RAM's data) before the tool's
+        // registers replace the result; `mmio_read` then knows it is done.
+        if let Some((gpa, len)) = self.pf.read_pending.take() {
+            self.supply_read(gpa, len);
+            self.complete_pending_io();
+        }
         self.put_regs(&regs_from_wire(regs)).map_err(io_err("KVM_SET_REGS"))
     }
     fn sregs(&mut self) -> BackendResult<KvmSregs> {

@@ -4,9 +4,10 @@
 use crate::error::{Error, Result};
 use crate::kick;
 use crate::memory::GuestRam;
-use crate::vcpu::KvmVcpu;
+use crate::vcpu::{Debug, KvmVcpu, PfState};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use crate::msr_filter::{self, MsrFilter};
+use crate::page_access::{self, PageAccess};
 use kvm_ioctls::{Kvm, VmFd};
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ukvmi_endpoint::handshake::{self, VmIdentity};
-use ukvmi_endpoint::{BackendResult, Endpoint, HostCaps, Permissions, VmBackend};
+use ukvmi_endpoint::{BackendResult, Endpoint, HostCaps, PageAccessOps, Permissions, VmBackend};
 use ukvmi_guests::{layout, Guest};
 use ukvmi_wire::{event, msg};
 
@@ -122,6 +123,9 @@ pub(crate) struct VmShared {
     pub msr_filter: Option<MsrFilter>,
     /// `KVM_SET_GUEST_DEBUG` works (single-step; int3 exits on hardware KVM).
     pub guest_debug: bool,
+    /// Page restrictions (present when the host has read-only memslots and
+    /// guest debug, see `page_access`).
+    pub page_access: Option<PageAccess>,
     pub entry: u64,
     vcpus: Vec<VcpuShared>,
     caps: HostCaps,
@@ -263,6 +267,27 @@ impl VmBackend for VmShared {
     fn caps(&self) -> HostCaps {
         self.caps
     }
+
+    fn support_page_access(&self) -> Option<&dyn PageAccessOps> {
+        self.page_access.is_some().then_some(self as &dyn PageAccessOps)
+    }
+}
+
+impl PageAccessOps for VmShared {
+    fn set_page_access(&self, gpa: u64, access: u8) -> BackendResult<()> {
+        let pa = self.page_access.as_ref().ok_or(ukvmi_endpoint::BackendError::NotSupported)?;
+        pa.set_with(&self.vm, gpa, access)
+    }
+
+    fn clear_page_access(&self) {
+        if let Some(pa) = &self.page_access {
+            if let Err(e) = pa.clear_with(&self.vm) {
+                // Nothing to answer to (unhook); the guest may now fault on
+                // RAM it should see, so say it loudly.
+                eprintln!("ukvmi: removing page restrictions failed: {e}");
+            }
+        }
+    }
 }
 
 /// What the probe found on this host.
@@ -274,6 +299,8 @@ pub(crate) struct Probed {
     pub guest_debug: bool,
     /// `KVM_GET/SET_VCPU_EVENTS` (exception injection, #BP re-injection).
     pub vcpu_events: bool,
+    /// Page restrictions by memslot surgery work (`page_access::probe`).
+    pub page_access: bool,
 }
 
 /// Probes `vm` (a VM of `kvm`): capabilities, and the MSR filter's exit
@@ -284,6 +311,7 @@ fn probe(kvm: &Kvm, vm: &VmFd) -> Probed {
         msr_events: msr_filter::probe(kvm, vm),
         guest_debug: cap(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG),
         vcpu_events: cap(kvm_bindings::KVM_CAP_VCPU_EVENTS),
+        page_access: false,
     }
 }
 
@@ -292,7 +320,24 @@ fn probe(kvm: &Kvm, vm: &VmFd) -> Probed {
 pub fn host_capabilities() -> Result<HostCaps> {
     let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
     let vm = kvm.create_vm().map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
-    Ok(host_caps(probe(&kvm, &vm)))
+    let mut probed = probe(&kvm, &vm);
+    // Page restrictions are probed by really splitting a memslot of RAM.
+    let ram = GuestRam::new(1 << 20)?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: ram.host_base()?,
+    };
+    // SAFETY: the region is `ram`'s own mapping, and `vm` (with its
+    // memslots) is dropped explicitly below before `ram` is.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    probed.page_access =
+        page_access::probe(&kvm, &vm, region.userspace_addr, ram.size()).map_err(Error::Config)?.is_some();
+    drop(vm);
+    drop(ram);
+    Ok(host_caps(probed))
 }
 
 /// What this host can do through stock KVM, decided by probing. What is
@@ -302,7 +347,7 @@ pub fn host_capabilities() -> Result<HostCaps> {
 /// userspace on a stock kernel. BREAKPOINT needs #BP re-injection
 /// (VCPU_EVENTS); HYPERCALL is the VMM's own doorbell and always works.
 fn host_caps(p: Probed) -> HostCaps {
-    let mut caps = HostCaps::full().without_command(msg::VCPU_CONTROL_CR).without_command(msg::VM_SET_PAGE_ACCESS);
+    let mut caps = HostCaps::full().without_command(msg::VCPU_CONTROL_CR);
     if !p.vcpu_events {
         caps = caps.without_command(msg::VCPU_INJECT_EXCEPTION);
     }
@@ -312,12 +357,16 @@ fn host_caps(p: Probed) -> HostCaps {
     if !p.msr_events {
         caps = caps.without_command(msg::VCPU_CONTROL_MSR);
     }
+    if !p.page_access {
+        caps = caps.without_command(msg::VM_SET_PAGE_ACCESS);
+    }
     for id in event::VCPU_EVENTS {
         let have = match id {
             event::PAUSE | event::HYPERCALL => true,
             event::MSR => p.msr_events,
             event::BREAKPOINT | event::TRAP => p.vcpu_events,
             event::SINGLESTEP => p.guest_debug,
+            event::PF => p.page_access,
             _ => false,
         };
         if !have {
@@ -442,6 +491,7 @@ impl Vm {
         // SAFETY: the region is RAM's own mapping, which lives in `shared`
         // as long as the VM fd's users (the vCPU threads) run.
         unsafe { vmfd.set_user_memory_region(region) }.map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        let page_access = page_access::probe(&kvm, &vmfd, region.userspace_addr, ram.size()).map_err(Error::Config)?;
         write_tables(&ram)?;
         let entry = load(&ram, &cfg.image)?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -451,12 +501,14 @@ impl Vm {
             fd.set_cpuid2(&cpuid).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
             fds.push(fd);
         }
-        let probed = probe(&kvm, &vmfd);
+        let mut probed = probe(&kvm, &vmfd);
+        probed.page_access = page_access.is_some();
         let shared = Arc::new(VmShared {
             ram,
             vm: vmfd,
             msr_filter: probed.msr_events.then(MsrFilter::default),
             guest_debug: probed.guest_debug,
+            page_access,
             entry,
             vcpus: (0..cfg.vcpus)
                 .map(|i| VcpuShared {
@@ -493,7 +545,14 @@ impl Vm {
         for (i, fd) in fds.into_iter().enumerate() {
             let index = i as u16;
             let port = endpoint.vcpu_port(index).ok_or_else(|| Error::Config("vCPU port".into()))?;
-            let v = KvmVcpu { fd, index, shared: Arc::clone(&shared), cpuid: cpuid.clone(), debug: Default::default() };
+            let v = KvmVcpu {
+                fd,
+                index,
+                shared: Arc::clone(&shared),
+                cpuid: cpuid.clone(),
+                debug: Debug::default(),
+                pf: PfState::default(),
+            };
             let sh = Arc::clone(&shared);
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))

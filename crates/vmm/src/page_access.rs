@@ -1,0 +1,662 @@
+//! Page-access restrictions (`KVMI_VM_SET_PAGE_ACCESS`) on stock KVM, by
+//! memslot surgery.
+//!
+//! KVM has no per-page permissions that userspace can set, but it has
+//! memslots: a page whose writes are removed gets a `KVM_MEM_READONLY`
+//! slot (guest writes exit with `KVM_EXIT_MMIO`, reads and fetches run
+//! normally); a page whose reads or fetches are removed gets no slot at all
+//! (reads and writes exit with `KVM_EXIT_MMIO`, a fetch stops with an
+//! emulation failure). Everything else is ordinary RAM, in as few slots as
+//! possible: maximal runs of pages of the same kind share one slot.
+//!
+//! Changing a page's kind deletes the slot holding it and adds the pieces.
+//! KVM cannot shrink a slot in place, so for a moment the pieces are
+//! missing: a vCPU may hit a hole on a page that is not restricted. The
+//! vCPU side serves such exits as if nothing happened (see `vcpu.rs`), and
+//! it takes this module's lock first, so it sees the layout after the
+//! update.
+//!
+//! A page mapped back for one instruction (stepping over an execute fault,
+//! `begin_exec`/`end_exec`) gets its own one-page slot that never merges
+//! with its neighbours, so mapping it back and unmapping it again touch
+//! only that page.
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::{Kvm, VmFd};
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+use ukvmi_endpoint::{BackendError, BackendResult};
+use ukvmi_wire::access;
+
+const PAGE_SHIFT: u32 = 12;
+/// Most memslots we ever use at once; KVM allows 32764 (per address space)
+/// on the hosts we know, and other users of slots need room too.
+pub(crate) const MAX_SLOTS: usize = 16_384;
+
+/// What a memslot does with guest accesses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Ordinary RAM.
+    Rw,
+    /// Read-only: guest writes exit to the VMM.
+    Ro,
+    /// Mapped back for one instruction: writes allowed.
+    TempRw,
+    /// Mapped back for one instruction: writes still exit.
+    TempRo,
+}
+
+impl Kind {
+    fn flags(self) -> u32 {
+        match self {
+            Kind::Ro | Kind::TempRo => KVM_MEM_READONLY,
+            Kind::Rw | Kind::TempRw => 0,
+        }
+    }
+
+    fn merges_with(self, other: Kind) -> bool {
+        self == other && matches!(self, Kind::Rw | Kind::Ro)
+    }
+}
+
+/// The slot a page with these allowed accesses lives in (`None`: no slot).
+fn kind_for(allowed: u8) -> Option<Kind> {
+    if allowed & (access::R | access::X) != access::R | access::X {
+        None
+    } else if allowed & access::W == 0 {
+        Some(Kind::Ro)
+    } else {
+        Some(Kind::Rw)
+    }
+}
+
+/// One memslot as we track it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seg {
+    len: u64,
+    kind: Kind,
+    slot: u32,
+}
+
+/// Where memslot changes go: KVM, or a recorder in unit tests.
+pub(crate) trait SlotSink {
+    /// `KVM_SET_USER_MEMORY_REGION` (a size of 0 deletes the slot).
+    fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), String>;
+}
+
+impl SlotSink for VmFd {
+    fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), String> {
+        // SAFETY: every region we pass lies inside guest RAM's own mapping
+        // (`host_base` + gpa, bounded by the RAM size checked in `set`),
+        // which lives as long as the VM; a size of 0 only deletes.
+        unsafe { self.set_user_memory_region(region) }.map_err(|e| e.to_string())
+    }
+}
+
+/// How a vCPU sees one page right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PageState {
+    /// Allowed accesses (`access::RWX` when unrestricted).
+    pub allowed: u8,
+    /// Whether a memslot covers the page at this moment.
+    pub mapped: bool,
+}
+
+/// A page mapped back for one instruction; give it back with `end_exec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ExecToken {
+    gfn: u64,
+    epoch: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// gfn → allowed accesses, only for pages that are not RWX.
+    allowed: BTreeMap<u64, u8>,
+    /// gfn → how many vCPUs are stepping over a fetch on that page.
+    exec: BTreeMap<u64, u32>,
+    /// Bumped by `clear`: tokens handed out before are void.
+    epoch: u64,
+    /// The memslots, by first gfn.
+    segs: BTreeMap<u64, Seg>,
+    free: Vec<u32>,
+    next_slot: u32,
+}
+
+/// The page-access state of one VM and the memslot layout that enforces it.
+#[derive(Debug)]
+pub(crate) struct PageAccess {
+    inner: Mutex<Inner>,
+    /// Host address of gpa 0.
+    host_base: u64,
+    /// RAM size in pages.
+    npages: u64,
+}
+
+/// Whether this host can enforce page restrictions with memslots: read-only
+/// slots, guest debug (to step over an execute fault), and a real split of
+/// RAM's slot 0 into a read-write and a read-only slot and back. Returns
+/// the manager (RAM back in slot 0 whole) or `None`; `Err` only when the
+/// probe could not put slot 0 back, which leaves the VM unusable.
+pub(crate) fn probe(kvm: &Kvm, vm: &VmFd, host_base: u64, ram_size: u64) -> Result<Option<PageAccess>, String> {
+    if kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_READONLY_MEM)) == 0
+        || kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG)) == 0
+    {
+        return Ok(None);
+    }
+    let pa = PageAccess::new(host_base, ram_size);
+    let npages = pa.npages;
+    if npages < 2 {
+        return Ok(None);
+    }
+    let last = (npages - 1) << PAGE_SHIFT;
+    let works = pa.set_with(vm, last, access::R | access::X).is_ok() && pa.clear_with(vm).is_ok();
+    let g = pa.lock();
+    let whole = g.segs.len() == 1 && g.segs.get(&0).is_some_and(|s| s.len == npages && s.kind == Kind::Rw);
+    drop(g);
+    match (works, whole) {
+        (true, true) => Ok(Some(pa)),
+        (false, true) => Ok(None),
+        (_, false) => Err("probing read-only memslots left guest RAM without its memslot".into()),
+    }
+}
+
+impl PageAccess {
+    /// All of RAM in slot 0 (which the caller has already registered).
+    pub fn new(host_base: u64, ram_size: u64) -> PageAccess {
+        let npages = ram_size >> PAGE_SHIFT;
+        let mut segs = BTreeMap::new();
+        segs.insert(0, Seg { len: npages, kind: Kind::Rw, slot: 0 });
+        PageAccess {
+            inner: Mutex::new(Inner {
+                allowed: BTreeMap::new(),
+                exec: BTreeMap::new(),
+                epoch: 0,
+                segs,
+                free: Vec::new(),
+                next_slot: 1,
+            }),
+            host_base,
+            npages,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The page holding `gpa`, as a vCPU must treat it now (waits for an
+    /// update in progress). `None` outside RAM.
+    pub fn state(&self, gpa: u64) -> Option<PageState> {
+        let gfn = gpa >> PAGE_SHIFT;
+        if gfn >= self.npages {
+            return None;
+        }
+        let g = self.lock();
+        let allowed = g.allowed.get(&gfn).copied().unwrap_or(access::RWX);
+        Some(PageState { allowed, mapped: seg_at(&g.segs, gfn).is_some() })
+    }
+
+    /// Allowed accesses of the page holding `gpa` (`RWX` outside RAM).
+    pub fn allowed(&self, gpa: u64) -> u8 {
+        self.state(gpa).map_or(access::RWX, |s| s.allowed)
+    }
+
+    /// Number of pages with restrictions and of memslots in use.
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize) {
+        let g = self.lock();
+        (g.allowed.len(), g.segs.len())
+    }
+
+    /// Sets the allowed accesses of the page at `gpa` (`RWX` forgets it).
+    pub fn set_with(&self, sink: &dyn SlotSink, gpa: u64, allowed: u8) -> BackendResult<()> {
+        let gfn = gpa >> PAGE_SHIFT;
+        if gfn >= self.npages {
+            return Err(BackendError::Invalid(format!("gpa {gpa:#x} is not guest memory")));
+        }
+        let mut g = self.lock();
+        let before = page_kind(&g, gfn);
+        let old = if allowed & access::RWX == access::RWX {
+            g.allowed.remove(&gfn)
+        } else {
+            g.allowed.insert(gfn, allowed & access::RWX)
+        };
+        if page_kind(&g, gfn) == before {
+            return Ok(());
+        }
+        if let Err(e) = self.relayout(sink, &mut g, gfn) {
+            match old {
+                Some(a) => g.allowed.insert(gfn, a),
+                None => g.allowed.remove(&gfn),
+            };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Forgets every restriction and puts RAM back in one slot.
+    pub fn clear_with(&self, sink: &dyn SlotSink) -> BackendResult<()> {
+        let mut g = self.lock();
+        g.allowed.clear();
+        g.exec.clear();
+        g.epoch = g.epoch.wrapping_add(1);
+        let whole = g.segs.len() == 1 && g.segs.get(&0).is_some_and(|s| s.len == self.npages && s.kind == Kind::Rw);
+        if whole {
+            return Ok(());
+        }
+        let starts: Vec<u64> = g.segs.keys().copied().collect();
+        let mut first_err = None;
+        for start in starts {
+            if let Err(e) = self.remove(sink, &mut g, start) {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Err(e) = self.install(sink, &mut g, 0, self.npages, Kind::Rw) {
+            first_err.get_or_insert(e);
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Maps the page at `gpa` back (as if fetches and reads were allowed)
+    /// for one instruction; writes stay as restricted as they were.
+    pub fn begin_exec(&self, sink: &dyn SlotSink, gpa: u64) -> BackendResult<ExecToken> {
+        let gfn = gpa >> PAGE_SHIFT;
+        if gfn >= self.npages {
+            return Err(BackendError::Invalid(format!("gpa {gpa:#x} is not guest memory")));
+        }
+        let mut g = self.lock();
+        let before = page_kind(&g, gfn);
+        *g.exec.entry(gfn).or_insert(0) += 1;
+        if page_kind(&g, gfn) != before {
+            if let Err(e) = self.relayout(sink, &mut g, gfn) {
+                dec_exec(&mut g, gfn);
+                return Err(e);
+            }
+        }
+        Ok(ExecToken { gfn, epoch: g.epoch })
+    }
+
+    /// Ends what `begin_exec` started (nothing if `clear` came in between).
+    pub fn end_exec(&self, sink: &dyn SlotSink, token: ExecToken) -> BackendResult<()> {
+        let mut g = self.lock();
+        if token.epoch != g.epoch {
+            return Ok(());
+        }
+        let before = page_kind(&g, token.gfn);
+        dec_exec(&mut g, token.gfn);
+        if page_kind(&g, token.gfn) != before {
+            return self.relayout(sink, &mut g, token.gfn);
+        }
+        Ok(())
+    }
+
+    /// Re-derives the slots around `gfn`, whose kind just changed, and
+    /// applies the difference: slots that no longer fit are deleted first
+    /// (KVM forbids overlaps), then the new ones added. On failure the old
+    /// slots are put back as far as KVM lets us.
+    fn relayout(&self, sink: &dyn SlotSink, g: &mut Inner, gfn: u64) -> BackendResult<()> {
+        // The span: the slot holding gfn (or gfn alone) and the slots right
+        // next to it, which may now merge with it. Outside the span nothing
+        // changes: its edges separate pages whose kinds did not change and
+        // that were already in different (maximal) slots.
+        let (mut lo, mut hi) = seg_at(&g.segs, gfn).map_or((gfn, gfn + 1), |(s, seg)| (s, s + seg.len));
+        if let Some((s, _)) = lo.checked_sub(1).and_then(|p| seg_at(&g.segs, p)) {
+            lo = s;
+        }
+        if let Some((s, seg)) = seg_at(&g.segs, hi) {
+            hi = s + seg.len;
+        }
+        let want = desired(g, lo, hi);
+        let have: Vec<(u64, Seg)> = g.segs.range(lo..hi).map(|(s, seg)| (*s, *seg)).collect();
+        let stale: Vec<(u64, Seg)> = have
+            .iter()
+            .filter(|(s, seg)| !want.iter().any(|(ws, wl, wk)| ws == s && *wl == seg.len && *wk == seg.kind))
+            .copied()
+            .collect();
+        let fresh: Vec<(u64, u64, Kind)> = want
+            .iter()
+            .filter(|(ws, wl, wk)| !have.iter().any(|(s, seg)| s == ws && seg.len == *wl && seg.kind == *wk))
+            .copied()
+            .collect();
+        if g.segs.len() - stale.len() + fresh.len() > MAX_SLOTS {
+            return Err(BackendError::Failed(format!(
+                "this restriction would need more than {MAX_SLOTS} memslots"
+            )));
+        }
+        for (s, _) in &stale {
+            if let Err(e) = self.remove(sink, g, *s) {
+                self.restore(sink, g, &stale, &[]);
+                return Err(e);
+            }
+        }
+        let mut added = Vec::new();
+        for (s, len, kind) in &fresh {
+            if let Err(e) = self.install(sink, g, *s, *len, *kind) {
+                self.restore(sink, g, &stale, &added);
+                return Err(e);
+            }
+            added.push(*s);
+        }
+        Ok(())
+    }
+
+    /// Best effort after a failed update: drop what was added, put back
+    /// what was removed.
+    fn restore(&self, sink: &dyn SlotSink, g: &mut Inner, removed: &[(u64, Seg)], added: &[u64]) {
+        for s in added {
+            let _ = self.remove(sink, g, *s);
+        }
+        for (s, seg) in removed {
+            if !g.segs.contains_key(s) {
+                let _ = self.install(sink, g, *s, seg.len, seg.kind);
+            }
+        }
+    }
+
+    fn region(&self, slot: u32, start: u64, len: u64, kind: Kind) -> kvm_userspace_memory_region {
+        kvm_userspace_memory_region {
+            slot,
+            flags: kind.flags(),
+            guest_phys_addr: start << PAGE_SHIFT,
+            memory_size: len << PAGE_SHIFT,
+            userspace_addr: self.host_base + (start << PAGE_SHIFT),
+        }
+    }
+
+    fn install(&self, sink: &dyn SlotSink, g: &mut Inner, start: u64, len: u64, kind: Kind) -> BackendResult<()> {
+        let slot = match g.free.pop() {
+            Some(s) => s,
+            None => {
+                let s = g.next_slot;
+                g.next_slot += 1;
+                s
+            }
+        };
+        match sink.set_region(self.region(slot, start, len, kind)) {
+            Ok(()) => {
+                g.segs.insert(start, Seg { len, kind, slot });
+                Ok(())
+            }
+            Err(e) => {
+                g.free.push(slot);
+                Err(BackendError::Failed(format!(
+                    "KVM_SET_USER_MEMORY_REGION (slot {slot}, gpa {:#x}, {len} pages, {kind:?}): {e}",
+                    start << PAGE_SHIFT
+                )))
+            }
+        }
+    }
+
+    fn remove(&self, sink: &dyn SlotSink, g: &mut Inner, start: u64) -> BackendResult<()> {
+        let Some(seg) = g.segs.get(&start).copied() else { return Ok(()) };
+        let region = kvm_userspace_memory_region { memory_size: 0, ..self.region(seg.slot, start, seg.len, seg.kind) };
+        sink.set_region(region).map_err(|e| {
+            BackendError::Failed(format!("deleting memslot {} (gpa {:#x}): {e}", seg.slot, start << PAGE_SHIFT))
+        })?;
+        g.segs.remove(&start);
+        g.free.push(seg.slot);
+        Ok(())
+    }
+}
+
+fn dec_exec(g: &mut Inner, gfn: u64) {
+    if let Some(n) = g.exec.get_mut(&gfn) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            g.exec.remove(&gfn);
+        }
+    }
+}
+
+/// The slot holding `gfn`, if any.
+fn seg_at(segs: &BTreeMap<u64, Seg>, gfn: u64) -> Option<(u64, Seg)> {
+    segs.range(..=gfn).next_back().filter(|(s, seg)| gfn < **s + seg.len).map(|(s, seg)| (*s, *seg))
+}
+
+/// The slot kind of one page now (`None`: no slot).
+fn page_kind(g: &Inner, gfn: u64) -> Option<Kind> {
+    let allowed = g.allowed.get(&gfn).copied().unwrap_or(access::RWX);
+    if g.exec.contains_key(&gfn) {
+        Some(if allowed & access::W == 0 { Kind::TempRo } else { Kind::TempRw })
+    } else {
+        kind_for(allowed)
+    }
+}
+
+/// The maximal slots covering `lo..hi`: (first gfn, pages, kind).
+fn desired(g: &Inner, lo: u64, hi: u64) -> Vec<(u64, u64, Kind)> {
+    let mut special: Vec<u64> = g.allowed.range(lo..hi).map(|(k, _)| *k).chain(g.exec.range(lo..hi).map(|(k, _)| *k)).collect();
+    special.sort_unstable();
+    special.dedup();
+    let mut out: Vec<(u64, u64, Kind)> = Vec::new();
+    let mut push = |start: u64, len: u64, kind: Option<Kind>| {
+        let Some(kind) = kind else { return };
+        if let Some(last) = out.last_mut() {
+            if last.0 + last.1 == start && last.2.merges_with(kind) {
+                last.1 += len;
+                return;
+            }
+        }
+        out.push((start, len, kind));
+    };
+    let mut cur = lo;
+    for gfn in special {
+        if cur < gfn {
+            push(cur, gfn - cur, Some(Kind::Rw));
+        }
+        push(gfn, 1, page_kind(g, gfn));
+        cur = gfn + 1;
+    }
+    if cur < hi {
+        push(cur, hi - cur, Some(Kind::Rw));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    /// Records the live slots like KVM does, refusing overlaps.
+    #[derive(Default)]
+    struct Fake {
+        live: RefCell<BTreeMap<u32, kvm_userspace_memory_region>>,
+        calls: RefCell<usize>,
+        fail_after: RefCell<Option<usize>>,
+    }
+
+    impl SlotSink for Fake {
+        fn set_region(&self, r: kvm_userspace_memory_region) -> Result<(), String> {
+            *self.calls.borrow_mut() += 1;
+            let fail_now = {
+                let mut f = self.fail_after.borrow_mut();
+                match f.as_mut() {
+                    Some(0) => {
+                        *f = None;
+                        true
+                    }
+                    Some(n) => {
+                        *n -= 1;
+                        false
+                    }
+                    None => false,
+                }
+            };
+            if fail_now {
+                return Err("injected failure".into());
+            }
+            let mut live = self.live.borrow_mut();
+            if r.memory_size == 0 {
+                live.remove(&r.slot).ok_or("no such slot")?;
+                return Ok(());
+            }
+            if live.contains_key(&r.slot) {
+                return Err("slot id in use".into());
+            }
+            let end = r.guest_phys_addr + r.memory_size;
+            if live.values().any(|o| r.guest_phys_addr < o.guest_phys_addr + o.memory_size && o.guest_phys_addr < end) {
+                return Err("overlap".into());
+            }
+            assert_eq!(r.userspace_addr, BASE + r.guest_phys_addr);
+            live.insert(r.slot, r);
+            Ok(())
+        }
+    }
+
+    const BASE: u64 = 0x7f00_0000_0000;
+    const PAGES: u64 = 64;
+
+    fn setup() -> (PageAccess, Fake) {
+        let fake = Fake::default();
+        fake.live.borrow_mut().insert(
+            0,
+            kvm_userspace_memory_region { slot: 0, flags: 0, guest_phys_addr: 0, memory_size: PAGES << 12, userspace_addr: BASE },
+        );
+        (PageAccess::new(BASE, PAGES << 12), fake)
+    }
+
+    /// Per page: None (no slot), Some(read-only?).
+    fn map(fake: &Fake) -> Vec<Option<bool>> {
+        let mut m = vec![None; PAGES as usize];
+        for r in fake.live.borrow().values() {
+            for p in (r.guest_phys_addr >> 12)..((r.guest_phys_addr + r.memory_size) >> 12) {
+                m[p as usize] = Some(r.flags & KVM_MEM_READONLY != 0);
+            }
+        }
+        m
+    }
+
+    /// The live slots are maximal runs of equal kind (temporary pages alone).
+    fn assert_maximal(pa: &PageAccess, fake: &Fake) {
+        let g = pa.lock();
+        let live = fake.live.borrow();
+        assert_eq!(live.len(), g.segs.len());
+        let segs: Vec<(u64, Seg)> = g.segs.iter().map(|(s, seg)| (*s, *seg)).collect();
+        for w in segs.windows(2) {
+            let ((a, sa), (b, sb)) = (w[0], w[1]);
+            assert!(!(a + sa.len == b && sa.kind.merges_with(sb.kind)), "{segs:?} not maximal");
+        }
+        for (s, seg) in &segs {
+            let r = live.get(&seg.slot).expect("tracked slot is live");
+            assert_eq!((r.guest_phys_addr >> 12, r.memory_size >> 12), (*s, seg.len));
+        }
+    }
+
+    #[test]
+    fn kinds() {
+        assert_eq!(kind_for(access::RWX), Some(Kind::Rw));
+        assert_eq!(kind_for(access::R | access::X), Some(Kind::Ro));
+        assert_eq!(kind_for(access::R | access::W), None);
+        assert_eq!(kind_for(access::W | access::X), None);
+        assert_eq!(kind_for(0), None);
+    }
+
+    #[test]
+    fn split_and_merge_back() {
+        let (pa, fake) = setup();
+        pa.set_with(&fake, 10 << 12, access::R | access::X).unwrap();
+        let m = map(&fake);
+        assert_eq!(m[10], Some(true));
+        assert!(m.iter().enumerate().all(|(i, p)| i == 10 || *p == Some(false)));
+        assert_eq!(fake.live.borrow().len(), 3);
+        // A neighbour with the same restriction joins its slot.
+        pa.set_with(&fake, 11 << 12, access::R | access::X).unwrap();
+        assert_eq!(fake.live.borrow().len(), 3);
+        assert_eq!(map(&fake)[11], Some(true));
+        // Read removed: no slot.
+        pa.set_with(&fake, 11 << 12, access::W | access::X).unwrap();
+        assert_eq!(map(&fake)[11], None);
+        assert_eq!(pa.state(11 << 12), Some(PageState { allowed: access::W | access::X, mapped: false }));
+        assert_maximal(&pa, &fake);
+        // Same kind again: no slot work at all.
+        let calls = *fake.calls.borrow();
+        pa.set_with(&fake, 11 << 12, access::W).unwrap();
+        assert_eq!(*fake.calls.borrow(), calls);
+        // Forget both: back to one slot.
+        pa.set_with(&fake, 11 << 12, access::RWX).unwrap();
+        pa.set_with(&fake, 10 << 12, access::RWX).unwrap();
+        assert_eq!(fake.live.borrow().len(), 1);
+        assert!(map(&fake).iter().all(|p| *p == Some(false)));
+        assert_eq!(pa.counts(), (0, 1));
+    }
+
+    #[test]
+    fn edges_and_bounds() {
+        let (pa, fake) = setup();
+        pa.set_with(&fake, 0, 0).unwrap();
+        pa.set_with(&fake, (PAGES - 1) << 12, access::R | access::X).unwrap();
+        let m = map(&fake);
+        assert_eq!((m[0], m[1], m[PAGES as usize - 1]), (None, Some(false), Some(true)));
+        assert_maximal(&pa, &fake);
+        assert!(matches!(pa.set_with(&fake, PAGES << 12, 0), Err(BackendError::Invalid(_))));
+        assert_eq!(pa.state(PAGES << 12), None);
+        pa.clear_with(&fake).unwrap();
+        assert_eq!(fake.live.borrow().len(), 1);
+        assert!(map(&fake).iter().all(|p| *p == Some(false)));
+    }
+
+    #[test]
+    fn random_walk_stays_consistent() {
+        let (pa, fake) = setup();
+        let mut want = [access::RWX; PAGES as usize];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..3000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let page = (x % PAGES) as usize;
+            let allowed = ((x >> 8) % 8) as u8;
+            pa.set_with(&fake, (page as u64) << 12, allowed).unwrap();
+            want[page] = allowed;
+            let m = map(&fake);
+            for (i, a) in want.iter().enumerate() {
+                let expect = kind_for(*a).map(|k| k == Kind::Ro);
+                assert_eq!(m[i], expect, "page {i} allowed {a}");
+                assert_eq!(pa.allowed((i as u64) << 12), *a);
+            }
+            assert_maximal(&pa, &fake);
+        }
+    }
+
+    #[test]
+    fn exec_override_is_its_own_slot() {
+        let (pa, fake) = setup();
+        pa.set_with(&fake, 5 << 12, access::R | access::W).unwrap(); // X removed
+        pa.set_with(&fake, 6 << 12, access::R | access::W).unwrap();
+        assert_eq!(map(&fake)[5], None);
+        let t = pa.begin_exec(&fake, 5 << 12).unwrap();
+        assert_eq!(map(&fake)[5], Some(false));
+        assert_eq!(map(&fake)[6], None);
+        assert_eq!(pa.allowed(5 << 12), access::R | access::W, "still restricted");
+        let t2 = pa.begin_exec(&fake, 5 << 12).unwrap(); // a second vCPU
+        pa.end_exec(&fake, t).unwrap();
+        assert_eq!(map(&fake)[5], Some(false), "the other vCPU still steps");
+        pa.end_exec(&fake, t2).unwrap();
+        assert_eq!(map(&fake)[5], None);
+        assert_maximal(&pa, &fake);
+        // Write-protected too: mapped back read-only.
+        pa.set_with(&fake, 5 << 12, access::R).unwrap();
+        let t = pa.begin_exec(&fake, 5 << 12).unwrap();
+        assert_eq!(map(&fake)[5], Some(true));
+        // A clear in between voids the token.
+        pa.clear_with(&fake).unwrap();
+        pa.end_exec(&fake, t).unwrap();
+        assert_eq!(fake.live.borrow().len(), 1);
+    }
+
+    #[test]
+    fn failed_update_rolls_back() {
+        let (pa, fake) = setup();
+        *fake.fail_after.borrow_mut() = Some(2); // delete ok, first add ok, second add fails
+        assert!(pa.set_with(&fake, 20 << 12, 0).is_err());
+        *fake.fail_after.borrow_mut() = None;
+        assert_eq!(pa.allowed(20 << 12), access::RWX);
+        assert!(map(&fake).iter().all(|p| *p == Some(false)), "RAM fully mapped again");
+        assert_maximal(&pa, &fake);
+        pa.set_with(&fake, 20 << 12, 0).unwrap();
+        assert_eq!(map(&fake)[20], None);
+    }
+}
