@@ -315,6 +315,24 @@ fn probe(kvm: &Kvm, vm: &VmFd) -> Probed {
     }
 }
 
+/// Registers all of `ram` as memslot 0 of `vm`; returns its host address.
+/// The caller keeps `ram` mapped for as long as `vm` exists.
+fn register_ram(vm: &VmFd, ram: &GuestRam) -> Result<u64> {
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: ram.host_base()?,
+    };
+    // SAFETY: the region is `ram`'s own mapping, which the caller keeps
+    // alive while `vm` (the only user of the slot) exists: `VmShared`
+    // declares `vm` before `ram`, and `host_capabilities` drops them in
+    // that order.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    Ok(region.userspace_addr)
+}
+
 /// What KVMI commands and events this host serves: probes `/dev/kvm` with a
 /// throwaway VM, exactly as [`Vm::new`] does for a real one.
 pub fn host_capabilities() -> Result<HostCaps> {
@@ -323,18 +341,9 @@ pub fn host_capabilities() -> Result<HostCaps> {
     let mut probed = probe(&kvm, &vm);
     // Page restrictions are probed by really splitting a memslot of RAM.
     let ram = GuestRam::new(1 << 20)?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: ram.size(),
-        userspace_addr: ram.host_base()?,
-    };
-    // SAFETY: the region is `ram`'s own mapping, and `vm` (with its
-    // memslots) is dropped explicitly below before `ram` is.
-    unsafe { vm.set_user_memory_region(region) }.map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-    probed.page_access =
-        page_access::probe(&kvm, &vm, region.userspace_addr, ram.size()).map_err(Error::Config)?.is_some();
+    // `vm` is dropped (with its memslots) below, before `ram`.
+    let host_base = register_ram(&vm, &ram)?;
+    probed.page_access = page_access::probe(&kvm, &vm, host_base, ram.size()).map_err(Error::Config)?.is_some();
     drop(vm);
     drop(ram);
     Ok(host_caps(probed))
@@ -481,17 +490,8 @@ impl Vm {
         }
         let vmfd = kvm.create_vm().map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
         let ram = GuestRam::new(cfg.memory_mib << 20)?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: ram.size(),
-            userspace_addr: ram.host_base()?,
-        };
-        // SAFETY: the region is RAM's own mapping, which lives in `shared`
-        // as long as the VM fd's users (the vCPU threads) run.
-        unsafe { vmfd.set_user_memory_region(region) }.map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-        let page_access = page_access::probe(&kvm, &vmfd, region.userspace_addr, ram.size()).map_err(Error::Config)?;
+        let host_base = register_ram(&vmfd, &ram)?;
+        let page_access = page_access::probe(&kvm, &vmfd, host_base, ram.size()).map_err(Error::Config)?;
         write_tables(&ram)?;
         let entry = load(&ram, &cfg.image)?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
