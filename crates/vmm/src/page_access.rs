@@ -11,10 +11,12 @@
 //!
 //! Changing a page's kind deletes the slot holding it and adds the pieces.
 //! KVM cannot shrink a slot in place, so for a moment the pieces are
-//! missing: a vCPU may hit a hole on a page that is not restricted. The
-//! vCPU side serves such exits as if nothing happened (see `vcpu.rs`), and
-//! it takes this module's lock first, so it sees the layout after the
-//! update.
+//! missing. A vCPU running then would not only take MMIO exits on
+//! unrestricted pages (which could be served), its page-table walks would
+//! fail and KVM would inject #PF into the guest (seen on this host as
+//! triple faults of the test guests). So every update runs with all vCPUs
+//! out of guest mode: [`GuestGate`] keeps them from entering while it is
+//! closed, and closing it kicks the ones inside and waits for them.
 //!
 //! A page mapped back for one instruction (stepping over an execute fault,
 //! `begin_exec`/`end_exec`) gets its own one-page slot that never merges
@@ -24,7 +26,9 @@
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::{Kvm, VmFd};
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 use ukvmi_endpoint::{BackendError, BackendResult};
 use ukvmi_wire::access;
 
@@ -82,14 +86,97 @@ struct Seg {
 pub(crate) trait SlotSink {
     /// `KVM_SET_USER_MEMORY_REGION` (a size of 0 deletes the slot).
     fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), String>;
+    /// Called before the first change of an update: no vCPU may be in
+    /// guest mode until `end_update`.
+    fn begin_update(&self) {}
+    /// The update is over.
+    fn end_update(&self) {}
+}
+
+/// `KVM_SET_USER_MEMORY_REGION` on a VM fd.
+pub(crate) fn set_region(vm: &VmFd, region: kvm_userspace_memory_region) -> Result<(), String> {
+    // SAFETY: every region we pass lies inside guest RAM's own mapping
+    // (`host_base` + gpa, bounded by the RAM size checked in `set_with`),
+    // which lives as long as the VM; a size of 0 only deletes.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| e.to_string())
 }
 
 impl SlotSink for VmFd {
     fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), String> {
-        // SAFETY: every region we pass lies inside guest RAM's own mapping
-        // (`host_base` + gpa, bounded by the RAM size checked in `set`),
-        // which lives as long as the VM; a size of 0 only deletes.
-        unsafe { self.set_user_memory_region(region) }.map_err(|e| e.to_string())
+        set_region(self, region)
+    }
+}
+
+/// Keeps vCPUs out of guest mode while memslots change. vCPU threads wrap
+/// each `KVM_RUN` in [`GuestGate::enter`]; an updater calls
+/// [`GuestGate::close`] with a function that kicks every vCPU, and
+/// [`GuestGate::open`] when done. Updaters are serialised by the caller
+/// (the page-access lock).
+#[derive(Debug, Default)]
+pub(crate) struct GuestGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// vCPU threads inside `KVM_RUN`.
+    inside: u32,
+    /// Closed: nobody may enter.
+    closed: bool,
+}
+
+/// A vCPU thread inside `KVM_RUN`; leaves on drop.
+#[derive(Debug)]
+pub(crate) struct Inside<'a>(&'a GuestGate);
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.inside = s.inside.saturating_sub(1);
+        if s.inside == 0 {
+            self.0.changed.notify_all();
+        }
+    }
+}
+
+impl GuestGate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits while the gate is closed, then counts the caller in.
+    pub fn enter(&self) -> Inside<'_> {
+        let mut s = self.lock();
+        while s.closed {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.inside += 1;
+        Inside(self)
+    }
+
+    /// Closes the gate and returns once no vCPU is in guest mode; `kick`
+    /// pulls them out (called again every millisecond while some remain,
+    /// in case a kick raced with an entry).
+    pub fn close(&self, kick: &dyn Fn()) {
+        self.lock().closed = true;
+        loop {
+            kick();
+            let s = self.lock();
+            if s.inside == 0 {
+                return;
+            }
+            let (s, _) = self.changed.wait_timeout(s, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner());
+            if s.inside == 0 {
+                return;
+            }
+        }
+    }
+
+    /// Lets vCPUs enter again.
+    pub fn open(&self) {
+        self.lock().closed = false;
+        self.changed.notify_all();
     }
 }
 
@@ -127,6 +214,9 @@ struct Inner {
 #[derive(Debug)]
 pub(crate) struct PageAccess {
     inner: Mutex<Inner>,
+    /// Bumped by every memslot update (while no vCPU is in guest mode), so
+    /// a vCPU can tell whether an exit came from an older layout.
+    generation: AtomicU64,
     /// Host address of gpa 0.
     host_base: u64,
     /// RAM size in pages.
@@ -176,6 +266,7 @@ impl PageAccess {
                 free: Vec::new(),
                 next_slot: 1,
             }),
+            generation: AtomicU64::new(0),
             host_base,
             npages,
         }
@@ -188,13 +279,32 @@ impl PageAccess {
     /// The page holding `gpa`, as a vCPU must treat it now (waits for an
     /// update in progress). `None` outside RAM.
     pub fn state(&self, gpa: u64) -> Option<PageState> {
+        self.state_of(&self.lock(), gpa)
+    }
+
+    fn state_of(&self, g: &Inner, gpa: u64) -> Option<PageState> {
         let gfn = gpa >> PAGE_SHIFT;
         if gfn >= self.npages {
             return None;
         }
-        let g = self.lock();
         let allowed = g.allowed.get(&gfn).copied().unwrap_or(access::RWX);
         Some(PageState { allowed, mapped: seg_at(&g.segs, gfn).is_some() })
+    }
+
+    /// Runs `f` while no memslot update is in progress, so that vCPU
+    /// ioctls that read guest memory (`KVM_TRANSLATE` walks the page
+    /// tables) see every page where it belongs; `f` gets a lookup of
+    /// page states as they are during the call.
+    pub fn stable<R>(&self, f: impl FnOnce(&dyn Fn(u64) -> Option<PageState>) -> R) -> R {
+        let g = self.lock();
+        let lookup = |gpa: u64| self.state_of(&g, gpa);
+        f(&lookup)
+    }
+
+    /// The layout's generation; read it while in guest mode (inside the
+    /// gate), where no update can run.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// Allowed accesses of the page holding `gpa` (`RWX` outside RAM).
@@ -247,6 +357,8 @@ impl PageAccess {
         }
         let starts: Vec<u64> = g.segs.keys().copied().collect();
         let mut first_err = None;
+        sink.begin_update();
+        self.generation.fetch_add(1, Ordering::SeqCst);
         for start in starts {
             if let Err(e) = self.remove(sink, &mut g, start) {
                 first_err.get_or_insert(e);
@@ -255,6 +367,7 @@ impl PageAccess {
         if let Err(e) = self.install(sink, &mut g, 0, self.npages, Kind::Rw) {
             first_err.get_or_insert(e);
         }
+        sink.end_update();
         first_err.map_or(Ok(()), Err)
     }
 
@@ -324,16 +437,25 @@ impl PageAccess {
                 "this restriction would need more than {MAX_SLOTS} memslots"
             )));
         }
-        for (s, _) in &stale {
+        sink.begin_update();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let res = self.apply(sink, g, &stale, &fresh);
+        sink.end_update();
+        res
+    }
+
+    /// Deletes `stale`, then adds `fresh`.
+    fn apply(&self, sink: &dyn SlotSink, g: &mut Inner, stale: &[(u64, Seg)], fresh: &[(u64, u64, Kind)]) -> BackendResult<()> {
+        for (s, _) in stale {
             if let Err(e) = self.remove(sink, g, *s) {
-                self.restore(sink, g, &stale, &[]);
+                self.restore(sink, g, stale, &[]);
                 return Err(e);
             }
         }
         let mut added = Vec::new();
-        for (s, len, kind) in &fresh {
+        for (s, len, kind) in fresh {
             if let Err(e) = self.install(sink, g, *s, *len, *kind) {
-                self.restore(sink, g, &stale, &added);
+                self.restore(sink, g, stale, &added);
                 return Err(e);
             }
             added.push(*s);
