@@ -452,3 +452,95 @@ fn a_disabled_pf_event_leaves_restricted_pages_working() {
     no_event(&tool, Duration::from_millis(200));
     vm.assert_guest_runs();
 }
+
+/// Numbers for the docs, not a check: `cargo test -p ukvmi --test
+/// page_access -- --ignored --nocapture measure`.
+#[test]
+#[ignore = "measurement; prints timings"]
+fn measure_pf_round_trips_and_protect_cost() {
+    fn stats(name: &str, mut v: Vec<Duration>) {
+        v.sort();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!("{name}: n={} p50 {:.1} µs, p99 {:.1} µs", v.len(), us(v[v.len() / 2]), us(v[v.len() * 99 / 100]));
+    }
+    // One vCPU: with two, the other one's silent steps over pf_func's
+    // page map it for a moment and the X numbers mix with that race.
+    let dir = Scratch::new("pfmeasure");
+    let (vm, _l, tool) = start(&dir, 1);
+    let _show = ShowOnPanic(&vm);
+    let a = pf_data_addr(0);
+    let n = 300;
+    tool.control_events(0, event::PF, true).unwrap();
+
+    // Protect/unprotect an idle page: two SET_PAGE_ACCESS round trips, each
+    // a memslot split or merge with the vCPU kicked out of guest mode.
+    let idle = 0x60_0000;
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        tool.set_page_access(&[(idle, R | X)]).unwrap();
+        tool.set_page_access(&[(idle, RWX)]).unwrap();
+        v.push(t.elapsed());
+    }
+    stats("protect+unprotect cycle (2 commands, tool side)", v);
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        tool.get_info().unwrap();
+        tool.get_info().unwrap();
+        v.push(t.elapsed());
+    }
+    stats("baseline: 2 VM_GET_INFO round trips", v);
+
+    // W: CONTINUE on the plain store, time until the straddle's event.
+    tool.set_page_access(&[(a, R | X)]).unwrap();
+    let mut v = Vec::new();
+    let mut e = pf_event_at(&tool, a);
+    for _ in 0..n {
+        let t = Instant::now();
+        tool.reply(&e.ev, EventReply::Continue).unwrap();
+        let next = pf_event(&tool);
+        v.push(t.elapsed());
+        assert_eq!(next.gpa, a + 0xffc);
+        tool.reply(&next.ev, EventReply::Continue).unwrap();
+        e = pf_event_at(&tool, a);
+    }
+    stats("W event: CONTINUE -> write applied, 9 instructions, next W event", v);
+    tool.set_page_access(&[(a, RWX)]).unwrap();
+    tool.reply(&e.ev, EventReply::Continue).unwrap();
+
+    // R: CONTINUE on the load, time until the straddling load's event.
+    tool.set_page_access(&[(a, W | X)]).unwrap();
+    let mut v = Vec::new();
+    let mut e = pf_event_at(&tool, a);
+    for _ in 0..n {
+        let t = Instant::now();
+        tool.reply(&e.ev, EventReply::Continue).unwrap();
+        let next = pf_event(&tool);
+        v.push(t.elapsed());
+        assert_eq!(next.gpa, a + 0xffc);
+        tool.reply(&next.ev, EventReply::Continue).unwrap();
+        e = pf_event_at(&tool, a);
+    }
+    stats("R event: CONTINUE -> data supplied, 9 instructions, next R event", v);
+    tool.set_page_access(&[(a, RWX)]).unwrap();
+    tool.reply(&e.ev, EventReply::Continue).unwrap();
+
+    // X: CONTINUE on pf_func's first instruction, time until the fault on its second.
+    let f = sym("pf_func");
+    tool.set_page_access(&[(f, R | W)]).unwrap();
+    let mut v = Vec::new();
+    let mut e = pf_event_at(&tool, f);
+    for _ in 0..n {
+        let t = Instant::now();
+        tool.reply(&e.ev, EventReply::Continue).unwrap();
+        let next = pf_event(&tool);
+        v.push(t.elapsed());
+        assert_eq!(next.gva, sym("pf_func_ret"));
+        tool.reply(&next.ev, EventReply::Continue).unwrap();
+        e = pf_event_at(&tool, f);
+    }
+    stats("X event: CONTINUE -> map back, step 1 instruction, unmap, next X event", v);
+    tool.set_page_access(&[(f, RWX)]).unwrap();
+    tool.reply(&e.ev, EventReply::Continue).unwrap();
+}

@@ -365,8 +365,11 @@ impl KvmVcpu {
                 Some(Action::Crash) => return Some(self.pf_crash(gpa, "fetch")),
                 Some(_) => return None, // RETRY
             }
-            if pa.state(gpa).is_none_or(|s| s.mapped) {
-                return None; // the tool relaxed the page meanwhile
+            // The tool made the page executable and readable meanwhile:
+            // it has a slot of its own now. (Merely mapped is not enough:
+            // another vCPU may be stepping over it for a moment.)
+            if pa.state(gpa).is_none_or(|s| s.allowed & (access::R | access::X) == access::R | access::X) {
+                return None;
             }
         }
         match pa.begin_exec(&*shared, gpa) {
