@@ -25,7 +25,7 @@
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::{Kvm, VmFd};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -206,7 +206,9 @@ struct Inner {
     epoch: u64,
     /// The memslots, by first gfn.
     segs: BTreeMap<u64, Seg>,
-    free: Vec<u32>,
+    /// Slot ids given back; the lowest is reused first, so RAM returns to
+    /// slot 0 when it is whole again and ids stay small.
+    free: BTreeSet<u32>,
     next_slot: u32,
 }
 
@@ -263,7 +265,7 @@ impl PageAccess {
                 exec: BTreeMap::new(),
                 epoch: 0,
                 segs,
-                free: Vec::new(),
+                free: BTreeSet::new(),
                 next_slot: 1,
             }),
             generation: AtomicU64::new(0),
@@ -487,7 +489,7 @@ impl PageAccess {
     }
 
     fn install(&self, sink: &dyn SlotSink, g: &mut Inner, start: u64, len: u64, kind: Kind) -> BackendResult<()> {
-        let slot = match g.free.pop() {
+        let slot = match g.free.pop_first() {
             Some(s) => s,
             None => {
                 let s = g.next_slot;
@@ -501,7 +503,7 @@ impl PageAccess {
                 Ok(())
             }
             Err(e) => {
-                g.free.push(slot);
+                g.free.insert(slot);
                 Err(BackendError::Failed(format!(
                     "KVM_SET_USER_MEMORY_REGION (slot {slot}, gpa {:#x}, {len} pages, {kind:?}): {e}",
                     start << PAGE_SHIFT
@@ -517,7 +519,7 @@ impl PageAccess {
             BackendError::Failed(format!("deleting memslot {} (gpa {:#x}): {e}", seg.slot, start << PAGE_SHIFT))
         })?;
         g.segs.remove(&start);
-        g.free.push(seg.slot);
+        g.free.insert(seg.slot);
         Ok(())
     }
 }
@@ -717,6 +719,7 @@ mod tests {
         assert_eq!(pa.state(PAGES << 12), None);
         pa.clear_with(&fake).unwrap();
         assert_eq!(fake.live.borrow().len(), 1);
+        assert!(fake.live.borrow().contains_key(&0), "RAM is back in slot 0");
         assert!(map(&fake).iter().all(|p| *p == Some(false)));
     }
 
@@ -767,6 +770,36 @@ mod tests {
         pa.clear_with(&fake).unwrap();
         pa.end_exec(&fake, t).unwrap();
         assert_eq!(fake.live.borrow().len(), 1);
+    }
+
+    /// On real KVM: the probe succeeds here and leaves RAM whole in slot 0;
+    /// real splits and merges are accepted by KVM.
+    #[test]
+    #[allow(clippy::panic)]
+    fn probe_and_real_slots_on_this_host() {
+        if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+            panic!("this test uses /dev/kvm, which cannot be opened: {e}");
+        }
+        let kvm = Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let ram = crate::memory::GuestRam::new(4 << 20).unwrap();
+        let base = ram.host_base().unwrap();
+        let region = kvm_userspace_memory_region { slot: 0, flags: 0, guest_phys_addr: 0, memory_size: ram.size(), userspace_addr: base };
+        set_region(&vm, region).unwrap();
+        let pa = probe(&kvm, &vm, base, ram.size()).unwrap().expect("this host has read-only memslots and guest debug");
+        assert_eq!(pa.counts(), (0, 1));
+        assert_eq!(pa.lock().segs.get(&0).map(|s| s.slot), Some(0));
+        pa.set_with(&vm, 0x10_0000, access::R | access::X).unwrap();
+        pa.set_with(&vm, 0x10_1000, 0).unwrap();
+        let t = pa.begin_exec(&vm, 0x10_1000).unwrap();
+        assert_eq!(pa.counts(), (2, 4), "RAM, read-only page, stepped-over page (own slot), RAM");
+        pa.end_exec(&vm, t).unwrap();
+        pa.set_with(&vm, 0x10_0000, access::RWX).unwrap();
+        assert_eq!(pa.counts(), (1, 2));
+        pa.clear_with(&vm).unwrap();
+        assert_eq!(pa.counts(), (0, 1));
+        // KVM agrees that slot 0 is whole again: re-registering it unchanged is accepted.
+        set_region(&vm, region).unwrap();
     }
 
     #[test]
