@@ -44,6 +44,8 @@ pf_store:
         .globl  pf_load
 pf_load:
         mov     (%rdi), %rcx
+        .globl  pf_load_done
+pf_load_done:
         mov     %rcx, PF_SEEN_BASE(,%r13,8)
         /* s = PF_STRADDLE_TAG | c << 32 | c, c = counter & 0x0fffffff */
         mov     %r14, %rax

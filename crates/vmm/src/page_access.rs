@@ -11,10 +11,12 @@
 //!
 //! Changing a page's kind deletes the slot holding it and adds the pieces.
 //! KVM cannot shrink a slot in place, so for a moment the pieces are
-//! missing: a vCPU may hit a hole on a page that is not restricted. The
-//! vCPU side serves such exits as if nothing happened (see `vcpu.rs`), and
-//! it takes this module's lock first, so it sees the layout after the
-//! update.
+//! missing. A vCPU running then would not only take MMIO exits on
+//! unrestricted pages (which could be served), its page-table walks would
+//! fail and KVM would inject #PF into the guest (seen on this host as
+//! triple faults of the test guests). So every update runs with all vCPUs
+//! out of guest mode: [`GuestGate`] keeps them from entering while it is
+//! closed, and closing it kicks the ones inside and waits for them.
 //!
 //! A page mapped back for one instruction (stepping over an execute fault,
 //! `begin_exec`/`end_exec`) gets its own one-page slot that never merges
@@ -23,8 +25,10 @@
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::{Kvm, VmFd};
-use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 use ukvmi_endpoint::{BackendError, BackendResult};
 use ukvmi_wire::access;
 
@@ -82,14 +86,97 @@ struct Seg {
 pub(crate) trait SlotSink {
     /// `KVM_SET_USER_MEMORY_REGION` (a size of 0 deletes the slot).
     fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), String>;
+    /// Called before the first change of an update: no vCPU may be in
+    /// guest mode until `end_update`.
+    fn begin_update(&self) {}
+    /// The update is over.
+    fn end_update(&self) {}
+}
+
+/// `KVM_SET_USER_MEMORY_REGION` on a VM fd.
+pub(crate) fn set_region(vm: &VmFd, region: kvm_userspace_memory_region) -> Result<(), String> {
+    // SAFETY: every region we pass lies inside guest RAM's own mapping
+    // (`host_base` + gpa, bounded by the RAM size checked in `set_with`),
+    // which lives as long as the VM; a size of 0 only deletes.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| e.to_string())
 }
 
 impl SlotSink for VmFd {
     fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), String> {
-        // SAFETY: every region we pass lies inside guest RAM's own mapping
-        // (`host_base` + gpa, bounded by the RAM size checked in `set`),
-        // which lives as long as the VM; a size of 0 only deletes.
-        unsafe { self.set_user_memory_region(region) }.map_err(|e| e.to_string())
+        set_region(self, region)
+    }
+}
+
+/// Keeps vCPUs out of guest mode while memslots change. vCPU threads wrap
+/// each `KVM_RUN` in [`GuestGate::enter`]; an updater calls
+/// [`GuestGate::close`] with a function that kicks every vCPU, and
+/// [`GuestGate::open`] when done. Updaters are serialised by the caller
+/// (the page-access lock).
+#[derive(Debug, Default)]
+pub(crate) struct GuestGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// vCPU threads inside `KVM_RUN`.
+    inside: u32,
+    /// Closed: nobody may enter.
+    closed: bool,
+}
+
+/// A vCPU thread inside `KVM_RUN`; leaves on drop.
+#[derive(Debug)]
+pub(crate) struct Inside<'a>(&'a GuestGate);
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.inside = s.inside.saturating_sub(1);
+        if s.inside == 0 {
+            self.0.changed.notify_all();
+        }
+    }
+}
+
+impl GuestGate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits while the gate is closed, then counts the caller in.
+    pub fn enter(&self) -> Inside<'_> {
+        let mut s = self.lock();
+        while s.closed {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.inside += 1;
+        Inside(self)
+    }
+
+    /// Closes the gate and returns once no vCPU is in guest mode; `kick`
+    /// pulls them out (called again every millisecond while some remain,
+    /// in case a kick raced with an entry).
+    pub fn close(&self, kick: &dyn Fn()) {
+        self.lock().closed = true;
+        loop {
+            kick();
+            let s = self.lock();
+            if s.inside == 0 {
+                return;
+            }
+            let (s, _) = self.changed.wait_timeout(s, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner());
+            if s.inside == 0 {
+                return;
+            }
+        }
+    }
+
+    /// Lets vCPUs enter again.
+    pub fn open(&self) {
+        self.lock().closed = false;
+        self.changed.notify_all();
     }
 }
 
@@ -119,7 +206,9 @@ struct Inner {
     epoch: u64,
     /// The memslots, by first gfn.
     segs: BTreeMap<u64, Seg>,
-    free: Vec<u32>,
+    /// Slot ids given back; the lowest is reused first, so RAM returns to
+    /// slot 0 when it is whole again and ids stay small.
+    free: BTreeSet<u32>,
     next_slot: u32,
 }
 
@@ -127,6 +216,9 @@ struct Inner {
 #[derive(Debug)]
 pub(crate) struct PageAccess {
     inner: Mutex<Inner>,
+    /// Bumped by every memslot update (while no vCPU is in guest mode), so
+    /// a vCPU can tell whether an exit came from an older layout.
+    generation: AtomicU64,
     /// Host address of gpa 0.
     host_base: u64,
     /// RAM size in pages.
@@ -173,9 +265,10 @@ impl PageAccess {
                 exec: BTreeMap::new(),
                 epoch: 0,
                 segs,
-                free: Vec::new(),
+                free: BTreeSet::new(),
                 next_slot: 1,
             }),
+            generation: AtomicU64::new(0),
             host_base,
             npages,
         }
@@ -188,13 +281,32 @@ impl PageAccess {
     /// The page holding `gpa`, as a vCPU must treat it now (waits for an
     /// update in progress). `None` outside RAM.
     pub fn state(&self, gpa: u64) -> Option<PageState> {
+        self.state_of(&self.lock(), gpa)
+    }
+
+    fn state_of(&self, g: &Inner, gpa: u64) -> Option<PageState> {
         let gfn = gpa >> PAGE_SHIFT;
         if gfn >= self.npages {
             return None;
         }
-        let g = self.lock();
         let allowed = g.allowed.get(&gfn).copied().unwrap_or(access::RWX);
         Some(PageState { allowed, mapped: seg_at(&g.segs, gfn).is_some() })
+    }
+
+    /// Runs `f` while no memslot update is in progress, so that vCPU
+    /// ioctls that read guest memory (`KVM_TRANSLATE` walks the page
+    /// tables) see every page where it belongs; `f` gets a lookup of
+    /// page states as they are during the call.
+    pub fn stable<R>(&self, f: impl FnOnce(&dyn Fn(u64) -> Option<PageState>) -> R) -> R {
+        let g = self.lock();
+        let lookup = |gpa: u64| self.state_of(&g, gpa);
+        f(&lookup)
+    }
+
+    /// The layout's generation; read it while in guest mode (inside the
+    /// gate), where no update can run.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// Allowed accesses of the page holding `gpa` (`RWX` outside RAM).
@@ -247,6 +359,8 @@ impl PageAccess {
         }
         let starts: Vec<u64> = g.segs.keys().copied().collect();
         let mut first_err = None;
+        sink.begin_update();
+        self.generation.fetch_add(1, Ordering::SeqCst);
         for start in starts {
             if let Err(e) = self.remove(sink, &mut g, start) {
                 first_err.get_or_insert(e);
@@ -255,6 +369,7 @@ impl PageAccess {
         if let Err(e) = self.install(sink, &mut g, 0, self.npages, Kind::Rw) {
             first_err.get_or_insert(e);
         }
+        sink.end_update();
         first_err.map_or(Ok(()), Err)
     }
 
@@ -324,16 +439,25 @@ impl PageAccess {
                 "this restriction would need more than {MAX_SLOTS} memslots"
             )));
         }
-        for (s, _) in &stale {
+        sink.begin_update();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let res = self.apply(sink, g, &stale, &fresh);
+        sink.end_update();
+        res
+    }
+
+    /// Deletes `stale`, then adds `fresh`.
+    fn apply(&self, sink: &dyn SlotSink, g: &mut Inner, stale: &[(u64, Seg)], fresh: &[(u64, u64, Kind)]) -> BackendResult<()> {
+        for (s, _) in stale {
             if let Err(e) = self.remove(sink, g, *s) {
-                self.restore(sink, g, &stale, &[]);
+                self.restore(sink, g, stale, &[]);
                 return Err(e);
             }
         }
         let mut added = Vec::new();
-        for (s, len, kind) in &fresh {
+        for (s, len, kind) in fresh {
             if let Err(e) = self.install(sink, g, *s, *len, *kind) {
-                self.restore(sink, g, &stale, &added);
+                self.restore(sink, g, stale, &added);
                 return Err(e);
             }
             added.push(*s);
@@ -365,7 +489,7 @@ impl PageAccess {
     }
 
     fn install(&self, sink: &dyn SlotSink, g: &mut Inner, start: u64, len: u64, kind: Kind) -> BackendResult<()> {
-        let slot = match g.free.pop() {
+        let slot = match g.free.pop_first() {
             Some(s) => s,
             None => {
                 let s = g.next_slot;
@@ -379,7 +503,7 @@ impl PageAccess {
                 Ok(())
             }
             Err(e) => {
-                g.free.push(slot);
+                g.free.insert(slot);
                 Err(BackendError::Failed(format!(
                     "KVM_SET_USER_MEMORY_REGION (slot {slot}, gpa {:#x}, {len} pages, {kind:?}): {e}",
                     start << PAGE_SHIFT
@@ -395,7 +519,7 @@ impl PageAccess {
             BackendError::Failed(format!("deleting memslot {} (gpa {:#x}): {e}", seg.slot, start << PAGE_SHIFT))
         })?;
         g.segs.remove(&start);
-        g.free.push(seg.slot);
+        g.free.insert(seg.slot);
         Ok(())
     }
 }
@@ -595,6 +719,7 @@ mod tests {
         assert_eq!(pa.state(PAGES << 12), None);
         pa.clear_with(&fake).unwrap();
         assert_eq!(fake.live.borrow().len(), 1);
+        assert!(fake.live.borrow().contains_key(&0), "RAM is back in slot 0");
         assert!(map(&fake).iter().all(|p| *p == Some(false)));
     }
 
@@ -645,6 +770,36 @@ mod tests {
         pa.clear_with(&fake).unwrap();
         pa.end_exec(&fake, t).unwrap();
         assert_eq!(fake.live.borrow().len(), 1);
+    }
+
+    /// On real KVM: the probe succeeds here and leaves RAM whole in slot 0;
+    /// real splits and merges are accepted by KVM.
+    #[test]
+    #[allow(clippy::panic)]
+    fn probe_and_real_slots_on_this_host() {
+        if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+            panic!("this test uses /dev/kvm, which cannot be opened: {e}");
+        }
+        let kvm = Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let ram = crate::memory::GuestRam::new(4 << 20).unwrap();
+        let base = ram.host_base().unwrap();
+        let region = kvm_userspace_memory_region { slot: 0, flags: 0, guest_phys_addr: 0, memory_size: ram.size(), userspace_addr: base };
+        set_region(&vm, region).unwrap();
+        let pa = probe(&kvm, &vm, base, ram.size()).unwrap().expect("this host has read-only memslots and guest debug");
+        assert_eq!(pa.counts(), (0, 1));
+        assert_eq!(pa.lock().segs.get(&0).map(|s| s.slot), Some(0));
+        pa.set_with(&vm, 0x10_0000, access::R | access::X).unwrap();
+        pa.set_with(&vm, 0x10_1000, 0).unwrap();
+        let t = pa.begin_exec(&vm, 0x10_1000).unwrap();
+        assert_eq!(pa.counts(), (2, 4), "RAM, read-only page, stepped-over page (own slot), RAM");
+        pa.end_exec(&vm, t).unwrap();
+        pa.set_with(&vm, 0x10_0000, access::RWX).unwrap();
+        assert_eq!(pa.counts(), (1, 2));
+        pa.clear_with(&vm).unwrap();
+        assert_eq!(pa.counts(), (0, 1));
+        // KVM agrees that slot 0 is whole again: re-registering it unchanged is accepted.
+        set_region(&vm, region).unwrap();
     }
 
     #[test]

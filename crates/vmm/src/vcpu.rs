@@ -103,6 +103,8 @@ pub(crate) struct PfState {
     deferred: Option<Step>,
     /// Pages mapped back for the current step over a fetch fault.
     exec: Vec<ExecToken>,
+    /// The memslot layout's generation during the last `KVM_RUN`.
+    generation: u64,
 }
 
 /// The vCPU thread's own state.
@@ -166,7 +168,9 @@ impl KvmVcpu {
             me.exits.fetch_add(1, Ordering::SeqCst);
             // While the tool single-steps, an exit other than the step's own
             // #DB means the step was interrupted: SINGLESTEP with `failed`.
-            let step_failed = self.debug.singlestep && step.ran_guest() && !matches!(step, Step::Debug { exception: 1, .. });
+            let step_failed = self.debug.singlestep
+                && step.ran_guest()
+                && !matches!(step, Step::Debug { exception: 1, .. } | Step::SteppedOver);
             if let Some(end) = self.handle(port, step) {
                 return Some(end);
             }
@@ -234,6 +238,10 @@ impl KvmVcpu {
                     if let Some(end) = self.step_over_done() {
                         return Some(end);
                     }
+                    // The same #DB is also the tool's step, if it steps.
+                    if self.debug.singlestep {
+                        return self.singlestep_event(port, false);
+                    }
                 }
                 Step::Fatal(why) => return Some(Exit::Failed(format!("vCPU {}: {why}", self.index))),
             }
@@ -246,7 +254,14 @@ impl KvmVcpu {
         if let Some(step) = self.pf.deferred.take() {
             return step;
         }
-        let step = match self.fd.run() {
+        // Never in guest mode while memslots change (see page_access).
+        let inside = self.shared.gate.enter();
+        if let Some(pa) = &self.shared.page_access {
+            self.pf.generation = pa.generation();
+        }
+        let exit = self.fd.run();
+        drop(inside);
+        let step = match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 let mut v = [0u8; 4];
                 for (d, s) in v.iter_mut().zip(data.iter()) {
@@ -528,7 +543,9 @@ impl KvmVcpu {
     }
 
     /// An emulation failure: ours if the instruction at RIP (which may
-    /// cross into the next page) touches a RAM page that has no memslot.
+    /// cross into the next page) touches a RAM page that has no memslot, or
+    /// had none when the vCPU ran (the layout changed since: `fetch` then
+    /// simply re-enters).
     fn fetch_fault(&mut self) -> Option<Step> {
         let pa = self.shared.page_access.as_ref()?;
         // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal`
@@ -541,16 +558,20 @@ impl KvmVcpu {
         // An instruction is at most 15 bytes long.
         let next_page = (rip | 0xfff).wrapping_add(1);
         let pages = [Some(rip), (rip.wrapping_add(14) >= next_page).then_some(next_page)];
-        for gva in pages.into_iter().flatten() {
-            let t = self.fd.translate_gva(gva).ok()?;
-            if t.valid == 0 {
-                continue;
-            }
-            if pa.state(t.physical_address).is_some_and(|s| !s.mapped) {
-                return Some(Step::Fetch { gva: rip, gpa: t.physical_address });
-            }
-        }
-        None
+        let entered = self.pf.generation;
+        let fd = &self.fd;
+        // Translate with no memslot update in flight: a page-table walk
+        // through a hole would fail.
+        let gpa = pa.stable(|state| {
+            // The layout changed since the vCPU ran: the fault may be from
+            // the old one; `fetch` looks again and re-enters if need be.
+            let stale = pa.generation() != entered;
+            pages.into_iter().flatten().find_map(|gva| {
+                let t = fd.translate_gva(gva).ok().filter(|t| t.valid != 0)?;
+                state(t.physical_address).filter(|s| !s.mapped || stale).map(|_| t.physical_address)
+            })
+        })?;
+        Some(Step::Fetch { gva: rip, gpa })
     }
 
     /// A fetch from a page without a memslot. Fetches removed: the PF event
@@ -574,11 +595,14 @@ impl KvmVcpu {
                 Some(Action::Crash) => return Some(self.pf_crash(gpa, "fetch")),
                 Some(_) => return None, // RETRY
             }
-            if pa.state(gpa).is_none_or(|s| s.mapped) {
-                return None; // the tool relaxed the page meanwhile
+            // The tool made the page executable and readable meanwhile:
+            // it has a slot of its own now. (Merely mapped is not enough:
+            // another vCPU may be stepping over it for a moment.)
+            if pa.state(gpa).is_none_or(|s| s.allowed & (access::R | access::X) == access::R | access::X) {
+                return None;
             }
         }
-        match pa.begin_exec(&shared.vm, gpa) {
+        match pa.begin_exec(&*shared, gpa) {
             Ok(token) => self.pf.exec.push(token),
             Err(e) => return Some(Exit::Failed(format!("vCPU {}: mapping gpa {gpa:#x} back: {e}", self.index))),
         }
@@ -597,7 +621,7 @@ impl KvmVcpu {
         let shared = Arc::clone(&self.shared);
         if let Some(pa) = &shared.page_access {
             for token in self.pf.exec.drain(..) {
-                if let Err(e) = pa.end_exec(&shared.vm, token) {
+                if let Err(e) = pa.end_exec(&*shared, token) {
                     return Some(Exit::Failed(format!("vCPU {}: restoring a page restriction: {e}", self.index)));
                 }
             }
@@ -874,7 +898,12 @@ impl MtrrOps for KvmVcpu {
 
 impl TranslateOps for KvmVcpu {
     fn translate_gva(&mut self, gva: u64) -> BackendResult<Option<u64>> {
-        let t = self.fd.translate_gva(gva).map_err(io_err("KVM_TRANSLATE"))?;
+        // Not while memslots change (the walk would see holes).
+        let t = match &self.shared.page_access {
+            Some(pa) => pa.stable(|_| self.fd.translate_gva(gva)),
+            None => self.fd.translate_gva(gva),
+        }
+        .map_err(io_err("KVM_TRANSLATE"))?;
         Ok((t.valid != 0).then_some(t.physical_address))
     }
 }

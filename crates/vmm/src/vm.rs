@@ -7,7 +7,7 @@ use crate::memory::GuestRam;
 use crate::vcpu::{Debug, KvmVcpu, PfState};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use crate::msr_filter::{self, MsrFilter};
-use crate::page_access::{self, PageAccess};
+use crate::page_access::{self, GuestGate, PageAccess, SlotSink};
 use kvm_ioctls::{Kvm, VmFd};
 use std::io::Write;
 use std::path::PathBuf;
@@ -126,6 +126,8 @@ pub(crate) struct VmShared {
     /// Page restrictions (present when the host has read-only memslots and
     /// guest debug, see `page_access`).
     pub page_access: Option<PageAccess>,
+    /// Closed while memslots change: no vCPU runs guest code then.
+    pub gate: GuestGate,
     pub entry: u64,
     vcpus: Vec<VcpuShared>,
     caps: HostCaps,
@@ -276,12 +278,12 @@ impl VmBackend for VmShared {
 impl PageAccessOps for VmShared {
     fn set_page_access(&self, gpa: u64, access: u8) -> BackendResult<()> {
         let pa = self.page_access.as_ref().ok_or(ukvmi_endpoint::BackendError::NotSupported)?;
-        pa.set_with(&self.vm, gpa, access)
+        pa.set_with(self, gpa, access)
     }
 
     fn clear_page_access(&self) {
         if let Some(pa) = &self.page_access {
-            if let Err(e) = pa.clear_with(&self.vm) {
+            if let Err(e) = pa.clear_with(self) {
                 // Nothing to answer to (unhook); the guest may now fault on
                 // RAM it should see, so say it loudly.
                 eprintln!("ukvmi: removing page restrictions failed: {e}");
@@ -347,6 +349,23 @@ pub fn host_capabilities() -> Result<HostCaps> {
     drop(vm);
     drop(ram);
     Ok(host_caps(probed))
+}
+
+/// Memslot changes for page restrictions, with every vCPU out of guest mode.
+impl SlotSink for VmShared {
+    fn set_region(&self, region: kvm_userspace_memory_region) -> std::result::Result<(), String> {
+        page_access::set_region(&self.vm, region)
+    }
+    fn begin_update(&self) {
+        self.gate.close(&|| {
+            for i in 0..self.vcpu_count() {
+                self.kick(i, false);
+            }
+        });
+    }
+    fn end_update(&self) {
+        self.gate.open();
+    }
 }
 
 /// What this host can do through stock KVM, decided by probing. What is
@@ -509,6 +528,7 @@ impl Vm {
             msr_filter: probed.msr_events.then(MsrFilter::default),
             guest_debug: probed.guest_debug,
             page_access,
+            gate: GuestGate::default(),
             entry,
             vcpus: (0..cfg.vcpus)
                 .map(|i| VcpuShared {
