@@ -41,7 +41,7 @@ enum Step {
     Debug { exception: u32, pc: u64, dr6: u64 },
     /// An emulation failure on an `int3` (0xCC) at `rip`: how a ring-0 int3
     /// shows up where KVM emulates ring 0 (PVM). No #BP was delivered.
-    Int3 { rip: u64 },
+    Int3 { rip: u64, gpa: u64 },
     /// `KVM_EXIT_MMIO` read (gpa, length): the instruction waits for the
     /// data until the next `KVM_RUN`.
     MmioRead(u64, usize),
@@ -195,7 +195,10 @@ impl KvmVcpu {
                     }
                 }
                 Step::Wrmsr(msr, data) => return self.wrmsr(port, msr, data),
-                Step::Debug { exception: 3, pc, .. } => return self.breakpoint(port, pc, false),
+                Step::Debug { exception: 3, pc, .. } => {
+                    let gpa = self.translate(pc).unwrap_or(u64::MAX);
+                    return self.breakpoint(port, pc, gpa, false);
+                }
                 Step::Debug { exception: 1, dr6, .. } if dr6 & DR6_BS == 0 => {
                     // Not a single step: the guest's own #DB (a hardware
                     // breakpoint, icebp) goes back to the guest.
@@ -204,10 +207,8 @@ impl KvmVcpu {
                     }
                 }
                 Step::Debug { exception: 1, .. } => {
-                    if self.debug.step_over {
-                        self.debug.step_over = false;
-                        let _ = self.sync_debug();
-                    }
+                    // (The VMM's own step over a fetch fault arrives as
+                    // SteppedOver, see `enter`.)
                     if self.debug.singlestep {
                         return self.singlestep_event(port, false);
                     }
@@ -218,7 +219,7 @@ impl KvmVcpu {
                         self.index
                     )))
                 }
-                Step::Int3 { rip } => return self.breakpoint(port, rip, true),
+                Step::Int3 { rip, gpa } => return self.breakpoint(port, rip, gpa, true),
                 Step::MmioRead(gpa, len) => {
                     if let Some(end) = self.mmio_read(port, gpa, len) {
                         return Some(end);
@@ -291,7 +292,7 @@ impl KvmVcpu {
             Ok(VcpuExit::Debug(_)) if self.debug.step_over => Step::SteppedOver,
             Ok(VcpuExit::Debug(arch)) => Step::Debug { exception: arch.exception, pc: arch.pc, dr6: arch.dr6 },
             Ok(VcpuExit::Shutdown) => Step::Fatal("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into()),
-            Ok(VcpuExit::InternalError) => self.fetch_fault().unwrap_or_else(|| self.internal_error()),
+            Ok(VcpuExit::InternalError) => self.internal_error(),
             Ok(other) => Step::Fatal(format!("unexpected exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kicked,
             Err(e) => Step::Fatal(format!("KVM_RUN failed: {e}")),
@@ -307,6 +308,9 @@ impl KvmVcpu {
 
     /// Classifies `KVM_EXIT_INTERNAL_ERROR`: an emulation failure on a 0xCC
     /// is a ring-0 int3 (PVM hosts); anything else is fatal.
+    /// Emulation failures are how two things show up where KVM emulates
+    /// ring 0 (PVM): a fetch from a page without a memslot (PF, see
+    /// `fetch_fault`) and an `int3` (0xCC at RIP). Anything else is fatal.
     fn internal_error(&mut self) -> Step {
         // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal`
         // is the member of the exit union KVM filled in; it stays valid
@@ -314,20 +318,23 @@ impl KvmVcpu {
         let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
         if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
             if let Ok(regs) = self.fd.get_regs() {
-                if self.guest_byte(regs.rip) == Some(0xcc) {
-                    return Step::Int3 { rip: regs.rip };
+                if let Some(step) = self.fetch_fault(regs.rip) {
+                    return step;
+                }
+                if let Some(gpa) = self.translate(regs.rip) {
+                    let mut b = [0u8; 1];
+                    if self.shared.ram.read(gpa, &mut b).is_ok() && b[0] == 0xcc {
+                        return Step::Int3 { rip: regs.rip, gpa };
+                    }
                 }
             }
         }
         Step::Fatal(format!("KVM_EXIT_INTERNAL_ERROR (suberror {suberror})"))
     }
 
-    /// The byte at guest virtual address `gva`, through the vCPU's paging.
-    fn guest_byte(&self, gva: u64) -> Option<u8> {
-        let t = self.fd.translate_gva(gva).ok().filter(|t| t.valid != 0)?;
-        let mut b = [0u8; 1];
-        self.shared.ram.read(t.physical_address, &mut b).ok()?;
-        Some(b[0])
+    /// The gpa of `gva` through the vCPU's paging, if mapped.
+    fn translate(&self, gva: u64) -> Option<u64> {
+        self.fd.translate_gva(gva).ok().filter(|t| t.valid != 0).map(|t| t.physical_address)
     }
 
     /// `KVM_SET_REGS`, then guest debugging again: hardware KVM forgets its
@@ -372,8 +379,7 @@ impl KvmVcpu {
     /// its own #BP, as on bare hardware. `emulated`: the int3 came as an
     /// emulation failure (PVM), where RIP still points at the 0xCC and KVM
     /// pushes the current RIP, so RIP is moved past the int3 first.
-    fn breakpoint(&mut self, port: &VcpuPort, rip: u64, emulated: bool) -> Option<Exit> {
-        let gpa = self.fd.translate_gva(rip).ok().filter(|t| t.valid != 0).map_or(u64::MAX, |t| t.physical_address);
+    fn breakpoint(&mut self, port: &VcpuPort, rip: u64, gpa: u64, emulated: bool) -> Option<Exit> {
         match port.raise(self, EventPayload::Breakpoint { gpa, insn_len: 1 }) {
             Some(o) if o.action == Action::Crash => {
                 return Some(Exit::Crashed(format!(
@@ -546,15 +552,8 @@ impl KvmVcpu {
     /// cross into the next page) touches a RAM page that has no memslot, or
     /// had none when the vCPU ran (the layout changed since: `fetch` then
     /// simply re-enters).
-    fn fetch_fault(&mut self) -> Option<Step> {
+    fn fetch_fault(&self, rip: u64) -> Option<Step> {
         let pa = self.shared.page_access.as_ref()?;
-        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal`
-        // is the active member of the exit union; it is plain data.
-        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-        if suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
-            return None;
-        }
-        let rip = self.fd.get_regs().ok()?.rip;
         // An instruction is at most 15 bytes long.
         let next_page = (rip | 0xfff).wrapping_add(1);
         let pages = [Some(rip), (rip.wrapping_add(14) >= next_page).then_some(next_page)];
@@ -801,7 +800,8 @@ impl InterceptOps for KvmVcpu {
         // (hardware KVM). Where ring 0 is emulated (PVM) an int3 exits as an
         // emulation failure anyway, and asking for SW_BP changes nothing.
         // The MSR filter is driven by CONTROL_MSR; the others need nothing.
-        if event == ukvmi_wire::event::BREAKPOINT && self.shared.guest_debug {
+        // (`caps().singlestep` is set exactly when KVM_SET_GUEST_DEBUG works.)
+        if event == ukvmi_wire::event::BREAKPOINT && self.shared.caps().singlestep {
             let before = self.debug;
             self.debug.sw_bp = enable;
             return self.sync_debug().map_err(|e| {

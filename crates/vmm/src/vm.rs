@@ -121,8 +121,6 @@ pub(crate) struct VmShared {
     pub ram: GuestRam,
     /// Watched MSRs (present when the host delivers MSR-write exits).
     pub msr_filter: Option<MsrFilter>,
-    /// `KVM_SET_GUEST_DEBUG` works (single-step; int3 exits on hardware KVM).
-    pub guest_debug: bool,
     /// Page restrictions (present when the host has read-only memslots and
     /// guest debug, see `page_access`).
     pub page_access: Option<PageAccess>,
@@ -526,7 +524,6 @@ impl Vm {
             ram,
             vm: vmfd,
             msr_filter: probed.msr_events.then(MsrFilter::default),
-            guest_debug: probed.guest_debug,
             page_access,
             gate: GuestGate::default(),
             entry,
