@@ -101,23 +101,10 @@ fn socket_rtt() -> Fig {
     r
 }
 
-/// The bare KVM exit: a VM made here with raw ioctls, no VMM around it.
+/// The bare KVM exit: a VM made here with kvm-ioctls, no VMM around it.
 mod bare {
-    use std::fs::{File, OpenOptions};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
     use std::time::{Duration, Instant};
-
-    const KVM_CREATE_VM: u64 = 0xae01;
-    const KVM_GET_VCPU_MMAP_SIZE: u64 = 0xae04;
-    const KVM_CREATE_VCPU: u64 = 0xae41;
-    /// `_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)` (32 bytes).
-    const KVM_SET_USER_MEMORY_REGION: u64 = 0x4020_ae46;
-    const KVM_SET_TSS_ADDR: u64 = 0xae47;
-    const KVM_RUN: u64 = 0xae80;
-    const KVM_EXIT_IO: u32 = 2;
-    /// `kvm_run`: `exit_reason` (u32) at 8, `io.port` (u16) at 34.
-    const RUN_EXIT_REASON: usize = 8;
-    const RUN_IO_PORT: usize = 34;
 
     /// 64 KiB of RAM ending at 4 GiB, so the reset vector (CS base
     /// 0xffff0000, IP 0xfff0) lands in it and no register needs setting.
@@ -128,141 +115,83 @@ mod bare {
     /// Real mode: `mov $0x500,%dx; 1: out %al,(%dx); jmp 1b`.
     const CODE: [u8; 6] = [0xba, 0x00, 0x05, 0xee, 0xeb, 0xfd];
 
-    #[repr(C)]
-    struct MemRegion {
-        slot: u32,
-        flags: u32,
-        guest_phys_addr: u64,
-        memory_size: u64,
-        userspace_addr: u64,
-    }
-
-    fn os_err(what: &str) -> String {
-        format!("{what}: {}", std::io::Error::last_os_error())
-    }
-
-    /// `ioctl(fd, req, arg)`; `Err` names the call.
-    ///
-    /// # Safety
-    /// `arg` must be what `req` expects: a plain integer, or the address of
-    /// a live value of the type `req` reads or writes.
-    unsafe fn ioctl(fd: RawFd, req: u64, arg: libc::c_ulong, what: &str) -> Result<i32, String> {
-        // SAFETY: the caller guarantees `arg` matches `req` (see above).
-        let r = unsafe { libc::ioctl(fd, req as _, arg) };
-        if r < 0 {
-            Err(os_err(what))
-        } else {
-            Ok(r)
-        }
-    }
-
-    /// An `mmap`ing, unmapped on drop.
-    struct Mapping {
-        ptr: *mut u8,
-        len: usize,
-    }
+    /// Anonymous page-aligned memory, unmapped on drop.
+    struct Mapping(*mut u8);
 
     impl Mapping {
-        /// Anonymous memory (`fd` None) or `len` bytes of `fd` from offset 0.
-        fn new(fd: Option<RawFd>, len: usize) -> Result<Mapping, String> {
-            let (flags, fd) = match fd {
-                Some(fd) => (libc::MAP_SHARED, fd),
-                None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
-            };
-            // SAFETY: a fresh mapping chosen by the kernel (address hint
-            // null); no existing memory is touched.
+        fn new() -> Result<Mapping, String> {
+            // SAFETY: a fresh anonymous mapping chosen by the kernel; no
+            // existing memory is touched.
             let p = unsafe {
-                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0)
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    MEM_SIZE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
             };
             if p == libc::MAP_FAILED {
-                return Err(os_err("mmap"));
+                return Err(format!("mmap: {}", std::io::Error::last_os_error()));
             }
-            Ok(Mapping { ptr: p.cast(), len })
+            Ok(Mapping(p.cast()))
         }
     }
 
     impl Drop for Mapping {
         fn drop(&mut self) {
-            // SAFETY: `ptr`/`len` are exactly what mmap returned, and
-            // nothing borrows the mapping once its owner is dropped.
-            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+            // SAFETY: exactly what mmap returned; the VM using it is gone
+            // (BareVm drops it last).
+            unsafe { libc::munmap(self.0.cast(), MEM_SIZE) };
         }
     }
 
-    /// A 1-vCPU VM. Fields drop in order: kvm_run, vCPU, VM, then RAM.
+    /// A 1-vCPU VM. Fields drop in order: vCPU, VM, then RAM.
     pub struct BareVm {
-        run: Mapping,
-        vcpu: OwnedFd,
-        _vm: OwnedFd,
+        vcpu: VcpuFd,
+        _vm: VmFd,
         _mem: Mapping,
-        _kvm: File,
-    }
-
-    fn owned(fd: i32) -> OwnedFd {
-        // SAFETY: `fd` was just returned by a KVM ioctl that creates a new
-        // file descriptor; nothing else owns it.
-        unsafe { OwnedFd::from_raw_fd(fd) }
     }
 
     impl BareVm {
         pub fn new() -> Result<BareVm, String> {
-            let kvm = OpenOptions::new().read(true).write(true).open("/dev/kvm").map_err(|e| format!("/dev/kvm: {e}"))?;
-            // SAFETY: KVM_CREATE_VM takes the machine type, 0.
-            let vm = owned(unsafe { ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0, "KVM_CREATE_VM") }?);
-            let mem = Mapping::new(None, MEM_SIZE)?;
+            let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
+            let kvm = Kvm::new().map_err(e("/dev/kvm"))?;
+            let vm = kvm.create_vm().map_err(e("KVM_CREATE_VM"))?;
+            let mem = Mapping::new()?;
             // SAFETY: `mem` is MEM_SIZE writable bytes and the code fits
             // below its end (RESET_IP + 6 < 0x10000); no VM runs yet.
-            unsafe { std::ptr::copy_nonoverlapping(CODE.as_ptr(), mem.ptr.add(RESET_IP), CODE.len()) };
-            let region = MemRegion {
+            unsafe { std::ptr::copy_nonoverlapping(CODE.as_ptr(), mem.0.add(RESET_IP), CODE.len()) };
+            let region = kvm_bindings::kvm_userspace_memory_region {
                 slot: 0,
                 flags: 0,
                 guest_phys_addr: MEM_BASE,
                 memory_size: MEM_SIZE as u64,
-                userspace_addr: mem.ptr as u64,
+                userspace_addr: mem.0 as u64,
             };
-            // SAFETY: the argument is the address of a live
-            // kvm_userspace_memory_region; the memory it names (`mem`)
-            // outlives the VM (field order of BareVm).
-            unsafe {
-                ioctl(vm.as_raw_fd(), KVM_SET_USER_MEMORY_REGION, &raw const region as libc::c_ulong, "KVM_SET_USER_MEMORY_REGION")
-            }?;
+            // SAFETY: the region is `mem`, which outlives the VM (field
+            // order of BareVm).
+            unsafe { vm.set_user_memory_region(region) }.map_err(e("KVM_SET_USER_MEMORY_REGION"))?;
             // Only VMX without unrestricted guest needs it; other hosts may
             // refuse it, which is harmless. Three pages below the RAM.
-            // SAFETY: KVM_SET_TSS_ADDR takes an address as a plain integer.
-            let _ = unsafe { ioctl(vm.as_raw_fd(), KVM_SET_TSS_ADDR, 0xfffb_d000, "KVM_SET_TSS_ADDR") };
-            // SAFETY: KVM_CREATE_VCPU takes the vCPU id, 0.
-            let vcpu = owned(unsafe { ioctl(vm.as_raw_fd(), KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU") }?);
-            // SAFETY: KVM_GET_VCPU_MMAP_SIZE takes no argument.
-            let run_size = unsafe { ioctl(kvm.as_raw_fd(), KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE") }?;
-            let run = Mapping::new(Some(vcpu.as_raw_fd()), usize::try_from(run_size).map_err(|e| e.to_string())?)?;
-            Ok(BareVm { run, vcpu, _vm: vm, _mem: mem, _kvm: kvm })
+            let _ = vm.set_tss_address(0xfffb_d000);
+            let vcpu = vm.create_vcpu(0).map_err(e("KVM_CREATE_VCPU"))?;
+            Ok(BareVm { vcpu, _vm: vm, _mem: mem })
         }
 
         /// One KVM_RUN, which must end in the guest's `out`.
-        pub fn run_once(&self) -> Result<(), String> {
-            // SAFETY: KVM_RUN takes no argument; the vCPU is ours and its
-            // kvm_run area stays mapped while `self` lives.
-            unsafe { ioctl(self.vcpu.as_raw_fd(), KVM_RUN, 0, "KVM_RUN") }?;
-            // SAFETY: the kvm_run mapping is at least a page long and page
-            // aligned, so both offsets are in bounds and aligned; KVM wrote
-            // them before KVM_RUN returned and does not touch them until the
-            // next KVM_RUN.
-            let (reason, port) = unsafe {
-                (
-                    std::ptr::read_volatile(self.run.ptr.add(RUN_EXIT_REASON).cast::<u32>()),
-                    std::ptr::read_volatile(self.run.ptr.add(RUN_IO_PORT).cast::<u16>()),
-                )
-            };
-            if reason != KVM_EXIT_IO || port != PORT {
-                return Err(format!("exit reason {reason} port {port:#x}, expected KVM_EXIT_IO on {PORT:#x}"));
+        pub fn run_once(&mut self) -> Result<(), String> {
+            match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(PORT, _)) => Ok(()),
+                other => Err(format!("expected KVM_EXIT_IO on {PORT:#x}, got {other:?}")),
             }
-            Ok(())
         }
     }
 
     /// `n` timed KVM_RUN → KVM_EXIT_IO round trips (after `warmup`).
     pub fn exit_loop(warmup: usize, n: usize) -> Result<Vec<Duration>, String> {
-        let vm = BareVm::new()?;
+        let mut vm = BareVm::new()?;
         for _ in 0..warmup {
             vm.run_once()?;
         }
