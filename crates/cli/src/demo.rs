@@ -246,7 +246,7 @@ fn demo(o: &Opts) -> Result<bool, String> {
             }
         });
     }
-    p.info(&format!("booted demo guest: {} vCPUs, 64 MiB, VMM pid {}", o.vcpus, child.0.id()));
+    p.info(&format!("booted demo guest: {} vCPU{}, 64 MiB, VMM pid {}", o.vcpus, if o.vcpus == 1 { "" } else { "s" }, child.0.id()));
 
     // 2. Attach.
     p.step(2, "attach the introspector");
