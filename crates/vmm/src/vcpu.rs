@@ -695,10 +695,14 @@ impl KvmVcpu {
         s.cr4 = 0x20;
         s.efer = 0x500;
         self.fd.set_sregs(&s).map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
+        // RDX = the TSC frequency in kHz (0 if KVM cannot tell), so a guest
+        // without a timer can turn rdtsc into time (see the guest ABI).
+        let tsc_khz = self.fd.get_tsc_khz().map_or(0, u64::from);
         let regs = kvm_bindings::kvm_regs {
             rip: self.shared.entry,
             rdi: u64::from(self.index),
             rsi: u64::from(self.shared.vcpu_count()),
+            rdx: tsc_khz,
             rsp: layout::STACK_TOP - u64::from(self.index) * layout::STACK_SIZE,
             rflags: 2,
             ..Default::default()
