@@ -587,6 +587,7 @@ schedule:
 sched_loop:
         call    update_ticks
         mov     %rax, %r15              /* now */
+        mov     $-1, %r14               /* earliest wake tick of the rest */
         xor     %ecx, %ecx
 1:      mov     %rcx, %rbx
         shl     $6, %rbx
@@ -597,9 +598,14 @@ sched_loop:
         jne     2f
         cmpl    $PS_SLEEPING, PE_STATE(%rbx)
         jne     2f
-        cmp     PE_WAKE_TICK(%rbx), %r15
-        jb      2f
-        movl    $PS_READY, PE_STATE(%rbx)
+        mov     PE_WAKE_TICK(%rbx), %rax
+        cmp     %rax, %r15
+        jae     7f
+        cmp     %r14, %rax
+        jae     2f
+        mov     %rax, %r14
+        jmp     2f
+7:      movl    $PS_READY, PE_STATE(%rbx)
 2:      inc     %ecx
         cmp     $MAX_PROCS, %ecx
         jb      1b
@@ -620,10 +626,14 @@ sched_loop:
 4:      inc     %ecx
         cmp     $MAX_PROCS, %ecx
         jb      3b
+        /* idle: only a sleeper's wake tick can make one ready here */
         movl    $0, PROC_TABLE + PH_CURRENT_PID(,%r12,4)
         .globl  idle_hlt
 idle_hlt:
         hlt
+        call    update_ticks
+        cmp     %r14, %rax
+        jb      idle_hlt
         jmp     sched_loop
 found:  /* rax = slot, rbx = its entry */
         movl    $PS_RUNNING, PE_STATE(%rbx)
