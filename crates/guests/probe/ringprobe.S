@@ -1,3 +1,20 @@
+/*
+ * ringprobe: the probe behind the demo guest's ring transitions (not built
+ * by build.rs; kept to re-check a host). Build and run:
+ *
+ *   gcc -c -nostdinc -Iasm -o /tmp/p.o probe/ringprobe.S
+ *   ld -m elf_x86_64 -nostdlib -static -e _start -Ttext=0x100000 -o /tmp/p.elf /tmp/p.o
+ *   objcopy -O binary -j .text /tmp/p.elf /tmp/p.bin
+ *   ukvmi run --kernel /tmp/p.bin
+ *
+ * It enters ring 3 with a 64-bit sysexit, runs `syscall` there (LSTAR on a
+ * supervisor-only page), runs a ring-3 hlt (#GP), then tries sysretq from
+ * ring 0, printing every exception frame. On the PVM host (6.18) it showed:
+ * sysexit64 and sysretq both work from ring 0; a ring-3 `syscall` jumps to
+ * LSTAR but stays at CPL3 (RCX/R11 set, RSP unchanged), so the fetch from
+ * the supervisor page raises #PF (err 5, CR2 = RIP = LSTAR), delivered to
+ * the ring-0 IDT on TSS.RSP0; ring-3 #GP likewise. See ../README.md.
+ */
 #include "layout.h"
 #define PGT     0x500000        /* PML4, PDPT, PD for the user-accessible identity map */
 #define RES     0x520000        /* results, u64s */
