@@ -296,6 +296,7 @@ fn demo(o: &Opts) -> Result<bool, String> {
 
     let (mut n_sys, mut n_msr, mut n_page, mut n_hc) = (0u64, 0u64, 0u64, 0u64);
     let watch_start = Instant::now();
+    let (mut last_text, mut repeats) = (String::new(), 0u64);
     // Until every step was seen and SECS passed; give up 15 s later.
     let max = o.duration + Duration::from_secs(15);
     loop {
@@ -313,7 +314,19 @@ fn demo(o: &Opts) -> Result<bool, String> {
                     Record::Hypercall { reply: Some(_), .. } => n_hc += 1,
                     _ => {}
                 }
-                p.emit(&format!("  {}", r.text(Some(&syms))), r.json());
+                let text = format!("  {}", r.text(Some(&syms)));
+                // People get repeats folded (the worker yields a lot);
+                // JSON gets every record.
+                if !o.json && text == last_text {
+                    repeats += 1;
+                    continue;
+                }
+                if repeats > 0 {
+                    p.info(&format!("    (the line above {} more time{})", repeats, if repeats == 1 { "" } else { "s" }));
+                    repeats = 0;
+                }
+                p.emit(&text, r.json());
+                last_text = text;
                 if matches!(r, Record::Detached { .. } | Record::Unhook) {
                     break;
                 }

@@ -222,3 +222,52 @@ fn mistakes_get_clear_errors_and_the_daemon_survives_garbage() {
     detach(&tool);
     vm.assert_guest_runs();
 }
+
+#[test]
+fn ps_trace_and_protect_on_the_demo_os() {
+    let dir = Scratch::new("tools-demo");
+    let sock = dir.path("vm.sock");
+    let vm = RunningVm::start(&dir, &["--guest", "demo", "--vcpus", "2", "--reconnect", "0.1", "--introspect", &format!("unix:{}", sock.display())]);
+    vm.wait_serial("shell: hello", 1, T);
+    let tool = Tool { sock };
+    // Before the rootkit's first attack (about 1 s after boot): guard the
+    // syscall table, in the background, while the other commands run.
+    let guard = {
+        let sock = tool.sock.clone();
+        std::thread::spawn(move || Tool { sock }.ok(&["protect", "syscall_table", "8", "--deny", "--count", "1", "--json", "--duration", "15"]))
+    };
+
+    let ps = tool.ok(&["ps", "--json"]);
+    for (pid, name, cpu) in [(1, "init", 0), (2, "shell", 0), (3, "worker", 1), (4, "rootkit", 1)] {
+        let obj = format!(r#"{{"pid":{pid},"name":"{name}","#);
+        let at = ps.find(&obj).unwrap_or_else(|| panic!("no {name} in {ps}"));
+        assert_eq!(Tool::field(&ps[at..], "cpu"), cpu.to_string(), "{ps}");
+    }
+    let text = tool.ok(&["ps"]);
+    assert!(text.contains("PID") && text.contains("rootkit"), "{text}");
+
+    // Each process has its own address space: 0x400000 maps to its own frames.
+    let cr3s: Vec<String> = ps.split(r#""cr3":""#).skip(1).map(|s| s[..s.find('"').unwrap()].to_string()).collect();
+    assert_eq!(cr3s.len(), 4);
+    assert!(cr3s.iter().collect::<std::collections::BTreeSet<_>>().len() == 4, "distinct CR3s: {cr3s:?}");
+
+    let trace = tool.ok(&["trace", "--syscalls", "--count", "12", "--json"]);
+    let lines: Vec<&str> = trace.lines().collect();
+    assert_eq!(lines.len(), 12, "{trace}");
+    assert!(lines.iter().all(|l| Tool::field(l, "event") == "syscall"), "{trace}");
+    assert!(lines.iter().any(|l| Tool::field(l, "process") == "worker"), "{trace}");
+
+    // The rootkit's write to the syscall table, refused; the table keeps sys_write.
+    let out = guard.join().unwrap();
+    assert_eq!(Tool::field(&out, "event"), "page", "{out}");
+    assert_eq!(Tool::field(&out, "blocked"), "true");
+    assert_eq!(Tool::field(&out, "process"), "rootkit");
+    // The guest itself saw its write vanish (it reads the slot back).
+    vm.wait_serial("syscall_table[write] hook failed", 1, T);
+    if !vm.serial_text().contains("hook succeeded") {
+        let table = ukvmi_guests::demo::symbol("syscall_table").unwrap();
+        assert_eq!(tool.u64_at(table + 8), ukvmi_guests::demo::symbol("sys_write").unwrap());
+    }
+    detach(&tool);
+    vm.wait_serial("shell: hello", 3, T);
+}

@@ -234,14 +234,12 @@ pub fn current_pid(mem: &dyn PhysRead, vcpu: u16) -> Option<u32> {
     if usize::from(vcpu) >= MAX_CPUS {
         return None;
     }
-    let mut b = [0u8; 8];
+    let mut b = [0u8; 56];
     mem.read_phys(PROC_TABLE, &mut b).ok()?;
-    if u64::from_le_bytes(b) != PROC_MAGIC {
+    if u64_at(&b, 0) != PROC_MAGIC {
         return None;
     }
-    let mut p = [0u8; 4];
-    mem.read_phys(PROC_TABLE + 24 + 4 * u64::from(vcpu), &mut p).ok()?;
-    Some(u32::from_le_bytes(p)).filter(|&p| p != 0)
+    Some(u32_at(&b, 24 + 4 * usize::from(vcpu))).filter(|&p| p != 0)
 }
 
 /// Syscall numbers of the demo OS.

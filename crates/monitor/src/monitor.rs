@@ -62,6 +62,24 @@ fn cmd<T>(what: impl FnOnce() -> String, r: ukvmi_introspector::Result<T>) -> Re
     r.map_err(|source| MonitorError::Command { what: what(), source })
 }
 
+/// Runs a vCPU command, retrying while the vCPU is not up yet (`-KVM_EAGAIN`:
+/// a guest starts its other vCPUs some time after the VM starts), for up to
+/// `VCPU_UP_WAIT`.
+fn on_vcpu<T>(mut f: impl FnMut() -> ukvmi_introspector::Result<T>) -> ukvmi_introspector::Result<T> {
+    let end = Instant::now() + VCPU_UP_WAIT;
+    loop {
+        match f() {
+            Err(e) if e.errno() == Some(ukvmi_wire::KvmErrno::Eagain) && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// How long a vCPU command waits for a vCPU the guest has not started yet.
+const VCPU_UP_WAIT: Duration = Duration::from_secs(10);
+
 /// Which records a subscription wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Kinds {
@@ -144,7 +162,6 @@ struct Inner {
     cond: Condvar,
     stop: AtomicBool,
     events: AtomicU64,
-    os: AtomicBool,
 }
 
 /// Counters for a summary line.
@@ -211,9 +228,7 @@ impl Monitor {
             cond: Condvar::new(),
             stop: AtomicBool::new(false),
             events: AtomicU64::new(0),
-            os: AtomicBool::new(false),
         });
-        inner.os.store(guestos::current_pid(&*inner.vm, 0).is_some() || inner.has_table(), Ordering::Relaxed);
         {
             let mut st = inner.lock();
             inner.enable(&mut st, event::PAUSE)?;
@@ -304,7 +319,7 @@ impl Monitor {
         if !st.msrs.contains_key(&msr) {
             inner.enable(&mut st, event::MSR)?;
             for v in 0..inner.vcpus {
-                if let Err(e) = cmd(|| format!("watching MSR {msr:#x} on vCPU {v}"), inner.vm.control_msr(v, msr, true)) {
+                if let Err(e) = cmd(|| format!("watching MSR {msr:#x} on vCPU {v}"), on_vcpu(|| inner.vm.control_msr(v, msr, true))) {
                     for u in 0..v {
                         let _ = inner.vm.control_msr(u, msr, false);
                     }
@@ -369,7 +384,7 @@ impl Monitor {
         let mut st = inner.lock();
         for v in 0..inner.vcpus {
             if st.want_pause.insert(v) && !st.held.contains_key(&v) {
-                cmd(|| format!("KVMI_VM_PAUSE_VCPU {v}"), inner.vm.pause_vcpu(v, false))?;
+                cmd(|| format!("KVMI_VM_PAUSE_VCPU {v}"), on_vcpu(|| inner.vm.pause_vcpu(v, false)))?;
             }
         }
         let deadline = Instant::now() + timeout;
@@ -422,17 +437,12 @@ impl Inner {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn has_table(&self) -> bool {
-        let mut b = [0u8; 8];
-        self.vm.read_phys(guestos::PROC_TABLE, &mut b).is_ok() && u64::from_le_bytes(b) == guestos::PROC_MAGIC
-    }
-
     fn enable(&self, st: &mut State, ev: u16) -> Result<()> {
         let n = st.enabled.entry(ev).or_insert(0);
         if *n == 0 {
             for v in 0..self.vcpus {
                 let name = event::name(ev).unwrap_or("event");
-                if let Err(e) = cmd(|| format!("enabling {name} on vCPU {v}"), self.vm.control_events(v, ev, true)) {
+                if let Err(e) = cmd(|| format!("enabling {name} on vCPU {v}"), on_vcpu(|| self.vm.control_events(v, ev, true))) {
                     for u in 0..v {
                         let _ = self.vm.control_events(u, ev, false);
                     }
@@ -591,9 +601,6 @@ impl Inner {
 
     fn who(&self, st: &mut State, vcpu: u16) -> Who {
         let mut who = Who { vcpu, pid: None, process: None };
-        if !self.os.load(Ordering::Relaxed) {
-            return who;
-        }
         who.pid = guestos::current_pid(&*self.vm, vcpu);
         if let Some(pid) = who.pid {
             if !st.names.contains_key(&pid) {
