@@ -45,6 +45,16 @@
 //! read error, [`Vm::close`] or drop) every waiting command gets
 //! [`Error::Closed`] and, once the queue is drained, so does `next_event`.
 //!
+//! # Zero-copy guest memory
+//!
+//! [`Vm::map_memory`] (and [`Vm::map_memory_writable`]) use the ukvmi
+//! extension `UKVMI_VM_MAP_MEMORY`: the VMM sends its guest-RAM memfd with
+//! the reply (`SCM_RIGHTS`) and the library maps it as a
+//! [`GuestMemoryMap`], a live view of guest physical memory read with
+//! bounds-checked copies instead of one page per round trip. The reader
+//! thread reads with `recvmsg`: a descriptor goes to the map request it
+//! answers; any other descriptor that arrives is closed.
+//!
 //! # Example
 //!
 //! ```no_run
