@@ -295,8 +295,10 @@ impl Vm {
         let req = VmMapMemory { flags, padding: 0 };
         let seq = self.next_seq();
         let bytes = frame(id, seq, &[req.as_bytes()]).map_err(|e| Error::Refused(format!("{name}: {e}")))?;
+        self.expect_fd(seq);
         let reply = self.request_bytes(id, seq, &bytes);
-        // Taken whatever happened, so that it is closed on every error path.
+        // Taken whatever happened: the slot closes (a later descriptor is
+        // closed on arrival) and ours is dropped on every error path.
         let fd = self.take_received_fd(seq);
         let reply = reply?;
         if reply.err != 0 {
@@ -501,6 +503,26 @@ mod tests {
         assert!(hung_up(&rd, Duration::from_secs(5)), "a refused descriptor leaked");
     }
 
+    fn no_slots_left(vm: &Vm) -> bool {
+        (0..4).all(|seq| vm.take_received_fd(seq).is_none())
+    }
+
+    #[test]
+    fn a_raw_request_never_keeps_a_descriptor() {
+        // request_raw opens no slot: the descriptor is closed on arrival.
+        let (vm, mut peer) = pair();
+        let (rd, wr) = pipe();
+        std::thread::scope(|sc| {
+            sc.spawn(move || {
+                let (h, _) = read_msg(&mut peer);
+                send_fd(&peer, &reply_bytes(h.id, h.seq, 0, &map_reply(4096, 0)), wr.as_fd());
+            });
+            let r = vm.request_raw(MAP, VmMapMemory::default().as_bytes()).unwrap();
+            assert_eq!((r.err, r.data.len()), (0, 24));
+        });
+        assert!(hung_up(&rd, Duration::from_secs(5)), "the raw reply's descriptor leaked");
+    }
+
     #[test]
     fn a_reply_after_the_request_gave_up_has_its_descriptor_closed() {
         let (vm, mut peer) = pair();
@@ -517,5 +539,6 @@ mod tests {
         assert!(hung_up(&rd, Duration::from_secs(5)), "the late descriptor leaked");
         // The request had seq 1; nothing was kept for it.
         assert!(vm.take_received_fd(1).is_none());
+        assert!(no_slots_left(&vm));
     }
 }

@@ -95,9 +95,9 @@ struct Inner {
     events_cv: Condvar,
     unmatched: Mutex<VecDeque<RawReply>>,
     unmatched_count: AtomicU64,
-    /// Descriptors that came with a `UKVMI_VM_MAP_MEMORY` reply, by seq,
-    /// until the request takes them.
-    received_fds: Mutex<HashMap<u32, OwnedFd>>,
+    /// Requests (by seq) that accept a descriptor with their reply
+    /// (`UKVMI_VM_MAP_MEMORY`), and the descriptor once it has come.
+    fd_slots: Mutex<HashMap<u32, Option<OwnedFd>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -155,19 +155,16 @@ impl Inner {
         u.push_back(RawReply::from_msg(&m));
     }
 
-    /// Keeps the first descriptor that came with a reply to a pending
-    /// `UKVMI_VM_MAP_MEMORY` request for it; every other one is closed
-    /// (dropped) here. Decided under the pending lock, so a request that
-    /// gives up waiting either finds its descriptor or it was never kept.
+    /// Keeps the first descriptor that came with the reply to a request
+    /// that opened a slot for one ([`Vm::expect_fd`]); every other one is
+    /// closed (dropped) here. A request that gave up has removed its slot,
+    /// so a late descriptor is closed too.
     fn keep_fds(&self, hdr: &MsgHdr, fds: Vec<OwnedFd>) {
         if fds.is_empty() || hdr.id != msg::UKVMI_VM_MAP_MEMORY {
             return;
         }
-        let p = lock(&self.pending);
-        if p.map.get(&hdr.seq).is_some_and(|(id, _)| *id == hdr.id) {
-            if let Some(fd) = fds.into_iter().next() {
-                lock(&self.received_fds).insert(hdr.seq, fd);
-            }
+        if let Some(slot @ None) = lock(&self.fd_slots).get_mut(&hdr.seq) {
+            *slot = fds.into_iter().next();
         }
     }
 
@@ -262,7 +259,7 @@ impl Vm {
             events_cv: Condvar::new(),
             unmatched: Mutex::new(VecDeque::new()),
             unmatched_count: AtomicU64::new(0),
-            received_fds: Mutex::new(HashMap::new()),
+            fd_slots: Mutex::new(HashMap::new()),
         });
         let for_thread = Arc::clone(&inner);
         let handle = std::thread::Builder::new()
@@ -401,9 +398,15 @@ impl Vm {
 
     // ------------------------------------------------------------ internals
 
-    /// The descriptor that came with the `UKVMI_VM_MAP_MEMORY` reply `seq`.
+    /// Lets the reply to request `seq` bring one descriptor (before sending).
+    pub(crate) fn expect_fd(&self, seq: u32) {
+        lock(&self.inner.fd_slots).insert(seq, None);
+    }
+
+    /// Closes the slot of request `seq` and returns the descriptor that came
+    /// with its reply, if any.
     pub(crate) fn take_received_fd(&self, seq: u32) -> Option<OwnedFd> {
-        lock(&self.inner.received_fds).remove(&seq)
+        lock(&self.inner.fd_slots).remove(&seq).flatten()
     }
 
     fn register(&self, seq: u32, id: u16) -> Result<Receiver<Message>> {
