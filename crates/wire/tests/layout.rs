@@ -295,7 +295,7 @@ fn the_map_memory_extension_sits_outside_v12() {
     assert!(!msg::is_vcpu_message(id));
     assert!(!msg::is_known_command(id), "is_known_command stays exactly v12");
     assert!(msg::is_extension_command(id) && msg::is_command(id));
-    assert!(id >= msg::EXT_FIRST && id < msg::EXT_END && msg::EXT_FIRST > msg::NUM_COMMANDS);
+    assert!((msg::EXT_FIRST..msg::EXT_END).contains(&id) && msg::EXT_FIRST > msg::NUM_COMMANDS);
     assert_eq!(msg::name(id), Some("UKVMI_VM_MAP_MEMORY"));
     let ext: Vec<u16> = (0..=u16::MAX).filter(|&i| msg::is_extension_command(i)).collect();
     assert_eq!(ext, msg::EXTENSION_COMMANDS);
