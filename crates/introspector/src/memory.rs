@@ -30,9 +30,11 @@ const MAX_FDS: usize = 8;
 pub(crate) fn recv_exact(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<()> {
     let int = std::mem::size_of::<libc::c_int>() as u32;
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(int * MAX_FDS as u32) } as usize;
-    // u64 elements keep the buffer aligned for `cmsghdr`.
-    let mut control = vec![0u64; space.div_ceil(8)];
+    let want = unsafe { libc::CMSG_SPACE(int * MAX_FDS as u32) } as usize;
+    // On the stack (this is every message's read path); u64 elements keep
+    // it aligned for `cmsghdr`. 128 bytes hold CMSG_SPACE(8 ints) = 48.
+    let mut control = [0u64; 16];
+    let space = want.min(std::mem::size_of_val(&control));
     let mut got = 0;
     while got < buf.len() {
         let rest = buf.get_mut(got..).unwrap_or_default();
