@@ -45,6 +45,16 @@
 //! read error, [`Vm::close`] or drop) every waiting command gets
 //! [`Error::Closed`] and, once the queue is drained, so does `next_event`.
 //!
+//! # Zero-copy guest memory
+//!
+//! [`Vm::map_memory`] (and [`Vm::map_memory_writable`]) use the ukvmi
+//! extension `UKVMI_VM_MAP_MEMORY`: the VMM sends its guest-RAM memfd with
+//! the reply (`SCM_RIGHTS`) and the library maps it as a
+//! [`GuestMemoryMap`], a live view of guest physical memory read with
+//! bounds-checked copies instead of one page per round trip. The reader
+//! thread reads with `recvmsg`: a descriptor goes to the map request it
+//! answers; any other descriptor that arrives is closed.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -78,6 +88,7 @@ mod commands;
 mod error;
 mod event;
 mod listener;
+mod memory;
 mod vm;
 
 #[cfg(test)]
@@ -87,4 +98,5 @@ pub use commands::{Registers, VersionInfo};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, EventReply, VcpuEventMsg};
 pub use listener::{Handshake, Incoming, Listener, DEFAULT_HANDSHAKE_TIMEOUT};
+pub use memory::GuestMemoryMap;
 pub use vm::{Events, RawReply, Vm, VmInfo, DEFAULT_REPLY_TIMEOUT};

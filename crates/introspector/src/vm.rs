@@ -2,8 +2,9 @@
 //! queue and the raw send paths.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::Shutdown;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
@@ -15,6 +16,7 @@ use ukvmi_wire::{frame, msg, read_zext, tail, ErrorCode, MsgHdr, VCPU_EVENT_BODY
 
 use crate::error::{Error, Result};
 use crate::event::{self, Event, EventReply, VcpuEventMsg};
+use crate::memory;
 
 /// Default time a command waits for its reply.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -93,6 +95,9 @@ struct Inner {
     events_cv: Condvar,
     unmatched: Mutex<VecDeque<RawReply>>,
     unmatched_count: AtomicU64,
+    /// Requests (by seq) that accept a descriptor with their reply
+    /// (`UKVMI_VM_MAP_MEMORY`), and the descriptor once it has come.
+    fd_slots: Mutex<HashMap<u32, Option<OwnedFd>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,6 +155,19 @@ impl Inner {
         u.push_back(RawReply::from_msg(&m));
     }
 
+    /// Keeps the first descriptor that came with the reply to a request
+    /// that opened a slot for one ([`Vm::expect_fd`]); every other one is
+    /// closed (dropped) here. A request that gave up has removed its slot,
+    /// so a late descriptor is closed too.
+    fn keep_fds(&self, hdr: &MsgHdr, fds: Vec<OwnedFd>) {
+        if fds.is_empty() || hdr.id != msg::UKVMI_VM_MAP_MEMORY {
+            return;
+        }
+        if let Some(slot @ None) = lock(&self.fd_slots).get_mut(&hdr.seq) {
+            *slot = fds.into_iter().next();
+        }
+    }
+
     fn mark_closed(&self) {
         {
             let mut p = lock(&self.pending);
@@ -183,17 +201,22 @@ impl Inner {
     }
 }
 
-fn reader_loop(inner: &Inner, mut stream: UnixStream) {
+/// Reads each message with `recvmsg`; a descriptor (`SCM_RIGHTS`) that
+/// arrives with a message goes to that message's request if it is a
+/// `UKVMI_VM_MAP_MEMORY` waiting for one, and is closed otherwise.
+fn reader_loop(inner: &Inner, stream: UnixStream) {
     loop {
+        let mut fds = Vec::new();
         let mut hdr_buf = [0u8; 8];
-        if stream.read_exact(&mut hdr_buf).is_err() {
+        if memory::recv_exact(&stream, &mut hdr_buf, &mut fds).is_err() {
             break;
         }
         let hdr: MsgHdr = read_zext(&hdr_buf);
         let mut body = vec![0u8; usize::from(hdr.size)];
-        if stream.read_exact(&mut body).is_err() {
+        if memory::recv_exact(&stream, &mut body, &mut fds).is_err() {
             break;
         }
+        inner.keep_fds(&hdr, fds);
         inner.dispatch(Message { hdr, body });
     }
     inner.mark_closed();
@@ -236,6 +259,7 @@ impl Vm {
             events_cv: Condvar::new(),
             unmatched: Mutex::new(VecDeque::new()),
             unmatched_count: AtomicU64::new(0),
+            fd_slots: Mutex::new(HashMap::new()),
         });
         let for_thread = Arc::clone(&inner);
         let handle = std::thread::Builder::new()
@@ -373,6 +397,17 @@ impl Vm {
     }
 
     // ------------------------------------------------------------ internals
+
+    /// Lets the reply to request `seq` bring one descriptor (before sending).
+    pub(crate) fn expect_fd(&self, seq: u32) {
+        lock(&self.inner.fd_slots).insert(seq, None);
+    }
+
+    /// Closes the slot of request `seq` and returns the descriptor that came
+    /// with its reply, if any.
+    pub(crate) fn take_received_fd(&self, seq: u32) -> Option<OwnedFd> {
+        lock(&self.inner.fd_slots).remove(&seq).flatten()
+    }
 
     fn register(&self, seq: u32, id: u16) -> Result<Receiver<Message>> {
         let (tx, rx) = mpsc::sync_channel(1);

@@ -286,3 +286,33 @@ fn events_match_spec_4_2_and_9() {
     assert_eq!(event::name(event::UNHOOK), Some("KVMI_VM_EVENT_UNHOOK"));
     assert_eq!(Action::from_u8(3), None);
 }
+
+#[test]
+fn the_map_memory_extension_sits_outside_v12() {
+    let id = msg::UKVMI_VM_MAP_MEMORY;
+    assert_eq!(id, 0x4000);
+    assert_eq!(id & 1, 0, "a VM command");
+    assert!(!msg::is_vcpu_message(id));
+    assert!(!msg::is_known_command(id), "is_known_command stays exactly v12");
+    assert!(msg::is_extension_command(id) && msg::is_command(id));
+    assert!((msg::EXT_FIRST..msg::EXT_END).contains(&id) && msg::EXT_FIRST > msg::NUM_COMMANDS);
+    assert_eq!(msg::name(id), Some("UKVMI_VM_MAP_MEMORY"));
+    let ext: Vec<u16> = (0..=u16::MAX).filter(|&i| msg::is_extension_command(i)).collect();
+    assert_eq!(ext, msg::EXTENSION_COMMANDS);
+    for i in 0..=u16::MAX {
+        assert_eq!(msg::is_command(i), msg::is_known_command(i) || ext.contains(&i), "id {i}");
+    }
+    assert_eq!(size_of::<VmMapMemory>(), 8);
+    assert_eq!((offset_of!(VmMapMemory, flags), offset_of!(VmMapMemory, padding)), (0, 4));
+    assert_eq!(size_of::<VmMapMemoryReply>(), 24);
+    assert_eq!(
+        [
+            offset_of!(VmMapMemoryReply, gpa),
+            offset_of!(VmMapMemoryReply, size),
+            offset_of!(VmMapMemoryReply, flags),
+            offset_of!(VmMapMemoryReply, padding)
+        ],
+        [0, 8, 16, 20]
+    );
+    assert_eq!((map_flags::WRITABLE, map_flags::ALL), (1, 1));
+}
