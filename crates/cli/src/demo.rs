@@ -278,7 +278,7 @@ fn demo(o: &Opts) -> Result<bool, String> {
             .build(),
     );
     let vm = mon.vm();
-    let booted = wait_for(Duration::from_secs(15), || ProcessTable::read(vm).ok().filter(|t| t.procs.len() >= 4));
+    let booted = wait_for(Duration::from_secs(15), || ProcessTable::read(&mon).ok().filter(|t| t.procs.len() >= 4));
     let first = booted.ok_or_else(|| format!("the demo OS's process table at {PROC_TABLE:#x} never showed 4 processes"))?;
     p.info(&format!("the kernel is up: {} processes, process table at {PROC_TABLE:#x}", first.procs.len()));
 
@@ -338,7 +338,7 @@ fn demo(o: &Opts) -> Result<bool, String> {
 
     // 7. Processes.
     p.step(7, "processes, read from the kernel's process table");
-    let last = ProcessTable::read(vm).map_err(|e| e.to_string())?;
+    let last = ProcessTable::read(&mon).map_err(|e| e.to_string())?;
     let mut ps_out = PsOut(&p);
     tools::print_ps(&last, o.json, &mut ps_out).map_err(|e| e.to_string())?;
 

@@ -80,7 +80,7 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("pause", "", "hold every vCPU paused (until `resume`)"),
     ("resume", "", "let held vCPUs go"),
     ("read", "ADDR LEN", "guest physical memory, as a hex dump (--raw: bytes)"),
-    ("dump", "[ADDR LEN]", "bulk memory (default: all RAM) to stdout or -o FILE, with a progress bar"),
+    ("dump", "[ADDR LEN]", "bulk memory (default: all RAM) to stdout or -o FILE, progress bar; --via map|socket"),
     ("ps", "", "the demo OS's processes, read from its process table"),
     ("trace", "", "live events: --syscalls (default), --hypercalls, --pauses"),
     ("watch-msr", "MSR...", "report guest writes of MSRs; --deny keeps the old value"),
@@ -94,7 +94,7 @@ struct Args<'a> {
 }
 
 /// Options that take a value.
-const VALUED: &[&str] = &["--breakpoint", "--count", "--duration", "--remove", "--answer", "-o", "--output", "--map", "--timeout"];
+const VALUED: &[&str] = &["--via", "--breakpoint", "--count", "--duration", "--remove", "--answer", "-o", "--output", "--map", "--timeout"];
 
 impl<'a> Args<'a> {
     fn parse(args: &'a [String]) -> Result<Args<'a>, Failure> {
@@ -201,9 +201,13 @@ fn info(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     let vm = ctx.mon.vm();
     let i = vm.info().clone();
     let uuid: String = i.uuid.iter().map(|b| format!("{b:02x}")).collect();
-    let cmds: Vec<&str> = (0..64u16).filter(|&id| msg::name(id).is_some() && vm.check_command(id).is_ok()).filter_map(msg::name).collect();
+    let cmds: Vec<&str> = (0..64u16)
+        .chain(std::iter::once(msg::UKVMI_VM_MAP_MEMORY))
+        .filter(|&id| msg::name(id).is_some() && vm.check_command(id).is_ok())
+        .filter_map(msg::name)
+        .collect();
     let evs: Vec<&str> = (0..32u16).filter(|&id| event::name(id).is_some() && vm.check_event(id).is_ok()).filter_map(event::name).collect();
-    let os = ProcessTable::read(vm).ok();
+    let os = ProcessTable::read(ctx.mon).ok();
     if a.has("--json") {
         let strs = |v: &[&str]| json::array(v.iter().map(|s| json::quote(s)));
         let o = Obj::new()
@@ -235,6 +239,7 @@ fn info(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
             None => "unknown (no demo-OS process table)".into(),
         }
     ))?;
+    out.line(&format!("memory    {}", if ctx.mon.memory_map().is_some() { "mapped (zero-copy view, UKVMI_VM_MAP_MEMORY)" } else { "READ_PHYSICAL only" }))?;
     out.line(&format!("symbols   {}", ctx.syms.map_or_else(|| "none".to_string(), |s| format!("{} (`ukvmi symbols`)", s.len()))))?;
     Ok(())
 }
@@ -268,7 +273,7 @@ fn regs(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     }
     let g = &r.regs;
     let s = &r.sregs;
-    let pid = guestos::current_pid(ctx.mon.vm(), v);
+    let pid = guestos::current_pid(ctx.mon, v);
     out.line(&format!(
         "vCPU {v}: {}-bit, CPL {}{}{}",
         r.mode * 8,
@@ -340,16 +345,25 @@ fn resume(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure>
     Ok(())
 }
 
-/// Reads `len` bytes at `gpa` a page at a time, calling `sink` per chunk.
-fn read_range(ctx: &Ctx<'_>, gpa: u64, len: u64, mut sink: impl FnMut(u64, &[u8]) -> Result<(), Failure>) -> Result<(), Failure> {
+/// Reads `len` bytes at `gpa`, calling `sink` per chunk: 1 MiB at a time
+/// from the zero-copy view when the VM granted one (and `socket` is false),
+/// else a page per KVMI_VM_READ_PHYSICAL.
+fn read_range(ctx: &Ctx<'_>, gpa: u64, len: u64, socket: bool, mut sink: impl FnMut(u64, &[u8]) -> Result<(), Failure>) -> Result<(), Failure> {
     let vm = ctx.mon.vm();
+    let map = ctx.mon.memory_map().filter(|_| !socket);
     let mut at = gpa;
     let end = gpa.checked_add(len).ok_or_else(|| Failure::usage("address range overflows"))?;
-    let mut buf = vec![0u8; 4096];
+    let mut buf = vec![0u8; if map.is_some() { 1 << 20 } else { 4096 }];
     while at < end {
-        let n = (0x1000 - (at & 0xfff)).min(end - at) as usize;
+        let n = match map {
+            Some(_) => (buf.len() as u64).min(end - at) as usize,
+            None => (0x1000 - (at & 0xfff)).min(end - at) as usize,
+        };
         let chunk = buf.get_mut(..n).unwrap_or_default();
-        vm.read_physical_into(at, chunk).map_err(kvmi(&format!("KVMI_VM_READ_PHYSICAL at {at:#x}")))?;
+        match map {
+            Some(m) => m.read(at, chunk).map_err(|e| Failure { msg: format!("reading the mapped view at {at:#x}: {e}"), status: 1 })?,
+            None => vm.read_physical_into(at, chunk).map_err(kvmi(&format!("KVMI_VM_READ_PHYSICAL at {at:#x}")))?,
+        }
         sink(at, chunk)?;
         at += n as u64;
     }
@@ -372,7 +386,7 @@ fn read(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     let raw = a.has("--raw");
     let mut pending: Vec<u8> = Vec::new();
     let mut line_at = gpa;
-    read_range(ctx, gpa, len, |_, chunk| {
+    read_range(ctx, gpa, len, false, |_, chunk| {
         if raw {
             return Ok(out.raw(chunk)?);
         }
@@ -406,7 +420,15 @@ fn bar(done: u64, total: u64, started: Instant) -> String {
 }
 
 fn dump(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
-    a.check(&["--quiet"])?;
+    a.check(&["--quiet", "--via"])?;
+    let socket = match a.val("--via") {
+        None | Some("map") => false,
+        Some("socket") => true,
+        Some(v) => return Err(Failure::usage(format!("--via takes `map` (the zero-copy view, default when granted) or `socket` (READ_PHYSICAL), not `{v}`"))),
+    };
+    if a.val("--via") == Some("map") && ctx.mon.memory_map().is_none() {
+        return Err(Failure { msg: "the VM did not grant a mapped view (UKVMI_VM_MAP_MEMORY not allowed or not supported)".into(), status: 1 });
+    }
     let ram = ctx.mon.vm().info().max_gpa;
     let gpa = a.pos.first().map(|t| ctx.addr(t)).transpose()?.unwrap_or(0);
     let len = match a.pos.get(1) {
@@ -420,7 +442,8 @@ fn dump(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     let mut last = Instant::now();
     let show = out.stderr_tty() && !a.has("--quiet") && len >= 1 << 20;
     let mut done = 0u64;
-    read_range(ctx, gpa, len, |_, chunk| {
+    let via = if socket || ctx.mon.memory_map().is_none() { "READ_PHYSICAL" } else { "the mapped view" };
+    read_range(ctx, gpa, len, socket, |_, chunk| {
         if out.gone() {
             return Err(Failure { msg: "the reader went away".into(), status: 1 });
         }
@@ -437,7 +460,7 @@ fn dump(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     }
     let secs = started.elapsed().as_secs_f64();
     if !a.has("--quiet") {
-        out.note(&format!("dumped {} bytes from {gpa:#x} in {secs:.2} s ({:.1} MB/s)", done, done as f64 / secs.max(1e-9) / 1e6))?;
+        out.note(&format!("dumped {} bytes from {gpa:#x} in {secs:.2} s ({:.1} MB/s, through {via})", done, done as f64 / secs.max(1e-9) / 1e6))?;
     }
     Ok(())
 }
@@ -459,7 +482,7 @@ pub fn print_ps(t: &ProcessTable, json_out: bool, out: &mut dyn Out) -> io::Resu
 
 fn ps(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     a.check(&["--json"])?;
-    let t = ProcessTable::read(ctx.mon.vm()).map_err(|e| Failure { msg: e.to_string(), status: 1 })?;
+    let t = ProcessTable::read(ctx.mon).map_err(|e| Failure { msg: e.to_string(), status: 1 })?;
     Ok(print_ps(&t, a.has("--json"), out)?)
 }
 

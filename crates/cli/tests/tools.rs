@@ -102,7 +102,11 @@ fn one_shot_commands_read_a_running_vm() {
     let o = tool.cmd(&["dump", "0x100000", &traps.image.len().to_string(), "-o", file.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read(&file).unwrap(), traps.image);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("dumped"), "dump reports what it did");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("through the mapped view"), "dump reports what it did: {}", String::from_utf8_lossy(&o.stderr));
+    let file2 = dir.path("img2.bin");
+    let o = tool.cmd(&["dump", "0x100000", &traps.image.len().to_string(), "--via", "socket", "-o", file2.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("through READ_PHYSICAL"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&file2).unwrap(), traps.image);
 
     // Pause holds every vCPU until resume.
     let p = tool.ok(&["pause", "--json"]);

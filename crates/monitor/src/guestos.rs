@@ -20,6 +20,8 @@ pub const MAX_CPUS: usize = 8;
 
 /// Reads guest physical memory (the KVMI client, or a buffer in tests).
 pub trait PhysRead {
+    // (Implemented by the KVMI client, and by the monitor, which prefers
+    // its mapped view.)
     /// Fills `buf` from `gpa`.
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
 }

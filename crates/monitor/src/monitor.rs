@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventKind, EventReply, GuestMemoryMap, VcpuEventMsg, Vm};
 use ukvmi_wire::{access, event};
 
 use crate::{
@@ -157,6 +157,9 @@ impl std::fmt::Debug for Sub {
 
 struct Inner {
     vm: Arc<Vm>,
+    /// The zero-copy view of guest RAM, when the VM grants one
+    /// (`UKVMI_VM_MAP_MEMORY`); reads fall back to READ_PHYSICAL.
+    map: Option<GuestMemoryMap>,
     vcpus: u16,
     state: Mutex<State>,
     cond: Condvar,
@@ -221,8 +224,10 @@ impl Monitor {
         let vm = Arc::new(vm);
         let vcpus = cmd(|| "KVMI_VM_GET_INFO".into(), vm.get_info())?;
         let vcpus = u16::try_from(vcpus).map_err(|_| MonitorError::Invalid(format!("{vcpus} vCPUs")))?;
+        let map = vm.map_memory().ok();
         let inner = Arc::new(Inner {
             vm,
+            map,
             vcpus,
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
@@ -246,6 +251,17 @@ impl Monitor {
     /// The connection, for plain commands (registers, memory, translate).
     pub fn vm(&self) -> &Vm {
         &self.inner.vm
+    }
+
+    /// The zero-copy view of guest RAM, if the VM granted one.
+    pub fn memory_map(&self) -> Option<&GuestMemoryMap> {
+        self.inner.map.as_ref()
+    }
+
+    /// Reads guest physical memory: through the mapped view when there is
+    /// one, else with READ_PHYSICAL a page at a time.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+        self.inner.read_phys(gpa, buf)
     }
 
     /// Number of vCPUs.
@@ -432,6 +448,21 @@ impl Drop for Monitor {
     }
 }
 
+impl PhysRead for Monitor {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+        self.inner.read_phys(gpa, buf)
+    }
+}
+
+impl PhysRead for Inner {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+        match &self.map {
+            Some(m) => m.read(gpa, buf).map_err(|e| e.to_string()),
+            None => self.vm.read_phys(gpa, buf),
+        }
+    }
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -601,10 +632,10 @@ impl Inner {
 
     fn who(&self, st: &mut State, vcpu: u16) -> Who {
         let mut who = Who { vcpu, pid: None, process: None };
-        who.pid = guestos::current_pid(&*self.vm, vcpu);
+        who.pid = guestos::current_pid(self, vcpu);
         if let Some(pid) = who.pid {
             if !st.names.contains_key(&pid) {
-                if let Ok(t) = guestos::ProcessTable::read(&*self.vm) {
+                if let Ok(t) = guestos::ProcessTable::read(self) {
                     st.names = t.procs.into_iter().map(|p| (p.pid, p.name)).collect();
                 }
             }
@@ -730,7 +761,7 @@ impl Inner {
     fn agent_message(&self, ev: &VcpuEventMsg) -> String {
         let len = usize::try_from(ev.regs.r9.min(256)).unwrap_or(0);
         let mut buf = vec![0u8; len];
-        if len == 0 || self.vm.read_phys(ev.regs.r8, &mut buf).is_err() {
+        if len == 0 || self.read_phys(ev.regs.r8, &mut buf).is_err() {
             return String::new();
         }
         String::from_utf8_lossy(&buf).into_owned()
@@ -742,7 +773,7 @@ impl Inner {
         let room = 0x1000 - (gpa & 0xfff);
         let n = usize::try_from(len.min(64).min(room)).ok()?;
         let mut buf = vec![0u8; n];
-        self.vm.read_physical_into(gpa, &mut buf).ok()?;
+        self.read_phys(gpa, &mut buf).ok()?;
         let mut s = String::from_utf8_lossy(&buf).into_owned();
         if len > n as u64 {
             s.push('…');
