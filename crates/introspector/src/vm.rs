@@ -19,6 +19,11 @@ use crate::event::{self, Event, EventReply, VcpuEventMsg};
 /// Default time a command waits for its reply.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Requests [`Vm::pipeline`] keeps in flight: enough to keep the socket
+/// busy, few enough that the replies (4 KiB pages for bulk reads) fit in the
+/// socket buffers.
+const PIPELINE_WINDOW: usize = 32;
+
 /// How many unmatched replies are kept for [`Vm::take_unmatched`].
 const UNMATCHED_KEEP: usize = 64;
 
@@ -395,6 +400,11 @@ impl Vm {
             self.unregister(seq);
             return Err(e);
         }
+        self.wait_reply(seq, &rx, command)
+    }
+
+    /// Waits for the reply registered as `seq` (at most the reply timeout).
+    fn wait_reply(&self, seq: u32, rx: &Receiver<Message>, command: &'static str) -> Result<Message> {
         match rx.recv_timeout(self.timeout()) {
             Ok(m) => Ok(m),
             Err(RecvTimeoutError::Disconnected) => Err(Error::Closed),
@@ -413,17 +423,81 @@ impl Vm {
         let seq = self.next_seq();
         let bytes = frame(id, seq, parts).map_err(|e| Error::Refused(format!("{name}: {e}")))?;
         let m = self.roundtrip(id, seq, name, &bytes)?;
-        if m.body.len() < 8 {
-            return Err(Error::Protocol(format!(
-                "{name}: reply body of {} bytes is shorter than kvmi_error_code",
-                m.body.len()
-            )));
+        reply_data(name, &m).map(<[u8]>::to_vec)
+    }
+
+    /// Sends command `id` once per body that `bodies` yields, keeping up to
+    /// [`PIPELINE_WINDOW`] requests in flight (written in batches, one write
+    /// each), and hands each reply's data, after a successful
+    /// `kvmi_error_code`, to `take` together with the body's tag, in request
+    /// order. Meant for VM commands, which the receiving thread answers in
+    /// order. The first error stops sending; replies already owed are still
+    /// collected (unless the connection failed or timed out) so none is
+    /// left to arrive unmatched, then that error is returned.
+    pub(crate) fn pipeline<T>(
+        &self,
+        id: u16,
+        bodies: impl Iterator<Item = (Vec<u8>, T)>,
+        mut take: impl FnMut(T, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let name = command_name(id);
+        let mut bodies = bodies;
+        let mut inflight: VecDeque<(u32, Receiver<Message>, T)> = VecDeque::with_capacity(PIPELINE_WINDOW);
+        let mut failed: Option<Error> = None;
+        let mut batch = Vec::new();
+        loop {
+            if failed.is_none() && inflight.len() <= PIPELINE_WINDOW / 2 {
+                batch.clear();
+                let sent_from = inflight.len();
+                while inflight.len() < PIPELINE_WINDOW {
+                    let Some((body, tag)) = bodies.next() else { break };
+                    let seq = self.next_seq();
+                    match frame(id, seq, &[&body]).map_err(|e| Error::Refused(format!("{name}: {e}"))) {
+                        Ok(bytes) => batch.extend_from_slice(&bytes),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    match self.register(seq, id) {
+                        Ok(rx) => inflight.push_back((seq, rx, tag)),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if failed.is_some() {
+                    // What was framed but not written will never be answered.
+                    batch.clear();
+                    while inflight.len() > sent_from {
+                        if let Some((seq, _, _)) = inflight.pop_back() {
+                            self.unregister(seq);
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    if let Err(e) = self.inner.write(&batch) {
+                        failed = Some(e);
+                        while inflight.len() > sent_from {
+                            if let Some((seq, _, _)) = inflight.pop_back() {
+                                self.unregister(seq);
+                            }
+                        }
+                    }
+                }
+            }
+            let Some((seq, rx, tag)) = inflight.pop_front() else { break };
+            if matches!(failed, Some(Error::Closed | Error::Timeout { .. })) {
+                self.unregister(seq);
+                continue;
+            }
+            let res = self.wait_reply(seq, &rx, name).and_then(|m| take(tag, reply_data(name, &m)?));
+            if let Err(e) = res {
+                failed.get_or_insert(e);
+            }
         }
-        let ec: ErrorCode = read_zext(&m.body);
-        if ec.err != 0 {
-            return Err(Error::from_reply(name, ec.err));
-        }
-        Ok(tail(&m.body, 8).to_vec())
+        failed.map_or(Ok(()), Err)
     }
 
     /// [`Vm::command`], then checks the reply data is exactly `len` bytes.
@@ -438,6 +512,21 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// The data of a command reply after a successful `kvmi_error_code`.
+fn reply_data<'m>(name: &'static str, m: &'m Message) -> Result<&'m [u8]> {
+    if m.body.len() < 8 {
+        return Err(Error::Protocol(format!(
+            "{name}: reply body of {} bytes is shorter than kvmi_error_code",
+            m.body.len()
+        )));
+    }
+    let ec: ErrorCode = read_zext(&m.body);
+    if ec.err != 0 {
+        return Err(Error::from_reply(name, ec.err));
+    }
+    Ok(tail(&m.body, 8))
 }
 
 /// Checks a reply's data length.
