@@ -23,7 +23,7 @@
 
 mod common;
 
-use common::{gdb, mbps, measure, num, Fig};
+use common::{gdb, mbps, measure, Fig};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
 use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
@@ -65,7 +65,7 @@ struct GdbFigs {
     regs_len: usize,
 }
 
-fn gdbstub(reference: &[u8]) -> Result<GdbFigs, String> {
+fn gdbstub() -> Result<GdbFigs, String> {
     let version = gdb::qemu_version()?;
     let (_qemu, mut g) = gdb::start(2, 128)?;
     let regs_len = g.read_regs()?.len();
@@ -85,7 +85,6 @@ fn gdbstub(reference: &[u8]) -> Result<GdbFigs, String> {
         }
         m.push(measure(warmup, n, || g.read_mem(READ_AT, &mut b).unwrap()));
     }
-    let _ = reference;
     let s = measure(WARMUP, N, || g.step().unwrap());
     // Running vCPU: `c`, then (the target running) interrupt, `g`, `c`.
     g.cont()?;
@@ -228,7 +227,7 @@ fn main() {
     drop(vm);
     drop(proc_);
 
-    let gdb = gdbstub(&[]);
+    let gdb = gdbstub();
     let sock1 = common::socket_rtt(WARMUP, N);
 
     // ----------------------------------------------------------------- report
@@ -325,9 +324,4 @@ fn size_name(size: usize) -> String {
     } else {
         format!("{} KiB", size / 1024)
     }
-}
-
-#[allow(dead_code)]
-fn unused() -> String {
-    num(0.0)
 }
