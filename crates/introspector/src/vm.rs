@@ -5,9 +5,9 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -76,8 +76,11 @@ pub(crate) struct Message {
 #[derive(Default)]
 struct Pending {
     closed: bool,
-    /// seq → (request id, where to deliver the reply).
-    map: HashMap<u32, (u16, SyncSender<Message>)>,
+    /// seq → (request id, the reply once it came).
+    map: HashMap<u32, (u16, Option<Message>)>,
+    /// Bumped (with `replies_cv` notified) whenever a thread lets go of the
+    /// socket's read side, so a waiter that found it busy can take over.
+    read_releases: u64,
 }
 
 #[derive(Default)]
@@ -88,8 +91,17 @@ struct EventQueue {
 
 /// State shared by the `Vm` handle and its reader thread.
 struct Inner {
-    /// Used for writing and shutting down; the reader has its own clone.
+    /// Used for writing and shutting down; reading goes through `rd`.
     stream: UnixStream,
+    /// The read side. Whoever holds it reads whole messages and dispatches
+    /// them: a caller waiting for its reply or an event reads for itself
+    /// (no hand-off through another thread), the reader thread reads only
+    /// while nobody waits.
+    rd: Mutex<UnixStream>,
+    /// Threads waiting for a reply or an event (they read for themselves).
+    waiters: AtomicUsize,
+    /// Signalled when a reply is delivered or the read side is released.
+    replies_cv: Condvar,
     write_lock: Mutex<()>,
     seq: AtomicU32,
     timeout_ns: AtomicU64,
@@ -137,13 +149,10 @@ impl Inner {
     /// command seqs are separate counters, so seq alone can collide).
     fn deliver_reply(&self, m: Message) {
         let mut p = lock(&self.pending);
-        let matches = p.map.get(&m.hdr.seq).is_some_and(|(id, _)| *id == m.hdr.id);
-        if matches {
-            if let Some((_, tx)) = p.map.remove(&m.hdr.seq) {
-                // Capacity 1, one message per slot: never blocks. A waiter that
-                // already gave up has dropped its receiver; ignore that.
-                let _ = tx.try_send(m);
-            }
+        let slot = p.map.get_mut(&m.hdr.seq).filter(|(id, r)| *id == m.hdr.id && r.is_none());
+        if let Some((_, reply)) = slot {
+            *reply = Some(m);
+            self.replies_cv.notify_all();
             return;
         }
         drop(p);
@@ -159,8 +168,9 @@ impl Inner {
         {
             let mut p = lock(&self.pending);
             p.closed = true;
-            // Dropping the senders wakes every waiter with "disconnected".
-            p.map.clear();
+            // Every waiter wakes: replies already delivered are still taken,
+            // the others end with `Error::Closed`.
+            self.replies_cv.notify_all();
         }
         let mut q = lock(&self.events);
         q.closed = true;
@@ -188,20 +198,133 @@ impl Inner {
     }
 }
 
-fn reader_loop(inner: &Inner, mut stream: UnixStream) {
+/// Reads one whole message; `None` at EOF or on a read error (the
+/// connection is then over).
+fn read_message(stream: &mut UnixStream) -> Option<Message> {
+    let mut hdr_buf = [0u8; 8];
+    if stream.read_exact(&mut hdr_buf).is_err() {
+        return None;
+    }
+    let hdr: MsgHdr = read_zext(&hdr_buf);
+    let mut body = vec![0u8; usize::from(hdr.size)];
+    if stream.read_exact(&mut body).is_err() {
+        return None;
+    }
+    Some(Message { hdr, body })
+}
+
+/// Waits up to `timeout` for the socket to become readable (or hung up).
+fn readable(stream: &UnixStream, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for a descriptor the stream owns, count 1.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    n > 0
+}
+
+/// While a thread waits for a reply or an event it reads the socket
+/// itself; this thread only reads when nobody does, so events and replies
+/// nobody waits for are still taken in and a closed connection is noticed.
+fn reader_loop(inner: &Inner) {
+    /// How long the reader stands by while others read.
+    const STANDBY: Duration = Duration::from_millis(1);
+    /// Longest poll while nobody waits (data or a hang-up end it sooner).
+    const IDLE_POLL: Duration = Duration::from_millis(100);
     loop {
-        let mut hdr_buf = [0u8; 8];
-        if stream.read_exact(&mut hdr_buf).is_err() {
+        if inner.is_closed() {
             break;
         }
-        let hdr: MsgHdr = read_zext(&hdr_buf);
-        let mut body = vec![0u8; usize::from(hdr.size)];
-        if stream.read_exact(&mut body).is_err() {
+        if inner.waiters.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(STANDBY);
+            continue;
+        }
+        // Poll without holding the read side, so a caller can always take it.
+        if !readable(&inner.stream, IDLE_POLL) || inner.waiters.load(Ordering::SeqCst) > 0 {
+            continue;
+        }
+        let alive = match inner.rd.try_lock() {
+            Ok(rd) => inner.read_one(rd),
+            Err(TryLockError::Poisoned(e)) => inner.read_one(e.into_inner()),
+            Err(TryLockError::WouldBlock) => {
+                std::thread::sleep(STANDBY);
+                true
+            }
+        };
+        if !alive {
             break;
         }
-        inner.dispatch(Message { hdr, body });
     }
     inner.mark_closed();
+}
+
+impl Inner {
+    /// Reads and dispatches one message with the read side held, then lets
+    /// go of it. False when the connection is over.
+    fn read_one(&self, mut rd: MutexGuard<'_, UnixStream>) -> bool {
+        let m = read_message(&mut rd);
+        drop(rd);
+        let alive = match m {
+            Some(m) => {
+                self.dispatch(m);
+                true
+            }
+            None => {
+                self.mark_closed();
+                false
+            }
+        };
+        let mut p = lock(&self.pending);
+        p.read_releases += 1;
+        self.replies_cv.notify_all();
+        drop(p);
+        self.events_cv.notify_all();
+        alive
+    }
+
+    /// Waits, reading the socket itself whenever nobody else does, until
+    /// `done` returns `Some` (checked after every message), or `deadline`.
+    fn wait_reading<T>(&self, deadline: Option<Instant>, mut done: impl FnMut(&Inner) -> Option<T>) -> Option<T> {
+        /// Longest single poll or wait: bounds how late a waiter notices a
+        /// read side it could take over.
+        const SLICE: Duration = Duration::from_millis(1);
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let out = loop {
+            if let Some(v) = done(self) {
+                break Some(v);
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                break None;
+            }
+            let slice = left.map_or(SLICE, |l| l.min(SLICE));
+            let gen = lock(&self.pending).read_releases;
+            match self.rd.try_lock() {
+                Ok(rd) => {
+                    // Someone may have delivered ours just before we got it.
+                    if let Some(v) = done(self) {
+                        break Some(v);
+                    }
+                    if readable(&rd, slice) {
+                        self.read_one(rd);
+                    }
+                }
+                Err(TryLockError::Poisoned(e)) => {
+                    self.read_one(e.into_inner());
+                }
+                Err(TryLockError::WouldBlock) => {
+                    // Another thread reads: it delivers and then lets go.
+                    let p = lock(&self.pending);
+                    let (p, _) = self
+                        .replies_cv
+                        .wait_timeout_while(p, slice, |p| p.read_releases == gen && !p.closed)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    drop(p);
+                }
+            }
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
 }
 
 /// One introspected VM: a KVMI connection and its reader thread.
@@ -233,6 +356,9 @@ impl Vm {
         let read_half = stream.try_clone().map_err(Error::io("cloning the KVMI socket"))?;
         let inner = Arc::new(Inner {
             stream,
+            rd: Mutex::new(read_half),
+            waiters: AtomicUsize::new(0),
+            replies_cv: Condvar::new(),
             write_lock: Mutex::new(()),
             seq: AtomicU32::new(1),
             timeout_ns: AtomicU64::new(duration_ns(timeout)),
@@ -245,7 +371,7 @@ impl Vm {
         let for_thread = Arc::clone(&inner);
         let handle = std::thread::Builder::new()
             .name("ukvmi-reader".into())
-            .spawn(move || reader_loop(&for_thread, read_half))
+            .spawn(move || reader_loop(&for_thread))
             .map_err(Error::io("spawning the reader thread"))?;
         Ok(Vm { inner, reader: Mutex::new(Some(handle)), info })
     }
@@ -313,30 +439,15 @@ impl Vm {
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
         // `None` (wait forever) also when the deadline is too far to represent.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let mut q = lock(&self.inner.events);
-        loop {
-            if let Some(ev) = q.queue.pop_front() {
-                return Ok(Some(ev));
+        let got = self.inner.wait_reading(deadline, |inner| {
+            let mut q = lock(&inner.events);
+            match q.queue.pop_front() {
+                Some(ev) => Some(Ok(ev)),
+                None if q.closed => Some(Err(Error::Closed)),
+                None => None,
             }
-            if q.closed {
-                return Err(Error::Closed);
-            }
-            match deadline {
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Ok(None);
-                    }
-                    q = self
-                        .inner
-                        .events_cv
-                        .wait_timeout(q, left)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
-                }
-                None => q = self.inner.events_cv.wait(q).unwrap_or_else(PoisonError::into_inner),
-            }
-        }
+        });
+        got.transpose()
     }
 
     /// A blocking iterator over events; it ends when the connection ends.
@@ -379,14 +490,13 @@ impl Vm {
 
     // ------------------------------------------------------------ internals
 
-    fn register(&self, seq: u32, id: u16) -> Result<Receiver<Message>> {
-        let (tx, rx) = mpsc::sync_channel(1);
+    fn register(&self, seq: u32, id: u16) -> Result<()> {
         let mut p = lock(&self.inner.pending);
         if p.closed {
             return Err(Error::Closed);
         }
-        p.map.insert(seq, (id, tx));
-        Ok(rx)
+        p.map.insert(seq, (id, None));
+        Ok(())
     }
 
     fn unregister(&self, seq: u32) {
@@ -395,25 +505,30 @@ impl Vm {
 
     /// Registers `seq`, writes `bytes`, waits for the reply.
     fn roundtrip(&self, id: u16, seq: u32, command: &'static str, bytes: &[u8]) -> Result<Message> {
-        let rx = self.register(seq, id)?;
+        self.register(seq, id)?;
         if let Err(e) = self.inner.write(bytes) {
             self.unregister(seq);
             return Err(e);
         }
-        self.wait_reply(seq, &rx, command)
+        self.wait_reply(seq, command)
     }
 
-    /// Waits for the reply registered as `seq` (at most the reply timeout).
-    fn wait_reply(&self, seq: u32, rx: &Receiver<Message>, command: &'static str) -> Result<Message> {
-        match rx.recv_timeout(self.timeout()) {
-            Ok(m) => Ok(m),
-            Err(RecvTimeoutError::Disconnected) => Err(Error::Closed),
-            Err(RecvTimeoutError::Timeout) => {
-                self.unregister(seq);
-                // The reply may have slipped in between the timeout and the removal.
-                rx.try_recv().map_err(|_| Error::Timeout { command })
+    /// Waits for the reply registered as `seq` (at most the reply timeout),
+    /// reading the socket itself while nobody else does; unregisters it.
+    fn wait_reply(&self, seq: u32, command: &'static str) -> Result<Message> {
+        let deadline = Instant::now().checked_add(self.timeout());
+        let got = self.inner.wait_reading(deadline, |inner| {
+            let mut p = lock(&inner.pending);
+            let have = p.map.get(&seq).is_none_or(|(_, r)| r.is_some());
+            if have {
+                return Some(p.map.remove(&seq).and_then(|(_, r)| r).ok_or(Error::Closed));
             }
-        }
+            p.closed.then_some(Err(Error::Closed))
+        });
+        got.unwrap_or_else(|| {
+            // Timed out; the reply may have slipped in just now.
+            lock(&self.inner.pending).map.remove(&seq).and_then(|(_, r)| r).ok_or(Error::Timeout { command })
+        })
     }
 
     /// Sends command `id` with a body made of `parts` and returns the reply
@@ -442,7 +557,7 @@ impl Vm {
     ) -> Result<()> {
         let name = command_name(id);
         let mut bodies = bodies;
-        let mut inflight: VecDeque<(u32, Receiver<Message>, T)> = VecDeque::with_capacity(PIPELINE_WINDOW);
+        let mut inflight: VecDeque<(u32, T)> = VecDeque::with_capacity(PIPELINE_WINDOW);
         let mut failed: Option<Error> = None;
         let mut batch = Vec::new();
         loop {
@@ -460,7 +575,7 @@ impl Vm {
                         }
                     }
                     match self.register(seq, id) {
-                        Ok(rx) => inflight.push_back((seq, rx, tag)),
+                        Ok(()) => inflight.push_back((seq, tag)),
                         Err(e) => {
                             failed = Some(e);
                             break;
@@ -471,7 +586,7 @@ impl Vm {
                     // What was framed but not written will never be answered.
                     batch.clear();
                     while inflight.len() > sent_from {
-                        if let Some((seq, _, _)) = inflight.pop_back() {
+                        if let Some((seq, _)) = inflight.pop_back() {
                             self.unregister(seq);
                         }
                     }
@@ -480,19 +595,19 @@ impl Vm {
                     if let Err(e) = self.inner.write(&batch) {
                         failed = Some(e);
                         while inflight.len() > sent_from {
-                            if let Some((seq, _, _)) = inflight.pop_back() {
+                            if let Some((seq, _)) = inflight.pop_back() {
                                 self.unregister(seq);
                             }
                         }
                     }
                 }
             }
-            let Some((seq, rx, tag)) = inflight.pop_front() else { break };
+            let Some((seq, tag)) = inflight.pop_front() else { break };
             if matches!(failed, Some(Error::Closed | Error::Timeout { .. })) {
                 self.unregister(seq);
                 continue;
             }
-            let res = self.wait_reply(seq, &rx, name).and_then(|m| take(tag, reply_data(name, &m)?));
+            let res = self.wait_reply(seq, name).and_then(|m| take(tag, reply_data(name, &m)?));
             if let Err(e) = res {
                 failed.get_or_insert(e);
             }
