@@ -20,22 +20,24 @@ use crate::vcpu_commands;
 use std::sync::atomic::Ordering;
 use ukvmi_wire::{msg, read_zext, KvmErrno, VcpuHdr};
 
-/// Validates a vCPU message and queues it as a job on its vCPU.
-pub(crate) fn validate_and_queue(sess: &Session, m: Message) -> Result<(), Disconnect> {
+/// Validates a vCPU message and queues it as a job on its vCPU. `Ok(true)`
+/// when it was queued (a vCPU thread has work), `Ok(false)` when it was
+/// answered here.
+pub(crate) fn validate_and_queue(sess: &Session, m: Message) -> Result<bool, Disconnect> {
     let id = m.hdr.id;
     if id != msg::VCPU_EVENT && !sess.perms.command_allowed(id) {
-        return sess.reply(&m.hdr, Err(KvmErrno::Eperm));
+        return sess.reply(&m.hdr, Err(KvmErrno::Eperm)).map(|()| false);
     }
     // A body shorter than the header is zero-extended: it names vCPU 0.
     let h: VcpuHdr = read_zext(&m.body);
     if h.padding1 != 0 || h.padding2 != 0 {
-        return sess.reply(&m.hdr, Err(KvmErrno::Einval));
+        return sess.reply(&m.hdr, Err(KvmErrno::Einval)).map(|()| false);
     }
     let Some(vs) = sess.vcpus.get(usize::from(h.vcpu)) else {
-        return sess.reply(&m.hdr, Err(KvmErrno::Einval));
+        return sess.reply(&m.hdr, Err(KvmErrno::Einval)).map(|()| false);
     };
     if !(sess.vm.vcpu_ready(h.vcpu) || vs.waiting.load(Ordering::SeqCst)) {
-        return sess.reply(&m.hdr, Err(KvmErrno::Eagain));
+        return sess.reply(&m.hdr, Err(KvmErrno::Eagain)).map(|()| false);
     }
     if id == msg::VCPU_GET_REGISTERS {
         // A vCPU parked in an event with nothing queued has the registers
@@ -47,14 +49,15 @@ pub(crate) fn validate_and_queue(sess: &Session, m: Message) -> Result<(), Disco
                 let res = vcpu_commands::get_registers_from(&m.body, &snap.0, &snap.1, None);
                 drop(q);
                 if let Some(res) = res {
-                    return match res {
+                    let sent = match res {
                         Ok(data) => sess.reply(&m.hdr, Ok(&data)),
                         Err(e) => sess.reply(&m.hdr, Err(e)),
                     };
+                    return sent.map(|()| false);
                 }
             }
         }
     }
     sess.queue_job(h.vcpu, Job::Message(m));
-    Ok(())
+    Ok(true)
 }

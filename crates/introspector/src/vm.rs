@@ -100,14 +100,17 @@ struct Inner {
     rd: Mutex<UnixStream>,
     /// Threads waiting for a reply or an event (they read for themselves).
     waiters: AtomicUsize,
-    /// Signalled when a reply is delivered or the read side is released.
+    /// Signalled when the read side is released (after each message read)
+    /// and when the connection closes; waiters for replies and events sleep
+    /// on it.
     replies_cv: Condvar,
+    /// Threads asleep on `replies_cv` (no wake-up call when there are none).
+    sleepers: AtomicUsize,
     write_lock: Mutex<()>,
     seq: AtomicU32,
     timeout_ns: AtomicU64,
     pending: Mutex<Pending>,
     events: Mutex<EventQueue>,
-    events_cv: Condvar,
     unmatched: Mutex<VecDeque<RawReply>>,
     unmatched_count: AtomicU64,
 }
@@ -142,7 +145,7 @@ impl Inner {
     fn push_event(&self, ev: Event) {
         let mut q = lock(&self.events);
         q.queue.push_back(ev);
-        self.events_cv.notify_all();
+        // Waiters wake when the reader lets go of the read side (`read_one`).
     }
 
     /// Hands a reply to the request with the same seq *and* id (event and
@@ -151,8 +154,8 @@ impl Inner {
         let mut p = lock(&self.pending);
         let slot = p.map.get_mut(&m.hdr.seq).filter(|(id, r)| *id == m.hdr.id && r.is_none());
         if let Some((_, reply)) = slot {
+            // Its waiter wakes when the reader lets go of the read side.
             *reply = Some(m);
-            self.replies_cv.notify_all();
             return;
         }
         drop(p);
@@ -165,16 +168,12 @@ impl Inner {
     }
 
     fn mark_closed(&self) {
-        {
-            let mut p = lock(&self.pending);
-            p.closed = true;
-            // Every waiter wakes: replies already delivered are still taken,
-            // the others end with `Error::Closed`.
-            self.replies_cv.notify_all();
-        }
-        let mut q = lock(&self.events);
-        q.closed = true;
-        self.events_cv.notify_all();
+        lock(&self.events).closed = true;
+        let mut p = lock(&self.pending);
+        p.closed = true;
+        // Every waiter wakes: replies and events already delivered are still
+        // taken, the others end with `Error::Closed`.
+        self.replies_cv.notify_all();
     }
 
     fn is_closed(&self) -> bool {
@@ -211,6 +210,29 @@ fn read_message(stream: &mut UnixStream) -> Option<Message> {
         return None;
     }
     Some(Message { hdr, body })
+}
+
+/// How long a waiter polls the socket without sleeping before it blocks:
+/// a reply that comes within it costs no wake-up (tens of µs on a nested
+/// host). Bounded, so a waiter never burns a core for long.
+const SPIN: Duration = Duration::from_micros(50);
+
+/// Polls without sleeping, for at most `budget`; true once readable.
+fn spin_until_readable(stream: &UnixStream, budget: Duration) -> bool {
+    if budget.is_zero() {
+        return false;
+    }
+    let t0 = Instant::now();
+    loop {
+        if readable(stream, Duration::ZERO) {
+            return true;
+        }
+        if t0.elapsed() >= budget {
+            return false;
+        }
+        // Let a thread woken on this CPU run (two cores are common here).
+        std::thread::yield_now();
+    }
 }
 
 /// Waits up to `timeout` for the socket to become readable (or hung up).
@@ -275,9 +297,12 @@ impl Inner {
         };
         let mut p = lock(&self.pending);
         p.read_releases += 1;
-        self.replies_cv.notify_all();
+        // Sleepers count themselves under this lock before they sleep, so
+        // none is missed; with none, no wake-up call at all.
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            self.replies_cv.notify_all();
+        }
         drop(p);
-        self.events_cv.notify_all();
         alive
     }
 
@@ -288,6 +313,7 @@ impl Inner {
         /// read side it could take over.
         const SLICE: Duration = Duration::from_millis(1);
         self.waiters.fetch_add(1, Ordering::SeqCst);
+        let mut spin = SPIN;
         let out = loop {
             if let Some(v) = done(self) {
                 break Some(v);
@@ -304,9 +330,11 @@ impl Inner {
                     if let Some(v) = done(self) {
                         break Some(v);
                     }
-                    if readable(&rd, slice) {
+                    if spin_until_readable(&rd, spin) || readable(&rd, slice) {
                         self.read_one(rd);
                     }
+                    // Spin once per wait, right after the request went out.
+                    spin = Duration::ZERO;
                 }
                 Err(TryLockError::Poisoned(e)) => {
                     self.read_one(e.into_inner());
@@ -314,10 +342,12 @@ impl Inner {
                 Err(TryLockError::WouldBlock) => {
                     // Another thread reads: it delivers and then lets go.
                     let p = lock(&self.pending);
+                    self.sleepers.fetch_add(1, Ordering::SeqCst);
                     let (p, _) = self
                         .replies_cv
                         .wait_timeout_while(p, slice, |p| p.read_releases == gen && !p.closed)
                         .unwrap_or_else(PoisonError::into_inner);
+                    self.sleepers.fetch_sub(1, Ordering::SeqCst);
                     drop(p);
                 }
             }
@@ -359,12 +389,12 @@ impl Vm {
             rd: Mutex::new(read_half),
             waiters: AtomicUsize::new(0),
             replies_cv: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
             write_lock: Mutex::new(()),
             seq: AtomicU32::new(1),
             timeout_ns: AtomicU64::new(duration_ns(timeout)),
             pending: Mutex::new(Pending::default()),
             events: Mutex::new(EventQueue::default()),
-            events_cv: Condvar::new(),
             unmatched: Mutex::new(VecDeque::new()),
             unmatched_count: AtomicU64::new(0),
         });
