@@ -35,7 +35,8 @@ INTROSPECTION (the VMM connects to the tool, as QEMU does):
     --unhook-timeout SECS    at shutdown, wait up to SECS for the tool to close
                              after the UNHOOK event (default 10)
     --allow-command ID       allow only these commands (repeat; number or name,
-                             e.g. 8 or KVMI_VM_GET_INFO); default: all
+                             e.g. 8 or KVMI_VM_GET_INFO, or the extension
+                             UKVMI_VM_MAP_MEMORY); default: all
     --allow-event ID         allow only these events (repeat); default: all
 
 SIGNALS:
@@ -111,10 +112,16 @@ fn parse_id(kind: &str, v: &str, name_of: fn(u16) -> Option<&'static str>) -> Re
     if let Ok(n) = v.parse::<u16>() {
         return Ok(n);
     }
-    let want = v.to_ascii_uppercase();
-    let want = want.strip_prefix("KVMI_").unwrap_or(&want);
+    // KVMI_* names (v12) and UKVMI_* names (ukvmi extensions), with or
+    // without their prefix.
+    let short = |n: &str| -> String {
+        let n = n.to_ascii_uppercase();
+        n.strip_prefix("KVMI_").or_else(|| n.strip_prefix("UKVMI_")).unwrap_or(&n).to_string()
+    };
+    let want = short(v);
     (0..64u16)
-        .find(|&id| name_of(id).is_some_and(|n| n.strip_prefix("KVMI_") == Some(want)))
+        .chain(msg::EXTENSION_COMMANDS)
+        .find(|&id| name_of(id).is_some_and(|n| short(n) == want))
         .ok_or_else(|| format!("unknown {kind} `{v}` (give a number or a name such as KVMI_VM_GET_INFO)"))
 }
 

@@ -1,5 +1,6 @@
-//! The fake VM: guest memory in a `Vec`, vCPUs as threads, every optional
-//! backend feature implemented so each command can be exercised.
+//! The fake VM: guest memory in a `Vec` (or a sealed memfd, see
+//! [`FakeConfig::memfd`]), vCPUs as threads, every optional backend feature
+//! implemented so each command can be exercised.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,9 +9,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ukvmi_endpoint::{
     BackendError, BackendResult, CpuidOps, Endpoint, EventPayload, Exception, Flow, HostCaps,
-    InjectOps, InterceptOps, MtrrOps, PageAccessOps, SinglestepOps, TranslateOps, VcpuBackend,
-    VcpuPort, VmBackend, XstateOps,
+    InjectOps, InterceptOps, MtrrOps, PageAccessOps, SharedMemoryOps, SinglestepOps, TranslateOps,
+    VcpuBackend, VcpuPort, VmBackend, XstateOps,
 };
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use ukvmi_wire::{Action, KvmRegs, KvmSegment, KvmSregs, KvmXsave};
 
 /// Guest virtual addresses at `KERNEL_BASE + x` map to gpa `x`.
@@ -31,11 +33,14 @@ pub struct FakeConfig {
     pub memory: usize,
     /// What the "host" supports.
     pub caps: HostCaps,
+    /// Keep guest RAM in a sealed memfd and offer it to the tool
+    /// (`UKVMI_VM_MAP_MEMORY`); without it the command is unsupported.
+    pub memfd: bool,
 }
 
 impl Default for FakeConfig {
     fn default() -> Self {
-        FakeConfig { vcpus: 1, started: u16::MAX, memory: 1 << 20, caps: HostCaps::full() }
+        FakeConfig { vcpus: 1, started: u16::MAX, memory: 1 << 20, caps: HostCaps::full(), memfd: false }
     }
 }
 
@@ -127,7 +132,7 @@ pub struct Intercepts {
 /// The fake VM.
 pub struct FakeVm {
     vcpus: Vec<VcpuShared>,
-    memory: RwLock<Vec<u8>>,
+    memory: RwLock<FakeRam>,
     caps: HostCaps,
     pages: Mutex<BTreeMap<u64, u8>>,
     stop: AtomicBool,
@@ -159,7 +164,7 @@ impl FakeVm {
                     intercepts: Mutex::new(Intercepts::default()),
                 })
                 .collect(),
-            memory: RwLock::new(vec![0; cfg.memory]),
+            memory: RwLock::new(if cfg.memfd { FakeRam::memfd(cfg.memory) } else { FakeRam::Vec(vec![0; cfg.memory]) }),
             caps: cfg.caps,
             pages: Mutex::new(BTreeMap::new()),
             stop: AtomicBool::new(false),
@@ -330,6 +335,97 @@ impl VmBackend for FakeVm {
             Some(self)
         } else {
             None
+        }
+    }
+
+    fn support_shared_memory(&self) -> Option<&dyn SharedMemoryOps> {
+        matches!(*self.memory.read().unwrap(), FakeRam::Memfd { .. }).then_some(self as &dyn SharedMemoryOps)
+    }
+}
+
+impl SharedMemoryOps for FakeVm {
+    fn ram_fd(&self) -> BorrowedFd<'_> {
+        // The file is never replaced, so its descriptor outlives the guard.
+        let fd = match &*self.memory.read().unwrap() {
+            FakeRam::Memfd { file, .. } => file.as_raw_fd(),
+            FakeRam::Vec(_) => -1,
+        };
+        // SAFETY: `fd` belongs to the memfd `self.memory` holds for as long
+        // as `self` lives (support_shared_memory only offers this when it
+        // exists); -1 is never handed out (the endpoint asks only then).
+        unsafe { BorrowedFd::borrow_raw(fd) }
+    }
+
+    fn ram_size(&self) -> u64 {
+        self.memory.read().unwrap().len() as u64
+    }
+}
+
+/// The fake's guest RAM: a `Vec`, or a shared mapping of a memfd sealed
+/// like the real VMM's (shrink, grow, seal; mode 0400). The fake guest
+/// touches it through slices, which is fine for a test double whose
+/// scripted guest writes do not race with the tests' own reads.
+pub(crate) enum FakeRam {
+    Vec(Vec<u8>),
+    Memfd { file: std::fs::File, base: std::ptr::NonNull<u8>, len: usize },
+}
+
+// SAFETY: the memfd mapping is owned by the FakeRam and only reached
+// through it (behind the FakeVm's RwLock), like the Vec.
+unsafe impl Send for FakeRam {}
+// SAFETY: as for Send.
+unsafe impl Sync for FakeRam {}
+
+impl FakeRam {
+    fn memfd(len: usize) -> FakeRam {
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+        // SAFETY: a NUL-terminated name and flags; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"fake-guest-ram".as_ptr(), flags) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len as u64).unwrap();
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS with an int argument on our memfd.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) }, 0);
+        // SAFETY: fchmod on our descriptor.
+        assert_eq!(unsafe { libc::fchmod(fd, 0o400) }, 0);
+        // SAFETY: a new shared read-write mapping of `len` bytes of the
+        // sealed file; checked below.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        FakeRam::Memfd { file, base: std::ptr::NonNull::new(p.cast()).unwrap(), len }
+    }
+}
+
+impl std::ops::Deref for FakeRam {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FakeRam::Vec(v) => v,
+            // SAFETY: `len` bytes mapped at `base` for as long as self lives.
+            FakeRam::Memfd { base, len, .. } => unsafe { std::slice::from_raw_parts(base.as_ptr(), *len) },
+        }
+    }
+}
+
+impl std::ops::DerefMut for FakeRam {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            FakeRam::Vec(v) => v,
+            // SAFETY: as in deref, and `&mut self` makes this the only slice.
+            FakeRam::Memfd { base, len, .. } => unsafe { std::slice::from_raw_parts_mut(base.as_ptr(), *len) },
+        }
+    }
+}
+
+impl Drop for FakeRam {
+    fn drop(&mut self) {
+        if let FakeRam::Memfd { base, len, .. } = self {
+            // SAFETY: the mapping made in `memfd`; no slice of it outlives self.
+            unsafe { libc::munmap(base.as_ptr().cast(), *len) };
         }
     }
 }

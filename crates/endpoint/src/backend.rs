@@ -175,6 +175,39 @@ pub trait VmBackend: Send + Sync + 'static {
     fn support_page_access(&self) -> Option<&dyn PageAccessOps> {
         None
     }
+
+    /// Guest RAM as a shareable file (`UKVMI_VM_MAP_MEMORY`), where the VM
+    /// keeps it in one. `None` (the default): the command is reported and
+    /// answered as `-KVM_EOPNOTSUPP`.
+    fn support_shared_memory(&self) -> Option<&dyn SharedMemoryOps> {
+        None
+    }
+}
+
+/// Guest RAM held in one file (a memfd) that can be handed to the tool.
+///
+/// Contract, checked by the endpoint before it sends anything:
+/// * the file is sealed with at least `F_SEAL_SHRINK | F_SEAL_GROW`, so a
+///   tool holding a writable descriptor cannot resize it (and SIGBUS the
+///   VMM); sealing `F_SEAL_SEAL` too stops a tool from adding seals such as
+///   `F_SEAL_FUTURE_WRITE`;
+/// * it is at least [`SharedMemoryOps::ram_size`] bytes long.
+///
+/// The endpoint never hands out this descriptor itself: a read-only request
+/// gets a fresh read-only open of the file (`/proc/self/fd/N`), a writable
+/// one a duplicate. So that a tool of another uid cannot in turn reopen its
+/// read-only descriptor read-write through its own `/proc/self/fd`, the file
+/// should be mode 0400 (owner read only; the VMM's own descriptor and
+/// mappings keep working).
+pub trait SharedMemoryOps: Send + Sync {
+    /// The guest-RAM file; file offset 0 holds gpa [`SharedMemoryOps::ram_gpa`].
+    fn ram_fd(&self) -> std::os::fd::BorrowedFd<'_>;
+    /// First gpa the file maps (0 for RAM from address 0).
+    fn ram_gpa(&self) -> u64 {
+        0
+    }
+    /// Bytes of guest RAM in the file.
+    fn ram_size(&self) -> u64;
 }
 
 /// VM-wide page-access restrictions (`KVMI_VM_SET_PAGE_ACCESS`).

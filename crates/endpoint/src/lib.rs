@@ -29,6 +29,7 @@ pub mod handshake;
 mod permissions;
 mod receiver;
 mod session;
+mod shared_memory;
 mod vcpu;
 mod vcpu_commands;
 mod vcpu_dispatch;
@@ -36,7 +37,7 @@ mod vm_commands;
 
 pub use backend::{
     BackendError, BackendResult, CpuidOps, Exception, HostCaps, IdSet, InjectOps, InterceptOps,
-    MtrrOps, PageAccessOps, SinglestepOps, TranslateOps, VcpuBackend, VmBackend, XstateOps,
+    MtrrOps, PageAccessOps, SharedMemoryOps, SinglestepOps, TranslateOps, VcpuBackend, VmBackend, XstateOps,
 };
 pub use endpoint::{Endpoint, HookError, PreUnhookError};
 pub use permissions::{PermissionError, Permissions};

@@ -19,10 +19,28 @@ pub enum PermissionError {
 
 /// Allowed commands and events of one VM. Read lock-free by the receiving
 /// thread; changed by the device manager at any time.
+///
+/// The v12 commands live in the kernel's bitmap (ids below 30); the ukvmi
+/// extension commands (`msg::EXTENSION_COMMANDS`, ids from `msg::EXT_FIRST`)
+/// in a second one, with the same semantics: "all" includes them.
 #[derive(Debug)]
 pub struct Permissions {
     commands: AtomicU32,
+    extensions: AtomicU32,
     events: AtomicU32,
+}
+
+/// The bit of an extension command in `Permissions::extensions`.
+fn ext_bit(id: u16) -> Option<u32> {
+    if !msg::is_extension_command(id) {
+        return None;
+    }
+    let n = id.checked_sub(msg::EXT_FIRST)? >> 1;
+    (n < 32).then(|| 1u32 << n)
+}
+
+fn all_extensions() -> u32 {
+    msg::EXTENSION_COMMANDS.iter().filter_map(|id| ext_bit(*id)).fold(0, |a, b| a | b)
 }
 
 fn always_allowed() -> u32 {
@@ -47,24 +65,36 @@ impl Permissions {
     /// The kernel's state right after hooking: only the three always-allowed
     /// commands, no events.
     pub fn hook_defaults() -> Permissions {
-        Permissions { commands: AtomicU32::new(always_allowed()), events: AtomicU32::new(0) }
+        Permissions {
+            commands: AtomicU32::new(always_allowed()),
+            extensions: AtomicU32::new(0),
+            events: AtomicU32::new(0),
+        }
     }
 
     /// What QEMU sets when given no `command=`/`event=` lists: everything.
     pub fn allow_all() -> Permissions {
         Permissions {
             commands: AtomicU32::new(mask(msg::NUM_COMMANDS)),
+            extensions: AtomicU32::new(all_extensions()),
             events: AtomicU32::new(mask(event::NUM_EVENTS)),
         }
     }
 
-    /// Allows or disallows command `id`; `-1` means all. Disallowing all
-    /// leaves the always-allowed commands.
+    /// Allows or disallows command `id`; `-1` means all (the extension
+    /// commands included). Disallowing all leaves the always-allowed
+    /// commands. Extension ids are accepted by id; other ids must be below
+    /// the v12 bitmap size.
     pub fn set_command(&self, id: i32, allow: bool) -> Result<(), PermissionError> {
         let all = mask(msg::NUM_COMMANDS);
         if id == -1 {
             let v = if allow { all } else { always_allowed() };
             self.commands.store(v, Ordering::SeqCst);
+            self.extensions.store(if allow { all_extensions() } else { 0 }, Ordering::SeqCst);
+            return Ok(());
+        }
+        if let Some(bit) = u16::try_from(id).ok().and_then(ext_bit) {
+            self.update(&self.extensions, bit, allow);
             return Ok(());
         }
         let bit = Self::bit(id, msg::NUM_COMMANDS)?;
@@ -90,6 +120,9 @@ impl Permissions {
 
     /// Whether command `id` is allowed.
     pub fn command_allowed(&self, id: u16) -> bool {
+        if let Some(bit) = ext_bit(id) {
+            return self.extensions.load(Ordering::SeqCst) & bit != 0;
+        }
         IdSet::from_bits(self.commands.load(Ordering::SeqCst)).contains(id)
     }
 
@@ -144,5 +177,30 @@ mod tests {
         assert!(p.event_allowed(event::UNHOOK));
         p.set_event(-1, false).unwrap();
         assert!(!p.event_allowed(event::UNHOOK));
+    }
+
+    #[test]
+    fn extension_commands_follow_the_same_rules() {
+        let map = msg::UKVMI_VM_MAP_MEMORY;
+        assert!(!Permissions::hook_defaults().command_allowed(map));
+        let p = Permissions::allow_all();
+        assert!(p.command_allowed(map), "\"all\" includes the extensions");
+        p.set_command(-1, false).unwrap();
+        assert!(!p.command_allowed(map));
+        p.set_command(i32::from(map), true).unwrap();
+        assert!(p.command_allowed(map));
+        assert!(!p.command_allowed(msg::VM_READ_PHYSICAL), "only the one allowed");
+        // Its bit does not alias a v12 command, nor the reverse.
+        p.set_command(i32::from(map), false).unwrap();
+        p.set_command(i32::from(msg::VM_EVENT), true).unwrap();
+        assert!(!p.command_allowed(map));
+        p.set_command(i32::from(map), true).unwrap();
+        assert!(!p.command_allowed(msg::VM_GET_INFO));
+        // Ids in the extension range that name nothing are out of range.
+        let unknown = i32::from(msg::EXT_FIRST + 2);
+        assert_eq!(p.set_command(unknown, true), Err(PermissionError::OutOfRange(unknown)));
+        assert!(!p.command_allowed(msg::EXT_FIRST + 2));
+        p.set_command(-1, true).unwrap();
+        assert!(p.command_allowed(map));
     }
 }

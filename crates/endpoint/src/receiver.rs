@@ -112,16 +112,16 @@ pub(crate) fn read_message(rd: &mut impl Read) -> Result<Message, Disconnect> {
     Ok(Message { hdr, body })
 }
 
-/// Spec §7.1: VM commands here, vCPU messages to their queue, the rest ENOSYS.
-/// `Ok(true)` when the message became a vCPU job, `Ok(false)` when it was
-/// answered here.
+/// Spec §7.1: VM commands (v12 and the ukvmi extensions) here, vCPU
+/// messages to their queue, the rest ENOSYS. `Ok(true)` when the message
+/// became a vCPU job, `Ok(false)` when it was answered here.
 fn route(sess: &Session, m: Message) -> Result<bool, Disconnect> {
     let id = m.hdr.id;
     if msg::is_vcpu_message(id) {
         if id == msg::VCPU_EVENT || msg::is_known_command(id) {
             return vcpu_dispatch::validate_and_queue(sess, m);
         }
-    } else if msg::is_known_command(id) {
+    } else if msg::is_command(id) {
         if !sess.perms.command_allowed(id) {
             return sess.reply(&m.hdr, Err(KvmErrno::Eperm)).map(|()| false);
         }

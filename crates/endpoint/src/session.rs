@@ -8,6 +8,7 @@ use crate::vcpu::Local;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::net::Shutdown;
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -222,6 +223,17 @@ impl Session {
         let bytes = frame(req.id, req.seq, &[ec.as_bytes(), data])
             .map_err(|e| Disconnect::WriteFailed(e.to_string()))?;
         self.send(&bytes)
+    }
+
+    /// Sends a successful command reply carrying `data` and, as `SCM_RIGHTS`
+    /// ancillary data, the descriptor `fd`. Written under the writer lock,
+    /// so the descriptor and its reply go out together.
+    pub fn reply_with_fd(&self, req: &MsgHdr, data: &[u8], fd: BorrowedFd<'_>) -> Result<(), Disconnect> {
+        let ec = ErrorCode { err: 0, padding: 0 };
+        let bytes = frame(req.id, req.seq, &[ec.as_bytes(), data])
+            .map_err(|e| Disconnect::WriteFailed(e.to_string()))?;
+        let w = lock(&self.writer);
+        crate::shared_memory::send_with_fd(&w, &bytes, fd).map_err(|e| Disconnect::WriteFailed(e.to_string()))
     }
 
     /// A hard error: remember why, and shut the socket down so the tool sees

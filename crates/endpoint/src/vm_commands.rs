@@ -4,11 +4,14 @@
 
 use crate::backend::IdSet;
 use crate::session::{lock, Disconnect, Message, Session};
+use crate::shared_memory;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use ukvmi_wire::{
-    access, event, msg, read_zext, tail, ControlEvents, Features, GetVersionReply, IntoBytes,
-    KvmErrno, PageAccessEntry, VmCheck, VmControlCleanup, VmGetInfoReply, VmPauseVcpu,
-    VmPhysical, VmSetPageAccess, KVMI_VERSION, MAX_MSG_SIZE, MAX_PENDING_PAUSES, PAGE_SIZE,
+    access, event, map_flags, msg, read_zext, tail, ControlEvents, Features, GetVersionReply,
+    IntoBytes, KvmErrno, PageAccessEntry, VmCheck, VmControlCleanup, VmGetInfoReply,
+    VmMapMemory, VmMapMemoryReply, VmPauseVcpu, VmPhysical, VmSetPageAccess, KVMI_VERSION,
+    MAX_MSG_SIZE, MAX_PENDING_PAUSES, PAGE_SIZE,
 };
 
 type Reply = Result<Vec<u8>, KvmErrno>;
@@ -27,6 +30,7 @@ pub(crate) fn handle(sess: &Session, m: &Message) -> Result<(), Disconnect> {
         msg::VM_PAUSE_VCPU => pause_vcpu(sess, body),
         msg::VM_CONTROL_CLEANUP => control_cleanup(sess, body),
         msg::VM_SET_PAGE_ACCESS => set_page_access(sess, body)?,
+        msg::UKVMI_VM_MAP_MEMORY => return map_memory(sess, m),
         _ => Err(KvmErrno::Enosys),
     };
     match res {
@@ -51,13 +55,17 @@ fn check_command(sess: &Session, body: &[u8]) -> Reply {
     if r.padding1 != 0 || r.padding2 != 0 {
         return Err(KvmErrno::Einval);
     }
-    if !msg::is_known_command(r.id) {
+    if !msg::is_command(r.id) {
         return Err(KvmErrno::Enoent);
     }
     if !sess.perms.command_allowed(r.id) {
         return Err(KvmErrno::Eperm);
     }
-    if !sess.caps.commands.contains(r.id) {
+    let supported = match r.id {
+        msg::UKVMI_VM_MAP_MEMORY => sess.vm.support_shared_memory().is_some(),
+        id => sess.caps.commands.contains(id),
+    };
+    if !supported {
         return Err(KvmErrno::Eopnotsupp);
     }
     Ok(Vec::new())
@@ -165,6 +173,44 @@ fn control_cleanup(sess: &Session, body: &[u8]) -> Reply {
     }
     sess.cleanup.store(r.enable == 1, Ordering::SeqCst);
     Ok(Vec::new())
+}
+
+/// `UKVMI_VM_MAP_MEMORY` (extension): the reply carries the RAM layout and,
+/// as `SCM_RIGHTS`, a descriptor of guest RAM (see `shared_memory`).
+fn map_memory(sess: &Session, m: &Message) -> Result<(), Disconnect> {
+    match map_memory_fd(sess, &m.body) {
+        Ok((reply, fd)) => sess.reply_with_fd(&m.hdr, reply.as_bytes(), fd.as_fd()),
+        Err(e) => sess.reply(&m.hdr, Err(e)),
+    }
+    // `fd` (our copy) is closed here; the tool holds its own.
+}
+
+/// Checks, in order: body (exactly 8 bytes, known flags, zero padding) →
+/// `-KVM_EINVAL`; backend support → `-KVM_EOPNOTSUPP`; a writable map
+/// while `KVMI_VM_WRITE_PHYSICAL` is not allowed → `-KVM_EPERM`.
+fn map_memory_fd(sess: &Session, body: &[u8]) -> Result<(VmMapMemoryReply, OwnedFd), KvmErrno> {
+    if body.len() != core::mem::size_of::<VmMapMemory>() {
+        return Err(KvmErrno::Einval);
+    }
+    let r: VmMapMemory = read_zext(body);
+    if r.padding != 0 || r.flags & !map_flags::ALL != 0 {
+        return Err(KvmErrno::Einval);
+    }
+    let Some(shm) = sess.vm.support_shared_memory() else {
+        return Err(KvmErrno::Eopnotsupp);
+    };
+    let writable = r.flags & map_flags::WRITABLE != 0;
+    if writable && !sess.perms.command_allowed(msg::VM_WRITE_PHYSICAL) {
+        return Err(KvmErrno::Eperm);
+    }
+    let fd = shared_memory::descriptor_for_tool(shm, writable).map_err(|e| e.errno())?;
+    let reply = VmMapMemoryReply {
+        gpa: shm.ram_gpa(),
+        size: shm.ram_size(),
+        flags: if writable { map_flags::WRITABLE } else { 0 },
+        padding: 0,
+    };
+    Ok((reply, fd))
 }
 
 /// Every entry is attempted; the first error is reported; no rollback.

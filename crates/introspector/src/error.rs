@@ -49,6 +49,21 @@ pub enum Error {
     /// Refused locally, nothing was sent (e.g. an action the event does not accept).
     #[error("refused: {0}")]
     Refused(String),
+    /// An access through a [`GuestMemoryMap`](crate::GuestMemoryMap) outside the mapped range.
+    #[error("guest memory {gpa:#x}+{len:#x} is outside the mapped range {start:#x}..{end:#x}")]
+    OutOfRange {
+        /// First gpa asked for.
+        gpa: u64,
+        /// Bytes asked for.
+        len: u64,
+        /// First gpa mapped.
+        start: u64,
+        /// First gpa past the mapping.
+        end: u64,
+    },
+    /// A write through a read-only [`GuestMemoryMap`](crate::GuestMemoryMap).
+    #[error("the guest memory map is read-only")]
+    ReadOnlyMap,
 }
 
 impl Error {

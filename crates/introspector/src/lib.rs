@@ -78,6 +78,7 @@ mod commands;
 mod error;
 mod event;
 mod listener;
+mod memory;
 mod vm;
 
 #[cfg(test)]
@@ -87,4 +88,5 @@ pub use commands::{Registers, VersionInfo};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, EventReply, VcpuEventMsg};
 pub use listener::{Handshake, Incoming, Listener, DEFAULT_HANDSHAKE_TIMEOUT};
+pub use memory::GuestMemoryMap;
 pub use vm::{Events, RawReply, Vm, VmInfo, DEFAULT_REPLY_TIMEOUT};

@@ -2,8 +2,9 @@
 //! queue and the raw send paths.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::Shutdown;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -15,6 +16,7 @@ use ukvmi_wire::{frame, msg, read_zext, tail, ErrorCode, MsgHdr, VCPU_EVENT_BODY
 
 use crate::error::{Error, Result};
 use crate::event::{self, Event, EventReply, VcpuEventMsg};
+use crate::memory;
 
 /// Default time a command waits for its reply.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -113,6 +115,9 @@ struct Inner {
     events: Mutex<EventQueue>,
     unmatched: Mutex<VecDeque<RawReply>>,
     unmatched_count: AtomicU64,
+    /// Descriptors that came with a `UKVMI_VM_MAP_MEMORY` reply, by seq,
+    /// until the request takes them.
+    received_fds: Mutex<HashMap<u32, OwnedFd>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,6 +172,22 @@ impl Inner {
         u.push_back(RawReply::from_msg(&m));
     }
 
+    /// Keeps the first descriptor that came with a reply to a pending
+    /// `UKVMI_VM_MAP_MEMORY` request for it; every other one is closed
+    /// (dropped) here. Decided under the pending lock, so a request that
+    /// gives up waiting either finds its descriptor or it was never kept.
+    fn keep_fds(&self, hdr: &MsgHdr, fds: Vec<OwnedFd>) {
+        if fds.is_empty() || hdr.id != msg::UKVMI_VM_MAP_MEMORY {
+            return;
+        }
+        let p = lock(&self.pending);
+        if p.map.get(&hdr.seq).is_some_and(|(id, _)| *id == hdr.id) {
+            if let Some(fd) = fds.into_iter().next() {
+                lock(&self.received_fds).insert(hdr.seq, fd);
+            }
+        }
+    }
+
     fn mark_closed(&self) {
         lock(&self.events).closed = true;
         let mut p = lock(&self.pending);
@@ -197,18 +218,22 @@ impl Inner {
     }
 }
 
-/// Reads one whole message; `None` at EOF or on a read error (the
-/// connection is then over).
-fn read_message(stream: &mut UnixStream) -> Option<Message> {
+/// Reads one whole message with `recvmsg`; `None` at EOF or on a read
+/// error (the connection is then over). A descriptor (`SCM_RIGHTS`) that
+/// arrives with a message goes to that message's request if it is a
+/// `UKVMI_VM_MAP_MEMORY` waiting for one, and is closed otherwise.
+fn read_message(inner: &Inner, stream: &UnixStream) -> Option<Message> {
+    let mut fds = Vec::new();
     let mut hdr_buf = [0u8; 8];
-    if stream.read_exact(&mut hdr_buf).is_err() {
+    if memory::recv_exact(stream, &mut hdr_buf, &mut fds).is_err() {
         return None;
     }
     let hdr: MsgHdr = read_zext(&hdr_buf);
     let mut body = vec![0u8; usize::from(hdr.size)];
-    if stream.read_exact(&mut body).is_err() {
+    if memory::recv_exact(stream, &mut body, &mut fds).is_err() {
         return None;
     }
+    inner.keep_fds(&hdr, fds);
     Some(Message { hdr, body })
 }
 
@@ -282,8 +307,8 @@ fn reader_loop(inner: &Inner) {
 impl Inner {
     /// Reads and dispatches one message with the read side held, then lets
     /// go of it. False when the connection is over.
-    fn read_one(&self, mut rd: MutexGuard<'_, UnixStream>) -> bool {
-        let m = read_message(&mut rd);
+    fn read_one(&self, rd: MutexGuard<'_, UnixStream>) -> bool {
+        let m = read_message(self, &rd);
         drop(rd);
         let alive = match m {
             Some(m) => {
@@ -397,6 +422,7 @@ impl Vm {
             events: Mutex::new(EventQueue::default()),
             unmatched: Mutex::new(VecDeque::new()),
             unmatched_count: AtomicU64::new(0),
+            received_fds: Mutex::new(HashMap::new()),
         });
         let for_thread = Arc::clone(&inner);
         let handle = std::thread::Builder::new()
@@ -519,6 +545,11 @@ impl Vm {
     }
 
     // ------------------------------------------------------------ internals
+
+    /// The descriptor that came with the `UKVMI_VM_MAP_MEMORY` reply `seq`.
+    pub(crate) fn take_received_fd(&self, seq: u32) -> Option<OwnedFd> {
+        lock(&self.inner.received_fds).remove(&seq)
+    }
 
     fn register(&self, seq: u32, id: u16) -> Result<()> {
         let mut p = lock(&self.inner.pending);

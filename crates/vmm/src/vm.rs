@@ -16,7 +16,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ukvmi_endpoint::handshake::{self, VmIdentity};
-use ukvmi_endpoint::{BackendResult, Endpoint, HostCaps, PageAccessOps, Permissions, VmBackend};
+use ukvmi_endpoint::{
+    BackendResult, Endpoint, HostCaps, PageAccessOps, Permissions, SharedMemoryOps, VmBackend,
+};
 use ukvmi_guests::{layout, Guest};
 use ukvmi_wire::{event, msg};
 
@@ -270,6 +272,24 @@ impl VmBackend for VmShared {
 
     fn support_page_access(&self) -> Option<&dyn PageAccessOps> {
         self.page_access.is_some().then_some(self as &dyn PageAccessOps)
+    }
+
+    fn support_shared_memory(&self) -> Option<&dyn SharedMemoryOps> {
+        Some(self as &dyn SharedMemoryOps)
+    }
+}
+
+/// `UKVMI_VM_MAP_MEMORY`: guest RAM is one sealed memfd from gpa 0. The
+/// tool's mapping is a second view of the same pages; it does not go
+/// through KVM's memslots, so page-access restrictions (which live in the
+/// memslot layout) keep applying to the guest and never to the tool.
+impl SharedMemoryOps for VmShared {
+    fn ram_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.ram.fd()
+    }
+
+    fn ram_size(&self) -> u64 {
+        self.ram.size()
     }
 }
 

@@ -125,6 +125,35 @@ pub mod msg {
         }
     }
 
+    /// First id of the ukvmi extension range (`0x4000..0x4100`): commands
+    /// that KVMI v12 does not define. The range is far above every v12 id
+    /// (and every id later kernel revisions used), so a tool that probes
+    /// with `KVMI_VM_CHECK_COMMAND` on a kernel KVMI gets `-KVM_ENOENT`.
+    /// Even ids are VM commands (handled on the receiving thread), as in v12.
+    pub const EXT_FIRST: u16 = 0x4000;
+    /// First id past the ukvmi extension range.
+    pub const EXT_END: u16 = 0x4100;
+
+    /// `UKVMI_VM_MAP_MEMORY` (ukvmi extension, VM command): the reply
+    /// carries `VmMapMemoryReply` and, as `SCM_RIGHTS` ancillary data, a
+    /// file descriptor of guest RAM that the tool maps.
+    pub const UKVMI_VM_MAP_MEMORY: u16 = EXT_FIRST;
+
+    /// Every extension command, in id order.
+    pub const EXTENSION_COMMANDS: [u16; 1] = [UKVMI_VM_MAP_MEMORY];
+
+    /// True for the ukvmi extension commands (outside the v12 numbering;
+    /// [`is_known_command`] stays exactly v12).
+    pub const fn is_extension_command(id: u16) -> bool {
+        id == UKVMI_VM_MAP_MEMORY
+    }
+
+    /// True for every id this implementation has a handler for: the v12
+    /// commands and the ukvmi extensions.
+    pub const fn is_command(id: u16) -> bool {
+        is_known_command(id) || is_extension_command(id)
+    }
+
     /// True when the message body starts with `struct kvmi_vcpu_hdr` (odd ids).
     pub const fn is_vcpu_message(id: u16) -> bool {
         id & 1 == 1
@@ -159,6 +188,7 @@ pub mod msg {
             VCPU_CONTROL_MSR => "KVMI_VCPU_CONTROL_MSR",
             VCPU_CONTROL_SINGLESTEP => "KVMI_VCPU_CONTROL_SINGLESTEP",
             VCPU_TRANSLATE_GVA => "KVMI_VCPU_TRANSLATE_GVA",
+            UKVMI_VM_MAP_MEMORY => "UKVMI_VM_MAP_MEMORY",
             _ => return None,
         })
     }
@@ -319,6 +349,15 @@ pub const MSG_HDR_SIZE: usize = 8;
 pub const PAGE_SIZE: usize = 4096;
 /// More pending pause requests than this on one vCPU ⇒ `-KVM_EBUSY`.
 pub const MAX_PENDING_PAUSES: u32 = 1001;
+
+/// Flags of `UKVMI_VM_MAP_MEMORY` (request and reply).
+pub mod map_flags {
+    /// Request: a writable mapping (needs `KVMI_VM_WRITE_PHYSICAL` allowed
+    /// too). Reply: the descriptor sent is open read-write.
+    pub const WRITABLE: u32 = 1;
+    /// Every flag defined; any other bit in a request is `-KVM_EINVAL`.
+    pub const ALL: u32 = WRITABLE;
+}
 
 /// Page access bits (`KVMI_PAGE_ACCESS_*`): a set bit means the access is allowed.
 pub mod access {

@@ -392,6 +392,29 @@ wire!(
 });
 
 wire!(
+    /// `UKVMI_VM_MAP_MEMORY` request (ukvmi extension). The body must be
+    /// exactly these 8 bytes.
+    VmMapMemory, 8, {
+    /// `map_flags::*`: 0 for a read-only mapping, `WRITABLE` for read-write.
+    flags: u32, /// Must be zero.
+    padding: u32,
+});
+
+wire!(
+    /// `UKVMI_VM_MAP_MEMORY` reply data (ukvmi extension). The reply message
+    /// carries one file descriptor as `SCM_RIGHTS` ancillary data: guest RAM,
+    /// with gpa `gpa` at file offset 0, `size` bytes long.
+    VmMapMemoryReply, 24, {
+    /// First guest physical address the descriptor maps (at file offset 0).
+    gpa: u64,
+    /// Bytes of guest RAM the descriptor maps (the length to `mmap`).
+    size: u64,
+    /// `map_flags::WRITABLE` when the descriptor is open read-write.
+    flags: u32, /// Zero.
+    padding: u32,
+});
+
+wire!(
     /// VM_PAUSE_VCPU request.
     VmPauseVcpu, 8, {
     /// vCPU index.
