@@ -21,7 +21,15 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
     // has many in one read instead of two reads each.
     let mut rd = BufReader::with_capacity(RECV_BUFFER, rd);
     let mut answered = false;
+    // Replies to a run of buffered READ_PHYSICALs, sent with one write.
+    let mut batch: Vec<u8> = Vec::new();
     let looped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+        // Never sit on replies while the next read may block.
+        if rd.buffer().is_empty() && !batch.is_empty() {
+            if let Err(why) = flush(&sess, &mut batch) {
+                break why;
+            }
+        }
         // Spin only after answering a command here: after handing a job to a
         // vCPU thread, that thread needs the CPU more than we do.
         if answered && rd.buffer().is_empty() {
@@ -31,6 +39,20 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
             Ok(m) => m,
             Err(why) => break why,
         };
+        if m.hdr.id == msg::VM_READ_PHYSICAL && sess.perms.command_allowed(m.hdr.id) {
+            vm_commands::read_physical_batched(&sess, &m, &mut batch);
+            answered = true;
+            if batch.len() >= BATCH_MAX {
+                if let Err(why) = flush(&sess, &mut batch) {
+                    break why;
+                }
+            }
+            continue;
+        }
+        // Anything else is answered after the replies before it.
+        if let Err(why) = flush(&sess, &mut batch) {
+            break why;
+        }
         match route(&sess, m) {
             Ok(queued) => answered = !queued,
             Err(why) => break why,
@@ -71,6 +93,19 @@ fn spin_until_readable(stream: &UnixStream, budget: Duration) -> bool {
         std::thread::yield_now();
     }
 }
+
+/// Sends the batched replies, if any, in one write.
+fn flush(sess: &Session, batch: &mut Vec<u8>) -> Result<(), Disconnect> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let sent = sess.send(batch);
+    batch.clear();
+    sent
+}
+
+/// Most reply bytes batched before they are sent.
+const BATCH_MAX: usize = 64 * 1024;
 
 /// Bytes the receiving thread reads ahead.
 const RECV_BUFFER: usize = 16 * 1024;

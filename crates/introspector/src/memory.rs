@@ -24,27 +24,28 @@ use crate::vm::{command_name, expect_len, Vm};
 /// (`MSG_CTRUNC`). KVMI sends at most one per message.
 const MAX_FDS: usize = 8;
 
-/// Reads exactly `buf.len()` bytes with `recvmsg`, collecting any
-/// descriptors that arrive on the way into `fds` (close-on-exec).
-/// `UnexpectedEof` if the peer closes first.
-pub(crate) fn recv_exact(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<()> {
+/// One `recvmsg` into `buf` (at least one byte unless `buf` is empty; as
+/// many as have arrived, up to its length), collecting any descriptors that
+/// arrive with them into `fds` (close-on-exec). `UnexpectedEof` if the peer
+/// has closed. The kernel ends a read right after the bytes that carried
+/// descriptors, so they belong to the message holding the last byte read.
+pub(crate) fn recv_some(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
     let int = std::mem::size_of::<libc::c_int>() as u32;
     // SAFETY: CMSG_SPACE is a pure size computation.
     let space = unsafe { libc::CMSG_SPACE(int * MAX_FDS as u32) } as usize;
     // u64 elements keep the buffer aligned for `cmsghdr`.
-    let mut control = vec![0u64; space.div_ceil(8)];
-    let mut got = 0;
-    while got < buf.len() {
-        let rest = buf.get_mut(got..).unwrap_or_default();
-        let mut iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
+    let mut control = [0u64; 32];
+    let control = control.get_mut(..space.div_ceil(8)).ok_or_else(|| io::Error::other("control buffer too small"))?;
+    loop {
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
         // SAFETY: msghdr is a plain C struct for which all zeros is valid.
         let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
         mh.msg_iov = &mut iov;
         mh.msg_iovlen = 1;
         mh.msg_control = control.as_mut_ptr().cast();
         mh.msg_controllen = space as _;
-        // SAFETY: `mh` points at `rest` (writable, `iov_len` bytes) and at
-        // `control` (`space` bytes), both alive for the call.
+        // SAFETY: `mh` points at `buf` (writable, `iov_len` bytes) and at
+        // `control` (at least `space` bytes), both alive for the call.
         let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -54,12 +55,11 @@ pub(crate) fn recv_exact(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<Owne
             return Err(e);
         }
         take_fds(&mh, fds);
-        if n == 0 {
+        if n == 0 && !buf.is_empty() {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        got += n as usize;
+        return Ok(n as usize);
     }
-    Ok(())
 }
 
 /// Moves every `SCM_RIGHTS` descriptor of a received message into `fds`,

@@ -99,7 +99,7 @@ struct Inner {
     /// them: a caller waiting for its reply or an event reads for itself
     /// (no hand-off through another thread), the reader thread reads only
     /// while nobody waits.
-    rd: Mutex<UnixStream>,
+    rd: Mutex<ReadSide>,
     /// Threads waiting for a reply or an event (they read for themselves).
     waiters: AtomicUsize,
     /// Signalled when the read side is released (after each message read)
@@ -218,23 +218,85 @@ impl Inner {
     }
 }
 
-/// Reads one whole message with `recvmsg`; `None` at EOF or on a read
-/// error (the connection is then over). A descriptor (`SCM_RIGHTS`) that
-/// arrives with a message goes to that message's request if it is a
+/// Bytes the read side takes in ahead: one `recvmsg` brings in every
+/// message that has arrived (bulk replies come in bursts), and they are cut
+/// out of the buffer one at a time. Larger than the largest message.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// The socket's read side: the stream and its read-ahead buffer.
+struct ReadSide {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// `buf[start..end]` holds bytes received but not yet cut into messages.
+    start: usize,
+    end: usize,
+    /// Stream offset of `buf[start]` (bytes consumed so far).
+    consumed: u64,
+    /// Descriptors received, each with the stream offset just past the read
+    /// that brought it: it belongs to the message holding the byte before.
+    fds: Vec<(u64, OwnedFd)>,
+}
+
+impl ReadSide {
+    fn new(stream: UnixStream) -> ReadSide {
+        ReadSide { stream, buf: vec![0; READ_AHEAD], start: 0, end: 0, consumed: 0, fds: Vec::new() }
+    }
+
+    /// Whether received bytes wait in the buffer (then reading does not block
+    /// for long: at most for the rest of a message already on its way).
+    fn buffered(&self) -> bool {
+        self.start < self.end
+    }
+
+    /// Until `n` bytes are buffered (n <= READ_AHEAD): one `recvmsg` per round.
+    fn need(&mut self, n: usize) -> std::io::Result<()> {
+        while self.end - self.start < n {
+            if self.buf.len() - self.start < n {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let mut got = Vec::new();
+            let room = self.buf.get_mut(self.end..).unwrap_or_default();
+            let k = memory::recv_some(&self.stream, room, &mut got)?;
+            self.end += k;
+            let past = self.consumed + (self.end - self.start) as u64;
+            self.fds.extend(got.into_iter().map(|fd| (past, fd)));
+        }
+        Ok(())
+    }
+
+    /// The next whole message and the descriptors that came with it; `None`
+    /// at EOF or on a read error (the connection is then over).
+    fn next_message(&mut self) -> Option<(Message, Vec<OwnedFd>)> {
+        self.need(8).ok()?;
+        let hdr: MsgHdr = read_zext(self.buf.get(self.start..self.start + 8)?);
+        let total = 8 + usize::from(hdr.size);
+        self.need(total).ok()?;
+        let body = self.buf.get(self.start + 8..self.start + total)?.to_vec();
+        self.start += total;
+        self.consumed += total as u64;
+        let (end, mut mine) = (self.consumed, Vec::new());
+        let mut i = 0;
+        while i < self.fds.len() {
+            if self.fds.get(i).is_some_and(|(past, _)| *past <= end) {
+                mine.push(self.fds.remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        Some((Message { hdr, body }, mine))
+    }
+}
+
+/// Reads one whole message; `None` at EOF or on a read error (the
+/// connection is then over). A descriptor (`SCM_RIGHTS`) that arrives with
+/// a message goes to that message's request if it is a
 /// `UKVMI_VM_MAP_MEMORY` waiting for one, and is closed otherwise.
-fn read_message(inner: &Inner, stream: &UnixStream) -> Option<Message> {
-    let mut fds = Vec::new();
-    let mut hdr_buf = [0u8; 8];
-    if memory::recv_exact(stream, &mut hdr_buf, &mut fds).is_err() {
-        return None;
-    }
-    let hdr: MsgHdr = read_zext(&hdr_buf);
-    let mut body = vec![0u8; usize::from(hdr.size)];
-    if memory::recv_exact(stream, &mut body, &mut fds).is_err() {
-        return None;
-    }
-    inner.keep_fds(&hdr, fds);
-    Some(Message { hdr, body })
+fn read_message(inner: &Inner, rd: &mut ReadSide) -> Option<Message> {
+    let (m, fds) = rd.next_message()?;
+    inner.keep_fds(&m.hdr, fds);
+    Some(m)
 }
 
 /// How long a waiter polls the socket without sleeping before it blocks:
@@ -285,14 +347,27 @@ fn reader_loop(inner: &Inner) {
             std::thread::sleep(STANDBY);
             continue;
         }
+        // Messages a waiter left in the read-ahead buffer come first.
+        match inner.try_read_side() {
+            Some(rd) if rd.buffered() => {
+                if inner.read_one(rd) {
+                    continue;
+                }
+                break;
+            }
+            Some(_) => {}
+            None => {
+                std::thread::sleep(STANDBY);
+                continue;
+            }
+        }
         // Poll without holding the read side, so a caller can always take it.
         if !readable(&inner.stream, IDLE_POLL) || inner.waiters.load(Ordering::SeqCst) > 0 {
             continue;
         }
-        let alive = match inner.rd.try_lock() {
-            Ok(rd) => inner.read_one(rd),
-            Err(TryLockError::Poisoned(e)) => inner.read_one(e.into_inner()),
-            Err(TryLockError::WouldBlock) => {
+        let alive = match inner.try_read_side() {
+            Some(rd) => inner.read_one(rd),
+            None => {
                 std::thread::sleep(STANDBY);
                 true
             }
@@ -305,10 +380,19 @@ fn reader_loop(inner: &Inner) {
 }
 
 impl Inner {
+    /// The read side if nobody holds it (recovered if a holder panicked).
+    fn try_read_side(&self) -> Option<MutexGuard<'_, ReadSide>> {
+        match self.rd.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Reads and dispatches one message with the read side held, then lets
     /// go of it. False when the connection is over.
-    fn read_one(&self, rd: MutexGuard<'_, UnixStream>) -> bool {
-        let m = read_message(self, &rd);
+    fn read_one(&self, mut rd: MutexGuard<'_, ReadSide>) -> bool {
+        let m = read_message(self, &mut rd);
         drop(rd);
         let alive = match m {
             Some(m) => {
@@ -355,7 +439,7 @@ impl Inner {
                     if let Some(v) = done(self) {
                         break Some(v);
                     }
-                    if spin_until_readable(&rd, spin) || readable(&rd, slice) {
+                    if rd.buffered() || spin_until_readable(&rd.stream, spin) || readable(&rd.stream, slice) {
                         self.read_one(rd);
                     }
                     // Spin once per wait, right after the request went out.
@@ -411,7 +495,7 @@ impl Vm {
         let read_half = stream.try_clone().map_err(Error::io("cloning the KVMI socket"))?;
         let inner = Arc::new(Inner {
             stream,
-            rd: Mutex::new(read_half),
+            rd: Mutex::new(ReadSide::new(read_half)),
             waiters: AtomicUsize::new(0),
             replies_cv: Condvar::new(),
             sleepers: AtomicUsize::new(0),
