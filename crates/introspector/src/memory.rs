@@ -470,6 +470,40 @@ mod tests {
     }
 
     #[test]
+    fn a_descriptor_reaches_its_reply_among_messages_read_ahead_together() {
+        // The library reads ahead: several messages may come in one
+        // recvmsg. Messages before and after the reply that carries the
+        // descriptor, already waiting in the socket, must not take it.
+        let (vm, mut peer) = pair();
+        let f = memfd(4096, true);
+        (&f).write_all(b"mine").unwrap();
+        let unhook = ukvmi_wire::EventHdr { event: ukvmi_wire::event::UNHOOK, padding: [0; 3] };
+        let map = std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let (h, _) = read_msg(&mut peer);
+                let mut before = Vec::new();
+                for seq in 1..=5 {
+                    before.extend_from_slice(&frame(msg::VM_EVENT, seq, &[unhook.as_bytes()]).unwrap());
+                    before.extend_from_slice(&reply_bytes(msg::GET_VERSION, 7000 + seq, 0, &[0; 16]));
+                }
+                peer.write_all(&before).unwrap();
+                send_fd(&peer, &reply_bytes(h.id, h.seq, 0, &map_reply(4096, 0)), f.as_fd());
+                peer.write_all(&frame(msg::VM_EVENT, 6, &[unhook.as_bytes()]).unwrap()).unwrap();
+            });
+            vm.map_memory()
+        })
+        .unwrap();
+        let mut b = [0u8; 4];
+        map.read(0, &mut b).unwrap();
+        assert_eq!(&b, b"mine");
+        for seq in 1..=6 {
+            let ev = vm.next_event(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(ev.map(|e| e.seq()), Some(seq), "events in order");
+        }
+        assert_eq!(vm.unmatched_count(), 5, "the replies nobody asked for");
+    }
+
+    #[test]
     fn bad_replies_are_protocol_errors_and_close_the_descriptor() {
         // No descriptor at all.
         let (vm, peer) = pair();
