@@ -296,8 +296,11 @@ fn main() {
         Err(code) => println!("PF: not available on this build/host ({code})"),
     }
     row("bare UNIX socket round trip (again, at end)", &sock_again);
-    println!("-- in socket round trips (p50 / socket p50 at start)");
-    let in_sockets = |name: &str, f: &Fig| println!("{name:<58} {:>8.1}", f.key() / sock_rtt.key());
+    // The socket's p50 depends on whether both threads share a CPU: the
+    // better of the two runs is the baseline.
+    let sock_best = sock_rtt.key().min(sock_again.key());
+    println!("-- in socket round trips (p50 / the better socket p50)");
+    let in_sockets = |name: &str, f: &Fig| println!("{name:<58} {:>8.1}", f.key() / sock_best);
     in_sockets("MSR + CONTINUE", &msr.fig);
     in_sockets("BREAKPOINT + CONTINUE", &bp_cont.fig);
     in_sockets("BREAKPOINT + SET_REGISTERS + RETRY", &bp_retry.fig);
@@ -305,9 +308,10 @@ fn main() {
         in_sockets("PF + CONTINUE", &s.fig);
     }
     println!(
-        "(one event = the vCPU thread writes the event, the tool's reader thread wakes the caller, the caller writes \
-         the reply, the VMM's receiving thread queues it and wakes the vCPU thread, which re-enters KVM: two socket \
-         messages and about four thread wake-ups, on top of the exit itself)"
+        "(one event = the vCPU thread writes the event, the tool's waiting caller reads it off the socket itself, \
+         writes the reply, the VMM's receiving thread queues it for the vCPU thread, which re-enters KVM: two socket \
+         messages and up to three thread wake-ups, fewer when a bounded spin catches the next message, on top of \
+         the exit itself)"
     );
     println!("-- checks (what the guest saw)");
     for c in &checks {
