@@ -5,7 +5,7 @@
 //!   guest's `out` loop under `ukvmi run` (iterations/s read from guest
 //!   memory → µs per exit), the same guest's exit-free spin loop (the cost of
 //!   the loop's own emulated instructions), and the bare UNIX-socket round
-//!   trip (as in `rtt.rs`);
+//!   trip (all from the shared `common` module);
 //! * event round trips through `ukvmi run` and `ukvmi-introspector` over the
 //!   real socket, with the guest raising the event in a tight loop, so the
 //!   time from one event to the next is one full round trip (event out →
