@@ -335,8 +335,9 @@ fn readable(stream: &UnixStream, timeout: Duration) -> bool {
 /// itself; this thread only reads when nobody does, so events and replies
 /// nobody waits for are still taken in and a closed connection is noticed.
 fn reader_loop(inner: &Inner) {
-    /// How long the reader stands by while others read.
-    const STANDBY: Duration = Duration::from_millis(1);
+    /// How long the reader stands by while others read (whoever waits reads
+    /// for itself, so nobody waits on this thread).
+    const STANDBY: Duration = Duration::from_millis(10);
     /// Longest poll while nobody waits (data or a hang-up end it sooner).
     const IDLE_POLL: Duration = Duration::from_millis(100);
     loop {
@@ -418,9 +419,11 @@ impl Inner {
     /// Waits, reading the socket itself whenever nobody else does, until
     /// `done` returns `Some` (checked after every message), or `deadline`.
     fn wait_reading<T>(&self, deadline: Option<Instant>, mut done: impl FnMut(&Inner) -> Option<T>) -> Option<T> {
-        /// Longest single poll or wait: bounds how late a waiter notices a
-        /// read side it could take over.
-        const SLICE: Duration = Duration::from_millis(1);
+        /// Longest single poll or wait. The reader polling wakes for any
+        /// message and hands it on, and waiters are woken whenever the read
+        /// side is let go, so this only bounds how often an idle waiter
+        /// looks around.
+        const SLICE: Duration = Duration::from_millis(20);
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let mut spin = SPIN;
         let out = loop {
