@@ -4,6 +4,7 @@
  * that both agree, so change them together.
  */
 #define LOAD_ADDR        0x100000   /* flat image base, _start is first   */
+/* Entry: RDI = vCPU index, RSI = vCPU count, RDX = TSC kHz (0 = unknown). */
 #define STACK_TOP        0x80000    /* vCPU i: RSP = STACK_TOP - i*STACK_SIZE */
 #define STACK_SIZE       0x4000
 #define MAX_VCPUS        31         /* stacks reach down to 0x4000        */

@@ -10,6 +10,8 @@ mod built {
     include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 }
 
+pub mod demo;
+
 /// One guest image: a flat binary to copy to [`load_addr`](Self::load_addr)
 /// in guest physical memory, entered at [`entry`](Self::entry) on every vCPU
 /// (see the crate documentation for the register and memory ABI).
@@ -86,7 +88,7 @@ macro_rules! guest {
     };
 }
 
-static GUESTS: [Guest; 8] = [
+static GUESTS: [Guest; 9] = [
     guest!(spin, "every vCPU started at once, loops forever at ring 0 (idles with hlt)"),
     guest!(
         smp,
@@ -110,6 +112,10 @@ static GUESTS: [Guest; 8] = [
     ),
     guest!(poweroff, "vCPU 0 prints \"bye\" and powers off with exit status 0 (port 0xf4)"),
     guest!(poweroff7, "vCPU 0 prints \"bye\" and powers off with exit status 7 (port 0xf4)"),
+    guest!(
+        demo,
+        "ukos, a tiny OS: a ring-0 kernel with syscalls and 4 ring-3 processes (init, shell, worker, rootkit) on up to 2 vCPUs; needs 32 MiB"
+    ),
 ];
 
 /// Every guest, in a fixed order (`spin` first).
@@ -378,7 +384,7 @@ mod tests {
     use super::layout::*;
     use super::*;
 
-    const NAMES: [&str; 8] = ["spin", "smp", "msr", "traps", "bench", "pf", "poweroff", "poweroff7"];
+    const NAMES: [&str; 9] = ["spin", "smp", "msr", "traps", "bench", "pf", "poweroff", "poweroff7", "demo"];
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
         hay.windows(needle.len()).any(|w| w == needle)

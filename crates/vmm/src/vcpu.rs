@@ -96,7 +96,8 @@ impl Debug {
 pub(crate) struct PfState {
     /// An MMIO read that KVM still waits for: (gpa, length).
     read_pending: Option<(u64, usize)>,
-    /// SET_REGISTERS was applied during the current PF event.
+    /// SET_REGISTERS was applied during the current event (PF, HYPERCALL;
+    /// cleared before each).
     regs_set: bool,
     /// An exit that came out of `KVM_RUN` while completing a pending read
     /// early (in `set_regs`); handled before the next guest entry.
@@ -447,14 +448,20 @@ impl KvmVcpu {
 
     /// The hypercall doorbell: KVMI's convention (RAX = 34, RDI = 24,
     /// RSI = 0) sends HYPERCALL; the guest gets 0 in RAX when the tool
-    /// answered, -1000 (`-KVM_ENOSYS`) when no event was sent.
+    /// answered, -1000 (`-KVM_ENOSYS`) when no event was sent. A tool that
+    /// sent SET_REGISTERS during the event chose the result itself: its
+    /// RAX stands (the demo guest's agent call reads a reply length there).
     fn hypercall(&mut self, port: &VcpuPort) -> Option<Exit> {
         self.complete_pending_io();
         let Ok(regs) = self.fd.get_regs() else { return None };
         let kvmi = regs.rax & 0xffff_ffff == layout::HC_KVMI_NR && regs.rdi == layout::HC_KVMI_SUBFN && regs.rsi == 0;
+        self.pf.regs_set = false;
         let outcome = if kvmi { port.raise(self, EventPayload::Hypercall) } else { None };
         if outcome.is_some_and(|o| o.action == Action::Crash) {
             return Some(Exit::Crashed(format!("the introspector answered CRASH to a hypercall on vCPU {}", self.index)));
+        }
+        if outcome.is_some() && self.pf.regs_set {
+            return None;
         }
         if let Ok(mut regs) = self.fd.get_regs() {
             regs.rax = if outcome.is_some() { 0 } else { (-1000i64) as u64 };
@@ -695,10 +702,14 @@ impl KvmVcpu {
         s.cr4 = 0x20;
         s.efer = 0x500;
         self.fd.set_sregs(&s).map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
+        // RDX = the TSC frequency in kHz (0 if KVM cannot tell), so a guest
+        // without a timer can turn rdtsc into time (see the guest ABI).
+        let tsc_khz = self.fd.get_tsc_khz().map_or(0, u64::from);
         let regs = kvm_bindings::kvm_regs {
             rip: self.shared.entry,
             rdi: u64::from(self.index),
             rsi: u64::from(self.shared.vcpu_count()),
+            rdx: tsc_khz,
             rsp: layout::STACK_TOP - u64::from(self.index) * layout::STACK_SIZE,
             rflags: 2,
             ..Default::default()

@@ -1,0 +1,273 @@
+//! The introspector commands end to end: a real VM (`ukvmi run`), the
+//! daemon the first command starts, and the commands as a user types them.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{RunningVm, Scratch};
+use ukvmi_guests::layout;
+
+const T: Duration = Duration::from_secs(20);
+
+struct Tool {
+    sock: PathBuf,
+}
+
+impl Tool {
+    fn cmd(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ukvmi")).arg("--vm").arg(&self.sock).args(args).output().unwrap()
+    }
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.cmd(args);
+        assert!(o.status.success(), "ukvmi {args:?}: {}\nstderr: {}", o.status, String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+    fn fails(&self, args: &[&str], status: i32, needle: &str) {
+        let o = self.cmd(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(status), "ukvmi {args:?}: {err}");
+        assert!(err.contains(needle), "ukvmi {args:?}: stderr `{err}` lacks `{needle}`");
+    }
+    fn u64_at(&self, addr: u64) -> u64 {
+        let o = self.cmd(&["read", &format!("{addr:#x}"), "8", "--raw"]);
+        assert!(o.status.success());
+        u64::from_le_bytes(o.stdout[..8].try_into().unwrap())
+    }
+    fn field(json: &str, key: &str) -> String {
+        let k = format!("\"{key}\":");
+        let at = json.find(&k).unwrap_or_else(|| panic!("no {key} in {json}")) + k.len();
+        let rest = &json[at..];
+        let end = rest.find([',', '}']).unwrap();
+        rest[..end].trim_matches('"').to_string()
+    }
+}
+
+fn hex(s: &str) -> u64 {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap()
+}
+
+fn start(dir: &Scratch, guest: &str, vcpus: &str) -> (RunningVm, Tool) {
+    let sock = dir.path("vm.sock");
+    let vm = RunningVm::start(dir, &["--guest", guest, "--vcpus", vcpus, "--introspect", &format!("unix:{}", sock.display())]);
+    vm.wait_serial("tick", 1, T);
+    (vm, Tool { sock })
+}
+
+fn detach(tool: &Tool) {
+    assert!(tool.ok(&["detach"]).contains("detached"));
+    let end = Instant::now() + T;
+    while tool.sock.with_extension("sock.ctl").exists() {
+        assert!(Instant::now() < end, "the daemon did not remove its control socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn one_shot_commands_read_a_running_vm() {
+    let dir = Scratch::new("tools");
+    let (vm, tool) = start(&dir, "traps", "2");
+    let traps = ukvmi_guests::find("traps").unwrap();
+
+    let info = tool.ok(&["info", "--json"]);
+    assert_eq!(Tool::field(&info, "name"), "traps");
+    assert_eq!(Tool::field(&info, "vcpus"), "2");
+    assert_eq!(Tool::field(&info, "ram_bytes"), (64u64 << 20).to_string());
+    assert!(info.contains("KVMI_VCPU_GET_REGISTERS") && info.contains("KVMI_VCPU_EVENT_BREAKPOINT"), "{info}");
+
+    let regs = tool.ok(&["regs", "1", "--json"]);
+    assert_eq!(hex(&Tool::field(&regs, "r13")), 1, "vCPU 1's r13 holds its index: {regs}");
+    let rip = hex(&Tool::field(&regs, "rip"));
+    assert!(traps.symbolize(rip).is_some(), "rip {rip:#x} is inside the guest");
+    let text = tool.ok(&["regs", "0"]);
+    assert!(text.contains("rip ") && text.contains("r15 0x123456789abcdef0"), "{text}");
+
+    let tr = tool.ok(&["translate", "0", "0x100000", "--json"]);
+    assert_eq!(Tool::field(&tr, "gpa"), "0x100000");
+
+    // Memory: raw, symbol-addressed, and a dump through a file.
+    let o = tool.cmd(&["read", "0x100000", "32", "--raw"]);
+    assert_eq!(&o.stdout[..], &traps.image[..32]);
+    let hexdump = tool.ok(&["read", "bp_target", "16"]);
+    let bp_off = (traps.symbol("bp_target").unwrap() - traps.load_addr) as usize;
+    let first = format!("{:02x} {:02x}", traps.image[bp_off], traps.image[bp_off + 1]);
+    assert!(hexdump.contains(&first), "{hexdump} lacks {first}");
+    let file = dir.path("img.bin");
+    let o = tool.cmd(&["dump", "0x100000", &traps.image.len().to_string(), "-o", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&file).unwrap(), traps.image);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("dumped"), "dump reports what it did");
+
+    // Pause holds every vCPU until resume.
+    let p = tool.ok(&["pause", "--json"]);
+    assert!(p.contains(r#""vcpus":[0,1]"#), "{p}");
+    let c0 = tool.u64_at(layout::counter_addr(0));
+    let c1 = tool.u64_at(layout::counter_addr(1));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!((tool.u64_at(layout::counter_addr(0)), tool.u64_at(layout::counter_addr(1))), (c0, c1), "paused vCPUs do not run");
+    assert!(tool.ok(&["regs", "0"]).contains("paused"));
+    assert!(tool.ok(&["resume"]).contains("resumed vCPUs [0, 1]"));
+    let end = Instant::now() + T;
+    while tool.u64_at(layout::counter_addr(0)) == c0 || tool.u64_at(layout::counter_addr(1)) == c1 {
+        assert!(Instant::now() < end, "resumed vCPUs run again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    detach(&tool);
+    vm.assert_guest_runs();
+}
+
+#[test]
+fn trace_steps_over_its_breakpoint_and_ctrl_c_removes_it() {
+    let dir = Scratch::new("tools-bp");
+    let (vm, tool) = start(&dir, "traps", "2");
+    let traps = ukvmi_guests::find("traps").unwrap();
+    let bp = traps.symbol("bp_target").unwrap();
+    let runs0 = tool.u64_at(layout::BP_TARGET_RUNS) + tool.u64_at(layout::BP_TARGET_RUNS + 8);
+
+    let out = tool.ok(&["trace", "--breakpoint", "bp_target", "--count", "6", "--json"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 6, "{out}");
+    for l in &lines {
+        assert_eq!(Tool::field(l, "event"), "breakpoint");
+        assert_eq!(hex(&Tool::field(l, "gpa")), bp);
+        assert_eq!(hex(&Tool::field(l, "rip")), bp);
+    }
+    // Stepped over, not skipped: the instruction under the int3 (`incq
+    // BP_TARGET_RUNS(,i,8)`) ran at every hit.
+    let runs1 = tool.u64_at(layout::BP_TARGET_RUNS) + tool.u64_at(layout::BP_TARGET_RUNS + 8);
+    assert!(runs1 >= runs0 + 6, "bp_target ran {runs0} -> {runs1} over 6 hits");
+    let o = tool.cmd(&["read", "bp_target", "1", "--raw"]);
+    assert_eq!(o.stdout, [traps.image[(bp - traps.load_addr) as usize]], "the original byte is back");
+
+    // A trace killed mid-way (Ctrl-C) takes its breakpoint with it.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ukvmi"))
+        .arg("--vm")
+        .arg(&tool.sock)
+        .args(["trace", "--breakpoint", "bp_target", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut first).unwrap();
+    assert!(first.contains("breakpoint"), "{first}");
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    child.wait().unwrap();
+    let end = Instant::now() + T;
+    loop {
+        let o = tool.cmd(&["read", "bp_target", "1", "--raw"]);
+        if o.stdout == [traps.image[(bp - traps.load_addr) as usize]] {
+            break;
+        }
+        assert!(Instant::now() < end, "the int3 stayed after the client went away");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = tool.u64_at(layout::BP_TARGET_RUNS);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(tool.u64_at(layout::BP_TARGET_RUNS) > r, "the guest runs bp_target on its own again");
+    detach(&tool);
+    vm.assert_guest_runs();
+}
+
+#[test]
+fn watch_msr_deny_keeps_the_old_value() {
+    let dir = Scratch::new("tools-msr");
+    let (vm, tool) = start(&dir, "msr", "1");
+    let out = tool.ok(&["watch-msr", "LSTAR", "--deny", "--count", "3", "--json"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let olds: Vec<u64> = lines.iter().map(|l| hex(&Tool::field(l, "old"))).collect();
+    let news: Vec<u64> = lines.iter().map(|l| hex(&Tool::field(l, "new"))).collect();
+    for l in &lines {
+        assert_eq!(Tool::field(l, "msr_name"), "LSTAR");
+        assert_eq!(Tool::field(l, "blocked"), "true");
+    }
+    assert!(news.iter().all(|n| n & layout::LSTAR_TAG == layout::LSTAR_TAG), "{news:x?}");
+    assert!(olds.iter().all(|&o| o == olds[0]), "refused writes leave LSTAR alone: {olds:x?}");
+    assert!(news[0] != news[2], "the guest kept trying new values");
+    // Text form, allowed: the value goes through.
+    let out = tool.ok(&["watch-msr", "0xc0000082", "--count", "2"]);
+    assert!(out.lines().all(|l| l.starts_with("msr") && l.ends_with("allowed")), "{out}");
+    detach(&tool);
+    vm.assert_guest_runs();
+}
+
+#[test]
+fn mistakes_get_clear_errors_and_the_daemon_survives_garbage() {
+    let dir = Scratch::new("tools-err");
+    let (vm, tool) = start(&dir, "spin", "1");
+    tool.fails(&["regs", "3"], 2, "vCPU 3 does not exist");
+    tool.fails(&["read", "no_such_symbol", "8"], 2, "not an address or a known symbol");
+    tool.fails(&["ps"], 1, "no demo-OS process table");
+    tool.fails(&["trace"], 1, "syscall_entry");
+    tool.fails(&["watch-msr", "NOPE"], 2, "unknown MSR");
+    tool.fails(&["protect", "0x1000", "--remove", "q"], 2, "--remove takes letters");
+    tool.fails(&["dump", "0x3fff000", "0x2000"], 2, "past the end of guest RAM");
+    let o = tool.cmd(&["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+    // Garbage and a lying length on the control socket: the daemon drops
+    // that client and goes on serving.
+    for junk in [&b"hello daemon\n"[..], b"UKVMI1\x00\xff\xff\xff\xff"] {
+        let mut s = std::os::unix::net::UnixStream::connect(tool.sock.with_extension("sock.ctl")).unwrap();
+        std::io::Write::write_all(&mut s, junk).unwrap();
+    }
+    assert!(tool.ok(&["info"]).contains("spin"));
+    detach(&tool);
+    vm.assert_guest_runs();
+}
+
+#[test]
+fn ps_trace_and_protect_on_the_demo_os() {
+    let dir = Scratch::new("tools-demo");
+    let sock = dir.path("vm.sock");
+    let vm = RunningVm::start(&dir, &["--guest", "demo", "--vcpus", "2", "--reconnect", "0.1", "--introspect", &format!("unix:{}", sock.display())]);
+    vm.wait_serial("shell: hello", 1, T);
+    let tool = Tool { sock };
+    // Before the rootkit's first attack (about 1 s after boot): guard the
+    // syscall table, in the background, while the other commands run.
+    let guard = {
+        let sock = tool.sock.clone();
+        std::thread::spawn(move || Tool { sock }.ok(&["protect", "syscall_table", "8", "--deny", "--count", "1", "--json", "--duration", "15"]))
+    };
+
+    let ps = tool.ok(&["ps", "--json"]);
+    for (pid, name, cpu) in [(1, "init", 0), (2, "shell", 0), (3, "worker", 1), (4, "rootkit", 1)] {
+        let obj = format!(r#"{{"pid":{pid},"name":"{name}","#);
+        let at = ps.find(&obj).unwrap_or_else(|| panic!("no {name} in {ps}"));
+        assert_eq!(Tool::field(&ps[at..], "cpu"), cpu.to_string(), "{ps}");
+    }
+    let text = tool.ok(&["ps"]);
+    assert!(text.contains("PID") && text.contains("rootkit"), "{text}");
+
+    // Each process has its own address space: 0x400000 maps to its own frames.
+    let cr3s: Vec<String> = ps.split(r#""cr3":""#).skip(1).map(|s| s[..s.find('"').unwrap()].to_string()).collect();
+    assert_eq!(cr3s.len(), 4);
+    assert!(cr3s.iter().collect::<std::collections::BTreeSet<_>>().len() == 4, "distinct CR3s: {cr3s:?}");
+
+    let trace = tool.ok(&["trace", "--syscalls", "--count", "12", "--json"]);
+    let lines: Vec<&str> = trace.lines().collect();
+    assert_eq!(lines.len(), 12, "{trace}");
+    assert!(lines.iter().all(|l| Tool::field(l, "event") == "syscall"), "{trace}");
+    assert!(lines.iter().any(|l| Tool::field(l, "process") == "worker"), "{trace}");
+
+    // The rootkit's write to the syscall table, refused; the table keeps sys_write.
+    let out = guard.join().unwrap();
+    assert_eq!(Tool::field(&out, "event"), "page", "{out}");
+    assert_eq!(Tool::field(&out, "blocked"), "true");
+    assert_eq!(Tool::field(&out, "process"), "rootkit");
+    // The guest itself saw its write vanish (it reads the slot back).
+    vm.wait_serial("syscall_table[write] hook failed", 1, T);
+    if !vm.serial_text().contains("hook succeeded") {
+        let table = ukvmi_guests::demo::symbol("syscall_table").unwrap();
+        assert_eq!(tool.u64_at(table + 8), ukvmi_guests::demo::symbol("sys_write").unwrap());
+    }
+    detach(&tool);
+    vm.wait_serial("shell: hello", 3, T);
+}
