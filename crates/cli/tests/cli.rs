@@ -126,3 +126,26 @@ fn kernel_images_flat_and_elf() {
     assert_eq!(code, 1);
     assert!(err.contains("does not fit in guest RAM"), "{err}");
 }
+
+#[test]
+fn an_instruction_the_emulator_cannot_do_still_ends_the_vm() {
+    // An emulation failure is re-entered once (it may be an int3 a tool
+    // removed meanwhile); a real one comes back at the same RIP and must
+    // still end the VM with a clear reason, never loop.
+    // `movd %eax,%xmm0` (SSE: KVM's emulator lacks it at ring 0 on PVM),
+    // then power off with status 7, then `hlt` forever.
+    let code_bytes = [0x66, 0x0f, 0x6e, 0xc0, 0xb0, 0x07, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd];
+    let dir = Scratch::new("emulfail");
+    let path = dir.path("k.bin");
+    std::fs::write(&path, code_bytes).unwrap();
+    let mut vm = RunningVm::start(&dir, &["--kernel", path.to_str().unwrap()]);
+    let status = vm.wait_exit(Duration::from_secs(30));
+    let err = vm.stderr_text();
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert!(err.contains("KVM_EXIT_INTERNAL_ERROR") && err.contains("at rip 0x100000"), "{err}");
+    } else {
+        // Hardware KVM runs it (status 7) or the guest faults without an IDT.
+        assert!(matches!(status.code(), Some(7) | Some(1)), "{status:?}: {err}");
+    }
+}

@@ -109,7 +109,7 @@ fn the_tools_agree_with_the_demo_kernel_on_its_layout() {
         (t::sys::DEBUG_POKE, k::SYS_DEBUG_POKE),
         (t::sys::AGENT, k::SYS_AGENT),
     ] {
-        assert_eq!(tool, kernel as u64);
+        assert_eq!(tool, kernel);
     }
     let map = ukvmi_monitor::SymbolMap::parse(k::SYSTEM_MAP).unwrap();
     for name in ["syscall_entry", "syscall_table", "sys_write", "agent_buf", "hijacked_syscalls", "hooked_writes"] {

@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use thiserror::Error;
-use ukvmi_wire::{frame, ErrorCode, IntoBytes, KvmErrno, MsgHdr};
+use ukvmi_wire::{frame, ErrorCode, IntoBytes, KvmErrno, KvmRegs, KvmSregs, MsgHdr};
 
 /// Why a connection ended. The first hard error wins.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -107,6 +107,14 @@ pub(crate) enum Job {
 pub(crate) struct Queue {
     pub jobs: VecDeque<Job>,
     pub pauses: u32,
+    /// The vCPU thread is blocked in an event waiting for a job (no job
+    /// running, none queued once it checked): the receiving thread may then
+    /// answer read-only commands from `snapshot` itself, in order.
+    pub parked: bool,
+    /// Registers and special registers as the waiting event captured them;
+    /// valid while the vCPU waits in that event and nothing ran that could
+    /// change them (see `Ctx::deliver`).
+    pub snapshot: Option<Box<(KvmRegs, KvmSregs)>>,
 }
 
 /// Per-vCPU part of a session.

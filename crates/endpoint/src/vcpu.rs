@@ -13,6 +13,7 @@ use crate::vcpu_commands;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use ukvmi_wire::{
     event, frame, msg, read_zext, tail, Action, EventHdr, EventMsrs, EventPayload, IntoBytes,
     KvmRegs, KvmSregs, VcpuEvent, VcpuEventArch, VcpuEventReply, EVENT_REPLY_BODY_BASE,
@@ -279,6 +280,23 @@ impl Ctx<'_> {
             }
             return;
         }
+        if !matches!(
+            m.hdr.id,
+            msg::VCPU_GET_INFO
+                | msg::VCPU_GET_REGISTERS
+                | msg::VCPU_GET_CPUID
+                | msg::VCPU_GET_XCR
+                | msg::VCPU_GET_XSAVE
+                | msg::VCPU_GET_MTRR_TYPE
+                | msg::VCPU_TRANSLATE_GVA
+                | msg::VCPU_CONTROL_EVENTS
+                | msg::VCPU_CONTROL_CR
+                | msg::VCPU_CONTROL_MSR
+        ) {
+            // Anything that might touch the vCPU's state: stop trusting the
+            // event's snapshot (SET_REGISTERS is delayed, but be strict).
+            lock(&self.vs.queue).snapshot = None;
+        }
         let res = vcpu_commands::handle(self, local, m);
         let sent = match &res {
             Ok(data) => self.sess.reply(&m.hdr, Ok(data)),
@@ -347,7 +365,8 @@ impl Ctx<'_> {
         if self.sess.is_closed() {
             return fallback;
         }
-        let body = self.event_body(id);
+        let (body, snapshot) = self.event_body(id);
+        lock(&self.vs.queue).snapshot = snapshot.map(Box::new);
         let seq = self.sess.next_seq();
         local.expect = Some(Expected { seq, reply_size: info.reply_size });
         local.reply = None;
@@ -364,8 +383,18 @@ impl Ctx<'_> {
             if local.expect.is_none() {
                 break;
             }
-            let q = lock(&self.vs.queue);
-            drop(self.vs.wake.wait_while(q, |q| q.jobs.is_empty()).unwrap_or_else(|e| e.into_inner()));
+            if spin_for_job(self.vs) {
+                continue;
+            }
+            let mut q = lock(&self.vs.queue);
+            q.parked = true;
+            let mut q = self.vs.wake.wait_while(q, |q| q.jobs.is_empty()).unwrap_or_else(|e| e.into_inner());
+            q.parked = false;
+        }
+        {
+            let mut q = lock(&self.vs.queue);
+            q.snapshot = None;
+            q.parked = false;
         }
         self.vs.waiting.store(false, Ordering::SeqCst);
         let delayed = local.delayed_regs.take();
@@ -385,10 +414,15 @@ impl Ctx<'_> {
         EventOutcome { action, new_val: guest_value.map(|_| u64::from_le_bytes(reply.payload)), answered: true }
     }
 
-    /// Event header plus `kvmi_vcpu_event` with the vCPU's current state.
-    fn event_body(&mut self, id: u16) -> Vec<u8> {
-        let regs = self.vcpu.regs().unwrap_or_default();
-        let sregs = self.vcpu.sregs().unwrap_or_default();
+    /// Event header plus `kvmi_vcpu_event` with the vCPU's current state,
+    /// and that state when it was read without error.
+    fn event_body(&mut self, id: u16) -> (Vec<u8>, Option<(KvmRegs, KvmSregs)>) {
+        let (regs, sregs) = (self.vcpu.regs(), self.vcpu.sregs());
+        let snapshot = match (&regs, &sregs) {
+            (Ok(r), Ok(s)) => Some((*r, *s)),
+            _ => None,
+        };
+        let (regs, sregs) = (regs.unwrap_or_default(), sregs.unwrap_or_default());
         let mut vals = [0u64; 9];
         if self.vcpu.msrs(&EventMsrs::INDICES, &mut vals).is_err() {
             // Read one by one; an MSR the host cannot read reports 0.
@@ -417,7 +451,28 @@ impl Ctx<'_> {
         let mut out = Vec::with_capacity(8 + core::mem::size_of::<VcpuEvent>());
         out.extend_from_slice(hdr.as_bytes());
         out.extend_from_slice(ev.as_bytes());
-        out
+        (out, snapshot)
+    }
+}
+
+/// How long a vCPU waiting in an event checks its queue without sleeping
+/// before it parks: a reply or command that comes within it costs no
+/// wake-up (tens of µs on a nested host). Bounded, so a vCPU waiting for a
+/// slow tool never burns a core.
+const SPIN: Duration = Duration::from_micros(50);
+
+/// Spins (bounded by [`SPIN`]) until a job is queued; true if one was.
+fn spin_for_job(vs: &VcpuSession) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if !lock(&vs.queue).jobs.is_empty() {
+            return true;
+        }
+        if t0.elapsed() >= SPIN {
+            return false;
+        }
+        // Let a thread woken on this CPU run (two cores are common here).
+        std::thread::yield_now();
     }
 }
 

@@ -3,12 +3,12 @@
 //! an error code; the caller sends the reply.
 
 use crate::backend::{BackendError, Exception};
-use crate::session::Message;
+use crate::session::{lock, Message};
 use crate::vcpu::{cpu_mode, Ctx, Local};
 use std::sync::atomic::Ordering;
 use ukvmi_wire::{
     event, get_registers_reply_size, msg, read_zext, tail, ControlEvents, IntoBytes, KvmErrno,
-    KvmMsrEntry, KvmMsrsHdr, KvmRegs, KvmXsave, VcpuControlCr, VcpuControlMsr,
+    KvmMsrEntry, KvmMsrsHdr, KvmRegs, KvmSregs, KvmXsave, VcpuControlCr, VcpuControlMsr,
     VcpuControlSinglestep, VcpuGetCpuid, VcpuGetCpuidReply, VcpuGetInfoReply, VcpuGetMtrrType,
     VcpuGetMtrrTypeReply, VcpuGetRegisters, VcpuGetRegistersReply, VcpuGetXcr, VcpuGetXcrReply,
     VcpuInjectException, VcpuTranslateGva, VcpuTranslateGvaReply, MAX_MSG_SIZE,
@@ -41,7 +41,7 @@ pub(crate) fn handle(cx: &mut Ctx<'_>, local: &mut Local, m: &Message) -> Reply 
             Ok(VcpuGetInfoReply { tsc_speed }.as_bytes().to_vec())
         }
         msg::VCPU_CONTROL_EVENTS => control_events(cx, local, args),
-        msg::VCPU_GET_REGISTERS => get_registers(cx, body, args),
+        msg::VCPU_GET_REGISTERS => get_registers(cx, body),
         msg::VCPU_SET_REGISTERS => {
             if body.len() < VCPU_HDR + core::mem::size_of::<KvmRegs>() {
                 return Err(KvmErrno::Einval);
@@ -126,33 +126,60 @@ fn control_events(cx: &mut Ctx<'_>, local: &mut Local, args: &[u8]) -> Reply {
     none()
 }
 
-fn get_registers(cx: &mut Ctx<'_>, body: &[u8], args: &[u8]) -> Reply {
+fn get_registers(cx: &mut Ctx<'_>, body: &[u8]) -> Reply {
+    let snap = lock(&cx.vs.queue).snapshot.clone();
+    if let Some(snap) = snap {
+        // Waiting in an event: the registers it captured are current.
+        let vcpu = &mut *cx.vcpu;
+        let mut read_msrs = |indices: &[u32], values: &mut [u64]| vcpu.msrs(indices, values);
+        if let Some(res) = get_registers_from(body, &snap.0, &snap.1, Some(&mut read_msrs)) {
+            return res;
+        }
+    }
+    let regs = cx.vcpu.regs().map_err(err)?;
+    let sregs = cx.vcpu.sregs().map_err(err)?;
+    let vcpu = &mut *cx.vcpu;
+    let mut read_msrs = |indices: &[u32], values: &mut [u64]| vcpu.msrs(indices, values);
+    get_registers_from(body, &regs, &sregs, Some(&mut read_msrs)).unwrap_or(Err(KvmErrno::Einval))
+}
+
+/// How GET_REGISTERS reads MSRs (on the vCPU thread).
+type MsrReader<'a> = &'a mut dyn FnMut(&[u32], &mut [u64]) -> Result<(), BackendError>;
+
+/// GET_REGISTERS (`body` with its vCPU header) answered from `regs` and
+/// `sregs`; MSRs through `msrs`. `None` when MSRs are asked for and there is
+/// no way to read them (then the vCPU thread must answer).
+pub(crate) fn get_registers_from(body: &[u8], regs: &KvmRegs, sregs: &KvmSregs, msrs: Option<MsrReader<'_>>) -> Option<Reply> {
+    let args = tail(body, VCPU_HDR);
     let r: VcpuGetRegisters = read_zext(args);
     if r.padding1 != 0 || r.padding2 != 0 {
-        return Err(KvmErrno::Einval);
+        return Some(Err(KvmErrno::Einval));
     }
     let n = usize::from(r.nmsrs);
     let head = core::mem::size_of::<VcpuGetRegisters>();
     if body.len() < VCPU_HDR + head + 4 * n {
-        return Err(KvmErrno::Einval);
+        return Some(Err(KvmErrno::Einval));
     }
     if 8 + get_registers_reply_size(n) > MAX_MSG_SIZE {
-        return Err(KvmErrno::Einval);
+        return Some(Err(KvmErrno::Einval));
     }
     let indices: Vec<u32> = tail(args, head)
         .chunks_exact(4)
         .take(n)
         .map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])))
         .collect();
-    let regs = cx.vcpu.regs().map_err(err)?;
-    let sregs = cx.vcpu.sregs().map_err(err)?;
     let mut values = vec![0u64; n];
-    cx.vcpu.msrs(&indices, &mut values).map_err(|_| KvmErrno::Einval)?;
+    if n > 0 {
+        let read = msrs?;
+        if read(&indices, &mut values).is_err() {
+            return Some(Err(KvmErrno::Einval));
+        }
+    }
     let fixed = VcpuGetRegistersReply {
-        mode: u32::from(cpu_mode(&sregs)),
+        mode: u32::from(cpu_mode(sregs)),
         padding: 0,
-        regs,
-        sregs,
+        regs: *regs,
+        sregs: *sregs,
         msrs: KvmMsrsHdr { nmsrs: n as u32, pad: 0 },
     };
     let mut out = Vec::with_capacity(get_registers_reply_size(n));
@@ -160,7 +187,7 @@ fn get_registers(cx: &mut Ctx<'_>, body: &[u8], args: &[u8]) -> Reply {
     for (index, data) in indices.iter().zip(values) {
         out.extend_from_slice(KvmMsrEntry { index: *index, reserved: 0, data }.as_bytes());
     }
-    Ok(out)
+    Some(Ok(out))
 }
 
 fn control_cr(cx: &mut Ctx<'_>, local: &mut Local, args: &[u8]) -> Reply {

@@ -11,29 +11,53 @@
 //!
 //! A message that passes is moved, buffer and all, into that vCPU's FIFO job
 //! queue and the vCPU is kicked. From then on the vCPU thread runs it and
-//! sends the reply itself.
+//! sends the reply itself. Exception: GET_REGISTERS (without MSRs) for a
+//! vCPU parked in an event with an empty queue is answered right here from
+//! the registers that event captured.
 
-use crate::session::{Disconnect, Job, Message, Session};
+use crate::session::{lock, Disconnect, Job, Message, Session};
+use crate::vcpu_commands;
 use std::sync::atomic::Ordering;
 use ukvmi_wire::{msg, read_zext, KvmErrno, VcpuHdr};
 
-/// Validates a vCPU message and queues it as a job on its vCPU.
-pub(crate) fn validate_and_queue(sess: &Session, m: Message) -> Result<(), Disconnect> {
+/// Validates a vCPU message and queues it as a job on its vCPU. `Ok(true)`
+/// when it was queued (a vCPU thread has work), `Ok(false)` when it was
+/// answered here.
+pub(crate) fn validate_and_queue(sess: &Session, m: Message) -> Result<bool, Disconnect> {
     let id = m.hdr.id;
     if id != msg::VCPU_EVENT && !sess.perms.command_allowed(id) {
-        return sess.reply(&m.hdr, Err(KvmErrno::Eperm));
+        return sess.reply(&m.hdr, Err(KvmErrno::Eperm)).map(|()| false);
     }
     // A body shorter than the header is zero-extended: it names vCPU 0.
     let h: VcpuHdr = read_zext(&m.body);
     if h.padding1 != 0 || h.padding2 != 0 {
-        return sess.reply(&m.hdr, Err(KvmErrno::Einval));
+        return sess.reply(&m.hdr, Err(KvmErrno::Einval)).map(|()| false);
     }
     let Some(vs) = sess.vcpus.get(usize::from(h.vcpu)) else {
-        return sess.reply(&m.hdr, Err(KvmErrno::Einval));
+        return sess.reply(&m.hdr, Err(KvmErrno::Einval)).map(|()| false);
     };
     if !(sess.vm.vcpu_ready(h.vcpu) || vs.waiting.load(Ordering::SeqCst)) {
-        return sess.reply(&m.hdr, Err(KvmErrno::Eagain));
+        return sess.reply(&m.hdr, Err(KvmErrno::Eagain)).map(|()| false);
+    }
+    if id == msg::VCPU_GET_REGISTERS {
+        // A vCPU parked in an event with nothing queued has the registers
+        // its event captured: answer here, saving the hop to its thread
+        // (the order of replies is kept: it has nothing else to answer).
+        let q = lock(&vs.queue);
+        if q.parked && q.jobs.is_empty() {
+            if let Some(snap) = q.snapshot.as_deref() {
+                let res = vcpu_commands::get_registers_from(&m.body, &snap.0, &snap.1, None);
+                drop(q);
+                if let Some(res) = res {
+                    let sent = match res {
+                        Ok(data) => sess.reply(&m.hdr, Ok(&data)),
+                        Err(e) => sess.reply(&m.hdr, Err(e)),
+                    };
+                    return sent.map(|()| false);
+                }
+            }
+        }
     }
     sess.queue_job(h.vcpu, Job::Message(m));
-    Ok(())
+    Ok(true)
 }

@@ -8,8 +8,8 @@ use crate::shared_memory;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use ukvmi_wire::{
-    access, event, map_flags, msg, read_zext, tail, ControlEvents, Features, GetVersionReply,
-    IntoBytes, KvmErrno, PageAccessEntry, VmCheck, VmControlCleanup, VmGetInfoReply,
+    access, event, map_flags, msg, read_zext, tail, ControlEvents, ErrorCode, Features,
+    GetVersionReply, IntoBytes, KvmErrno, MsgHdr, PageAccessEntry, VmCheck, VmControlCleanup, VmGetInfoReply,
     VmMapMemory, VmMapMemoryReply, VmPauseVcpu, VmPhysical, VmSetPageAccess, KVMI_VERSION,
     MAX_MSG_SIZE, MAX_PENDING_PAUSES, PAGE_SIZE,
 };
@@ -128,6 +128,38 @@ fn read_physical(sess: &Session, body: &[u8]) -> Reply {
     let mut buf = vec![0u8; usize::from(r.size)];
     sess.vm.read_physical(r.gpa, &mut buf).map_err(|e| e.errno())?;
     Ok(buf)
+}
+
+/// `KVMI_VM_READ_PHYSICAL` (allowed: the caller checked) with its whole
+/// reply, framed, appended to `out` instead of sent: the receiving thread
+/// answers a run of buffered reads with one write. The guest memory is read
+/// straight into `out`. Same validation and answers as [`handle`].
+pub(crate) fn read_physical_batched(sess: &Session, m: &Message, out: &mut Vec<u8>) {
+    let r: VmPhysical = read_zext(&m.body);
+    let start = out.len();
+    let size = usize::from(r.size);
+    let fail = |out: &mut Vec<u8>, e: KvmErrno| {
+        out.truncate(start);
+        let hdr = MsgHdr { id: m.hdr.id, size: 8, seq: m.hdr.seq };
+        out.extend_from_slice(hdr.as_bytes());
+        out.extend_from_slice(ErrorCode { err: e.wire(), padding: 0 }.as_bytes());
+    };
+    if let Err(e) = check_physical(&r) {
+        return fail(out, e);
+    }
+    // check_physical: size <= PAGE_SIZE, so 8 + size fits the u16.
+    let hdr = MsgHdr { id: m.hdr.id, size: (8 + size) as u16, seq: m.hdr.seq };
+    out.extend_from_slice(hdr.as_bytes());
+    out.extend_from_slice(ErrorCode { err: 0, padding: 0 }.as_bytes());
+    let at = out.len();
+    out.resize(at + size, 0);
+    let res = match out.get_mut(at..) {
+        Some(dst) => sess.vm.read_physical(r.gpa, dst).map_err(|e| e.errno()),
+        None => Err(KvmErrno::Einval),
+    };
+    if let Err(e) = res {
+        fail(out, e);
+    }
 }
 
 /// The size check against the received body is a hard error (spec §8.7).

@@ -4,7 +4,8 @@
  * once per iteration and re-reading the mode every iteration, so a tool
  * switches loops with one WRITE_PHYSICAL. Mode 0 (and any unknown mode)
  * idles with hlt, so an idle benchmark VM does not burn a core. Other vCPUs,
- * if any, only idle. See layout.h for the modes.
+ * if any, are started by vCPU 0 and only idle (hlt). See layout.h for the
+ * modes.
  */
 #include "layout.h"
 
@@ -17,6 +18,7 @@ _start:
         call    announce
         test    %r13, %r13
         jnz     bench_others
+        call    start_others
 
         .globl  bench_dispatch
 bench_dispatch:

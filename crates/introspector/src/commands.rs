@@ -36,6 +36,9 @@ pub struct Registers {
     pub msrs: Vec<KvmMsrEntry>,
 }
 
+/// The page size `KVMI_VM_READ_PHYSICAL` and `KVMI_VM_WRITE_PHYSICAL` stay within.
+const PAGE_SIZE: u64 = 4096;
+
 fn bool_u8(b: bool) -> u8 {
     u8::from(b)
 }
@@ -103,6 +106,44 @@ impl Vm {
         let data = self.read_physical(gpa, size)?;
         buf.copy_from_slice(&data);
         Ok(())
+    }
+
+    /// Reads `buf.len()` bytes of guest physical memory at `gpa`, any size
+    /// and alignment: one `KVMI_VM_READ_PHYSICAL` per page-bounded piece,
+    /// pipelined (a window of requests is in flight at once; the receiving
+    /// thread answers VM commands in order), so bulk reads stream instead of
+    /// paying one round trip per page. On the first failed piece the
+    /// requests still in flight are drained and that error is returned; the
+    /// content of `buf` is then unspecified.
+    pub fn read_physical_range(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        let id = msg::VM_READ_PHYSICAL;
+        if gpa.checked_add(buf.len() as u64).is_none() {
+            return Err(Error::Refused(format!("{}: the range at {gpa:#x} wraps around", command_name(id))));
+        }
+        // Piece i covers buf[start..start + len] at gpa + start, never
+        // crossing a page boundary.
+        let mut start = 0usize;
+        let total = buf.len();
+        let pieces = std::iter::from_fn(move || {
+            if start >= total {
+                return None;
+            }
+            let at = gpa + start as u64;
+            let in_page = (PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize;
+            let len = in_page.min(total - start);
+            let req = VmPhysical { gpa: at, size: len as u16, ..Default::default() };
+            let piece = (start, len);
+            start += len;
+            Some((req.as_bytes().to_vec(), piece))
+        });
+        self.pipeline(id, pieces, |(at, len), data| {
+            expect_len(id, data, len)?;
+            let dst = buf
+                .get_mut(at..at + len)
+                .ok_or_else(|| Error::Protocol(format!("{}: piece outside the buffer", command_name(id))))?;
+            dst.copy_from_slice(data);
+            Ok(())
+        })
     }
 
     /// `KVMI_VM_WRITE_PHYSICAL`: writes `data` at `gpa` (within one page).

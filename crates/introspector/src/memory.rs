@@ -24,29 +24,28 @@ use crate::vm::{command_name, expect_len, Vm};
 /// (`MSG_CTRUNC`). KVMI sends at most one per message.
 const MAX_FDS: usize = 8;
 
-/// Reads exactly `buf.len()` bytes with `recvmsg`, collecting any
-/// descriptors that arrive on the way into `fds` (close-on-exec).
-/// `UnexpectedEof` if the peer closes first.
-pub(crate) fn recv_exact(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<()> {
+/// One `recvmsg` into `buf` (at least one byte unless `buf` is empty; as
+/// many as have arrived, up to its length), collecting any descriptors that
+/// arrive with them into `fds` (close-on-exec). `UnexpectedEof` if the peer
+/// has closed. The kernel ends a read right after the bytes that carried
+/// descriptors, so they belong to the message holding the last byte read.
+pub(crate) fn recv_some(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
     let int = std::mem::size_of::<libc::c_int>() as u32;
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let want = unsafe { libc::CMSG_SPACE(int * MAX_FDS as u32) } as usize;
-    // On the stack (this is every message's read path); u64 elements keep
-    // it aligned for `cmsghdr`. 128 bytes hold CMSG_SPACE(8 ints) = 48.
-    let mut control = [0u64; 16];
-    let space = want.min(std::mem::size_of_val(&control));
-    let mut got = 0;
-    while got < buf.len() {
-        let rest = buf.get_mut(got..).unwrap_or_default();
-        let mut iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
+    let space = unsafe { libc::CMSG_SPACE(int * MAX_FDS as u32) } as usize;
+    // u64 elements keep the buffer aligned for `cmsghdr`.
+    let mut control = [0u64; 32];
+    let control = control.get_mut(..space.div_ceil(8)).ok_or_else(|| io::Error::other("control buffer too small"))?;
+    loop {
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
         // SAFETY: msghdr is a plain C struct for which all zeros is valid.
         let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
         mh.msg_iov = &mut iov;
         mh.msg_iovlen = 1;
         mh.msg_control = control.as_mut_ptr().cast();
         mh.msg_controllen = space as _;
-        // SAFETY: `mh` points at `rest` (writable, `iov_len` bytes) and at
-        // `control` (`space` bytes), both alive for the call.
+        // SAFETY: `mh` points at `buf` (writable, `iov_len` bytes) and at
+        // `control` (at least `space` bytes), both alive for the call.
         let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -56,12 +55,11 @@ pub(crate) fn recv_exact(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<Owne
             return Err(e);
         }
         take_fds(&mh, fds);
-        if n == 0 {
+        if n == 0 && !buf.is_empty() {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        got += n as usize;
+        return Ok(n as usize);
     }
-    Ok(())
 }
 
 /// Moves every `SCM_RIGHTS` descriptor of a received message into `fds`,
@@ -471,6 +469,40 @@ mod tests {
         drop(vm);
         std::os::unix::fs::FileExt::write_all_at(&f, &42u64.to_le_bytes(), 8192).unwrap();
         assert_eq!(map.read_u64(8192).unwrap(), 42, "still mapped, still live");
+    }
+
+    #[test]
+    fn a_descriptor_reaches_its_reply_among_messages_read_ahead_together() {
+        // The library reads ahead: several messages may come in one
+        // recvmsg. Messages before and after the reply that carries the
+        // descriptor, already waiting in the socket, must not take it.
+        let (vm, mut peer) = pair();
+        let f = memfd(4096, true);
+        (&f).write_all(b"mine").unwrap();
+        let unhook = ukvmi_wire::EventHdr { event: ukvmi_wire::event::UNHOOK, padding: [0; 3] };
+        let map = std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let (h, _) = read_msg(&mut peer);
+                let mut before = Vec::new();
+                for seq in 1..=5 {
+                    before.extend_from_slice(&frame(msg::VM_EVENT, seq, &[unhook.as_bytes()]).unwrap());
+                    before.extend_from_slice(&reply_bytes(msg::GET_VERSION, 7000 + seq, 0, &[0; 16]));
+                }
+                peer.write_all(&before).unwrap();
+                send_fd(&peer, &reply_bytes(h.id, h.seq, 0, &map_reply(4096, 0)), f.as_fd());
+                peer.write_all(&frame(msg::VM_EVENT, 6, &[unhook.as_bytes()]).unwrap()).unwrap();
+            });
+            vm.map_memory()
+        })
+        .unwrap();
+        let mut b = [0u8; 4];
+        map.read(0, &mut b).unwrap();
+        assert_eq!(&b, b"mine");
+        for seq in 1..=6 {
+            let ev = vm.next_event(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(ev.map(|e| e.seq()), Some(seq), "events in order");
+        }
+        assert_eq!(vm.unmatched_count(), 5, "the replies nobody asked for");
     }
 
     #[test]

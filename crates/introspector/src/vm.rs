@@ -6,9 +6,9 @@ use std::io::Write;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,11 @@ use crate::memory;
 
 /// Default time a command waits for its reply.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Requests [`Vm::pipeline`] keeps in flight: enough to keep the socket
+/// busy, few enough that the replies (4 KiB pages for bulk reads) fit in the
+/// socket buffers.
+const PIPELINE_WINDOW: usize = 32;
 
 /// How many unmatched replies are kept for [`Vm::take_unmatched`].
 const UNMATCHED_KEEP: usize = 64;
@@ -73,8 +78,11 @@ pub(crate) struct Message {
 #[derive(Default)]
 struct Pending {
     closed: bool,
-    /// seq → (request id, where to deliver the reply).
-    map: HashMap<u32, (u16, SyncSender<Message>)>,
+    /// seq → (request id, the reply once it came).
+    map: HashMap<u32, (u16, Option<Message>)>,
+    /// Bumped (with `replies_cv` notified) whenever a thread lets go of the
+    /// socket's read side, so a waiter that found it busy can take over.
+    read_releases: u64,
 }
 
 #[derive(Default)]
@@ -85,14 +93,26 @@ struct EventQueue {
 
 /// State shared by the `Vm` handle and its reader thread.
 struct Inner {
-    /// Used for writing and shutting down; the reader has its own clone.
+    /// Used for writing and shutting down; reading goes through `rd`.
     stream: UnixStream,
+    /// The read side. Whoever holds it reads whole messages and dispatches
+    /// them: a caller waiting for its reply or an event reads for itself
+    /// (no hand-off through another thread), the reader thread reads only
+    /// while nobody waits.
+    rd: Mutex<ReadSide>,
+    /// Threads waiting for a reply or an event (they read for themselves).
+    waiters: AtomicUsize,
+    /// Signalled when the read side is released (after each message read)
+    /// and when the connection closes; waiters for replies and events sleep
+    /// on it.
+    replies_cv: Condvar,
+    /// Threads asleep on `replies_cv` (no wake-up call when there are none).
+    sleepers: AtomicUsize,
     write_lock: Mutex<()>,
     seq: AtomicU32,
     timeout_ns: AtomicU64,
     pending: Mutex<Pending>,
     events: Mutex<EventQueue>,
-    events_cv: Condvar,
     unmatched: Mutex<VecDeque<RawReply>>,
     unmatched_count: AtomicU64,
     /// Requests (by seq) that accept a descriptor with their reply
@@ -130,20 +150,17 @@ impl Inner {
     fn push_event(&self, ev: Event) {
         let mut q = lock(&self.events);
         q.queue.push_back(ev);
-        self.events_cv.notify_all();
+        // Waiters wake when the reader lets go of the read side (`read_one`).
     }
 
     /// Hands a reply to the request with the same seq *and* id (event and
     /// command seqs are separate counters, so seq alone can collide).
     fn deliver_reply(&self, m: Message) {
         let mut p = lock(&self.pending);
-        let matches = p.map.get(&m.hdr.seq).is_some_and(|(id, _)| *id == m.hdr.id);
-        if matches {
-            if let Some((_, tx)) = p.map.remove(&m.hdr.seq) {
-                // Capacity 1, one message per slot: never blocks. A waiter that
-                // already gave up has dropped its receiver; ignore that.
-                let _ = tx.try_send(m);
-            }
+        let slot = p.map.get_mut(&m.hdr.seq).filter(|(id, r)| *id == m.hdr.id && r.is_none());
+        if let Some((_, reply)) = slot {
+            // Its waiter wakes when the reader lets go of the read side.
+            *reply = Some(m);
             return;
         }
         drop(p);
@@ -169,15 +186,12 @@ impl Inner {
     }
 
     fn mark_closed(&self) {
-        {
-            let mut p = lock(&self.pending);
-            p.closed = true;
-            // Dropping the senders wakes every waiter with "disconnected".
-            p.map.clear();
-        }
-        let mut q = lock(&self.events);
-        q.closed = true;
-        self.events_cv.notify_all();
+        lock(&self.events).closed = true;
+        let mut p = lock(&self.pending);
+        p.closed = true;
+        // Every waiter wakes: replies and events already delivered are still
+        // taken, the others end with `Error::Closed`.
+        self.replies_cv.notify_all();
     }
 
     fn is_closed(&self) -> bool {
@@ -201,25 +215,255 @@ impl Inner {
     }
 }
 
-/// Reads each message with `recvmsg`; a descriptor (`SCM_RIGHTS`) that
-/// arrives with a message goes to that message's request if it is a
+/// Bytes the read side takes in ahead: one `recvmsg` brings in every
+/// message that has arrived (bulk replies come in bursts), and they are cut
+/// out of the buffer one at a time. Larger than the largest message.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// The socket's read side: the stream and its read-ahead buffer.
+struct ReadSide {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// `buf[start..end]` holds bytes received but not yet cut into messages.
+    start: usize,
+    end: usize,
+    /// Stream offset of `buf[start]` (bytes consumed so far).
+    consumed: u64,
+    /// Descriptors received, each with the stream offset just past the read
+    /// that brought it: it belongs to the message holding the byte before.
+    fds: Vec<(u64, OwnedFd)>,
+}
+
+impl ReadSide {
+    fn new(stream: UnixStream) -> ReadSide {
+        ReadSide { stream, buf: vec![0; READ_AHEAD], start: 0, end: 0, consumed: 0, fds: Vec::new() }
+    }
+
+    /// Whether received bytes wait in the buffer (then reading does not block
+    /// for long: at most for the rest of a message already on its way).
+    fn buffered(&self) -> bool {
+        self.start < self.end
+    }
+
+    /// Until `n` bytes are buffered (n <= READ_AHEAD): one `recvmsg` per round.
+    fn need(&mut self, n: usize) -> std::io::Result<()> {
+        while self.end - self.start < n {
+            if self.buf.len() - self.start < n {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let mut got = Vec::new();
+            let room = self.buf.get_mut(self.end..).unwrap_or_default();
+            let k = memory::recv_some(&self.stream, room, &mut got)?;
+            self.end += k;
+            let past = self.consumed + (self.end - self.start) as u64;
+            self.fds.extend(got.into_iter().map(|fd| (past, fd)));
+        }
+        Ok(())
+    }
+
+    /// The next whole message and the descriptors that came with it; `None`
+    /// at EOF or on a read error (the connection is then over).
+    fn next_message(&mut self) -> Option<(Message, Vec<OwnedFd>)> {
+        self.need(8).ok()?;
+        let hdr: MsgHdr = read_zext(self.buf.get(self.start..self.start + 8)?);
+        let total = 8 + usize::from(hdr.size);
+        self.need(total).ok()?;
+        let body = self.buf.get(self.start + 8..self.start + total)?.to_vec();
+        self.start += total;
+        self.consumed += total as u64;
+        let (end, mut mine) = (self.consumed, Vec::new());
+        let mut i = 0;
+        while i < self.fds.len() {
+            if self.fds.get(i).is_some_and(|(past, _)| *past <= end) {
+                mine.push(self.fds.remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        Some((Message { hdr, body }, mine))
+    }
+}
+
+/// Reads one whole message; `None` at EOF or on a read error (the
+/// connection is then over). A descriptor (`SCM_RIGHTS`) that arrives with
+/// a message goes to that message's request if it is a
 /// `UKVMI_VM_MAP_MEMORY` waiting for one, and is closed otherwise.
-fn reader_loop(inner: &Inner, stream: UnixStream) {
+fn read_message(inner: &Inner, rd: &mut ReadSide) -> Option<Message> {
+    let (m, fds) = rd.next_message()?;
+    inner.keep_fds(&m.hdr, fds);
+    Some(m)
+}
+
+/// How long a waiter polls the socket without sleeping before it blocks:
+/// a reply that comes within it costs no wake-up (tens of µs on a nested
+/// host). Bounded, so a waiter never burns a core for long.
+const SPIN: Duration = Duration::from_micros(50);
+
+/// Polls without sleeping, for at most `budget`; true once readable.
+fn spin_until_readable(stream: &UnixStream, budget: Duration) -> bool {
+    if budget.is_zero() {
+        return false;
+    }
+    let t0 = Instant::now();
     loop {
-        let mut fds = Vec::new();
-        let mut hdr_buf = [0u8; 8];
-        if memory::recv_exact(&stream, &mut hdr_buf, &mut fds).is_err() {
+        if readable(stream, Duration::ZERO) {
+            return true;
+        }
+        if t0.elapsed() >= budget {
+            return false;
+        }
+        // Let a thread woken on this CPU run (two cores are common here).
+        std::thread::yield_now();
+    }
+}
+
+/// Waits up to `timeout` for the socket to become readable (or hung up).
+fn readable(stream: &UnixStream, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for a descriptor the stream owns, count 1.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    n > 0
+}
+
+/// While a thread waits for a reply or an event it reads the socket
+/// itself; this thread only reads when nobody does, so events and replies
+/// nobody waits for are still taken in and a closed connection is noticed.
+fn reader_loop(inner: &Inner) {
+    /// How long the reader stands by while others read (whoever waits reads
+    /// for itself, so nobody waits on this thread).
+    const STANDBY: Duration = Duration::from_millis(10);
+    /// Longest poll while nobody waits (data or a hang-up end it sooner).
+    const IDLE_POLL: Duration = Duration::from_millis(100);
+    loop {
+        if inner.is_closed() {
             break;
         }
-        let hdr: MsgHdr = read_zext(&hdr_buf);
-        let mut body = vec![0u8; usize::from(hdr.size)];
-        if memory::recv_exact(&stream, &mut body, &mut fds).is_err() {
+        if inner.waiters.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(STANDBY);
+            continue;
+        }
+        // Messages a waiter left in the read-ahead buffer come first.
+        match inner.try_read_side() {
+            Some(rd) if rd.buffered() => {
+                if inner.read_one(rd) {
+                    continue;
+                }
+                break;
+            }
+            Some(_) => {}
+            None => {
+                std::thread::sleep(STANDBY);
+                continue;
+            }
+        }
+        // Poll without holding the read side, so a caller can always take it.
+        if !readable(&inner.stream, IDLE_POLL) || inner.waiters.load(Ordering::SeqCst) > 0 {
+            continue;
+        }
+        let alive = match inner.try_read_side() {
+            Some(rd) => inner.read_one(rd),
+            None => {
+                std::thread::sleep(STANDBY);
+                true
+            }
+        };
+        if !alive {
             break;
         }
-        inner.keep_fds(&hdr, fds);
-        inner.dispatch(Message { hdr, body });
     }
     inner.mark_closed();
+}
+
+impl Inner {
+    /// The read side if nobody holds it (recovered if a holder panicked).
+    fn try_read_side(&self) -> Option<MutexGuard<'_, ReadSide>> {
+        match self.rd.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Reads and dispatches one message with the read side held, then lets
+    /// go of it. False when the connection is over.
+    fn read_one(&self, mut rd: MutexGuard<'_, ReadSide>) -> bool {
+        let m = read_message(self, &mut rd);
+        drop(rd);
+        let alive = match m {
+            Some(m) => {
+                self.dispatch(m);
+                true
+            }
+            None => {
+                self.mark_closed();
+                false
+            }
+        };
+        let mut p = lock(&self.pending);
+        p.read_releases += 1;
+        // Sleepers count themselves under this lock before they sleep, so
+        // none is missed; with none, no wake-up call at all.
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            self.replies_cv.notify_all();
+        }
+        drop(p);
+        alive
+    }
+
+    /// Waits, reading the socket itself whenever nobody else does, until
+    /// `done` returns `Some` (checked after every message), or `deadline`.
+    fn wait_reading<T>(&self, deadline: Option<Instant>, mut done: impl FnMut(&Inner) -> Option<T>) -> Option<T> {
+        /// Longest single poll or wait. The reader polling wakes for any
+        /// message and hands it on, and waiters are woken whenever the read
+        /// side is let go, so this only bounds how often an idle waiter
+        /// looks around.
+        const SLICE: Duration = Duration::from_millis(20);
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let mut spin = SPIN;
+        let out = loop {
+            if let Some(v) = done(self) {
+                break Some(v);
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                break None;
+            }
+            let slice = left.map_or(SLICE, |l| l.min(SLICE));
+            let gen = lock(&self.pending).read_releases;
+            match self.rd.try_lock() {
+                Ok(rd) => {
+                    // Someone may have delivered ours just before we got it.
+                    if let Some(v) = done(self) {
+                        break Some(v);
+                    }
+                    if rd.buffered() || spin_until_readable(&rd.stream, spin) || readable(&rd.stream, slice) {
+                        self.read_one(rd);
+                    }
+                    // Spin once per wait, right after the request went out.
+                    spin = Duration::ZERO;
+                }
+                Err(TryLockError::Poisoned(e)) => {
+                    self.read_one(e.into_inner());
+                }
+                Err(TryLockError::WouldBlock) => {
+                    // Another thread reads: it delivers and then lets go.
+                    let p = lock(&self.pending);
+                    self.sleepers.fetch_add(1, Ordering::SeqCst);
+                    let (p, _) = self
+                        .replies_cv
+                        .wait_timeout_while(p, slice, |p| p.read_releases == gen && !p.closed)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    self.sleepers.fetch_sub(1, Ordering::SeqCst);
+                    drop(p);
+                }
+            }
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
 }
 
 /// One introspected VM: a KVMI connection and its reader thread.
@@ -251,12 +495,15 @@ impl Vm {
         let read_half = stream.try_clone().map_err(Error::io("cloning the KVMI socket"))?;
         let inner = Arc::new(Inner {
             stream,
+            rd: Mutex::new(ReadSide::new(read_half)),
+            waiters: AtomicUsize::new(0),
+            replies_cv: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
             write_lock: Mutex::new(()),
             seq: AtomicU32::new(1),
             timeout_ns: AtomicU64::new(duration_ns(timeout)),
             pending: Mutex::new(Pending::default()),
             events: Mutex::new(EventQueue::default()),
-            events_cv: Condvar::new(),
             unmatched: Mutex::new(VecDeque::new()),
             unmatched_count: AtomicU64::new(0),
             fd_slots: Mutex::new(HashMap::new()),
@@ -264,7 +511,7 @@ impl Vm {
         let for_thread = Arc::clone(&inner);
         let handle = std::thread::Builder::new()
             .name("ukvmi-reader".into())
-            .spawn(move || reader_loop(&for_thread, read_half))
+            .spawn(move || reader_loop(&for_thread))
             .map_err(Error::io("spawning the reader thread"))?;
         Ok(Vm { inner, reader: Mutex::new(Some(handle)), info })
     }
@@ -332,30 +579,15 @@ impl Vm {
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
         // `None` (wait forever) also when the deadline is too far to represent.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let mut q = lock(&self.inner.events);
-        loop {
-            if let Some(ev) = q.queue.pop_front() {
-                return Ok(Some(ev));
+        let got = self.inner.wait_reading(deadline, |inner| {
+            let mut q = lock(&inner.events);
+            match q.queue.pop_front() {
+                Some(ev) => Some(Ok(ev)),
+                None if q.closed => Some(Err(Error::Closed)),
+                None => None,
             }
-            if q.closed {
-                return Err(Error::Closed);
-            }
-            match deadline {
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Ok(None);
-                    }
-                    q = self
-                        .inner
-                        .events_cv
-                        .wait_timeout(q, left)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
-                }
-                None => q = self.inner.events_cv.wait(q).unwrap_or_else(PoisonError::into_inner),
-            }
-        }
+        });
+        got.transpose()
     }
 
     /// A blocking iterator over events; it ends when the connection ends.
@@ -409,14 +641,13 @@ impl Vm {
         lock(&self.inner.fd_slots).remove(&seq).flatten()
     }
 
-    fn register(&self, seq: u32, id: u16) -> Result<Receiver<Message>> {
-        let (tx, rx) = mpsc::sync_channel(1);
+    fn register(&self, seq: u32, id: u16) -> Result<()> {
         let mut p = lock(&self.inner.pending);
         if p.closed {
             return Err(Error::Closed);
         }
-        p.map.insert(seq, (id, tx));
-        Ok(rx)
+        p.map.insert(seq, (id, None));
+        Ok(())
     }
 
     fn unregister(&self, seq: u32) {
@@ -425,20 +656,30 @@ impl Vm {
 
     /// Registers `seq`, writes `bytes`, waits for the reply.
     fn roundtrip(&self, id: u16, seq: u32, command: &'static str, bytes: &[u8]) -> Result<Message> {
-        let rx = self.register(seq, id)?;
+        self.register(seq, id)?;
         if let Err(e) = self.inner.write(bytes) {
             self.unregister(seq);
             return Err(e);
         }
-        match rx.recv_timeout(self.timeout()) {
-            Ok(m) => Ok(m),
-            Err(RecvTimeoutError::Disconnected) => Err(Error::Closed),
-            Err(RecvTimeoutError::Timeout) => {
-                self.unregister(seq);
-                // The reply may have slipped in between the timeout and the removal.
-                rx.try_recv().map_err(|_| Error::Timeout { command })
+        self.wait_reply(seq, command)
+    }
+
+    /// Waits for the reply registered as `seq` (at most the reply timeout),
+    /// reading the socket itself while nobody else does; unregisters it.
+    fn wait_reply(&self, seq: u32, command: &'static str) -> Result<Message> {
+        let deadline = Instant::now().checked_add(self.timeout());
+        let got = self.inner.wait_reading(deadline, |inner| {
+            let mut p = lock(&inner.pending);
+            let have = p.map.get(&seq).is_none_or(|(_, r)| r.is_some());
+            if have {
+                return Some(p.map.remove(&seq).and_then(|(_, r)| r).ok_or(Error::Closed));
             }
-        }
+            p.closed.then_some(Err(Error::Closed))
+        });
+        got.unwrap_or_else(|| {
+            // Timed out; the reply may have slipped in just now.
+            lock(&self.inner.pending).map.remove(&seq).and_then(|(_, r)| r).ok_or(Error::Timeout { command })
+        })
     }
 
     /// Sends command `id` with a body made of `parts` and returns the reply
@@ -448,17 +689,81 @@ impl Vm {
         let seq = self.next_seq();
         let bytes = frame(id, seq, parts).map_err(|e| Error::Refused(format!("{name}: {e}")))?;
         let m = self.roundtrip(id, seq, name, &bytes)?;
-        if m.body.len() < 8 {
-            return Err(Error::Protocol(format!(
-                "{name}: reply body of {} bytes is shorter than kvmi_error_code",
-                m.body.len()
-            )));
+        reply_data(name, &m).map(<[u8]>::to_vec)
+    }
+
+    /// Sends command `id` once per body that `bodies` yields, keeping up to
+    /// [`PIPELINE_WINDOW`] requests in flight (written in batches, one write
+    /// each), and hands each reply's data, after a successful
+    /// `kvmi_error_code`, to `take` together with the body's tag, in request
+    /// order. Meant for VM commands, which the receiving thread answers in
+    /// order. The first error stops sending; replies already owed are still
+    /// collected (unless the connection failed or timed out) so none is
+    /// left to arrive unmatched, then that error is returned.
+    pub(crate) fn pipeline<T>(
+        &self,
+        id: u16,
+        bodies: impl Iterator<Item = (Vec<u8>, T)>,
+        mut take: impl FnMut(T, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let name = command_name(id);
+        let mut bodies = bodies;
+        let mut inflight: VecDeque<(u32, T)> = VecDeque::with_capacity(PIPELINE_WINDOW);
+        let mut failed: Option<Error> = None;
+        let mut batch = Vec::new();
+        loop {
+            if failed.is_none() && inflight.len() <= PIPELINE_WINDOW / 2 {
+                batch.clear();
+                let sent_from = inflight.len();
+                while inflight.len() < PIPELINE_WINDOW {
+                    let Some((body, tag)) = bodies.next() else { break };
+                    let seq = self.next_seq();
+                    match frame(id, seq, &[&body]).map_err(|e| Error::Refused(format!("{name}: {e}"))) {
+                        Ok(bytes) => batch.extend_from_slice(&bytes),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    match self.register(seq, id) {
+                        Ok(()) => inflight.push_back((seq, tag)),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if failed.is_some() {
+                    // What was framed but not written will never be answered.
+                    batch.clear();
+                    while inflight.len() > sent_from {
+                        if let Some((seq, _)) = inflight.pop_back() {
+                            self.unregister(seq);
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    if let Err(e) = self.inner.write(&batch) {
+                        failed = Some(e);
+                        while inflight.len() > sent_from {
+                            if let Some((seq, _)) = inflight.pop_back() {
+                                self.unregister(seq);
+                            }
+                        }
+                    }
+                }
+            }
+            let Some((seq, tag)) = inflight.pop_front() else { break };
+            if matches!(failed, Some(Error::Closed | Error::Timeout { .. })) {
+                self.unregister(seq);
+                continue;
+            }
+            let res = self.wait_reply(seq, name).and_then(|m| take(tag, reply_data(name, &m)?));
+            if let Err(e) = res {
+                failed.get_or_insert(e);
+            }
         }
-        let ec: ErrorCode = read_zext(&m.body);
-        if ec.err != 0 {
-            return Err(Error::from_reply(name, ec.err));
-        }
-        Ok(tail(&m.body, 8).to_vec())
+        failed.map_or(Ok(()), Err)
     }
 
     /// [`Vm::command`], then checks the reply data is exactly `len` bytes.
@@ -473,6 +778,21 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// The data of a command reply after a successful `kvmi_error_code`.
+fn reply_data<'m>(name: &'static str, m: &'m Message) -> Result<&'m [u8]> {
+    if m.body.len() < 8 {
+        return Err(Error::Protocol(format!(
+            "{name}: reply body of {} bytes is shorter than kvmi_error_code",
+            m.body.len()
+        )));
+    }
+    let ec: ErrorCode = read_zext(&m.body);
+    if ec.err != 0 {
+        return Err(Error::from_reply(name, ec.err));
+    }
+    Ok(tail(&m.body, 8))
 }
 
 /// Checks a reply's data length.

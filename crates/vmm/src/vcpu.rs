@@ -53,13 +53,16 @@ enum Step {
     Fetch { gva: u64, gpa: u64 },
     /// The one-instruction step over a fetch fault is done.
     SteppedOver,
+    /// An emulation failure to retry once by re-entering (see
+    /// `internal_error`); nothing retired.
+    Reenter,
     Fatal(String),
 }
 
 impl Step {
     /// Whether the guest ran at all (a kick returns before any instruction).
     fn ran_guest(&self) -> bool {
-        !matches!(self, Step::Kicked)
+        !matches!(self, Step::Kicked | Step::Reenter)
     }
 }
 
@@ -118,6 +121,9 @@ pub(crate) struct KvmVcpu {
     pub debug: Debug,
     /// Page-access (PF) handling state.
     pub pf: PfState,
+    /// RIP of the last emulation failure re-entered once (`internal_error`);
+    /// cleared by any other exit.
+    pub emul_retry: Option<u64>,
 }
 
 fn io_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> BackendError {
@@ -245,6 +251,7 @@ impl KvmVcpu {
                         return self.singlestep_event(port, false);
                     }
                 }
+                Step::Reenter => {}
                 Step::Fatal(why) => return Some(Exit::Failed(format!("vCPU {}: {why}", self.index))),
             }
         }
@@ -298,6 +305,10 @@ impl KvmVcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kicked,
             Err(e) => Step::Fatal(format!("KVM_RUN failed: {e}")),
         };
+        // A kick ran no guest code: it neither confirms nor clears a retry.
+        if !matches!(step, Step::Reenter | Step::Kicked) {
+            self.emul_retry = None;
+        }
         if let Step::Fatal(why) = step {
             let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
             let mut bytes = [0u8; 8];
@@ -327,6 +338,16 @@ impl KvmVcpu {
                     if self.shared.ram.read(gpa, &mut b).is_ok() && b[0] == 0xcc {
                         return Step::Int3 { rip: regs.rip, gpa };
                     }
+                }
+                // No int3 there (any more): a tool may have removed it
+                // between the guest hitting it and this read (another vCPU
+                // stepping over the same breakpoint), which looks like an
+                // instruction the emulator cannot do. Re-enter once: a
+                // removed int3 then runs the original instruction; a real
+                // failure comes back at the same RIP and is fatal.
+                if self.emul_retry != Some(regs.rip) {
+                    self.emul_retry = Some(regs.rip);
+                    return Step::Reenter;
                 }
             }
         }

@@ -589,6 +589,7 @@ impl Vm {
                 cpuid: cpuid.clone(),
                 debug: Debug::default(),
                 pf: PfState::default(),
+                emul_retry: None,
             };
             let sh = Arc::clone(&shared);
             let h = std::thread::Builder::new()
