@@ -1,7 +1,7 @@
 //! The fast paths keep the protocol's semantics: bulk READ_PHYSICAL
 //! (pipelined by the library, answered in batches by the receiving thread),
-//! GET_REGISTERS answered from the registers the event captured (by the
-//! receiving thread when the vCPU is parked), and callers that read their
+//! GET_REGISTERS answered from the registers the event captured (on the
+//! vCPU thread, in its FIFO order), and callers that read their
 //! own replies while events and other callers' replies arrive.
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 

@@ -107,10 +107,6 @@ pub(crate) enum Job {
 pub(crate) struct Queue {
     pub jobs: VecDeque<Job>,
     pub pauses: u32,
-    /// The vCPU thread is blocked in an event waiting for a job (no job
-    /// running, none queued once it checked): the receiving thread may then
-    /// answer read-only commands from `snapshot` itself, in order.
-    pub parked: bool,
     /// Registers and special registers as the waiting event captured them;
     /// valid while the vCPU waits in that event and nothing ran that could
     /// change them (see `Ctx::deliver`).

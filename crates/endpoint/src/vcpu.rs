@@ -386,16 +386,10 @@ impl Ctx<'_> {
             if spin_for_job(self.vs) {
                 continue;
             }
-            let mut q = lock(&self.vs.queue);
-            q.parked = true;
-            let mut q = self.vs.wake.wait_while(q, |q| q.jobs.is_empty()).unwrap_or_else(|e| e.into_inner());
-            q.parked = false;
+            let q = lock(&self.vs.queue);
+            drop(self.vs.wake.wait_while(q, |q| q.jobs.is_empty()).unwrap_or_else(|e| e.into_inner()));
         }
-        {
-            let mut q = lock(&self.vs.queue);
-            q.snapshot = None;
-            q.parked = false;
-        }
+        lock(&self.vs.queue).snapshot = None;
         self.vs.waiting.store(false, Ordering::SeqCst);
         let delayed = local.delayed_regs.take();
         let Some(Some(reply)) = local.reply.take() else { return fallback };

@@ -11,12 +11,12 @@
 //!
 //! A message that passes is moved, buffer and all, into that vCPU's FIFO job
 //! queue and the vCPU is kicked. From then on the vCPU thread runs it and
-//! sends the reply itself. Exception: GET_REGISTERS (without MSRs) for a
-//! vCPU parked in an event with an empty queue is answered right here from
-//! the registers that event captured.
+//! sends the reply itself, always: even a GET_REGISTERS that could be
+//! answered from the registers a waiting event captured goes through the
+//! queue (the vCPU thread then answers it without an ioctl), so replies
+//! about a vCPU come from its own thread, in its FIFO order.
 
-use crate::session::{lock, Disconnect, Job, Message, Session};
-use crate::vcpu_commands;
+use crate::session::{Disconnect, Job, Message, Session};
 use std::sync::atomic::Ordering;
 use ukvmi_wire::{msg, read_zext, KvmErrno, VcpuHdr};
 
@@ -38,25 +38,6 @@ pub(crate) fn validate_and_queue(sess: &Session, m: Message) -> Result<bool, Dis
     };
     if !(sess.vm.vcpu_ready(h.vcpu) || vs.waiting.load(Ordering::SeqCst)) {
         return sess.reply(&m.hdr, Err(KvmErrno::Eagain)).map(|()| false);
-    }
-    if id == msg::VCPU_GET_REGISTERS {
-        // A vCPU parked in an event with nothing queued has the registers
-        // its event captured: answer here, saving the hop to its thread
-        // (the order of replies is kept: it has nothing else to answer).
-        let q = lock(&vs.queue);
-        if q.parked && q.jobs.is_empty() {
-            if let Some(snap) = q.snapshot.as_deref() {
-                let res = vcpu_commands::get_registers_from(&m.body, &snap.0, &snap.1, None);
-                drop(q);
-                if let Some(res) = res {
-                    let sent = match res {
-                        Ok(data) => sess.reply(&m.hdr, Ok(&data)),
-                        Err(e) => sess.reply(&m.hdr, Err(e)),
-                    };
-                    return sent.map(|()| false);
-                }
-            }
-        }
     }
     sess.queue_job(h.vcpu, Job::Message(m));
     Ok(true)
