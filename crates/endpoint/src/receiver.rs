@@ -3,6 +3,7 @@
 //! vCPU messages to [`crate::vcpu_dispatch`], and on any hard error shuts the
 //! connection down and releases every vCPU.
 
+use crate::vcpu_dispatch::Routed;
 use crate::session::{Disconnect, Message, Session};
 use crate::{vcpu_dispatch, vm_commands};
 use std::io::{BufReader, ErrorKind, Read};
@@ -30,8 +31,9 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
                 break why;
             }
         }
-        // Spin only after answering a command here: after handing a job to a
-        // vCPU thread, that thread needs the CPU more than we do.
+        // Spin only after answering a command here, or after handing a job
+        // to a vCPU thread that waits in an event (it answers without the
+        // guest); a vCPU thread that runs the guest needs the CPU more.
         if answered && rd.buffer().is_empty() {
             spin_until_readable(rd.get_ref(), SPIN);
         }
@@ -54,7 +56,7 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
             break why;
         }
         match route(&sess, m) {
-            Ok(queued) => answered = !queued,
+            Ok(r) => answered = r != Routed::Queued,
             Err(why) => break why,
         }
     }));
@@ -148,9 +150,8 @@ pub(crate) fn read_message(rd: &mut impl Read) -> Result<Message, Disconnect> {
 }
 
 /// Spec §7.1: VM commands (v12 and the ukvmi extensions) here, vCPU
-/// messages to their queue, the rest ENOSYS. `Ok(true)` when the message
-/// became a vCPU job, `Ok(false)` when it was answered here.
-fn route(sess: &Session, m: Message) -> Result<bool, Disconnect> {
+/// messages to their queue, the rest ENOSYS.
+fn route(sess: &Session, m: Message) -> Result<Routed, Disconnect> {
     let id = m.hdr.id;
     if msg::is_vcpu_message(id) {
         if id == msg::VCPU_EVENT || msg::is_known_command(id) {
@@ -158,9 +159,9 @@ fn route(sess: &Session, m: Message) -> Result<bool, Disconnect> {
         }
     } else if msg::is_command(id) {
         if !sess.perms.command_allowed(id) {
-            return sess.reply(&m.hdr, Err(KvmErrno::Eperm)).map(|()| false);
+            return sess.reply(&m.hdr, Err(KvmErrno::Eperm)).map(|()| Routed::Answered);
         }
-        return vm_commands::handle(sess, &m).map(|()| false);
+        return vm_commands::handle(sess, &m).map(|()| Routed::Answered);
     }
-    sess.reply(&m.hdr, Err(KvmErrno::Enosys)).map(|()| false)
+    sess.reply(&m.hdr, Err(KvmErrno::Enosys)).map(|()| Routed::Answered)
 }

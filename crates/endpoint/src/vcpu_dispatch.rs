@@ -20,25 +20,36 @@ use crate::session::{Disconnect, Job, Message, Session};
 use std::sync::atomic::Ordering;
 use ukvmi_wire::{msg, read_zext, KvmErrno, VcpuHdr};
 
-/// Validates a vCPU message and queues it as a job on its vCPU. `Ok(true)`
-/// when it was queued (a vCPU thread has work), `Ok(false)` when it was
-/// answered here.
-pub(crate) fn validate_and_queue(sess: &Session, m: Message) -> Result<bool, Disconnect> {
+/// What became of a message on the receiving thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Routed {
+    /// Answered here.
+    Answered,
+    /// Queued for a vCPU thread that is running (or about to run) the guest.
+    Queued,
+    /// Queued for a vCPU thread that waits in an event: it answers at once,
+    /// without needing the guest's CPU time.
+    QueuedToWaiting,
+}
+
+/// Validates a vCPU message and queues it as a job on its vCPU.
+pub(crate) fn validate_and_queue(sess: &Session, m: Message) -> Result<Routed, Disconnect> {
     let id = m.hdr.id;
     if id != msg::VCPU_EVENT && !sess.perms.command_allowed(id) {
-        return sess.reply(&m.hdr, Err(KvmErrno::Eperm)).map(|()| false);
+        return sess.reply(&m.hdr, Err(KvmErrno::Eperm)).map(|()| Routed::Answered);
     }
     // A body shorter than the header is zero-extended: it names vCPU 0.
     let h: VcpuHdr = read_zext(&m.body);
     if h.padding1 != 0 || h.padding2 != 0 {
-        return sess.reply(&m.hdr, Err(KvmErrno::Einval)).map(|()| false);
+        return sess.reply(&m.hdr, Err(KvmErrno::Einval)).map(|()| Routed::Answered);
     }
     let Some(vs) = sess.vcpus.get(usize::from(h.vcpu)) else {
-        return sess.reply(&m.hdr, Err(KvmErrno::Einval)).map(|()| false);
+        return sess.reply(&m.hdr, Err(KvmErrno::Einval)).map(|()| Routed::Answered);
     };
     if !(sess.vm.vcpu_ready(h.vcpu) || vs.waiting.load(Ordering::SeqCst)) {
-        return sess.reply(&m.hdr, Err(KvmErrno::Eagain)).map(|()| false);
+        return sess.reply(&m.hdr, Err(KvmErrno::Eagain)).map(|()| Routed::Answered);
     }
+    let waiting = vs.waiting.load(Ordering::SeqCst);
     sess.queue_job(h.vcpu, Job::Message(m));
-    Ok(true)
+    Ok(if waiting { Routed::QueuedToWaiting } else { Routed::Queued })
 }
