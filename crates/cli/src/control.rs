@@ -84,14 +84,21 @@ fn is_tty(fd: i32) -> bool {
 }
 
 /// Connects to the daemon for `vm`, starting one if nobody answers.
-fn connect(vm: &Path, map: Option<&str>) -> Result<UnixStream, String> {
+fn connect(vm: &Path, map: Option<&str>, spawn: bool) -> Result<UnixStream, String> {
     let ctl = ctl_path(vm);
     if let Ok(s) = UnixStream::connect(&ctl) {
         return Ok(s);
     }
+    if !spawn {
+        return Err(format!("no daemon serves {} (nothing is attached there)", vm.display()));
+    }
     let exe = std::env::current_exe().map_err(|e| format!("finding the ukvmi binary to start the daemon: {e}"))?;
     let log = log_path(vm);
-    let logf = File::create(&log).map_err(|e| format!("creating the daemon log {}: {e}", log.display()))?;
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| format!("opening the daemon log {}: {e}", log.display()))?;
     let errf = logf.try_clone().map_err(|e| format!("daemon log: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.arg("daemon").arg("--vm").arg(vm);
@@ -118,23 +125,21 @@ fn connect(vm: &Path, map: Option<&str>) -> Result<UnixStream, String> {
 
 /// Runs one tool command through the daemon and relays its output.
 pub fn client(vm: &Path, map: Option<&str>, mut args: Vec<String>) -> ExitCode {
-    // `-o FILE` is the client's: the file is written here, not by the daemon.
+    // `-o FILE` is the client's: the file is written here, not by the
+    // daemon, and created only when the first output arrives (a command
+    // that fails leaves an existing file alone).
+    let mut out_path: Option<String> = None;
     let mut out_file: Option<File> = None;
     if let Some(i) = args.iter().position(|a| a == "-o" || a == "--output") {
         let Some(path) = args.get(i + 1).cloned() else {
             eprintln!("ukvmi: -o needs a file name");
             return ExitCode::from(2);
         };
-        match File::create(&path) {
-            Ok(f) => out_file = Some(f),
-            Err(e) => {
-                eprintln!("ukvmi: creating {path}: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
+        out_path = Some(path);
         args.drain(i..i + 2);
     }
-    let mut sock = match connect(vm, map) {
+    let spawn = args.first().map(String::as_str) != Some("detach");
+    let mut sock = match connect(vm, map, spawn) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ukvmi: {e}");
@@ -162,10 +167,24 @@ pub fn client(vm: &Path, map: Option<&str>, mut args: Vec<String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
         let ok = match head[0] {
-            STDOUT => match out_file.as_mut() {
-                Some(f) => f.write_all(&data),
-                None => stdout.write_all(&data).and_then(|()| stdout.flush()),
-            },
+            STDOUT if out_path.is_some() => {
+                let path = out_path.as_deref().unwrap_or_default();
+                if out_file.is_none() {
+                    match File::create(path) {
+                        Ok(f) => out_file = Some(f),
+                        Err(e) => {
+                            eprintln!("ukvmi: creating {path}: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+                if let Err(e) = out_file.as_mut().map_or(Ok(()), |f| f.write_all(&data)) {
+                    eprintln!("ukvmi: writing {path}: {e}");
+                    return ExitCode::FAILURE;
+                }
+                Ok(())
+            }
+            STDOUT => stdout.write_all(&data).and_then(|()| stdout.flush()),
             STDERR => {
                 if progress_shown {
                     let _ = stderr.write_all(b"\n");
@@ -181,6 +200,12 @@ pub fn client(vm: &Path, map: Option<&str>, mut args: Vec<String>) -> ExitCode {
                 if progress_shown {
                     let _ = stderr.write_all(b"\n");
                 }
+                if let Some(f) = out_file.as_mut() {
+                    if let Err(e) = f.sync_all() {
+                        eprintln!("ukvmi: writing {}: {e}", out_path.as_deref().unwrap_or_default());
+                        return ExitCode::FAILURE;
+                    }
+                }
                 return ExitCode::from(data.first().copied().unwrap_or(1));
             }
             k => {
@@ -188,10 +213,14 @@ pub fn client(vm: &Path, map: Option<&str>, mut args: Vec<String>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if ok.is_err() {
+        if let Err(e) = ok {
             // Our stdout is gone (e.g. `| head`): closing the socket stops
-            // the command in the daemon.
-            return ExitCode::SUCCESS;
+            // the command in the daemon. Any other error is a failure.
+            if e.kind() == io::ErrorKind::BrokenPipe {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("ukvmi: writing the output: {e}");
+            return ExitCode::FAILURE;
         }
     }
 }

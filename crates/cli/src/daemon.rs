@@ -210,6 +210,35 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 }
 
+/// How long the daemon waits for a VM before it gives up and exits.
+const NO_VM_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// SIGINT, SIGTERM and SIGHUP are blocked in every thread and taken by one
+/// waiter, which asks the daemon to undo everything and exit.
+fn catch_stop_signals(d: &Arc<Daemon>) {
+    // SAFETY: plain signal-set manipulation on a local set, then blocking it
+    // in this thread (inherited by the threads started after).
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let d = Arc::clone(d);
+    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut sig = 0;
+        // SAFETY: sigwait on a valid set, writing the signal number to `sig`.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            log(&format!("signal {sig}: undoing every hook and exiting"));
+            d.quit.store(true, Ordering::SeqCst);
+            d.cond.notify_all();
+        }
+    });
+}
+
 fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>) -> Result<(), String> {
     let ctl = ctl_path(vm_path);
     if UnixStream::connect(&ctl).is_ok() {
@@ -220,6 +249,7 @@ fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>) -> Result<(), String>
     let listener = Listener::bind(vm_path).map_err(|e| format!("listening on {}: {e}", vm_path.display()))?;
     log(&format!("listening for the VMM on {}, commands on {}", vm_path.display(), ctl.display()));
     let d = Arc::new(Daemon { vm_path: vm_path.to_path_buf(), map, state: Mutex::new(Attached::default()), cond: Condvar::new(), quit: AtomicBool::new(false) });
+    catch_stop_signals(&d);
 
     let acc = Arc::clone(&d);
     std::thread::Builder::new()
@@ -235,30 +265,44 @@ fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>) -> Result<(), String>
     let att = Arc::clone(&d);
     std::thread::Builder::new()
         .name("kvmi-accept".into())
-        .spawn(move || match listener.accept().map_err(|e| e.to_string()).and_then(|vm| Monitor::start(vm).map_err(|e| e.to_string())) {
-            Ok(mon) => {
-                let name = mon.vm().info().name.clone();
-                log(&format!("VM `{name}` attached: {} vCPUs", mon.vcpus()));
-                let mut st = att.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                st.syms = symbols_for(&name, att.map.as_ref());
-                st.mon = Some(Arc::new(mon));
-                att.cond.notify_all();
+        .spawn(move || {
+            // A connection that fails its handshake (a stray client) does
+            // not end the wait: the next one may be the VMM.
+            let mut attached = None;
+            for vm in listener.incoming() {
+                match vm.map_err(|e| e.to_string()).and_then(|vm| Monitor::start(vm).map_err(|e| e.to_string())) {
+                    Ok(mon) => {
+                        attached = Some(mon);
+                        break;
+                    }
+                    Err(e) => log(&format!("a connection on the KVMI socket failed: {e}")),
+                }
             }
-            Err(e) => {
-                log(&format!("no VM: {e}"));
-                let mut st = att.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                st.gone = true;
-                att.cond.notify_all();
+            let mut st = att.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match attached {
+                Some(mon) => {
+                    let name = mon.vm().info().name.clone();
+                    log(&format!("VM `{name}` attached: {} vCPUs", mon.vcpus()));
+                    st.syms = symbols_for(&name, att.map.as_ref());
+                    st.mon = Some(Arc::new(mon));
+                }
+                None => st.gone = true,
             }
+            att.cond.notify_all();
         })
         .map_err(|e| format!("starting the accept thread: {e}"))?;
 
-    // Run until the VM goes away or `detach`.
+    // Run until the VM goes away, `detach`, a stop signal, or no VM came.
+    let started = Instant::now();
     loop {
         if d.quit.load(Ordering::SeqCst) {
             break;
         }
         let st = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.mon.is_none() && started.elapsed() > NO_VM_TIMEOUT {
+            log(&format!("no VM connected within {NO_VM_TIMEOUT:?}"));
+            break;
+        }
         if st.gone || st.mon.as_ref().is_some_and(|m| !m.is_running()) {
             log("the VM went away");
             break;

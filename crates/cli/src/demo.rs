@@ -354,6 +354,8 @@ fn demo(o: &Opts) -> Result<bool, String> {
     };
     let slot = read_u64(table + 8);
     checks.push((format!("syscall_table[write] is still sys_write ({:#x})", slot.unwrap_or(0)), slot == Some(sys_write)));
+    let exc = |v: u64| read_u64(ukvmi_guests::layout::EXC_COUNT_BASE + 8 * v);
+    checks.push(("the guest took no #BP or #DB from the tracing".into(), exc(3) == Some(0) && exc(1) == Some(0)));
     checks.push(("the rootkit hijacked no syscall".into(), read_u64(hijacked) == Some(0)));
     checks.push(("the rootkit hooked no write".into(), read_u64(hooked) == Some(0)));
     let total = |t: &ProcessTable| t.procs.iter().map(|p| p.syscalls).sum::<u64>();
@@ -369,6 +371,18 @@ fn demo(o: &Opts) -> Result<bool, String> {
     let mut byte = [0u8; 1];
     let restored = vm.read_physical_into(entry, &mut byte).is_ok() && byte[0] != 0xcc;
     checks.push(("the int3 on syscall_entry is gone after detach".into(), restored));
+    // Syscalls go on after the hooks are gone, and still no #BP reaches the guest.
+    let before = ProcessTable::read(&mon).map(|t| total(&t)).unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(600));
+    let after = ProcessTable::read(&mon).map(|t| total(&t)).unwrap_or(0);
+    let exc_after = |v: u64| {
+        let mut b = [0u8; 8];
+        vm.read_physical_into(ukvmi_guests::layout::EXC_COUNT_BASE + 8 * v, &mut b).ok().map(|()| u64::from_le_bytes(b))
+    };
+    checks.push((
+        format!("unhooked, the guest runs on ({before} → {after} syscalls) with no #BP or #DB"),
+        after > before && exc_after(3) == Some(0) && exc_after(1) == Some(0),
+    ));
     let events = mon.stats().events;
     mon.stop();
     // SAFETY: kill sends SIGTERM to our own child, whose pid we hold.

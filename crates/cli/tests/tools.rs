@@ -214,6 +214,17 @@ fn mistakes_get_clear_errors_and_the_daemon_survives_garbage() {
     tool.fails(&["watch-msr", "NOPE"], 2, "unknown MSR");
     tool.fails(&["protect", "0x1000", "--remove", "q"], 2, "--remove takes letters");
     tool.fails(&["dump", "0x3fff000", "0x2000"], 2, "past the end of guest RAM");
+    // A huge range is refused before anything is allocated; the daemon lives on.
+    tool.fails(&["protect", "0", "0xffffffffffffffff"], 1, "at most 511");
+    // A failed command leaves an existing -o file alone.
+    let keep = dir.path("keep.bin");
+    std::fs::write(&keep, b"precious").unwrap();
+    tool.fails(&["dump", "0x3fff000", "0x2000", "-o", keep.to_str().unwrap()], 2, "past the end");
+    assert_eq!(std::fs::read(&keep).unwrap(), b"precious");
+    // detach with nothing attached says so instead of starting a daemon.
+    let other = Tool { sock: dir.path("nothing.sock") };
+    other.fails(&["detach"], 1, "no daemon serves");
+    assert!(!dir.path("nothing.sock.ctl").exists());
     let o = tool.cmd(&["frobnicate"]);
     assert_eq!(o.status.code(), Some(2));
     // Garbage and a lying length on the control socket: the daemon drops
@@ -266,6 +277,43 @@ fn ps_trace_and_protect_on_the_demo_os() {
     assert_eq!(Tool::field(&out, "event"), "page", "{out}");
     assert_eq!(Tool::field(&out, "blocked"), "true");
     assert_eq!(Tool::field(&out, "process"), "rootkit");
+    // Two guards at once: one ending must not switch PF events off for the
+    // other (its page stays restricted and must keep reporting).
+    // (The rootkit attacks about every 2 s: its second refused write comes
+    // well after the short guard ended.)
+    let second = {
+        let sock = tool.sock.clone();
+        std::thread::spawn(move || Tool { sock }.ok(&["protect", "syscall_table", "8", "--deny", "--count", "2", "--json", "--duration", "15"]))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let short = tool.ok(&["protect", "0x310000", "0x2000", "--duration", "0.5"]);
+    assert!(short.is_empty(), "nobody writes there: {short}");
+    let second = second.join().unwrap();
+    assert_eq!(second.lines().count(), 2, "the remaining guard still sees the rootkit: {second}");
+    assert!(second.lines().all(|l| Tool::field(l, "blocked") == "true"), "{second}");
+
+    // Syscall traces cut short by Ctrl-C, again and again: the guest never
+    // receives a #BP (or #DB) for a hit that was in flight.
+    for _ in 0..4 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ukvmi"))
+            .arg("--vm")
+            .arg(&tool.sock)
+            .args(["trace", "--syscalls", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut first).unwrap();
+        assert!(first.contains("syscall"), "{first}");
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        child.wait().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(tool.u64_at(layout::EXC_COUNT_BASE + 3 * 8), 0, "#BP reached the guest");
+    assert_eq!(tool.u64_at(layout::EXC_COUNT_BASE + 8), 0, "#DB reached the guest");
+
     // The guest itself saw its write vanish (it reads the slot back).
     vm.wait_serial("syscall_table[write] hook failed", 1, T);
     if !vm.serial_text().contains("hook succeeded") {

@@ -163,7 +163,10 @@ struct Inner {
     vcpus: u16,
     state: Mutex<State>,
     cond: Condvar,
+    /// Set once the monitor has shut down (or the connection ended).
     stop: AtomicBool,
+    /// Asks the event thread to shut down (it owns the last reads).
+    stopping: AtomicBool,
     events: AtomicU64,
 }
 
@@ -223,7 +226,7 @@ impl Monitor {
     pub fn start(vm: Vm) -> Result<Monitor> {
         let vm = Arc::new(vm);
         let vcpus = cmd(|| "KVMI_VM_GET_INFO".into(), vm.get_info())?;
-        let vcpus = u16::try_from(vcpus).map_err(|_| MonitorError::Invalid(format!("{vcpus} vCPUs")))?;
+        let vcpus = u16::try_from(vcpus).ok().filter(|&n| n > 0).ok_or_else(|| MonitorError::Invalid(format!("the VM reports {vcpus} vCPUs")))?;
         let map = vm.map_memory().ok();
         let inner = Arc::new(Inner {
             vm,
@@ -232,6 +235,7 @@ impl Monitor {
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
             stop: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             events: AtomicU64::new(0),
         });
         {
@@ -358,10 +362,11 @@ impl Monitor {
         }
         let first = gpa & !0xfff;
         let last = gpa.checked_add(len - 1).ok_or_else(|| MonitorError::Invalid("range overflows".into()))? & !0xfff;
-        let pages: Vec<u64> = (first..=last).step_by(0x1000).collect();
-        if pages.len() > 511 {
-            return Err(MonitorError::Invalid(format!("{} pages: at most 511 at a time", pages.len())));
+        let count = (last - first) / 0x1000 + 1;
+        if count > 511 {
+            return Err(MonitorError::Invalid(format!("{count} pages: at most 511 at a time")));
         }
+        let pages: Vec<u64> = (first..=last).step_by(0x1000).collect();
         let mut st = inner.lock();
         inner.enable(&mut st, event::PF)?;
         let entries: Vec<(u64, u8)> = pages
@@ -378,6 +383,8 @@ impl Monitor {
         for p in &pages {
             st.pages.entry(*p).or_default().push((sub.id, deny, remove));
         }
+        // One PF reference per page entry, as release drops them.
+        *st.enabled.entry(event::PF).or_insert(1) += pages.len() - 1;
         Ok(pages)
     }
 
@@ -400,7 +407,10 @@ impl Monitor {
         let mut st = inner.lock();
         for v in 0..inner.vcpus {
             if st.want_pause.insert(v) && !st.held.contains_key(&v) {
-                cmd(|| format!("KVMI_VM_PAUSE_VCPU {v}"), on_vcpu(|| inner.vm.pause_vcpu(v, false)))?;
+                if let Err(e) = cmd(|| format!("KVMI_VM_PAUSE_VCPU {v}"), on_vcpu(|| inner.vm.pause_vcpu(v, false))) {
+                    inner.resume_locked(&mut st);
+                    return Err(e);
+                }
             }
         }
         let deadline = Instant::now() + timeout;
@@ -410,10 +420,9 @@ impl Monitor {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(MonitorError::Timeout(format!(
-                    "only vCPUs {:?} paused within {timeout:?}",
-                    st.held.keys().collect::<Vec<_>>()
-                )));
+                let msg = format!("only vCPUs {:?} paused within {timeout:?}; all let go again", st.held.keys().collect::<Vec<_>>());
+                inner.resume_locked(&mut st);
+                return Err(MonitorError::Timeout(msg));
             }
             st = inner.cond.wait_timeout(st, left.min(Duration::from_millis(50))).map_or_else(|e| e.into_inner().0, |r| r.0);
         }
@@ -434,11 +443,14 @@ impl Monitor {
     /// Undoes every interception, lets held vCPUs go, stops the event
     /// thread and closes the connection.
     pub fn stop(&self) {
-        self.inner.shutdown();
+        // The event thread does the shutdown (it is the one reading events,
+        // so it can answer the stragglers); if it is gone, do it here.
+        self.inner.stopping.store(true, Ordering::SeqCst);
         let t = self.thread.lock().map_or_else(|e| e.into_inner().take(), |mut g| g.take());
         if let Some(t) = t {
             let _ = t.join();
         }
+        self.inner.shutdown();
     }
 }
 
@@ -587,19 +599,54 @@ impl Inner {
         let mut st = self.lock();
         self.release_locked(&mut st, |_| true);
         self.resume_locked(&mut st);
-        for (v, ev) in std::mem::take(&mut st.stepping) {
+        for v in std::mem::take(&mut st.stepping).into_keys() {
             let _ = self.vm.control_singlestep(v, false);
-            let _ = ev;
         }
         self.disable(&mut st, event::PAUSE);
+        self.emit(&mut st, Record::Detached { reason: "the monitor stopped; every hook was removed".into() });
         st.subs.clear();
         drop(st);
+        // Events already on their way were raised under the hooks just
+        // removed: answer them here rather than leave them to the VMM's
+        // "as if CONTINUE" at close, which would hand a breakpoint hit to
+        // the guest as a #BP.
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end && !self.vm.is_closed() {
+            match self.vm.next_event(Some(Duration::from_millis(50))) {
+                Ok(Some(Event::Vcpu(ev))) => self.answer_stray(&ev),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
         self.vm.close();
         self.cond.notify_all();
     }
 
+    /// Answers an event no interception claims: a breakpoint whose `int3`
+    /// is no longer in memory was one of ours (removed since): RETRY runs
+    /// the real instruction; a live `int3` is the guest's own (CONTINUE
+    /// gives it its #BP). Anything else: CONTINUE.
+    fn answer_stray(&self, ev: &VcpuEventMsg) {
+        let action = match ev.kind {
+            EventKind::Breakpoint { gpa, .. } => {
+                let mut b = [0u8];
+                if self.read_phys(gpa, &mut b).is_ok() && b[0] != 0xcc {
+                    EventReply::Retry
+                } else {
+                    EventReply::Continue
+                }
+            }
+            _ => EventReply::Continue,
+        };
+        let _ = self.vm.reply(ev, action);
+    }
+
     fn event_loop(self: Arc<Self>) {
         while !self.stop.load(Ordering::Relaxed) {
+            if self.stopping.load(Ordering::Relaxed) {
+                self.shutdown();
+                break;
+            }
             match self.vm.next_event(Some(Duration::from_millis(100))) {
                 Ok(None) => {}
                 Ok(Some(Event::Vcpu(ev))) => {
@@ -660,9 +707,9 @@ impl Inner {
             }
             EventKind::Breakpoint { gpa, .. } => {
                 let Some(bp) = st.bps.get(&gpa) else {
-                    // Not ours: the guest's own int3 goes back to it.
+                    // Not (or no longer) ours.
                     drop(st);
-                    let _ = vm.reply(&ev, EventReply::Continue);
+                    self.answer_stray(&ev);
                     return;
                 };
                 let (syscall, planted, orig) = (bp.syscall, bp.planted, bp.orig);
@@ -679,14 +726,10 @@ impl Inner {
                     }
                     if vm.control_singlestep(v, true).is_ok() {
                         st.stepping.insert(v, gpa);
-                    } else {
-                        // No stepping: put the breakpoint back at once (the
-                        // vCPU runs the real instruction after this hit).
-                        let _ = vm.write_physical(gpa, &[0xcc]);
-                        if let Some(bp) = st.bps.get_mut(&gpa) {
-                            bp.planted = true;
-                        }
                     }
+                    // Else no stepping: the original byte stays in place
+                    // (RETRY runs the real instruction) and the breakpoint
+                    // is lost rather than looping on a live int3.
                 }
                 EventReply::Retry
             }
