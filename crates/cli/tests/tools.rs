@@ -40,6 +40,24 @@ impl Tool {
         assert!(o.status.success());
         u64::from_le_bytes(o.stdout[..8].try_into().unwrap())
     }
+    /// Starts a streaming command, waits for its first line (which must
+    /// contain `needle`), and interrupts it as Ctrl-C would.
+    fn interrupt_after_first(&self, args: &[&str], needle: &str) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ukvmi"))
+            .arg("--vm")
+            .arg(&self.sock)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut first).unwrap();
+        assert!(first.contains(needle), "{first}");
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        child.wait().unwrap();
+    }
     fn field(json: &str, key: &str) -> String {
         let k = format!("\"{key}\":");
         let at = json.find(&k).unwrap_or_else(|| panic!("no {key} in {json}")) + k.len();
@@ -150,20 +168,7 @@ fn trace_steps_over_its_breakpoint_and_ctrl_c_removes_it() {
     assert_eq!(o.stdout, [traps.image[(bp - traps.load_addr) as usize]], "the original byte is back");
 
     // A trace killed mid-way (Ctrl-C) takes its breakpoint with it.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ukvmi"))
-        .arg("--vm")
-        .arg(&tool.sock)
-        .args(["trace", "--breakpoint", "bp_target", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut first).unwrap();
-    assert!(first.contains("breakpoint"), "{first}");
-    // SAFETY: signals our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    child.wait().unwrap();
+    tool.interrupt_after_first(&["trace", "--breakpoint", "bp_target", "--json"], "breakpoint");
     let end = Instant::now() + T;
     loop {
         let o = tool.cmd(&["read", "bp_target", "1", "--raw"]);
@@ -295,20 +300,7 @@ fn ps_trace_and_protect_on_the_demo_os() {
     // Syscall traces cut short by Ctrl-C, again and again: the guest never
     // receives a #BP (or #DB) for a hit that was in flight.
     for _ in 0..4 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ukvmi"))
-            .arg("--vm")
-            .arg(&tool.sock)
-            .args(["trace", "--syscalls", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut first = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut first).unwrap();
-        assert!(first.contains("syscall"), "{first}");
-        // SAFETY: signals our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        child.wait().unwrap();
+        tool.interrupt_after_first(&["trace", "--syscalls", "--json"], "syscall");
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(tool.u64_at(layout::EXC_COUNT_BASE + 3 * 8), 0, "#BP reached the guest");
