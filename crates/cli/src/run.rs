@@ -105,6 +105,10 @@ fn host_section() -> String {
          has no exit to userspace for them. A ring-3 int3 or single step on a PVM host goes\n             \
          to the guest. HYPERCALL is the port-0x610 doorbell (docs/mechanisms.md).\n",
     );
+    s.push_str(
+        "    extension UKVMI_VM_MAP_MEMORY (0x4000): guest RAM's memfd passed to the tool (SCM_RIGHTS),\n             \
+         read-only unless WRITE_PHYSICAL is allowed too; allowed by default, like every command\n",
+    );
     s
 }
 

@@ -82,7 +82,7 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("read", "ADDR LEN", "guest physical memory, as a hex dump (--raw: bytes)"),
     ("dump", "[ADDR LEN]", "bulk memory (default: all RAM) to stdout or -o FILE, progress bar; --via map|socket"),
     ("ps", "", "the demo OS's processes, read from its process table"),
-    ("trace", "", "live events: --syscalls (default), --hypercalls, --pauses"),
+    ("trace", "", "live events: --syscalls (default), --msr MSR, --page ADDR (writes),\n                               --breakpoint ADDR, --hypercalls [--answer TEXT], --pauses"),
     ("watch-msr", "MSR...", "report guest writes of MSRs; --deny keeps the old value"),
     ("protect", "ADDR [LEN]", "take access away from pages (--remove w); --deny refuses writes"),
     ("symbols", "[NAME|ADDR...]", "the guest's symbol map, or look names/addresses up"),
@@ -94,7 +94,7 @@ struct Args<'a> {
 }
 
 /// Options that take a value.
-const VALUED: &[&str] = &["--via", "--breakpoint", "--count", "--duration", "--remove", "--answer", "-o", "--output", "--map", "--timeout"];
+const VALUED: &[&str] = &["--msr", "--page", "--via", "--breakpoint", "--count", "--duration", "--remove", "--answer", "-o", "--output", "--map", "--timeout"];
 
 impl<'a> Args<'a> {
     fn parse(args: &'a [String]) -> Result<Args<'a>, Failure> {
@@ -117,6 +117,9 @@ impl<'a> Args<'a> {
     }
     fn has(&self, f: &str) -> bool {
         self.flags.iter().any(|(k, _)| *k == f)
+    }
+    fn vals(&self, f: &str) -> Vec<&'a str> {
+        self.flags.iter().filter(|(k, _)| *k == f).filter_map(|(_, v)| *v).collect()
     }
     fn val(&self, f: &str) -> Option<&'a str> {
         self.flags.iter().rev().find(|(k, _)| *k == f).and_then(|(_, v)| *v)
@@ -506,7 +509,7 @@ fn stream(
         match sub.next(Duration::from_millis(100)) {
             Ok(Some(r)) => {
                 let end = matches!(r, Record::Detached { .. } | Record::Unhook);
-                if end || keep(&r) {
+                if end || matches!(r, Record::Lost { .. }) || keep(&r) {
                     out.line(&if json_out { r.json() } else { r.text(ctx.syms) })?;
                     if !end {
                         n += 1;
@@ -526,16 +529,24 @@ const STREAM_FLAGS: [&str; 3] = ["--json", "--count", "--duration"];
 
 fn trace(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     let mut allowed = STREAM_FLAGS.to_vec();
-    allowed.extend(["--syscalls", "--hypercalls", "--pauses", "--answer", "--breakpoint"]);
+    allowed.extend(["--syscalls", "--hypercalls", "--pauses", "--answer", "--breakpoint", "--msr", "--page"]);
     a.check(&allowed)?;
     let mut syscalls = a.has("--syscalls");
     let hyper = a.has("--hypercalls") || a.val("--answer").is_some();
     let pauses = a.has("--pauses");
     let bp = a.val("--breakpoint").map(|b| ctx.addr(b)).transpose()?;
-    if !syscalls && !hyper && !pauses && bp.is_none() {
+    let msrs: Vec<u32> = a.vals("--msr").iter().map(|m| parse_msr(m).ok_or_else(|| Failure::usage(format!("unknown MSR `{m}`")))).collect::<Result<_, _>>()?;
+    let page_addrs: Vec<u64> = a.vals("--page").iter().map(|p| ctx.addr(p)).collect::<Result<_, _>>()?;
+    if !syscalls && !hyper && !pauses && bp.is_none() && msrs.is_empty() && page_addrs.is_empty() {
         syscalls = true;
     }
-    let sub = ctx.mon.subscribe(Kinds { breakpoints: syscalls || bp.is_some(), hypercalls: hyper, pauses, ..Kinds::default() });
+    let sub = ctx.mon.subscribe(Kinds {
+        breakpoints: syscalls || bp.is_some(),
+        hypercalls: hyper,
+        pauses,
+        msr: !msrs.is_empty(),
+        pages: !page_addrs.is_empty(),
+    });
     if syscalls {
         let entry = ctx.syms.and_then(|s| s.addr("syscall_entry")).ok_or_else(|| Failure {
             msg: "syscall tracing needs the kernel's `syscall_entry` symbol: run the demo guest or give --map FILE".into(),
@@ -543,9 +554,7 @@ fn trace(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> 
         })?;
         ctx.mon.trace_syscalls(&sub, entry)?;
     }
-    if let Some(addr) = bp {
-        ctx.mon.breakpoint(&sub, addr, false)?;
-    }
+    let bp_gpa = bp.map(|addr| ctx.mon.breakpoint(&sub, addr, false)).transpose()?;
     if hyper {
         let answer = match a.val("--answer") {
             Some(text) => {
@@ -559,10 +568,26 @@ fn trace(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> 
         };
         ctx.mon.hypercalls(&sub, answer)?;
     }
-    if !a.has("--json") {
-        out.note("tracing; Ctrl-C to stop (the breakpoints go away with this command)")?;
+    for &m in &msrs {
+        ctx.mon.watch_msr(&sub, m, false)?;
     }
-    stream(ctx, &sub, a, out, |_| true)
+    let mut pages = Vec::new();
+    for &p in &page_addrs {
+        pages.extend(ctx.mon.protect(&sub, p, 1, access::W, false)?);
+    }
+    if !a.has("--json") {
+        out.note("tracing; Ctrl-C to stop (what it set up goes away with this command)")?;
+    }
+    // Only this command's own records (another client's hooks raise
+    // records of the same kinds).
+    stream(ctx, &sub, a, out, |r| match r {
+        Record::Syscall { .. } => syscalls,
+        Record::Breakpoint { gpa, .. } => bp_gpa == Some(*gpa),
+        Record::Msr { msr, .. } => msrs.contains(msr),
+        Record::Page { gpa, .. } => pages.contains(&(gpa & !0xfff)),
+        Record::Hypercall { .. } => hyper,
+        _ => pauses,
+    })
 }
 
 fn watch_msr(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {

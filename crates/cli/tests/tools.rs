@@ -201,6 +201,10 @@ fn watch_msr_deny_keeps_the_old_value() {
     assert!(news.iter().all(|n| n & layout::LSTAR_TAG == layout::LSTAR_TAG), "{news:x?}");
     assert!(olds.iter().all(|&o| o == olds[0]), "refused writes leave LSTAR alone: {olds:x?}");
     assert!(news[0] != news[2], "the guest kept trying new values");
+    // `trace --msr` reports without refusing.
+    let out = tool.ok(&["trace", "--msr", "LSTAR", "--count", "2", "--json"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(out.lines().all(|l| Tool::field(l, "event") == "msr" && Tool::field(l, "blocked") == "false"), "{out}");
     // Text form, allowed: the value goes through.
     let out = tool.ok(&["watch-msr", "0xc0000082", "--count", "2"]);
     assert!(out.lines().all(|l| l.starts_with("msr") && l.ends_with("allowed")), "{out}");

@@ -106,7 +106,7 @@ impl Kinds {
             Record::Page { .. } => self.pages,
             Record::Hypercall { .. } => self.hypercalls,
             Record::Paused { .. } | Record::Resumed { .. } => self.pauses,
-            Record::Unhook | Record::Detached { .. } => true,
+            Record::Unhook | Record::Detached { .. } | Record::Lost { .. } => true,
         }
     }
 }
@@ -116,8 +116,14 @@ type SubId = u64;
 struct Sub {
     id: SubId,
     kinds: Kinds,
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::SyncSender<Record>,
+    /// Records dropped because the reader fell behind, not yet reported.
+    lost: u64,
 }
+
+/// Records a subscription may have waiting before newer ones are dropped
+/// (and counted): a reader that stops must not grow the monitor forever.
+const SUB_BACKLOG: usize = 10_000;
 
 #[derive(Debug)]
 struct Bp {
@@ -285,11 +291,11 @@ impl Monitor {
 
     /// A new stream of the records of `kinds`.
     pub fn subscribe(&self, kinds: Kinds) -> Subscription {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(SUB_BACKLOG);
         let mut st = self.inner.lock();
         st.next_id += 1;
         let id = st.next_id;
-        st.subs.push(Sub { id, kinds, tx });
+        st.subs.push(Sub { id, kinds, tx, lost: 0 });
         Subscription { id, rx, inner: Arc::clone(&self.inner) }
     }
 
@@ -509,7 +515,29 @@ impl Inner {
     }
 
     fn emit(&self, st: &mut State, r: Record) {
-        st.subs.retain(|s| !s.kinds.wants(&r) || s.tx.send(r.clone()).is_ok());
+        st.subs.retain_mut(|s| {
+            if !s.kinds.wants(&r) {
+                return true;
+            }
+            if s.lost > 0 {
+                match s.tx.try_send(Record::Lost { count: s.lost }) {
+                    Ok(()) => s.lost = 0,
+                    Err(mpsc::TrySendError::Full(_)) => {
+                        s.lost += 1;
+                        return true;
+                    }
+                    Err(mpsc::TrySendError::Disconnected(_)) => return false,
+                }
+            }
+            match s.tx.try_send(r.clone()) {
+                Ok(()) => true,
+                Err(mpsc::TrySendError::Full(_)) => {
+                    s.lost += 1;
+                    true
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => false,
+            }
+        });
     }
 
     fn resume_locked(&self, st: &mut State) -> Vec<u16> {

@@ -108,6 +108,11 @@ pub enum Record {
     },
     /// The VMM sent UNHOOK (it is shutting down); the monitor undid its hooks.
     Unhook,
+    /// Records this reader missed because it fell behind.
+    Lost {
+        /// How many.
+        count: u64,
+    },
     /// The connection ended.
     Detached {
         /// Why.
@@ -165,6 +170,7 @@ impl Record {
             Record::Paused { .. } => "paused",
             Record::Resumed { .. } => "resumed",
             Record::Unhook => "unhook",
+            Record::Lost { .. } => "lost",
             Record::Detached { .. } => "detached",
         }
     }
@@ -210,6 +216,7 @@ impl Record {
             Record::Paused { vcpu } => format!("paused    vCPU {vcpu}"),
             Record::Resumed { vcpu } => format!("resumed   vCPU {vcpu}"),
             Record::Unhook => "unhook    the VM is shutting down; hooks removed".into(),
+            Record::Lost { count } => format!("lost      {count} record(s): this reader fell behind"),
             Record::Detached { reason } => format!("detached  {reason}"),
         }
     }
@@ -247,6 +254,7 @@ impl Record {
             }
             Record::Paused { vcpu } | Record::Resumed { vcpu } => o.num("vcpu", u64::from(*vcpu)).build(),
             Record::Unhook => o.build(),
+            Record::Lost { count } => o.num("count", *count).build(),
             Record::Detached { reason } => o.str("reason", reason).build(),
         }
     }
