@@ -79,7 +79,7 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("translate", "VCPU ADDR", "guest virtual → physical, through the vCPU's page tables"),
     ("pause", "", "hold every vCPU paused (until `resume`)"),
     ("resume", "", "let held vCPUs go"),
-    ("read", "ADDR LEN", "guest physical memory, as a hex dump (--raw: bytes)"),
+    ("read", "ADDR LEN", "guest physical memory as a hex dump (--raw: bytes; --vcpu N: ADDR is\n                               virtual, through that vCPU's page tables)"),
     ("dump", "[ADDR LEN]", "bulk memory (default: all RAM) to stdout or -o FILE, progress bar; --via map|socket"),
     ("ps", "", "the demo OS's processes, read from its process table"),
     ("trace", "", "live events: --syscalls (default), --msr MSR, --page ADDR (writes),\n                               --breakpoint ADDR, --hypercalls [--answer TEXT], --pauses"),
@@ -94,7 +94,7 @@ struct Args<'a> {
 }
 
 /// Options that take a value.
-const VALUED: &[&str] = &["--msr", "--page", "--via", "--breakpoint", "--count", "--duration", "--remove", "--answer", "-o", "--output", "--map", "--timeout"];
+const VALUED: &[&str] = &["--vcpu", "--msr", "--page", "--via", "--breakpoint", "--count", "--duration", "--remove", "--answer", "-o", "--output", "--map", "--timeout"];
 
 impl<'a> Args<'a> {
     fn parse(args: &'a [String]) -> Result<Args<'a>, Failure> {
@@ -380,16 +380,18 @@ fn hexdump_line(addr: u64, b: &[u8]) -> String {
 }
 
 fn read(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
-    a.check(&["--raw", "--hex"])?;
-    let gpa = ctx.addr(a.pos(0, "ADDR (guest physical; a number or a symbol)")?)?;
+    a.check(&["--raw", "--hex", "--vcpu"])?;
+    let addr = ctx.addr(a.pos(0, "ADDR (guest physical, or virtual with --vcpu N; a number or a symbol)")?)?;
     let len = a.pos.get(1).map_or(Some(64), |l| parse_number(l)).ok_or_else(|| Failure::usage("LEN must be a number"))?;
     if len > 1 << 20 {
         return Err(Failure::usage("read is for up to 1 MiB; use `ukvmi dump` for more"));
     }
+    addr.checked_add(len).ok_or_else(|| Failure::usage("address range overflows"))?;
+    let vcpu = a.val("--vcpu").map(|v| ctx.vcpu(v)).transpose()?;
     let raw = a.has("--raw");
     let mut pending: Vec<u8> = Vec::new();
-    let mut line_at = gpa;
-    read_range(ctx, gpa, len, false, |_, chunk| {
+    let mut line_at = addr;
+    let mut sink = |chunk: &[u8]| -> Result<(), Failure> {
         if raw {
             return Ok(out.raw(chunk)?);
         }
@@ -400,7 +402,29 @@ fn read(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
             line_at += 16;
         }
         Ok(())
-    })?;
+    };
+    match vcpu {
+        // Virtual: page by page through the vCPU's page tables (whatever
+        // address space it is in now; pause first for a stable view).
+        Some(v) => {
+            let mut at = addr;
+            let end = addr + len;
+            while at < end {
+                let n = (0x1000 - (at & 0xfff)).min(end - at);
+                let gpa = ctx
+                    .mon
+                    .vm()
+                    .translate_gva(v, at)
+                    .map_err(kvmi("KVMI_VCPU_TRANSLATE_GVA"))?
+                    .ok_or_else(|| Failure { msg: format!("{at:#x} is not mapped in vCPU {v}'s address space"), status: 1 })?;
+                let mut buf = vec![0u8; n as usize];
+                ctx.mon.read(gpa, &mut buf).map_err(|e| Failure { msg: format!("reading gpa {gpa:#x}: {e}"), status: 1 })?;
+                sink(&buf)?;
+                at += n;
+            }
+        }
+        None => read_range(ctx, addr, len, false, |_, chunk| sink(chunk))?,
+    }
     if !raw && !pending.is_empty() {
         out.line(&hexdump_line(line_at, &pending))?;
     }

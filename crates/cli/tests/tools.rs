@@ -270,6 +270,22 @@ fn ps_trace_and_protect_on_the_demo_os() {
     let text = tool.ok(&["ps"]);
     assert!(text.contains("PID") && text.contains("rootkit"), "{text}");
 
+    // Virtual reads: paused, each vCPU is in some process's address space;
+    // its code at 0x400000 is the user image, the same bytes as physical
+    // memory at the frame `translate` names.
+    tool.ok(&["pause"]);
+    for v in ["0", "1"] {
+        let tr = tool.ok(&["translate", v, "0x400000", "--json"]);
+        let gpa = Tool::field(&tr, "gpa");
+        let virt = tool.cmd(&["read", "--vcpu", v, "0x400000", "64", "--raw"]);
+        let phys = tool.cmd(&["read", &gpa, "64", "--raw"]);
+        assert!(virt.status.success(), "{}", String::from_utf8_lossy(&virt.stderr));
+        assert_eq!(virt.stdout, phys.stdout, "vCPU {v}: virtual 0x400000 = physical {gpa}");
+        assert_eq!(virt.stdout.len(), 64);
+    }
+    tool.fails(&["read", "--vcpu", "0", "0x7f0000000000", "8"], 1, "not mapped");
+    tool.ok(&["resume"]);
+
     // Each process has its own address space: 0x400000 maps to its own frames.
     let cr3s: Vec<String> = ps.split(r#""cr3":""#).skip(1).map(|s| s[..s.find('"').unwrap()].to_string()).collect();
     assert_eq!(cr3s.len(), 4);
