@@ -12,7 +12,8 @@ mod common;
 use common::{RunningVm, Scratch};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use ukvmi_guests::demo::{self, ProcTable};
+use ukvmi_guests::demo;
+use ukvmi_monitor::guestos::{ProcState, ProcessTable};
 use ukvmi_introspector::{Event, EventKind, EventReply, Listener, Vm, VcpuEventMsg};
 use ukvmi_wire::{access, event};
 
@@ -36,9 +37,8 @@ fn read_u64(tool: &Vm, gpa: u64) -> u64 {
     u64::from_le_bytes(tool.read_physical(gpa, 8).unwrap().try_into().unwrap())
 }
 
-fn table(tool: &Vm) -> ProcTable {
-    let bytes = tool.read_physical(demo::PROC_TABLE, demo::PROC_TABLE_SIZE as u16).unwrap();
-    ProcTable::parse(&bytes).expect("the process table is there once the kernel booted")
+fn table(tool: &Vm) -> ProcessTable {
+    ProcessTable::read(tool).expect("the process table is there once the kernel booted")
 }
 
 fn frames_of_slot(slot: u64) -> u64 {
@@ -58,14 +58,14 @@ fn vcpu_event(tool: &Vm, timeout: Duration) -> Option<VcpuEventMsg> {
 }
 
 /// The table as the kernel keeps it after boot, for `vcpus` vCPUs.
-fn check_table(t: &ProcTable, vcpus: u32) {
+fn check_table(t: &ProcessTable, vcpus: u32) {
     assert_eq!(t.ncpus, vcpus);
     assert_eq!(t.procs.len(), 4, "{t:?}");
     for (p, &(pid, name, cpu2)) in t.procs.iter().zip(demo::PROCESSES.iter()) {
         assert_eq!((p.pid, p.name.as_str()), (pid, name));
         assert_eq!(p.cpu, if vcpus == 2 { cpu2 } else { 0 }, "{name}");
         assert_eq!(p.cr3, demo::PBLK_BASE + p.slot as u64 * demo::PBLK_SIZE, "{name}: its own page tables");
-        assert!((demo::PS_READY..=demo::PS_SLEEPING).contains(&p.state), "{name}: state {}", p.state);
+        assert!(matches!(p.state, ProcState::Ready | ProcState::Running | ProcState::Sleeping), "{name}: state {:?}", p.state);
         assert!(p.syscalls > 0, "{name} made no syscall");
         assert!(p.user_rip >= demo::USER_BASE && p.user_rip < demo::USER_BASE + 0x1_0000, "{name}: rip {:#x}", p.user_rip);
     }
@@ -73,7 +73,7 @@ fn check_table(t: &ProcTable, vcpus: u32) {
     cr3s.sort_unstable();
     cr3s.dedup();
     assert_eq!(cr3s.len(), 4, "distinct page tables");
-    for &pid in &t.current_pid {
+    for &pid in &t.current {
         assert!(pid == 0 || t.by_pid(pid).is_some(), "current pid {pid}");
     }
 }
@@ -141,7 +141,7 @@ fn demo_on_two_vcpus_processes_table_translation_agent_and_rootkit() {
         let frames = tool.translate_gva(ev.vcpu, demo::USER_BASE).unwrap().unwrap();
         let t = table(&tool);
         let p = t.procs.iter().find(|p| p.slot as u64 == slot).unwrap();
-        assert_eq!(t.current_pid[usize::from(ev.vcpu)], p.pid, "the table names the caller");
+        assert_eq!(t.current[usize::from(ev.vcpu)], p.pid, "the table names the caller");
         assert_eq!(u32::from(ev.vcpu), p.cpu);
         assert!(ev.regs.rcx >= demo::USER_BASE && ev.regs.rcx < demo::USER_BASE + 0x1_0000, "RCX = its user RIP");
         seen.insert(p.pid, (ev.regs.rax, frames));
@@ -210,7 +210,7 @@ fn demo_on_one_vcpu_with_the_attacks_blocked() {
                 assert_eq!(msr, 0xc000_0082);
                 assert_eq!(old_value, sym("syscall_entry"));
                 assert_eq!(new_value, sym("module_area"));
-                assert_eq!(table(&tool).current_pid[0], 4, "the rootkit is the writer");
+                assert_eq!(table(&tool).current[0], 4, "the rootkit is the writer");
                 tool.reply(&ev, EventReply::ContinueWith(old_value)).unwrap();
                 msr_blocked += 1;
             }

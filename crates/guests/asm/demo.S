@@ -1110,44 +1110,39 @@ rk_round:
         mov     $(module_area + (rk_lstar_hook - rk_hooks)), %rsi
         USYS    SYS_DEBUG_WRMSR
         mov     %rax, %rbx
-        call    u_lb_reset
         lea     u_s_rk_lstar(%rip), %rsi
-        call    u_lb_str
-        mov     $(module_area + (rk_lstar_hook - rk_hooks)), %rax
-        cmp     %rax, %rbx
-        jne     2f
-        lea     u_s_succeeded(%rip), %rsi
-        call    u_lb_str
-        jmp     3f
-2:      lea     u_s_failed(%rip), %rsi
-        call    u_lb_str
-        mov     %rbx, %rax
-        call    u_lb_hex
-        lea     u_s_rparen(%rip), %rsi
-        call    u_lb_str
-3:      call    rk_attempt
+        mov     $(module_area + (rk_lstar_hook - rk_hooks)), %rdx
+        call    rk_report
         /* (b) syscall_table[SYS_WRITE] */
         mov     $(syscall_table + 8 * SYS_WRITE), %edi
         mov     $(module_area + (rk_write_hook - rk_hooks)), %rsi
         USYS    SYS_DEBUG_POKE
         mov     %rax, %rbx
-        call    u_lb_reset
         lea     u_s_rk_table(%rip), %rsi
+        mov     $(module_area + (rk_write_hook - rk_hooks)), %rdx
+        call    rk_report
+        jmp     rk_sleep
+
+/* rk_report: one line on an attack. rsi = what was attacked, rbx = the
+ * value read back, rdx = the value the rootkit wanted: "<what>succeeded"
+ * or "<what>failed (read back <rbx>)", then the attempt number. */
+rk_report:
+        push    %rdx
+        call    u_lb_reset
         call    u_lb_str
-        mov     $(module_area + (rk_write_hook - rk_hooks)), %rax
+        pop     %rax
         cmp     %rax, %rbx
-        jne     4f
+        jne     1f
         lea     u_s_succeeded(%rip), %rsi
         call    u_lb_str
-        jmp     5f
-4:      lea     u_s_failed(%rip), %rsi
+        jmp     rk_attempt
+1:      lea     u_s_failed(%rip), %rsi
         call    u_lb_str
         mov     %rbx, %rax
         call    u_lb_hex
         lea     u_s_rparen(%rip), %rsi
         call    u_lb_str
-5:      call    rk_attempt
-        jmp     rk_sleep
+        jmp     rk_attempt
 rk_load_failed:
         call    u_lb_reset
         lea     u_s_rk_load(%rip), %rsi

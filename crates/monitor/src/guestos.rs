@@ -19,9 +19,9 @@ pub const MAX_PROCS: usize = 8;
 pub const MAX_CPUS: usize = 8;
 
 /// Reads guest physical memory (the KVMI client, or a buffer in tests).
+/// (Implemented by the KVMI client, and by the monitor, which prefers its
+/// mapped view.)
 pub trait PhysRead {
-    // (Implemented by the KVMI client, and by the monitor, which prefers
-    // its mapped view.)
     /// Fills `buf` from `gpa`.
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
 }
@@ -82,6 +82,8 @@ impl ProcState {
 /// One entry of the process table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Process {
+    /// Its slot in the table.
+    pub slot: usize,
     /// Process id.
     pub pid: u32,
     /// State.
@@ -205,6 +207,7 @@ impl ProcessTable {
                 .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
                 .collect();
             procs.push(Process {
+                slot: i,
                 pid,
                 state: ProcState::from_raw(u32_at(e, 4)),
                 cpu: u32_at(e, 8),
@@ -310,7 +313,7 @@ mod tests {
         assert_eq!(t.ticks, 1234);
         assert_eq!(t.procs.len(), 1);
         let p = &t.procs[0];
-        assert_eq!((p.pid, p.name.as_str(), p.state, p.cr3, p.syscalls), (2, "shell", ProcState::Running, 0x5000, 9));
+        assert_eq!((p.slot, p.pid, p.name.as_str(), p.state, p.cr3, p.syscalls), (1, 2, "shell", ProcState::Running, 0x5000, 9));
         assert_eq!(t.current_on(0).map(|p| p.pid), Some(2));
         assert!(t.current_on(1).is_none());
         assert!(p.to_json().contains(r#""name":"shell""#));
@@ -319,6 +322,9 @@ mod tests {
     #[test]
     fn rejects_garbage_without_panicking() {
         assert!(matches!(ProcessTable::parse(&[0u8; 10]), Err(OsError::NoTable { found: 0 })));
+        let mut b = table();
+        b[8] = 2;
+        assert!(matches!(ProcessTable::parse(&b), Err(OsError::BadHeader(_))), "version 2");
         let mut b = table();
         b[16] = 65;
         assert!(matches!(ProcessTable::parse(&b), Err(OsError::BadHeader(_))));
