@@ -505,3 +505,91 @@ fn a_tool_dying_mid_step_leaves_the_guest_running_at_full_speed() {
     assert!(report.contains("guest-debug=none"), "stepping is off in KVM: {report}");
     assert_eq!(code(tool.inject_exception(0, 6, 0, 0)), 0, "not single-stepping any more (no EBUSY)");
 }
+
+/// Where the guest's exception handler returns: its `popfq; ret`, after it
+/// copied the frame's RIP and RFLAGS below the interrupted stack.
+fn handler_popf() -> u64 {
+    let g = traps();
+    let from = (sym("exc_common") - g.load_addr) as usize;
+    let at = g.image[from..].windows(2).position(|w| w == [0x9d, 0xc3]).expect("popfq; ret in exc_common");
+    g.load_addr + (from + at) as u64
+}
+
+/// Single-steps vCPU 0 into the guest's #BP handler (its own int3, which
+/// the VMM delivers while KVM steps) up to `rip`, and returns the event
+/// there: the handler's frame holds KVM's TF at this point.
+fn step_into_bp_handler(tool: &Vm, rip: u64) -> VcpuEventMsg {
+    let t0 = Instant::now();
+    tool.control_singlestep(0, true).unwrap();
+    let mut in_handler = false;
+    loop {
+        let ev = next_vcpu_event(tool);
+        assert!(matches!(ev.kind, EventKind::Singlestep { .. }), "{:?}", ev.kind);
+        in_handler |= (sym("exc_common")..sym("exc_common") + 8).contains(&ev.regs.rip);
+        if in_handler && ev.regs.rip == rip {
+            return ev;
+        }
+        tool.reply(&ev, EventReply::Continue).unwrap();
+        assert!(t0.elapsed() < T, "never stepped to {rip:#x} in the #BP handler");
+    }
+}
+
+/// The guest goes on as before: its loop runs, its own int3s complete, and
+/// no #DB reaches it (a TF left in a frame would trap after every
+/// instruction, forever).
+fn assert_no_trap_flag_left(vm: &RunningVm, tool: &Vm, when: &str) {
+    let done = read_u64(tool, layout::INT3_DONE);
+    let t0 = Instant::now();
+    while read_u64(tool, layout::INT3_DONE) <= done + 2 {
+        if t0.elapsed() > T {
+            let regs = tool.get_registers(0, &[]).map(|r| format!("rip {:#x} rsp {:#x} rflags {:#x}", r.regs.rip, r.regs.rsp, r.regs.rflags));
+            let stack = tool.read_physical(0x7ff00, 256).unwrap();
+            let stack: Vec<u64> = stack.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+            panic!(
+                "{when}: the guest's own int3s stopped; #DB {} times, last exception {:x?}, {regs:?}, {}\nstack {stack:x?}\n{}",
+                exc_count(tool, 1),
+                exc_info(tool, 0),
+                vm.interceptions(),
+                vm.stderr_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.assert_guest_runs();
+    let db = exc_count(tool, 1);
+    assert_eq!(db, 0, "{when}: #DB reached the guest, TF leaked into it ({:x?})", exc_info(tool, 0));
+}
+
+#[test]
+fn single_stepping_stopped_inside_an_exception_handler_leaves_no_trap_flag() {
+    let dir = Scratch::new("steptf");
+    let (vm, _l, tool) = start(&dir, "traps", 1);
+    vm.wait_serial("tick", 1, T);
+    for (rip, when) in [(sym("exc_common") + 1, "at the handler's entry"), (handler_popf(), "at its popfq")] {
+        let ev = step_into_bp_handler(&tool, rip);
+        // Turned off while the vCPU waits in the event, then answered.
+        tool.control_singlestep(0, false).unwrap();
+        tool.reply(&ev, EventReply::Continue).unwrap();
+        assert_no_trap_flag_left(&vm, &tool, when);
+        assert!(tool.next_event(Some(Duration::from_millis(100))).unwrap().is_none(), "{when}: no more steps");
+    }
+}
+
+#[test]
+fn a_tool_dying_inside_a_stepped_exception_handler_leaves_no_trap_flag() {
+    let dir = Scratch::new("steptfdrop");
+    let (vm, l, mut tool) = start(&dir, "traps", 1);
+    vm.wait_serial("tick", 1, T);
+    for (rip, when) in [
+        (sym("exc_common") + 1, "at the handler's entry"),
+        (handler_popf() - 2, "after it copied its frame"),
+        (handler_popf(), "at its popfq"),
+        (handler_popf() + 1, "at its ret"),
+    ] {
+        let _ev = step_into_bp_handler(&tool, rip);
+        drop(tool);
+        tool = l.accept().unwrap();
+        assert_no_trap_flag_left(&vm, &tool, when);
+        assert!(vm.interceptions().contains("guest-debug=none"), "{when}: KVM stopped stepping");
+    }
+}

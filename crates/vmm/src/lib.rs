@@ -7,6 +7,7 @@
 //! * `vcpu`: one thread per vCPU; runs KVMI jobs between guest entries and
 //!   implements `VcpuBackend` with vCPU ioctls on its own thread.
 //! * `kick`: signal + `immediate_exit` to pull a vCPU out of `KVM_RUN`.
+//! * `trap_flag`: keeps KVM's single-step TF out of exception frames.
 //! * `page_access`: page restrictions (`KVMI_VM_SET_PAGE_ACCESS`) as a
 //!   memslot layout; the vCPU side of the PF event is in `vcpu`.
 //!
@@ -21,6 +22,7 @@ mod loader;
 mod memory;
 mod msr_filter;
 mod page_access;
+mod trap_flag;
 mod vcpu;
 mod vm;
 

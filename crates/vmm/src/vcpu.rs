@@ -5,6 +5,7 @@ use crate::convert::{regs_from_wire, regs_to_wire, sregs_to_wire};
 use crate::error::{Error, Result};
 use crate::kick;
 use crate::page_access::ExecToken;
+use crate::trap_flag;
 use crate::vm::{Exit, VmShared};
 use kvm_bindings::{kvm_msr_entry, kvm_segment, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -75,13 +76,16 @@ pub(crate) struct Debug {
     pub sw_bp: bool,
     /// One internal step (the VMM stepping over something by itself).
     pub step_over: bool,
+    /// Silent steps after stepping stopped, until the guest has returned
+    /// through every exception frame that holds KVM's TF (`trap_flag`).
+    pub drain: bool,
 }
 
 impl Debug {
     fn control(self) -> u32 {
         use kvm_bindings::{KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_SW_BP};
         let mut c = 0;
-        if self.singlestep || self.step_over {
+        if self.singlestep || self.step_over || self.drain {
             c |= KVM_GUESTDBG_SINGLESTEP;
         }
         if self.sw_bp {
@@ -124,6 +128,13 @@ pub(crate) struct KvmVcpu {
     /// RIP of the last emulation failure re-entered once (`internal_error`);
     /// cleared by any other exit.
     pub emul_retry: Option<u64>,
+    /// Exception frames pushed with KVM's single-step TF (see `trap_flag`),
+    /// cleaned when stepping stops.
+    pub tf_frames: Vec<trap_flag::LeakedFrame>,
+    /// Silent steps taken so far while draining them (`Debug::drain`).
+    pub drain_steps: u32,
+    /// An exception injected for the next entry to deliver.
+    pub pending_exception: Option<u8>,
 }
 
 fn io_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> BackendError {
@@ -178,8 +189,14 @@ impl KvmVcpu {
             let step_failed = self.debug.singlestep
                 && step.ran_guest()
                 && !matches!(step, Step::Debug { exception: 1, .. } | Step::SteppedOver);
+            let ran = step.ran_guest();
             if let Some(end) = self.handle(port, step) {
                 return Some(end);
+            }
+            if self.debug.drain && ran {
+                if let Err(e) = self.drain_step() {
+                    return Some(Exit::Failed(format!("vCPU {}: ending the steps after single-stepping: {e}", self.index)));
+                }
             }
             if step_failed {
                 if let Some(end) = self.singlestep_event(port, true) {
@@ -263,6 +280,11 @@ impl KvmVcpu {
         if let Some(step) = self.pf.deferred.take() {
             return step;
         }
+        // An exception delivered while KVM steps pushes its TF.
+        let delivering = self.pending_exception.take();
+        if let (Some(nr), true) = (delivering, self.stepping()) {
+            self.note_leaked_frame(nr);
+        }
         // Never in guest mode while memslots change (see page_access).
         let inside = self.shared.gate.enter();
         if let Some(pa) = &self.shared.page_access {
@@ -305,6 +327,10 @@ impl KvmVcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kicked,
             Err(e) => Step::Fatal(format!("KVM_RUN failed: {e}")),
         };
+        if matches!(step, Step::Kicked) {
+            // Nothing was delivered either.
+            self.pending_exception = delivering;
+        }
         // A kick ran no guest code: it neither confirms nor clears a retry.
         if !matches!(step, Step::Reenter | Step::Kicked) {
             self.emul_retry = None;
@@ -371,12 +397,101 @@ impl KvmVcpu {
 
     /// Applies [`KvmVcpu::debug`] with `KVM_SET_GUEST_DEBUG`.
     pub(crate) fn sync_debug(&mut self) -> std::result::Result<(), kvm_ioctls::Error> {
+        if !self.debug.singlestep && !self.debug.step_over && !self.debug.drain && !self.tf_frames.is_empty() {
+            // Stepping stops: not while a frame with KVM's TF is still to
+            // be returned through.
+            self.forget_returned_frames();
+            self.debug.drain = !self.tf_frames.is_empty();
+            self.drain_steps = 0;
+        }
         let dbg = kvm_bindings::kvm_guest_debug { control: self.debug.control(), ..Default::default() };
         self.fd.set_guest_debug(&dbg)?;
         if let Some(me) = self.shared.vcpu(self.index) {
             me.debug_control.store(dbg.control, Ordering::SeqCst);
         }
         Ok(())
+    }
+
+    /// Whether KVM is single-stepping the guest (the tool's or our own).
+    fn stepping(&self) -> bool {
+        self.debug.singlestep || self.debug.step_over || self.debug.drain
+    }
+
+    /// Drops the recorded frames the guest has returned through.
+    fn forget_returned_frames(&mut self) {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return };
+        self.tf_frames.retain(|f| !f.returned(regs.rsp, sregs.cs.selector));
+    }
+
+    /// One silent step while draining: once every frame is returned
+    /// through, stepping really stops (and KVM takes its TF back, which
+    /// the guest's return restored). A guest that does not return within
+    /// `DRAIN_LIMIT` steps (it switched tasks) gets TF cleared in the
+    /// frames instead, where they are still intact.
+    fn drain_step(&mut self) -> std::result::Result<(), kvm_ioctls::Error> {
+        self.forget_returned_frames();
+        self.drain_steps = self.drain_steps.saturating_add(1);
+        if !self.tf_frames.is_empty() && self.drain_steps < trap_flag::DRAIN_LIMIT {
+            return Ok(());
+        }
+        if !self.tf_frames.is_empty() {
+            self.clear_leaked_tf();
+        }
+        self.debug.drain = false;
+        self.sync_debug()
+    }
+
+    /// Reads a guest-virtual u64 through this vCPU's page tables.
+    fn read_virt_u64(&self, gva: u64) -> Option<u64> {
+        let gpa = self.translate(gva)?;
+        let mut b = [0u8; 8];
+        self.shared.ram.read(gpa, &mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+
+    /// Remembers where exception `nr`, about to be delivered while KVM
+    /// steps, will push RFLAGS with TF in it.
+    fn note_leaked_frame(&mut self, nr: u8) {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return };
+        let cpu = trap_flag::CpuState {
+            efer: sregs.efer,
+            rsp: regs.rsp,
+            cs_selector: sregs.cs.selector,
+            idt_base: sregs.idt.base,
+            idt_limit: sregs.idt.limit,
+            tss_base: sregs.tr.base,
+        };
+        if let Some(f) = trap_flag::frame_for(nr, &cpu, self) {
+            // (The frame's place only matters if the guest never returns.)
+            if self.tf_frames.contains(&f) {
+                return;
+            }
+            if self.tf_frames.len() >= trap_flag::MAX_FRAMES {
+                self.tf_frames.remove(0);
+            }
+            self.tf_frames.push(f);
+        }
+    }
+
+    /// Clears TF in every recorded frame that is still intact on the
+    /// guest's stack, so it does not come back as the guest's own (an
+    /// endless #DB in the guest). Only right for a handler that returns
+    /// through its frame as the CPU pushed it.
+    fn clear_leaked_tf(&mut self) {
+        let frames = std::mem::take(&mut self.tf_frames);
+        let Ok(regs) = self.fd.get_regs() else { return };
+        for f in frames {
+            let (Some(rsp), Some(cs), Some(rflags)) =
+                (self.read_virt_u64(f.rsp_at()), self.read_virt_u64(f.cs_at()), self.read_virt_u64(f.rflags_at))
+            else {
+                continue;
+            };
+            if f.still_live(regs.rsp, rsp, cs, rflags) {
+                if let Some(gpa) = self.translate(f.rflags_at) {
+                    let _ = self.shared.ram.write_u64(gpa, rflags & !trap_flag::TF);
+                }
+            }
+        }
     }
 
     /// Lets KVM finish an I/O instruction the last exit left pending without
@@ -453,6 +568,7 @@ impl KvmVcpu {
         ev.exception.has_error_code = u8::from(has_error_code);
         ev.exception.error_code = if has_error_code { exc.error_code } else { 0 };
         self.fd.set_vcpu_events(&ev)?;
+        self.pending_exception = Some(exc.nr);
         Ok(Exception { nr: exc.nr, error_code: ev.exception.error_code, address: if exc.nr == 14 { exc.address } else { 0 } })
     }
 
@@ -925,6 +1041,12 @@ impl MtrrOps for KvmVcpu {
             }
         }
         Ok(found.unwrap_or(def as u8))
+    }
+}
+
+impl trap_flag::ReadVirt for KvmVcpu {
+    fn read_u64(&self, gva: u64) -> Option<u64> {
+        KvmVcpu::read_virt_u64(self, gva)
     }
 }
 

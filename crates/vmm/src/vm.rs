@@ -590,6 +590,9 @@ impl Vm {
                 debug: Debug::default(),
                 pf: PfState::default(),
                 emul_retry: None,
+                tf_frames: Vec::new(),
+                drain_steps: 0,
+                pending_exception: None,
             };
             let sh = Arc::clone(&shared);
             let h = std::thread::Builder::new()
