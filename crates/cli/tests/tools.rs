@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::unix::process::CommandExt;
 use common::{RunningVm, Scratch};
 use ukvmi_guests::layout;
 
@@ -43,14 +44,20 @@ impl Tool {
     /// Starts a streaming command, waits for its first line (which must
     /// contain `needle`), and interrupts it as Ctrl-C would.
     fn interrupt_after_first(&self, args: &[&str], needle: &str) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ukvmi"))
-            .arg("--vm")
-            .arg(&self.sock)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ukvmi"));
+        cmd.arg("--vm").arg(&self.sock).args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+        // Ctrl-C must reach the client even where this test runs with
+        // SIGINT ignored (a background job of a non-interactive shell),
+        // which its children would inherit.
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls signal(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
         let mut first = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut first).unwrap();
         assert!(first.contains(needle), "{first}");
