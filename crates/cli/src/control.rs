@@ -32,6 +32,18 @@ pub fn ctl_path(vm: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// The file the daemon for the KVMI socket at `vm` holds locked (flock)
+/// for as long as it runs, so that only one serves a path.
+pub fn lock_path(vm: &Path) -> PathBuf {
+    let mut p = vm.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// The daemon's exit status when another daemon already serves (or is
+/// starting to serve) the same path: its client then talks to that one.
+pub const ALREADY_SERVED: u8 = 3;
+
 /// The daemon's log for the KVMI socket at `vm`.
 pub fn log_path(vm: &Path) -> PathBuf {
     let mut p = vm.as_os_str().to_owned();
@@ -112,9 +124,14 @@ fn connect(vm: &Path, map: Option<&str>, spawn: bool) -> Result<UnixStream, Stri
         if let Ok(s) = UnixStream::connect(&ctl) {
             return Ok(s);
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-            return Err(format!("the daemon exited ({status}): {}", log_text.trim()));
+        match child.try_wait() {
+            // Another client's daemon won the race: wait for its socket.
+            Ok(Some(status)) if status.code() == Some(i32::from(ALREADY_SERVED)) => {}
+            Ok(Some(status)) => {
+                let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("the daemon exited ({status}): {}", log_text.trim()));
+            }
+            _ => {}
         }
         if Instant::now() > deadline {
             return Err(format!("the daemon did not open {} within 5 s (log: {})", ctl.display(), log.display()));

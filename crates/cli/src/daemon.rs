@@ -201,6 +201,16 @@ pub fn main(args: &[String]) -> ExitCode {
         }
         None => None,
     };
+    // One daemon per path: two first commands at the same moment each
+    // start one, and the loser leaves (its client uses the winner). The
+    // lock goes with the process, however it ends.
+    let _lock = match lock_path_for(&vm) {
+        Ok(f) => f,
+        Err((code, e)) => {
+            log(&e);
+            return ExitCode::from(code);
+        }
+    };
     match run_daemon(&vm, map) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -208,6 +218,30 @@ pub fn main(args: &[String]) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Takes the daemon lock for `vm` (see `control::lock_path`).
+/// On failure: the exit status (`ALREADY_SERVED` when another daemon holds
+/// the lock) and why.
+fn lock_path_for(vm: &Path) -> Result<std::fs::File, (u8, String)> {
+    use std::os::fd::AsRawFd;
+    let path = crate::control::lock_path(vm);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| (1, format!("opening the daemon lock {}: {e}", path.display())))?;
+    // SAFETY: flock on a descriptor this function owns; no memory involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            let why = format!("another daemon already serves {}; leaving it to that one", vm.display());
+            return Err((crate::control::ALREADY_SERVED, why));
+        }
+        return Err((1, format!("locking {}: {e}", path.display())));
+    }
+    Ok(f)
 }
 
 /// How long the daemon waits for a VM before it gives up and exits.

@@ -74,6 +74,17 @@ impl Tool {
     }
 }
 
+/// How many `ukvmi daemon` processes serve `sock`.
+fn daemons_for(sock: &std::path::Path) -> usize {
+    let want = sock.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| c.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect::<Vec<_>>())
+        .filter(|args| args.get(1).is_some_and(|a| a == "daemon") && args.contains(&want))
+        .count()
+}
+
 fn hex(s: &str) -> u64 {
     u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap()
 }
@@ -100,7 +111,16 @@ fn one_shot_commands_read_a_running_vm() {
     let (vm, tool) = start(&dir, "traps", "2");
     let traps = ukvmi_guests::find("traps").unwrap();
 
-    let info = tool.ok(&["info", "--json"]);
+    // Four first commands at once: one daemon starts, all four are served.
+    let outs: Vec<Output> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| tool.cmd(&["info", "--json"]))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for o in &outs {
+        assert!(o.status.success(), "a concurrent first command: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(daemons_for(&tool.sock), 1, "one daemon per socket path");
+    let info = String::from_utf8(outs[0].stdout.clone()).unwrap();
     assert_eq!(Tool::field(&info, "name"), "traps");
     assert_eq!(Tool::field(&info, "vcpus"), "2");
     assert_eq!(Tool::field(&info, "ram_bytes"), (64u64 << 20).to_string());
