@@ -593,3 +593,53 @@ fn a_tool_dying_inside_a_stepped_exception_handler_leaves_no_trap_flag() {
         assert!(vm.interceptions().contains("guest-debug=none"), "{when}: KVM stopped stepping");
     }
 }
+
+/// An exception KVM delivers by itself while it steps (a fault of the
+/// stepped instruction) also pushes KVM's TF; stepping stopped inside its
+/// handler must not leave it to the guest either.
+#[test]
+fn stepping_stopped_inside_the_handler_of_a_fault_leaves_no_trap_flag() {
+    let dir = Scratch::new("steptfud");
+    let (vm, l, mut tool) = start(&dir, "traps", 1);
+    vm.wait_serial("tick", 1, T);
+    // A free page, identity-mapped: `ud2; jmp back`.
+    const TRAMPOLINE: u64 = 0x28_0000;
+    for (n, dies) in [(1u64, false), (2, true)] {
+        tool.control_singlestep(0, true).unwrap();
+        let ev = next_vcpu_event(&tool);
+        let back = ev.regs.rip;
+        let rel = (back as i64 - (TRAMPOLINE as i64 + 7)) as i32;
+        let mut code = vec![0x0f, 0x0b, 0xe9];
+        code.extend_from_slice(&rel.to_le_bytes());
+        tool.write_physical(TRAMPOLINE, &code).unwrap();
+        let mut regs = ev.regs;
+        regs.rip = TRAMPOLINE;
+        tool.set_registers(0, &regs).unwrap();
+        tool.reply(&ev, EventReply::Continue).unwrap();
+        let t0 = Instant::now();
+        let ev = loop {
+            let ev = next_vcpu_event(&tool);
+            if (sym("exc_common")..sym("exc_common") + 8).contains(&ev.regs.rip) {
+                break ev;
+            }
+            tool.reply(&ev, EventReply::Continue).unwrap();
+            assert!(t0.elapsed() < T, "never stepped into the #UD handler");
+        };
+        // A fault returns to the faulting instruction: point the frame's
+        // RIP past the ud2, as a debugger would, so the guest goes on.
+        let to_page_end = 0x1000 - (ev.regs.rsp & 0xfff);
+        let stack = tool.read_physical(ev.regs.rsp, to_page_end.min(128) as u16).unwrap();
+        let slot = stack.chunks(8).position(|q| q == TRAMPOLINE.to_le_bytes()).expect("the #UD frame's RIP");
+        tool.write_physical(ev.regs.rsp + 8 * slot as u64, &(TRAMPOLINE + 2).to_le_bytes()).unwrap();
+        if dies {
+            drop(tool);
+            tool = l.accept().unwrap();
+        } else {
+            tool.control_singlestep(0, false).unwrap();
+            tool.reply(&ev, EventReply::Continue).unwrap();
+        }
+        let when = if dies { "the tool died in the handler" } else { "stepping turned off in the handler" };
+        assert_no_trap_flag_left(&vm, &tool, when);
+        assert_eq!(exc_count(&tool, 6), n, "{when}: #UD reached the guest once");
+    }
+}

@@ -12,9 +12,8 @@
 //! with the flags it was given never gets out of it.
 //!
 //! So the vCPU records every exception it injects that the guest enters
-//! with KVM stepping (the
-//! interrupted RSP and CS, and where [`frame_for`] says the CPU pushes the
-//! frame). When stepping stops with such a frame not yet returned through,
+//! with KVM stepping: the interrupted RSP and CS, and where [`frame_for`]
+//! says the CPU pushes the frame. When stepping stops with such a frame not yet returned through,
 //! KVM keeps stepping, silently (`Debug::drain` in `vcpu`), until the guest
 //! is back at the interrupted RSP and CS ([`LeakedFrame::returned`]): its
 //! TF is then in RFLAGS, where KVM hides it and clears it as stepping
@@ -24,10 +23,16 @@
 //! tasks) gets TF cleared in each frame still intact on its stack instead
 //! ([`LeakedFrame::still_live`]).
 //!
-//! Limits: exceptions KVM delivers by itself while stepping (a #PF the
-//! guest raises) are not seen here; and a guest that set TF itself under
-//! the tool's single-stepping loses it in those frames (KVM already hides
-//! the guest's TF in that case).
+//! Exceptions KVM delivers by itself while it steps (a fault of the
+//! stepped instruction) are found the same way after the fact: when the
+//! stack grew by a frame or CS changed between two steps
+//! ([`maybe_delivered`]), [`find_frame`] looks above the stack pointer for
+//! the interrupted RSP and CS with TF between them. (Where ring 0 is
+//! emulated, KVM steps into the handler, so the next exit is there; on
+//! hardware the handler runs unstepped.)
+//!
+//! Limit: a guest that set TF itself under the tool's single-stepping
+//! loses it in those frames (KVM already hides the guest's TF then).
 
 /// RFLAGS.TF.
 pub(crate) const TF: u64 = 1 << 8;
@@ -129,6 +134,31 @@ pub(crate) fn frame_for(nr: u8, cpu: &CpuState, mem: &dyn ReadVirt) -> Option<Le
     Some(LeakedFrame { rflags_at: top.wrapping_sub(24), old_rsp: cpu.rsp, old_cs: u64::from(cpu.cs_selector) })
 }
 
+/// How far above the stack pointer [`find_frame`] looks, in bytes.
+pub(crate) const SEARCH_BYTES: usize = 256;
+
+/// Whether the guest may have taken an exception between two exits where
+/// KVM stepped: the code segment changed or the stack grew by at least a
+/// frame (five quadwords).
+pub(crate) fn maybe_delivered(before: (u64, u16), now: (u64, u16)) -> bool {
+    before.1 != now.1 || now.0.wrapping_add(40) <= before.0
+}
+
+/// Looks in `stack` (quadwords read from guest-virtual `base` upwards) for
+/// the frame an exception pushed over the state `before` (RSP, CS): the
+/// interrupted CS and RSP in their slots and TF in the RFLAGS between them.
+pub(crate) fn find_frame(stack: &[u64], base: u64, before: (u64, u16)) -> Option<LeakedFrame> {
+    let (old_rsp, old_cs) = before;
+    stack.windows(4).enumerate().find_map(|(i, w)| {
+        let &[_, cs, rflags, rsp] = w else { return None };
+        (cs & 0xffff == u64::from(old_cs) && rsp == old_rsp && rflags & TF != 0).then(|| LeakedFrame {
+            rflags_at: base.wrapping_add(8 * (i as u64 + 2)),
+            old_rsp,
+            old_cs: u64::from(old_cs),
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +215,28 @@ mod tests {
         c.idt_limit = 3 * 16 + 14;
         assert!(frame_for(3, &c, &mem).is_none(), "the gate is past the limit");
         assert!(frame_for(4, &cpu(0x80000, 8), &mem).is_none(), "unreadable gate");
+    }
+
+    #[test]
+    fn a_delivery_is_suspected_on_a_stack_switch_or_a_frame_sized_push() {
+        assert!(!maybe_delivered((0x80000, 8), (0x7fff8, 8)), "a push");
+        assert!(maybe_delivered((0x80000, 8), (0x7ffd0, 8)), "five quadwords and more");
+        assert!(maybe_delivered((0x7fff_1000, 0x33), (0x8ff0, 8)), "to ring 0");
+        assert!(!maybe_delivered((0x7ffd0, 8), (0x80000, 8)), "a return");
+    }
+
+    #[test]
+    fn a_pushed_frame_is_found_by_its_interrupted_rsp_and_cs() {
+        // The traps guest's #BP handler one instruction in: error code 0,
+        // then RIP, CS, RFLAGS with TF, RSP, SS.
+        let stack = [0x3, 0, 0x100030, 8, 0x146, 0x80000, 0x10, 0];
+        let f = find_frame(&stack, 0x7ffc8, (0x80000, 8)).unwrap();
+        assert_eq!(f, LeakedFrame { rflags_at: 0x7ffe8, old_rsp: 0x80000, old_cs: 8 });
+        assert!(find_frame(&stack, 0x7ffc8, (0x80000, 0x10)).is_none(), "another CS");
+        assert!(find_frame(&stack, 0x7ffc8, (0x7f000, 8)).is_none(), "another RSP");
+        let no_tf = [0x3, 0, 0x100030, 8, 0x46, 0x80000, 0x10, 0];
+        assert!(find_frame(&no_tf, 0x7ffc8, (0x80000, 8)).is_none(), "nothing leaked");
+        assert!(find_frame(&stack[..3], 0x7ffc8, (0x80000, 8)).is_none(), "too short");
     }
 
     #[test]

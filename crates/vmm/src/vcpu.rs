@@ -133,6 +133,9 @@ pub(crate) struct KvmVcpu {
     pub tf_frames: Vec<trap_flag::LeakedFrame>,
     /// Silent steps taken so far while draining them (`Debug::drain`).
     pub drain_steps: u32,
+    /// RSP and CS at the last exit while KVM stepped (to notice exceptions
+    /// KVM delivered by itself in between).
+    pub last_step: Option<(u64, u16)>,
     /// An exception injected for the next entry to deliver.
     pub pending_exception: Option<u8>,
 }
@@ -190,6 +193,10 @@ impl KvmVcpu {
                 && step.ran_guest()
                 && !matches!(step, Step::Debug { exception: 1, .. } | Step::SteppedOver);
             let ran = step.ran_guest();
+            if ran && self.stepping() {
+                // Before the event: the tool may stop stepping in it.
+                self.watch_for_delivery();
+            }
             if let Some(end) = self.handle(port, step) {
                 return Some(end);
             }
@@ -404,6 +411,9 @@ impl KvmVcpu {
             self.debug.drain = !self.tf_frames.is_empty();
             self.drain_steps = 0;
         }
+        if !self.stepping() {
+            self.last_step = None;
+        }
         let dbg = kvm_bindings::kvm_guest_debug { control: self.debug.control(), ..Default::default() };
         self.fd.set_guest_debug(&dbg)?;
         if let Some(me) = self.shared.vcpu(self.index) {
@@ -441,6 +451,41 @@ impl KvmVcpu {
         self.sync_debug()
     }
 
+    /// After an exit while KVM steps: if the guest looks like it took an
+    /// exception since the last one (one KVM delivered by itself, such as
+    /// a fault of the stepped instruction), finds its frame on the stack
+    /// and remembers it, as for the exceptions the VMM injects.
+    fn watch_for_delivery(&mut self) {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return };
+        let now = (regs.rsp, sregs.cs.selector);
+        let Some(before) = self.last_step.replace(now) else { return };
+        if !trap_flag::maybe_delivered(before, now) {
+            return;
+        }
+        let mut stack = [0u64; trap_flag::SEARCH_BYTES / 8];
+        let mut n = 0;
+        for (i, q) in stack.iter_mut().enumerate() {
+            match self.read_virt_u64(regs.rsp.wrapping_add(8 * i as u64)) {
+                Some(v) => *q = v,
+                None => break,
+            }
+            n = i + 1;
+        }
+        if let Some(f) = trap_flag::find_frame(stack.get(..n).unwrap_or_default(), regs.rsp, before) {
+            self.remember_frame(f);
+        }
+    }
+
+    fn remember_frame(&mut self, f: trap_flag::LeakedFrame) {
+        if self.tf_frames.contains(&f) {
+            return;
+        }
+        if self.tf_frames.len() >= trap_flag::MAX_FRAMES {
+            self.tf_frames.remove(0);
+        }
+        self.tf_frames.push(f);
+    }
+
     /// Reads a guest-virtual u64 through this vCPU's page tables.
     fn read_virt_u64(&self, gva: u64) -> Option<u64> {
         let gpa = self.translate(gva)?;
@@ -463,13 +508,7 @@ impl KvmVcpu {
         };
         if let Some(f) = trap_flag::frame_for(nr, &cpu, self) {
             // (The frame's place only matters if the guest never returns.)
-            if self.tf_frames.contains(&f) {
-                return;
-            }
-            if self.tf_frames.len() >= trap_flag::MAX_FRAMES {
-                self.tf_frames.remove(0);
-            }
-            self.tf_frames.push(f);
+            self.remember_frame(f);
         }
     }
 

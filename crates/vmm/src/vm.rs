@@ -592,6 +592,7 @@ impl Vm {
                 emul_retry: None,
                 tf_frames: Vec::new(),
                 drain_steps: 0,
+                last_step: None,
                 pending_exception: None,
             };
             let sh = Arc::clone(&shared);
