@@ -129,7 +129,7 @@ fn kernel_images_flat_and_elf() {
 
 #[test]
 fn an_instruction_the_emulator_cannot_do_still_ends_the_vm() {
-    // An emulation failure is re-entered once (it may be an int3 a tool
+    // An emulation failure is re-entered a few times (it may be an int3 a tool
     // removed meanwhile); a real one comes back at the same RIP and must
     // still end the VM with a clear reason, never loop.
     // `movd %eax,%xmm0` (SSE: KVM's emulator lacks it at ring 0 on PVM),

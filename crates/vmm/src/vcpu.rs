@@ -21,6 +21,12 @@ use ukvmi_guests::layout;
 use ukvmi_wire::{KvmRegs, KvmSregs, KvmXsave};
 
 const MSR_MTRR_CAP: u32 = 0xfe;
+/// Re-entries allowed at one RIP whose emulation failed with no int3 there
+/// at the time of the read (see `internal_error`): a tool that restores and
+/// plants the same int3 in a tight loop while several vCPUs hit it can
+/// make a few of those reads in a row see the original byte. A real
+/// failure fails every time and is fatal after this many (microseconds).
+const EMUL_RETRIES: u32 = 64;
 /// DR6.BS: the #DB came from a single step.
 const DR6_BS: u64 = 1 << 14;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
@@ -125,9 +131,10 @@ pub(crate) struct KvmVcpu {
     pub debug: Debug,
     /// Page-access (PF) handling state.
     pub pf: PfState,
-    /// RIP of the last emulation failure re-entered once (`internal_error`);
+    /// RIP of the last emulation failure re-entered, and how many times in
+    /// a row (`internal_error`);
     /// cleared by any other exit.
-    pub emul_retry: Option<u64>,
+    pub emul_retry: Option<(u64, u32)>,
     /// Exception frames pushed with KVM's single-step TF (see `trap_flag`),
     /// cleaned when stepping stops.
     pub tf_frames: Vec<trap_flag::LeakedFrame>,
@@ -375,11 +382,21 @@ impl KvmVcpu {
                 // No int3 there (any more): a tool may have removed it
                 // between the guest hitting it and this read (another vCPU
                 // stepping over the same breakpoint), which looks like an
-                // instruction the emulator cannot do. Re-enter once: a
-                // removed int3 then runs the original instruction; a real
-                // failure comes back at the same RIP and is fatal.
-                if self.emul_retry != Some(regs.rip) {
-                    self.emul_retry = Some(regs.rip);
+                // instruction the emulator cannot do. Re-enter: a removed
+                // int3 then runs the original instruction (or, planted
+                // again meanwhile, comes back as an int3); a real failure
+                // comes back at the same RIP every time and is fatal after
+                // `EMUL_RETRIES`.
+                let tries = match self.emul_retry {
+                    Some((rip, n)) if rip == regs.rip => n,
+                    _ => 0,
+                };
+                if tries < EMUL_RETRIES {
+                    self.emul_retry = Some((regs.rip, tries + 1));
+                    if tries > 0 {
+                        // Let the tool finish what it is doing to that byte.
+                        std::thread::yield_now();
+                    }
                     return Step::Reenter;
                 }
             }
