@@ -24,10 +24,10 @@
 //! ([`LeakedFrame::still_live`]).
 //!
 //! Exceptions KVM delivers by itself while it steps (a fault of the
-//! stepped instruction) are found the same way after the fact: when the
-//! stack grew by a frame or CS changed between two steps
-//! ([`maybe_delivered`]), [`find_frame`] looks above the stack pointer for
-//! the interrupted RSP and CS with TF between them. (Where ring 0 is
+//! stepped instruction) are found after the fact: when RSP moved by a
+//! frame or more between two steps ([`maybe_delivered`]), [`find_frame`]
+//! looks above the stack pointer for a frame that holds the previous RSP,
+//! selectors around it and TF in its RFLAGS. (Where ring 0 is
 //! emulated, KVM steps into the handler, so the next exit is there; on
 //! hardware the handler runs unstepped.)
 //!
@@ -138,23 +138,24 @@ pub(crate) fn frame_for(nr: u8, cpu: &CpuState, mem: &dyn ReadVirt) -> Option<Le
 pub(crate) const SEARCH_BYTES: usize = 256;
 
 /// Whether the guest may have taken an exception between two exits where
-/// KVM stepped: the code segment changed or the stack grew by at least a
-/// frame (five quadwords).
-pub(crate) fn maybe_delivered(before: (u64, u16), now: (u64, u16)) -> bool {
-    before.1 != now.1 || now.0.wrapping_add(40) <= before.0
+/// KVM stepped, judged by RSP alone (one ioctl per step): the stack grew
+/// by at least a frame (five quadwords) or moved as far the other way (a
+/// switch to another stack, such as ring 3 to ring 0).
+pub(crate) fn maybe_delivered(rsp_before: u64, rsp_now: u64) -> bool {
+    rsp_before.abs_diff(rsp_now) >= 40
 }
 
 /// Looks in `stack` (quadwords read from guest-virtual `base` upwards) for
-/// the frame an exception pushed over the state `before` (RSP, CS): the
-/// interrupted CS and RSP in their slots and TF in the RFLAGS between them.
-pub(crate) fn find_frame(stack: &[u64], base: u64, before: (u64, u16)) -> Option<LeakedFrame> {
-    let (old_rsp, old_cs) = before;
-    stack.windows(4).enumerate().find_map(|(i, w)| {
-        let &[_, cs, rflags, rsp] = w else { return None };
-        (cs & 0xffff == u64::from(old_cs) && rsp == old_rsp && rflags & TF != 0).then(|| LeakedFrame {
+/// the frame an exception pushed over a vCPU whose RSP was `old_rsp`: RIP,
+/// a code selector, RFLAGS with TF, `old_rsp`, a stack selector.
+pub(crate) fn find_frame(stack: &[u64], base: u64, old_rsp: u64) -> Option<LeakedFrame> {
+    let selector = |v: u64| v >> 16 == 0;
+    stack.windows(5).enumerate().find_map(|(i, w)| {
+        let &[_, cs, rflags, rsp, ss] = w else { return None };
+        (selector(cs) && cs & !3 != 0 && selector(ss) && rsp == old_rsp && rflags & TF != 0).then(|| LeakedFrame {
             rflags_at: base.wrapping_add(8 * (i as u64 + 2)),
             old_rsp,
-            old_cs: u64::from(old_cs),
+            old_cs: cs,
         })
     })
 }
@@ -219,10 +220,11 @@ mod tests {
 
     #[test]
     fn a_delivery_is_suspected_on_a_stack_switch_or_a_frame_sized_push() {
-        assert!(!maybe_delivered((0x80000, 8), (0x7fff8, 8)), "a push");
-        assert!(maybe_delivered((0x80000, 8), (0x7ffd0, 8)), "five quadwords and more");
-        assert!(maybe_delivered((0x7fff_1000, 0x33), (0x8ff0, 8)), "to ring 0");
-        assert!(!maybe_delivered((0x7ffd0, 8), (0x80000, 8)), "a return");
+        assert!(!maybe_delivered(0x80000, 0x7fff8), "a push");
+        assert!(!maybe_delivered(0x7fff8, 0x80000), "a pop");
+        assert!(maybe_delivered(0x80000, 0x7ffd0), "five quadwords and more");
+        assert!(maybe_delivered(0x7fff_1000, 0x8ff0), "to a ring-0 stack below");
+        assert!(maybe_delivered(0x1000, 0xffff_8000_0000_1000), "to a ring-0 stack above");
     }
 
     #[test]
@@ -230,13 +232,19 @@ mod tests {
         // The traps guest's #BP handler one instruction in: error code 0,
         // then RIP, CS, RFLAGS with TF, RSP, SS.
         let stack = [0x3, 0, 0x100030, 8, 0x146, 0x80000, 0x10, 0];
-        let f = find_frame(&stack, 0x7ffc8, (0x80000, 8)).unwrap();
+        let f = find_frame(&stack, 0x7ffc8, 0x80000).unwrap();
         assert_eq!(f, LeakedFrame { rflags_at: 0x7ffe8, old_rsp: 0x80000, old_cs: 8 });
-        assert!(find_frame(&stack, 0x7ffc8, (0x80000, 0x10)).is_none(), "another CS");
-        assert!(find_frame(&stack, 0x7ffc8, (0x7f000, 8)).is_none(), "another RSP");
+        assert!(find_frame(&stack, 0x7ffc8, 0x7f000).is_none(), "another RSP");
         let no_tf = [0x3, 0, 0x100030, 8, 0x46, 0x80000, 0x10, 0];
-        assert!(find_frame(&no_tf, 0x7ffc8, (0x80000, 8)).is_none(), "nothing leaked");
-        assert!(find_frame(&stack[..3], 0x7ffc8, (0x80000, 8)).is_none(), "too short");
+        assert!(find_frame(&no_tf, 0x7ffc8, 0x80000).is_none(), "nothing leaked");
+        let not_selectors = [0x3, 0, 0x100030, 0x1_0008, 0x146, 0x80000, 0x10, 0];
+        assert!(find_frame(&not_selectors, 0x7ffc8, 0x80000).is_none(), "CS is no selector");
+        let null_cs = [0x3, 0, 0x100030, 0, 0x146, 0x80000, 0x10, 0];
+        assert!(find_frame(&null_cs, 0x7ffc8, 0x80000).is_none(), "a null CS");
+        assert!(find_frame(&stack[..4], 0x7ffc8, 0x80000).is_none(), "too short");
+        let user = [0x7fff_0000_1234, 0x33, 0x346, 0x7fff_1000, 0x2b];
+        let f = find_frame(&user, 0x8fd8, 0x7fff_1000).unwrap();
+        assert_eq!(f, LeakedFrame { rflags_at: 0x8fe8, old_rsp: 0x7fff_1000, old_cs: 0x33 }, "from ring 3");
     }
 
     #[test]

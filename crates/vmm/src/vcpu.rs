@@ -140,9 +140,9 @@ pub(crate) struct KvmVcpu {
     pub tf_frames: Vec<trap_flag::LeakedFrame>,
     /// Silent steps taken so far while draining them (`Debug::drain`).
     pub drain_steps: u32,
-    /// RSP and CS at the last exit while KVM stepped (to notice exceptions
-    /// KVM delivered by itself in between).
-    pub last_step: Option<(u64, u16)>,
+    /// RSP at the last exit while KVM stepped (to notice exceptions KVM
+    /// delivered by itself in between).
+    pub last_step: Option<u64>,
     /// An exception injected for the next entry to deliver.
     pub pending_exception: Option<u8>,
 }
@@ -473,10 +473,9 @@ impl KvmVcpu {
     /// a fault of the stepped instruction), finds its frame on the stack
     /// and remembers it, as for the exceptions the VMM injects.
     fn watch_for_delivery(&mut self) {
-        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return };
-        let now = (regs.rsp, sregs.cs.selector);
-        let Some(before) = self.last_step.replace(now) else { return };
-        if !trap_flag::maybe_delivered(before, now) {
+        let Ok(regs) = self.fd.get_regs() else { return };
+        let Some(before) = self.last_step.replace(regs.rsp) else { return };
+        if !trap_flag::maybe_delivered(before, regs.rsp) {
             return;
         }
         let mut stack = [0u64; trap_flag::SEARCH_BYTES / 8];
