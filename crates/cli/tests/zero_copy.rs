@@ -354,7 +354,9 @@ fn measure_the_view_against_read_physical() {
         mbs(best),
         mbs(paged)
     );
-    // The first 1 MiB (below the image and the counters) is static.
-    assert_eq!(via_map[..1 << 20], via_socket[..1 << 20]);
+    // The first 1 MiB (below the image and the counters) is static, but
+    // for vCPU 0's stack (0x7c000..0x80000), which moves as the guest runs.
+    assert_eq!(via_map[..0x7c000], via_socket[..0x7c000]);
+    assert_eq!(via_map[0x80000..1 << 20], via_socket[0x80000..1 << 20]);
     assert!(best * 5 < socket, "the map ({best:?}) should beat the socket ({socket:?}) by far");
 }
