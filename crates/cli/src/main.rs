@@ -37,6 +37,9 @@ HOW THE TOOL COMMANDS REACH THE VM:
     undoes it. The daemon exits when the VM does, or on `ukvmi detach`.
     Addresses are numbers (0x...) or, for built-in guests or with --map FILE
     (System.map format), symbol names such as syscall_table or sys_write+0x4.
+    A number given to read, dump, protect or trace --page is guest-physical; a
+    symbol is a kernel virtual address, translated through vCPU 0's page tables
+    (breakpoints, translate and read --vcpu take virtual addresses).
 
 EXAMPLES:
     ukvmi run --guest demo --vcpus 2 --introspect unix:vm.sock     # terminal 1

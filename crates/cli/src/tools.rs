@@ -165,6 +165,38 @@ impl Ctx<'_> {
         })
     }
 
+    /// A guest-physical range from the command line. A number is physical
+    /// as given. A symbol is a kernel virtual address: it is translated
+    /// through vCPU 0's page tables (kernel mappings are the same in every
+    /// address space), page by page, and the range must be contiguous in
+    /// guest-physical memory. The demo kernel is identity-mapped, so there
+    /// both agree.
+    fn phys(&self, text: &str, len: u64) -> Result<u64, Failure> {
+        let at = self.addr(text)?;
+        if parse_number(text).is_some() {
+            return Ok(at);
+        }
+        let end = at.checked_add(len.max(1)).ok_or_else(|| Failure::usage("address range overflows"))?;
+        let vm = self.mon.vm();
+        let walk = |va: u64| -> Result<u64, Failure> {
+            vm.translate_gva(0, va)
+                .map_err(kvmi("KVMI_VCPU_TRANSLATE_GVA"))?
+                .ok_or_else(|| Failure { msg: format!("`{text}`: {va:#x} is not mapped in vCPU 0's address space"), status: 1 })
+        };
+        let gpa = walk(at)?;
+        let mut page = (at | 0xfff).saturating_add(1);
+        while page < end {
+            if walk(page)? != gpa + (page - at) {
+                return Err(Failure {
+                    msg: format!("`{text}`+{len:#x} is not contiguous in guest-physical memory (at {page:#x}); give physical addresses"),
+                    status: 1,
+                });
+            }
+            page = page.saturating_add(0x1000);
+        }
+        Ok(gpa)
+    }
+
     fn vcpu(&self, text: &str) -> Result<u16, Failure> {
         let v = parse_number(text).and_then(|v| u16::try_from(v).ok()).ok_or_else(|| Failure::usage(format!("bad vCPU `{text}`")))?;
         if v >= self.mon.vcpus() {
@@ -381,13 +413,17 @@ fn hexdump_line(addr: u64, b: &[u8]) -> String {
 
 fn read(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     a.check(&["--raw", "--hex", "--vcpu"])?;
-    let addr = ctx.addr(a.pos(0, "ADDR (guest physical, or virtual with --vcpu N; a number or a symbol)")?)?;
+    let what = a.pos(0, "ADDR (guest physical, or virtual with --vcpu N; a number, or a kernel symbol)")?;
     let len = a.pos.get(1).map_or(Some(64), |l| parse_number(l)).ok_or_else(|| Failure::usage("LEN must be a number"))?;
     if len > 1 << 20 {
         return Err(Failure::usage("read is for up to 1 MiB; use `ukvmi dump` for more"));
     }
-    addr.checked_add(len).ok_or_else(|| Failure::usage("address range overflows"))?;
     let vcpu = a.val("--vcpu").map(|v| ctx.vcpu(v)).transpose()?;
+    let addr = match vcpu {
+        Some(_) => ctx.addr(what)?,
+        None => ctx.phys(what, len)?,
+    };
+    addr.checked_add(len).ok_or_else(|| Failure::usage("address range overflows"))?;
     let raw = a.has("--raw");
     let mut pending: Vec<u8> = Vec::new();
     let mut line_at = addr;
@@ -457,11 +493,9 @@ fn dump(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
         return Err(Failure { msg: "the VM did not grant a mapped view (UKVMI_VM_MAP_MEMORY not allowed or not supported)".into(), status: 1 });
     }
     let ram = ctx.mon.vm().info().max_gpa;
-    let gpa = a.pos.first().map(|t| ctx.addr(t)).transpose()?.unwrap_or(0);
-    let len = match a.pos.get(1) {
-        Some(l) => parse_number(l).ok_or_else(|| Failure::usage("LEN must be a number"))?,
-        None => ram.saturating_sub(gpa),
-    };
+    let given = a.pos.get(1).map(|l| parse_number(l).ok_or_else(|| Failure::usage("LEN must be a number"))).transpose()?;
+    let gpa = a.pos.first().map(|t| ctx.phys(t, given.unwrap_or(1))).transpose()?.unwrap_or(0);
+    let len = given.unwrap_or_else(|| ram.saturating_sub(gpa));
     if gpa.checked_add(len).is_none_or(|e| e > ram) {
         return Err(Failure::usage(format!("{gpa:#x}+{len:#x} is past the end of guest RAM ({ram:#x})")));
     }
@@ -560,7 +594,7 @@ fn trace(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> 
     let pauses = a.has("--pauses");
     let bp = a.val("--breakpoint").map(|b| ctx.addr(b)).transpose()?;
     let msrs: Vec<u32> = a.vals("--msr").iter().map(|m| parse_msr(m).ok_or_else(|| Failure::usage(format!("unknown MSR `{m}`")))).collect::<Result<_, _>>()?;
-    let page_addrs: Vec<u64> = a.vals("--page").iter().map(|p| ctx.addr(p)).collect::<Result<_, _>>()?;
+    let page_addrs: Vec<u64> = a.vals("--page").iter().map(|p| ctx.phys(p, 1)).collect::<Result<_, _>>()?;
     if !syscalls && !hyper && !pauses && bp.is_none() && msrs.is_empty() && page_addrs.is_empty() {
         syscalls = true;
     }
@@ -640,8 +674,9 @@ fn protect(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure
     let mut allowed = STREAM_FLAGS.to_vec();
     allowed.extend(["--deny", "--remove"]);
     a.check(&allowed)?;
-    let gpa = ctx.addr(a.pos(0, "ADDR (guest physical; a number or a symbol)")?)?;
+    let what = a.pos(0, "ADDR (guest physical; a number, or a kernel symbol)")?;
     let len = a.pos.get(1).map_or(Some(1), |l| parse_number(l)).ok_or_else(|| Failure::usage("LEN must be a number"))?;
+    let gpa = ctx.phys(what, len)?;
     let mut remove = 0u8;
     for c in a.val("--remove").unwrap_or("w").chars() {
         remove |= match c {

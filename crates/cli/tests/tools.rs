@@ -362,3 +362,34 @@ fn ps_trace_and_protect_on_the_demo_os() {
     detach(&tool);
     vm.wait_serial("shell: hello", 3, T);
 }
+
+#[test]
+fn symbols_are_virtual_and_physical_commands_translate_them() {
+    let dir = Scratch::new("tools-symva");
+    let sock = dir.path("vm.sock");
+    let vm = RunningVm::start(&dir, &["--guest", "demo", "--vcpus", "1", "--introspect", &format!("unix:{}", sock.display())]);
+    vm.wait_serial("shell: hello", 1, T);
+    let tool = Tool { sock };
+    // A System.map whose `user_code` is the demo OS's user image at VA
+    // 0x400000, which is not identity-mapped (each process has its own
+    // frames), and `ptable` an identity-mapped kernel address.
+    let map = dir.path("System.map");
+    std::fs::write(&map, "0000000000400000 T user_code\n00000000003e0000 D ptable\n").unwrap();
+    let m = map.to_str().unwrap();
+    tool.ok(&["--map", m, "pause"]);
+    let tr = tool.ok(&["--map", m, "translate", "0", "0x400000", "--json"]);
+    let gpa = hex(&Tool::field(&tr, "gpa"));
+    assert_ne!(gpa, 0x400000, "user code is not identity-mapped: {tr}");
+    let by_symbol = tool.cmd(&["--map", m, "read", "user_code", "64", "--raw"]);
+    assert!(by_symbol.status.success(), "{}", String::from_utf8_lossy(&by_symbol.stderr));
+    let at_gpa = tool.cmd(&["read", &format!("{gpa:#x}"), "64", "--raw"]).stdout;
+    let at_number = tool.cmd(&["read", "0x400000", "64", "--raw"]).stdout;
+    assert_eq!(by_symbol.stdout, at_gpa, "the symbol is read where vCPU 0 maps it");
+    assert_ne!(at_gpa, at_number, "a number stays physical (and holds other bytes here)");
+    let dumped = tool.cmd(&["--map", m, "dump", "user_code+0x10", "16"]).stdout;
+    assert_eq!(dumped, at_gpa[0x10..0x20], "dump translates symbols too");
+    let ptable = tool.cmd(&["--map", m, "read", "ptable", "16", "--raw"]).stdout;
+    assert_eq!(ptable, tool.cmd(&["read", "0x3e0000", "16", "--raw"]).stdout, "identity-mapped kernel data");
+    tool.ok(&["resume"]);
+    detach(&tool);
+}
