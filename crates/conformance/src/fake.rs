@@ -102,6 +102,8 @@ pub enum Observed {
 
 struct VcpuShared {
     ready: AtomicBool,
+    /// Skips `handle_requests` while set (`FakeVm::hold`).
+    held: AtomicBool,
     in_guest: AtomicBool,
     exits: AtomicU64,
     progress: AtomicU64,
@@ -152,6 +154,7 @@ impl FakeVm {
             vcpus: (0..cfg.vcpus)
                 .map(|i| VcpuShared {
                     ready: AtomicBool::new(i < cfg.started),
+                    held: AtomicBool::new(false),
                     in_guest: AtomicBool::new(false),
                     exits: AtomicU64::new(0),
                     progress: AtomicU64::new(0),
@@ -181,6 +184,14 @@ impl FakeVm {
             vm.threads.lock().unwrap().push(h);
         }
         (vm, endpoint)
+    }
+
+    /// Holds vCPU `i` off its requests (or lets it go): it goes on running
+    /// the guest but does not call `handle_requests`, like a vCPU thread
+    /// busy elsewhere for a while.
+    pub fn hold(&self, i: u16, held: bool) {
+        self.vcpu(i).held.store(held, Ordering::SeqCst);
+        self.kick(i, false);
     }
 
     /// Stops the vCPU threads and reports whether any of them panicked.
@@ -525,7 +536,7 @@ impl FakeVcpu {
                 let (mut k, _) = me.kicked.wait_timeout_while(k, Duration::from_millis(2), |k| !*k).unwrap();
                 *k = false;
             }
-            if port.has_requests() && matches!(port.handle_requests(&mut self), Flow::Crash(_)) {
+            if !me.held.load(Ordering::SeqCst) && port.has_requests() && matches!(port.handle_requests(&mut self), Flow::Crash(_)) {
                 self.log(Observed::Crashed);
             }
         }

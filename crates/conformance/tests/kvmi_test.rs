@@ -345,6 +345,30 @@ fn t18_vm_control_cleanup() {
     assert_eq!(code(vm.control_cleanup(false)), 0);
 }
 
+/// A vCPU busy elsewhere while two connections end in a row still undoes
+/// what the first one set up (each finished session's cleanup is kept,
+/// not just the last).
+#[test]
+fn every_finished_session_is_cleaned_up_even_two_in_a_row() {
+    let s = Setup::new(&FakeConfig::default());
+    let a = Vm::connect_raw(s.connect()).unwrap();
+    a.control_events(0, event::BREAKPOINT, true).unwrap();
+    assert!(s.vm.intercepts(0).breakpoint);
+    s.vm.hold(0, true);
+    drop(a);
+    let b = Vm::connect_raw(s.connect()).unwrap(); // unhooks A first
+    drop(b);
+    s.endpoint.unhook(); // and B, before vCPU 0 got to A's cleanup
+    assert!(s.vm.intercepts(0).breakpoint, "held: nothing undone yet");
+    s.vm.hold(0, false);
+    let t0 = std::time::Instant::now();
+    while s.vm.intercepts(0).breakpoint {
+        assert!(t0.elapsed() < T, "the first session's BREAKPOINT interception was never undone");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.assert_guest_runs(&[0]);
+}
+
 #[test]
 fn t19_vcpu_control_cr() {
     let (s, vm) = one_vcpu();

@@ -42,9 +42,10 @@ pub enum PreUnhookError {
 pub(crate) struct PortState {
     /// Set when the vCPU has something to do in `handle_requests`.
     pub request: Arc<AtomicBool>,
-    /// A finished session whose per-vCPU cleanup this vCPU still owes, and
-    /// the CONTROL_CLEANUP flag it ended with.
-    pub cleanup: Mutex<Option<(Arc<Session>, bool)>>,
+    /// Finished sessions whose per-vCPU cleanup this vCPU still owes, oldest
+    /// first, each with the CONTROL_CLEANUP flag it ended with (several when
+    /// connections come and go before the vCPU next gets to it).
+    pub cleanup: Mutex<Vec<(Arc<Session>, bool)>>,
 }
 
 pub(crate) struct Shared {
@@ -94,7 +95,7 @@ impl Endpoint {
     /// An endpoint with the given allowed sets.
     pub fn with_permissions(vm: Arc<dyn VmBackend>, perms: Permissions) -> Endpoint {
         let ports = (0..vm.vcpu_count())
-            .map(|_| PortState { request: Arc::new(AtomicBool::new(false)), cleanup: Mutex::new(None) })
+            .map(|_| PortState { request: Arc::new(AtomicBool::new(false)), cleanup: Mutex::new(Vec::new()) })
             .collect();
         Endpoint {
             shared: Arc::new(Shared {
@@ -200,7 +201,7 @@ impl Endpoint {
         }
         let restore = sess.cleanup.load(Ordering::SeqCst);
         for (i, p) in self.shared.ports.iter().enumerate() {
-            *lock(&p.cleanup) = Some((Arc::clone(&sess), restore));
+            lock(&p.cleanup).push((Arc::clone(&sess), restore));
             p.request.store(true, Ordering::SeqCst);
             // ports came from a u16 vCPU count.
             self.shared.vm.kick(i as u16, false);

@@ -206,11 +206,18 @@ impl VcpuPort {
         self.shared.current()
     }
 
-    /// After unhook: drop the old session's jobs, stop single-stepping, and
-    /// (with the cleanup flag) undo every interception the tool set up.
+    /// After unhook: for each finished session, oldest first, drop its jobs,
+    /// stop single-stepping, and (with the cleanup flag) undo every
+    /// interception the tool set up.
     fn finish_cleanup(&self, vcpu: &mut dyn VcpuBackend) {
         let Some(p) = self.shared.port(self.index) else { return };
-        let Some((old, restore)) = lock(&p.cleanup).take() else { return };
+        let owed = std::mem::take(&mut *lock(&p.cleanup));
+        for (old, restore) in owed {
+            self.cleanup_one(vcpu, &old, restore);
+        }
+    }
+
+    fn cleanup_one(&self, vcpu: &mut dyn VcpuBackend, old: &Session, restore: bool) {
         let Some(vs) = old.vcpus.get(usize::from(self.index)) else { return };
         {
             let mut q = lock(&vs.queue);
