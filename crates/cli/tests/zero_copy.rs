@@ -314,49 +314,32 @@ fn a_tool_killed_while_holding_the_map_leaves_the_vm_fine() {
     assert!(!vm.stderr_text().contains("panicked"), "{}", vm.stderr_text());
 }
 
-/// What the map buys: 4 MiB of guest RAM through READ_PHYSICAL (one page
-/// per round trip) and through the view, and the cost of one map call.
-/// Prints the numbers; asserts only a margin no loaded machine erases.
+/// 4 MiB of guest RAM read three ways: through READ_PHYSICAL one page per
+/// round trip, through the view in one copy, and through the view page by
+/// page. They agree wherever the guest does not write. (How fast each is
+/// belongs to the benchmarks: BENCHMARKS.md, `vs_gdbstub`.)
 #[test]
-fn measure_the_view_against_read_physical() {
-    let dir = Scratch::new("zc-measure");
+fn the_view_and_read_physical_agree_in_one_copy_and_page_by_page() {
+    let dir = Scratch::new("zc-agree");
     let (vm, _l, tool) = start(&dir, "spin", 1, &[]);
     let _show = ShowOnPanic(&vm);
     const LEN: usize = 4 << 20;
-    let t0 = Instant::now();
     let map = tool.map_memory().unwrap();
-    let map_call = t0.elapsed();
     let mut via_socket = vec![0u8; LEN];
-    let t0 = Instant::now();
     for (i, page) in via_socket.chunks_mut(4096).enumerate() {
         tool.read_physical_into(i as u64 * 4096, page).unwrap();
     }
-    let socket = t0.elapsed();
     let mut via_map = vec![0u8; LEN];
-    let mut best = Duration::MAX;
-    for _ in 0..5 {
-        let t0 = Instant::now();
-        map.read(0, &mut via_map).unwrap();
-        best = best.min(t0.elapsed());
-    }
-    // Page by page through the map, as a tool walking pages would.
-    let t0 = Instant::now();
-    for (i, page) in via_map.chunks_mut(4096).enumerate() {
+    map.read(0, &mut via_map).unwrap();
+    let mut paged = vec![0u8; LEN];
+    for (i, page) in paged.chunks_mut(4096).enumerate() {
         map.read(i as u64 * 4096, page).unwrap();
     }
-    let paged = t0.elapsed();
-    let mbs = |d: Duration| LEN as f64 / d.as_secs_f64() / 1e6;
-    eprintln!(
-        "zero-copy: map call {map_call:?}; 4 MiB via READ_PHYSICAL {socket:?} ({:.0} MB/s, {:.1} µs/page); \
-         via the map in one copy {best:?} ({:.0} MB/s), page by page {paged:?} ({:.0} MB/s)",
-        mbs(socket),
-        socket.as_secs_f64() * 1e6 / (LEN / 4096) as f64,
-        mbs(best),
-        mbs(paged)
-    );
     // The first 1 MiB (below the image and the counters) is static, but
-    // for vCPU 0's stack (0x7c000..0x80000), which moves as the guest runs.
-    assert_eq!(via_map[..0x7c000], via_socket[..0x7c000]);
-    assert_eq!(via_map[0x80000..1 << 20], via_socket[0x80000..1 << 20]);
-    assert!(best * 5 < socket, "the map ({best:?}) should beat the socket ({socket:?}) by far");
+    // for vCPU 0's stack (0x7c000..0x80000), which moves as the guest runs;
+    // so is the image (the next MiB).
+    for (from, to) in [(0, 0x7c000), (0x80000, 2 << 20)] {
+        assert!(via_map[from..to] == via_socket[from..to], "view and READ_PHYSICAL differ in {from:#x}..{to:#x}");
+        assert!(paged[from..to] == via_map[from..to], "the view page by page and in one copy differ in {from:#x}..{to:#x}");
+    }
 }
