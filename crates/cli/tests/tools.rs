@@ -393,3 +393,18 @@ fn symbols_are_virtual_and_physical_commands_translate_them() {
     tool.ok(&["resume"]);
     detach(&tool);
 }
+
+#[test]
+fn a_vm_merely_named_like_a_built_in_guest_gets_no_symbols() {
+    let dir = Scratch::new("tools-name");
+    let sock = dir.path("vm.sock");
+    let vm = RunningVm::start(&dir, &["--guest", "spin", "--name", "demo", "--introspect", &format!("unix:{}", sock.display())]);
+    vm.wait_serial("tick", 1, T);
+    let tool = Tool { sock };
+    assert!(tool.ok(&["info", "--json"]).contains(r#""name":"demo""#));
+    tool.fails(&["read", "syscall_table", "8"], 2, "no symbol map");
+    tool.fails(&["symbols"], 1, "no symbol map");
+    let log = std::fs::read_to_string(dir.path("vm.sock.log")).unwrap();
+    assert!(log.contains("does not run the built-in `demo` guest"), "{log}");
+    detach(&tool);
+}
