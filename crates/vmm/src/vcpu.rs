@@ -413,7 +413,7 @@ impl KvmVcpu {
     /// single-step flag when RIP changes under it (`singlestep_rip`).
     fn put_regs(&mut self, regs: &kvm_bindings::kvm_regs) -> std::result::Result<(), kvm_ioctls::Error> {
         self.fd.set_regs(regs)?;
-        if self.debug.singlestep || self.debug.step_over {
+        if self.stepping() {
             self.sync_debug()?;
         }
         Ok(())
