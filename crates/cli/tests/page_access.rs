@@ -28,23 +28,6 @@ fn start(dir: &Scratch, vcpus: u16) -> (RunningVm, Listener, Vm) {
     (vm, listener, tool)
 }
 
-/// Prints the VMM's stderr and serial output when a test fails, since an
-/// error on the tool's side ("Closed") often has its reason there.
-struct ShowOnPanic<'a>(&'a RunningVm);
-
-impl Drop for ShowOnPanic<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- ukvmi stderr:\n{}--- serial (tail):\n{}", self.0.stderr_text(), tail(&self.0.serial_text()));
-        }
-    }
-}
-
-fn tail(s: &str) -> &str {
-    let n = s.len().saturating_sub(800);
-    s.get(n..).unwrap_or(s)
-}
-
 fn sym(name: &str) -> u64 {
     ukvmi_guests::find("pf").unwrap().symbol(name).unwrap_or_else(|| panic!("pf guest has no symbol {name}"))
 }
@@ -116,7 +99,6 @@ fn code(r: ukvmi_introspector::Result<()>) -> i32 {
 fn page_access_is_offered_and_validated() {
     let dir = Scratch::new("pfcaps");
     let (vm, _l, tool) = start(&dir, 1);
-    let _show = ShowOnPanic(&vm);
     assert_eq!(tool.check_command(msg::VM_SET_PAGE_ACCESS).map_err(|e| e.to_string()), Ok(()));
     assert_eq!(tool.check_event(event::PF).map_err(|e| e.to_string()), Ok(()));
     tool.control_events(0, event::PF, true).unwrap();
@@ -135,7 +117,6 @@ fn page_access_is_offered_and_validated() {
 fn write_restriction_retry_drops_the_write_and_continue_applies_it() {
     let dir = Scratch::new("pfw");
     let (vm, _l, tool) = start(&dir, 1);
-    let _show = ShowOnPanic(&vm);
     let a = pf_data_addr(0);
     tool.control_events(0, event::PF, true).unwrap();
     tool.set_page_access(&[(a, R | X)]).unwrap();
@@ -193,7 +174,6 @@ fn write_restriction_retry_drops_the_write_and_continue_applies_it() {
 fn read_restriction_continue_gives_the_true_value_and_set_registers_wins() {
     let dir = Scratch::new("pfr");
     let (vm, _l, tool) = start(&dir, 1);
-    let _show = ShowOnPanic(&vm);
     let a = pf_data_addr(0);
     tool.control_events(0, event::PF, true).unwrap();
     tool.set_page_access(&[(a, W | X)]).unwrap();
@@ -247,7 +227,6 @@ fn read_restriction_continue_gives_the_true_value_and_set_registers_wins() {
 fn execute_restriction_steps_one_instruction_per_continue() {
     let dir = Scratch::new("pfx");
     let (vm, _l, tool) = start(&dir, 1);
-    let _show = ShowOnPanic(&vm);
     let f = sym("pf_func");
     tool.control_events(0, event::PF, true).unwrap();
     tool.set_page_access(&[(f, R | W)]).unwrap();
@@ -290,7 +269,6 @@ fn execute_restriction_steps_one_instruction_per_continue() {
 fn two_vcpus_in_pf_events_at_once_are_answered_independently() {
     let dir = Scratch::new("pf2");
     let (vm, _l, tool) = start(&dir, 2);
-    let _show = ShowOnPanic(&vm);
     for i in 0..2 {
         tool.control_events(i, event::PF, true).unwrap();
     }
@@ -346,7 +324,6 @@ fn two_vcpus_in_pf_events_at_once_are_answered_independently() {
 fn straddling_write_gives_one_event_per_restricted_page() {
     let dir = Scratch::new("pfs");
     let (vm, _l, tool) = start(&dir, 1);
-    let _show = ShowOnPanic(&vm);
     let a = pf_data_addr(0);
     let b = a + 0x1000;
     tool.control_events(0, event::PF, true).unwrap();
@@ -390,7 +367,6 @@ fn straddling_write_gives_one_event_per_restricted_page() {
 fn disconnect_during_pf_events_resumes_all_and_lifts_the_restrictions() {
     let dir = Scratch::new("pfdrop");
     let (vm, l, tool) = start(&dir, 2);
-    let _show = ShowOnPanic(&vm);
     for i in 0..2 {
         tool.control_events(i, event::PF, true).unwrap();
     }
@@ -435,7 +411,6 @@ fn crash_from_a_pf_event_ends_the_vm() {
 fn a_disabled_pf_event_leaves_restricted_pages_working() {
     let dir = Scratch::new("pfoff");
     let (vm, _l, tool) = start(&dir, 1);
-    let _show = ShowOnPanic(&vm);
     let a = pf_data_addr(0);
     let f = sym("pf_func");
     // Every access removed, but nobody asked for the event: the guest must
@@ -466,8 +441,7 @@ fn measure_pf_round_trips_and_protect_cost() {
     // One vCPU: with two, the other one's silent steps over pf_func's
     // page map it for a moment and the X numbers mix with that race.
     let dir = Scratch::new("pfmeasure");
-    let (vm, _l, tool) = start(&dir, 1);
-    let _show = ShowOnPanic(&vm);
+    let (_vm, _l, tool) = start(&dir, 1);
     let a = pf_data_addr(0);
     let n = 300;
     tool.control_events(0, event::PF, true).unwrap();

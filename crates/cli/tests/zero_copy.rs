@@ -30,17 +30,6 @@ fn start(dir: &Scratch, guest: &str, vcpus: u16, extra: &[&str]) -> (RunningVm, 
     (vm, listener, tool)
 }
 
-/// Prints the VMM's stderr when a test fails.
-struct ShowOnPanic<'a>(&'a RunningVm);
-
-impl Drop for ShowOnPanic<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- ukvmi stderr:\n{}", self.0.stderr_text());
-        }
-    }
-}
-
 fn errno<X: std::fmt::Debug>(r: ukvmi_introspector::Result<X>) -> KvmErrno {
     match r {
         Err(e) => e.errno().unwrap_or_else(|| panic!("not a KVM error: {e}")),
@@ -78,7 +67,6 @@ fn assert_counter_live(tool: &Vm, map: &GuestMemoryMap, vcpu: u16) {
 fn the_view_equals_read_physical_and_follows_the_running_guest() {
     let dir = Scratch::new("zc-view");
     let (vm, _l, tool) = start(&dir, "spin", 2, &[]);
-    let _show = ShowOnPanic(&vm);
     assert_eq!(tool.check_command(MAP).map_err(|e| e.to_string()), Ok(()));
     let map = tool.map_memory().unwrap();
     assert_eq!((map.len(), map.gpa(), map.is_writable()), (RAM, 0, false));
@@ -112,7 +100,6 @@ fn the_view_equals_read_physical_and_follows_the_running_guest() {
 fn the_read_only_descriptor_cannot_be_made_writable() {
     let dir = Scratch::new("zc-ro");
     let (vm, _l, tool) = start(&dir, "spin", 1, &[]);
-    let _show = ShowOnPanic(&vm);
     let map = tool.map_memory().unwrap();
     // SAFETY: only the address is used, for mprotect on our own mapping.
     let base = unsafe { map.as_ptr() };
@@ -146,18 +133,15 @@ fn writable_needs_write_physical_and_its_writes_are_seen_by_read_physical() {
         1,
         &["--allow-command", "UKVMI_VM_MAP_MEMORY", "--allow-command", "KVMI_VM_READ_PHYSICAL", "--allow-command", &map_id],
     );
-    let _show = ShowOnPanic(&vm);
     assert_eq!(errno(tool.map_memory_writable()), KvmErrno::Eperm);
     let ro = tool.map_memory().unwrap();
     assert!(!ro.is_writable());
     assert_eq!(ro.read_u64(layout::PATTERN_BASE).unwrap(), read_u64(&tool, layout::PATTERN_BASE));
-    drop(_show);
     drop(tool);
     drop(vm);
 
     let dir = Scratch::new("zc-rw2");
     let (vm, _l, tool) = start(&dir, "spin", 1, &[]);
-    let _show = ShowOnPanic(&vm);
     let rw = tool.map_memory_writable().unwrap();
     let ro = tool.map_memory().unwrap();
     assert!(rw.is_writable());
@@ -177,7 +161,6 @@ fn writable_needs_write_physical_and_its_writes_are_seen_by_read_physical() {
 fn allow_command_without_it_is_eperm() {
     let dir = Scratch::new("zc-eperm");
     let (vm, _l, tool) = start(&dir, "spin", 1, &["--allow-command", "KVMI_VM_READ_PHYSICAL", "--allow-command", "KVMI_VM_WRITE_PHYSICAL"]);
-    let _show = ShowOnPanic(&vm);
     assert_eq!(errno(tool.check_command(MAP)), KvmErrno::Eperm);
     assert_eq!(errno(tool.map_memory()), KvmErrno::Eperm);
     assert_eq!(errno(tool.map_memory_writable()), KvmErrno::Eperm);
@@ -190,7 +173,6 @@ fn allow_command_without_it_is_eperm() {
 fn page_protection_still_fires_for_the_guest_while_mapped() {
     let dir = Scratch::new("zc-pf");
     let (vm, _l, tool) = start(&dir, "pf", 1, &[]);
-    let _show = ShowOnPanic(&vm);
     let rw = tool.map_memory_writable().unwrap();
     let a = pf_data_addr(0);
     tool.control_events(0, event::PF, true).unwrap();
@@ -266,7 +248,6 @@ fn a_tool_killed_while_holding_the_map_leaves_the_vm_fine() {
     let sock = dir.path("kvmi.sock");
     let intro = format!("unix:{}", sock.display());
     let vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--reconnect", "0.2"]);
-    let _show = ShowOnPanic(&vm);
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_tool_holds_the_map", "--ignored", "--nocapture", "--test-threads", "1"])
         .env(CHILD_SOCK, &sock)
@@ -321,8 +302,7 @@ fn a_tool_killed_while_holding_the_map_leaves_the_vm_fine() {
 #[test]
 fn the_view_and_read_physical_agree_in_one_copy_and_page_by_page() {
     let dir = Scratch::new("zc-agree");
-    let (vm, _l, tool) = start(&dir, "spin", 1, &[]);
-    let _show = ShowOnPanic(&vm);
+    let (_vm, _l, tool) = start(&dir, "spin", 1, &[]);
     const LEN: usize = 4 << 20;
     let map = tool.map_memory().unwrap();
     let mut via_socket = vec![0u8; LEN];

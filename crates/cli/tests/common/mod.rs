@@ -145,13 +145,15 @@ impl Drop for RunningVm {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // A failing test shows what the VMM said (why a connection closed,
-        // how a vCPU failed), which its own message rarely can.
+        // how a vCPU failed) and what the guest printed last, which its own
+        // message rarely can.
         if std::thread::panicking() {
-            let err = self.stderr_text();
-            let tail: Vec<&str> = err.lines().rev().take(30).collect();
-            eprintln!("--- the VMM's stderr (last {} lines):", tail.len());
-            for l in tail.iter().rev() {
-                eprintln!("    {l}");
+            for (what, text) in [("stderr", self.stderr_text()), ("serial output", self.serial_text())] {
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                eprintln!("--- the VMM's {what} (last {} lines):", tail.len());
+                for l in tail.iter().rev() {
+                    eprintln!("    {l}");
+                }
             }
         }
     }
