@@ -479,14 +479,7 @@ impl KvmVcpu {
             return;
         }
         let mut stack = [0u64; trap_flag::SEARCH_BYTES / 8];
-        let mut n = 0;
-        for (i, q) in stack.iter_mut().enumerate() {
-            match self.read_virt_u64(regs.rsp.wrapping_add(8 * i as u64)) {
-                Some(v) => *q = v,
-                None => break,
-            }
-            n = i + 1;
-        }
+        let n = self.read_virt_qwords(regs.rsp, &mut stack);
         if let Some(f) = trap_flag::find_frame(stack.get(..n).unwrap_or_default(), regs.rsp, before) {
             self.remember_frame(f);
         }
@@ -500,6 +493,35 @@ impl KvmVcpu {
             self.tf_frames.remove(0);
         }
         self.tf_frames.push(f);
+    }
+
+    /// Reads quadwords from guest-virtual `gva` on, translating once per
+    /// page; returns how many it read before an unmapped page.
+    fn read_virt_qwords(&self, gva: u64, out: &mut [u64]) -> usize {
+        let mut page: Option<(u64, u64)> = None;
+        for (i, q) in out.iter_mut().enumerate() {
+            let at = gva.wrapping_add(8 * i as u64);
+            let value = if at & 0xfff > 0xff8 {
+                // Straddles two pages (a misaligned stack).
+                self.read_virt_u64(at)
+            } else {
+                let (va_page, pa_page) = match page {
+                    Some(p) if p.0 == at & !0xfff => p,
+                    _ => {
+                        let Some(pa) = self.translate(at & !0xfff) else { return i };
+                        (at & !0xfff, pa)
+                    }
+                };
+                page = Some((va_page, pa_page));
+                let mut b = [0u8; 8];
+                self.shared.ram.read(pa_page + (at & 0xfff), &mut b).ok().map(|()| u64::from_le_bytes(b))
+            };
+            match value {
+                Some(v) => *q = v,
+                None => return i,
+            }
+        }
+        out.len()
     }
 
     /// Reads a guest-virtual u64 through this vCPU's page tables.
@@ -536,11 +558,12 @@ impl KvmVcpu {
         let frames = std::mem::take(&mut self.tf_frames);
         let Ok(regs) = self.fd.get_regs() else { return };
         for f in frames {
-            let (Some(rsp), Some(cs), Some(rflags)) =
-                (self.read_virt_u64(f.rsp_at()), self.read_virt_u64(f.cs_at()), self.read_virt_u64(f.rflags_at))
-            else {
+            // CS, RFLAGS, RSP: three quadwords in a row.
+            let mut slots = [0u64; 3];
+            if self.read_virt_qwords(f.cs_at(), &mut slots) < 3 {
                 continue;
-            };
+            }
+            let [cs, rflags, rsp] = slots;
             if f.still_live(regs.rsp, rsp, cs, rflags) {
                 if let Some(gpa) = self.translate(f.rflags_at) {
                     let _ = self.shared.ram.write_u64(gpa, rflags & !trap_flag::TF);
