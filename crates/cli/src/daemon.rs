@@ -232,7 +232,7 @@ pub fn main(args: &[String]) -> ExitCode {
     // One daemon per path: two first commands at the same moment each
     // start one, and the loser leaves (its client uses the winner). The
     // lock goes with the process, however it ends.
-    let _lock = match lock_path_for(&vm) {
+    let _lock = match take_daemon_lock(&vm) {
         Ok(f) => f,
         Err((code, e)) => {
             log(&e);
@@ -251,7 +251,7 @@ pub fn main(args: &[String]) -> ExitCode {
 /// Takes the daemon lock for `vm` (see `control::lock_path`).
 /// On failure: the exit status (`ALREADY_SERVED` when another daemon holds
 /// the lock) and why.
-fn lock_path_for(vm: &Path) -> Result<std::fs::File, (u8, String)> {
+fn take_daemon_lock(vm: &Path) -> Result<std::fs::File, (u8, String)> {
     use std::os::fd::AsRawFd;
     let path = crate::control::lock_path(vm);
     let f = std::fs::OpenOptions::new()
