@@ -6,6 +6,10 @@
 //! `#[repr(C)]` with explicit padding and use `zerocopy` for conversion to and
 //! from bytes; [`read_zext`] applies the kernel's rule that a short body reads
 //! as if zero-extended.
+//!
+//! The older **kvmi-v7** dialect that libkvmi, LibVMI and the other existing
+//! tools speak lives in [`v7`]: its ids, the structures that differ, and the
+//! maps between the two numberings.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 
 mod codec;
@@ -14,6 +18,7 @@ pub mod handshake;
 mod ids;
 mod payload;
 mod structs;
+pub mod v7;
 
 pub use codec::{frame, read_zext, tail, TooLarge};
 pub use errno::KvmErrno;

@@ -5,12 +5,12 @@
 //! asserted at compile time; field offsets are tested against the spec's tables
 //! in `tests/layout.rs`.
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+/// Declares a byte-exact wire struct (also used by the v7 module).
 macro_rules! wire {
     ($(#[$m:meta])* $name:ident, $size:expr, { $($(#[$fm:meta])* $f:ident : $t:ty),* $(,)? }) => {
         $(#[$m])*
-        #[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, PartialEq, Eq)]
+        #[derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable, zerocopy::KnownLayout, Clone, Copy, Debug, PartialEq, Eq)]
         #[repr(C)]
         pub struct $name { $($(#[$fm])* pub $f: $t),* }
         const _: () = assert!(core::mem::size_of::<$name>() == $size);
@@ -21,6 +21,8 @@ macro_rules! wire {
         }
     };
 }
+
+pub(crate) use wire;
 
 // ---------------------------------------------------------------- framing
 
@@ -160,7 +162,7 @@ wire!(
 });
 
 /// `struct kvm_xsave`: the 4096-byte legacy XSAVE area.
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable, zerocopy::KnownLayout, Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub struct KvmXsave {
     /// The raw area.
