@@ -337,6 +337,10 @@ impl VmBackend for FakeVm {
         Ok(())
     }
 
+    fn max_gpa(&self) -> u64 {
+        self.memory.read().unwrap().len() as u64
+    }
+
     fn caps(&self) -> HostCaps {
         self.caps
     }

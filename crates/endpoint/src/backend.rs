@@ -168,6 +168,10 @@ pub trait VmBackend: Send + Sync + 'static {
     /// Writes guest physical memory. `gpa..gpa+data.len()` never crosses a page.
     fn write_physical(&self, gpa: u64, data: &[u8]) -> BackendResult<()>;
 
+    /// End of the highest guest RAM range (the handshake's `max_gpa`; v7's
+    /// GET_MAX_GFN is this in pages, rounded up).
+    fn max_gpa(&self) -> u64;
+
     /// What this host supports.
     fn caps(&self) -> HostCaps;
 

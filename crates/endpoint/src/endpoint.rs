@@ -2,6 +2,7 @@
 //! VM; each connection ("hook") gets a fresh session.
 
 use crate::backend::VmBackend;
+use crate::dialect::{self, Dialect, Log};
 use crate::permissions::Permissions;
 use crate::receiver;
 use crate::session::{lock, Disconnect, Session};
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use thiserror::Error;
-use ukvmi_wire::{event, frame, msg, EventHdr, IntoBytes};
+use ukvmi_wire::event;
 
 /// Why [`Endpoint::hook`] failed.
 #[derive(Debug, Error)]
@@ -39,6 +40,28 @@ pub enum PreUnhookError {
     SendFailed(Disconnect),
 }
 
+/// How an [`Endpoint`] serves its connections.
+pub struct Options {
+    /// Allowed commands and events (default: all).
+    pub permissions: Permissions,
+    /// The wire dialect (default: v12).
+    pub dialect: Dialect,
+    /// Where one-line notices go (default: nowhere).
+    pub log: Option<Log>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { permissions: Permissions::allow_all(), dialect: Dialect::V12, log: None }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options").field("dialect", &self.dialect).field("log", &self.log.is_some()).finish()
+    }
+}
+
 pub(crate) struct PortState {
     /// Set when the vCPU has something to do in `handle_requests`.
     pub request: Arc<AtomicBool>,
@@ -51,6 +74,8 @@ pub(crate) struct PortState {
 pub(crate) struct Shared {
     pub vm: Arc<dyn VmBackend>,
     pub perms: Arc<Permissions>,
+    pub dialect: Dialect,
+    pub log: Log,
     pub ports: Vec<PortState>,
     pub current: Mutex<Option<Arc<Session>>>,
     pub receiver: Mutex<Option<JoinHandle<()>>>,
@@ -92,8 +117,14 @@ impl Endpoint {
         Self::with_permissions(vm, Permissions::allow_all())
     }
 
-    /// An endpoint with the given allowed sets.
+    /// An endpoint with the given allowed sets, serving KVMI v12.
     pub fn with_permissions(vm: Arc<dyn VmBackend>, perms: Permissions) -> Endpoint {
+        Self::with_options(vm, Options { permissions: perms, ..Options::default() })
+    }
+
+    /// An endpoint with the given allowed sets, dialect and log.
+    pub fn with_options(vm: Arc<dyn VmBackend>, options: Options) -> Endpoint {
+        let Options { permissions: perms, dialect, log } = options;
         let ports = (0..vm.vcpu_count())
             .map(|_| PortState { request: Arc::new(AtomicBool::new(false)), cleanup: Mutex::new(Vec::new()) })
             .collect();
@@ -101,11 +132,18 @@ impl Endpoint {
             shared: Arc::new(Shared {
                 vm,
                 perms: Arc::new(perms),
+                dialect,
+                log: log.unwrap_or_else(|| Arc::new(|_: &str| {})),
                 ports,
                 current: Mutex::new(None),
                 receiver: Mutex::new(None),
             }),
         }
+    }
+
+    /// The dialect this endpoint's connections speak.
+    pub fn dialect(&self) -> Dialect {
+        self.shared.dialect
     }
 
     /// The allowed-command and allowed-event sets. Changes apply at once,
@@ -133,6 +171,8 @@ impl Endpoint {
             Arc::clone(&self.shared.perms),
             &requests,
             socket,
+            self.shared.dialect,
+            Arc::clone(&self.shared.log),
         )?);
         let rd = sess.reader()?;
         let for_thread = Arc::clone(&sess);
@@ -179,8 +219,7 @@ impl Endpoint {
         if !sess.vm_event_enabled(event::UNHOOK) {
             return Err(PreUnhookError::NotEnabled);
         }
-        let hdr = EventHdr { event: event::UNHOOK, padding: [0; 3] };
-        let bytes = frame(msg::VM_EVENT, sess.next_seq(), &[hdr.as_bytes()])
+        let bytes = dialect::frame_unhook(sess.dialect, sess.next_seq())
             .map_err(|e| PreUnhookError::SendFailed(Disconnect::WriteFailed(e.to_string())))?;
         sess.send(&bytes).map_err(PreUnhookError::SendFailed)?;
         Ok(sess.wait_closed(Some(timeout)))

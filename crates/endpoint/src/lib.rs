@@ -16,6 +16,9 @@
 //!   itself.
 //! * **Events** are raised by the vCPU thread ([`VcpuPort::raise`]); it
 //!   blocks until the reply, running its own jobs meanwhile.
+//! * **Dialects**: KVMI v12, or the kvmi-v7 ABI the existing tools speak
+//!   ([`Dialect`]); a v7 message is decoded into its v12 counterpart on the
+//!   receiving thread and then takes the same path.
 //! * **Hard errors** shut the socket down; every vCPU then gets a release job
 //!   and a vCPU waiting in an event resumes as if answered CONTINUE. The
 //!   guest keeps running whatever happens to the connection.
@@ -24,6 +27,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 
 pub mod backend;
+mod dialect;
 mod endpoint;
 pub mod handshake;
 mod permissions;
@@ -39,7 +43,8 @@ pub use backend::{
     BackendError, BackendResult, CpuidOps, Exception, HostCaps, IdSet, InjectOps, InterceptOps,
     MtrrOps, PageAccessOps, SharedMemoryOps, SinglestepOps, TranslateOps, VcpuBackend, VmBackend, XstateOps,
 };
-pub use endpoint::{Endpoint, HookError, PreUnhookError};
+pub use dialect::{Dialect, Log};
+pub use endpoint::{Endpoint, HookError, Options, PreUnhookError};
 pub use permissions::{PermissionError, Permissions};
 pub use session::Disconnect;
 pub use vcpu::{EventOutcome, Flow, VcpuPort};

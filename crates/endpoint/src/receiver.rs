@@ -3,8 +3,9 @@
 //! vCPU messages to [`crate::vcpu_dispatch`], and on any hard error shuts the
 //! connection down and releases every vCPU.
 
+use crate::dialect::{Decoded, Dialect, V7Decoder};
 use crate::vcpu_dispatch::Routed;
-use crate::session::{Disconnect, Message, Session};
+use crate::session::{Disconnect, Message, Session, Wire};
 use crate::{vcpu_dispatch, vm_commands};
 use std::io::{BufReader, ErrorKind, Read};
 use std::os::fd::AsRawFd;
@@ -24,6 +25,7 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
     let mut answered = false;
     // Replies to a run of buffered READ_PHYSICALs, sent with one write.
     let mut batch: Vec<u8> = Vec::new();
+    let mut v7 = (sess.dialect == Dialect::V7).then(V7Decoder::new);
     let looped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
         // Never sit on replies while the next read may block.
         if rd.buffer().is_empty() && !batch.is_empty() {
@@ -41,7 +43,29 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
             Ok(m) => m,
             Err(why) => break why,
         };
-        if m.hdr.id == msg::VM_READ_PHYSICAL && sess.perms.command_allowed(m.hdr.id) {
+        // A v7 message becomes the v12 one that serves it, or is answered here.
+        let decoded = match v7.as_mut() {
+            None => Decoded::Serve(m),
+            Some(d) => d.decode(&sess, m),
+        };
+        let (m, res, after_quiet) = match decoded {
+            Decoded::Serve(m) => (m, None, false),
+            Decoded::Answer(m, res) => (m, Some(res), false),
+            Decoded::AnswerAfterQuietJobs(m) => (m, Some(Ok(Vec::new())), true),
+        };
+        if let Some(res) = res {
+            if let Err(why) = flush(&sess, &mut batch) {
+                break why;
+            }
+            let res = res.as_deref().map_err(|e| *e);
+            let sent = if after_quiet { sess.answer_after_quiet_jobs(&m, res) } else { sess.answer(&m, res) };
+            if let Err(why) = sent {
+                break why;
+            }
+            answered = true;
+            continue;
+        }
+        if m.hdr.id == msg::VM_READ_PHYSICAL && !m.wire.quiet && sess.perms.command_allowed(m.hdr.id) {
             vm_commands::read_physical_batched(&sess, &m, &mut batch);
             answered = true;
             if batch.len() >= BATCH_MAX {
@@ -146,7 +170,7 @@ pub(crate) fn read_message(rd: &mut impl Read) -> Result<Message, Disconnect> {
     if got != size {
         return Err(Disconnect::Truncated { id: hdr.id, expected: size, got });
     }
-    Ok(Message { hdr, body })
+    Ok(Message { hdr, body, wire: Wire::plain(hdr.id) })
 }
 
 /// Spec §7.1: VM commands (v12 and the ukvmi extensions) here, vCPU
@@ -159,9 +183,9 @@ fn route(sess: &Session, m: Message) -> Result<Routed, Disconnect> {
         }
     } else if msg::is_command(id) {
         if !sess.perms.command_allowed(id) {
-            return sess.reply(&m.hdr, Err(KvmErrno::Eperm)).map(|()| Routed::Answered);
+            return sess.answer(&m, Err(KvmErrno::Eperm)).map(|()| Routed::Answered);
         }
         return vm_commands::handle(sess, &m).map(|()| Routed::Answered);
     }
-    sess.reply(&m.hdr, Err(KvmErrno::Enosys)).map(|()| Routed::Answered)
+    sess.answer(&m, Err(KvmErrno::Enosys)).map(|()| Routed::Answered)
 }

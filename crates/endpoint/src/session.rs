@@ -3,6 +3,7 @@
 //! connection and dropped when it is unhooked.
 
 use crate::backend::{HostCaps, IdSet, VmBackend};
+use crate::dialect::{self, Dialect, Log};
 use crate::permissions::Permissions;
 use crate::vcpu::Local;
 use std::collections::VecDeque;
@@ -10,10 +11,10 @@ use std::io::Write;
 use std::net::Shutdown;
 use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use thiserror::Error;
-use ukvmi_wire::{frame, ErrorCode, IntoBytes, KvmErrno, KvmRegs, KvmSregs, MsgHdr};
+use ukvmi_wire::{frame, ErrorCode, IntoBytes, KvmErrno, KvmRegs, KvmSregs, MsgHdr, TooLarge, VcpuEvent};
 
 /// Why a connection ended. The first hard error wins.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -89,10 +90,44 @@ pub enum Disconnect {
 
 /// A message as received: header plus exactly `size` body bytes. The
 /// receiving thread allocates it; a vCPU job owns it until it has run.
+///
+/// `hdr.id` and `body` are what the handlers serve, always in v12 terms;
+/// `wire` says how the tool is answered (for a v7 message: its own id,
+/// possibly no reply at all; see `dialect`).
 #[derive(Debug)]
 pub(crate) struct Message {
     pub hdr: MsgHdr,
     pub body: Vec<u8>,
+    pub wire: Wire,
+}
+
+/// How a message is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Wire {
+    /// The id the reply carries: the id as received.
+    pub id: u16,
+    /// The reply is suppressed (v7 `CONTROL_CMD_RESPONSE`); the command
+    /// still runs.
+    pub quiet: bool,
+    /// v7: the tool enables the CR event *class*, which by itself watches
+    /// nothing; it succeeds (logged once) though no CR event can come.
+    pub cr_class: bool,
+}
+
+impl Wire {
+    /// A message answered as it came (v12).
+    pub fn plain(id: u16) -> Wire {
+        Wire { id, quiet: false, cr_class: false }
+    }
+}
+
+/// Suppressed vCPU jobs still queued or running, and the replies that wait
+/// for them (v7 `CONTROL_CMD_RESPONSE`: the batch's final reply goes out
+/// only once every suppressed command before it has completed).
+#[derive(Debug, Default)]
+struct QuietJobs {
+    outstanding: usize,
+    deferred: Vec<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -136,6 +171,13 @@ pub(crate) struct Session {
     pub vm_events: AtomicU32,
     /// CONTROL_CLEANUP flag: undo interceptions on unhook (default on).
     pub cleanup: AtomicBool,
+    /// The dialect this connection speaks.
+    pub dialect: Dialect,
+    /// Where one-line notices go (the VMM's log).
+    log: Log,
+    /// Notices already logged this session (bits of `dialect::Notice`).
+    noted: AtomicU8,
+    quiet: Mutex<QuietJobs>,
     socket: UnixStream,
     writer: Mutex<UnixStream>,
     seq: AtomicU32,
@@ -160,6 +202,8 @@ impl Session {
         perms: Arc<Permissions>,
         requests: &[Arc<AtomicBool>],
         socket: UnixStream,
+        dialect: Dialect,
+        log: Log,
     ) -> std::io::Result<Session> {
         let writer = socket.try_clone()?;
         let caps = vm.caps();
@@ -180,6 +224,10 @@ impl Session {
             vcpus,
             vm_events: AtomicU32::new(0),
             cleanup: AtomicBool::new(true),
+            dialect,
+            log,
+            noted: AtomicU8::new(0),
+            quiet: Mutex::new(QuietJobs::default()),
             socket,
             writer: Mutex::new(writer),
             seq: AtomicU32::new(0),
@@ -208,26 +256,84 @@ impl Session {
         w.write_all(bytes).map_err(|e| Disconnect::WriteFailed(e.to_string()))
     }
 
-    /// Sends a command reply: the request's id and seq, the error code, and
-    /// `data` only on success.
-    pub fn reply(&self, req: &MsgHdr, res: Result<&[u8], KvmErrno>) -> Result<(), Disconnect> {
-        let (err, data): (i32, &[u8]) = match res {
-            Ok(d) => (0, d),
-            Err(e) => (e.wire(), &[]),
+    /// Answers `m` as its dialect wants: with the id it came with, not at
+    /// all while replies are suppressed, and with the v7 CR-class rule.
+    pub fn answer(&self, m: &Message, res: Result<&[u8], KvmErrno>) -> Result<(), Disconnect> {
+        let res = self.adjust(m, res);
+        if m.wire.quiet {
+            return Ok(());
+        }
+        self.send(&reply_bytes(m.wire.id, m.hdr.seq, res)?)
+    }
+
+    /// Answers `m` once every suppressed vCPU job queued before it has
+    /// completed (at once if none is left): the final reply of a v7 batch.
+    pub fn answer_after_quiet_jobs(&self, m: &Message, res: Result<&[u8], KvmErrno>) -> Result<(), Disconnect> {
+        let res = self.adjust(m, res);
+        if m.wire.quiet {
+            return Ok(());
+        }
+        let bytes = reply_bytes(m.wire.id, m.hdr.seq, res)?;
+        let mut q = lock(&self.quiet);
+        if q.outstanding == 0 {
+            drop(q);
+            return self.send(&bytes);
+        }
+        q.deferred.push(bytes);
+        Ok(())
+    }
+
+    /// A suppressed vCPU job has completed; sends the replies that waited
+    /// for the last one.
+    pub fn quiet_job_done(&self) {
+        let ready = {
+            let mut q = lock(&self.quiet);
+            q.outstanding = q.outstanding.saturating_sub(1);
+            if q.outstanding == 0 {
+                std::mem::take(&mut q.deferred)
+            } else {
+                Vec::new()
+            }
         };
-        let ec = ErrorCode { err, padding: 0 };
-        let bytes = frame(req.id, req.seq, &[ec.as_bytes(), data])
-            .map_err(|e| Disconnect::WriteFailed(e.to_string()))?;
-        self.send(&bytes)
+        for bytes in ready {
+            if let Err(why) = self.send(&bytes) {
+                self.hard_error(why);
+                return;
+            }
+        }
+    }
+
+    fn adjust<'a>(&self, m: &Message, res: Result<&'a [u8], KvmErrno>) -> Result<&'a [u8], KvmErrno> {
+        if m.wire.cr_class && res == Err(KvmErrno::Eopnotsupp) {
+            self.notice_once(dialect::Notice::CrClass);
+            return Ok(&[]);
+        }
+        res
+    }
+
+    /// Logs one line.
+    pub fn log(&self, line: &str) {
+        (self.log)(line);
+    }
+
+    /// Logs `n`'s line the first time it happens in this session.
+    pub fn notice_once(&self, n: dialect::Notice) {
+        let bit = n.bit();
+        if self.noted.fetch_or(bit, Ordering::SeqCst) & bit == 0 {
+            self.log(n.line());
+        }
+    }
+
+    /// One vCPU event, framed for this connection's dialect.
+    pub fn frame_event(&self, seq: u32, id: u16, ev: &VcpuEvent, payload: &[u8]) -> Result<Vec<u8>, TooLarge> {
+        dialect::frame_event(self.dialect, seq, id, ev, payload)
     }
 
     /// Sends a successful command reply carrying `data` and, as `SCM_RIGHTS`
     /// ancillary data, the descriptor `fd`. Written under the writer lock,
     /// so the descriptor and its reply go out together.
-    pub fn reply_with_fd(&self, req: &MsgHdr, data: &[u8], fd: BorrowedFd<'_>) -> Result<(), Disconnect> {
-        let ec = ErrorCode { err: 0, padding: 0 };
-        let bytes = frame(req.id, req.seq, &[ec.as_bytes(), data])
-            .map_err(|e| Disconnect::WriteFailed(e.to_string()))?;
+    pub fn reply_with_fd(&self, m: &Message, data: &[u8], fd: BorrowedFd<'_>) -> Result<(), Disconnect> {
+        let bytes = reply_bytes(m.wire.id, m.hdr.seq, Ok(data))?;
         let w = lock(&self.writer);
         crate::shared_memory::send_with_fd(&w, &bytes, fd).map_err(|e| Disconnect::WriteFailed(e.to_string()))
     }
@@ -247,6 +353,9 @@ impl Session {
     /// Queues a job on a vCPU and kicks it.
     pub fn queue_job(&self, vcpu: u16, job: Job) {
         if let Some(vs) = self.vcpus.get(usize::from(vcpu)) {
+            if matches!(&job, Job::Message(m) if m.wire.quiet) {
+                lock(&self.quiet).outstanding += 1;
+            }
             lock(&vs.queue).jobs.push_back(job);
             self.poke(vcpu, vs, false);
         }
@@ -296,4 +405,14 @@ impl Session {
     pub fn reason(&self) -> Option<Disconnect> {
         lock(&self.end).reason.clone()
     }
+}
+
+/// A reply framed: `id`, `seq`, the error code, and `data` only on success.
+fn reply_bytes(id: u16, seq: u32, res: Result<&[u8], KvmErrno>) -> Result<Vec<u8>, Disconnect> {
+    let (err, data): (i32, &[u8]) = match res {
+        Ok(d) => (0, d),
+        Err(e) => (e.wire(), &[]),
+    };
+    let ec = ErrorCode { err, padding: 0 };
+    frame(id, seq, &[ec.as_bytes(), data]).map_err(|e| Disconnect::WriteFailed(e.to_string()))
 }

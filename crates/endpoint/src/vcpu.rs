@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ukvmi_wire::{
-    event, frame, msg, read_zext, tail, Action, EventHdr, EventMsrs, EventPayload, IntoBytes,
+    event, msg, read_zext, tail, Action, EventMsrs, EventPayload,
     KvmRegs, KvmSregs, VcpuEvent, VcpuEventArch, VcpuEventReply, EVENT_REPLY_BODY_BASE,
 };
 
@@ -275,7 +275,12 @@ impl Ctx<'_> {
             match job {
                 None => return,
                 Some(Job::Release) => self.release(local),
-                Some(Job::Message(m)) => self.run_message(local, &m),
+                Some(Job::Message(m)) => {
+                    self.run_message(local, &m);
+                    if m.wire.quiet {
+                        self.sess.quiet_job_done();
+                    }
+                }
             }
         }
     }
@@ -306,8 +311,8 @@ impl Ctx<'_> {
         }
         let res = vcpu_commands::handle(self, local, m);
         let sent = match &res {
-            Ok(data) => self.sess.reply(&m.hdr, Ok(data)),
-            Err(e) => self.sess.reply(&m.hdr, Err(*e)),
+            Ok(data) => self.sess.answer(m, Ok(data)),
+            Err(e) => self.sess.answer(m, Err(*e)),
         };
         if let Err(why) = sent {
             self.sess.hard_error(why);
@@ -372,13 +377,15 @@ impl Ctx<'_> {
         if self.sess.is_closed() {
             return fallback;
         }
-        let (body, snapshot) = self.event_body(id);
+        let (body, snapshot) = self.event_state();
         lock(&self.vs.queue).snapshot = snapshot.map(Box::new);
         let seq = self.sess.next_seq();
         local.expect = Some(Expected { seq, reply_size: info.reply_size });
         local.reply = None;
         self.vs.waiting.store(true, Ordering::SeqCst);
-        let sent = frame(msg::VCPU_EVENT, seq, &[&body, &ev.encode()])
+        let sent = self
+            .sess
+            .frame_event(seq, id, &body, &ev.encode())
             .map_err(|e| Disconnect::WriteFailed(e.to_string()))
             .and_then(|bytes| self.sess.send(&bytes));
         if let Err(why) = sent {
@@ -415,9 +422,9 @@ impl Ctx<'_> {
         EventOutcome { action, new_val: guest_value.map(|_| u64::from_le_bytes(reply.payload)), answered: true }
     }
 
-    /// Event header plus `kvmi_vcpu_event` with the vCPU's current state,
-    /// and that state when it was read without error.
-    fn event_body(&mut self, id: u16) -> (Vec<u8>, Option<(KvmRegs, KvmSregs)>) {
+    /// `kvmi_vcpu_event` with the vCPU's current state, and that state when
+    /// it was read without error.
+    fn event_state(&mut self) -> (VcpuEvent, Option<(KvmRegs, KvmSregs)>) {
         let (regs, sregs) = (self.vcpu.regs(), self.vcpu.sregs());
         let snapshot = match (&regs, &sregs) {
             (Ok(r), Ok(s)) => Some((*r, *s)),
@@ -448,11 +455,7 @@ impl Ctx<'_> {
                 msrs: EventMsrs::from_values(vals),
             },
         };
-        let hdr = EventHdr { event: id, padding: [0; 3] };
-        let mut out = Vec::with_capacity(8 + core::mem::size_of::<VcpuEvent>());
-        out.extend_from_slice(hdr.as_bytes());
-        out.extend_from_slice(ev.as_bytes());
-        (out, snapshot)
+        (ev, snapshot)
     }
 }
 

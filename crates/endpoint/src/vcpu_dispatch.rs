@@ -36,20 +36,28 @@ pub(crate) enum Routed {
 pub(crate) fn validate_and_queue(sess: &Session, m: Message) -> Result<Routed, Disconnect> {
     let id = m.hdr.id;
     if id != msg::VCPU_EVENT && !sess.perms.command_allowed(id) {
-        return sess.reply(&m.hdr, Err(KvmErrno::Eperm)).map(|()| Routed::Answered);
+        return sess.answer(&m, Err(KvmErrno::Eperm)).map(|()| Routed::Answered);
     }
-    // A body shorter than the header is zero-extended: it names vCPU 0.
-    let h: VcpuHdr = read_zext(&m.body);
-    if h.padding1 != 0 || h.padding2 != 0 {
-        return sess.reply(&m.hdr, Err(KvmErrno::Einval)).map(|()| Routed::Answered);
-    }
-    let Some(vs) = sess.vcpus.get(usize::from(h.vcpu)) else {
-        return sess.reply(&m.hdr, Err(KvmErrno::Einval)).map(|()| Routed::Answered);
+    let (vcpu, waiting) = match check(sess, &m.body) {
+        Ok(v) => v,
+        Err(e) => return sess.answer(&m, Err(e)).map(|()| Routed::Answered),
     };
-    if !(sess.vm.vcpu_ready(h.vcpu) || vs.waiting.load(Ordering::SeqCst)) {
-        return sess.reply(&m.hdr, Err(KvmErrno::Eagain)).map(|()| Routed::Answered);
-    }
-    let waiting = vs.waiting.load(Ordering::SeqCst);
-    sess.queue_job(h.vcpu, Job::Message(m));
+    sess.queue_job(vcpu, Job::Message(m));
     Ok(if waiting { Routed::QueuedToWaiting } else { Routed::Queued })
+}
+
+/// Checks 2 to 4 on a body that starts with the vCPU header: padding, index,
+/// readiness. Returns the vCPU and whether it waits in an event.
+pub(crate) fn check(sess: &Session, body: &[u8]) -> Result<(u16, bool), KvmErrno> {
+    // A body shorter than the header is zero-extended: it names vCPU 0.
+    let h: VcpuHdr = read_zext(body);
+    if h.padding1 != 0 || h.padding2 != 0 {
+        return Err(KvmErrno::Einval);
+    }
+    let vs = sess.vcpus.get(usize::from(h.vcpu)).ok_or(KvmErrno::Einval)?;
+    let waiting = vs.waiting.load(Ordering::SeqCst);
+    if !(waiting || sess.vm.vcpu_ready(h.vcpu)) {
+        return Err(KvmErrno::Eagain);
+    }
+    Ok((h.vcpu, waiting))
 }

@@ -34,8 +34,8 @@ pub(crate) fn handle(sess: &Session, m: &Message) -> Result<(), Disconnect> {
         _ => Err(KvmErrno::Enosys),
     };
     match res {
-        Ok(data) => sess.reply(&m.hdr, Ok(&data)),
-        Err(e) => sess.reply(&m.hdr, Err(e)),
+        Ok(data) => sess.answer(m, Ok(&data)),
+        Err(e) => sess.answer(m, Err(e)),
     }
 }
 
@@ -133,14 +133,15 @@ fn read_physical(sess: &Session, body: &[u8]) -> Reply {
 /// `KVMI_VM_READ_PHYSICAL` (allowed: the caller checked) with its whole
 /// reply, framed, appended to `out` instead of sent: the receiving thread
 /// answers a run of buffered reads with one write. The guest memory is read
-/// straight into `out`. Same validation and answers as [`handle`].
+/// straight into `out`. Same validation and answers as [`handle`]; the
+/// caller keeps suppressed (v7) reads off this path.
 pub(crate) fn read_physical_batched(sess: &Session, m: &Message, out: &mut Vec<u8>) {
     let r: VmPhysical = read_zext(&m.body);
     let start = out.len();
     let size = usize::from(r.size);
     let fail = |out: &mut Vec<u8>, e: KvmErrno| {
         out.truncate(start);
-        let hdr = MsgHdr { id: m.hdr.id, size: 8, seq: m.hdr.seq };
+        let hdr = MsgHdr { id: m.wire.id, size: 8, seq: m.hdr.seq };
         out.extend_from_slice(hdr.as_bytes());
         out.extend_from_slice(ErrorCode { err: e.wire(), padding: 0 }.as_bytes());
     };
@@ -148,7 +149,7 @@ pub(crate) fn read_physical_batched(sess: &Session, m: &Message, out: &mut Vec<u
         return fail(out, e);
     }
     // check_physical: size <= PAGE_SIZE, so 8 + size fits the u16.
-    let hdr = MsgHdr { id: m.hdr.id, size: (8 + size) as u16, seq: m.hdr.seq };
+    let hdr = MsgHdr { id: m.wire.id, size: (8 + size) as u16, seq: m.hdr.seq };
     out.extend_from_slice(hdr.as_bytes());
     out.extend_from_slice(ErrorCode { err: 0, padding: 0 }.as_bytes());
     let at = out.len();
@@ -211,8 +212,8 @@ fn control_cleanup(sess: &Session, body: &[u8]) -> Reply {
 /// as `SCM_RIGHTS`, a descriptor of guest RAM (see `shared_memory`).
 fn map_memory(sess: &Session, m: &Message) -> Result<(), Disconnect> {
     match map_memory_fd(sess, &m.body) {
-        Ok((reply, fd)) => sess.reply_with_fd(&m.hdr, reply.as_bytes(), fd.as_fd()),
-        Err(e) => sess.reply(&m.hdr, Err(e)),
+        Ok((reply, fd)) => sess.reply_with_fd(m, reply.as_bytes(), fd.as_fd()),
+        Err(e) => sess.answer(m, Err(e)),
     }
     // `fd` (our copy) is closed here; the tool holds its own.
 }

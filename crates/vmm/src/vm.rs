@@ -266,6 +266,10 @@ impl VmBackend for VmShared {
         self.ram.write(gpa, data)
     }
 
+    fn max_gpa(&self) -> u64 {
+        self.ram.size()
+    }
+
     fn caps(&self) -> HostCaps {
         self.caps
     }
