@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use ukvmi_vmm::{Exit, Image, IntrospectConfig, SerialSink, Vm, VmConfig};
+use ukvmi_vmm::{Dialect, Exit, Image, IntrospectConfig, SerialSink, Vm, VmConfig};
 use ukvmi_wire::{event, msg};
 
 pub(crate) fn help() -> String {
     let mut s = String::from(
         "\
-ukvmi run: start a VM on /dev/kvm, optionally introspected over KVMI v12
+ukvmi run: start a VM on /dev/kvm, optionally introspected over KVMI (v12 or kvmi-v7)
 
 USAGE:
     ukvmi run --guest NAME|--kernel PATH [OPTIONS]
@@ -34,6 +34,13 @@ INTROSPECTION (the VMM connects to the tool, as QEMU does):
     --handshake-timeout SECS give up on a silent tool after SECS (default 10)
     --unhook-timeout SECS    at shutdown, wait up to SECS for the tool to close
                              after the UNHOOK event (default 10)
+    --kvmi-dialect v12|v7    the wire dialect the tool speaks (default v12). Pick
+                             v7 for the existing KVMI tools: libkvmi and its
+                             hookguest, LibVMI's KVM driver, libmicrovmi, the kvmi
+                             crate, HVMI, SmartVMI. Their ids differ from v12's, so
+                             a v7 tool on a v12 VM fails at its second command
+                             (Invalid argument). With v7 the VMM connects once the
+                             guest has started every vCPU (at most 5 s after boot)
     --allow-command ID       allow only these commands (repeat; number or name,
                              e.g. 8 or KVMI_VM_GET_INFO, or the extension
                              UKVMI_VM_MAP_MEMORY); default: all
@@ -172,6 +179,7 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     let mut image = None;
     let mut path = None;
     let (mut key, mut reconnect, mut hs, mut unhook) = (None, Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(10));
+    let mut dialect = Dialect::V12;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "-h" || a == "--help" {
@@ -210,6 +218,7 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
             "--reconnect" => reconnect = secs(a, &val()?)?,
             "--handshake-timeout" => hs = secs(a, &val()?)?,
             "--unhook-timeout" => unhook = secs(a, &val()?)?,
+            "--kvmi-dialect" => dialect = val()?.parse::<Dialect>().map_err(|e| format!("--kvmi-dialect: {e}"))?,
             "--allow-command" => {
                 let id = parse_id("command", &val()?, msg::name)?;
                 cfg.allow_commands.get_or_insert_with(Vec::new).push(id);
@@ -236,7 +245,14 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     if key.is_some() && path.is_none() {
         return Err("--key only makes sense with --introspect".into());
     }
-    cfg.introspect = path.map(|path| IntrospectConfig { path, key, reconnect, handshake_timeout: hs, unhook_timeout: unhook });
+    cfg.introspect = path.map(|path| IntrospectConfig {
+        path,
+        key,
+        reconnect,
+        handshake_timeout: hs,
+        unhook_timeout: unhook,
+        dialect,
+    });
     if cfg.name.is_empty() {
         cfg.name = match &cfg.image {
             Image::Builtin(g) => g.name.to_string(),

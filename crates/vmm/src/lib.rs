@@ -28,3 +28,4 @@ mod vm;
 
 pub use error::{Error, Result};
 pub use vm::{host_capabilities, Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig};
+pub use ukvmi_endpoint::Dialect;

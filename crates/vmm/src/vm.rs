@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ukvmi_endpoint::handshake::{self, VmIdentity};
 use ukvmi_endpoint::{
-    BackendResult, Endpoint, HostCaps, PageAccessOps, Permissions, SharedMemoryOps, VmBackend,
+    BackendResult, Dialect, Endpoint, HostCaps, Options, PageAccessOps, Permissions, SharedMemoryOps, VmBackend,
 };
 use ukvmi_guests::{layout, Guest};
 use ukvmi_wire::{event, msg};
@@ -48,6 +48,8 @@ pub struct IntrospectConfig {
     pub handshake_timeout: Duration,
     /// How long to wait for the tool to close after UNHOOK at shutdown.
     pub unhook_timeout: Duration,
+    /// The KVMI dialect the tool speaks.
+    pub dialect: Dialect,
 }
 
 /// Where serial output goes.
@@ -581,7 +583,9 @@ impl Vm {
                 perms.set_event(i32::from(*id), true).map_err(|e| Error::Config(format!("--allow-event {id}: {e}")))?;
             }
         }
-        let endpoint = Arc::new(Endpoint::with_permissions(Arc::clone(&shared) as Arc<dyn VmBackend>, perms));
+        let dialect = cfg.introspect.as_ref().map_or(Dialect::V12, |i| i.dialect);
+        let options = Options { permissions: perms, dialect, log: Some(Arc::clone(&log)) };
+        let endpoint = Arc::new(Endpoint::with_options(Arc::clone(&shared) as Arc<dyn VmBackend>, options));
         let mut threads = Vec::new();
         for (i, fd) in fds.into_iter().enumerate() {
             let index = i as u16;
@@ -691,9 +695,37 @@ impl Vm {
     }
 }
 
+/// How long a v7 connection waits for the guest to start its vCPUs.
+const V7_START_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until the guest has started every vCPU (at most `limit`; false if
+/// it had not by then, or the VM is stopping). v7 tools (libmicrovmi) give
+/// up on the `-KVM_EAGAIN` a vCPU that is not started yet answers, and a
+/// tool already listening when the VM starts would connect within
+/// milliseconds of boot, before the guest brought its other vCPUs up.
+fn wait_for_vcpus(sh: &VmShared, limit: Duration) -> bool {
+    let t0 = Instant::now();
+    loop {
+        let all = (0..sh.vcpu_count()).all(|i| sh.vcpu(i).is_some_and(|v| v.started.load(Ordering::SeqCst)));
+        if all {
+            return true;
+        }
+        if t0.elapsed() >= limit || sh.stopping() || lock(&sh.exit).is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Connects to the tool, serves it until it goes, and tries again every
 /// `reconnect`, as QEMU's `reconnect=N` chardev does. The guest never waits.
 fn connection_loop(ep: &Endpoint, sh: &VmShared, cfg: &IntrospectConfig, id: &VmIdentity, log: &dyn Fn(&str)) {
+    if cfg.dialect == Dialect::V7 && !wait_for_vcpus(sh, V7_START_WAIT) {
+        log(&format!(
+            "not every vCPU was started within {V7_START_WAIT:?}; connecting anyway \
+             (a v7 tool may get -KVM_EAGAIN for the others)"
+        ));
+    }
     let mut last_err = String::new();
     while !sh.stopping() && lock(&sh.exit).is_none() {
         match handshake::connect(&cfg.path, id, cfg.key.as_deref(), cfg.handshake_timeout) {
