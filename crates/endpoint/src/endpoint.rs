@@ -203,6 +203,11 @@ impl Endpoint {
         }
     }
 
+    /// Events sent on the current connection so far (0 if none).
+    pub fn events_sent(&self) -> u32 {
+        self.shared.current().map_or(0, |s| s.events_sent())
+    }
+
     /// Why the current (or last unhooked) connection ended, if it did.
     pub fn disconnect_reason(&self) -> Option<Disconnect> {
         self.shared.current().and_then(|s| s.reason())

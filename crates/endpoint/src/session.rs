@@ -246,6 +246,11 @@ impl Session {
         self.seq.fetch_add(1, Ordering::SeqCst).wrapping_add(1)
     }
 
+    /// Events sent so far (every event takes one seq).
+    pub fn events_sent(&self) -> u32 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
     pub fn vm_event_enabled(&self, id: u16) -> bool {
         IdSet::from_bits(self.vm_events.load(Ordering::SeqCst)).contains(id)
     }

@@ -749,9 +749,10 @@ fn connection_loop(ep: &Endpoint, sh: &VmShared, cfg: &IntrospectConfig, id: &Vm
                             return;
                         }
                     }
+                    let events = ep.events_sent();
                     let why = ep.unhook();
                     log(&format!(
-                        "introspector disconnected ({}); the guest keeps running",
+                        "introspector disconnected ({}) after {events} events; the guest keeps running",
                         why.map_or_else(|| "closed".to_string(), |w| w.to_string())
                     ));
                 }
