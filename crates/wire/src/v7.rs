@@ -208,7 +208,8 @@ pub mod event {
     pub const CPUID: u16 = 13;
 }
 
-/// The event ids of both dialects, side by side (`v7-dialect.md` §4).
+/// The event ids of both dialects, side by side (`v7-dialect.md` §4);
+/// [`event_to_v12`] and [`event_from_v12`] agree with it (tested).
 pub const EVENT_MAP: [(u16, u16); 11] = [
     (event::UNHOOK, v12e::UNHOOK),
     (event::CR, v12e::CR),
@@ -225,26 +226,38 @@ pub const EVENT_MAP: [(u16, u16); 11] = [
 
 /// The v12 event id of v7 event `id` (`None`: no v12 counterpart or unknown).
 pub const fn event_to_v12(id: u16) -> Option<u16> {
-    let mut i = 0;
-    while i < EVENT_MAP.len() {
-        if EVENT_MAP[i].0 == id {
-            return Some(EVENT_MAP[i].1);
-        }
-        i += 1;
-    }
-    None
+    Some(match id {
+        event::UNHOOK => v12e::UNHOOK,
+        event::CR => v12e::CR,
+        event::MSR => v12e::MSR,
+        event::XSETBV => v12e::XSETBV,
+        event::BREAKPOINT => v12e::BREAKPOINT,
+        event::HYPERCALL => v12e::HYPERCALL,
+        event::PF => v12e::PF,
+        event::TRAP => v12e::TRAP,
+        event::DESCRIPTOR => v12e::DESCRIPTOR,
+        event::PAUSE_VCPU => v12e::PAUSE,
+        event::SINGLESTEP => v12e::SINGLESTEP,
+        _ => return None,
+    })
 }
 
 /// The v7 event id of v12 event `id`.
 pub const fn event_from_v12(id: u16) -> Option<u16> {
-    let mut i = 0;
-    while i < EVENT_MAP.len() {
-        if EVENT_MAP[i].1 == id {
-            return Some(EVENT_MAP[i].0);
-        }
-        i += 1;
-    }
-    None
+    Some(match id {
+        v12e::UNHOOK => event::UNHOOK,
+        v12e::CR => event::CR,
+        v12e::MSR => event::MSR,
+        v12e::XSETBV => event::XSETBV,
+        v12e::BREAKPOINT => event::BREAKPOINT,
+        v12e::HYPERCALL => event::HYPERCALL,
+        v12e::PF => event::PF,
+        v12e::TRAP => event::TRAP,
+        v12e::DESCRIPTOR => event::DESCRIPTOR,
+        v12e::PAUSE => event::PAUSE_VCPU,
+        v12e::SINGLESTEP => event::SINGLESTEP,
+        _ => return None,
+    })
 }
 
 /// True for the v7 events that exist in v7 but have no v12 counterpart
