@@ -203,9 +203,10 @@ impl Endpoint {
         }
     }
 
-    /// Events sent on the current connection so far (0 if none).
-    pub fn events_sent(&self) -> u32 {
-        self.shared.current().map_or(0, |s| s.events_sent())
+    /// vCPU events sent on the current connection so far, per (v12) event
+    /// id; ids with none are left out.
+    pub fn events_sent(&self) -> Vec<(u16, u32)> {
+        self.shared.current().map_or_else(Vec::new, |s| s.events_sent())
     }
 
     /// Why the current (or last unhooked) connection ended, if it did.

@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use thiserror::Error;
-use ukvmi_wire::{frame, ErrorCode, IntoBytes, KvmErrno, KvmRegs, KvmSregs, MsgHdr, TooLarge, VcpuEvent};
+use ukvmi_wire::{event, frame, ErrorCode, IntoBytes, KvmErrno, KvmRegs, KvmSregs, MsgHdr, TooLarge, VcpuEvent};
 
 /// Why a connection ended. The first hard error wins.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -178,6 +178,8 @@ pub(crate) struct Session {
     /// Notices already logged this session (bits of `dialect::Notice`).
     noted: AtomicU8,
     quiet: Mutex<QuietJobs>,
+    /// vCPU events sent, per v12 event id.
+    sent: [AtomicU32; event::NUM_EVENTS as usize],
     socket: UnixStream,
     writer: Mutex<UnixStream>,
     seq: AtomicU32,
@@ -228,6 +230,7 @@ impl Session {
             log,
             noted: AtomicU8::new(0),
             quiet: Mutex::new(QuietJobs::default()),
+            sent: std::array::from_fn(|_| AtomicU32::new(0)),
             socket,
             writer: Mutex::new(writer),
             seq: AtomicU32::new(0),
@@ -246,9 +249,20 @@ impl Session {
         self.seq.fetch_add(1, Ordering::SeqCst).wrapping_add(1)
     }
 
-    /// Events sent so far (every event takes one seq).
-    pub fn events_sent(&self) -> u32 {
-        self.seq.load(Ordering::SeqCst)
+    /// Counts one vCPU event `id` as sent.
+    pub fn count_event(&self, id: u16) {
+        if let Some(n) = self.sent.get(usize::from(id)) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// vCPU events sent so far, per event id (ids with none left out).
+    pub fn events_sent(&self) -> Vec<(u16, u32)> {
+        (0..event::NUM_EVENTS)
+            .zip(&self.sent)
+            .map(|(id, n)| (id, n.load(Ordering::Relaxed)))
+            .filter(|&(_, n)| n > 0)
+            .collect()
     }
 
     pub fn vm_event_enabled(&self, id: u16) -> bool {

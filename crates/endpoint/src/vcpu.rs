@@ -388,9 +388,12 @@ impl Ctx<'_> {
             .frame_event(seq, id, &body, &ev.encode())
             .map_err(|e| Disconnect::WriteFailed(e.to_string()))
             .and_then(|bytes| self.sess.send(&bytes));
-        if let Err(why) = sent {
-            self.sess.hard_error(why);
-            local.expect = None;
+        match sent {
+            Ok(()) => self.sess.count_event(id),
+            Err(why) => {
+                self.sess.hard_error(why);
+                local.expect = None;
+            }
         }
         while local.expect.is_some() {
             self.run_jobs_until(local, true);

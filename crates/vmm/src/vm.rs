@@ -695,6 +695,22 @@ impl Vm {
     }
 }
 
+/// "3 events (PAUSE 2, PF 1)" for the disconnect line.
+fn events_line(sent: &[(u16, u32)]) -> String {
+    let total: u32 = sent.iter().map(|(_, n)| n).sum();
+    if total == 0 {
+        return "0 events".into();
+    }
+    let kinds: Vec<String> = sent
+        .iter()
+        .map(|&(id, n)| {
+            let name = event::name(id).unwrap_or("?");
+            format!("{} {n}", name.trim_start_matches("KVMI_VCPU_EVENT_"))
+        })
+        .collect();
+    format!("{total} events ({})", kinds.join(", "))
+}
+
 /// How long a v7 connection waits for the guest to start its vCPUs.
 const V7_START_WAIT: Duration = Duration::from_secs(5);
 
@@ -749,10 +765,10 @@ fn connection_loop(ep: &Endpoint, sh: &VmShared, cfg: &IntrospectConfig, id: &Vm
                             return;
                         }
                     }
-                    let events = ep.events_sent();
+                    let events = events_line(&ep.events_sent());
                     let why = ep.unhook();
                     log(&format!(
-                        "introspector disconnected ({}) after {events} events; the guest keeps running",
+                        "introspector disconnected ({}) after {events}; the guest keeps running",
                         why.map_or_else(|| "closed".to_string(), |w| w.to_string())
                     ));
                 }
