@@ -8,9 +8,9 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ukvmi_endpoint::{
-    BackendError, BackendResult, CpuidOps, Endpoint, EventPayload, Exception, Flow, HostCaps,
-    InjectOps, InterceptOps, MtrrOps, PageAccessOps, SharedMemoryOps, SinglestepOps, TranslateOps,
-    VcpuBackend, VcpuPort, VmBackend, XstateOps,
+    BackendError, BackendResult, CpuidOps, Dialect, Endpoint, EventPayload, Exception, Flow, HostCaps,
+    InjectOps, InterceptOps, MtrrOps, Options, PageAccessOps, Permissions, SharedMemoryOps, SinglestepOps,
+    TranslateOps, VcpuBackend, VcpuPort, VmBackend, XstateOps,
 };
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use ukvmi_wire::{Action, KvmRegs, KvmSegment, KvmSregs, KvmXsave};
@@ -36,11 +36,20 @@ pub struct FakeConfig {
     /// Keep guest RAM in a sealed memfd and offer it to the tool
     /// (`UKVMI_VM_MAP_MEMORY`); without it the command is unsupported.
     pub memfd: bool,
+    /// The KVMI dialect the endpoint serves (default v12).
+    pub dialect: Dialect,
 }
 
 impl Default for FakeConfig {
     fn default() -> Self {
-        FakeConfig { vcpus: 1, started: u16::MAX, memory: 1 << 20, caps: HostCaps::full(), memfd: false }
+        FakeConfig {
+            vcpus: 1,
+            started: u16::MAX,
+            memory: 1 << 20,
+            caps: HostCaps::full(),
+            memfd: false,
+            dialect: Dialect::V12,
+        }
     }
 }
 
@@ -139,6 +148,8 @@ pub struct FakeVm {
     pages: Mutex<BTreeMap<u64, u8>>,
     stop: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The endpoint's one-line notices (its `Options::log`), in order.
+    notices: Arc<Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for FakeVm {
@@ -172,8 +183,14 @@ impl FakeVm {
             pages: Mutex::new(BTreeMap::new()),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
+            notices: Arc::new(Mutex::new(Vec::new())),
         });
-        let endpoint = Endpoint::new(Arc::clone(&vm) as Arc<dyn VmBackend>);
+        let notices = Arc::clone(&vm.notices);
+        let log: ukvmi_endpoint::Log = Arc::new(move |line: &str| {
+            notices.lock().unwrap_or_else(|e| e.into_inner()).push(line.to_string());
+        });
+        let options = Options { permissions: Permissions::allow_all(), dialect: cfg.dialect, log: Some(log) };
+        let endpoint = Endpoint::with_options(Arc::clone(&vm) as Arc<dyn VmBackend>, options);
         for i in 0..cfg.vcpus {
             let port = endpoint.vcpu_port(i).unwrap();
             let vm2 = Arc::clone(&vm);
@@ -293,6 +310,16 @@ impl FakeVm {
     /// Current page-access restrictions.
     pub fn page_restrictions(&self) -> BTreeMap<u64, u8> {
         self.pages.lock().unwrap().clone()
+    }
+
+    /// Every line the endpoint logged so far (not drained), oldest first.
+    pub fn notices(&self) -> Vec<String> {
+        self.notices.lock().unwrap().clone()
+    }
+
+    /// How many logged lines start with `prefix`.
+    pub fn notices_starting_with(&self, prefix: &str) -> usize {
+        self.notices.lock().unwrap().iter().filter(|l| l.starts_with(prefix)).count()
     }
 }
 

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 use ukvmi_endpoint::Endpoint;
-use ukvmi_wire::{frame, read_zext, IntoBytes, MsgHdr, VcpuHdr};
+use ukvmi_wire::{frame, read_zext, v7, IntoBytes, MsgHdr, VcpuHdr};
 
 /// A fake VM with its endpoint hooked to one end of a socket pair.
 pub struct Setup {
@@ -87,6 +87,27 @@ impl Received {
         let h: ukvmi_wire::EventHdr = read_zext(&self.body);
         h.event
     }
+
+    /// kvmi-v7: whether this is an event (message id 1 carrying a whole
+    /// `struct kvmi_event`) rather than a command reply.
+    pub fn is_v7_event(&self) -> bool {
+        self.hdr.id == v7::msg::EVENT && self.body.len() >= core::mem::size_of::<v7::V7Event>()
+    }
+
+    /// kvmi-v7: the `struct kvmi_event` at the start of an event's body.
+    pub fn v7_event(&self) -> v7::V7Event {
+        read_zext(&self.body)
+    }
+
+    /// kvmi-v7: what follows `struct kvmi_event` in an event's body.
+    pub fn v7_payload(&self) -> &[u8] {
+        ukvmi_wire::tail(&self.body, core::mem::size_of::<v7::V7Event>())
+    }
+
+    /// The data of a successful command reply (after the error code).
+    pub fn data(&self) -> &[u8] {
+        ukvmi_wire::tail(&self.body, core::mem::size_of::<ukvmi_wire::ErrorCode>())
+    }
 }
 
 /// What reading gave.
@@ -131,6 +152,20 @@ impl RawPeer {
         let seq = self.next_seq();
         self.send_bytes(&frame(id, seq, &[body]).unwrap());
         seq
+    }
+
+    /// Sends several framed messages in one write (a libkvmi-style batch)
+    /// and returns their seqs.
+    pub fn send_batch(&mut self, msgs: &[(u16, Vec<u8>)]) -> Vec<u32> {
+        let mut bytes = Vec::new();
+        let mut seqs = Vec::with_capacity(msgs.len());
+        for (id, body) in msgs {
+            let seq = self.next_seq();
+            bytes.extend(frame(*id, seq, &[body]).unwrap());
+            seqs.push(seq);
+        }
+        self.send_bytes(&bytes);
+        seqs
     }
 
     /// Sends a vCPU message: vCPU header then `args`.
@@ -231,5 +266,19 @@ impl RawPeer {
         let r = ukvmi_wire::VcpuEventReply { action, event: ev.event_id() as u8, padding1: 0, padding2: 0 };
         let bytes = frame(ukvmi_wire::msg::VCPU_EVENT, ev.hdr.seq, &[h.as_bytes(), r.as_bytes(), payload]).unwrap();
         self.send_bytes(&bytes);
+    }
+
+    /// kvmi-v7: the bytes of an event reply (message id 0, the event's seq,
+    /// vCPU header, `{action, v7 event id, 0, 0}`, then `payload`).
+    pub fn v7_event_reply_bytes(ev: &Received, action: u8, payload: &[u8]) -> Vec<u8> {
+        let e = ev.v7_event();
+        let h = VcpuHdr { vcpu: e.vcpu, padding1: 0, padding2: 0 };
+        let r = ukvmi_wire::VcpuEventReply { action, event: e.event, padding1: 0, padding2: 0 };
+        frame(v7::msg::EVENT_REPLY, ev.hdr.seq, &[h.as_bytes(), r.as_bytes(), payload]).unwrap()
+    }
+
+    /// kvmi-v7: answers a vCPU event.
+    pub fn v7_reply_event(&mut self, ev: &Received, action: u8, payload: &[u8]) {
+        self.send_bytes(&Self::v7_event_reply_bytes(ev, action, payload));
     }
 }
