@@ -2,16 +2,28 @@
 //! holds the KVMI connection (see `daemon.rs` for why there is one).
 //!
 //! A client sends one request — `UKVMI1`, a flags byte (bit 0: its stderr is
-//! a terminal), a u32 length and the command's arguments separated by NUL —
+//! a terminal; bit 1: a key follows), a u32 length and the command's
+//! arguments separated by NUL, then with bit 1 a u32 length and the key —
 //! and reads frames `[kind u8][len u32 LE][data]` until an exit frame:
 //! stdout bytes, stderr text, a progress line, or the exit status. Closing
 //! the socket (Ctrl-C) tells the daemon to stop the command and undo what
 //! it set up.
+//!
+//! The socket, like every file the daemon makes, is 0600, and both ends
+//! check the other's uid (`SO_PEERCRED`): the daemon serves only its own
+//! user and root, and a client talks only to a daemon running as itself or
+//! root (it may be about to send the key).
 
 use std::{
+    ffi::OsStr,
     fs::File,
     io::{self, Read, Write},
-    os::unix::{net::UnixStream, process::CommandExt},
+    os::unix::{
+        ffi::OsStrExt,
+        fs::{OpenOptionsExt, PermissionsExt},
+        net::UnixStream,
+        process::CommandExt,
+    },
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
     time::{Duration, Instant},
@@ -19,6 +31,16 @@ use std::{
 
 pub const MAGIC: &[u8; 6] = b"UKVMI1";
 pub const MAX_REQUEST: u32 = 64 * 1024;
+/// The longest key a request may carry.
+pub const MAX_KEY: u32 = 4096;
+
+/// Request flag: the client's stderr is a terminal.
+pub const FLAG_TTY: u8 = 1;
+/// Request flag: a key follows the arguments.
+pub const FLAG_KEY: u8 = 2;
+
+/// The environment variable that holds the key (tools, daemon and VMM).
+pub const KEY_ENV: &str = "UKVMI_KEY";
 
 pub const STDOUT: u8 = 1;
 pub const STDERR: u8 = 2;
@@ -51,6 +73,98 @@ pub fn log_path(vm: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// The key a tool uses for the VM's handshake: the file given with
+/// `--key-file` (less one trailing newline), else `$UKVMI_KEY` if set and
+/// not empty, else none. Never from the command line: every local user can
+/// read a process's arguments.
+pub fn tool_key(key_file: Option<&str>) -> Result<Option<Vec<u8>>, String> {
+    let key = match key_file {
+        Some(path) => {
+            let mut key = std::fs::read(path).map_err(|e| format!("--key-file {path}: {e}"))?;
+            if key.ends_with(b"\n") {
+                key.pop();
+                if key.ends_with(b"\r") {
+                    key.pop();
+                }
+            }
+            if key.is_empty() {
+                return Err(format!("--key-file {path}: the file is empty"));
+            }
+            Some(key)
+        }
+        None => std::env::var_os(KEY_ENV).filter(|k| !k.is_empty()).map(|k| k.as_bytes().to_vec()),
+    };
+    if let Some(k) = &key {
+        if k.contains(&0) {
+            return Err("the key contains a NUL byte".into());
+        }
+        if k.len() > MAX_KEY as usize {
+            return Err(format!("the key is longer than {MAX_KEY} bytes"));
+        }
+    }
+    Ok(key)
+}
+
+/// The uid and pid of the process at the other end of `sock`
+/// (`SO_PEERCRED`: for a connected client, as it was at `connect`; for a
+/// daemon, as it was at `listen`).
+pub fn peer_cred(sock: &impl std::os::fd::AsRawFd) -> io::Result<(u32, i32)> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a local
+    // ucred of exactly that size, and `len` back; the descriptor is open
+    // for the call (borrowed from `sock`).
+    let r = unsafe {
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, std::ptr::addr_of_mut!(cred).cast(), &mut len)
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((cred.uid, cred.pid))
+}
+
+/// This process's effective uid.
+pub fn my_uid() -> u32 {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether a peer running as `uid` may talk to us: our own user or root.
+pub fn trusted_uid(uid: u32) -> bool {
+    uid == my_uid() || uid == 0
+}
+
+/// Who a daemon running as `uid` serves, for messages.
+pub fn served_users(uid: u32) -> String {
+    if uid == 0 {
+        "root only".into()
+    } else {
+        format!("only uid {uid} (the user it runs as) and root")
+    }
+}
+
+/// Opens (creating it 0600) a file of the daemon's, appending or not: never
+/// through a symlink, only a regular file, and 0600 even if it existed
+/// with looser permissions.
+pub fn open_private(path: &Path, append: bool) -> Result<File, String> {
+    let mut o = std::fs::OpenOptions::new();
+    o.create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    if append {
+        o.append(true);
+    } else {
+        o.write(true).truncate(false);
+    }
+    let f = o.open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let md = f.metadata().map_err(|e| format!("{}: {e}", path.display()))?;
+    if !md.file_type().is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if md.permissions().mode() & 0o7777 != 0o600 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("making {} private (0600): {e}", path.display()))?;
+    }
+    Ok(f)
+}
+
 pub fn write_frame(w: &mut impl Write, kind: u8, data: &[u8]) -> io::Result<()> {
     let len = u32::try_from(data.len()).map_err(|_| io::Error::other("frame too large"))?;
     let mut head = [0u8; 5];
@@ -60,8 +174,16 @@ pub fn write_frame(w: &mut impl Write, kind: u8, data: &[u8]) -> io::Result<()> 
     w.write_all(data)
 }
 
-/// Reads a request: the flags byte and the arguments.
-pub fn read_request(r: &mut impl Read) -> io::Result<(u8, Vec<String>)> {
+/// One request: the flags byte, the arguments and the key, if any.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u8,
+    pub args: Vec<String>,
+    pub key: Option<Vec<u8>>,
+}
+
+/// Reads a request.
+pub fn read_request(r: &mut impl Read) -> io::Result<Request> {
     let mut head = [0u8; 11];
     r.read_exact(&mut head)?;
     if &head[..6] != MAGIC {
@@ -76,17 +198,35 @@ pub fn read_request(r: &mut impl Read) -> io::Result<(u8, Vec<String>)> {
     r.read_exact(&mut body)?;
     let text = String::from_utf8(body).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "request is not UTF-8"))?;
     let args = if text.is_empty() { Vec::new() } else { text.split('\0').map(str::to_string).collect() };
-    Ok((flags, args))
+    let key = if flags & FLAG_KEY != 0 {
+        let mut l = [0u8; 4];
+        r.read_exact(&mut l)?;
+        let len = u32::from_le_bytes(l);
+        if len > MAX_KEY {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("key of {len} bytes (at most {MAX_KEY})")));
+        }
+        let mut key = vec![0u8; len as usize];
+        r.read_exact(&mut key)?;
+        Some(key)
+    } else {
+        None
+    };
+    Ok(Request { flags, args, key })
 }
 
-fn write_request(w: &mut impl Write, flags: u8, args: &[String]) -> io::Result<()> {
+fn write_request(w: &mut impl Write, flags: u8, args: &[String], key: Option<&[u8]>) -> io::Result<()> {
     let body = args.join("\0");
     let len = u32::try_from(body.len()).ok().filter(|&l| l <= MAX_REQUEST).ok_or_else(|| io::Error::other("arguments too long"))?;
-    let mut msg = Vec::with_capacity(11 + body.len());
+    let mut msg = Vec::with_capacity(15 + body.len() + key.map_or(0, <[u8]>::len));
     msg.extend_from_slice(MAGIC);
-    msg.push(flags);
+    msg.push(flags | if key.is_some() { FLAG_KEY } else { 0 });
     msg.extend_from_slice(&len.to_le_bytes());
     msg.extend_from_slice(body.as_bytes());
+    if let Some(k) = key {
+        let klen = u32::try_from(k.len()).ok().filter(|&l| l <= MAX_KEY).ok_or_else(|| io::Error::other("key too long"))?;
+        msg.extend_from_slice(&klen.to_le_bytes());
+        msg.extend_from_slice(k);
+    }
     w.write_all(&msg)
 }
 
@@ -95,10 +235,27 @@ fn is_tty(fd: i32) -> bool {
     unsafe { libc::isatty(fd) == 1 }
 }
 
-/// Connects to the daemon for `vm`, starting one if nobody answers.
-fn connect(vm: &Path, map: Option<&str>, spawn: bool) -> Result<UnixStream, String> {
+/// Connects to the control socket `ctl` if a daemon answers there, and
+/// checks that it runs as this user or root: a socket another user put
+/// there must not get the command, let alone the key.
+fn try_connect(ctl: &Path) -> Result<Option<UnixStream>, String> {
+    let Ok(s) = UnixStream::connect(ctl) else { return Ok(None) };
+    match peer_cred(&s) {
+        Ok((uid, _)) if trusted_uid(uid) => Ok(Some(s)),
+        Ok((uid, pid)) => Err(format!(
+            "{} is served by uid {uid} (pid {pid}), not by this user (uid {}) or root: not using it",
+            ctl.display(),
+            my_uid()
+        )),
+        Err(e) => Err(format!("{}: cannot tell who serves it: {e}", ctl.display())),
+    }
+}
+
+/// Connects to the daemon for `vm`, starting one if nobody answers. The
+/// key goes to a new daemon in its environment, never on its command line.
+fn connect(vm: &Path, map: Option<&str>, key: Option<&[u8]>, spawn: bool) -> Result<UnixStream, String> {
     let ctl = ctl_path(vm);
-    if let Ok(s) = UnixStream::connect(&ctl) {
+    if let Some(s) = try_connect(&ctl)? {
         return Ok(s);
     }
     if !spawn {
@@ -106,22 +263,22 @@ fn connect(vm: &Path, map: Option<&str>, spawn: bool) -> Result<UnixStream, Stri
     }
     let exe = std::env::current_exe().map_err(|e| format!("finding the ukvmi binary to start the daemon: {e}"))?;
     let log = log_path(vm);
-    let logf = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .map_err(|e| format!("opening the daemon log {}: {e}", log.display()))?;
+    let logf = open_private(&log, true).map_err(|e| format!("the daemon log: {e}"))?;
     let errf = logf.try_clone().map_err(|e| format!("daemon log: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.arg("daemon").arg("--vm").arg(vm);
     if let Some(m) = map {
         cmd.arg("--map").arg(m);
     }
+    cmd.env_remove(KEY_ENV);
+    if let Some(k) = key {
+        cmd.env(KEY_ENV, OsStr::from_bytes(k));
+    }
     cmd.stdin(Stdio::null()).stdout(logf).stderr(errf).process_group(0);
     let mut child = cmd.spawn().map_err(|e| format!("starting the daemon: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if let Ok(s) = UnixStream::connect(&ctl) {
+        if let Some(s) = try_connect(&ctl)? {
             return Ok(s);
         }
         match child.try_wait() {
@@ -141,7 +298,7 @@ fn connect(vm: &Path, map: Option<&str>, spawn: bool) -> Result<UnixStream, Stri
 }
 
 /// Runs one tool command through the daemon and relays its output.
-pub fn client(vm: &Path, map: Option<&str>, mut args: Vec<String>) -> ExitCode {
+pub fn client(vm: &Path, map: Option<&str>, key: Option<&[u8]>, mut args: Vec<String>) -> ExitCode {
     // `-o FILE` is the client's: the file is written here, not by the
     // daemon, and created only when the first output arrives (a command
     // that fails leaves an existing file alone).
@@ -156,7 +313,7 @@ pub fn client(vm: &Path, map: Option<&str>, mut args: Vec<String>) -> ExitCode {
         args.drain(i..i + 2);
     }
     let spawn = args.first().map(String::as_str) != Some("detach");
-    let mut sock = match connect(vm, map, spawn) {
+    let mut sock = match connect(vm, map, key, spawn) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ukvmi: {e}");
@@ -164,7 +321,7 @@ pub fn client(vm: &Path, map: Option<&str>, mut args: Vec<String>) -> ExitCode {
         }
     };
     let stderr_tty = is_tty(2);
-    if let Err(e) = write_request(&mut sock, u8::from(stderr_tty), &args) {
+    if let Err(e) = write_request(&mut sock, if stderr_tty { FLAG_TTY } else { 0 }, &args, key) {
         eprintln!("ukvmi: sending the command to the daemon: {e}");
         return ExitCode::FAILURE;
     }
@@ -250,16 +407,27 @@ mod tests {
     fn requests_round_trip_and_garbage_is_refused() {
         let mut buf = Vec::new();
         let args = vec!["read".to_string(), "0x1000".to_string(), "16".to_string()];
-        write_request(&mut buf, 1, &args).unwrap();
-        let (flags, back) = read_request(&mut buf.as_slice()).unwrap();
-        assert_eq!((flags, &back), (1, &args));
+        write_request(&mut buf, 1, &args, None).unwrap();
+        let req = read_request(&mut buf.as_slice()).unwrap();
+        assert_eq!(req, Request { flags: 1, args: args.clone(), key: None });
+        let mut keyed = Vec::new();
+        write_request(&mut keyed, 0, &args, Some(b"s3cret")).unwrap();
+        let req = read_request(&mut keyed.as_slice()).unwrap();
+        assert_eq!(req, Request { flags: FLAG_KEY, args: args.clone(), key: Some(b"s3cret".to_vec()) });
+        keyed.truncate(keyed.len() - 1);
+        assert!(read_request(&mut keyed.as_slice()).is_err(), "a cut key is refused");
+        let mut lying = Vec::new();
+        write_request(&mut lying, 0, &args, Some(b"k")).unwrap();
+        let at = lying.len() - 5;
+        lying[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_request(&mut lying.as_slice()).is_err(), "a lying key length is refused before allocating");
         assert!(read_request(&mut &b"GARBAGE-XXXX"[..]).is_err());
         let mut huge = Vec::from(&MAGIC[..]);
         huge.push(0);
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(read_request(&mut huge.as_slice()).is_err(), "a lying length is refused before allocating");
         let mut cut = Vec::new();
-        write_request(&mut cut, 0, &args).unwrap();
+        write_request(&mut cut, 0, &args, None).unwrap();
         cut.truncate(cut.len() - 3);
         assert!(read_request(&mut cut.as_slice()).is_err());
     }

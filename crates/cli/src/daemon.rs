@@ -10,10 +10,20 @@
 //! Long-running commands (`trace`, `watch-msr`, `protect`) own what they set
 //! up: when their client goes away (Ctrl-C), it is undone. The daemon exits
 //! when the VM goes away, or on `ukvmi detach`.
+//!
+//! Everything it makes is private: it runs with umask 0177 (so `PATH` and
+//! `PATH.ctl` are bound 0600, with no window), opens `PATH.lock` 0600 (its
+//! client does the same for `PATH.log`), and serves only peers running as
+//! its own uid or root, on either socket (`SO_PEERCRED`). The handshake key
+//! comes from its environment (`UKVMI_KEY`, set by the client that starts
+//! it) and, while no VM is attached, from each command's request.
 
 use std::{
     io::{Read, Write},
-    os::unix::net::{UnixListener, UnixStream},
+    os::unix::{
+        fs::{FileTypeExt, MetadataExt},
+        net::{UnixListener, UnixStream},
+    },
     path::{Path, PathBuf},
     process::ExitCode,
     sync::{
@@ -23,7 +33,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ukvmi_introspector::Listener;
+use ukvmi_introspector::{Error as KvmiError, Handshake};
 use ukvmi_monitor::{Monitor, SymbolMap};
 
 use crate::{
@@ -36,6 +46,10 @@ struct Attached {
     mon: Option<Arc<Monitor>>,
     syms: Option<Arc<SymbolMap>>,
     gone: bool,
+    /// The key the next handshake answers with.
+    key: Option<Vec<u8>>,
+    /// The last failed handshake: the key it was answered with, why, when.
+    refused: Option<(Option<Vec<u8>>, String, Instant)>,
 }
 
 struct Daemon {
@@ -121,7 +135,8 @@ impl Out for SockOut {
 
 impl Daemon {
     fn wait_attached(&self, out: &mut dyn Out, wait: Duration) -> Result<(Arc<Monitor>, Option<Arc<SymbolMap>>), String> {
-        let deadline = Instant::now() + wait;
+        let started = Instant::now();
+        let deadline = started + wait;
         let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut told = false;
         loop {
@@ -130,6 +145,19 @@ impl Daemon {
             }
             if st.gone {
                 return Err("the VM went away".into());
+            }
+            if let Some((key, why, at)) = &st.refused {
+                // One with this command's key, since it began waiting or
+                // recent enough that the VMM is still retrying (a refusal
+                // from a VM long gone says nothing about the next one).
+                if *key == st.key && (*at >= started || at.elapsed() < REFUSAL_FRESH) {
+                    let hint = if key.is_some() {
+                        "Is the key right? Give the one the VM was started with: --key-file FILE or $UKVMI_KEY"
+                    } else {
+                        "A VM started with a key needs the same key here: --key-file FILE or $UKVMI_KEY"
+                    };
+                    return Err(format!("the handshake with the VM at {} failed: {why}. {hint}", self.vm_path.display()));
+                }
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -147,8 +175,35 @@ impl Daemon {
         }
     }
 
+    /// Refuses a control client that runs as another user: logged, and
+    /// told so once its request is in (bounded by a short timeout).
+    fn refuse(&self, mut sock: UnixStream, who: Result<(u32, i32), std::io::Error>) {
+        let me = control::my_uid();
+        let served = control::served_users(me);
+        let (said, told) = match who {
+            Ok((uid, _)) => (
+                format!("refused a control connection from uid {uid}: this daemon serves {served}"),
+                format!("ukvmi: the daemon for {} refuses uid {uid}: it serves {served}\n", self.vm_path.display()),
+            ),
+            Err(e) => (
+                format!("refused a control connection whose user is unknown ({e}): this daemon serves {served}"),
+                format!("ukvmi: the daemon for {} refuses a client whose user it cannot tell\n", self.vm_path.display()),
+            ),
+        };
+        log(&said);
+        let _ = sock.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = sock.set_write_timeout(Some(Duration::from_secs(2)));
+        let _ = control::read_request(&mut sock);
+        let _ = control::write_frame(&mut sock, control::STDERR, told.as_bytes());
+        let _ = control::write_frame(&mut sock, control::EXIT, &[1]);
+    }
+
     fn serve(self: &Arc<Self>, mut sock: UnixStream) {
-        let Ok((flags, args)) = control::read_request(&mut sock) else {
+        match control::peer_cred(&sock) {
+            Ok((uid, _)) if control::trusted_uid(uid) => {}
+            who => return self.refuse(sock, who),
+        }
+        let Ok(control::Request { flags, args, key }) = control::read_request(&mut sock) else {
             return;
         };
         let gone = Arc::new(AtomicBool::new(false));
@@ -162,13 +217,13 @@ impl Daemon {
             });
         }
         let Ok(wsock) = sock.try_clone() else { return };
-        let mut out = SockOut { sock: wsock, stderr_tty: flags & 1 != 0, gone };
-        let status = self.run(&args, &mut out);
+        let mut out = SockOut { sock: wsock, stderr_tty: flags & control::FLAG_TTY != 0, gone };
+        let status = self.run(&args, key, &mut out);
         let _ = control::write_frame(&mut sock, control::EXIT, &[status]);
         let _ = sock.flush();
     }
 
-    fn run(self: &Arc<Self>, args: &[String], out: &mut SockOut) -> u8 {
+    fn run(self: &Arc<Self>, args: &[String], key: Option<Vec<u8>>, out: &mut SockOut) -> u8 {
         if args.first().map(String::as_str) == Some("detach") {
             let mon = self.state.lock().ok().and_then(|s| s.mon.clone());
             if let Some(m) = mon {
@@ -178,6 +233,14 @@ impl Daemon {
             self.quit.store(true, Ordering::SeqCst);
             self.cond.notify_all();
             return 0;
+        }
+        // Until a VM is attached, the key of the latest command is the one
+        // the next handshake answers with.
+        {
+            let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if st.mon.is_none() && st.key != key {
+                st.key = key;
+            }
         }
         let (mon, syms) = match self.wait_attached(out, Duration::from_secs(15)) {
             Ok(a) => a,
@@ -197,19 +260,75 @@ impl Daemon {
     }
 }
 
-fn log(msg: &str) {
-    eprintln!("[ukvmi daemon {}] {msg}", std::process::id());
+/// A line repeated within this long of its last showing is only counted.
+const LOG_REPEAT_WINDOW: Duration = Duration::from_secs(10);
+/// At most this many distinct lines are tracked for repeats.
+const LOG_TRACKED: usize = 64;
+
+/// Recent log lines: (line, when last shown, repeats not shown since).
+static LOG_SEEN: Mutex<Vec<(String, Instant, u32)>> = Mutex::new(Vec::new());
+
+fn emit(msg: &str) {
+    // Never panics: a log that cannot be written is no reason to stop.
+    let _ = writeln!(std::io::stderr().lock(), "[ukvmi daemon {}] {msg}", std::process::id());
 }
 
-/// `ukvmi daemon --vm PATH [--map FILE]` (normally started by a tool command).
+/// Logs a line; the same line again within `LOG_REPEAT_WINDOW` is counted,
+/// not shown (a VMM retrying a refused handshake every second would
+/// otherwise fill the log), and the count comes with its next showing or
+/// at exit (`flush_log_repeats`).
+fn log(msg: &str) {
+    let now = Instant::now();
+    let mut seen = LOG_SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(e) = seen.iter_mut().find(|e| e.0 == msg) {
+        let since = now.duration_since(e.1);
+        if since < LOG_REPEAT_WINDOW {
+            e.2 = e.2.saturating_add(1);
+            return;
+        }
+        if e.2 > 0 {
+            emit(&format!("{msg} (repeated {} times in the last {} s)", e.2.saturating_add(1), since.as_secs()));
+        } else {
+            emit(msg);
+        }
+        e.1 = now;
+        e.2 = 0;
+        return;
+    }
+    seen.retain(|e| e.2 > 0 || now.duration_since(e.1) < LOG_REPEAT_WINDOW);
+    if seen.len() < LOG_TRACKED {
+        seen.push((msg.to_string(), now, 0));
+    }
+    emit(msg);
+}
+
+/// Shows the count of every line repeated since it was last shown.
+fn flush_log_repeats() {
+    let now = Instant::now();
+    let mut seen = LOG_SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for e in seen.iter_mut().filter(|e| e.2 > 0) {
+        emit(&format!("{} (repeated {} more times in the last {} s)", e.0, e.2, now.duration_since(e.1).as_secs()));
+        e.1 = now;
+        e.2 = 0;
+    }
+}
+
+/// `ukvmi daemon --vm PATH [--map FILE] [--key-file FILE]` (normally
+/// started by a tool command, which passes the key in `UKVMI_KEY`).
 pub fn main(args: &[String]) -> ExitCode {
+    // Before any socket or file exists (and before any thread): whatever
+    // the caller's umask, what this process creates is 0600 at most.
+    // SAFETY: umask(2) only changes this process's file mode mask.
+    unsafe { libc::umask(0o177) };
     let mut vm: Option<PathBuf> = None;
     let mut map_path: Option<String> = None;
+    let mut key_file: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--vm" => vm = it.next().map(PathBuf::from),
             "--map" => map_path = it.next().cloned(),
+            "--key-file" => key_file = it.next().cloned(),
             "-h" | "--help" => {
                 print!("{}", crate::TOOL_HELP);
                 return ExitCode::SUCCESS;
@@ -229,6 +348,13 @@ pub fn main(args: &[String]) -> ExitCode {
         }
         None => None,
     };
+    let key = match control::tool_key(key_file.as_deref()) {
+        Ok(k) => k,
+        Err(e) => {
+            log(&format!("cannot use the key: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
     // One daemon per path: two first commands at the same moment each
     // start one, and the loser leaves (its client uses the winner). The
     // lock goes with the process, however it ends.
@@ -239,12 +365,15 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    match run_daemon(&vm, map) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log(&e);
-            ExitCode::FAILURE
-        }
+    let r = run_daemon(&vm, map, key);
+    if let Err(e) = &r {
+        log(e);
+    }
+    flush_log_repeats();
+    if r.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -254,12 +383,7 @@ pub fn main(args: &[String]) -> ExitCode {
 fn take_daemon_lock(vm: &Path) -> Result<std::fs::File, (u8, String)> {
     use std::os::fd::AsRawFd;
     let path = crate::control::lock_path(vm);
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| (1, format!("opening the daemon lock {}: {e}", path.display())))?;
+    let f = control::open_private(&path, false).map_err(|e| (1, format!("the daemon lock: {e}")))?;
     // SAFETY: flock on a descriptor this function owns; no memory involved.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
@@ -271,6 +395,10 @@ fn take_daemon_lock(vm: &Path) -> Result<std::fs::File, (u8, String)> {
     }
     Ok(f)
 }
+
+/// How long a failed handshake counts against a command that comes after
+/// it with the same key (the VMM retries every second by default).
+const REFUSAL_FRESH: Duration = Duration::from_secs(5);
 
 /// How long the daemon waits for a VM before it gives up and exits.
 const NO_VM_TIMEOUT: Duration = Duration::from_secs(300);
@@ -301,16 +429,102 @@ fn catch_stop_signals(d: &Arc<Daemon>) {
     });
 }
 
-fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>) -> Result<(), String> {
+/// The listening KVMI socket. Like the library's `Listener`, but the
+/// daemon accepts the connections itself to check who is connecting
+/// before the handshake.
+struct KvmiSocket {
+    sock: UnixListener,
+    path: PathBuf,
+    /// (device, inode) of the socket file we created, to unlink only our own.
+    id: Option<(u64, u64)>,
+}
+
+impl KvmiSocket {
+    /// Binds `path`, first removing a stale socket file there (any other
+    /// kind of file is left alone and the bind fails). The mode comes from
+    /// the daemon's umask: 0600.
+    fn bind(path: &Path) -> std::io::Result<KvmiSocket> {
+        if std::fs::symlink_metadata(path).is_ok_and(|md| md.file_type().is_socket()) {
+            std::fs::remove_file(path)?;
+        }
+        let sock = UnixListener::bind(path)?;
+        let id = std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        Ok(KvmiSocket { sock, path: path.to_path_buf(), id })
+    }
+}
+
+impl Drop for KvmiSocket {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
+        if ours.is_some() && ours == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Accepts connections on the KVMI socket until one is a VMM that passes
+/// the handshake. A peer of another user is dropped before the handshake; a
+/// connection that fails its handshake (a stray client, a wrong key) does
+/// not end the wait: the next one may be the VMM.
+fn accept_vm(d: &Daemon, listener: &KvmiSocket) -> Monitor {
+    loop {
+        let stream = match listener.sock.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                log(&format!("accepting on the KVMI socket: {e}"));
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        match control::peer_cred(&stream) {
+            Ok((uid, _)) if control::trusted_uid(uid) => {}
+            Ok((uid, _)) => {
+                log(&format!(
+                    "refused a KVMI connection from uid {uid}: only a VMM running as {} may attach",
+                    match control::my_uid() {
+                        0 => "root".to_string(),
+                        me => format!("uid {me} or root"),
+                    }
+                ));
+                continue;
+            }
+            Err(e) => {
+                log(&format!("refused a KVMI connection whose user is unknown: {e}"));
+                continue;
+            }
+        }
+        let key = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).key.clone();
+        let hs = key.as_deref().map_or_else(Handshake::new, |k| Handshake::new().with_key(k));
+        let vm = match hs.run(stream) {
+            Ok(vm) => vm,
+            Err(e) => {
+                log(&format!("a connection on the KVMI socket failed: {e}"));
+                if let KvmiError::Handshake(why) = e {
+                    let mut st = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    st.refused = Some((key, why, Instant::now()));
+                    d.cond.notify_all();
+                }
+                continue;
+            }
+        };
+        match Monitor::start(vm) {
+            Ok(mon) => return mon,
+            Err(e) => log(&format!("a connection on the KVMI socket failed: {e}")),
+        }
+    }
+}
+
+fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>, key: Option<Vec<u8>>) -> Result<(), String> {
     let ctl = ctl_path(vm_path);
     if UnixStream::connect(&ctl).is_ok() {
         return Err(format!("a daemon already serves {}", ctl.display()));
     }
     let _ = std::fs::remove_file(&ctl);
     let ctl_sock = UnixListener::bind(&ctl).map_err(|e| format!("binding {}: {e}", ctl.display()))?;
-    let listener = Listener::bind(vm_path).map_err(|e| format!("listening on {}: {e}", vm_path.display()))?;
+    let listener = KvmiSocket::bind(vm_path).map_err(|e| format!("listening on {}: {e}", vm_path.display()))?;
     log(&format!("listening for the VMM on {}, commands on {}", vm_path.display(), ctl.display()));
-    let d = Arc::new(Daemon { vm_path: vm_path.to_path_buf(), map, state: Mutex::new(Attached::default()), cond: Condvar::new(), quit: AtomicBool::new(false) });
+    let state = Attached { key, ..Attached::default() };
+    let d = Arc::new(Daemon { vm_path: vm_path.to_path_buf(), map, state: Mutex::new(state), cond: Condvar::new(), quit: AtomicBool::new(false) });
     catch_stop_signals(&d);
 
     let acc = Arc::clone(&d);
@@ -328,28 +542,16 @@ fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>) -> Result<(), String>
     std::thread::Builder::new()
         .name("kvmi-accept".into())
         .spawn(move || {
-            // A connection that fails its handshake (a stray client) does
-            // not end the wait: the next one may be the VMM.
-            let mut attached = None;
-            for vm in listener.incoming() {
-                match vm.map_err(|e| e.to_string()).and_then(|vm| Monitor::start(vm).map_err(|e| e.to_string())) {
-                    Ok(mon) => {
-                        attached = Some(mon);
-                        break;
-                    }
-                    Err(e) => log(&format!("a connection on the KVMI socket failed: {e}")),
-                }
-            }
+            let mon = accept_vm(&att, &listener);
+            // The socket file goes once a VM is attached (only one is served).
+            drop(listener);
+            let name = mon.vm().info().name.clone();
+            log(&format!("VM `{name}` attached: {} vCPUs", mon.vcpus()));
+            let syms = symbols_for_vm(&mon, att.map.as_ref());
             let mut st = att.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match attached {
-                Some(mon) => {
-                    let name = mon.vm().info().name.clone();
-                    log(&format!("VM `{name}` attached: {} vCPUs", mon.vcpus()));
-                    st.syms = symbols_for_vm(&mon, att.map.as_ref());
-                    st.mon = Some(Arc::new(mon));
-                }
-                None => st.gone = true,
-            }
+            st.syms = syms;
+            st.mon = Some(Arc::new(mon));
+            st.refused = None;
             att.cond.notify_all();
         })
         .map_err(|e| format!("starting the accept thread: {e}"))?;
@@ -378,6 +580,7 @@ fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>) -> Result<(), String>
     let _ = std::fs::remove_file(&ctl);
     // Give clients a moment to read their last frames.
     std::thread::sleep(Duration::from_millis(100));
+    flush_log_repeats();
     log("exiting");
     Ok(())
 }

@@ -24,7 +24,9 @@ THE VM:
 
 THE INTROSPECTOR (a second terminal; talks to the VM started with
 `ukvmi run ... --introspect unix:PATH`):
-    ukvmi [--vm PATH] COMMAND [ARGS]     PATH defaults to $UKVMI_VM, else ./vm.sock
+    ukvmi [--vm PATH] [--key-file FILE] COMMAND [ARGS]
+                             PATH defaults to $UKVMI_VM, else ./vm.sock; the key
+                             (for a VM started with one) comes from FILE, else $UKVMI_KEY
 ";
 
 pub(crate) const TOOL_HELP: &str = "
@@ -35,6 +37,14 @@ HOW THE TOOL COMMANDS REACH THE VM:
     the connection, and runs each command sent to its control socket PATH.ctl.
     Streaming commands (trace, watch-msr, protect) own what they set up: Ctrl-C
     undoes it. The daemon exits when the VM does, or on `ukvmi detach`.
+    PATH, PATH.ctl, PATH.lock and PATH.log are 0600 whatever the umask, and
+    the daemon serves only its own user and root (SO_PEERCRED), on PATH.ctl
+    and on PATH (the VMM).
+    A VM started with a key (`ukvmi run --key-file`) needs the same key here:
+    --key-file FILE (one trailing newline is not part of the key) or $UKVMI_KEY,
+    never on the command line. It reaches the daemon through its environment
+    and the control socket; while no VM is attached, each command's key is
+    the one the daemon answers the next handshake with.
     Addresses are numbers (0x...) or, for built-in guests or with --map FILE
     (System.map format), symbol names such as syscall_table or sys_write+0x4.
     A number given to read, dump, protect or trace --page is guest-physical; a
@@ -90,8 +100,9 @@ fn main() -> ExitCode {
     // Global tool options, wherever they are.
     let mut vm: Option<PathBuf> = None;
     let mut map: Option<String> = None;
+    let mut key_file: Option<String> = None;
     if !matches!(args.first().map(String::as_str), Some("run" | "demo" | "daemon")) {
-        while let Some(i) = args.iter().position(|a| a == "--vm" || a == "--map") {
+        while let Some(i) = args.iter().position(|a| a == "--vm" || a == "--map" || a == "--key-file") {
             let opt = args.get(i).cloned().unwrap_or_default();
             let Some(v) = args.get(i + 1).cloned() else {
                 eprintln!("ukvmi: {opt} needs a value");
@@ -99,6 +110,8 @@ fn main() -> ExitCode {
             };
             if opt == "--vm" {
                 vm = Some(absolute(PathBuf::from(v)));
+            } else if opt == "--key-file" {
+                key_file = Some(v);
             } else {
                 map = Some(absolute(PathBuf::from(v)).to_string_lossy().into_owned());
             }
@@ -132,7 +145,14 @@ fn main() -> ExitCode {
                 print!("{}", help());
                 return ExitCode::SUCCESS;
             }
-            control::client(&vm.unwrap_or_else(default_vm_path), map.as_deref(), args)
+            let key = match control::tool_key(key_file.as_deref()) {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("ukvmi: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            control::client(&vm.unwrap_or_else(default_vm_path), map.as_deref(), key.as_deref(), args)
         }
         Some(other) => {
             eprintln!("ukvmi: unknown command `{other}`\n\n{}", help());
