@@ -27,11 +27,19 @@ WHAT TO RUN:
 INTROSPECTION (the VMM connects to the tool, as QEMU does):
     --introspect unix:PATH   connect to an introspector listening at PATH; the VM
                              runs whether or not it is there
-    --key SECRET             the tool must prove it knows SECRET (SHA-1 cookie)
+    --key-file PATH          the tool must prove it knows the secret in PATH (SHA-1
+                             cookie; one trailing newline is not part of it). Or set
+                             UKVMI_KEY. Never on the command line: every local user
+                             can read a process's arguments
+    --introspector-uid UID   also let a tool running as UID introspect this VM (repeat);
+                             by default only a listener running as this VMM's user or
+                             root is talked to (its SO_PEERCRED is checked)
     --name NAME              VM name sent in the handshake
     --uuid UUID              VM UUID sent in the handshake (default: random)
-    --reconnect SECS         retry the connection every SECS seconds (default 1)
-    --handshake-timeout SECS give up on a silent tool after SECS (default 10)
+    --reconnect SECS         retry the connection every SECS seconds (default 1, at
+                             least 0.01)
+    --handshake-timeout SECS give up on a tool that has not accepted and answered the
+                             handshake within SECS (default 10, more than 0)
     --unhook-timeout SECS    at shutdown, wait up to SECS for the tool to close
                              after the UNHOOK event (default 10)
     --kvmi-dialect v12|v7    the wire dialect the tool speaks (default v12). Pick
@@ -156,6 +164,45 @@ fn random_uuid() -> [u8; 16] {
     u
 }
 
+/// The key in `path`, less one trailing newline.
+fn read_key_file(path: &str) -> Result<Vec<u8>, String> {
+    let mut key = std::fs::read(path).map_err(|e| format!("--key-file {path}: {e}"))?;
+    if key.ends_with(b"\n") {
+        key.pop();
+        if key.ends_with(b"\r") {
+            key.pop();
+        }
+    }
+    if key.is_empty() {
+        return Err(format!("--key-file {path}: the file is empty"));
+    }
+    Ok(key)
+}
+
+/// A warning when the socket's directory lets other users create files:
+/// one of them could listen at the path before the tool does (the VMM then
+/// refuses it by its uid, but the real tool cannot attach either).
+fn shared_directory_warning(sock: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = sock.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let meta = std::fs::metadata(dir).ok()?;
+    (meta.mode() & 0o002 != 0).then(|| {
+        format!(
+            "warning: {} is writable by every user: another user could listen at {} first. \
+             ukvmi only talks to a listener running as its own user or root, but prefer a private directory",
+            dir.display(),
+            sock.display()
+        )
+    })
+}
+
+/// One line to stderr. Never panics: a closed or broken stderr (a pipe whose
+/// reader left) must not take a thread down with it.
+pub(crate) fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 fn secs(opt: &str, v: &str) -> Result<Duration, String> {
     v.parse::<f64>()
         .ok()
@@ -180,6 +227,7 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     let mut path = None;
     let (mut key, mut reconnect, mut hs, mut unhook) = (None, Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(10));
     let mut dialect = Dialect::V12;
+    let mut allowed_uids = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "-h" || a == "--help" {
@@ -203,7 +251,19 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
                 image = Some(Image::Kernel(p));
             }
             "--vcpus" => cfg.vcpus = val()?.parse().map_err(|_| "--vcpus takes a number from 1 to 65535")?,
-            "--memory" => cfg.memory_mib = val()?.parse().map_err(|_| "--memory takes a size in MiB")?,
+            "--memory" => {
+                let v = val()?;
+                cfg.memory_mib = v
+                    .parse()
+                    .ok()
+                    .filter(|m| (4..=ukvmi_vmm::MAX_MEMORY_MIB).contains(m))
+                    .ok_or_else(|| {
+                        format!(
+                            "--memory takes a size in MiB, at least 4 MiB and at most {} (1 TiB), not `{v}`",
+                            ukvmi_vmm::MAX_MEMORY_MIB
+                        )
+                    })?;
+            }
             "--introspect" => {
                 let v = val()?;
                 let p = v.strip_prefix("unix:").ok_or_else(|| format!("--introspect takes unix:PATH, not `{v}`"))?;
@@ -212,11 +272,30 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
                 }
                 path = Some(PathBuf::from(p));
             }
-            "--key" => key = Some(val()?.into_bytes()),
+            "--key" => {
+                return Err("--key would put the secret on the command line, where every local user can read it \
+                            (/proc/PID/cmdline): use --key-file PATH or the UKVMI_KEY environment variable"
+                    .into())
+            }
+            "--key-file" => key = Some(read_key_file(&val()?)?),
+            "--introspector-uid" => {
+                let v = val()?;
+                allowed_uids.push(v.parse().map_err(|_| format!("--introspector-uid takes a numeric uid, not `{v}`"))?);
+            }
             "--name" => cfg.name = val()?,
             "--uuid" => cfg.uuid = parse_uuid(&val()?)?,
-            "--reconnect" => reconnect = secs(a, &val()?)?,
-            "--handshake-timeout" => hs = secs(a, &val()?)?,
+            "--reconnect" => {
+                reconnect = secs(a, &val()?)?;
+                if reconnect < Duration::from_millis(10) {
+                    return Err("--reconnect must be at least 0.01 seconds (0 would retry in a busy loop)".into());
+                }
+            }
+            "--handshake-timeout" => {
+                hs = secs(a, &val()?)?;
+                if hs.is_zero() {
+                    return Err("--handshake-timeout must be more than 0 seconds".into());
+                }
+            }
             "--unhook-timeout" => unhook = secs(a, &val()?)?,
             "--kvmi-dialect" => dialect = val()?.parse::<Dialect>().map_err(|e| format!("--kvmi-dialect: {e}"))?,
             "--allow-command" => {
@@ -242,8 +321,8 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
         }
     }
     cfg.image = image.ok_or("give --guest NAME or --kernel PATH (see ukvmi run --help)")?;
-    if key.is_some() && path.is_none() {
-        return Err("--key only makes sense with --introspect".into());
+    if key.is_none() {
+        key = std::env::var_os("UKVMI_KEY").filter(|k| !k.is_empty()).map(|k| k.into_encoded_bytes());
     }
     cfg.introspect = path.map(|path| IntrospectConfig {
         path,
@@ -252,6 +331,7 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
         handshake_timeout: hs,
         unhook_timeout: unhook,
         dialect,
+        allowed_uids,
     });
     if cfg.name.is_empty() {
         cfg.name = match &cfg.image {
@@ -285,16 +365,19 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("ukvmi run: {e}");
+            say(&format!("ukvmi run: {e}"));
             return ExitCode::from(1);
         }
     };
+    if let Some(w) = cfg.introspect.as_ref().and_then(|i| shared_directory_warning(&i.path)) {
+        say(&format!("ukvmi: {w}"));
+    }
     let set = block_stop_signals();
-    let log: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(|m: &str| eprintln!("ukvmi: {m}"));
+    let log: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(|m: &str| say(&format!("ukvmi: {m}")));
     let vm = match Vm::new(cfg, Arc::clone(&log)) {
         Ok(vm) => vm,
         Err(e) => {
-            eprintln!("ukvmi run: {e}");
+            say(&format!("ukvmi run: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -307,28 +390,29 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
                 return;
             }
             if sig == libc::SIGUSR1 {
-                eprintln!("ukvmi: {}", stop.interceptions());
+                say(&format!("ukvmi: {}", stop.interceptions()));
                 continue;
             }
-            eprintln!("ukvmi: signal {sig}: stopping the VM");
+            // Stop first: nothing said afterwards can keep the VM running.
             stop.stop();
+            say(&format!("ukvmi: signal {sig}: stopping the VM"));
             return;
         }
     });
     match vm.run() {
         Exit::PowerOff(s) => {
             if s != 0 {
-                eprintln!("ukvmi: the guest powered off with status {s}");
+                say(&format!("ukvmi: the guest powered off with status {s}"));
             }
             ExitCode::from(s)
         }
         Exit::Stopped => ExitCode::SUCCESS,
         Exit::Crashed(why) => {
-            eprintln!("ukvmi: VM crashed: {why}");
+            say(&format!("ukvmi: VM crashed: {why}"));
             ExitCode::from(2)
         }
         Exit::Failed(why) => {
-            eprintln!("ukvmi: VM failed: {why}");
+            say(&format!("ukvmi: VM failed: {why}"));
             ExitCode::from(1)
         }
     }

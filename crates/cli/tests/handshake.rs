@@ -19,7 +19,10 @@ fn wrong_key_is_refused_and_the_vm_goes_on() {
     let sock = dir.path("kvmi.sock");
     let bad = Listener::bind(&sock).unwrap().with_key(b"wrong");
     let intro = format!("unix:{}", sock.display());
-    let vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--key", "right", "--reconnect", "0.2"]);
+    let key = dir.path("key");
+    std::fs::write(&key, "right\n").unwrap();
+    let key = key.to_str().unwrap();
+    let vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--key-file", key, "--reconnect", "0.2"]);
     let err = bad.accept().unwrap_err();
     assert!(err.to_string().contains("authentication"), "{err}");
     vm.wait_stderr("cookie hash does not match", T);

@@ -50,6 +50,9 @@ pub struct IntrospectConfig {
     pub unhook_timeout: Duration,
     /// The KVMI dialect the tool speaks.
     pub dialect: Dialect,
+    /// User ids the listening tool may run as (`SO_PEERCRED`); empty: the
+    /// VMM's own uid and root.
+    pub allowed_uids: Vec<u32>,
 }
 
 /// Where serial output goes.
@@ -310,7 +313,8 @@ impl PageAccessOps for VmShared {
             if let Err(e) = pa.clear_with(self) {
                 // Nothing to answer to (unhook); the guest may now fault on
                 // RAM it should see, so say it loudly.
-                eprintln!("ukvmi: removing page restrictions failed: {e}");
+                // Never panics, even with stderr closed.
+                let _ = writeln!(std::io::stderr(), "ukvmi: removing page restrictions failed: {e}");
             }
         }
     }
@@ -525,6 +529,12 @@ impl Vm {
         if cfg.memory_mib < 4 {
             return Err(Error::Config("--memory must be at least 4 MiB".into()));
         }
+        if cfg.memory_mib > MAX_MEMORY_MIB {
+            return Err(Error::Config(format!(
+                "--memory {} MiB is more than the {MAX_MEMORY_MIB} MiB (1 TiB) ukvmi supports",
+                cfg.memory_mib
+            )));
+        }
         kick::install();
         let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
         let max = kvm.get_max_vcpus();
@@ -532,7 +542,8 @@ impl Vm {
             return Err(Error::Config(format!("--vcpus {} exceeds this host's limit of {max}", cfg.vcpus)));
         }
         let vmfd = kvm.create_vm().map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
-        let ram = GuestRam::new(cfg.memory_mib << 20)?;
+        let bytes = cfg.memory_mib.checked_mul(1 << 20).ok_or_else(|| Error::Config("--memory is too large".into()))?;
+        let ram = GuestRam::new(bytes)?;
         let host_base = register_ram(&vmfd, &ram)?;
         let page_access = page_access::probe(&kvm, &vmfd, host_base, ram.size()).map_err(Error::Config)?;
         write_tables(&ram)?;
@@ -711,6 +722,9 @@ fn events_line(sent: &[(u16, u32)]) -> String {
     format!("{total} events ({})", kinds.join(", "))
 }
 
+/// The most guest RAM a VM may have, in MiB (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
 /// How long a v7 connection waits for the guest to start its vCPUs.
 const V7_START_WAIT: Duration = Duration::from_secs(5);
 
@@ -744,7 +758,14 @@ fn connection_loop(ep: &Endpoint, sh: &VmShared, cfg: &IntrospectConfig, id: &Vm
     }
     let mut last_err = String::new();
     while !sh.stopping() && lock(&sh.exit).is_none() {
-        match handshake::connect(&cfg.path, id, cfg.key.as_deref(), cfg.handshake_timeout) {
+        let stop = || sh.stopping() || lock(&sh.exit).is_some();
+        let opts = handshake::ConnectOptions {
+            key: cfg.key.as_deref(),
+            timeout: cfg.handshake_timeout,
+            allowed_uids: &cfg.allowed_uids,
+            cancel: &stop,
+        };
+        match handshake::connect_with(&cfg.path, id, &opts) {
             Ok(stream) => {
                 last_err.clear();
                 // Hook under the exit lock: once `Vm::run` has seen the VM
