@@ -828,6 +828,55 @@ fn the_final_reply_waits_for_every_suppressed_vcpu_command() {
 }
 
 #[test]
+fn final_replies_that_pile_up_behind_a_held_vcpu_end_the_connection() {
+    let s = v7(vcpus(2));
+    let mut t = s.raw();
+    s.vm.hold(1, true);
+    assert!(s.vm.wait_progress(1, 2, T));
+    // 64 batches may wait for vCPU 1; the 65th is one too many.
+    let mut batch = Vec::new();
+    for _ in 0..65 {
+        batch.push((m7::CONTROL_CMD_RESPONSE, cmd_response(0, 1)));
+        batch.push((m7::GET_VCPU_INFO, vh(1).as_bytes().to_vec()));
+        batch.push((m7::CONTROL_CMD_RESPONSE, cmd_response(1, 1)));
+    }
+    t.send_batch(&batch);
+    assert!(s.endpoint.wait_disconnected(Some(T)), "the endpoint kept piling up replies");
+    assert!(
+        matches!(s.endpoint.disconnect_reason(), Some(Disconnect::BatchRepliesPiledUp(64))),
+        "{:?}",
+        s.endpoint.disconnect_reason()
+    );
+    s.vm.hold(1, false);
+    s.assert_guest_runs(&[0, 1]);
+}
+
+#[test]
+fn a_reply_is_decoded_by_the_event_it_answers_not_by_the_event_byte() {
+    let s = v7(vcpus(2));
+    let mut t = s.raw();
+    let msr = 0x140;
+    assert_eq!(vcpu_err(&mut t, m7::CONTROL_EVENTS, 1, &control(ev7::MSR, 1)), 0);
+    let c = VcpuControlMsr { enable: 1, padding1: 0, padding2: 0, msr };
+    assert_eq!(vcpu_err(&mut t, m7::CONTROL_MSR, 1, c.as_bytes()), 0);
+    s.vm.guest_does(1, GuestAction::WriteMsr { msr, value: 1 });
+    let ev = next_event(&mut t);
+    assert_v7_event(&ev, 1, ev7::MSR, 24);
+    // The reply says PF (6) but answers an MSR event: its 8-byte new value
+    // is the MSR reply's and must not be taken off as a PF reply's would.
+    let body = cat(&[
+        vh(1).as_bytes(),
+        VcpuEventReply { action: Action::Continue as u8, event: ev7::PF, padding1: 0, padding2: 0 }.as_bytes(),
+        &0x77u64.to_le_bytes(),
+    ]);
+    t.send_bytes(&frame(m7::EVENT_REPLY, ev.hdr.seq, &[&body]).unwrap());
+    let o = s.vm.wait_log(1, T, |o| matches!(o, Observed::Event { cause: GuestAction::WriteMsr { .. }, .. })).unwrap();
+    let Observed::Event { outcome: Some(out), .. } = o else { panic!("{o:?}") };
+    assert_eq!((out.action, out.new_val), (Action::Continue, Some(0x77)));
+    assert_eq!(s.vm.msr(1, msr), 0x77);
+}
+
+#[test]
 fn enable_now_0_starts_with_the_next_command() {
     let s = v7(vcpus(1));
     let mut t = s.raw();
@@ -1061,18 +1110,15 @@ fn short_bodies_for_every_v7_id_are_answered_or_closed_cleanly() {
     // * SET_PAGE_ACCESS shorter than its 8-byte header (8 + 16·0 > body),
     //   unless it names a view other than 0 (-KVM_EOPNOTSUPP first);
     // * WRITE_PHYSICAL announcing more data than it carries (0xff from byte
-    //   8 on: a size of at least 0xff, no data). Bodies shorter than its
-    //   16-byte header are left out here: the endpoint answers -KVM_EINVAL
-    //   where the spec closes (see the ignored test
-    //   `write_physical_shorter_than_its_header_closes`).
-    let known_bug = |&(id, _, len): &(u16, u8, usize)| id == m7::WRITE_PHYSICAL && len < 16;
-    closed.retain(|c| !known_bug(c));
+    //   8 on: a size of at least 0xff, no data), and any WRITE_PHYSICAL
+    //   shorter than its 16-byte header (16 + size > body).
     let want: BTreeSet<(u16, u8, usize)> = LENS
         .into_iter()
         .map(|len| (m7::EVENT_REPLY, 0x00, len))
         .chain([(m7::EVENT_REPLY, 0xff, 0), (m7::SET_PAGE_ACCESS, 0xff, 0)])
         .chain(LENS.into_iter().filter(|&len| len < 8).map(|len| (m7::SET_PAGE_ACCESS, 0x00, len)))
         .chain(LENS.into_iter().filter(|&len| len >= 16).map(|len| (m7::WRITE_PHYSICAL, 0xff, len)))
+        .chain(LENS.into_iter().filter(|&len| len < 16).flat_map(|len| [(m7::WRITE_PHYSICAL, 0x00, len), (m7::WRITE_PHYSICAL, 0xff, len)]))
         .collect();
     assert_eq!(closed, want);
     s.assert_guest_runs(&[0, 1]);
@@ -1082,15 +1128,12 @@ fn short_bodies_for_every_v7_id_are_answered_or_closed_cleanly() {
     assert_eq!(err(&mut t, m7::GET_VCPU_INFO, vh(1).as_bytes()), 0);
 }
 
-/// ENDPOINT BUG (shared v12 path, `vm_commands::write_physical`):
 /// spec.md §8.7 and §11 make `16 + size > body` a hard error, and a body
 /// shorter than the 16-byte header reads as size 0, so 16 > body closes the
 /// connection (the kernel's `struct_size(req, data, req->size) > msg->size`
-/// check does the same). The endpoint compares `size` with the bytes after
-/// the header only and answers -KVM_EINVAL. Same in v12 (id 14) and v7
-/// (id 18). Remove the `ignore` once fixed.
+/// check does the same). Same in v12 (id 14) and v7 (id 18). (The endpoint
+/// once answered -KVM_EINVAL here.)
 #[test]
-#[ignore = "ENDPOINT BUG: WRITE_PHYSICAL shorter than its 16-byte header answers -KVM_EINVAL instead of closing (spec.md §8.7, §11)"]
 fn write_physical_shorter_than_its_header_closes() {
     for (dialect, write_physical) in [(Dialect::V12, msg::VM_WRITE_PHYSICAL), (Dialect::V7, m7::WRITE_PHYSICAL)] {
         for len in [0usize, 8, 15] {

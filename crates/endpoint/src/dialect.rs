@@ -13,6 +13,7 @@
 
 use crate::session::{Message, Session};
 use crate::vcpu_dispatch;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use ukvmi_wire::v7::{self, Route};
 use ukvmi_wire::{
@@ -187,19 +188,25 @@ const REPLY_EVENT_AT: usize = 9;
 const REPLY_BASE: usize = 16;
 
 /// The event byte to its v12 id; a PF reply's 272-byte payload (v12 has
-/// none) comes off after a look at what it asks for. Anything the v12
-/// validation refuses (short body, a payload larger than the v7 structure)
-/// is left for it to refuse.
+/// none) comes off after a look at what it asks for. Whether the reply
+/// answers a PF event is decided by the event its vCPU waits for, not by
+/// the tool's event byte. Anything the v12 validation refuses (short body,
+/// a payload larger than the v7 structure, a vCPU not waiting) is left for
+/// it to refuse.
 fn event_reply(sess: &Session, body: &mut Vec<u8>) {
+    let h: VcpuHdr = read_zext(body);
     let Some(byte) = body.get_mut(REPLY_EVENT_AT) else { return };
-    let v7_event = u16::from(*byte);
-    if let Some(id) = v7::event_to_v12(v7_event) {
+    if let Some(id) = v7::event_to_v12(u16::from(*byte)) {
         // Every v12 event id is below 20: it fits the byte.
         *byte = id as u8;
     }
+    let awaits_pf = sess
+        .vcpus
+        .get(usize::from(h.vcpu))
+        .is_some_and(|v| v.awaiting.load(Ordering::SeqCst) == event::PF);
     let pf_reply = core::mem::size_of::<v7::V7EventPfReply>();
     let payload = body.len().saturating_sub(REPLY_BASE);
-    if v7_event == v7::event::PF && payload > 0 && payload <= pf_reply {
+    if awaits_pf && payload > 0 && payload <= pf_reply {
         let r: v7::V7EventPfReply = read_zext(tail(body, REPLY_BASE));
         if r.ctx_size != 0 || r.singlestep != 0 {
             sess.notice_once(Notice::PfEmulation);

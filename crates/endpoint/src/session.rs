@@ -11,7 +11,7 @@ use std::io::Write;
 use std::net::Shutdown;
 use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use thiserror::Error;
 use ukvmi_wire::{event, frame, ErrorCode, IntoBytes, KvmErrno, KvmRegs, KvmSregs, MsgHdr, TooLarge, VcpuEvent};
@@ -80,6 +80,10 @@ pub enum Disconnect {
         /// The event's name.
         event: &'static str,
     },
+    /// The tool ended more v7 reply-suppressed batches than the vCPUs could
+    /// complete: their final replies piled up.
+    #[error("{0} batch replies wait for suppressed vCPU commands; the introspector does not wait for them")]
+    BatchRepliesPiledUp(usize),
     /// The device manager unhooked the VM.
     #[error("unhooked by the device manager")]
     Unhooked,
@@ -148,6 +152,9 @@ pub(crate) struct Queue {
     pub snapshot: Option<Box<(KvmRegs, KvmSregs)>>,
 }
 
+/// `VcpuSession::awaiting` when the vCPU waits for no event.
+pub(crate) const NO_EVENT: u16 = u16::MAX;
+
 /// Per-vCPU part of a session.
 pub(crate) struct VcpuSession {
     /// Filled by the receiving thread, drained by the vCPU thread.
@@ -156,6 +163,10 @@ pub(crate) struct VcpuSession {
     pub wake: Condvar,
     /// The vCPU is blocked in an event, waiting for its reply.
     pub waiting: AtomicBool,
+    /// The id of that event ([`NO_EVENT`] when none): lets the receiving
+    /// thread decode a reply by the event it answers, not by what the tool
+    /// says it answers.
+    pub awaiting: AtomicU16,
     /// State only the vCPU thread touches.
     pub local: Mutex<Local>,
     /// The port's "has requests" flag (shared with `VcpuPort`).
@@ -215,6 +226,7 @@ impl Session {
                 queue: Mutex::new(Queue::default()),
                 wake: Condvar::new(),
                 waiting: AtomicBool::new(false),
+                awaiting: AtomicU16::new(NO_EVENT),
                 local: Mutex::new(Local::default()),
                 request: Arc::clone(r),
             })
@@ -297,6 +309,9 @@ impl Session {
         if q.outstanding == 0 {
             drop(q);
             return self.send(&bytes);
+        }
+        if q.deferred.len() >= MAX_DEFERRED_REPLIES {
+            return Err(Disconnect::BatchRepliesPiledUp(q.deferred.len()));
         }
         q.deferred.push(bytes);
         Ok(())
@@ -425,6 +440,10 @@ impl Session {
         lock(&self.end).reason.clone()
     }
 }
+
+/// Batch replies that may wait for suppressed jobs at once (libkvmi waits
+/// for each before it sends the next batch: it never has more than one).
+const MAX_DEFERRED_REPLIES: usize = 64;
 
 /// A reply framed: `id`, `seq`, the error code, and `data` only on success.
 fn reply_bytes(id: u16, seq: u32, res: Result<&[u8], KvmErrno>) -> Result<Vec<u8>, Disconnect> {

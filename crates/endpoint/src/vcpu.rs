@@ -8,7 +8,7 @@
 
 use crate::backend::{Exception, IdSet, VcpuBackend};
 use crate::endpoint::Shared;
-use crate::session::{lock, Disconnect, Job, Message, Session, VcpuSession};
+use crate::session::{lock, Disconnect, Job, Message, Session, VcpuSession, NO_EVENT};
 use crate::vcpu_commands;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -382,6 +382,7 @@ impl Ctx<'_> {
         let seq = self.sess.next_seq();
         local.expect = Some(Expected { seq, reply_size: info.reply_size });
         local.reply = None;
+        self.vs.awaiting.store(id, Ordering::SeqCst);
         self.vs.waiting.store(true, Ordering::SeqCst);
         let sent = self
             .sess
@@ -408,6 +409,7 @@ impl Ctx<'_> {
         }
         lock(&self.vs.queue).snapshot = None;
         self.vs.waiting.store(false, Ordering::SeqCst);
+        self.vs.awaiting.store(NO_EVENT, Ordering::SeqCst);
         let delayed = local.delayed_regs.take();
         let Some(Some(reply)) = local.reply.take() else { return fallback };
         let action = Action::from_u8(reply.action).filter(|a| info.actions.contains(*a));

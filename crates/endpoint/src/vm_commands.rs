@@ -163,11 +163,13 @@ pub(crate) fn read_physical_batched(sess: &Session, m: &Message, out: &mut Vec<u
     }
 }
 
-/// The size check against the received body is a hard error (spec §8.7).
+/// The size check against the received body is a hard error (spec §8.7,
+/// §11: `16 + size > body`, so a body shorter than the header fails it too).
 fn write_physical(sess: &Session, body: &[u8]) -> Result<Reply, Disconnect> {
     let r: VmPhysical = read_zext(body);
-    let data = tail(body, core::mem::size_of::<VmPhysical>());
-    if data.len() < usize::from(r.size) {
+    let head = core::mem::size_of::<VmPhysical>();
+    let data = tail(body, head);
+    if head + usize::from(r.size) > body.len() {
         return Err(Disconnect::WritePhysicalOverflow { size: r.size, available: data.len() });
     }
     if let Err(e) = check_physical(&r) {
