@@ -45,21 +45,26 @@ fn the_key_comes_from_the_environment_and_never_shows_in_the_process_arguments()
     let dir = Scratch::new("key-env");
     let sock = dir.path("kvmi.sock");
     let intro = format!("unix:{}", sock.display());
-    let listener = Listener::bind(&sock).unwrap().with_key(b"from-env");
+    let stderr = dir.path("stderr.log");
     let child = ukvmi()
         .args(["run", "--guest", "spin", "--introspect", &intro, "--reconnect", "0.2", "--serial", "file:/dev/null"])
         .env("UKVMI_KEY", "from-env")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .unwrap();
-    let mut child = scopeguard(child);
-    let tool = listener.accept().unwrap();
+    let child = Guard(child);
+    // A tool that does not know the key is refused by the VMM...
+    let wrong = Listener::bind(&sock).unwrap().with_key(b"not-it");
+    assert!(wrong.accept().is_err());
+    wait_for_text(&stderr, "cookie hash does not match");
+    drop(wrong);
+    // ...and one that does is served.
+    let right = Listener::bind(&sock).unwrap().with_key(b"from-env");
+    let tool = right.accept().unwrap();
     assert_eq!(tool.get_info().unwrap(), 1);
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.0.id())).unwrap();
     assert!(!String::from_utf8_lossy(&cmdline).contains("from-env"));
-    drop(tool);
-    let _ = child.0.kill();
 }
 
 /// Kills the child on drop.
@@ -69,9 +74,6 @@ impl Drop for Guard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-fn scopeguard(c: std::process::Child) -> Guard {
-    Guard(c)
 }
 
 /// A listener run by uid 65534 (nobody): it accepts one connection, reports
@@ -275,9 +277,15 @@ fn a_closed_stderr_neither_ends_introspection_nor_the_signal_thread() {
     // broken pipe, then listen: the thread must still be there.
     std::thread::sleep(Duration::from_millis(500));
     let l = Listener::bind(&sock).unwrap();
-    let tool = l.accept().unwrap();
-    assert_eq!(tool.get_info().unwrap(), 1);
-    drop(tool);
+    // In a thread: with the connection thread gone, nobody would ever come.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(l.accept().map(|tool| tool.get_info()));
+    });
+    match rx.recv_timeout(T) {
+        Ok(Ok(Ok(n))) => assert_eq!(n, 1),
+        other => panic!("no introspection after stderr closed: {other:?}"),
+    }
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let t0 = Instant::now();
@@ -289,4 +297,194 @@ fn a_closed_stderr_neither_ends_introspection_nor_the_signal_thread() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(st.code(), Some(0));
+}
+
+/// A tool speaking raw KVMI on the socket the VMM connected to.
+struct RawTool {
+    s: UnixStream,
+    seq: u32,
+}
+
+impl RawTool {
+    /// Accepts the VMM on `l` and answers its handshake (no key).
+    fn accept(l: &UnixListener) -> RawTool {
+        let (mut s, _) = l.accept().unwrap();
+        let mut hello = [0u8; 104];
+        s.read_exact(&mut hello).unwrap();
+        let mut reply = [0u8; 24];
+        reply[..4].copy_from_slice(&24u32.to_le_bytes());
+        s.write_all(&reply).unwrap();
+        RawTool { s, seq: 1000 }
+    }
+
+    fn frame(&mut self, id: u16, body: &[u8]) -> (u32, Vec<u8>) {
+        self.seq += 1;
+        (self.seq, ukvmi_wire::frame(id, self.seq, &[body]).unwrap())
+    }
+
+    fn send(&mut self, id: u16, body: &[u8]) -> u32 {
+        let (seq, bytes) = self.frame(id, body);
+        self.s.write_all(&bytes).unwrap();
+        seq
+    }
+
+    /// The next message: (id, seq, body), or None at the timeout.
+    fn recv(&mut self, timeout: Duration) -> Option<(u16, u32, Vec<u8>)> {
+        self.s.set_read_timeout(Some(timeout)).unwrap();
+        let mut h = [0u8; 8];
+        self.s.read_exact(&mut h).ok()?;
+        let size = usize::from(u16::from_le_bytes([h[2], h[3]]));
+        let mut body = vec![0u8; size];
+        self.s.read_exact(&mut body).ok()?;
+        Some((u16::from_le_bytes([h[0], h[1]]), u32::from_le_bytes(h[4..8].try_into().unwrap()), body))
+    }
+
+    /// The reply to `seq`'s error code.
+    fn err_of(&mut self, seq: u32) -> i32 {
+        loop {
+            let (_, s, body) = self.recv(T).expect("no reply");
+            if s == seq {
+                return i32::from_le_bytes(body[..4].try_into().unwrap());
+            }
+        }
+    }
+}
+
+fn vcpu_body(vcpu: u16, args: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; 8];
+    b[..2].copy_from_slice(&vcpu.to_le_bytes());
+    b.extend_from_slice(args);
+    b
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn reconnects_leak_no_descriptors_while_a_vcpu_was_never_started() {
+    let dir = Scratch::new("fdleak");
+    // hlt; jmp back: vCPU 1 is never started.
+    let kernel = dir.path("halt.bin");
+    std::fs::write(&kernel, [0xf4, 0xeb, 0xfd]).unwrap();
+    let sock = dir.path("kvmi.sock");
+    let intro = format!("unix:{}", sock.display());
+    let l = UnixListener::bind(&sock).unwrap();
+    let vm = RunningVm::start(
+        &dir,
+        &["--kernel", kernel.to_str().unwrap(), "--vcpus", "2", "--introspect", &intro, "--reconnect", "0.01"],
+    );
+    let pid = vm.child.id();
+    let cycle = |n: usize| {
+        for _ in 0..n {
+            let mut t = RawTool::accept(&l);
+            // A whole session: a command answered, then the tool leaves.
+            let seq = t.send(ukvmi_wire::msg::GET_VERSION, &[]);
+            assert_eq!(t.err_of(seq), 0);
+        }
+    };
+    cycle(5);
+    let before = fd_count(pid);
+    cycle(200);
+    // The last session may still be in flight.
+    let t0 = Instant::now();
+    while fd_count(pid) > before + 2 && t0.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = fd_count(pid);
+    assert!(after <= before + 2, "{before} descriptors before 200 reconnects, {after} after");
+    vm.wait_stderr("introspector disconnected", T);
+}
+
+#[test]
+fn a_tool_that_never_reads_its_replies_cannot_grow_the_vmm() {
+    let dir = Scratch::new("noread-jobs");
+    let sock = dir.path("kvmi.sock");
+    let intro = format!("unix:{}", sock.display());
+    let l = UnixListener::bind(&sock).unwrap();
+    let vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--reconnect", "5"]);
+    let mut t = RawTool::accept(&l);
+    vm.wait_serial("tick", 1, T);
+    let rss0 = rss_kib(vm.child.id());
+    // GET_REGISTERS for vCPU 0, never reading a reply, up to 128 MiB.
+    let get_regs = vcpu_body(0, &[0u8; 8]);
+    let (_, one) = t.frame(ukvmi_wire::msg::VCPU_GET_REGISTERS, &get_regs);
+    let chunk: Vec<u8> = one.iter().copied().cycle().take(one.len() * 4096).collect();
+    t.s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut sent = 0usize;
+    while sent < 128 << 20 {
+        match t.s.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    vm.wait_stderr("without waiting for their replies", T);
+    let rss1 = rss_kib(vm.child.id());
+    assert!(rss1 < rss0 + 16 * 1024, "RSS {rss0} KiB -> {rss1} KiB after {sent} bytes of unread commands");
+    vm.assert_guest_runs();
+}
+
+#[test]
+fn batched_read_replies_go_out_before_a_body_that_never_comes() {
+    let dir = Scratch::new("flush");
+    let sock = dir.path("kvmi.sock");
+    let intro = format!("unix:{}", sock.display());
+    let l = UnixListener::bind(&sock).unwrap();
+    let vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--reconnect", "5"]);
+    let mut t = RawTool::accept(&l);
+    // READ_PHYSICAL of 8 bytes at 1 MiB, then the header of a 10-byte
+    // message whose body is never sent, in one write.
+    let mut read = vec![0u8; 16];
+    read[..8].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    read[8..10].copy_from_slice(&8u16.to_le_bytes());
+    let (seq, mut bytes) = t.frame(ukvmi_wire::msg::VM_READ_PHYSICAL, &read);
+    bytes.extend_from_slice(&ukvmi_wire::msg::GET_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&10u16.to_le_bytes());
+    bytes.extend_from_slice(&7u32.to_le_bytes());
+    t.s.write_all(&bytes).unwrap();
+    let (id, s, body) = t.recv(Duration::from_secs(2)).expect("the READ_PHYSICAL reply was held back");
+    assert_eq!((id, s), (ukvmi_wire::msg::VM_READ_PHYSICAL, seq));
+    let spin = ukvmi_guests::find("spin").unwrap();
+    assert_eq!(&body[8..], &spin.image[..8]);
+    vm.assert_guest_runs();
+}
+
+#[test]
+fn inject_exception_refuses_what_is_not_an_exception() {
+    let dir = Scratch::new("inject");
+    let sock = dir.path("kvmi.sock");
+    let intro = format!("unix:{}", sock.display());
+    let l = UnixListener::bind(&sock).unwrap();
+    let vm = RunningVm::start(&dir, &["--guest", "traps", "--introspect", &intro, "--reconnect", "5"]);
+    let mut t = RawTool::accept(&l);
+    vm.wait_serial("tick", 1, T);
+    let trap = ukvmi_wire::event::TRAP;
+    let mut ctl = vec![0u8; 8];
+    ctl[..2].copy_from_slice(&trap.to_le_bytes());
+    ctl[2] = 1;
+    let seq = t.send(ukvmi_wire::msg::VCPU_CONTROL_EVENTS, &vcpu_body(0, &ctl));
+    assert_eq!(t.err_of(seq), 0);
+    for nr in [2u8, 15, 32, 255] {
+        let mut inj = vec![0u8; 16];
+        inj[0] = nr;
+        let seq = t.send(ukvmi_wire::msg::VCPU_INJECT_EXCEPTION, &vcpu_body(0, &inj));
+        assert_eq!(t.err_of(seq), -22, "vector {nr}");
+    }
+    // A real exception is injected and reported.
+    let mut inj = vec![0u8; 16];
+    inj[0] = 6;
+    let seq = t.send(ukvmi_wire::msg::VCPU_INJECT_EXCEPTION, &vcpu_body(0, &inj));
+    assert_eq!(t.err_of(seq), 0);
+    let (id, _, body) = t.recv(T).expect("no TRAP event");
+    assert_eq!(id, ukvmi_wire::msg::VCPU_EVENT);
+    assert_eq!(u16::from_le_bytes([body[0], body[1]]), trap);
+    assert_eq!(body[8 + 544], 6, "the TRAP event's vector");
+    drop(t);
+    vm.assert_guest_runs();
 }

@@ -237,6 +237,14 @@ pub struct Exception {
 }
 
 impl Exception {
+    /// Whether `nr` is an exception a tool may inject: a vector below 32
+    /// that the architecture defines as an exception (not the NMI, 2, nor
+    /// the reserved 9, 15, 22–27 and 31). Others would be refused by KVM
+    /// after the command had been answered, and no TRAP would follow.
+    pub const fn is_injectable(nr: u8) -> bool {
+        nr < 32 && !matches!(nr, 2 | 9 | 15 | 22..=27 | 31)
+    }
+
     /// Whether vector `nr` pushes an error code.
     pub const fn has_error_code(nr: u8) -> bool {
         matches!(nr, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21 | 29 | 30)

@@ -246,10 +246,19 @@ impl Endpoint {
         }
         let restore = sess.cleanup.load(Ordering::SeqCst);
         for (i, p) in self.shared.ports.iter().enumerate() {
+            // ports came from a u16 vCPU count.
+            let i = i as u16;
+            // A vCPU the guest never started ran nothing for this session
+            // (its commands answered -KVM_EAGAIN): nothing to undo, and it
+            // may never run to do it. Its pauses go now; no note keeps the
+            // session (and its socket) alive.
+            if !self.shared.vm.vcpu_ready(i) {
+                sess.drop_vcpu_jobs(i);
+                continue;
+            }
             lock(&p.cleanup).push((Arc::clone(&sess), restore));
             p.request.store(true, Ordering::SeqCst);
-            // ports came from a u16 vCPU count.
-            self.shared.vm.kick(i as u16, false);
+            self.shared.vm.kick(i, false);
         }
         sess.reason()
     }

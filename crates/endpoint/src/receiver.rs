@@ -27,8 +27,9 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
     let mut batch: Vec<u8> = Vec::new();
     let mut v7 = (sess.dialect == Dialect::V7).then(V7Decoder::new);
     let looped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
-        // Never sit on replies while the next read may block.
-        if rd.buffer().is_empty() && !batch.is_empty() {
+        // Never sit on replies while the next read may block: unless a
+        // whole message is already buffered, reading may wait for the tool.
+        if !batch.is_empty() && !whole_message_buffered(rd.buffer()) {
             if let Err(why) = flush(&sess, &mut batch) {
                 break why;
             }
@@ -118,6 +119,14 @@ fn spin_until_readable(stream: &UnixStream, budget: Duration) -> bool {
         // Let a thread woken on this CPU run (two cores are common here).
         std::thread::yield_now();
     }
+}
+
+/// Whether `buf` starts with a complete message (header and body), so that
+/// reading it cannot block.
+fn whole_message_buffered(buf: &[u8]) -> bool {
+    let Some(h) = buf.get(..MSG_HDR_SIZE) else { return false };
+    let hdr: MsgHdr = read_zext(h);
+    buf.len() >= MSG_HDR_SIZE + usize::from(hdr.size)
 }
 
 /// Sends the batched replies, if any, in one write.

@@ -84,6 +84,17 @@ pub enum Disconnect {
     /// complete: their final replies piled up.
     #[error("{0} batch replies wait for suppressed vCPU commands; the introspector does not wait for them")]
     BatchRepliesPiledUp(usize),
+    /// The tool queued too many commands on one vCPU.
+    #[error("the introspector queued {jobs} commands on vCPU {vcpu} without waiting for their replies")]
+    QueueFull {
+        /// The vCPU.
+        vcpu: u16,
+        /// Jobs waiting.
+        jobs: usize,
+    },
+    /// A write to the tool could not finish in time.
+    #[error("the introspector has not read its socket for 10 s")]
+    NotReading,
     /// The device manager unhooked the VM.
     #[error("unhooked by the device manager")]
     Unhooked,
@@ -219,6 +230,8 @@ impl Session {
         log: Log,
     ) -> std::io::Result<Session> {
         let writer = socket.try_clone()?;
+        // SO_SNDTIMEO belongs to the socket: every clone's writes time out.
+        writer.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let caps = vm.caps();
         let vcpus = requests
             .iter()
@@ -284,7 +297,7 @@ impl Session {
     /// Writes one whole message with a single write under the write lock.
     pub fn send(&self, bytes: &[u8]) -> Result<(), Disconnect> {
         let mut w = lock(&self.writer);
-        w.write_all(bytes).map_err(|e| Disconnect::WriteFailed(e.to_string()))
+        w.write_all(bytes).map_err(write_failed)
     }
 
     /// Answers `m` as its dialect wants: with the id it came with, not at
@@ -369,7 +382,7 @@ impl Session {
     pub fn reply_with_fd(&self, m: &Message, data: &[u8], fd: BorrowedFd<'_>) -> Result<(), Disconnect> {
         let bytes = reply_bytes(m.wire.id, m.hdr.seq, Ok(data))?;
         let w = lock(&self.writer);
-        crate::shared_memory::send_with_fd(&w, &bytes, fd).map_err(|e| Disconnect::WriteFailed(e.to_string()))
+        crate::shared_memory::send_with_fd(&w, &bytes, fd).map_err(write_failed)
     }
 
     /// A hard error: remember why, and shut the socket down so the tool sees
@@ -384,14 +397,34 @@ impl Session {
         let _ = self.socket.shutdown(Shutdown::Both);
     }
 
-    /// Queues a job on a vCPU and kicks it.
-    pub fn queue_job(&self, vcpu: u16, job: Job) {
-        if let Some(vs) = self.vcpus.get(usize::from(vcpu)) {
-            if matches!(&job, Job::Message(m) if m.wire.quiet) {
-                lock(&self.quiet).outstanding += 1;
+    /// Queues a job on a vCPU and kicks it. A message beyond
+    /// [`MAX_QUEUED_JOBS`] waiting on one vCPU is a hard error: the tool
+    /// sends faster than the vCPU answers (it is not reading its replies),
+    /// and the queue must not grow without bound.
+    pub fn queue_job(&self, vcpu: u16, job: Job) -> Result<(), Disconnect> {
+        let Some(vs) = self.vcpus.get(usize::from(vcpu)) else { return Ok(()) };
+        {
+            let mut q = lock(&vs.queue);
+            if let Job::Message(m) = &job {
+                if q.jobs.len() >= MAX_QUEUED_JOBS {
+                    return Err(Disconnect::QueueFull { vcpu, jobs: q.jobs.len() });
+                }
+                if m.wire.quiet {
+                    lock(&self.quiet).outstanding += 1;
+                }
             }
-            lock(&vs.queue).jobs.push_back(job);
-            self.poke(vcpu, vs, false);
+            q.jobs.push_back(job);
+        }
+        self.poke(vcpu, vs, false);
+        Ok(())
+    }
+
+    /// Forgets what is queued for a vCPU (jobs and pauses).
+    pub fn drop_vcpu_jobs(&self, vcpu: u16) {
+        if let Some(vs) = self.vcpus.get(usize::from(vcpu)) {
+            let mut q = lock(&vs.queue);
+            q.jobs.clear();
+            q.pauses = 0;
         }
     }
 
@@ -406,8 +439,9 @@ impl Session {
     /// Called by the receiving thread as it exits: release every vCPU.
     pub fn receiver_finished(&self) {
         for i in 0..self.vcpus.len() {
-            // vcpus.len() came from a u16 vCPU count.
-            self.queue_job(i as u16, Job::Release);
+            // vcpus.len() came from a u16 vCPU count; a release job is
+            // always queued.
+            let _ = self.queue_job(i as u16, Job::Release);
         }
         let mut end = lock(&self.end);
         end.receiver_done = true;
@@ -441,9 +475,26 @@ impl Session {
     }
 }
 
+/// Jobs that may wait on one vCPU. A tool that waits for its replies has a
+/// handful queued; one that never reads them fills this.
+pub(crate) const MAX_QUEUED_JOBS: usize = 1024;
+
+/// How long a write to the tool may wait for it to read its socket before
+/// the connection is given up (a blocked write also blocks every vCPU that
+/// wants to send an event).
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Batch replies that may wait for suppressed jobs at once (libkvmi waits
 /// for each before it sends the next batch: it never has more than one).
 const MAX_DEFERRED_REPLIES: usize = 64;
+
+/// A failed write; the write timeout has its own reason.
+fn write_failed(e: std::io::Error) -> Disconnect {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Disconnect::NotReading,
+        _ => Disconnect::WriteFailed(e.to_string()),
+    }
+}
 
 /// A reply framed: `id`, `seq`, the error code, and `data` only on success.
 fn reply_bytes(id: u16, seq: u32, res: Result<&[u8], KvmErrno>) -> Result<Vec<u8>, Disconnect> {

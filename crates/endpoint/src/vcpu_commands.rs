@@ -242,7 +242,7 @@ fn inject_exception(cx: &mut Ctx<'_>, local: &mut Local, args: &[u8]) -> Reply {
         return Err(KvmErrno::Eperm);
     }
     let r: VcpuInjectException = read_zext(args);
-    if r.padding1 != 0 || r.padding2 != 0 {
+    if r.padding1 != 0 || r.padding2 != 0 || !Exception::is_injectable(r.nr) {
         return Err(KvmErrno::Einval);
     }
     if local.pending_inject.is_some() || local.singlestep {

@@ -42,7 +42,7 @@ pub(crate) fn validate_and_queue(sess: &Session, m: Message) -> Result<Routed, D
         Ok(v) => v,
         Err(e) => return sess.answer(&m, Err(e)).map(|()| Routed::Answered),
     };
-    sess.queue_job(vcpu, Job::Message(m));
+    sess.queue_job(vcpu, Job::Message(m))?;
     Ok(if waiting { Routed::QueuedToWaiting } else { Routed::Queued })
 }
 
