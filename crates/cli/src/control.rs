@@ -277,13 +277,23 @@ fn connect(vm: &Path, map: Option<&str>, key: Option<&[u8]>, spawn: bool) -> Res
     cmd.stdin(Stdio::null()).stdout(logf).stderr(errf).process_group(0);
     let mut child = cmd.spawn().map_err(|e| format!("starting the daemon: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(5);
+    let mut lost_at: Option<Instant> = None;
     loop {
         if let Some(s) = try_connect(&ctl)? {
             return Ok(s);
         }
         match child.try_wait() {
-            // Another client's daemon won the race: wait for its socket.
-            Ok(Some(status)) if status.code() == Some(i32::from(ALREADY_SERVED)) => {}
+            // Another daemon holds the lock: one another client started
+            // (its socket comes soon), or one that is exiting (after
+            // `detach`; then nobody will open the socket): wait a little,
+            // then start ours again.
+            Ok(Some(status)) if status.code() == Some(i32::from(ALREADY_SERVED)) => {
+                let since = *lost_at.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(200) {
+                    lost_at = None;
+                    child = cmd.spawn().map_err(|e| format!("starting the daemon: {e}"))?;
+                }
+            }
             Ok(Some(status)) => {
                 let log_text = std::fs::read_to_string(&log).unwrap_or_default();
                 return Err(format!("the daemon exited ({status}): {}", log_text.trim()));

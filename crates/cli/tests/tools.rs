@@ -408,3 +408,80 @@ fn a_vm_merely_named_like_a_built_in_guest_gets_no_symbols() {
     assert!(log.contains("does not run the built-in `demo` guest"), "{log}");
     detach(&tool);
 }
+
+/// The pid of the `ukvmi daemon` serving `sock`.
+fn daemon_pid(sock: &std::path::Path) -> u32 {
+    let want = sock.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let c = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = c.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
+            (args.get(1).is_some_and(|a| a == "daemon") && args.contains(&want)).then_some(pid)
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no daemon serves {want}"))
+}
+
+#[test]
+fn a_daemon_killed_mid_trace_leaves_no_int3_in_the_guest() {
+    let dir = Scratch::new("tools-kill9");
+    let sock = dir.path("vm.sock");
+    let vm = RunningVm::start(&dir, &["--guest", "demo", "--vcpus", "2", "--reconnect", "0.1", "--introspect", &format!("unix:{}", sock.display())]);
+    vm.wait_serial("shell: hello", 1, T);
+    let tool = Tool { sock: sock.clone() };
+    let entry = ukvmi_guests::demo::symbol("syscall_entry").unwrap();
+    let demo = ukvmi_guests::find("demo").unwrap();
+    let original = demo.image[usize::try_from(entry - demo.load_addr).unwrap()];
+    assert_ne!(original, 0xcc);
+    // The trace's int3 is out of memory only while a hit is stepped over:
+    // kill until one kill caught it planted (the VMM then says it put the
+    // byte back); every kill must leave the guest whole.
+    for round in 1.. {
+        assert!(round <= 5, "five kills never caught the trace's int3 in memory");
+        let mut trace = Command::new(env!("CARGO_BIN_EXE_ukvmi"))
+            .arg("--vm")
+            .arg(&sock)
+            .args(["trace", "--syscalls", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.path("trace.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(trace.stdout.take().unwrap()));
+        for _ in 0..5 {
+            let l = lines.next().unwrap_or_else(|| {
+                panic!(
+                "round {round}: the trace ended: {}\ndaemon log:\n{}",
+                std::fs::read_to_string(dir.path("trace.err")).unwrap_or_default(),
+                std::fs::read_to_string(dir.path("vm.sock.log")).unwrap_or_default()
+            )
+            });
+            let l = l.unwrap();
+            assert_eq!(Tool::field(&l, "event"), "syscall", "{l}");
+        }
+        // SAFETY: kill(2) with a pid we just found.
+        unsafe { libc::kill(daemon_pid(&sock) as i32, libc::SIGKILL) };
+        let end = Instant::now() + T;
+        while vm.stderr_text().matches("introspector disconnected").count() < round {
+            assert!(Instant::now() < end, "the VMM did not see the daemon go:\n{}", vm.stderr_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = trace.kill();
+        let _ = trace.wait();
+        // Every process runs on: the shell keeps printing (through syscalls).
+        let hellos = vm.serial_text().matches("shell: hello").count();
+        vm.wait_serial("shell: hello", hellos + 2, T);
+        // A new daemon finds the original byte and no #BP or #DB in the guest.
+        let now = tool.cmd(&["read", &format!("{entry:#x}"), "1", "--raw"]);
+        assert!(now.status.success(), "{}", String::from_utf8_lossy(&now.stderr));
+        assert_eq!(now.stdout, [original], "round {round}: syscall_entry's first byte");
+        assert_eq!(tool.u64_at(layout::EXC_COUNT_BASE + 3 * 8), 0, "#BP reached the guest");
+        assert_eq!(tool.u64_at(layout::EXC_COUNT_BASE + 8), 0, "#DB reached the guest");
+        detach(&tool);
+        if vm.stderr_text().contains("put back 1 byte(s) the introspector had written with undo") {
+            break;
+        }
+    }
+}

@@ -611,10 +611,15 @@ impl FakeVcpu {
             }
         }
         let outcome = port.raise(self, ev);
-        self.log(Observed::Event { cause: a, outcome });
+        // Logged once the action took effect, so a test that saw the log
+        // line sees its result too.
         match outcome {
             None => self.apply(a, None),
-            Some(o) if o.action == Action::Crash => self.log(Observed::Crashed),
+            Some(o) if o.action == Action::Crash => {
+                self.log(Observed::Event { cause: a, outcome });
+                self.log(Observed::Crashed);
+                return;
+            }
             Some(o) if o.action == Action::Continue => self.apply(a, o.new_val),
             Some(_) => {
                 // RETRY: re-enter without completing the action. A memory
@@ -625,6 +630,7 @@ impl FakeVcpu {
                 }
             }
         }
+        self.log(Observed::Event { cause: a, outcome });
     }
 
     /// Completes a guest action, with the tool's value for CR/MSR writes.

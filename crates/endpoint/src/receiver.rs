@@ -94,6 +94,14 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
         Disconnect::Internal(format!("receiving thread panicked: {what}"))
     });
     sess.hard_error(why);
+    // The tool's undoable writes go back before any vCPU it held is released.
+    let (restored, left) = sess.undo_writes();
+    if restored + left > 0 {
+        sess.log(&format!(
+            "put back {restored} byte(s) the introspector had written with undo{}",
+            if left > 0 { format!("; {left} changed by the guest since were left as they are") } else { String::new() }
+        ));
+    }
     sess.receiver_finished();
 }
 

@@ -6,7 +6,7 @@ use crate::backend::{HostCaps, IdSet, VmBackend};
 use crate::dialect::{self, Dialect, Log};
 use crate::permissions::Permissions;
 use crate::vcpu::Local;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::net::Shutdown;
 use std::os::fd::BorrowedFd;
@@ -85,7 +85,7 @@ pub enum Disconnect {
     #[error("{0} batch replies wait for suppressed vCPU commands; the introspector does not wait for them")]
     BatchRepliesPiledUp(usize),
     /// The tool queued too many commands on one vCPU.
-    #[error("the introspector queued {jobs} commands on vCPU {vcpu} without waiting for their replies")]
+    #[error("the introspector queued {jobs} commands on vCPU {vcpu}, which got through none of them for 5 s (are its replies read?)")]
     QueueFull {
         /// The vCPU.
         vcpu: u16,
@@ -172,6 +172,8 @@ pub(crate) struct VcpuSession {
     pub queue: Mutex<Queue>,
     /// Signalled whenever a job is queued (wakes a vCPU waiting for a reply).
     pub wake: Condvar,
+    /// Signalled when a full queue gets room (wakes the receiving thread).
+    pub room: Condvar,
     /// The vCPU is blocked in an event, waiting for its reply.
     pub waiting: AtomicBool,
     /// The id of that event ([`NO_EVENT`] when none): lets the receiving
@@ -200,6 +202,9 @@ pub(crate) struct Session {
     /// Notices already logged this session (bits of `dialect::Notice`).
     noted: AtomicU8,
     quiet: Mutex<QuietJobs>,
+    /// Bytes written with `UKVMI_VM_WRITE_PHYSICAL_UNDO`: gpa → (the byte
+    /// before the tool's first write, the tool's last byte).
+    undo: Mutex<BTreeMap<u64, (u8, u8)>>,
     /// vCPU events sent, per v12 event id.
     sent: [AtomicU32; event::NUM_EVENTS as usize],
     socket: UnixStream,
@@ -238,6 +243,7 @@ impl Session {
             .map(|r| VcpuSession {
                 queue: Mutex::new(Queue::default()),
                 wake: Condvar::new(),
+                room: Condvar::new(),
                 waiting: AtomicBool::new(false),
                 awaiting: AtomicU16::new(NO_EVENT),
                 local: Mutex::new(Local::default()),
@@ -255,6 +261,7 @@ impl Session {
             log,
             noted: AtomicU8::new(0),
             quiet: Mutex::new(QuietJobs::default()),
+            undo: Mutex::new(BTreeMap::new()),
             sent: std::array::from_fn(|_| AtomicU32::new(0)),
             socket,
             writer: Mutex::new(writer),
@@ -397,17 +404,28 @@ impl Session {
         let _ = self.socket.shutdown(Shutdown::Both);
     }
 
-    /// Queues a job on a vCPU and kicks it. A message beyond
-    /// [`MAX_QUEUED_JOBS`] waiting on one vCPU is a hard error: the tool
-    /// sends faster than the vCPU answers (it is not reading its replies),
-    /// and the queue must not grow without bound.
+    /// Queues a job on a vCPU and kicks it. While [`MAX_QUEUED_JOBS`]
+    /// messages wait on the vCPU, the receiving thread waits for room
+    /// (backpressure: it reads nothing more from the tool meanwhile); no
+    /// room within [`QUEUE_WAIT`] is a hard error: the vCPU is not getting
+    /// through its commands (typically because the tool does not read
+    /// their replies), and the queue must not grow without bound.
     pub fn queue_job(&self, vcpu: u16, job: Job) -> Result<(), Disconnect> {
         let Some(vs) = self.vcpus.get(usize::from(vcpu)) else { return Ok(()) };
         {
             let mut q = lock(&vs.queue);
             if let Job::Message(m) = &job {
                 if q.jobs.len() >= MAX_QUEUED_JOBS {
-                    return Err(Disconnect::QueueFull { vcpu, jobs: q.jobs.len() });
+                    // Make sure the vCPU is working on them.
+                    self.poke(vcpu, vs, false);
+                    let (g, timeout) = vs
+                        .room
+                        .wait_timeout_while(q, QUEUE_WAIT, |q| q.jobs.len() >= MAX_QUEUED_JOBS)
+                        .unwrap_or_else(|e| e.into_inner());
+                    q = g;
+                    if timeout.timed_out() {
+                        return Err(Disconnect::QueueFull { vcpu, jobs: q.jobs.len() });
+                    }
                 }
                 if m.wire.quiet {
                     lock(&self.quiet).outstanding += 1;
@@ -417,6 +435,46 @@ impl Session {
         }
         self.poke(vcpu, vs, false);
         Ok(())
+    }
+
+    /// Records a write the connection's end undoes: `old` are the bytes at
+    /// `gpa` before it, `new` the bytes written. A byte written again keeps
+    /// its first original; a byte written back to its original is
+    /// forgotten. Fails (nothing recorded) past [`MAX_UNDO_BYTES`].
+    pub fn record_undo(&self, gpa: u64, old: &[u8], new: &[u8]) -> Result<(), KvmErrno> {
+        let mut log = lock(&self.undo);
+        let fresh = (0u64..).zip(new).filter(|(i, _)| !log.contains_key(&(gpa + i))).count();
+        if log.len() + fresh > MAX_UNDO_BYTES {
+            return Err(KvmErrno::Enomem);
+        }
+        for ((i, o), n) in (0u64..).zip(old).zip(new) {
+            let at = gpa + i;
+            let first = log.get(&at).map_or(*o, |&(first, _)| first);
+            if first == *n {
+                log.remove(&at);
+            } else {
+                log.insert(at, (first, *n));
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts back every byte of the undo log that still holds what the tool
+    /// wrote (a byte the guest changed since is the guest's and stays).
+    /// Returns (restored, left).
+    pub fn undo_writes(&self) -> (usize, usize) {
+        let log = std::mem::take(&mut *lock(&self.undo));
+        let (mut restored, mut left) = (0, 0);
+        for (gpa, (first, written)) in log {
+            let mut now = [0u8; 1];
+            let ours = self.vm.read_physical(gpa, &mut now).is_ok() && now[0] == written;
+            if ours && self.vm.write_physical(gpa, &[first]).is_ok() {
+                restored += 1;
+            } else {
+                left += 1;
+            }
+        }
+        (restored, left)
     }
 
     /// Forgets what is queued for a vCPU (jobs and pauses).
@@ -437,15 +495,20 @@ impl Session {
     }
 
     /// Called by the receiving thread as it exits: release every vCPU.
+    /// The session counts as closed before the first release job is
+    /// queued, so a vCPU that took one never sends an event and then
+    /// waits for another.
     pub fn receiver_finished(&self) {
+        {
+            let mut end = lock(&self.end);
+            end.receiver_done = true;
+            self.ended.notify_all();
+        }
         for i in 0..self.vcpus.len() {
             // vcpus.len() came from a u16 vCPU count; a release job is
             // always queued.
             let _ = self.queue_job(i as u16, Job::Release);
         }
-        let mut end = lock(&self.end);
-        end.receiver_done = true;
-        self.ended.notify_all();
     }
 
     pub fn is_closed(&self) -> bool {
@@ -479,10 +542,16 @@ impl Session {
 /// handful queued; one that never reads them fills this.
 pub(crate) const MAX_QUEUED_JOBS: usize = 1024;
 
+/// How long the receiving thread waits for room in a full job queue.
+const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a write to the tool may wait for it to read its socket before
 /// the connection is given up (a blocked write also blocks every vCPU that
 /// wants to send an event).
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Bytes one connection may have in its undo log (`UKVMI_VM_WRITE_PHYSICAL_UNDO`).
+pub(crate) const MAX_UNDO_BYTES: usize = 64 * 1024;
 
 /// Batch replies that may wait for suppressed jobs at once (libkvmi waits
 /// for each before it sends the next batch: it never has more than one).

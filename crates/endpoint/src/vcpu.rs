@@ -8,7 +8,7 @@
 
 use crate::backend::{Exception, IdSet, VcpuBackend};
 use crate::endpoint::Shared;
-use crate::session::{lock, Disconnect, Job, Message, Session, VcpuSession, NO_EVENT};
+use crate::session::{lock, Disconnect, Job, Message, Session, VcpuSession, MAX_QUEUED_JOBS, NO_EVENT};
 use crate::vcpu_commands;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -271,7 +271,15 @@ impl Ctx<'_> {
             if stop_at_reply && local.expect.is_none() {
                 return;
             }
-            let job = lock(&self.vs.queue).jobs.pop_front();
+            let job = {
+                let mut q = lock(&self.vs.queue);
+                let job = q.jobs.pop_front();
+                if q.jobs.len() + 1 == MAX_QUEUED_JOBS {
+                    // It was full: the receiving thread may be waiting.
+                    self.vs.room.notify_all();
+                }
+                job
+            };
             match job {
                 None => return,
                 Some(Job::Release) => self.release(local),
@@ -389,12 +397,12 @@ impl Ctx<'_> {
             .frame_event(seq, id, &body, &ev.encode())
             .map_err(|e| Disconnect::WriteFailed(e.to_string()))
             .and_then(|bytes| self.sess.send(&bytes));
+        // A failed send shuts the connection down; the receiving thread
+        // then ends (undoing the tool's writes) and releases this vCPU,
+        // which ends the wait below.
         match sent {
             Ok(()) => self.sess.count_event(id),
-            Err(why) => {
-                self.sess.hard_error(why);
-                local.expect = None;
-            }
+            Err(why) => self.sess.hard_error(why),
         }
         while local.expect.is_some() {
             self.run_jobs_until(local, true);

@@ -31,6 +31,7 @@ pub(crate) fn handle(sess: &Session, m: &Message) -> Result<(), Disconnect> {
         msg::VM_CONTROL_CLEANUP => control_cleanup(sess, body),
         msg::VM_SET_PAGE_ACCESS => set_page_access(sess, body)?,
         msg::UKVMI_VM_MAP_MEMORY => return map_memory(sess, m),
+        msg::UKVMI_VM_WRITE_PHYSICAL_UNDO => write_physical_undo(sess, body)?,
         _ => Err(KvmErrno::Enosys),
     };
     match res {
@@ -63,6 +64,7 @@ fn check_command(sess: &Session, body: &[u8]) -> Reply {
     }
     let supported = match r.id {
         msg::UKVMI_VM_MAP_MEMORY => sess.vm.support_shared_memory().is_some(),
+        msg::UKVMI_VM_WRITE_PHYSICAL_UNDO => true,
         id => sess.caps.commands.contains(id),
     };
     if !supported {
@@ -166,6 +168,14 @@ pub(crate) fn read_physical_batched(sess: &Session, m: &Message, out: &mut Vec<u
 /// The size check against the received body is a hard error (spec §8.7,
 /// §11: `16 + size > body`, so a body shorter than the header fails it too).
 fn write_physical(sess: &Session, body: &[u8]) -> Result<Reply, Disconnect> {
+    Ok(match physical_write(body)? {
+        Ok((gpa, data)) => sess.vm.write_physical(gpa, data).map(|()| Vec::new()).map_err(|e| e.errno()),
+        Err(e) => Err(e),
+    })
+}
+
+/// A WRITE_PHYSICAL body checked: the gpa and the data, or the soft error.
+fn physical_write(body: &[u8]) -> Result<Result<(u64, &[u8]), KvmErrno>, Disconnect> {
     let r: VmPhysical = read_zext(body);
     let head = core::mem::size_of::<VmPhysical>();
     let data = tail(body, head);
@@ -175,8 +185,26 @@ fn write_physical(sess: &Session, body: &[u8]) -> Result<Reply, Disconnect> {
     if let Err(e) = check_physical(&r) {
         return Ok(Err(e));
     }
-    let data = data.get(..usize::from(r.size)).unwrap_or(&[]);
-    Ok(sess.vm.write_physical(r.gpa, data).map(|()| Vec::new()).map_err(|e| e.errno()))
+    Ok(Ok((r.gpa, data.get(..usize::from(r.size)).unwrap_or(&[]))))
+}
+
+/// `UKVMI_VM_WRITE_PHYSICAL_UNDO` (extension): WRITE_PHYSICAL that keeps
+/// the bytes it overwrites in the session's undo log (`Session::undo_writes`
+/// puts them back when the connection ends). `-KVM_ENOMEM` once the log
+/// holds `MAX_UNDO_BYTES` bytes.
+fn write_physical_undo(sess: &Session, body: &[u8]) -> Result<Reply, Disconnect> {
+    let (gpa, data) = match physical_write(body)? {
+        Ok(w) => w,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut old = vec![0u8; data.len()];
+    if let Err(e) = sess.vm.read_physical(gpa, &mut old) {
+        return Ok(Err(e.errno()));
+    }
+    if let Err(e) = sess.record_undo(gpa, &old, data) {
+        return Ok(Err(e));
+    }
+    Ok(sess.vm.write_physical(gpa, data).map(|()| Vec::new()).map_err(|e| e.errno()))
 }
 
 fn pause_vcpu(sess: &Session, body: &[u8]) -> Reply {

@@ -153,6 +153,22 @@ impl Vm {
         self.command_exact(msg::VM_WRITE_PHYSICAL, &[req.as_bytes(), data], 0).map(drop)
     }
 
+    /// `UKVMI_VM_WRITE_PHYSICAL_UNDO` (ukvmi extension): writes `data` at
+    /// `gpa` like [`Vm::write_physical`], and the VMM keeps the bytes it
+    /// overwrote. When this connection ends for any reason (the tool
+    /// closes, dies, or is cut off), the VMM puts back every byte that
+    /// still holds what the tool wrote, before a vCPU this connection held
+    /// runs on. Meant for breakpoints. Writing a byte back to its original
+    /// value forgets it; `-KVM_ENOMEM` past 64 KiB of recorded bytes.
+    /// A VMM without the extension answers `-KVM_ENOSYS` (check with
+    /// `check_command`).
+    pub fn write_physical_undo(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        let id = msg::UKVMI_VM_WRITE_PHYSICAL_UNDO;
+        let size = u16_len(id, "bytes", data.len())?;
+        let req = VmPhysical { gpa, size, ..Default::default() };
+        self.command_exact(id, &[req.as_bytes(), data], 0).map(drop)
+    }
+
     /// `KVMI_VM_PAUSE_VCPU`: asks `vcpu` for one PAUSE event; with `wait` the
     /// reply comes once the vCPU has left guest mode.
     pub fn pause_vcpu(&self, vcpu: u16, wait: bool) -> Result<()> {

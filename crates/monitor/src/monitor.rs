@@ -166,6 +166,9 @@ struct Inner {
     /// The zero-copy view of guest RAM, when the VM grants one
     /// (`UKVMI_VM_MAP_MEMORY`); reads fall back to READ_PHYSICAL.
     map: Option<GuestMemoryMap>,
+    /// The VM keeps an undo record of our code writes
+    /// (`UKVMI_VM_WRITE_PHYSICAL_UNDO`): a monitor that dies leaves no int3.
+    undo: bool,
     vcpus: u16,
     state: Mutex<State>,
     cond: Condvar,
@@ -234,9 +237,11 @@ impl Monitor {
         let vcpus = cmd(|| "KVMI_VM_GET_INFO".into(), vm.get_info())?;
         let vcpus = u16::try_from(vcpus).ok().filter(|&n| n > 0).ok_or_else(|| MonitorError::Invalid(format!("the VM reports {vcpus} vCPUs")))?;
         let map = vm.map_memory().ok();
+        let undo = vm.check_command(ukvmi_wire::msg::UKVMI_VM_WRITE_PHYSICAL_UNDO).is_ok();
         let inner = Arc::new(Inner {
             vm,
             map,
+            undo,
             vcpus,
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
@@ -326,7 +331,7 @@ impl Monitor {
             return Err(MonitorError::Invalid(format!("there is already an int3 at gpa {gpa:#x}")));
         }
         st.bps.insert(gpa, Bp { orig: orig[0], syscall, planted: false, owners: vec![sub.id] });
-        if let Err(e) = cmd(|| format!("planting int3 at {gpa:#x}"), vm.write_physical(gpa, &[0xcc])) {
+        if let Err(e) = cmd(|| format!("planting int3 at {gpa:#x}"), inner.write_code(gpa, 0xcc)) {
             st.bps.remove(&gpa);
             inner.disable(&mut st, event::BREAKPOINT);
             return Err(e);
@@ -482,6 +487,17 @@ impl PhysRead for Inner {
 }
 
 impl Inner {
+    /// Writes one byte of guest code (an int3 or the byte it replaced): with
+    /// the VM's undo record where it has one, so the VMM puts the original
+    /// back if this monitor dies.
+    fn write_code(&self, gpa: u64, byte: u8) -> ukvmi_introspector::Result<()> {
+        if self.undo {
+            self.vm.write_physical_undo(gpa, &[byte])
+        } else {
+            self.vm.write_physical(gpa, &[byte])
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -571,7 +587,7 @@ impl Inner {
         for gpa in dead_bps {
             if let Some(bp) = st.bps.remove(&gpa) {
                 if bp.planted {
-                    let _ = vm.write_physical(gpa, &[bp.orig]);
+                    let _ = self.write_code(gpa, bp.orig);
                 }
                 self.disable(st, event::BREAKPOINT);
             }
@@ -748,7 +764,7 @@ impl Inner {
                     Record::Breakpoint { who, gpa, rip: ev.regs.rip }
                 };
                 self.emit(&mut st, rec);
-                if planted && vm.write_physical(gpa, &[orig]).is_ok() {
+                if planted && self.write_code(gpa, orig).is_ok() {
                     if let Some(bp) = st.bps.get_mut(&gpa) {
                         bp.planted = false;
                     }
@@ -766,7 +782,7 @@ impl Inner {
                     let _ = vm.control_singlestep(v, false);
                     let others = st.stepping.values().any(|&g| g == gpa);
                     if let Some(bp) = st.bps.get_mut(&gpa) {
-                        if !bp.planted && !others && vm.write_physical(gpa, &[0xcc]).is_ok() {
+                        if !bp.planted && !others && self.write_code(gpa, 0xcc).is_ok() {
                             bp.planted = true;
                         }
                     }

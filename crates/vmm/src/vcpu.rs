@@ -595,7 +595,8 @@ impl KvmVcpu {
     /// emulation failure (PVM), where RIP still points at the 0xCC and KVM
     /// pushes the current RIP, so RIP is moved past the int3 first.
     fn breakpoint(&mut self, port: &VcpuPort, rip: u64, gpa: u64, emulated: bool) -> Option<Exit> {
-        match port.raise(self, EventPayload::Breakpoint { gpa, insn_len: 1 }) {
+        let outcome = port.raise(self, EventPayload::Breakpoint { gpa, insn_len: 1 });
+        match outcome {
             Some(o) if o.action == Action::Crash => {
                 return Some(Exit::Crashed(format!(
                     "the introspector answered CRASH to a breakpoint at {rip:#x} on vCPU {}",
@@ -604,6 +605,16 @@ impl KvmVcpu {
             }
             Some(o) if o.action == Action::Retry => return None,
             _ => {}
+        }
+        // Nobody answered (no tool, or it went away while this vCPU waited)
+        // and the int3 is gone: it was a tool's, undone when its
+        // connection ended. The instruction now there runs; the guest gets
+        // no #BP it never planted.
+        if !outcome.is_some_and(|o| o.answered) {
+            let mut byte = [0u8; 1];
+            if self.shared.ram.read(gpa, &mut byte).is_ok() && byte[0] != 0xcc {
+                return None;
+            }
         }
         if let Err(e) = self.deliver_bp(rip, emulated) {
             return Some(Exit::Failed(format!("vCPU {}: delivering #BP at {rip:#x}: {e}", self.index)));

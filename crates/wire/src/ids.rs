@@ -139,13 +139,21 @@ pub mod msg {
     /// file descriptor of guest RAM that the tool maps.
     pub const UKVMI_VM_MAP_MEMORY: u16 = EXT_FIRST;
 
+    /// `UKVMI_VM_WRITE_PHYSICAL_UNDO` (ukvmi extension, VM command): the
+    /// body and reply of `KVMI_VM_WRITE_PHYSICAL`, and the VMM keeps the
+    /// bytes it overwrote: when the connection ends, for any reason, it
+    /// puts them back (where the guest has not changed them since) before
+    /// a vCPU blocked by the connection runs on. For breakpoints a tool
+    /// plants: a tool that dies leaves no `int3` behind.
+    pub const UKVMI_VM_WRITE_PHYSICAL_UNDO: u16 = EXT_FIRST + 2;
+
     /// Every extension command, in id order.
-    pub const EXTENSION_COMMANDS: [u16; 1] = [UKVMI_VM_MAP_MEMORY];
+    pub const EXTENSION_COMMANDS: [u16; 2] = [UKVMI_VM_MAP_MEMORY, UKVMI_VM_WRITE_PHYSICAL_UNDO];
 
     /// True for the ukvmi extension commands (outside the v12 numbering;
     /// [`is_known_command`] stays exactly v12).
     pub const fn is_extension_command(id: u16) -> bool {
-        id == UKVMI_VM_MAP_MEMORY
+        matches!(id, UKVMI_VM_MAP_MEMORY | UKVMI_VM_WRITE_PHYSICAL_UNDO)
     }
 
     /// True for every id this implementation has a handler for: the v12
@@ -189,6 +197,7 @@ pub mod msg {
             VCPU_CONTROL_SINGLESTEP => "KVMI_VCPU_CONTROL_SINGLESTEP",
             VCPU_TRANSLATE_GVA => "KVMI_VCPU_TRANSLATE_GVA",
             UKVMI_VM_MAP_MEMORY => "UKVMI_VM_MAP_MEMORY",
+            UKVMI_VM_WRITE_PHYSICAL_UNDO => "UKVMI_VM_WRITE_PHYSICAL_UNDO",
             _ => return None,
         })
     }
