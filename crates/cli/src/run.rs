@@ -124,6 +124,10 @@ fn host_section() -> String {
         "    extension UKVMI_VM_MAP_MEMORY (0x4000): guest RAM's memfd passed to the tool (SCM_RIGHTS),\n             \
          read-only unless WRITE_PHYSICAL is allowed too; allowed by default, like every command\n",
     );
+    s.push_str(
+        "    extension UKVMI_VM_WRITE_PHYSICAL_UNDO (0x4002): WRITE_PHYSICAL whose bytes the VMM puts back\n             \
+         when the connection ends (a dead tool leaves no int3); allowed by default\n",
+    );
     s
 }
 

@@ -237,7 +237,7 @@ fn info(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     let i = vm.info().clone();
     let uuid: String = i.uuid.iter().map(|b| format!("{b:02x}")).collect();
     let cmds: Vec<&str> = (0..64u16)
-        .chain(std::iter::once(msg::UKVMI_VM_MAP_MEMORY))
+        .chain(msg::EXTENSION_COMMANDS)
         .filter(|&id| msg::name(id).is_some() && vm.check_command(id).is_ok())
         .filter_map(msg::name)
         .collect();
