@@ -518,3 +518,249 @@ fn measure_pf_round_trips_and_protect_cost() {
     tool.set_page_access(&[(f, RWX)]).unwrap();
     tool.reply(&e.ev, EventReply::Continue).unwrap();
 }
+
+// ---- Restrictions on what the CPU reads by itself (issue 11, #6). A page
+// without a memslot cannot be walked through, nor can exception delivery
+// read the IDT, GDT or TSS from it: the guest's next walk or exception
+// fails and it dies. So SET_PAGE_ACCESS refuses to remove R or X from a
+// page that holds a paging structure (walked from every vCPU's CR3) or a
+// descriptor table of any vCPU, with -KVM_EOPNOTSUPP, and the guest never
+// notices. W alone (a read-only memslot) is accepted: KVM still reads it.
+
+/// `ukvmi run --guest GUEST --vcpus N` with a tool attached; waits until
+/// every vCPU printed that it is up (`spin`) or the kernel booted (`demo`).
+fn start_guest(dir: &Scratch, guest: &str, vcpus: u16) -> (RunningVm, Listener, Vm) {
+    let sock = dir.path("kvmi.sock");
+    let listener = Listener::bind(&sock).unwrap();
+    let v = vcpus.to_string();
+    let intro = format!("unix:{}", sock.display());
+    let vm = RunningVm::start(dir, &["--guest", guest, "--vcpus", &v, "--introspect", &intro, "--reconnect", "0.2"]);
+    let tool = listener.accept().unwrap();
+    if guest == "demo" {
+        vm.wait_serial("cr3 0x", 4, T);
+    } else {
+        vm.wait_serial(&format!("vcpu {} up", vcpus - 1), 1, T);
+    }
+    (vm, listener, tool)
+}
+
+/// Waits until every one of `vcpus` spin-guest counters has moved on by 3.
+fn spin_counters_move(tool: &Vm, vcpus: u16) {
+    for i in 0..vcpus {
+        let c = at(layout::COUNTER_BASE, i);
+        let first = read_u64(tool, c);
+        let t0 = Instant::now();
+        while read_u64(tool, c) < first + 3 {
+            assert!(t0.elapsed() < T, "vCPU {i}'s counter stopped at {first}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// The spin guest's page tables: the VMM's identity tables (PML4, PDPT,
+/// PD) and the alias PD that PDPT entry 1 points to.
+const SPIN_TABLES: [u64; 4] = [layout::PML4_ADDR, layout::PDPT_ADDR, layout::PD_ADDR, layout::ALIAS_PD_ADDR];
+
+#[test]
+fn removing_r_or_x_from_the_guests_page_tables_is_refused_and_the_guest_runs_on() {
+    let dir = Scratch::new("pfpt");
+    let (vm, _l, tool) = start_guest(&dir, "spin", 2);
+    for i in 0..2 {
+        tool.control_events(i, event::PF, true).unwrap();
+    }
+    // The report's case: gpa 0x1000 (the PML4, CR3 of both vCPUs), access 6.
+    assert_eq!(code(tool.set_page_access(&[(0x1000, W | X)])), -95, "R removed from the PML4");
+    for &t in &SPIN_TABLES {
+        for a in [W | X, R | W, W, X, R, 0] {
+            assert_eq!(code(tool.set_page_access(&[(t, a)])), -95, "gpa {t:#x} access {a}");
+            // Any address inside the page is the page.
+            assert_eq!(code(tool.set_page_access(&[(t + 0x7f8, a)])), -95, "gpa {:#x} access {a}", t + 0x7f8);
+        }
+    }
+    // Nothing was applied: no event, and the guest keeps running.
+    no_event(&tool, Duration::from_millis(300));
+    spin_counters_move(&tool, 2);
+    vm.assert_guest_runs();
+    // Pages next to the tables, and data pages, are restricted as before.
+    let data = 0x50_0000;
+    for p in [layout::PD_ADDR + 0x1000, data] {
+        tool.set_page_access(&[(p, W | X)]).unwrap();
+        tool.set_page_access(&[(p, 0)]).unwrap();
+        tool.set_page_access(&[(p, RWX)]).unwrap();
+    }
+    // Relaxing a table page is always fine (it is not restricted at all).
+    tool.set_page_access(&[(layout::PML4_ADDR, RWX)]).unwrap();
+    // One refused entry does not stop the others in the same command (the
+    // first error is the answer, as in KVMI): the counters' page is
+    // write-protected, each counter store is a PF event (let through).
+    let counters = layout::COUNTER_BASE;
+    assert_eq!(code(tool.set_page_access(&[(layout::PD_ADDR, R | W), (counters, R | X)])), -95);
+    let e = pf_event_at(&tool, at(counters, 0));
+    assert_eq!(e.access, W);
+    tool.set_page_access(&[(counters, RWX)]).unwrap();
+    tool.reply(&e.ev, EventReply::Continue).unwrap();
+    // (The other vCPU may wait in one too.)
+    while let Some(Event::Vcpu(ev)) = tool.next_event(Some(Duration::from_millis(300))).unwrap() {
+        tool.reply(&ev, EventReply::Continue).unwrap();
+    }
+    spin_counters_move(&tool, 2);
+    vm.assert_guest_runs();
+}
+
+#[test]
+fn write_protecting_the_guests_page_tables_is_accepted_and_harmless() {
+    let dir = Scratch::new("pfptw");
+    let (vm, _l, tool) = start_guest(&dir, "spin", 2);
+    for i in 0..2 {
+        tool.control_events(i, event::PF, true).unwrap();
+    }
+    // W removed: a read-only memslot, which page walks still read. (KVM
+    // does not set accessed/dirty bits in a read-only slot; the guest's
+    // own PTE writes would exit as PF W events. The spin guest makes none.)
+    let entries: Vec<(u64, u8)> = SPIN_TABLES.iter().map(|&t| (t, R | X)).collect();
+    tool.set_page_access(&entries).unwrap();
+    no_event(&tool, Duration::from_millis(500));
+    spin_counters_move(&tool, 2);
+    vm.assert_guest_runs();
+    // Now write-protected, R cannot go either.
+    assert_eq!(code(tool.set_page_access(&[(layout::PML4_ADDR, X)])), -95);
+    let entries: Vec<(u64, u8)> = SPIN_TABLES.iter().map(|&t| (t, RWX)).collect();
+    tool.set_page_access(&entries).unwrap();
+    spin_counters_move(&tool, 2);
+    vm.assert_guest_runs();
+}
+
+/// The same for what exception delivery reads: the traps guest's IDT (its
+/// own int3 every 8 iterations goes through it) and the VMM's GDT (page 0).
+/// Without the check, R removed from the IDT's page ends the guest at its
+/// next int3 (a triple fault).
+#[test]
+fn removing_r_or_x_from_the_guests_idt_or_gdt_is_refused() {
+    let dir = Scratch::new("pfidt");
+    let (vm, _l, tool) = start_guest(&dir, "traps", 1);
+    let int3s = || read_u64(&tool, layout::INT3_DONE);
+    let int3s_move = || {
+        let first = int3s();
+        let t0 = Instant::now();
+        while int3s() < first + 3 {
+            assert!(t0.elapsed() < T, "the guest's int3s stopped at {first}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    int3s_move();
+    for page in [layout::IDT_ADDR, layout::GDT_ADDR] {
+        for a in [W | X, R | W, 0] {
+            assert_eq!(code(tool.set_page_access(&[(page, a)])), -95, "gpa {page:#x} access {a}");
+        }
+        // Write protection works: delivery only reads the tables.
+        tool.set_page_access(&[(page, R | X)]).unwrap();
+        int3s_move();
+        tool.set_page_access(&[(page, RWX)]).unwrap();
+    }
+    int3s_move();
+    vm.assert_guest_runs();
+}
+
+/// Holds both vCPUs in PAUSE events.
+fn hold_both(tool: &Vm) -> Vec<VcpuEventMsg> {
+    let mut held = Vec::new();
+    for i in 0..2 {
+        tool.pause_vcpu(i, false).unwrap();
+    }
+    while held.len() < 2 {
+        match tool.next_event(Some(T)).unwrap() {
+            Some(Event::Vcpu(ev)) if ev.kind == EventKind::Pause => held.push(*ev),
+            other => panic!("expected PAUSE events, got {other:?}"),
+        }
+    }
+    held
+}
+
+/// A demo process's page tables: PML4 (its CR3), PDPT, PD (2 MiB pages).
+fn demo_tables(tool: &Vm, cr3: u64) -> [u64; 3] {
+    let pml4 = cr3 & !0xfff;
+    let pdpt = read_u64(tool, pml4) & 0x000f_ffff_ffff_f000;
+    let pd = read_u64(tool, pdpt) & 0x000f_ffff_ffff_f000;
+    assert!(pdpt != 0 && pd != 0, "PML4 {pml4:#x} maps GVA 0");
+    [pml4, pdpt, pd]
+}
+
+/// Waits until the demo kernel's clock has moved on by 50 ms and it
+/// printed 3 more lines.
+fn demo_runs(vm: &RunningVm, tool: &Vm) {
+    let ticks = ukvmi_monitor::guestos::ProcessTable::read(tool).unwrap().ticks;
+    let lines = vm.serial_text().lines().count();
+    let t0 = Instant::now();
+    while ukvmi_monitor::guestos::ProcessTable::read(tool).unwrap().ticks < ticks + 50
+        || vm.serial_text().lines().count() < lines + 3
+    {
+        assert!(t0.elapsed() < T, "the demo guest stopped (ticks {ticks}):\n{}", vm.stderr_text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The demo OS gives each process its own page tables (CR3 = its block at
+/// `PBLK_BASE + slot * PBLK_SIZE`: PML4, PDPT, PD). With both vCPUs held in
+/// PAUSE events, the tables of the processes they run are found from their
+/// CR3s and refused. Write protection of every process's tables (switched
+/// to and from while protected) and of the boot tables is accepted and the
+/// guest runs on.
+#[test]
+fn the_demo_guests_process_page_tables_in_use_are_refused() {
+    let dir = Scratch::new("pfptdemo");
+    let (mut vm, _l, tool) = start_guest(&dir, "demo", 2);
+    let held = hold_both(&tool);
+    for ev in &held {
+        let cr3 = ev.sregs.cr3;
+        assert!(cr3 >= ukvmi_guests::demo::PBLK_BASE, "vCPU {} runs a process (cr3 {cr3:#x})", ev.vcpu);
+        for t in demo_tables(&tool, cr3) {
+            for a in [W | X, R | W, 0] {
+                assert_eq!(code(tool.set_page_access(&[(t, a)])), -95, "vCPU {} cr3 {cr3:#x}: table {t:#x} access {a}", ev.vcpu);
+            }
+            tool.set_page_access(&[(t, R | X)]).unwrap();
+            tool.set_page_access(&[(t, RWX)]).unwrap();
+        }
+    }
+    // Every process's tables and the boot tables, write-protected.
+    let procs = ukvmi_monitor::guestos::ProcessTable::read(&tool).unwrap().procs;
+    assert_eq!(procs.len(), 4);
+    let mut tables: Vec<u64> = procs.iter().flat_map(|p| demo_tables(&tool, p.cr3)).collect();
+    tables.extend([layout::PML4_ADDR, layout::PDPT_ADDR, layout::PD_ADDR]);
+    let protect: Vec<(u64, u8)> = tables.iter().map(|&t| (t, R | X)).collect();
+    tool.set_page_access(&protect).unwrap();
+    for ev in &held {
+        tool.reply(ev, EventReply::Continue).unwrap();
+    }
+    demo_runs(&vm, &tool);
+    let syscalls = || -> u64 { ukvmi_monitor::guestos::ProcessTable::read(&tool).unwrap().procs.iter().map(|p| p.syscalls).sum() };
+    let before = syscalls();
+    demo_runs(&vm, &tool);
+    assert!(syscalls() > before, "the processes make syscalls");
+    let forget: Vec<(u64, u8)> = tables.iter().map(|&t| (t, RWX)).collect();
+    tool.set_page_access(&forget).unwrap();
+    demo_runs(&vm, &tool);
+    assert!(vm.child.try_wait().unwrap().is_none(), "the VM ended: {}", vm.stderr_text());
+}
+
+/// The limit: tables no vCPU uses at the moment of the restriction are not
+/// found. The demo kernel switches to a process whose PML4 lost its
+/// memslot, its next page walk fails, and it triple-faults; the VMM says
+/// which page it was.
+#[test]
+fn tables_the_guest_switches_to_after_the_check_are_the_documented_limit() {
+    let dir = Scratch::new("pfptlimit");
+    let (mut vm, _l, tool) = start_guest(&dir, "demo", 2);
+    let held = hold_both(&tool);
+    let current: Vec<u64> = held.iter().map(|ev| ev.sregs.cr3 & !0xfff).collect();
+    let procs = ukvmi_monitor::guestos::ProcessTable::read(&tool).unwrap().procs;
+    let other = procs.iter().find(|p| !current.contains(&p.cr3)).expect("two of four processes are switched out");
+    tool.set_page_access(&[(other.cr3, W | X)]).unwrap();
+    for ev in &held {
+        tool.reply(ev, EventReply::Continue).unwrap();
+    }
+    let status = vm.wait_exit(T);
+    assert!(!status.success());
+    let err = vm.stderr_text();
+    let note = format!("its page or descriptor tables include gpa {:#x}, which SET_PAGE_ACCESS left without a memslot", other.cr3);
+    assert!(err.contains("triple-faulted") && err.contains(&note), "{err}");
+}

@@ -10,6 +10,9 @@
 //! * `trap_flag`: keeps KVM's single-step TF out of exception frames.
 //! * `page_access`: page restrictions (`KVMI_VM_SET_PAGE_ACCESS`) as a
 //!   memslot layout; the vCPU side of the PF event is in `vcpu`.
+//! * `page_tables`: finds the pages the CPU reads by itself (the guest's
+//!   page tables from each vCPU's CR3, its GDT/IDT/LDT/TSS), which must
+//!   keep their memslot.
 //!
 //! Guests follow the ABI of `ukvmi-guests`: entered in 64-bit ring 0 with
 //! identity paging, serial at 0x3f8, power-off at 0xf4, "start vCPU" at 0x600.
@@ -22,6 +25,7 @@ mod loader;
 mod memory;
 mod msr_filter;
 mod page_access;
+mod page_tables;
 mod trap_flag;
 mod vcpu;
 mod vm;

@@ -22,10 +22,24 @@
 //! `begin_exec`/`end_exec`) gets its own one-page slot that never merges
 //! with its neighbours, so mapping it back and unmapping it again touch
 //! only that page.
+//!
+//! A page the CPU reads by itself (a paging structure of the guest, or its
+//! GDT, IDT, LDT or TSS) must keep a memslot: KVM's page walk through a
+//! page without one, or an exception delivery reading a gate or descriptor
+//! from it, fails with no exit to us, and the guest gets a #PF it cannot
+//! handle (it triple-faults). So removing R or X from such a page is
+//! refused (`NotSupported`, `-KVM_EOPNOTSUPP`). Which pages they are is
+//! decided with every vCPU out of guest mode, inside the update that would
+//! unmap the page: each vCPU's special registers are read then
+//! (`KVM_GET_SREGS` on a duplicate of its fd, registered with
+//! [`PageAccess::add_vcpu`]) and its tables walked (`page_tables`). W
+//! alone (a read-only slot) is accepted: KVM reads read-only slots.
 
+use crate::page_tables::{self, CpuTables, Search};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -82,8 +96,29 @@ struct Seg {
     slot: u32,
 }
 
-/// Where memslot changes go: KVM, or a recorder in unit tests.
-pub(crate) trait SlotSink {
+/// Guest RAM as the page-table walk reads it (`page_tables`).
+pub(crate) trait GuestPages {
+    /// Fills `buf` from guest-physical `gpa`; false if that is not RAM.
+    fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> bool;
+}
+
+/// The VM's RAM.
+impl GuestPages for crate::vm::VmShared {
+    fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.ram.read(gpa, buf).is_ok()
+    }
+}
+
+/// A bare VM fd (the probe): no guest, no tables.
+impl GuestPages for VmFd {
+    fn read_ram(&self, _gpa: u64, _buf: &mut [u8]) -> bool {
+        false
+    }
+}
+
+/// Where memslot changes go: KVM, or a recorder in unit tests; it also
+/// reads the RAM of the guest whose layout it changes.
+pub(crate) trait SlotSink: GuestPages {
     /// `KVM_SET_USER_MEMORY_REGION` (a size of 0 deletes the slot).
     fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), String>;
     /// Called before the first change of an update: no vCPU may be in
@@ -223,6 +258,17 @@ pub(crate) struct PageAccess {
     host_base: u64,
     /// RAM size in pages.
     npages: u64,
+    /// The vCPUs whose registers the check of `refuse_cpu_table` reads.
+    vcpus: Mutex<Vcpus>,
+}
+
+/// vCPU fds registered by their threads once they run guest code.
+#[derive(Debug, Default)]
+struct Vcpus {
+    /// How many vCPUs the VM has (`None`: none registered yet).
+    count: Option<u16>,
+    /// A duplicate of each running vCPU's fd (`None`: the dup failed).
+    fds: BTreeMap<u16, Option<OwnedFd>>,
 }
 
 /// Whether this host can enforce page restrictions with memslots: read-only
@@ -271,6 +317,80 @@ impl PageAccess {
             generation: AtomicU64::new(0),
             host_base,
             npages,
+            vcpus: Mutex::new(Vcpus::default()),
+        }
+    }
+
+    /// Called by vCPU `index` (of `count`) once it is set up to run guest
+    /// code: from then on the check reads its own registers. Until every
+    /// vCPU has done so, the tables vCPUs start with (`CpuTables::boot`)
+    /// count as in use too.
+    pub fn add_vcpu(&self, index: u16, count: u16, fd: &VcpuFd) {
+        // SAFETY: `fd` is open for the whole call (borrowed from the
+        // caller), and the borrow ends inside it: the dup is what we keep.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+        let mut v = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        v.count = Some(count);
+        v.fds.insert(index, fd.try_clone_to_owned().ok());
+    }
+
+    /// The vCPU thread `index` ends: its fd is no longer read.
+    pub fn remove_vcpu(&self, index: u16) {
+        self.vcpus.lock().unwrap_or_else(|e| e.into_inner()).fds.remove(&index);
+    }
+
+    /// What every vCPU's CPU reads by itself now (call with every vCPU out
+    /// of guest mode, where it cannot change), plus the boot state while
+    /// some vCPU has not started.
+    fn vcpu_tables(&self) -> BackendResult<Vec<CpuTables>> {
+        let v = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = Vec::with_capacity(v.fds.len() + 1);
+        for (i, fd) in &v.fds {
+            let fd = fd.as_ref().ok_or_else(|| {
+                BackendError::Failed(format!("vCPU {i}'s registers cannot be read (its fd could not be duplicated)"))
+            })?;
+            let tables = page_tables::vcpu_tables(fd)
+                .map_err(|e| BackendError::Failed(format!("KVM_GET_SREGS of vCPU {i}: {e}")))?;
+            all.push(tables);
+        }
+        if v.count.is_none_or(|n| v.fds.len() < usize::from(n)) {
+            all.push(CpuTables::boot());
+        }
+        Ok(all)
+    }
+
+    /// The first page of what `cpus` read by themselves (page tables,
+    /// descriptor tables) for which `wanted(gfn)` holds.
+    fn find_cpu_table(cpus: &[CpuTables], ram: &dyn GuestPages, wanted: &dyn Fn(u64) -> bool) -> Option<u64> {
+        let read = |gpa: u64, buf: &mut [u8]| ram.read_ram(gpa, buf);
+        let roots: Vec<_> = cpus.iter().map(|c| c.paging).collect();
+        match page_tables::find(&roots, wanted, &read, page_tables::MAX_TABLES) {
+            Search::Found(hit) => return Some(hit.gfn),
+            Search::NotFound | Search::GaveUp => {}
+        }
+        cpus.iter().flat_map(|c| page_tables::descriptor_pages(c, &read)).find(|gfn| wanted(*gfn))
+    }
+
+    /// The first page that this vCPU's CPU reads by itself (`cpu`: its
+    /// page tables, descriptor tables) and that has no memslot now; to
+    /// explain a triple fault.
+    pub fn unmapped_table(&self, ram: &dyn GuestPages, cpu: CpuTables) -> Option<u64> {
+        let g = self.lock();
+        let unmapped = |gfn: u64| self.state_of(&g, gfn << PAGE_SHIFT).is_some_and(|s| !s.mapped);
+        Self::find_cpu_table(&[cpu], ram, &unmapped).map(|gfn| gfn << PAGE_SHIFT)
+    }
+
+    /// Refuses (`NotSupported`) to take the memslot away from page `gfn`
+    /// if the CPU of any vCPU reads it by itself: a paging structure or a
+    /// descriptor table (GDT, IDT, LDT, TSS). Runs inside the update
+    /// (every vCPU out of guest mode): what is walked is what is in use
+    /// when the guest next runs. A walk that exceeds
+    /// `page_tables::MAX_TABLES` lets the restriction through.
+    fn refuse_cpu_table(&self, sink: &dyn SlotSink, gfn: u64) -> BackendResult<()> {
+        let cpus = self.vcpu_tables()?;
+        match Self::find_cpu_table(&cpus, sink, &|t| t == gfn) {
+            Some(_) => Err(BackendError::NotSupported),
+            None => Ok(()),
         }
     }
 
@@ -322,6 +442,9 @@ impl PageAccess {
     }
 
     /// Sets the allowed accesses of the page at `gpa` (`RWX` forgets it).
+    /// Taking the page's memslot away (R or X removed where both were
+    /// allowed) is refused with `NotSupported` if the CPU reads the page by
+    /// itself: a paging structure or descriptor table (see the module docs).
     pub fn set_with(&self, sink: &dyn SlotSink, gpa: u64, allowed: u8) -> BackendResult<()> {
         let gfn = gpa >> PAGE_SHIFT;
         if gfn >= self.npages {
@@ -329,22 +452,34 @@ impl PageAccess {
         }
         let mut g = self.lock();
         let before = page_kind(&g, gfn);
+        let unmaps = kind_for(g.allowed.get(&gfn).copied().unwrap_or(access::RWX)).is_some()
+            && kind_for(allowed & access::RWX).is_none();
         let old = if allowed & access::RWX == access::RWX {
             g.allowed.remove(&gfn)
         } else {
             g.allowed.insert(gfn, allowed & access::RWX)
         };
-        if page_kind(&g, gfn) == before {
-            return Ok(());
-        }
-        if let Err(e) = self.relayout(sink, &mut g, gfn) {
+        let check = || self.refuse_cpu_table(sink, gfn);
+        let guard = unmaps.then_some(&check as &dyn Fn() -> BackendResult<()>);
+        let res = if page_kind(&g, gfn) != before {
+            self.relayout(sink, &mut g, gfn, guard)
+        } else if let Some(check) = guard {
+            // The page is mapped back for a step right now; the memslot
+            // goes when the step ends (`end_exec`): check now.
+            sink.begin_update();
+            let r = check();
+            sink.end_update();
+            r
+        } else {
+            Ok(())
+        };
+        if res.is_err() {
             match old {
                 Some(a) => g.allowed.insert(gfn, a),
                 None => g.allowed.remove(&gfn),
             };
-            return Err(e);
         }
-        Ok(())
+        res
     }
 
     /// Forgets every restriction and puts RAM back in one slot.
@@ -384,7 +519,7 @@ impl PageAccess {
         let before = page_kind(&g, gfn);
         *g.exec.entry(gfn).or_insert(0) += 1;
         if page_kind(&g, gfn) != before {
-            if let Err(e) = self.relayout(sink, &mut g, gfn) {
+            if let Err(e) = self.relayout(sink, &mut g, gfn, None) {
                 dec_exec(&mut g, gfn);
                 return Err(e);
             }
@@ -401,7 +536,7 @@ impl PageAccess {
         let before = page_kind(&g, token.gfn);
         dec_exec(&mut g, token.gfn);
         if page_kind(&g, token.gfn) != before {
-            return self.relayout(sink, &mut g, token.gfn);
+            return self.relayout(sink, &mut g, token.gfn, None);
         }
         Ok(())
     }
@@ -409,8 +544,15 @@ impl PageAccess {
     /// Re-derives the slots around `gfn`, whose kind just changed, and
     /// applies the difference: slots that no longer fit are deleted first
     /// (KVM forbids overlaps), then the new ones added. On failure the old
-    /// slots are put back as far as KVM lets us.
-    fn relayout(&self, sink: &dyn SlotSink, g: &mut Inner, gfn: u64) -> BackendResult<()> {
+    /// slots are put back as far as KVM lets us. `guard` runs first, with
+    /// every vCPU out of guest mode; its error cancels the update.
+    fn relayout(
+        &self,
+        sink: &dyn SlotSink,
+        g: &mut Inner,
+        gfn: u64,
+        guard: Option<&dyn Fn() -> BackendResult<()>>,
+    ) -> BackendResult<()> {
         // The span: the slot holding gfn (or gfn alone) and the slots right
         // next to it, which may now merge with it. Outside the span nothing
         // changes: its edges separate pages whose kinds did not change and
@@ -440,6 +582,10 @@ impl PageAccess {
             )));
         }
         sink.begin_update();
+        if let Some(Err(e)) = guard.map(|f| f()) {
+            sink.end_update();
+            return Err(e);
+        }
         self.generation.fetch_add(1, Ordering::SeqCst);
         let res = self.apply(sink, g, &stale, &fresh);
         sink.end_update();
@@ -590,6 +736,31 @@ mod tests {
         live: RefCell<BTreeMap<u32, kvm_userspace_memory_region>>,
         calls: RefCell<usize>,
         fail_after: RefCell<Option<usize>>,
+        /// Guest RAM pages with content (the rest reads as not RAM).
+        ram: RefCell<BTreeMap<u64, [u8; 4096]>>,
+    }
+
+    impl Fake {
+        fn put64(&self, gpa: u64, v: u64) {
+            let mut ram = self.ram.borrow_mut();
+            let page = ram.entry(gpa & !0xfff).or_insert([0; 4096]);
+            let o = (gpa & 0xfff) as usize;
+            page[o..o + 8].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    impl GuestPages for Fake {
+        fn read_ram(&self, gpa: u64, buf: &mut [u8]) -> bool {
+            let o = (gpa & 0xfff) as usize;
+            let ram = self.ram.borrow();
+            match ram.get(&(gpa & !0xfff)).and_then(|p| p.get(o..o + buf.len())) {
+                Some(src) => {
+                    buf.copy_from_slice(src);
+                    true
+                }
+                None => false,
+            }
+        }
     }
 
     impl SlotSink for Fake {
@@ -633,7 +804,15 @@ mod tests {
     const BASE: u64 = 0x7f00_0000_0000;
     const PAGES: u64 = 64;
 
+    /// A VM whose vCPUs all ended: no page tables are in use.
     fn setup() -> (PageAccess, Fake) {
+        let (pa, fake) = setup_booting();
+        pa.vcpus.lock().unwrap().count = Some(0);
+        (pa, fake)
+    }
+
+    /// A VM whose vCPUs have not started: they will use the boot tables.
+    fn setup_booting() -> (PageAccess, Fake) {
         let fake = Fake::default();
         fake.live.borrow_mut().insert(
             0,
@@ -800,6 +979,56 @@ mod tests {
         assert_eq!(pa.counts(), (0, 1));
         // KVM agrees that slot 0 is whole again: re-registering it unchanged is accepted.
         set_region(&vm, region).unwrap();
+    }
+
+    #[test]
+    fn unmapping_a_page_table_is_refused() {
+        let (pa, fake) = setup_booting();
+        // The boot tables (CR3 0x1000): PML4 → PDPT 0x2000 → PD 0x3000,
+        // whose entries 0 and 2 point to page tables at 0x4000 and 0x8000
+        // and entry 1 maps a 2 MiB page.
+        assert_eq!(CpuTables::boot().paging.cr3, 0x1000);
+        fake.put64(0x1000, 0x2003);
+        fake.put64(0x2000, 0x3003);
+        fake.put64(0x3000, 0x4003);
+        fake.put64(0x3008, 0x20_0083);
+        fake.put64(0x3010, 0x8003);
+        for t in [0x1000, 0x2000, 0x3000, 0x4000, 0x8000] {
+            for a in [access::W | access::X, access::R | access::W, 0, access::R] {
+                let calls = *fake.calls.borrow();
+                assert!(matches!(pa.set_with(&fake, t + 8, a), Err(BackendError::NotSupported)), "{t:#x} {a}");
+                assert_eq!(*fake.calls.borrow(), calls, "no memslot touched");
+                assert_eq!(pa.allowed(t), access::RWX, "nothing recorded");
+            }
+        }
+        // Write protection keeps the slot: accepted, and then R cannot go.
+        pa.set_with(&fake, 0x3000, access::R | access::X).unwrap();
+        assert_eq!(map(&fake)[3], Some(true));
+        assert!(matches!(pa.set_with(&fake, 0x3000, access::X), Err(BackendError::NotSupported)));
+        assert_eq!(pa.allowed(0x3000), access::R | access::X, "the old restriction stays");
+        assert_eq!(map(&fake)[3], Some(true));
+        pa.set_with(&fake, 0x3000, access::RWX).unwrap();
+        // Data pages are restricted as before.
+        for d in [0x5000, 0x6000, 0x9000] {
+            pa.set_with(&fake, d, 0).unwrap();
+            assert_eq!(map(&fake)[(d >> 12) as usize], None);
+        }
+        // A page table mapped back for a step: the restriction is checked
+        // at once (its slot would go when the step ends).
+        let t = pa.begin_exec(&fake, 0x8000).unwrap();
+        assert!(matches!(pa.set_with(&fake, 0x8000, access::R | access::W), Err(BackendError::NotSupported)));
+        pa.end_exec(&fake, t).unwrap();
+        assert_eq!(map(&fake)[8], Some(false));
+        // The boot GDT's page (0x500, identity-mapped by a 2 MiB page).
+        fake.put64(0x3000, 0x83);
+        assert!(matches!(pa.set_with(&fake, 0x500, access::R | access::W), Err(BackendError::NotSupported)));
+        pa.set_with(&fake, 0x500, access::R | access::X).unwrap();
+        pa.set_with(&fake, 0x500, access::RWX).unwrap();
+        // Once every vCPU has ended, the boot tables are nobody's.
+        pa.vcpus.lock().unwrap().count = Some(0);
+        pa.set_with(&fake, 0x1000, 0).unwrap();
+        assert_eq!(map(&fake)[1], None);
+        assert_maximal(&pa, &fake);
     }
 
     #[test]

@@ -159,6 +159,9 @@ impl KvmVcpu {
         let kicks = kick::register(self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run);
         let end = self.run_loop(&port);
         drop(kicks);
+        if let Some(pa) = &shared.page_access {
+            pa.remove_vcpu(self.index);
+        }
         shared.register_thread(self.index, false);
         end
     }
@@ -180,6 +183,10 @@ impl KvmVcpu {
                     return Some(Exit::Failed(format!("vCPU {}: {e}", self.index)));
                 }
                 booted = true;
+                // Page restrictions now check this vCPU's own tables.
+                if let Some(pa) = &shared.page_access {
+                    pa.add_vcpu(self.index, shared.vcpu_count(), &self.fd);
+                }
             }
             if port.has_requests() {
                 if let Flow::Crash(ev) = port.handle_requests(self) {
@@ -335,7 +342,9 @@ impl KvmVcpu {
             }
             Ok(VcpuExit::Debug(_)) if self.debug.step_over => Step::SteppedOver,
             Ok(VcpuExit::Debug(arch)) => Step::Debug { exception: arch.exception, pc: arch.pc, dr6: arch.dr6 },
-            Ok(VcpuExit::Shutdown) => Step::Fatal("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into()),
+            Ok(VcpuExit::Shutdown) => {
+                Step::Fatal(format!("the guest triple-faulted (KVM_EXIT_SHUTDOWN{})", self.unmapped_table_note()))
+            }
             Ok(VcpuExit::InternalError) => self.internal_error(),
             Ok(other) => Step::Fatal(format!("unexpected exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kicked,
@@ -779,6 +788,18 @@ impl KvmVcpu {
         // Outside RAM (real MMIO) the write goes nowhere.
         let _ = shared.ram.write(gpa, bytes);
         None
+    }
+
+    /// After a triple fault: "; its page or descriptor tables include gpa
+    /// …" when a page this vCPU's CPU reads by itself has no memslot
+    /// because of a restriction (the likely cause: tables the guest took
+    /// into use after the restriction was checked, see `page_access`),
+    /// else nothing.
+    fn unmapped_table_note(&self) -> String {
+        let (Some(pa), Ok(sregs)) = (&self.shared.page_access, self.fd.get_sregs()) else { return String::new() };
+        pa.unmapped_table(&*self.shared, crate::page_tables::CpuTables::from_sregs(&sregs)).map_or_else(String::new, |gpa| {
+            format!("; its page or descriptor tables include gpa {gpa:#x}, which SET_PAGE_ACCESS left without a memslot")
+        })
     }
 
     /// An emulation failure: ours if the instruction at RIP (which may
