@@ -58,6 +58,8 @@ struct Daemon {
     state: Mutex<Attached>,
     cond: Condvar,
     quit: AtomicBool,
+    /// A `detach` is under way; `quit` follows once its client has its reply.
+    detaching: AtomicBool,
 }
 
 /// Whether the VM runs the built-in guest `name`: the first page of its
@@ -221,17 +223,23 @@ impl Daemon {
         let status = self.run(&args, key, &mut out);
         let _ = control::write_frame(&mut sock, control::EXIT, &[status]);
         let _ = sock.flush();
+        if self.detaching.load(Ordering::SeqCst) && args.first().map(String::as_str) == Some("detach") {
+            // Only now, with the client's reply written, may the daemon go.
+            self.quit.store(true, Ordering::SeqCst);
+            self.cond.notify_all();
+        }
     }
 
     fn run(self: &Arc<Self>, args: &[String], key: Option<Vec<u8>>, out: &mut SockOut) -> u8 {
         if args.first().map(String::as_str) == Some("detach") {
+            // The main loop must not take the monitor stopped here for the
+            // VM going away and exit before this client has its reply.
+            self.detaching.store(true, Ordering::SeqCst);
             let mon = self.state.lock().ok().and_then(|s| s.mon.clone());
             if let Some(m) = mon {
                 m.stop();
             }
             let _ = out.line("detached: interceptions undone, vCPUs running, connection closed");
-            self.quit.store(true, Ordering::SeqCst);
-            self.cond.notify_all();
             return 0;
         }
         // Until a VM is attached, the key of the latest command is the one
@@ -524,7 +532,7 @@ fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>, key: Option<Vec<u8>>)
     let listener = KvmiSocket::bind(vm_path).map_err(|e| format!("listening on {}: {e}", vm_path.display()))?;
     log(&format!("listening for the VMM on {}, commands on {}", vm_path.display(), ctl.display()));
     let state = Attached { key, ..Attached::default() };
-    let d = Arc::new(Daemon { vm_path: vm_path.to_path_buf(), map, state: Mutex::new(state), cond: Condvar::new(), quit: AtomicBool::new(false) });
+    let d = Arc::new(Daemon { vm_path: vm_path.to_path_buf(), map, state: Mutex::new(state), cond: Condvar::new(), quit: AtomicBool::new(false), detaching: AtomicBool::new(false) });
     catch_stop_signals(&d);
 
     let acc = Arc::clone(&d);
@@ -563,6 +571,10 @@ fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>, key: Option<Vec<u8>>)
             break;
         }
         let st = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if d.detaching.load(Ordering::SeqCst) {
+            drop(d.cond.wait_timeout(st, Duration::from_millis(200)));
+            continue;
+        }
         if st.mon.is_none() && started.elapsed() > NO_VM_TIMEOUT {
             log(&format!("no VM connected within {NO_VM_TIMEOUT:?}"));
             break;

@@ -388,16 +388,15 @@ fn read_range(ctx: &Ctx<'_>, gpa: u64, len: u64, socket: bool, mut sink: impl Fn
     let map = ctx.mon.memory_map().filter(|_| !socket);
     let mut at = gpa;
     let end = gpa.checked_add(len).ok_or_else(|| Failure::usage("address range overflows"))?;
-    let mut buf = vec![0u8; if map.is_some() { 1 << 20 } else { 4096 }];
+    // 1 MiB at a time either way: through the socket as pipelined
+    // READ_PHYSICALs (one round trip per page would dominate).
+    let mut buf = vec![0u8; 1 << 20];
     while at < end {
-        let n = match map {
-            Some(_) => (buf.len() as u64).min(end - at) as usize,
-            None => (0x1000 - (at & 0xfff)).min(end - at) as usize,
-        };
+        let n = (buf.len() as u64).min(end - at) as usize;
         let chunk = buf.get_mut(..n).unwrap_or_default();
         match map {
             Some(m) => m.read(at, chunk).map_err(|e| Failure { msg: format!("reading the mapped view at {at:#x}: {e}"), status: 1 })?,
-            None => vm.read_physical_into(at, chunk).map_err(kvmi(&format!("KVMI_VM_READ_PHYSICAL at {at:#x}")))?,
+            None => vm.read_physical_range(at, chunk).map_err(kvmi(&format!("KVMI_VM_READ_PHYSICAL at {at:#x}")))?,
         }
         sink(at, chunk)?;
         at += n as u64;
