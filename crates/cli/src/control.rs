@@ -73,11 +73,11 @@ pub fn log_path(vm: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// The key a tool uses for the VM's handshake: the file given with
-/// `--key-file` (less one trailing newline), else `$UKVMI_KEY` if set and
-/// not empty, else none. Never from the command line: every local user can
-/// read a process's arguments.
-pub fn tool_key(key_file: Option<&str>) -> Result<Option<Vec<u8>>, String> {
+/// The key for a VM's handshake, on either side (`ukvmi run` and the
+/// tools): the file given with `--key-file` (less one trailing newline),
+/// else `$UKVMI_KEY` if set and not empty, else none. Never from the command
+/// line: every local user can read a process's arguments.
+pub fn load_key(key_file: Option<&str>) -> Result<Option<Vec<u8>>, String> {
     let key = match key_file {
         Some(path) => {
             let mut key = std::fs::read(path).map_err(|e| format!("--key-file {path}: {e}"))?;

@@ -356,7 +356,7 @@ pub fn main(args: &[String]) -> ExitCode {
         }
         None => None,
     };
-    let key = match control::tool_key(key_file.as_deref()) {
+    let key = match control::load_key(key_file.as_deref()) {
         Ok(k) => k,
         Err(e) => {
             log(&format!("cannot use the key: {e}"));

@@ -145,7 +145,7 @@ fn main() -> ExitCode {
                 print!("{}", help());
                 return ExitCode::SUCCESS;
             }
-            let key = match control::tool_key(key_file.as_deref()) {
+            let key = match control::load_key(key_file.as_deref()) {
                 Ok(k) => k,
                 Err(e) => {
                     eprintln!("ukvmi: {e}");

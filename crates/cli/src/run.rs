@@ -168,21 +168,6 @@ fn random_uuid() -> [u8; 16] {
     u
 }
 
-/// The key in `path`, less one trailing newline.
-fn read_key_file(path: &str) -> Result<Vec<u8>, String> {
-    let mut key = std::fs::read(path).map_err(|e| format!("--key-file {path}: {e}"))?;
-    if key.ends_with(b"\n") {
-        key.pop();
-        if key.ends_with(b"\r") {
-            key.pop();
-        }
-    }
-    if key.is_empty() {
-        return Err(format!("--key-file {path}: the file is empty"));
-    }
-    Ok(key)
-}
-
 /// A warning when the socket's directory lets other users create files:
 /// one of them could listen at the path before the tool does (the VMM then
 /// refuses it by its uid, but the real tool cannot attach either).
@@ -229,7 +214,8 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     };
     let mut image = None;
     let mut path = None;
-    let (mut key, mut reconnect, mut hs, mut unhook) = (None, Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(10));
+    let (mut key_file, mut reconnect, mut hs, mut unhook) =
+        (None::<String>, Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(10));
     let mut dialect = Dialect::V12;
     let mut allowed_uids = Vec::new();
     let mut it = args.iter();
@@ -281,7 +267,7 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
                             (/proc/PID/cmdline): use --key-file PATH or the UKVMI_KEY environment variable"
                     .into())
             }
-            "--key-file" => key = Some(read_key_file(&val()?)?),
+            "--key-file" => key_file = Some(val()?),
             "--introspector-uid" => {
                 let v = val()?;
                 allowed_uids.push(v.parse().map_err(|_| format!("--introspector-uid takes a numeric uid, not `{v}`"))?);
@@ -325,9 +311,7 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
         }
     }
     cfg.image = image.ok_or("give --guest NAME or --kernel PATH (see ukvmi run --help)")?;
-    if key.is_none() {
-        key = std::env::var_os("UKVMI_KEY").filter(|k| !k.is_empty()).map(|k| k.into_encoded_bytes());
-    }
+    let key = crate::control::load_key(key_file.as_deref())?;
     cfg.introspect = path.map(|path| IntrospectConfig {
         path,
         key,

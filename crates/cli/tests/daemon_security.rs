@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{RunningVm, Scratch};
+use common::{daemon_pids, RunningVm, Scratch};
 use ukvmi_wire::{handshake::ToIntrospector, IntoBytes};
 
 const UKVMI: &str = env!("CARGO_BIN_EXE_ukvmi");
@@ -75,21 +75,6 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < end, "{what} within {timeout:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The pids of the `ukvmi daemon` processes serving `sock`.
-fn daemon_pids(sock: &Path) -> Vec<u32> {
-    let want = sock.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let c = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<String> = c.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
-            (args.get(1).is_some_and(|a| a == "daemon") && args.contains(&want)).then_some(pid)
-        })
-        .collect()
 }
 
 fn log_text(sock: &Path) -> String {

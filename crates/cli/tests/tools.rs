@@ -76,13 +76,7 @@ impl Tool {
 
 /// How many `ukvmi daemon` processes serve `sock`.
 fn daemons_for(sock: &std::path::Path) -> usize {
-    let want = sock.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .map(|c| c.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect::<Vec<_>>())
-        .filter(|args| args.get(1).is_some_and(|a| a == "daemon") && args.contains(&want))
-        .count()
+    common::daemon_pids(sock).len()
 }
 
 fn hex(s: &str) -> u64 {
@@ -411,18 +405,7 @@ fn a_vm_merely_named_like_a_built_in_guest_gets_no_symbols() {
 
 /// The pid of the `ukvmi daemon` serving `sock`.
 fn daemon_pid(sock: &std::path::Path) -> u32 {
-    let want = sock.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let c = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<String> = c.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
-            (args.get(1).is_some_and(|a| a == "daemon") && args.contains(&want)).then_some(pid)
-        })
-        .next()
-        .unwrap_or_else(|| panic!("no daemon serves {want}"))
+    common::daemon_pids(sock).first().copied().unwrap_or_else(|| panic!("no daemon serves {}", sock.display()))
 }
 
 #[test]

@@ -158,3 +158,18 @@ impl Drop for RunningVm {
         }
     }
 }
+
+/// The pids of the `ukvmi daemon` processes serving `sock`.
+pub fn daemon_pids(sock: &std::path::Path) -> Vec<u32> {
+    let want = sock.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let c = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = c.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
+            (args.get(1).is_some_and(|a| a == "daemon") && args.contains(&want)).then_some(pid)
+        })
+        .collect()
+}
