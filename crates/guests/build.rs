@@ -23,60 +23,15 @@ struct GuestSrc {
 }
 
 const GUESTS: &[GuestSrc] = &[
-    GuestSrc {
-        name: "spin",
-        src: "spin.S",
-        defines: &[],
-        system_map: false,
-    },
-    GuestSrc {
-        name: "smp",
-        src: "smp.S",
-        defines: &[],
-        system_map: false,
-    },
-    GuestSrc {
-        name: "msr",
-        src: "msr.S",
-        defines: &[],
-        system_map: false,
-    },
-    GuestSrc {
-        name: "traps",
-        src: "traps.S",
-        defines: &[],
-        system_map: false,
-    },
-    GuestSrc {
-        name: "bench",
-        src: "bench.S",
-        defines: &[],
-        system_map: false,
-    },
-    GuestSrc {
-        name: "pf",
-        src: "pf.S",
-        defines: &[],
-        system_map: false,
-    },
-    GuestSrc {
-        name: "poweroff",
-        src: "poweroff.S",
-        defines: &[("EXIT_STATUS", "0")],
-        system_map: false,
-    },
-    GuestSrc {
-        name: "poweroff7",
-        src: "poweroff.S",
-        defines: &[("EXIT_STATUS", "7")],
-        system_map: false,
-    },
-    GuestSrc {
-        name: "demo",
-        src: "demo.S",
-        defines: &[],
-        system_map: true,
-    },
+    GuestSrc { name: "spin", src: "spin.S", defines: &[], system_map: false },
+    GuestSrc { name: "smp", src: "smp.S", defines: &[], system_map: false },
+    GuestSrc { name: "msr", src: "msr.S", defines: &[], system_map: false },
+    GuestSrc { name: "traps", src: "traps.S", defines: &[], system_map: false },
+    GuestSrc { name: "bench", src: "bench.S", defines: &[], system_map: false },
+    GuestSrc { name: "pf", src: "pf.S", defines: &[], system_map: false },
+    GuestSrc { name: "poweroff", src: "poweroff.S", defines: &[("EXIT_STATUS", "0")], system_map: false },
+    GuestSrc { name: "poweroff7", src: "poweroff.S", defines: &[("EXIT_STATUS", "7")], system_map: false },
+    GuestSrc { name: "demo", src: "demo.S", defines: &[], system_map: true },
 ];
 
 /// Files every guest source #includes.
@@ -122,8 +77,7 @@ const TOOLS: &[(&str, &str)] = &[
 ];
 
 fn path_str(p: &Path) -> &str {
-    p.to_str()
-        .expect("OUT_DIR / CARGO_MANIFEST_DIR must be valid UTF-8")
+    p.to_str().expect("OUT_DIR / CARGO_MANIFEST_DIR must be valid UTF-8")
 }
 
 /// `#define NAME value` from asm/layout.h, so the link address has one source.
@@ -159,8 +113,7 @@ fn write_system_map(map: &Path, elf: &Path, own: &[&str], user_base: u64) {
         if !own.contains(sym) {
             continue;
         }
-        let addr = u64::from_str_radix(addr, 16)
-            .unwrap_or_else(|_| fail(&format!("nm: bad address in {line:?}")));
+        let addr = u64::from_str_radix(addr, 16).unwrap_or_else(|_| fail(&format!("nm: bad address in {line:?}")));
         syms.push((addr, sym));
     }
     let bound = |name: &str| {
@@ -172,13 +125,15 @@ fn write_system_map(map: &Path, elf: &Path, own: &[&str], user_base: u64) {
     let (start, end) = (bound("user_image_start"), bound("user_image_end"));
     let mut out: Vec<(u64, &str)> = syms
         .iter()
-        .map(|&(a, s)| {
-            if a >= start && a < end && s != "user_image_start" {
-                (user_base + (a - start), s)
-            } else {
-                (a, s)
-            }
-        })
+        .map(
+            |&(a, s)| {
+                if a >= start && a < end && s != "user_image_start" {
+                    (user_base + (a - start), s)
+                } else {
+                    (a, s)
+                }
+            },
+        )
         .collect();
     out.sort();
     let mut text = String::new();
@@ -224,11 +179,7 @@ fn main() {
             format!("-DGUEST_NAME={name}"),
         ];
         gcc_args.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
-        gcc_args.extend([
-            "-o".to_owned(),
-            path_str(&obj).to_owned(),
-            path_str(&src_path).to_owned(),
-        ]);
+        gcc_args.extend(["-o".to_owned(), path_str(&obj).to_owned(), path_str(&src_path).to_owned()]);
         let gcc_args: Vec<&str> = gcc_args.iter().map(String::as_str).collect();
         run("gcc", "gcc", &gcc_args);
 
@@ -261,28 +212,13 @@ fn main() {
             let (Some(section), Some(size)) = (words.next(), words.next()) else {
                 continue;
             };
-            let data_like = [".data", ".bss", ".rodata"]
-                .iter()
-                .any(|p| section.starts_with(p));
+            let data_like = [".data", ".bss", ".rodata"].iter().any(|p| section.starts_with(p));
             if data_like && size != "0" {
-                fail(&format!(
-                    "{src}: section {section} is not empty; keep everything in .text"
-                ));
+                fail(&format!("{src}: section {section} is not empty; keep everything in .text"));
             }
         }
 
-        run(
-            "objcopy",
-            "binutils",
-            &[
-                "-O",
-                "binary",
-                "-j",
-                ".text",
-                path_str(&elf),
-                path_str(&bin),
-            ],
-        );
+        run("objcopy", "binutils", &["-O", "binary", "-j", ".text", path_str(&elf), path_str(&bin)]);
         let image_len = fs::metadata(&bin).expect("objcopy wrote no image").len();
         if image_len == 0 {
             fail(&format!("{src}: empty image"));
@@ -291,10 +227,7 @@ fn main() {
         // Names come from the object (the guest's own labels, not ld's
         // __bss_start/_edata/_end), addresses from the linked ELF.
         let own = run("nm", "binutils", &["--defined-only", path_str(&obj)]);
-        let own: Vec<&str> = own
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(2))
-            .collect();
+        let own: Vec<&str> = own.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
         let mut symbols: Vec<(u64, String)> = Vec::new();
         let nm = run("nm", "binutils", &["--defined-only", path_str(&elf)]);
         for line in nm.lines() {
@@ -305,12 +238,9 @@ fn main() {
             if !matches!(*kind, "T" | "t") || !own.contains(sym) {
                 continue;
             }
-            let addr = u64::from_str_radix(addr, 16)
-                .unwrap_or_else(|_| fail(&format!("nm: bad address in {line:?}")));
+            let addr = u64::from_str_radix(addr, 16).unwrap_or_else(|_| fail(&format!("nm: bad address in {line:?}")));
             if addr < load_addr || addr > load_addr + image_len {
-                fail(&format!(
-                    "{src}: symbol {sym} at {addr:#x} lies outside the image"
-                ));
+                fail(&format!("{src}: symbol {sym} at {addr:#x} lies outside the image"));
             }
             symbols.push((addr, (*sym).to_owned()));
         }
@@ -320,9 +250,7 @@ fn main() {
             None => fail(&format!("{src}: no _start symbol")),
         };
         if entry != load_addr {
-            fail(&format!(
-                "{src}: _start is at {entry:#x}, not at the load address {load_addr:#x}"
-            ));
+            fail(&format!("{src}: _start is at {entry:#x}, not at the load address {load_addr:#x}"));
         }
 
         if system_map {

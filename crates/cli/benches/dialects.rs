@@ -280,12 +280,18 @@ fn main() {
         let cell = |f: &Fig| {
             if i == DUMP_OP {
                 // The p99 of a dozen passes is their max; MB/s from the p50.
-                format!("{} / {} ({:.0} MB/s)", num(f.p50.unwrap()), num(f.p99.unwrap()), common::mbps(MIB64 as usize, f.key()))
+                format!(
+                    "{} / {} ({:.0} MB/s)",
+                    num(f.p50.unwrap()),
+                    num(f.p99.unwrap()),
+                    common::mbps(MIB64 as usize, f.key())
+                )
             } else {
                 f.cell()
             }
         };
-        let slow = |slot: usize| sessions.iter().filter(|(sl, _, ops)| *sl == slot && p50(&ops[i]) > slow_above[i]).count();
+        let slow =
+            |slot: usize| sessions.iter().filter(|(sl, _, ops)| *sl == slot && p50(&ops[i]) > slow_above[i]).count();
         let fast = |slot: usize| pool(i, slot, &|x| x <= slow_above[i]);
         let fast_cell = match (fast(0), fast(1)) {
             (Some(a), Some(b)) => format!("{}, {}, {:.3}", num(a.key()), num(b.key()), b.key() / a.key()),

@@ -127,7 +127,9 @@ impl Vmm {
     fn wait_line(&self, pat: &str, since: Option<Instant>) -> Instant {
         let t0 = Instant::now();
         loop {
-            if let Some((t, _)) = self.lines.lock().unwrap().iter().find(|(t, l)| since.is_none_or(|s| *t >= s) && l.contains(pat)) {
+            if let Some((t, _)) =
+                self.lines.lock().unwrap().iter().find(|(t, l)| since.is_none_or(|s| *t >= s) && l.contains(pat))
+            {
                 return *t;
             }
             assert!(t0.elapsed() < T, "the VMM never said `{pat}`:\n{}", self.text());
@@ -222,7 +224,10 @@ fn libvmi_run(peers: &Peers, i: usize) -> LibvmiRun {
         if sock.exists() {
             listen = Some(Instant::now());
         } else if let Some(st) = tool.try_wait().unwrap() {
-            panic!("vmi-dump-memory exited early ({st}):\n{}", std::fs::read_to_string(dir.path("tool.out")).unwrap_or_default());
+            panic!(
+                "vmi-dump-memory exited early ({st}):\n{}",
+                std::fs::read_to_string(dir.path("tool.out")).unwrap_or_default()
+            );
         } else {
             assert!(t0.elapsed() < T, "vmi-dump-memory never listened");
             std::thread::sleep(Duration::from_micros(200));
@@ -371,9 +376,16 @@ fn main() {
                 ms_cell(&session),
                 mbps_cell(&session)
             );
-            println!("| of which: disconnected → exit (≈ 0: the VMM logs the close as the tool exits) | {} | |", ms_cell(&col(&|r| r.exit - r.disconnected)));
+            println!(
+                "| of which: disconnected → exit (≈ 0: the VMM logs the close as the tool exits) | {} | |",
+                ms_cell(&col(&|r| r.exit - r.disconnected))
+            );
             let own = col(&|r| r.exit - (r.connected - r.listen));
-            println!("| LibVMI's own time: whole run minus listening → connected | {} | {} |", ms_cell(&own), mbps_cell(&own));
+            println!(
+                "| LibVMI's own time: whole run minus listening → connected | {} | {} |",
+                ms_cell(&own),
+                mbps_cell(&own)
+            );
         }
     }
     println!(
@@ -383,7 +395,10 @@ fn main() {
     );
     println!("| the same, v12 | {} | {} |", ms_cell(&raw12), mbps_cell(&raw12));
     let col = |k: usize| ours.iter().map(|r| r[k]).collect::<Vec<f64>>();
-    println!("| ukvmi (v12): `ukvmi info` starting the daemon + VMM connecting (fixed cost) | {} | |", ms_cell(&col(0)));
+    println!(
+        "| ukvmi (v12): `ukvmi info` starting the daemon + VMM connecting (fixed cost) | {} | |",
+        ms_cell(&col(0))
+    );
     println!("| `ukvmi dump --via socket`, wall (process) | {} | {} |", ms_cell(&col(1)), mbps_cell(&col(1)));
     println!("| `ukvmi dump --via socket`, its own figure | {} | {} |", ms_cell(&col(2)), mbps_cell(&col(2)));
     println!("| `ukvmi dump --via map`, wall (process) | {} | {} |", ms_cell(&col(3)), mbps_cell(&col(3)));

@@ -147,7 +147,9 @@ fn main() {
     let mut check = |ok: bool, what: String| checks.push(format!("{} {what}", if ok { "ok  " } else { "FAIL" }));
     check(
         int3_free_iter.abs_diff(bp_free_handled) <= 1,
-        format!("int3 without the event: {int3_free_iter} iterations, the guest's #BP handler ran {bp_free_handled} times"),
+        format!(
+            "int3 without the event: {int3_free_iter} iterations, the guest's #BP handler ran {bp_free_handled} times"
+        ),
     );
 
     // MSR: wrmsr LSTAR, CONTINUE (the guest's value is written).
@@ -246,7 +248,10 @@ fn main() {
             vm.set_page_access(&[(page, access::RWX)]).unwrap();
             let (on_page, last) = (read_u64(&vm, page), count(&vm));
             check(s.events == s.iterations, format!("PF: {} events, {} guest iterations", s.events, s.iterations));
-            check(on_page == last, format!("PF: the page holds {on_page}, the last count is {last} (CONTINUE applied the writes)"));
+            check(
+                on_page == last,
+                format!("PF: the page holds {on_page}, the last count is {last} (CONTINUE applied the writes)"),
+            );
             Ok(s)
         }
     };
@@ -257,10 +262,7 @@ fn main() {
     let ukvmi_exit = out.mean;
     println!("ukvmi event round trips beside the raw KVM exit, one run");
     println!("(microseconds; p50/p99 where every sample was timed, mean always; ratio = p50, or the mean where only a rate exists, / baseline)");
-    println!(
-        "{:<58} {:>8} {:>8} {:>8} {:>10} {:>10}",
-        "what", "p50", "p99", "mean", "x exit", "x bare KVM"
-    );
+    println!("{:<58} {:>8} {:>8} {:>8} {:>10} {:>10}", "what", "p50", "p99", "mean", "x exit", "x bare KVM");
     let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |x| format!("{x:.1}"));
     let bare_key = bare.as_ref().ok().map(Fig::key);
     let row = |name: &str, f: &Fig| {

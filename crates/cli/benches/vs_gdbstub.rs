@@ -279,16 +279,15 @@ fn main() {
         );
     }
     let gd = gdb.as_ref().ok();
-    let vs = |ours: &Fig, theirs: Option<&Fig>| theirs.map_or("n/a".to_string(), |t| format!("{:.2}x", t.key() / ours.key()));
+    let vs = |ours: &Fig, theirs: Option<&Fig>| {
+        theirs.map_or("n/a".to_string(), |t| format!("{:.2}x", t.key() / ours.key()))
+    };
     let gcell = |f: Option<&Fig>| f.map_or("n/a".to_string(), Fig::cell);
     // The socket's p50 depends on whether both threads share a CPU: the
     // better of the two runs is the baseline (ratios come out larger).
     let sock = sock0.key().min(sock1.key());
     println!();
-    println!(
-        "{:<44} {:>22} {:>22} {:>8} {:>9}",
-        "what", "ukvmi p50 / p99", "gdbstub p50 / p99", "x gdb", "x socket"
-    );
+    println!("{:<44} {:>22} {:>22} {:>8} {:>9}", "what", "ukvmi p50 / p99", "gdbstub p50 / p99", "x gdb", "x socket");
     let row = |name: &str, ours: &Fig, theirs: Option<&Fig>| {
         println!(
             "{name:<44} {:>22} {:>22} {:>8} {:>8.2}x",
@@ -312,7 +311,8 @@ fn main() {
     );
     for (i, (size, _, _)) in READS.iter().enumerate() {
         let theirs = gd.map(|g| &g.m[i]);
-        for (how, f) in [("one READ_PHYSICAL at a time", &u.read_one[i]), ("pipelined READ_PHYSICAL", &u.read_pipe[i])] {
+        for (how, f) in [("one READ_PHYSICAL at a time", &u.read_one[i]), ("pipelined READ_PHYSICAL", &u.read_pipe[i])]
+        {
             println!(
                 "{:<44} {:>22} {:>22} {:>8} {:>10.0} {:>9.1}x",
                 format!("{} {how}", size_name(*size)),
@@ -339,7 +339,14 @@ fn main() {
             Err(e) => println!("{} mapped view: n/a ({e})", size_name(*size)),
         }
         if let Some(t) = theirs {
-            println!("{:<44} {:>22} {:>22} {:>8} {:>10.0}", format!("  (gdbstub m: {})", size_name(*size)), "", "", "", mbps(*size, t.key()));
+            println!(
+                "{:<44} {:>22} {:>22} {:>8} {:>10.0}",
+                format!("  (gdbstub m: {})", size_name(*size)),
+                "",
+                "",
+                "",
+                mbps(*size, t.key())
+            );
         }
     }
     if let Some(g) = gd {
@@ -349,7 +356,11 @@ fn main() {
             println!("{:<60} {:>8.1}x  (goal >= {want}x: {})", what, x, if x >= want { "met" } else { "NOT met" })
         };
         goal("registers, paused vCPU: gdbstub g / GET_REGISTERS", g.g.key() / u.regs_paused.key(), 5.0);
-        goal("registers, running vCPU (idle): gdbstub 0x03+g+c / GET_REGISTERS", g.running_g.key() / u.regs_idle.key(), 5.0);
+        goal(
+            "registers, running vCPU (idle): gdbstub 0x03+g+c / GET_REGISTERS",
+            g.running_g.key() / u.regs_idle.key(),
+            5.0,
+        );
         let i = READS.len() - 1;
         goal("64 MiB: gdbstub m / pipelined READ_PHYSICAL", g.m[i].key() / u.read_pipe[i].key(), 50.0);
         if let Ok(m) = &u.read_map {

@@ -15,7 +15,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("listening on {path}; start the VM with --introspect unix:{path}");
     let vm = listener.accept()?;
     let info = vm.info();
-    println!("attached to {:?}: {} vCPUs, {} MiB, KVMI v{}", info.name, vm.get_info()?, info.max_gpa >> 20, info.version);
+    println!(
+        "attached to {:?}: {} vCPUs, {} MiB, KVMI v{}",
+        info.name,
+        vm.get_info()?,
+        info.max_gpa >> 20,
+        info.version
+    );
 
     vm.pause_vcpu(0, true)?;
     let Some(Event::Vcpu(ev)) = vm.next_event(Some(Duration::from_secs(10)))? else {

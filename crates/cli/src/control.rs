@@ -115,7 +115,13 @@ pub fn peer_cred(sock: &impl std::os::fd::AsRawFd) -> io::Result<(u32, i32)> {
     // ucred of exactly that size, and `len` back; the descriptor is open
     // for the call (borrowed from `sock`).
     let r = unsafe {
-        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, std::ptr::addr_of_mut!(cred).cast(), &mut len)
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::addr_of_mut!(cred).cast(),
+            &mut len,
+        )
     };
     if r != 0 {
         return Err(io::Error::last_os_error());
@@ -160,7 +166,8 @@ pub fn open_private(path: &Path, append: bool) -> Result<File, String> {
         return Err(format!("{} is not a regular file", path.display()));
     }
     if md.permissions().mode() & 0o7777 != 0o600 {
-        f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("making {} private (0600): {e}", path.display()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("making {} private (0600): {e}", path.display()))?;
     }
     Ok(f)
 }
@@ -192,11 +199,15 @@ pub fn read_request(r: &mut impl Read) -> io::Result<Request> {
     let flags = head[6];
     let len = u32::from_le_bytes([head[7], head[8], head[9], head[10]]);
     if len > MAX_REQUEST {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("request of {len} bytes (at most {MAX_REQUEST})")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("request of {len} bytes (at most {MAX_REQUEST})"),
+        ));
     }
     let mut body = vec![0u8; len as usize];
     r.read_exact(&mut body)?;
-    let text = String::from_utf8(body).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "request is not UTF-8"))?;
+    let text =
+        String::from_utf8(body).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "request is not UTF-8"))?;
     let args = if text.is_empty() { Vec::new() } else { text.split('\0').map(str::to_string).collect() };
     let key = if flags & FLAG_KEY != 0 {
         let mut l = [0u8; 4];
@@ -216,14 +227,18 @@ pub fn read_request(r: &mut impl Read) -> io::Result<Request> {
 
 fn write_request(w: &mut impl Write, flags: u8, args: &[String], key: Option<&[u8]>) -> io::Result<()> {
     let body = args.join("\0");
-    let len = u32::try_from(body.len()).ok().filter(|&l| l <= MAX_REQUEST).ok_or_else(|| io::Error::other("arguments too long"))?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|&l| l <= MAX_REQUEST)
+        .ok_or_else(|| io::Error::other("arguments too long"))?;
     let mut msg = Vec::with_capacity(15 + body.len() + key.map_or(0, <[u8]>::len));
     msg.extend_from_slice(MAGIC);
     msg.push(flags | if key.is_some() { FLAG_KEY } else { 0 });
     msg.extend_from_slice(&len.to_le_bytes());
     msg.extend_from_slice(body.as_bytes());
     if let Some(k) = key {
-        let klen = u32::try_from(k.len()).ok().filter(|&l| l <= MAX_KEY).ok_or_else(|| io::Error::other("key too long"))?;
+        let klen =
+            u32::try_from(k.len()).ok().filter(|&l| l <= MAX_KEY).ok_or_else(|| io::Error::other("key too long"))?;
         msg.extend_from_slice(&klen.to_le_bytes());
         msg.extend_from_slice(k);
     }

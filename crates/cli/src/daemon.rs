@@ -136,7 +136,11 @@ impl Out for SockOut {
 }
 
 impl Daemon {
-    fn wait_attached(&self, out: &mut dyn Out, wait: Duration) -> Result<(Arc<Monitor>, Option<Arc<SymbolMap>>), String> {
+    fn wait_attached(
+        &self,
+        out: &mut dyn Out,
+        wait: Duration,
+    ) -> Result<(Arc<Monitor>, Option<Arc<SymbolMap>>), String> {
         let started = Instant::now();
         let deadline = started + wait;
         let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -158,7 +162,10 @@ impl Daemon {
                     } else {
                         "A VM started with a key needs the same key here: --key-file FILE or $UKVMI_KEY"
                     };
-                    return Err(format!("the handshake with the VM at {} failed: {why}. {hint}", self.vm_path.display()));
+                    return Err(format!(
+                        "the handshake with the VM at {} failed: {why}. {hint}",
+                        self.vm_path.display()
+                    ));
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -173,7 +180,10 @@ impl Daemon {
                 let _ = out.note(&format!("waiting for the VM to connect to {} ...", self.vm_path.display()));
                 told = true;
             }
-            st = self.cond.wait_timeout(st, left.min(Duration::from_millis(200))).map_or_else(|e| e.into_inner().0, |r| r.0);
+            st = self
+                .cond
+                .wait_timeout(st, left.min(Duration::from_millis(200)))
+                .map_or_else(|e| e.into_inner().0, |r| r.0);
         }
     }
 
@@ -189,7 +199,10 @@ impl Daemon {
             ),
             Err(e) => (
                 format!("refused a control connection whose user is unknown ({e}): this daemon serves {served}"),
-                format!("ukvmi: the daemon for {} refuses a client whose user it cannot tell\n", self.vm_path.display()),
+                format!(
+                    "ukvmi: the daemon for {} refuses a client whose user it cannot tell\n",
+                    self.vm_path.display()
+                ),
             ),
         };
         log(&said);
@@ -348,7 +361,11 @@ pub fn main(args: &[String]) -> ExitCode {
         }
     }
     let vm = vm.unwrap_or_else(crate::default_vm_path);
-    let map = match map_path.map(|p| std::fs::read_to_string(&p).map_err(|e| format!("{p}: {e}")).and_then(|t| SymbolMap::parse(&t).map_err(|e| format!("{p}: {e}")))) {
+    let map = match map_path.map(|p| {
+        std::fs::read_to_string(&p)
+            .map_err(|e| format!("{p}: {e}"))
+            .and_then(|t| SymbolMap::parse(&t).map_err(|e| format!("{p}: {e}")))
+    }) {
         Some(Ok(m)) => Some(Arc::new(m)),
         Some(Err(e)) => {
             log(&format!("cannot use the symbol map: {e}"));
@@ -532,7 +549,14 @@ fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>, key: Option<Vec<u8>>)
     let listener = KvmiSocket::bind(vm_path).map_err(|e| format!("listening on {}: {e}", vm_path.display()))?;
     log(&format!("listening for the VMM on {}, commands on {}", vm_path.display(), ctl.display()));
     let state = Attached { key, ..Attached::default() };
-    let d = Arc::new(Daemon { vm_path: vm_path.to_path_buf(), map, state: Mutex::new(state), cond: Condvar::new(), quit: AtomicBool::new(false), detaching: AtomicBool::new(false) });
+    let d = Arc::new(Daemon {
+        vm_path: vm_path.to_path_buf(),
+        map,
+        state: Mutex::new(state),
+        cond: Condvar::new(),
+        quit: AtomicBool::new(false),
+        detaching: AtomicBool::new(false),
+    });
     catch_stop_signals(&d);
 
     let acc = Arc::clone(&d);

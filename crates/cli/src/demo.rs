@@ -67,7 +67,10 @@ impl Printer {
         let _ = o.flush();
     }
     fn step(&self, n: u32, what: &str) {
-        self.emit(&format!("\n== {n}. {what}"), Obj::new().str("event", "step").num("step", u64::from(n)).str("what", what).build());
+        self.emit(
+            &format!("\n== {n}. {what}"),
+            Obj::new().str("event", "step").num("step", u64::from(n)).str("what", what).build(),
+        );
     }
     fn info(&self, text: &str) {
         self.emit(text, Obj::new().str("event", "info").str("text", text).build());
@@ -139,11 +142,19 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
             "--json" => o.json = true,
             "--vcpus" => {
                 let v = it.next().ok_or("--vcpus needs a number")?;
-                o.vcpus = v.parse().ok().filter(|n| (1..=8).contains(n)).ok_or_else(|| format!("--vcpus takes 1 to 8, not `{v}`"))?;
+                o.vcpus = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=8).contains(n))
+                    .ok_or_else(|| format!("--vcpus takes 1 to 8, not `{v}`"))?;
             }
             "--duration" => {
                 let v = it.next().ok_or("--duration needs seconds")?;
-                let s: f64 = v.parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0).ok_or_else(|| format!("--duration takes seconds, not `{v}`"))?;
+                let s: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                    .ok_or_else(|| format!("--duration takes seconds, not `{v}`"))?;
                 o.duration = Duration::from_secs_f64(s);
             }
             "-h" | "--help" => return Ok(None),
@@ -246,7 +257,12 @@ fn demo(o: &Opts) -> Result<bool, String> {
             }
         });
     }
-    p.info(&format!("booted demo guest: {} vCPU{}, 64 MiB, VMM pid {}", o.vcpus, if o.vcpus == 1 { "" } else { "s" }, child.0.id()));
+    p.info(&format!(
+        "booted demo guest: {} vCPU{}, 64 MiB, VMM pid {}",
+        o.vcpus,
+        if o.vcpus == 1 { "" } else { "s" },
+        child.0.id()
+    ));
 
     // 2. Attach.
     p.step(2, "attach the introspector");
@@ -279,7 +295,8 @@ fn demo(o: &Opts) -> Result<bool, String> {
     );
     let vm = mon.vm();
     let booted = wait_for(Duration::from_secs(15), || ProcessTable::read(&mon).ok().filter(|t| t.procs.len() >= 4));
-    let first = booted.ok_or_else(|| format!("the demo OS's process table at {PROC_TABLE:#x} never showed 4 processes"))?;
+    let first =
+        booted.ok_or_else(|| format!("the demo OS's process table at {PROC_TABLE:#x} never showed 4 processes"))?;
     p.info(&format!("the kernel is up: {} processes, process table at {PROC_TABLE:#x}", first.procs.len()));
 
     // 3-6. Hooks, all at once; the guest does its thing.
@@ -322,7 +339,11 @@ fn demo(o: &Opts) -> Result<bool, String> {
                     continue;
                 }
                 if repeats > 0 {
-                    p.info(&format!("    (the line above {} more time{})", repeats, if repeats == 1 { "" } else { "s" }));
+                    p.info(&format!(
+                        "    (the line above {} more time{})",
+                        repeats,
+                        if repeats == 1 { "" } else { "s" }
+                    ));
                     repeats = 0;
                 }
                 p.emit(&text, r.json());
@@ -346,20 +367,27 @@ fn demo(o: &Opts) -> Result<bool, String> {
     let mut checks: Vec<(String, bool)> = Vec::new();
     for v in 0..mon.vcpus() {
         let lstar = vm.get_registers(v, &[0xc000_0082]).ok().and_then(|r| r.msrs.first().map(|m| m.data));
-        checks.push((format!("LSTAR on vCPU {v} is still syscall_entry ({:#x})", lstar.unwrap_or(0)), lstar == Some(entry)));
+        checks.push((
+            format!("LSTAR on vCPU {v} is still syscall_entry ({:#x})", lstar.unwrap_or(0)),
+            lstar == Some(entry),
+        ));
     }
     let read_u64 = |gpa: u64| -> Option<u64> {
         let mut b = [0u8; 8];
         vm.read_physical_into(gpa, &mut b).ok().map(|()| u64::from_le_bytes(b))
     };
     let slot = read_u64(table + 8);
-    checks.push((format!("syscall_table[write] is still sys_write ({:#x})", slot.unwrap_or(0)), slot == Some(sys_write)));
+    checks
+        .push((format!("syscall_table[write] is still sys_write ({:#x})", slot.unwrap_or(0)), slot == Some(sys_write)));
     let exc = |v: u64| read_u64(ukvmi_guests::layout::EXC_COUNT_BASE + 8 * v);
     checks.push(("the guest took no #BP or #DB from the tracing".into(), exc(3) == Some(0) && exc(1) == Some(0)));
     checks.push(("the rootkit hijacked no syscall".into(), read_u64(hijacked) == Some(0)));
     checks.push(("the rootkit hooked no write".into(), read_u64(hooked) == Some(0)));
     let total = |t: &ProcessTable| t.procs.iter().map(|p| p.syscalls).sum::<u64>();
-    checks.push((format!("the guest kept running ({} → {} syscalls)", total(&first), total(&last)), total(&last) > total(&first)));
+    checks.push((
+        format!("the guest kept running ({} → {} syscalls)", total(&first), total(&last)),
+        total(&last) > total(&first),
+    ));
     checks.push((format!("syscalls traced ({n_sys})"), n_sys > 0));
     checks.push((format!("LSTAR overwrites blocked ({n_msr})"), n_msr > 0));
     checks.push((format!("writes to the syscall table refused ({n_page})"), n_page > 0));
@@ -388,10 +416,16 @@ fn demo(o: &Opts) -> Result<bool, String> {
     // SAFETY: kill sends SIGTERM to our own child, whose pid we hold.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let status = wait_child(&mut child.0, Duration::from_secs(15));
-    checks.push((format!("the VM shut down cleanly ({})", status.as_deref().unwrap_or("still running")), status.as_deref() == Some("exit status: 0")));
+    checks.push((
+        format!("the VM shut down cleanly ({})", status.as_deref().unwrap_or("still running")),
+        status.as_deref() == Some("exit status: 0"),
+    ));
 
     for (what, ok) in &checks {
-        p.emit(&format!("  {} {what}", if *ok { "ok  " } else { "FAIL" }), Obj::new().str("event", "check").str("what", what).bool("ok", *ok).build());
+        p.emit(
+            &format!("  {} {what}", if *ok { "ok  " } else { "FAIL" }),
+            Obj::new().str("event", "check").str("what", what).bool("ok", *ok).build(),
+        );
     }
     let all_ok = checks.iter().all(|c| c.1);
     let secs = started.elapsed().as_secs_f64();
@@ -402,7 +436,13 @@ fn demo(o: &Opts) -> Result<bool, String> {
             lines.lock().map_or(0, |c| *c),
             if all_ok { "the guest was protected and never crashed" } else { "SOME CHECKS FAILED" }
         ),
-        Obj::new().str("event", "summary").num("events", events).int("millis", (secs * 1000.0) as i64).raw("processes", &names).bool("ok", all_ok).build(),
+        Obj::new()
+            .str("event", "summary")
+            .num("events", events)
+            .int("millis", (secs * 1000.0) as i64)
+            .raw("processes", &names)
+            .bool("ok", all_ok)
+            .build(),
     );
     Ok(all_ok)
 }

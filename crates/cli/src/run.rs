@@ -77,7 +77,8 @@ BUILT-IN GUESTS:
 /// "ON THIS HOST": what a probe of /dev/kvm finds, as CHECK_COMMAND/EVENT
 /// will report it. See docs/mechanisms.md for how each is served.
 fn host_section() -> String {
-    let mut s = String::from("\nON THIS HOST (what KVMI_VM_CHECK_COMMAND/EVENT report; the rest answer -KVM_EOPNOTSUPP):\n");
+    let mut s =
+        String::from("\nON THIS HOST (what KVMI_VM_CHECK_COMMAND/EVENT report; the rest answer -KVM_EOPNOTSUPP):\n");
     let caps = match ukvmi_vmm::host_capabilities() {
         Ok(c) => c,
         Err(e) => {
@@ -85,7 +86,9 @@ fn host_section() -> String {
             return s;
         }
     };
-    let short = |n: &'static str| n.trim_start_matches("KVMI_").trim_start_matches("VCPU_EVENT_").trim_start_matches("VM_EVENT_");
+    let short = |n: &'static str| {
+        n.trim_start_matches("KVMI_").trim_start_matches("VCPU_EVENT_").trim_start_matches("VM_EVENT_")
+    };
     let list = |ids: &mut dyn Iterator<Item = u16>, name: fn(u16) -> Option<&'static str>| -> String {
         ids.filter_map(name).map(short).collect::<Vec<_>>().join(" ")
     };
@@ -243,11 +246,8 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
             "--vcpus" => cfg.vcpus = val()?.parse().map_err(|_| "--vcpus takes a number from 1 to 65535")?,
             "--memory" => {
                 let v = val()?;
-                cfg.memory_mib = v
-                    .parse()
-                    .ok()
-                    .filter(|m| (4..=ukvmi_vmm::MAX_MEMORY_MIB).contains(m))
-                    .ok_or_else(|| {
+                cfg.memory_mib =
+                    v.parse().ok().filter(|m| (4..=ukvmi_vmm::MAX_MEMORY_MIB).contains(m)).ok_or_else(|| {
                         format!(
                             "--memory takes a size in MiB, at least 4 MiB and at most {} (1 TiB), not `{v}`",
                             ukvmi_vmm::MAX_MEMORY_MIB

@@ -94,7 +94,21 @@ struct Args<'a> {
 }
 
 /// Options that take a value.
-const VALUED: &[&str] = &["--vcpu", "--msr", "--page", "--via", "--breakpoint", "--count", "--duration", "--remove", "--answer", "-o", "--output", "--map", "--timeout"];
+const VALUED: &[&str] = &[
+    "--vcpu",
+    "--msr",
+    "--page",
+    "--via",
+    "--breakpoint",
+    "--count",
+    "--duration",
+    "--remove",
+    "--answer",
+    "-o",
+    "--output",
+    "--map",
+    "--timeout",
+];
 
 impl<'a> Args<'a> {
     fn parse(args: &'a [String]) -> Result<Args<'a>, Failure> {
@@ -133,7 +147,9 @@ impl<'a> Args<'a> {
         Ok(())
     }
     fn num(&self, f: &str) -> Result<Option<u64>, Failure> {
-        self.val(f).map(|v| parse_number(v).ok_or_else(|| Failure::usage(format!("{f} takes a number, not `{v}`")))).transpose()
+        self.val(f)
+            .map(|v| parse_number(v).ok_or_else(|| Failure::usage(format!("{f} takes a number, not `{v}`"))))
+            .transpose()
     }
     fn secs(&self, f: &str) -> Result<Option<Duration>, Failure> {
         self.val(f)
@@ -160,7 +176,11 @@ impl Ctx<'_> {
         .ok_or_else(|| {
             Failure::usage(format!(
                 "`{text}` is not an address{}",
-                if self.syms.is_some() { " or a known symbol" } else { " (no symbol map: give --map FILE to use names)" }
+                if self.syms.is_some() {
+                    " or a known symbol"
+                } else {
+                    " (no symbol map: give --map FILE to use names)"
+                }
             ))
         })
     }
@@ -179,9 +199,10 @@ impl Ctx<'_> {
         let end = at.checked_add(len.max(1)).ok_or_else(|| Failure::usage("address range overflows"))?;
         let vm = self.mon.vm();
         let walk = |va: u64| -> Result<u64, Failure> {
-            vm.translate_gva(0, va)
-                .map_err(kvmi("KVMI_VCPU_TRANSLATE_GVA"))?
-                .ok_or_else(|| Failure { msg: format!("`{text}`: {va:#x} is not mapped in vCPU 0's address space"), status: 1 })
+            vm.translate_gva(0, va).map_err(kvmi("KVMI_VCPU_TRANSLATE_GVA"))?.ok_or_else(|| Failure {
+                msg: format!("`{text}`: {va:#x} is not mapped in vCPU 0's address space"),
+                status: 1,
+            })
         };
         let gpa = walk(at)?;
         let mut page = (at | 0xfff).saturating_add(1);
@@ -198,9 +219,15 @@ impl Ctx<'_> {
     }
 
     fn vcpu(&self, text: &str) -> Result<u16, Failure> {
-        let v = parse_number(text).and_then(|v| u16::try_from(v).ok()).ok_or_else(|| Failure::usage(format!("bad vCPU `{text}`")))?;
+        let v = parse_number(text)
+            .and_then(|v| u16::try_from(v).ok())
+            .ok_or_else(|| Failure::usage(format!("bad vCPU `{text}`")))?;
         if v >= self.mon.vcpus() {
-            return Err(Failure::usage(format!("vCPU {v} does not exist: the VM has {} (0..{})", self.mon.vcpus(), self.mon.vcpus() - 1)));
+            return Err(Failure::usage(format!(
+                "vCPU {v} does not exist: the VM has {} (0..{})",
+                self.mon.vcpus(),
+                self.mon.vcpus() - 1
+            )));
         }
         Ok(v)
     }
@@ -241,7 +268,10 @@ fn info(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
         .filter(|&id| msg::name(id).is_some() && vm.check_command(id).is_ok())
         .filter_map(msg::name)
         .collect();
-    let evs: Vec<&str> = (0..32u16).filter(|&id| event::name(id).is_some() && vm.check_event(id).is_ok()).filter_map(event::name).collect();
+    let evs: Vec<&str> = (0..32u16)
+        .filter(|&id| event::name(id).is_some() && vm.check_event(id).is_ok())
+        .filter_map(event::name)
+        .collect();
     let os = ProcessTable::read(ctx.mon).ok();
     if a.has("--json") {
         let strs = |v: &[&str]| json::array(v.iter().map(|s| json::quote(s)));
@@ -263,7 +293,12 @@ fn info(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     out.line(&format!("VM        {} ({uuid})", if i.name.is_empty() { "(unnamed)" } else { &i.name }))?;
     out.line(&format!("vCPUs     {}", ctx.mon.vcpus()))?;
     out.line(&format!("RAM       {} MiB", i.max_gpa >> 20))?;
-    out.line(&format!("KVMI      v12 series, protocol version {}, messages up to {} bytes, single-step {}", i.version, i.max_msg_size, if i.singlestep { "yes" } else { "no" }))?;
+    out.line(&format!(
+        "KVMI      v12 series, protocol version {}, messages up to {} bytes, single-step {}",
+        i.version,
+        i.max_msg_size,
+        if i.singlestep { "yes" } else { "no" }
+    ))?;
     let short = |v: &[&str]| v.iter().map(|s| s.trim_start_matches("KVMI_")).collect::<Vec<_>>().join(" ");
     out.line(&format!("commands  {}", short(&cmds)))?;
     out.line(&format!("events    {}", short(&evs).replace("VCPU_EVENT_", "").replace("VM_EVENT_", "")))?;
@@ -274,8 +309,18 @@ fn info(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
             None => "unknown (no demo-OS process table)".into(),
         }
     ))?;
-    out.line(&format!("memory    {}", if ctx.mon.memory_map().is_some() { "mapped (zero-copy view, UKVMI_VM_MAP_MEMORY)" } else { "READ_PHYSICAL only" }))?;
-    out.line(&format!("symbols   {}", ctx.syms.map_or_else(|| "none".to_string(), |s| format!("{} (`ukvmi symbols`)", s.len()))))?;
+    out.line(&format!(
+        "memory    {}",
+        if ctx.mon.memory_map().is_some() {
+            "mapped (zero-copy view, UKVMI_VM_MAP_MEMORY)"
+        } else {
+            "READ_PHYSICAL only"
+        }
+    ))?;
+    out.line(&format!(
+        "symbols   {}",
+        ctx.syms.map_or_else(|| "none".to_string(), |s| format!("{} (`ukvmi symbols`)", s.len()))
+    ))?;
     Ok(())
 }
 
@@ -284,9 +329,29 @@ fn regs_json(v: u16, r: &Registers) -> String {
     let s = &r.sregs;
     let mut o = Obj::new().num("vcpu", u64::from(v)).num("mode", u64::from(r.mode));
     for (n, val) in [
-        ("rax", g.rax), ("rbx", g.rbx), ("rcx", g.rcx), ("rdx", g.rdx), ("rsi", g.rsi), ("rdi", g.rdi), ("rsp", g.rsp), ("rbp", g.rbp),
-        ("r8", g.r8), ("r9", g.r9), ("r10", g.r10), ("r11", g.r11), ("r12", g.r12), ("r13", g.r13), ("r14", g.r14), ("r15", g.r15),
-        ("rip", g.rip), ("rflags", g.rflags), ("cr0", s.cr0), ("cr2", s.cr2), ("cr3", s.cr3), ("cr4", s.cr4), ("efer", s.efer),
+        ("rax", g.rax),
+        ("rbx", g.rbx),
+        ("rcx", g.rcx),
+        ("rdx", g.rdx),
+        ("rsi", g.rsi),
+        ("rdi", g.rdi),
+        ("rsp", g.rsp),
+        ("rbp", g.rbp),
+        ("r8", g.r8),
+        ("r9", g.r9),
+        ("r10", g.r10),
+        ("r11", g.r11),
+        ("r12", g.r12),
+        ("r13", g.r13),
+        ("r14", g.r14),
+        ("r15", g.r15),
+        ("rip", g.rip),
+        ("rflags", g.rflags),
+        ("cr0", s.cr0),
+        ("cr2", s.cr2),
+        ("cr3", s.cr3),
+        ("cr4", s.cr4),
+        ("efer", s.efer),
     ] {
         o = o.hex(n, val);
     }
@@ -374,7 +439,9 @@ fn resume(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure>
     a.check(&["--json"])?;
     let v = ctx.mon.resume_all()?;
     if a.has("--json") {
-        return Ok(out.line(&Obj::new().str("event", "resumed").raw("vcpus", &json::array(v.iter().map(u16::to_string))).build())?);
+        return Ok(out.line(
+            &Obj::new().str("event", "resumed").raw("vcpus", &json::array(v.iter().map(u16::to_string))).build(),
+        )?);
     }
     out.line(&if v.is_empty() { "no vCPU was paused".to_string() } else { format!("resumed vCPUs {v:?}") })?;
     Ok(())
@@ -383,7 +450,13 @@ fn resume(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure>
 /// Reads `len` bytes at `gpa`, calling `sink` per chunk: 1 MiB at a time
 /// from the zero-copy view when the VM granted one (and `socket` is false),
 /// else a page per KVMI_VM_READ_PHYSICAL.
-fn read_range(ctx: &Ctx<'_>, gpa: u64, len: u64, socket: bool, mut sink: impl FnMut(u64, &[u8]) -> Result<(), Failure>) -> Result<(), Failure> {
+fn read_range(
+    ctx: &Ctx<'_>,
+    gpa: u64,
+    len: u64,
+    socket: bool,
+    mut sink: impl FnMut(u64, &[u8]) -> Result<(), Failure>,
+) -> Result<(), Failure> {
     let vm = ctx.mon.vm();
     let map = ctx.mon.memory_map().filter(|_| !socket);
     let mut at = gpa;
@@ -395,7 +468,9 @@ fn read_range(ctx: &Ctx<'_>, gpa: u64, len: u64, socket: bool, mut sink: impl Fn
         let n = (buf.len() as u64).min(end - at) as usize;
         let chunk = buf.get_mut(..n).unwrap_or_default();
         match map {
-            Some(m) => m.read(at, chunk).map_err(|e| Failure { msg: format!("reading the mapped view at {at:#x}: {e}"), status: 1 })?,
+            Some(m) => m
+                .read(at, chunk)
+                .map_err(|e| Failure { msg: format!("reading the mapped view at {at:#x}: {e}"), status: 1 })?,
             None => vm.read_physical_range(at, chunk).map_err(kvmi(&format!("KVMI_VM_READ_PHYSICAL at {at:#x}")))?,
         }
         sink(at, chunk)?;
@@ -413,7 +488,8 @@ fn hexdump_line(addr: u64, b: &[u8]) -> String {
 fn read(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     a.check(&["--raw", "--hex", "--vcpu"])?;
     let what = a.pos(0, "ADDR (guest physical, or virtual with --vcpu N; a number, or a kernel symbol)")?;
-    let len = a.pos.get(1).map_or(Some(64), |l| parse_number(l)).ok_or_else(|| Failure::usage("LEN must be a number"))?;
+    let len =
+        a.pos.get(1).map_or(Some(64), |l| parse_number(l)).ok_or_else(|| Failure::usage("LEN must be a number"))?;
     if len > 1 << 20 {
         return Err(Failure::usage("read is for up to 1 MiB; use `ukvmi dump` for more"));
     }
@@ -446,14 +522,14 @@ fn read(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
             let end = addr + len;
             while at < end {
                 let n = (0x1000 - (at & 0xfff)).min(end - at);
-                let gpa = ctx
-                    .mon
-                    .vm()
-                    .translate_gva(v, at)
-                    .map_err(kvmi("KVMI_VCPU_TRANSLATE_GVA"))?
-                    .ok_or_else(|| Failure { msg: format!("{at:#x} is not mapped in vCPU {v}'s address space"), status: 1 })?;
+                let gpa =
+                    ctx.mon.vm().translate_gva(v, at).map_err(kvmi("KVMI_VCPU_TRANSLATE_GVA"))?.ok_or_else(|| {
+                        Failure { msg: format!("{at:#x} is not mapped in vCPU {v}'s address space"), status: 1 }
+                    })?;
                 let mut buf = vec![0u8; n as usize];
-                ctx.mon.read(gpa, &mut buf).map_err(|e| Failure { msg: format!("reading gpa {gpa:#x}: {e}"), status: 1 })?;
+                ctx.mon
+                    .read(gpa, &mut buf)
+                    .map_err(|e| Failure { msg: format!("reading gpa {gpa:#x}: {e}"), status: 1 })?;
                 sink(&buf)?;
                 at += n;
             }
@@ -486,13 +562,21 @@ fn dump(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     let socket = match a.val("--via") {
         None | Some("map") => false,
         Some("socket") => true,
-        Some(v) => return Err(Failure::usage(format!("--via takes `map` (the zero-copy view, default when granted) or `socket` (READ_PHYSICAL), not `{v}`"))),
+        Some(v) => {
+            return Err(Failure::usage(format!(
+                "--via takes `map` (the zero-copy view, default when granted) or `socket` (READ_PHYSICAL), not `{v}`"
+            )))
+        }
     };
     if a.val("--via") == Some("map") && ctx.mon.memory_map().is_none() {
-        return Err(Failure { msg: "the VM did not grant a mapped view (UKVMI_VM_MAP_MEMORY not allowed or not supported)".into(), status: 1 });
+        return Err(Failure {
+            msg: "the VM did not grant a mapped view (UKVMI_VM_MAP_MEMORY not allowed or not supported)".into(),
+            status: 1,
+        });
     }
     let ram = ctx.mon.vm().info().max_gpa;
-    let given = a.pos.get(1).map(|l| parse_number(l).ok_or_else(|| Failure::usage("LEN must be a number"))).transpose()?;
+    let given =
+        a.pos.get(1).map(|l| parse_number(l).ok_or_else(|| Failure::usage("LEN must be a number"))).transpose()?;
     let gpa = a.pos.first().map(|t| ctx.phys(t, given.unwrap_or(1))).transpose()?.unwrap_or(0);
     let len = given.unwrap_or_else(|| ram.saturating_sub(gpa));
     if gpa.checked_add(len).is_none_or(|e| e > ram) {
@@ -520,7 +604,11 @@ fn dump(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     }
     let secs = started.elapsed().as_secs_f64();
     if !a.has("--quiet") {
-        out.note(&format!("dumped {} bytes from {gpa:#x} in {secs:.2} s ({:.1} MB/s, through {via})", done, done as f64 / secs.max(1e-9) / 1e6))?;
+        out.note(&format!(
+            "dumped {} bytes from {gpa:#x} in {secs:.2} s ({:.1} MB/s, through {via})",
+            done,
+            done as f64 / secs.max(1e-9) / 1e6
+        ))?;
     }
     Ok(())
 }
@@ -530,12 +618,27 @@ pub fn print_ps(t: &ProcessTable, json_out: bool, out: &mut dyn Out) -> io::Resu
     if json_out {
         let procs = json::array(t.procs.iter().map(guestos::Process::to_json));
         let cur = json::array(t.current.iter().map(u32::to_string));
-        return out.line(&Obj::new().num("ticks", t.ticks).num("ncpus", u64::from(t.ncpus)).raw("current", &cur).raw("processes", &procs).build());
+        return out.line(
+            &Obj::new()
+                .num("ticks", t.ticks)
+                .num("ncpus", u64::from(t.ncpus))
+                .raw("current", &cur)
+                .raw("processes", &procs)
+                .build(),
+        );
     }
     out.line(&format!("{:>4}  {:<10} {:<9} {:>4}  {:>18}  {:>9}", "PID", "NAME", "STATE", "CPU", "CR3", "SYSCALLS"))?;
     for p in &t.procs {
         let on = if t.current.get(p.cpu as usize) == Some(&p.pid) { "*" } else { " " };
-        out.line(&format!("{:>4}{on} {:<10} {:<9} {:>4}  {:>#18x}  {:>9}", p.pid, p.name, p.state.name(), p.cpu, p.cr3, p.syscalls))?;
+        out.line(&format!(
+            "{:>4}{on} {:<10} {:<9} {:>4}  {:>#18x}  {:>9}",
+            p.pid,
+            p.name,
+            p.state.name(),
+            p.cpu,
+            p.cr3,
+            p.syscalls
+        ))?;
     }
     out.line(&format!("(* = on its vCPU now; up {:.1} s)", t.ticks as f64 / 1000.0))
 }
@@ -592,7 +695,11 @@ fn trace(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> 
     let hyper = a.has("--hypercalls") || a.val("--answer").is_some();
     let pauses = a.has("--pauses");
     let bp = a.val("--breakpoint").map(|b| ctx.addr(b)).transpose()?;
-    let msrs: Vec<u32> = a.vals("--msr").iter().map(|m| parse_msr(m).ok_or_else(|| Failure::usage(format!("unknown MSR `{m}`")))).collect::<Result<_, _>>()?;
+    let msrs: Vec<u32> = a
+        .vals("--msr")
+        .iter()
+        .map(|m| parse_msr(m).ok_or_else(|| Failure::usage(format!("unknown MSR `{m}`"))))
+        .collect::<Result<_, _>>()?;
     let page_addrs: Vec<u64> = a.vals("--page").iter().map(|p| ctx.phys(p, 1)).collect::<Result<_, _>>()?;
     if !syscalls && !hyper && !pauses && bp.is_none() && msrs.is_empty() && page_addrs.is_empty() {
         syscalls = true;
@@ -606,7 +713,8 @@ fn trace(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> 
     });
     if syscalls {
         let entry = ctx.syms.and_then(|s| s.addr("syscall_entry")).ok_or_else(|| Failure {
-            msg: "syscall tracing needs the kernel's `syscall_entry` symbol: run the demo guest or give --map FILE".into(),
+            msg: "syscall tracing needs the kernel's `syscall_entry` symbol: run the demo guest or give --map FILE"
+                .into(),
             status: 1,
         })?;
         ctx.mon.trace_syscalls(&sub, entry)?;
@@ -654,7 +762,11 @@ fn watch_msr(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failu
     if a.pos.is_empty() {
         return Err(Failure::usage("name at least one MSR, e.g. `ukvmi watch-msr LSTAR --deny`"));
     }
-    let msrs: Vec<u32> = a.pos.iter().map(|m| parse_msr(m).ok_or_else(|| Failure::usage(format!("unknown MSR `{m}`")))).collect::<Result<_, _>>()?;
+    let msrs: Vec<u32> = a
+        .pos
+        .iter()
+        .map(|m| parse_msr(m).ok_or_else(|| Failure::usage(format!("unknown MSR `{m}`"))))
+        .collect::<Result<_, _>>()?;
     let sub = ctx.mon.subscribe(Kinds { msr: true, ..Kinds::default() });
     for &m in &msrs {
         ctx.mon.watch_msr(&sub, m, a.has("--deny"))?;
@@ -662,7 +774,10 @@ fn watch_msr(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failu
     if !a.has("--json") {
         out.note(&format!(
             "watching {} on every vCPU{}; Ctrl-C to stop",
-            msrs.iter().map(|&m| msr_name(m).map_or_else(|| format!("{m:#x}"), str::to_string)).collect::<Vec<_>>().join(", "),
+            msrs.iter()
+                .map(|&m| msr_name(m).map_or_else(|| format!("{m:#x}"), str::to_string))
+                .collect::<Vec<_>>()
+                .join(", "),
             if a.has("--deny") { ", refusing writes (old value kept)" } else { "" }
         ))?;
     }
@@ -674,7 +789,8 @@ fn protect(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure
     allowed.extend(["--deny", "--remove"]);
     a.check(&allowed)?;
     let what = a.pos(0, "ADDR (guest physical; a number, or a kernel symbol)")?;
-    let len = a.pos.get(1).map_or(Some(1), |l| parse_number(l)).ok_or_else(|| Failure::usage("LEN must be a number"))?;
+    let len =
+        a.pos.get(1).map_or(Some(1), |l| parse_number(l)).ok_or_else(|| Failure::usage("LEN must be a number"))?;
     let gpa = ctx.phys(what, len)?;
     let mut remove = 0u8;
     for c in a.val("--remove").unwrap_or("w").chars() {
@@ -701,9 +817,13 @@ fn protect(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure
 
 fn symbols(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     a.check(&[])?;
-    let syms = ctx.syms.ok_or_else(|| Failure { msg: "no symbol map for this VM (give --map FILE)".into(), status: 1 })?;
+    let syms =
+        ctx.syms.ok_or_else(|| Failure { msg: "no symbol map for this VM (give --map FILE)".into(), status: 1 })?;
     if a.pos.is_empty() {
-        return Ok(out.line(&format!("{} symbols; look one up with `ukvmi symbols NAME` or `ukvmi symbols 0xADDR`", syms.len()))?);
+        return Ok(out.line(&format!(
+            "{} symbols; look one up with `ukvmi symbols NAME` or `ukvmi symbols 0xADDR`",
+            syms.len()
+        ))?);
     }
     for q in &a.pos {
         match (syms.addr(q), parse_number(q)) {

@@ -9,7 +9,11 @@ use std::time::Duration;
 
 fn ukvmi(args: &[&str]) -> (i32, String, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_ukvmi")).args(args).output().unwrap();
-    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
 }
 
 #[test]
@@ -23,7 +27,9 @@ fn help_lists_the_builtin_guests_and_host_limits() {
     assert!(out.contains("EOPNOTSUPP"));
     // The host section comes from a real probe of /dev/kvm.
     let host = out.split("ON THIS HOST").nth(1).expect("a host section");
-    let line = |what: &str| host.lines().find(|l| l.trim_start().starts_with(what)).unwrap_or_else(|| panic!("{what}: {host}"));
+    let line = |what: &str| {
+        host.lines().find(|l| l.trim_start().starts_with(what)).unwrap_or_else(|| panic!("{what}: {host}"))
+    };
     assert!(line("events").contains("BREAKPOINT") && line("events").contains("MSR"), "{host}");
     assert!(line("missing").contains("CONTROL_CR") && line("missing").contains(" CR"), "{host}");
     assert!(!line("events").contains("XSETBV"), "{host}");
@@ -66,7 +72,10 @@ fn power_off_sets_the_exit_status() {
 #[test]
 fn an_unreachable_socket_does_not_stop_the_vm() {
     let dir = Scratch::new("unreach");
-    let mut vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", "unix:/nonexistent/dir/kvmi.sock", "--reconnect", "0.2"]);
+    let mut vm = RunningVm::start(
+        &dir,
+        &["--guest", "spin", "--introspect", "unix:/nonexistent/dir/kvmi.sock", "--reconnect", "0.2"],
+    );
     vm.wait_serial("tick", 2, Duration::from_secs(20));
     vm.wait_stderr("cannot connect to the introspector", Duration::from_secs(10));
     vm.signal(libc::SIGINT);

@@ -35,7 +35,8 @@ fn as_other_user(cmd: &mut Command) -> &mut Command {
     // calls setgroups/setgid/setuid, which are async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(OTHER_UID) != 0 || libc::setuid(OTHER_UID) != 0 {
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(OTHER_UID) != 0 || libc::setuid(OTHER_UID) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -136,7 +137,8 @@ fn files_are_private_and_other_users_are_refused() {
     first.arg("info").stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut first = Reap(with_umask(&mut first, 0).spawn().unwrap());
     wait_for("the daemon creates its sockets and files", T, || [&sock, &ctl, &lock, &log].iter().all(|p| p.exists()));
-    let modes: Vec<String> = [&sock, &ctl, &lock, &log].iter().map(|p| format!("{} {:o}", p.display(), mode(p))).collect();
+    let modes: Vec<String> =
+        [&sock, &ctl, &lock, &log].iter().map(|p| format!("{} {:o}", p.display(), mode(p))).collect();
     for p in [&sock, &ctl, &lock, &log] {
         assert_eq!(mode(p), 0o600, "{} has mode {:o} under umask 000 (all: {modes:?})", p.display(), mode(p));
     }
@@ -150,10 +152,15 @@ fn files_are_private_and_other_users_are_refused() {
     let said = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "the fake VMM as uid {OTHER_UID}: {said}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(said.contains("handshake reply: 0 bytes"), "a VMM of uid {OTHER_UID} got a handshake reply: {said}");
-    wait_for("the daemon logs the refused KVMI peer", T, || log_text(&sock).contains(&format!("refused a KVMI connection from uid {OTHER_UID}")));
+    wait_for("the daemon logs the refused KVMI peer", T, || {
+        log_text(&sock).contains(&format!("refused a KVMI connection from uid {OTHER_UID}"))
+    });
 
     // The real VM attaches, and the waiting first command is answered.
-    let vm = RunningVm::start(&dir, &["--guest", "traps", "--vcpus", "1", "--introspect", &format!("unix:{}", sock.display())]);
+    let vm = RunningVm::start(
+        &dir,
+        &["--guest", "traps", "--vcpus", "1", "--introspect", &format!("unix:{}", sock.display())],
+    );
     vm.wait_serial("tick", 1, T);
     let out = first.0.wait_with_output_ref();
     assert!(out.0.success(), "the first command: {}", out.2);
@@ -166,10 +173,20 @@ fn files_are_private_and_other_users_are_refused() {
     other.args(["regs", "0"]);
     let o = as_other_user(&mut other).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "uid {OTHER_UID} ran `regs 0` through {}: {}", ctl.display(), String::from_utf8_lossy(&o.stdout));
+    assert!(
+        !o.status.success(),
+        "uid {OTHER_UID} ran `regs 0` through {}: {}",
+        ctl.display(),
+        String::from_utf8_lossy(&o.stdout)
+    );
     assert!(o.stdout.is_empty(), "uid {OTHER_UID} got output: {}", String::from_utf8_lossy(&o.stdout));
-    assert!(err.contains("refuse") && err.contains(&format!("uid {OTHER_UID}")), "the refused client is told why: {err}");
-    wait_for("the daemon logs the refused control client", T, || log_text(&sock).contains(&format!("refused a control connection from uid {OTHER_UID}")));
+    assert!(
+        err.contains("refuse") && err.contains(&format!("uid {OTHER_UID}")),
+        "the refused client is told why: {err}"
+    );
+    wait_for("the daemon logs the refused control client", T, || {
+        log_text(&sock).contains(&format!("refused a control connection from uid {OTHER_UID}"))
+    });
 
     // This user still is served.
     let regs = ok(&tool(&sock).args(["regs", "0"]).output().unwrap(), "regs 0");
@@ -247,14 +264,21 @@ fn tools_attach_with_a_key_from_a_file_or_the_environment() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "regs with a wrong key: {}", String::from_utf8_lossy(&o.stdout));
     assert!(took < Duration::from_secs(8), "a wrong key took {took:?} to fail: {err}");
-    assert!(err.contains("handshake") && err.contains("--key-file") && err.contains("UKVMI_KEY"), "the failure names the key: {err}");
+    assert!(
+        err.contains("handshake") && err.contains("--key-file") && err.contains("UKVMI_KEY"),
+        "the failure names the key: {err}"
+    );
     assert_no_key_in_cmdline(&sock);
 
     // No key at all: the same, with a hint that the VM wants one.
     let t1 = Instant::now();
     let o = tool(&sock).args(["regs", "0"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && t1.elapsed() < Duration::from_secs(8), "regs without a key ({:?}): {err}", t1.elapsed());
+    assert!(
+        !o.status.success() && t1.elapsed() < Duration::from_secs(8),
+        "regs without a key ({:?}): {err}",
+        t1.elapsed()
+    );
     assert!(err.contains("needs the same key"), "the failure says a key is needed: {err}");
 
     // Several seconds of the VMM's retries: the failed handshake is in the
@@ -265,7 +289,8 @@ fn tools_attach_with_a_key_from_a_file_or_the_environment() {
     assert!((1..=3).contains(&failed(&log)), "{} failed-handshake lines in {:?}:\n{log}", failed(&log), t0.elapsed());
 
     // The right key, from a file, to the same daemon: attached.
-    let regs = ok(&tool(&sock).arg("--key-file").arg(&right).args(["regs", "0"]).output().unwrap(), "regs 0 with --key-file");
+    let regs =
+        ok(&tool(&sock).arg("--key-file").arg(&right).args(["regs", "0"]).output().unwrap(), "regs 0 with --key-file");
     assert!(regs.contains("rip "), "{regs}");
     assert_no_key_in_cmdline(&sock);
     detach(&sock);

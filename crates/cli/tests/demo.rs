@@ -40,9 +40,16 @@ fn the_demo_walks_through_every_step_and_its_checks_hold() {
     let out = Command::new(env!("CARGO_BIN_EXE_ukvmi")).args(["demo", "--json", "--duration", "3"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
-    let of = |ev: &str| -> Vec<&str> { lines.iter().copied().filter(|l| field(l, "event").as_deref() == Some(ev)).collect() };
+    let of = |ev: &str| -> Vec<&str> {
+        lines.iter().copied().filter(|l| field(l, "event").as_deref() == Some(ev)).collect()
+    };
     let failed: Vec<&str> = of("check").into_iter().filter(|l| field(l, "ok").as_deref() != Some("true")).collect();
-    assert!(out.status.success() && failed.is_empty(), "demo failed ({}): {failed:#?}\nstderr: {}\n{stdout}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && failed.is_empty(),
+        "demo failed ({}): {failed:#?}\nstderr: {}\n{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     for line in &lines {
         assert!(line.starts_with('{') && line.ends_with('}'), "--json prints only JSON objects: {line}");
     }
@@ -53,16 +60,34 @@ fn the_demo_walks_through_every_step_and_its_checks_hold() {
 
     // 3: a live syscall trace, with the user buffer decoded.
     let sys = of("syscall");
-    assert!(sys.iter().any(|l| field(l, "process").as_deref() == Some("shell") && field(l, "call").is_some_and(|c| c.starts_with("write(") && c.contains("hello"))), "{sys:#?}");
+    assert!(
+        sys.iter().any(|l| field(l, "process").as_deref() == Some("shell")
+            && field(l, "call").is_some_and(|c| c.starts_with("write(") && c.contains("hello"))),
+        "{sys:#?}"
+    );
     // 4: the rootkit's LSTAR overwrite, refused.
     let msr = of("msr");
-    assert!(msr.iter().any(|l| field(l, "msr_name").as_deref() == Some("LSTAR") && field(l, "blocked").as_deref() == Some("true") && field(l, "process").as_deref() == Some("rootkit")), "{msr:#?}");
+    assert!(
+        msr.iter().any(|l| field(l, "msr_name").as_deref() == Some("LSTAR")
+            && field(l, "blocked").as_deref() == Some("true")
+            && field(l, "process").as_deref() == Some("rootkit")),
+        "{msr:#?}"
+    );
     // 5: its write to the syscall table, refused.
     let page = of("page");
-    assert!(page.iter().any(|l| field(l, "access").as_deref() == Some("w") && field(l, "blocked").as_deref() == Some("true") && field(l, "process").as_deref() == Some("rootkit")), "{page:#?}");
+    assert!(
+        page.iter().any(|l| field(l, "access").as_deref() == Some("w")
+            && field(l, "blocked").as_deref() == Some("true")
+            && field(l, "process").as_deref() == Some("rootkit")),
+        "{page:#?}"
+    );
     // 6: the agent's hypercall, answered, and the guest printed the answer.
     let hc = of("hypercall");
-    assert!(hc.iter().any(|l| field(l, "message").as_deref() == Some("hello from the guest") && field(l, "reply").as_deref() == Some("hello from ukvmi")), "{hc:#?}");
+    assert!(
+        hc.iter().any(|l| field(l, "message").as_deref() == Some("hello from the guest")
+            && field(l, "reply").as_deref() == Some("hello from ukvmi")),
+        "{hc:#?}"
+    );
     let serial: Vec<String> = of("serial").iter().filter_map(|l| field(l, "line")).collect();
     assert!(serial.iter().any(|l| l.contains("hello from ukvmi")), "the guest saw the answer: {serial:#?}");
     // 7: processes from the process table.
@@ -81,10 +106,25 @@ fn the_demo_walks_through_every_step_and_its_checks_hold() {
 #[test]
 fn the_demo_reads_well_without_json() {
     common::require_kvm();
-    let out = Command::new(env!("CARGO_BIN_EXE_ukvmi")).args(["demo", "--vcpus", "1", "--duration", "2"]).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_ukvmi")).args(["demo", "--vcpus", "1", "--duration", "2"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}\n{text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    for needle in ["booted demo guest: 1 vCPU,", "introspector attached", "syscall", "BLOCKED", "MSR LSTAR", "old value kept", "instruction skipped", "hypercall", "PID", "rootkit", "done:", "never crashed", "guest |"] {
+    for needle in [
+        "booted demo guest: 1 vCPU,",
+        "introspector attached",
+        "syscall",
+        "BLOCKED",
+        "MSR LSTAR",
+        "old value kept",
+        "instruction skipped",
+        "hypercall",
+        "PID",
+        "rootkit",
+        "done:",
+        "never crashed",
+        "guest |",
+    ] {
         assert!(text.contains(needle), "the demo's output lacks `{needle}`:\n{text}");
     }
     assert!(!text.contains("FAIL"), "{text}");

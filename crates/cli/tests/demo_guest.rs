@@ -13,8 +13,8 @@ use common::{RunningVm, Scratch};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use ukvmi_guests::demo;
+use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
 use ukvmi_monitor::guestos::{ProcState, ProcessTable};
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, Vm, VcpuEventMsg};
 use ukvmi_wire::{access, event};
 
 const T: Duration = Duration::from_secs(30);
@@ -65,9 +65,17 @@ fn check_table(t: &ProcessTable, vcpus: u32) {
         assert_eq!((p.pid, p.name.as_str()), (pid, name));
         assert_eq!(p.cpu, if vcpus == 2 { cpu2 } else { 0 }, "{name}");
         assert_eq!(p.cr3, demo::PBLK_BASE + p.slot as u64 * demo::PBLK_SIZE, "{name}: its own page tables");
-        assert!(matches!(p.state, ProcState::Ready | ProcState::Running | ProcState::Sleeping), "{name}: state {:?}", p.state);
+        assert!(
+            matches!(p.state, ProcState::Ready | ProcState::Running | ProcState::Sleeping),
+            "{name}: state {:?}",
+            p.state
+        );
         assert!(p.syscalls > 0, "{name} made no syscall");
-        assert!(p.user_rip >= demo::USER_BASE && p.user_rip < demo::USER_BASE + 0x1_0000, "{name}: rip {:#x}", p.user_rip);
+        assert!(
+            p.user_rip >= demo::USER_BASE && p.user_rip < demo::USER_BASE + 0x1_0000,
+            "{name}: rip {:#x}",
+            p.user_rip
+        );
     }
     let mut cr3s: Vec<u64> = t.procs.iter().map(|p| p.cr3).collect();
     cr3s.sort_unstable();

@@ -7,7 +7,7 @@ mod common;
 use common::{RunningVm, Scratch};
 use std::time::Duration;
 use ukvmi_guests::layout;
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, Vm, VcpuEventMsg};
+use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
 use ukvmi_wire::event;
 
 const T: Duration = Duration::from_secs(20);

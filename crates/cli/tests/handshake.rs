@@ -22,7 +22,8 @@ fn wrong_key_is_refused_and_the_vm_goes_on() {
     let key = dir.path("key");
     std::fs::write(&key, "right\n").unwrap();
     let key = key.to_str().unwrap();
-    let vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--key-file", key, "--reconnect", "0.2"]);
+    let vm =
+        RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--key-file", key, "--reconnect", "0.2"]);
     let err = bad.accept().unwrap_err();
     assert!(err.to_string().contains("authentication"), "{err}");
     vm.wait_stderr("cookie hash does not match", T);
@@ -61,7 +62,10 @@ fn a_silent_tool_times_out_and_an_absent_one_is_retried() {
     let sock = dir.path("kvmi.sock");
     let intro = format!("unix:{}", sock.display());
     // Nobody listens yet: the VM boots anyway.
-    let vm = RunningVm::start(&dir, &["--guest", "spin", "--introspect", &intro, "--reconnect", "0.2", "--handshake-timeout", "0.5"]);
+    let vm = RunningVm::start(
+        &dir,
+        &["--guest", "spin", "--introspect", &intro, "--reconnect", "0.2", "--handshake-timeout", "0.5"],
+    );
     vm.wait_serial("tick", 1, T);
     vm.wait_stderr("cannot connect", T);
     // A tool that accepts and never answers.

@@ -32,12 +32,24 @@ fn refused(args: &[&str], needle: &str) {
 #[test]
 fn options_that_would_wrap_spin_or_always_fail_are_refused() {
     // 2^44 + 4 MiB: `<< 20` wrapped this to a 4 MiB VM.
-    refused(&["--guest", "spin", "--memory", "17592186044420"], "--memory takes a size in MiB, at least 4 MiB and at most");
+    refused(
+        &["--guest", "spin", "--memory", "17592186044420"],
+        "--memory takes a size in MiB, at least 4 MiB and at most",
+    );
     refused(&["--guest", "spin", "--memory", "2"], "--memory takes a size in MiB, at least 4 MiB and at most");
-    refused(&["--guest", "spin", "--introspect", "unix:/nonexistent/s", "--reconnect", "0"], "--reconnect must be at least");
-    refused(&["--guest", "spin", "--introspect", "unix:/nonexistent/s", "--handshake-timeout", "0"], "--handshake-timeout must be more than 0");
+    refused(
+        &["--guest", "spin", "--introspect", "unix:/nonexistent/s", "--reconnect", "0"],
+        "--reconnect must be at least",
+    );
+    refused(
+        &["--guest", "spin", "--introspect", "unix:/nonexistent/s", "--handshake-timeout", "0"],
+        "--handshake-timeout must be more than 0",
+    );
     // The secret is never taken from the command line.
-    refused(&["--guest", "spin", "--introspect", "unix:/nonexistent/s", "--key", "s3cret"], "use --key-file PATH or the UKVMI_KEY");
+    refused(
+        &["--guest", "spin", "--introspect", "unix:/nonexistent/s", "--key", "s3cret"],
+        "use --key-file PATH or the UKVMI_KEY",
+    );
 }
 
 #[test]
@@ -226,7 +238,9 @@ fn sigterm_is_not_held_up_by_a_tool_that_never_accepts_or_never_answers() {
 
 #[test]
 fn a_trickled_or_oversized_handshake_ends_at_the_deadline() {
-    for (announce, needle) in [(u32::MAX, "claims 4294967295 bytes"), (65_536, "did not answer the handshake within 1s")] {
+    for (announce, needle) in
+        [(u32::MAX, "claims 4294967295 bytes"), (65_536, "did not answer the handshake within 1s")]
+    {
         let dir = Scratch::new("trickle");
         let sock = dir.path("kvmi.sock");
         let intro = format!("unix:{}", sock.display());

@@ -8,7 +8,7 @@ mod common;
 use common::{RunningVm, Scratch};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout::{self, pf_data_addr};
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, Vm, VcpuEventMsg};
+use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
 use ukvmi_wire::{access, event, msg};
 
 const T: Duration = Duration::from_secs(20);
@@ -715,7 +715,12 @@ fn the_demo_guests_process_page_tables_in_use_are_refused() {
         assert!(cr3 >= ukvmi_guests::demo::PBLK_BASE, "vCPU {} runs a process (cr3 {cr3:#x})", ev.vcpu);
         for t in demo_tables(&tool, cr3) {
             for a in [W | X, R | W, 0] {
-                assert_eq!(code(tool.set_page_access(&[(t, a)])), -95, "vCPU {} cr3 {cr3:#x}: table {t:#x} access {a}", ev.vcpu);
+                assert_eq!(
+                    code(tool.set_page_access(&[(t, a)])),
+                    -95,
+                    "vCPU {} cr3 {cr3:#x}: table {t:#x} access {a}",
+                    ev.vcpu
+                );
             }
             tool.set_page_access(&[(t, R | X)]).unwrap();
             tool.set_page_access(&[(t, RWX)]).unwrap();
@@ -732,7 +737,8 @@ fn the_demo_guests_process_page_tables_in_use_are_refused() {
         tool.reply(ev, EventReply::Continue).unwrap();
     }
     demo_runs(&vm, &tool);
-    let syscalls = || -> u64 { ukvmi_monitor::guestos::ProcessTable::read(&tool).unwrap().procs.iter().map(|p| p.syscalls).sum() };
+    let syscalls =
+        || -> u64 { ukvmi_monitor::guestos::ProcessTable::read(&tool).unwrap().procs.iter().map(|p| p.syscalls).sum() };
     let before = syscalls();
     demo_runs(&vm, &tool);
     assert!(syscalls() > before, "the processes make syscalls");
@@ -761,6 +767,9 @@ fn tables_the_guest_switches_to_after_the_check_are_the_documented_limit() {
     let status = vm.wait_exit(T);
     assert!(!status.success());
     let err = vm.stderr_text();
-    let note = format!("its page or descriptor tables include gpa {:#x}, which SET_PAGE_ACCESS left without a memslot", other.cr3);
+    let note = format!(
+        "its page or descriptor tables include gpa {:#x}, which SET_PAGE_ACCESS left without a memslot",
+        other.cr3
+    );
     assert!(err.contains("triple-faulted") && err.contains(&note), "{err}");
 }

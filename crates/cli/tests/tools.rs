@@ -10,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use std::os::unix::process::CommandExt;
 use common::{RunningVm, Scratch};
+use std::os::unix::process::CommandExt;
 use ukvmi_guests::layout;
 
 const T: Duration = Duration::from_secs(20);
@@ -85,7 +85,10 @@ fn hex(s: &str) -> u64 {
 
 fn start(dir: &Scratch, guest: &str, vcpus: &str) -> (RunningVm, Tool) {
     let sock = dir.path("vm.sock");
-    let vm = RunningVm::start(dir, &["--guest", guest, "--vcpus", vcpus, "--introspect", &format!("unix:{}", sock.display())]);
+    let vm = RunningVm::start(
+        dir,
+        &["--guest", guest, "--vcpus", vcpus, "--introspect", &format!("unix:{}", sock.display())],
+    );
     vm.wait_serial("tick", 1, T);
     (vm, Tool { sock })
 }
@@ -141,10 +144,26 @@ fn one_shot_commands_read_a_running_vm() {
     let o = tool.cmd(&["dump", "0x100000", &traps.image.len().to_string(), "-o", file.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read(&file).unwrap(), traps.image);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("through the mapped view"), "dump reports what it did: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("through the mapped view"),
+        "dump reports what it did: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let file2 = dir.path("img2.bin");
-    let o = tool.cmd(&["dump", "0x100000", &traps.image.len().to_string(), "--via", "socket", "-o", file2.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("through READ_PHYSICAL"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = tool.cmd(&[
+        "dump",
+        "0x100000",
+        &traps.image.len().to_string(),
+        "--via",
+        "socket",
+        "-o",
+        file2.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("through READ_PHYSICAL"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert_eq!(std::fs::read(&file2).unwrap(), traps.image);
 
     // Pause holds every vCPU until resume.
@@ -153,7 +172,11 @@ fn one_shot_commands_read_a_running_vm() {
     let c0 = tool.u64_at(layout::counter_addr(0));
     let c1 = tool.u64_at(layout::counter_addr(1));
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!((tool.u64_at(layout::counter_addr(0)), tool.u64_at(layout::counter_addr(1))), (c0, c1), "paused vCPUs do not run");
+    assert_eq!(
+        (tool.u64_at(layout::counter_addr(0)), tool.u64_at(layout::counter_addr(1))),
+        (c0, c1),
+        "paused vCPUs do not run"
+    );
     assert!(tool.ok(&["regs", "0"]).contains("paused"));
     assert!(tool.ok(&["resume"]).contains("resumed vCPUs [0, 1]"));
     let end = Instant::now() + T;
@@ -272,14 +295,19 @@ fn mistakes_get_clear_errors_and_the_daemon_survives_garbage() {
 fn ps_trace_and_protect_on_the_demo_os() {
     let dir = Scratch::new("tools-demo");
     let sock = dir.path("vm.sock");
-    let vm = RunningVm::start(&dir, &["--guest", "demo", "--vcpus", "2", "--reconnect", "0.1", "--introspect", &format!("unix:{}", sock.display())]);
+    let vm = RunningVm::start(
+        &dir,
+        &["--guest", "demo", "--vcpus", "2", "--reconnect", "0.1", "--introspect", &format!("unix:{}", sock.display())],
+    );
     vm.wait_serial("shell: hello", 1, T);
     let tool = Tool { sock };
     // Before the rootkit's first attack (about 1 s after boot): guard the
     // syscall table, in the background, while the other commands run.
     let guard = {
         let sock = tool.sock.clone();
-        std::thread::spawn(move || Tool { sock }.ok(&["protect", "syscall_table", "8", "--deny", "--count", "1", "--json", "--duration", "15"]))
+        std::thread::spawn(move || {
+            Tool { sock }.ok(&["protect", "syscall_table", "8", "--deny", "--count", "1", "--json", "--duration", "15"])
+        })
     };
 
     let ps = tool.ok(&["ps", "--json"]);
@@ -329,7 +357,9 @@ fn ps_trace_and_protect_on_the_demo_os() {
     // well after the short guard ended.)
     let second = {
         let sock = tool.sock.clone();
-        std::thread::spawn(move || Tool { sock }.ok(&["protect", "syscall_table", "8", "--deny", "--count", "2", "--json", "--duration", "15"]))
+        std::thread::spawn(move || {
+            Tool { sock }.ok(&["protect", "syscall_table", "8", "--deny", "--count", "2", "--json", "--duration", "15"])
+        })
     };
     std::thread::sleep(Duration::from_millis(300));
     let short = tool.ok(&["protect", "0x310000", "0x2000", "--duration", "0.5"]);
@@ -361,7 +391,10 @@ fn ps_trace_and_protect_on_the_demo_os() {
 fn symbols_are_virtual_and_physical_commands_translate_them() {
     let dir = Scratch::new("tools-symva");
     let sock = dir.path("vm.sock");
-    let vm = RunningVm::start(&dir, &["--guest", "demo", "--vcpus", "1", "--introspect", &format!("unix:{}", sock.display())]);
+    let vm = RunningVm::start(
+        &dir,
+        &["--guest", "demo", "--vcpus", "1", "--introspect", &format!("unix:{}", sock.display())],
+    );
     vm.wait_serial("shell: hello", 1, T);
     let tool = Tool { sock };
     // A System.map whose `user_code` is the demo OS's user image at VA
@@ -392,7 +425,10 @@ fn symbols_are_virtual_and_physical_commands_translate_them() {
 fn a_vm_merely_named_like_a_built_in_guest_gets_no_symbols() {
     let dir = Scratch::new("tools-name");
     let sock = dir.path("vm.sock");
-    let vm = RunningVm::start(&dir, &["--guest", "spin", "--name", "demo", "--introspect", &format!("unix:{}", sock.display())]);
+    let vm = RunningVm::start(
+        &dir,
+        &["--guest", "spin", "--name", "demo", "--introspect", &format!("unix:{}", sock.display())],
+    );
     vm.wait_serial("tick", 1, T);
     let tool = Tool { sock };
     assert!(tool.ok(&["info", "--json"]).contains(r#""name":"demo""#));
@@ -412,7 +448,10 @@ fn daemon_pid(sock: &std::path::Path) -> u32 {
 fn a_daemon_killed_mid_trace_leaves_no_int3_in_the_guest() {
     let dir = Scratch::new("tools-kill9");
     let sock = dir.path("vm.sock");
-    let vm = RunningVm::start(&dir, &["--guest", "demo", "--vcpus", "2", "--reconnect", "0.1", "--introspect", &format!("unix:{}", sock.display())]);
+    let vm = RunningVm::start(
+        &dir,
+        &["--guest", "demo", "--vcpus", "2", "--reconnect", "0.1", "--introspect", &format!("unix:{}", sock.display())],
+    );
     vm.wait_serial("shell: hello", 1, T);
     let tool = Tool { sock: sock.clone() };
     let entry = ukvmi_guests::demo::symbol("syscall_entry").unwrap();
@@ -436,10 +475,10 @@ fn a_daemon_killed_mid_trace_leaves_no_int3_in_the_guest() {
         for _ in 0..5 {
             let l = lines.next().unwrap_or_else(|| {
                 panic!(
-                "round {round}: the trace ended: {}\ndaemon log:\n{}",
-                std::fs::read_to_string(dir.path("trace.err")).unwrap_or_default(),
-                std::fs::read_to_string(dir.path("vm.sock.log")).unwrap_or_default()
-            )
+                    "round {round}: the trace ended: {}\ndaemon log:\n{}",
+                    std::fs::read_to_string(dir.path("trace.err")).unwrap_or_default(),
+                    std::fs::read_to_string(dir.path("vm.sock.log")).unwrap_or_default()
+                )
             });
             let l = l.unwrap();
             assert_eq!(Tool::field(&l, "event"), "syscall", "{l}");

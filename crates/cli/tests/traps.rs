@@ -9,7 +9,7 @@ mod common;
 use common::{RunningVm, Scratch};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, Vm, VcpuEventMsg};
+use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
 use ukvmi_wire::{event, msg};
 
 const T: Duration = Duration::from_secs(20);
@@ -542,7 +542,9 @@ fn assert_no_trap_flag_left(vm: &RunningVm, tool: &Vm, when: &str) {
     let t0 = Instant::now();
     while read_u64(tool, layout::INT3_DONE) <= done + 2 {
         if t0.elapsed() > T {
-            let regs = tool.get_registers(0, &[]).map(|r| format!("rip {:#x} rsp {:#x} rflags {:#x}", r.regs.rip, r.regs.rsp, r.regs.rflags));
+            let regs = tool
+                .get_registers(0, &[])
+                .map(|r| format!("rip {:#x} rsp {:#x} rflags {:#x}", r.regs.rip, r.regs.rsp, r.regs.rflags));
             let stack = tool.read_physical(0x7ff00, 256).unwrap();
             let stack: Vec<u64> = stack.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
             panic!(

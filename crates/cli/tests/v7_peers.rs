@@ -193,10 +193,7 @@ fn events_sent(vm: &RunningVm, kind: &str) -> u32 {
     let text = vm.stderr_text();
     let line = text.lines().find(|l| l.contains("introspector disconnected")).unwrap_or("");
     let kinds = line.split(" events (").nth(1).and_then(|s| s.split(')').next()).unwrap_or("");
-    kinds
-        .split(", ")
-        .find_map(|k| k.strip_prefix(kind)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
+    kinds.split(", ").find_map(|k| k.strip_prefix(kind)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0)
 }
 
 // 1. A v7 tool on a v12 VM fails cleanly at its second command.

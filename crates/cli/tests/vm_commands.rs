@@ -8,7 +8,7 @@ mod common;
 use common::{RunningVm, Scratch};
 use std::time::Duration;
 use ukvmi_guests::layout;
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, Vm, VcpuEventMsg};
+use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
 use ukvmi_wire::{event, msg, IntoBytes, VcpuHdr};
 
 const T: Duration = Duration::from_secs(20);
@@ -47,7 +47,10 @@ fn handshake_info_and_vm_commands() {
     let (vm, _l, tool) = start(&dir, "spin", 2, &["--uuid", "00112233-4455-6677-8899-aabbccddeeff"]);
     let info = tool.info();
     assert_eq!(info.name, "itest");
-    assert_eq!(info.uuid, [0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]);
+    assert_eq!(
+        info.uuid,
+        [0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]
+    );
     assert_eq!(info.max_gpa, 64 << 20);
     assert_eq!((info.version, info.max_msg_size), (1, 8184));
     assert_eq!(tool.get_info().unwrap(), 2);
@@ -139,7 +142,12 @@ fn vcpu_commands_on_a_paused_and_a_running_vcpu() {
 #[test]
 fn dispatch_errors_on_a_real_vm() {
     let dir = Scratch::new("dispatch");
-    let (vm, _l, tool) = start(&dir, "smp", 2, &["--allow-command", "KVMI_VM_GET_INFO", "--allow-command", "7", "--allow-command", "KVMI_VM_PAUSE_VCPU"]);
+    let (vm, _l, tool) = start(
+        &dir,
+        "smp",
+        2,
+        &["--allow-command", "KVMI_VM_GET_INFO", "--allow-command", "7", "--allow-command", "KVMI_VM_PAUSE_VCPU"],
+    );
     // Hold vCPU 0 first, so that the guest cannot start vCPU 1 while the
     // checks below run, however slow this machine is.
     let held = pause(&tool, 0);

@@ -131,7 +131,14 @@ fn writable_needs_write_physical_and_its_writes_are_seen_by_read_physical() {
         &dir,
         "spin",
         1,
-        &["--allow-command", "UKVMI_VM_MAP_MEMORY", "--allow-command", "KVMI_VM_READ_PHYSICAL", "--allow-command", &map_id],
+        &[
+            "--allow-command",
+            "UKVMI_VM_MAP_MEMORY",
+            "--allow-command",
+            "KVMI_VM_READ_PHYSICAL",
+            "--allow-command",
+            &map_id,
+        ],
     );
     assert_eq!(errno(tool.map_memory_writable()), KvmErrno::Eperm);
     let ro = tool.map_memory().unwrap();
@@ -160,12 +167,20 @@ fn writable_needs_write_physical_and_its_writes_are_seen_by_read_physical() {
 #[test]
 fn allow_command_without_it_is_eperm() {
     let dir = Scratch::new("zc-eperm");
-    let (vm, _l, tool) = start(&dir, "spin", 1, &["--allow-command", "KVMI_VM_READ_PHYSICAL", "--allow-command", "KVMI_VM_WRITE_PHYSICAL"]);
+    let (vm, _l, tool) = start(
+        &dir,
+        "spin",
+        1,
+        &["--allow-command", "KVMI_VM_READ_PHYSICAL", "--allow-command", "KVMI_VM_WRITE_PHYSICAL"],
+    );
     assert_eq!(errno(tool.check_command(MAP)), KvmErrno::Eperm);
     assert_eq!(errno(tool.map_memory()), KvmErrno::Eperm);
     assert_eq!(errno(tool.map_memory_writable()), KvmErrno::Eperm);
     // The connection goes on.
-    assert_eq!(tool.read_physical(layout::PATTERN_BASE, 2).unwrap(), vec![layout::pattern_byte(0, 0), layout::pattern_byte(0, 1)]);
+    assert_eq!(
+        tool.read_physical(layout::PATTERN_BASE, 2).unwrap(),
+        vec![layout::pattern_byte(0, 0), layout::pattern_byte(0, 1)]
+    );
     vm.assert_guest_runs();
 }
 
@@ -320,6 +335,9 @@ fn the_view_and_read_physical_agree_in_one_copy_and_page_by_page() {
     // so is the image (the next MiB).
     for (from, to) in [(0, 0x7c000), (0x80000, 2 << 20)] {
         assert!(via_map[from..to] == via_socket[from..to], "view and READ_PHYSICAL differ in {from:#x}..{to:#x}");
-        assert!(paged[from..to] == via_map[from..to], "the view page by page and in one copy differ in {from:#x}..{to:#x}");
+        assert!(
+            paged[from..to] == via_map[from..to],
+            "the view page by page and in one copy differ in {from:#x}..{to:#x}"
+        );
     }
 }

@@ -3,16 +3,16 @@
 //! implemented so each command can be exercised.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ukvmi_endpoint::{
-    BackendError, BackendResult, CpuidOps, Dialect, Endpoint, EventPayload, Exception, Flow, HostCaps,
-    InjectOps, InterceptOps, MtrrOps, Options, PageAccessOps, Permissions, SharedMemoryOps, SinglestepOps,
-    TranslateOps, VcpuBackend, VcpuPort, VmBackend, XstateOps,
+    BackendError, BackendResult, CpuidOps, Dialect, Endpoint, EventPayload, Exception, Flow, HostCaps, InjectOps,
+    InterceptOps, MtrrOps, Options, PageAccessOps, Permissions, SharedMemoryOps, SinglestepOps, TranslateOps,
+    VcpuBackend, VcpuPort, VmBackend, XstateOps,
 };
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use ukvmi_wire::{Action, KvmRegs, KvmSegment, KvmSregs, KvmXsave};
 
 /// Guest virtual addresses at `KERNEL_BASE + x` map to gpa `x`.
@@ -506,22 +506,28 @@ struct FakeVcpu {
 
 impl FakeVcpu {
     fn new(vm: Arc<FakeVm>, index: u16) -> FakeVcpu {
-        let cs = KvmSegment { selector: 0x10, type_: 11, present: 1, s: 1, l: 1, g: 1, limit: 0xffff_ffff, ..Default::default() };
+        let cs = KvmSegment {
+            selector: 0x10,
+            type_: 11,
+            present: 1,
+            s: 1,
+            l: 1,
+            g: 1,
+            limit: 0xffff_ffff,
+            ..Default::default()
+        };
         let crs = *vm.vcpu(index).crs.lock().unwrap();
         let sregs = KvmSregs { cs, cr0: crs[0], cr3: crs[3], cr4: crs[4], efer: 0xd00, ..Default::default() };
-        let regs = KvmRegs { rip: KERNEL_BASE + 0x1000, rsp: KERNEL_BASE + 0x8000, rflags: 2, rax: u64::from(index), ..Default::default() };
+        let regs = KvmRegs {
+            rip: KERNEL_BASE + 0x1000,
+            rsp: KERNEL_BASE + 0x8000,
+            rflags: 2,
+            rax: u64::from(index),
+            ..Default::default()
+        };
         let mut xsave = Box::<KvmXsave>::default();
         xsave.region[0] = 0x037f;
-        FakeVcpu {
-            vm,
-            index,
-            regs,
-            sregs,
-            xcr0: 1,
-            xsave,
-            singlestep: false,
-            pending_exception: None,
-        }
+        FakeVcpu { vm, index, regs, sregs, xcr0: 1, xsave, singlestep: false, pending_exception: None }
     }
 
     fn shared(&self) -> &VcpuShared {
@@ -567,7 +573,10 @@ impl FakeVcpu {
                 let (mut k, _) = me.kicked.wait_timeout_while(k, Duration::from_millis(2), |k| !*k).unwrap();
                 *k = false;
             }
-            if !me.held.load(Ordering::SeqCst) && port.has_requests() && matches!(port.handle_requests(&mut self), Flow::Crash(_)) {
+            if !me.held.load(Ordering::SeqCst)
+                && port.has_requests()
+                && matches!(port.handle_requests(&mut self), Flow::Crash(_))
+            {
                 self.log(Observed::Crashed);
             }
         }
@@ -591,11 +600,9 @@ impl FakeVcpu {
             GuestAction::Write { gpa, .. } => {
                 let restricted = self.vm.pages.lock().unwrap().get(&(gpa >> 12)).copied();
                 match restricted {
-                    Some(acc) if acc & ukvmi_wire::access::W == 0 => EventPayload::Pf {
-                        gva: gpa + KERNEL_BASE,
-                        gpa,
-                        access: ukvmi_wire::access::W,
-                    },
+                    Some(acc) if acc & ukvmi_wire::access::W == 0 => {
+                        EventPayload::Pf { gva: gpa + KERNEL_BASE, gpa, access: ukvmi_wire::access::W }
+                    }
                     _ => {
                         self.apply(a, None);
                         self.log(Observed::Event { cause: a, outcome: None });

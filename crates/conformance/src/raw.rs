@@ -48,10 +48,7 @@ impl Setup {
     /// Asserts the guest still runs on every vCPU that was started.
     pub fn assert_guest_runs(&self, vcpus: &[u16]) {
         for &i in vcpus {
-            assert!(
-                self.vm.wait_progress(i, 5, Duration::from_secs(5)),
-                "vCPU {i} stopped running guest code"
-            );
+            assert!(self.vm.wait_progress(i, 5, Duration::from_secs(5)), "vCPU {i} stopped running guest code");
         }
     }
 }
@@ -182,9 +179,7 @@ impl RawPeer {
         match self.stream.read(&mut hb[..1]) {
             Ok(0) => return ReadOutcome::Closed,
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return ReadOutcome::Timeout
-            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return ReadOutcome::Timeout,
             Err(_) => return ReadOutcome::Closed,
         }
         self.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

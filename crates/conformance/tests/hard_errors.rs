@@ -180,7 +180,9 @@ fn an_action_the_event_does_not_accept_closes() {
         let ev = paused(&mut t, 0);
         t.reply_event(&ev, action, &[]);
         t.expect_closed();
-        assert_recovered(&s, |d| matches!(d, Disconnect::UnsupportedAction { vcpu: 0, event: "KVMI_VCPU_EVENT_PAUSE", .. }));
+        assert_recovered(&s, |d| {
+            matches!(d, Disconnect::UnsupportedAction { vcpu: 0, event: "KVMI_VCPU_EVENT_PAUSE", .. })
+        });
     }
 }
 

@@ -81,7 +81,13 @@ fn batched_read_physical_replies_keep_their_order_among_other_commands() {
         push(&mut t, msg::VM_READ_PHYSICAL, phys(at as u64, 4096).as_bytes(), 0, Some(ram[at..at + 4096].to_vec()));
     }
     push(&mut t, msg::VM_READ_PHYSICAL, phys(0x20_ffe, 4).as_bytes(), EINVAL, None);
-    push(&mut t, msg::VM_READ_PHYSICAL, phys(0x21_000, 100).as_bytes(), 0, Some(ram[0x21_000..0x21_000 + 100].to_vec()));
+    push(
+        &mut t,
+        msg::VM_READ_PHYSICAL,
+        phys(0x21_000, 100).as_bytes(),
+        0,
+        Some(ram[0x21_000..0x21_000 + 100].to_vec()),
+    );
     push(&mut t, msg::VM_READ_PHYSICAL, phys(1 << 20, 8).as_bytes(), -2, None);
     push(&mut t, msg::VM_GET_INFO, &[], 0, Some(VmGetInfoReply { vcpu_count: 1, padding: [0; 3] }.as_bytes().to_vec()));
     push(&mut t, msg::VM_READ_PHYSICAL, phys(0x22_000, 4096).as_bytes(), 0, Some(ram[0x22_000..0x23_000].to_vec()));

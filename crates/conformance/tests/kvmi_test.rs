@@ -8,7 +8,7 @@ use std::time::Duration;
 use ukvmi_conformance::fake::{KERNEL_BASE, TSC_KHZ};
 use ukvmi_conformance::{FakeConfig, GuestAction, Observed, Setup};
 use ukvmi_endpoint::{Disconnect, HookError, HostCaps, PermissionError, PreUnhookError};
-use ukvmi_introspector::{Event, EventKind, EventReply, Vm, VcpuEventMsg};
+use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
 use ukvmi_wire::*;
 
 const T: Duration = Duration::from_secs(10);
@@ -258,7 +258,8 @@ fn t13_vcpu_get_registers() {
     assert_eq!(vm.get_registers(0, &[0; 481]).unwrap().msrs.len(), 481);
     // nmsrs larger than the indices present: soft error.
     let lying = VcpuGetRegisters { nmsrs: 4, padding1: 0, padding2: 0 };
-    let body: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(lying.as_bytes()).chain(&[0u8; 8]).copied().collect();
+    let body: Vec<u8> =
+        VcpuHdr::default().as_bytes().iter().chain(lying.as_bytes()).chain(&[0u8; 8]).copied().collect();
     assert_eq!(vm.request_raw(msg::VCPU_GET_REGISTERS, &body).unwrap().err, -22);
 }
 

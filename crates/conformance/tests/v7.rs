@@ -341,9 +341,7 @@ fn check_command_takes_v7_ids() {
     assert_eq!(err(&mut t, m7::CHECK_COMMAND, &check(m7::GET_REGISTERS)), EPERM);
     assert_eq!(err(&mut t, m7::CHECK_COMMAND, &check(m7::SET_REGISTERS)), 0);
     drop(t);
-    let caps = HostCaps::full()
-        .without_command(msg::VM_SET_PAGE_ACCESS)
-        .without_command(msg::VCPU_CONTROL_SINGLESTEP);
+    let caps = HostCaps::full().without_command(msg::VM_SET_PAGE_ACCESS).without_command(msg::VCPU_CONTROL_SINGLESTEP);
     let s = v7(FakeConfig { caps, ..Default::default() });
     let mut t = s.raw();
     assert_eq!(err(&mut t, m7::CHECK_COMMAND, &check(m7::SET_PAGE_ACCESS)), EOPNOTSUPP);
@@ -506,7 +504,10 @@ fn every_guest_event_carries_its_v7_id() {
         match action {
             GuestAction::Int3 => {
                 let b: EventBreakpoint = read_zext(p);
-                assert_eq!((b.gpa, b.insn_len), (ev.v7_event().arch.regs.rip - ukvmi_conformance::fake::KERNEL_BASE, 1));
+                assert_eq!(
+                    (b.gpa, b.insn_len),
+                    (ev.v7_event().arch.regs.rip - ukvmi_conformance::fake::KERNEL_BASE, 1)
+                );
             }
             GuestAction::Xsetbv { .. } => {
                 let x: EventXsetbv = read_zext(p);
@@ -678,7 +679,10 @@ fn write_physical_round_trip() {
     t.expect_closed();
     assert_eq!(s.vm.peek(0x8000, 64), vec![0; 64]);
     assert!(s.endpoint.wait_disconnected(Some(T)));
-    assert!(matches!(s.endpoint.disconnect_reason(), Some(Disconnect::WritePhysicalOverflow { size: 64, available: 63 })));
+    assert!(matches!(
+        s.endpoint.disconnect_reason(),
+        Some(Disconnect::WritePhysicalOverflow { size: 64, available: 63 })
+    ));
     s.assert_guest_runs(&[0]);
 }
 
@@ -689,7 +693,11 @@ fn vcpu_commands_keep_their_v12_bodies_and_answer_with_v7_ids() {
     let r = call(&mut t, m7::GET_VCPU_INFO, vh(1).as_bytes());
     assert_eq!(r.data(), (u64::from(ukvmi_conformance::fake::TSC_KHZ) * 1000).to_le_bytes());
     // libkvmi insists on exactly 472 + 16·n bytes.
-    let args = cat(&[VcpuGetRegisters { nmsrs: 2, padding1: 0, padding2: 0 }.as_bytes(), &0x140u32.to_le_bytes(), &0xc000_0080u32.to_le_bytes()]);
+    let args = cat(&[
+        VcpuGetRegisters { nmsrs: 2, padding1: 0, padding2: 0 }.as_bytes(),
+        &0x140u32.to_le_bytes(),
+        &0xc000_0080u32.to_le_bytes(),
+    ]);
     let r = call(&mut t, m7::GET_REGISTERS, &vbody(1, &args));
     assert_eq!(r.err(), 0);
     assert_eq!(r.data().len(), 472 + 2 * 16);
@@ -964,7 +972,10 @@ fn a_batch_ending_in_an_event_reply_gets_no_reply_and_the_reply_takes_effect() {
     bytes.extend(frame(m7::CONTROL_CMD_RESPONSE, s3, &[&cmd_response(1, 0)]).unwrap());
     t.send_bytes(&bytes);
     let o = s.vm.wait_log(0, T, |o| matches!(o, Observed::Event { cause: GuestAction::WriteMsr { .. }, .. })).unwrap();
-    assert!(matches!(o, Observed::Event { outcome: Some(out), .. } if out.answered && out.new_val == Some(0x77)), "{o:?}");
+    assert!(
+        matches!(o, Observed::Event { outcome: Some(out), .. } if out.answered && out.new_val == Some(0x77)),
+        "{o:?}"
+    );
     assert_eq!(s.vm.msr(0, msr), 0x77, "the event reply took effect");
     assert_nothing_before_marker(&mut t);
     assert_eq!(s.endpoint.disconnect_reason(), None);
@@ -1118,7 +1129,11 @@ fn short_bodies_for_every_v7_id_are_answered_or_closed_cleanly() {
         .chain([(m7::EVENT_REPLY, 0xff, 0), (m7::SET_PAGE_ACCESS, 0xff, 0)])
         .chain(LENS.into_iter().filter(|&len| len < 8).map(|len| (m7::SET_PAGE_ACCESS, 0x00, len)))
         .chain(LENS.into_iter().filter(|&len| len >= 16).map(|len| (m7::WRITE_PHYSICAL, 0xff, len)))
-        .chain(LENS.into_iter().filter(|&len| len < 16).flat_map(|len| [(m7::WRITE_PHYSICAL, 0x00, len), (m7::WRITE_PHYSICAL, 0xff, len)]))
+        .chain(
+            LENS.into_iter()
+                .filter(|&len| len < 16)
+                .flat_map(|len| [(m7::WRITE_PHYSICAL, 0x00, len), (m7::WRITE_PHYSICAL, 0xff, len)]),
+        )
         .collect();
     assert_eq!(closed, want);
     s.assert_guest_runs(&[0, 1]);
@@ -1374,7 +1389,8 @@ fn run_v7_case(msgs: &[Gen]) {
                 if !framing_intact {
                     continue;
                 }
-                let (id, quiet) = *sent.get(&m.hdr.seq).unwrap_or_else(|| panic!("reply {:?} matches no request", m.hdr));
+                let (id, quiet) =
+                    *sent.get(&m.hdr.seq).unwrap_or_else(|| panic!("reply {:?} matches no request", m.hdr));
                 assert_well_formed(&m, id);
                 assert!(!quiet, "a suppressed command was answered: {:?}", m.hdr);
                 assert!(answered.insert(m.hdr.seq), "answered twice: {:?}", m.hdr);

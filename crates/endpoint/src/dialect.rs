@@ -118,9 +118,9 @@ impl V7Decoder {
                 return serve(m, msg::VCPU_EVENT);
             }
             Route::ControlCmdResponse => return self.control_cmd_response(m),
-            Route::GetVersion => Ok(v7::V7GetVersionReply { version: v7::VERSION, ..Default::default() }
-                .as_bytes()
-                .to_vec()),
+            Route::GetVersion => {
+                Ok(v7::V7GetVersionReply { version: v7::VERSION, ..Default::default() }.as_bytes().to_vec())
+            }
             Route::CheckCommand => match check_command(&mut m.body) {
                 Ok(()) => return serve(m, msg::VM_CHECK_COMMAND),
                 Err(local) => local,
@@ -152,8 +152,9 @@ impl V7Decoder {
                 let gfn = sess.vm.max_gpa().div_ceil(PAGE_SIZE as u64);
                 Ok(v7::V7GetMaxGfnReply { gfn }.as_bytes().to_vec())
             }
-            Route::GetEptView => vcpu_dispatch::check(sess, &m.body)
-                .map(|_| v7::V7GetEptViewReply::default().as_bytes().to_vec()),
+            Route::GetEptView => {
+                vcpu_dispatch::check(sess, &m.body).map(|_| v7::V7GetEptViewReply::default().as_bytes().to_vec())
+            }
             Route::Refused => Err(KvmErrno::Eopnotsupp),
             Route::Unknown => Err(KvmErrno::Enosys),
         };
@@ -200,10 +201,7 @@ fn event_reply(sess: &Session, body: &mut Vec<u8>) {
         // Every v12 event id is below 20: it fits the byte.
         *byte = id as u8;
     }
-    let awaits_pf = sess
-        .vcpus
-        .get(usize::from(h.vcpu))
-        .is_some_and(|v| v.awaiting.load(Ordering::SeqCst) == event::PF);
+    let awaits_pf = sess.vcpus.get(usize::from(h.vcpu)).is_some_and(|v| v.awaiting.load(Ordering::SeqCst) == event::PF);
     let pf_reply = core::mem::size_of::<v7::V7EventPfReply>();
     let payload = body.len().saturating_sub(REPLY_BASE);
     if awaits_pf && payload > 0 && payload <= pf_reply {
@@ -320,7 +318,13 @@ fn write_front(body: &mut [u8], bytes: &[u8]) {
 /// A vCPU event framed for `dialect`. v12: `kvmi_event_hdr` then
 /// `kvmi_vcpu_event`; v7: `kvmi_event`, which is the same bytes with the v7
 /// event id where v12 has padding.
-pub(crate) fn frame_event(dialect: Dialect, seq: u32, id: u16, ev: &VcpuEvent, payload: &[u8]) -> Result<Vec<u8>, TooLarge> {
+pub(crate) fn frame_event(
+    dialect: Dialect,
+    seq: u32,
+    id: u16,
+    ev: &VcpuEvent,
+    payload: &[u8],
+) -> Result<Vec<u8>, TooLarge> {
     match dialect {
         Dialect::V12 => {
             let hdr = EventHdr { event: id, padding: [0; 3] };

@@ -104,10 +104,7 @@ pub struct Endpoint {
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint")
-            .field("vcpus", &self.shared.ports.len())
-            .field("hooked", &self.is_hooked())
-            .finish()
+        f.debug_struct("Endpoint").field("vcpus", &self.shared.ports.len()).field("hooked", &self.is_hooked()).finish()
     }
 }
 
@@ -176,9 +173,8 @@ impl Endpoint {
         )?);
         let rd = sess.reader()?;
         let for_thread = Arc::clone(&sess);
-        let handle = std::thread::Builder::new()
-            .name("kvmi-recv".into())
-            .spawn(move || receiver::run(for_thread, rd))?;
+        let handle =
+            std::thread::Builder::new().name("kvmi-recv".into()).spawn(move || receiver::run(for_thread, rd))?;
         *lock(&self.shared.receiver) = Some(handle);
         *cur = Some(sess);
         Ok(())

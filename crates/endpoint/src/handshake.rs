@@ -102,7 +102,12 @@ impl std::fmt::Debug for ConnectOptions<'_> {
 /// `key`, the tool must prove it knows the secret. Returns the socket, ready
 /// for KVMI. The listener must run as this process's uid or root; the whole
 /// exchange must be done within `timeout`. See [`connect_with`].
-pub fn connect(path: &Path, id: &VmIdentity, key: Option<&[u8]>, timeout: Duration) -> Result<UnixStream, HandshakeError> {
+pub fn connect(
+    path: &Path,
+    id: &VmIdentity,
+    key: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<UnixStream, HandshakeError> {
     connect_with(path, id, &ConnectOptions { key, timeout, allowed_uids: &[], cancel: &|| false })
 }
 
@@ -120,7 +125,12 @@ pub fn connect_with(path: &Path, id: &VmIdentity, opts: &ConnectOptions<'_>) -> 
 
 /// Runs the handshake on a connected socket (blocking or not), within
 /// `timeout` as a whole.
-pub fn handshake(s: UnixStream, id: &VmIdentity, key: Option<&[u8]>, timeout: Duration) -> Result<UnixStream, HandshakeError> {
+pub fn handshake(
+    s: UnixStream,
+    id: &VmIdentity,
+    key: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<UnixStream, HandshakeError> {
     let dl = Deadline { at: Instant::now() + timeout, timeout, cancel: &|| false };
     exchange(s, id, key, &dl)
 }
@@ -129,7 +139,12 @@ pub fn handshake(s: UnixStream, id: &VmIdentity, key: Option<&[u8]>, timeout: Du
 /// its side).
 pub const MAX_REPLY_SIZE: u32 = 64 * 1024;
 
-fn exchange(mut s: UnixStream, id: &VmIdentity, key: Option<&[u8]>, dl: &Deadline<'_>) -> Result<UnixStream, HandshakeError> {
+fn exchange(
+    mut s: UnixStream,
+    id: &VmIdentity,
+    key: Option<&[u8]>,
+    dl: &Deadline<'_>,
+) -> Result<UnixStream, HandshakeError> {
     s.set_nonblocking(true).map_err(HandshakeError::Io)?;
     let ours = ToIntrospector::new(id.uuid, id.start_time, &id.name, id.max_gpa);
     write_all(&mut s, ours.as_bytes(), dl)?;
@@ -274,10 +289,17 @@ fn connect_nonblocking(path: &Path, dl: &Deadline<'_>) -> Result<UnixStream, Han
                 let mut elen = core::mem::size_of::<libc::c_int>() as libc::socklen_t;
                 // SAFETY: SO_ERROR into a c_int of the size we pass.
                 let r = unsafe {
-                    libc::getsockopt(owned.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut err).cast(), &mut elen)
+                    libc::getsockopt(
+                        owned.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_ERROR,
+                        (&raw mut err).cast(),
+                        &mut elen,
+                    )
                 };
                 if r != 0 || err != 0 {
-                    let e = if r != 0 { std::io::Error::last_os_error() } else { std::io::Error::from_raw_os_error(err) };
+                    let e =
+                        if r != 0 { std::io::Error::last_os_error() } else { std::io::Error::from_raw_os_error(err) };
                     return Err(fail(e));
                 }
                 return Ok(UnixStream::from(owned));

@@ -40,12 +40,12 @@ mod vcpu_dispatch;
 mod vm_commands;
 
 pub use backend::{
-    BackendError, BackendResult, CpuidOps, Exception, HostCaps, IdSet, InjectOps, InterceptOps,
-    MtrrOps, PageAccessOps, SharedMemoryOps, SinglestepOps, TranslateOps, VcpuBackend, VmBackend, XstateOps,
+    BackendError, BackendResult, CpuidOps, Exception, HostCaps, IdSet, InjectOps, InterceptOps, MtrrOps, PageAccessOps,
+    SharedMemoryOps, SinglestepOps, TranslateOps, VcpuBackend, VmBackend, XstateOps,
 };
 pub use dialect::{Dialect, Log};
 pub use endpoint::{Endpoint, HookError, Options, PreUnhookError};
 pub use permissions::{PermissionError, Permissions};
 pub use session::Disconnect;
-pub use vcpu::{EventOutcome, Flow, VcpuPort};
 pub use ukvmi_wire::EventPayload;
+pub use vcpu::{EventOutcome, Flow, VcpuPort};

@@ -4,14 +4,14 @@
 //! connection down and releases every vCPU.
 
 use crate::dialect::{Decoded, Dialect, V7Decoder};
-use crate::vcpu_dispatch::Routed;
 use crate::session::{Disconnect, Message, Session, Wire};
+use crate::vcpu_dispatch::Routed;
 use crate::{vcpu_dispatch, vm_commands};
 use std::io::{BufReader, ErrorKind, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use ukvmi_wire::{msg, read_zext, KvmErrno, MsgHdr, MAX_MSG_SIZE, MSG_HDR_SIZE};
 
 /// Body of the receiving thread.

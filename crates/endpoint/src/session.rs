@@ -524,10 +524,8 @@ impl Session {
                 true
             }
             Some(t) => {
-                let (g, _) = self
-                    .ended
-                    .wait_timeout_while(end, t, |e| !e.receiver_done)
-                    .unwrap_or_else(|e| e.into_inner());
+                let (g, _) =
+                    self.ended.wait_timeout_while(end, t, |e| !e.receiver_done).unwrap_or_else(|e| e.into_inner());
                 g.receiver_done
             }
         }

@@ -15,8 +15,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ukvmi_wire::{
-    event, msg, read_zext, tail, Action, EventMsrs, EventPayload,
-    KvmRegs, KvmSregs, VcpuEvent, VcpuEventArch, VcpuEventReply, EVENT_REPLY_BODY_BASE,
+    event, msg, read_zext, tail, Action, EventMsrs, EventPayload, KvmRegs, KvmSregs, VcpuEvent, VcpuEventArch,
+    VcpuEventReply, EVENT_REPLY_BODY_BASE,
 };
 
 /// How the tool answered an event. When the connection failed during the

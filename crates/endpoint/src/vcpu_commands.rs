@@ -7,11 +7,10 @@ use crate::session::{lock, Message};
 use crate::vcpu::{cpu_mode, Ctx, Local};
 use std::sync::atomic::Ordering;
 use ukvmi_wire::{
-    event, get_registers_reply_size, msg, read_zext, tail, ControlEvents, IntoBytes, KvmErrno,
-    KvmMsrEntry, KvmMsrsHdr, KvmRegs, KvmSregs, KvmXsave, VcpuControlCr, VcpuControlMsr,
-    VcpuControlSinglestep, VcpuGetCpuid, VcpuGetCpuidReply, VcpuGetInfoReply, VcpuGetMtrrType,
-    VcpuGetMtrrTypeReply, VcpuGetRegisters, VcpuGetRegistersReply, VcpuGetXcr, VcpuGetXcrReply,
-    VcpuInjectException, VcpuTranslateGva, VcpuTranslateGvaReply, MAX_MSG_SIZE,
+    event, get_registers_reply_size, msg, read_zext, tail, ControlEvents, IntoBytes, KvmErrno, KvmMsrEntry, KvmMsrsHdr,
+    KvmRegs, KvmSregs, KvmXsave, VcpuControlCr, VcpuControlMsr, VcpuControlSinglestep, VcpuGetCpuid, VcpuGetCpuidReply,
+    VcpuGetInfoReply, VcpuGetMtrrType, VcpuGetMtrrTypeReply, VcpuGetRegisters, VcpuGetRegistersReply, VcpuGetXcr,
+    VcpuGetXcrReply, VcpuInjectException, VcpuTranslateGva, VcpuTranslateGvaReply, MAX_MSG_SIZE,
 };
 
 type Reply = Result<Vec<u8>, KvmErrno>;
@@ -149,7 +148,12 @@ type MsrReader<'a> = &'a mut dyn FnMut(&[u32], &mut [u64]) -> Result<(), Backend
 /// GET_REGISTERS (`body` with its vCPU header) answered from `regs` and
 /// `sregs`; MSRs through `msrs`. `None` when MSRs are asked for and there is
 /// no way to read them (then the vCPU thread must answer).
-pub(crate) fn get_registers_from(body: &[u8], regs: &KvmRegs, sregs: &KvmSregs, msrs: Option<MsrReader<'_>>) -> Option<Reply> {
+pub(crate) fn get_registers_from(
+    body: &[u8],
+    regs: &KvmRegs,
+    sregs: &KvmSregs,
+    msrs: Option<MsrReader<'_>>,
+) -> Option<Reply> {
     let args = tail(body, VCPU_HDR);
     let r: VcpuGetRegisters = read_zext(args);
     if r.padding1 != 0 || r.padding2 != 0 {
@@ -163,11 +167,8 @@ pub(crate) fn get_registers_from(body: &[u8], regs: &KvmRegs, sregs: &KvmSregs, 
     if 8 + get_registers_reply_size(n) > MAX_MSG_SIZE {
         return Some(Err(KvmErrno::Einval));
     }
-    let indices: Vec<u32> = tail(args, head)
-        .chunks_exact(4)
-        .take(n)
-        .map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])))
-        .collect();
+    let indices: Vec<u32> =
+        tail(args, head).chunks_exact(4).take(n).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4]))).collect();
     let mut values = vec![0u64; n];
     if n > 0 {
         let read = msrs?;

@@ -8,10 +8,9 @@ use crate::shared_memory;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use ukvmi_wire::{
-    access, event, map_flags, msg, read_zext, tail, ControlEvents, ErrorCode, Features,
-    GetVersionReply, IntoBytes, KvmErrno, MsgHdr, PageAccessEntry, VmCheck, VmControlCleanup, VmGetInfoReply,
-    VmMapMemory, VmMapMemoryReply, VmPauseVcpu, VmPhysical, VmSetPageAccess, KVMI_VERSION,
-    MAX_MSG_SIZE, MAX_PENDING_PAUSES, PAGE_SIZE,
+    access, event, map_flags, msg, read_zext, tail, ControlEvents, ErrorCode, Features, GetVersionReply, IntoBytes,
+    KvmErrno, MsgHdr, PageAccessEntry, VmCheck, VmControlCleanup, VmGetInfoReply, VmMapMemory, VmMapMemoryReply,
+    VmPauseVcpu, VmPhysical, VmSetPageAccess, KVMI_VERSION, MAX_MSG_SIZE, MAX_PENDING_PAUSES, PAGE_SIZE,
 };
 
 type Reply = Result<Vec<u8>, KvmErrno>;

@@ -207,7 +207,15 @@ mod tests {
     #[test]
     fn system_map_has_the_contract_symbols() {
         let text_end = crate::find("demo").unwrap().end();
-        for name in ["syscall_entry", "syscall_table", "sys_write", "agent_buf", "hijacked_syscalls", "hooked_writes", "module_area"] {
+        for name in [
+            "syscall_entry",
+            "syscall_table",
+            "sys_write",
+            "agent_buf",
+            "hijacked_syscalls",
+            "hooked_writes",
+            "module_area",
+        ] {
             let a = symbol(name).unwrap_or_else(|| panic!("no {name}"));
             assert!((crate::layout::LOAD_ADDR..text_end).contains(&a), "{name} at {a:#x}");
             // Kernel symbols in the map are where Guest.symbols has them.
@@ -218,7 +226,10 @@ mod tests {
         let table = symbol("syscall_table").unwrap();
         assert_eq!(table % 4096, 0);
         assert_eq!(symbol("syscall_table_end"), Some(table + NR_SYSCALLS * 8));
-        assert!(symbols().all(|(n, a)| a < table || a >= table + 4096 || n == "syscall_table"), "a symbol shares the table's page");
+        assert!(
+            symbols().all(|(n, a)| a < table || a >= table + 4096 || n == "syscall_table"),
+            "a symbol shares the table's page"
+        );
         // The table's write entry is sys_write, in the image.
         let g = crate::find("demo").unwrap();
         let at = (table + SYS_WRITE * 8 - g.load_addr) as usize;

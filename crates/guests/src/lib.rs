@@ -1,8 +1,5 @@
 #![doc = include_str!("../README.md")]
-#![cfg_attr(
-    test,
-    allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)
-)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic))]
 
 use std::fmt;
 
@@ -35,10 +32,7 @@ impl Guest {
     /// Address of a symbol, e.g. `guest.symbol("iterate")`.
     #[must_use]
     pub fn symbol(&self, name: &str) -> Option<u64> {
-        self.symbols
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|&(_, a)| a)
+        self.symbols.iter().find(|(n, _)| *n == name).map(|&(_, a)| a)
     }
 
     /// The symbol containing `addr` (the last one at or below it inside the
@@ -48,11 +42,7 @@ impl Guest {
         if addr < self.load_addr || addr >= self.end() {
             return None;
         }
-        self.symbols
-            .iter()
-            .rev()
-            .find(|(_, a)| *a <= addr)
-            .map(|&(n, a)| (n, addr - a))
+        self.symbols.iter().rev().find(|(_, a)| *a <= addr).map(|&(n, a)| (n, addr - a))
     }
 
     /// One past the image's last byte in guest memory.
@@ -373,9 +363,7 @@ pub mod layout {
     /// The full 4 KiB page vCPU `vcpu` writes at [`pattern_addr`].
     #[must_use]
     pub fn pattern_page(vcpu: u16) -> Vec<u8> {
-        (0..PATTERN_SIZE as usize)
-            .map(|j| pattern_byte(vcpu, j))
-            .collect()
+        (0..PATTERN_SIZE as usize).map(|j| pattern_byte(vcpu, j)).collect()
     }
 }
 
@@ -397,14 +385,8 @@ mod tests {
         for name in NAMES {
             let g = find(name).unwrap();
             assert_eq!(g.name, name);
-            assert!(std::ptr::eq(
-                g,
-                all().iter().find(|a| a.name == name).unwrap()
-            ));
-            assert!(
-                !g.summary.is_empty() && !g.summary.contains('\n'),
-                "{name}: summary"
-            );
+            assert!(std::ptr::eq(g, all().iter().find(|a| a.name == name).unwrap()));
+            assert!(!g.summary.is_empty() && !g.summary.contains('\n'), "{name}: summary");
         }
         assert!(find("nope").is_none());
         assert!(find("").is_none());
@@ -417,27 +399,15 @@ mod tests {
             assert!(g.image.len() > 16, "{}: image too small", g.name);
             assert!((g.image.len() as u64) < MAX_IMAGE_SIZE, "{}", g.name);
             assert_eq!(g.load_addr, LOAD_ADDR);
-            assert_eq!(
-                g.entry, g.load_addr,
-                "{}: _start must be the first byte",
-                g.name
-            );
+            assert_eq!(g.entry, g.load_addr, "{}: _start must be the first byte", g.name);
             assert_eq!(g.symbol("_start"), Some(g.entry));
             assert!(g.end() > g.entry);
             // Every _start begins with `call setup` (e8 rel32).
-            assert_eq!(
-                g.image[0], 0xe8,
-                "{}: _start should begin with a call",
-                g.name
-            );
+            assert_eq!(g.image[0], 0xe8, "{}: _start should begin with a call", g.name);
             let banner = format!("ukvmi guest {}: vcpu 0 up\n", g.name);
             assert!(contains(g.image, banner.as_bytes()), "{}: banner", g.name);
             // Ports above 0xff must go through %dx: `mov $0x3f8,%dx` = 66 ba f8 03.
-            assert!(
-                contains(g.image, &[0x66, 0xba, 0xf8, 0x03]),
-                "{}: serial port",
-                g.name
-            );
+            assert!(contains(g.image, &[0x66, 0xba, 0xf8, 0x03]), "{}: serial port", g.name);
             assert!(contains(g.image, &[0x66, 0xba, 0xf4, 0x00]) == g.name.starts_with("poweroff"));
         }
         assert!(contains(find("smp").unwrap().image, b"starting vcpus\n"));
@@ -447,29 +417,12 @@ mod tests {
     #[test]
     fn symbols_are_sorted_and_inside_the_image() {
         for g in all() {
-            for name in [
-                "_start",
-                "setup",
-                "announce",
-                "iterate",
-                "start_others",
-                "puts",
-                "putdec",
-                "lock_print",
-            ] {
+            for name in ["_start", "setup", "announce", "iterate", "start_others", "puts", "putdec", "lock_print"] {
                 assert!(g.symbol(name).is_some(), "{}: no symbol {name}", g.name);
             }
-            assert!(
-                g.symbols.windows(2).all(|w| w[0].1 <= w[1].1),
-                "{}: unsorted",
-                g.name
-            );
+            assert!(g.symbols.windows(2).all(|w| w[0].1 <= w[1].1), "{}: unsorted", g.name);
             for &(name, addr) in g.symbols {
-                assert!(
-                    addr >= g.load_addr && addr < g.end(),
-                    "{}: {name} at {addr:#x}",
-                    g.name
-                );
+                assert!(addr >= g.load_addr && addr < g.end(), "{}: {name} at {addr:#x}", g.name);
             }
             let iterate = g.symbol("iterate").unwrap();
             assert_eq!(g.symbolize(iterate + 3), Some(("iterate", 3)));

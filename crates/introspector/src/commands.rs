@@ -1,12 +1,11 @@
 //! Typed KVMI commands (spec §8), one method per command.
 
 use ukvmi_wire::{
-    get_registers_reply_size, msg, read_zext, tail, ControlEvents, FromBytes, GetVersionReply,
-    IntoBytes, KvmMsrEntry, KvmRegs, KvmSregs, KvmXsave, PageAccessEntry, VcpuControlCr,
-    VcpuControlMsr, VcpuControlSinglestep, VcpuGetCpuid, VcpuGetCpuidReply, VcpuGetInfoReply,
-    VcpuGetMtrrType, VcpuGetMtrrTypeReply, VcpuGetRegisters, VcpuGetRegistersReply, VcpuGetXcr,
-    VcpuGetXcrReply, VcpuHdr, VcpuInjectException, VcpuTranslateGva, VcpuTranslateGvaReply,
-    VmCheck, VmControlCleanup, VmGetInfoReply, VmPauseVcpu, VmPhysical, VmSetPageAccess,
+    get_registers_reply_size, msg, read_zext, tail, ControlEvents, FromBytes, GetVersionReply, IntoBytes, KvmMsrEntry,
+    KvmRegs, KvmSregs, KvmXsave, PageAccessEntry, VcpuControlCr, VcpuControlMsr, VcpuControlSinglestep, VcpuGetCpuid,
+    VcpuGetCpuidReply, VcpuGetInfoReply, VcpuGetMtrrType, VcpuGetMtrrTypeReply, VcpuGetRegisters,
+    VcpuGetRegistersReply, VcpuGetXcr, VcpuGetXcrReply, VcpuHdr, VcpuInjectException, VcpuTranslateGva,
+    VcpuTranslateGvaReply, VmCheck, VmControlCleanup, VmGetInfoReply, VmPauseVcpu, VmPhysical, VmSetPageAccess,
 };
 
 use crate::error::{Error, Result};
@@ -214,7 +213,8 @@ impl Vm {
         let id = msg::VCPU_GET_REGISTERS;
         let nmsrs = u16_len(id, "MSRs", msrs.len())?;
         let head = VcpuGetRegisters { nmsrs, ..Default::default() };
-        let data = self.vcpu_command(id, vcpu, &[head.as_bytes(), msrs.as_bytes()], get_registers_reply_size(msrs.len()))?;
+        let data =
+            self.vcpu_command(id, vcpu, &[head.as_bytes(), msrs.as_bytes()], get_registers_reply_size(msrs.len()))?;
         let fixed: VcpuGetRegistersReply = read_zext(&data);
         if usize::try_from(fixed.msrs.nmsrs).ok() != Some(msrs.len()) {
             return Err(Error::Protocol(format!(

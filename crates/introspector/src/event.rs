@@ -1,8 +1,8 @@
 //! Typed events (spec §9) and event replies (spec §5.5).
 
 use ukvmi_wire::{
-    event, read_zext, tail, Action, EventHdr, EventMsrs, IntoBytes, KvmRegs, KvmSregs, VcpuEvent,
-    VcpuEventReply, VcpuHdr,
+    event, read_zext, tail, Action, EventHdr, EventMsrs, IntoBytes, KvmRegs, KvmSregs, VcpuEvent, VcpuEventReply,
+    VcpuHdr,
 };
 
 use crate::error::{Error, Result};
@@ -130,10 +130,7 @@ pub(crate) fn parse_vcpu_event(seq: u32, body: &[u8]) -> VcpuEventMsg {
 /// Builds the body of the reply to `ev`, refusing what the event does not take.
 pub(crate) fn reply_body(ev: &VcpuEventMsg, reply: EventReply) -> Result<Vec<u8>> {
     let Some(info) = event::info(ev.event) else {
-        return Err(Error::Refused(format!(
-            "event id {} is not a known vCPU event; use reply_raw",
-            ev.event
-        )));
+        return Err(Error::Refused(format!("event id {} is not a known vCPU event; use reply_raw", ev.event)));
     };
     let (action, value) = match reply {
         EventReply::Continue => (Action::Continue, ev.guest_value()),

@@ -27,11 +27,7 @@ pub struct Handshake {
 
 impl Default for Handshake {
     fn default() -> Self {
-        Handshake {
-            cookie_hash: [0; 20],
-            timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            reply_timeout: DEFAULT_REPLY_TIMEOUT,
-        }
+        Handshake { cookie_hash: [0; 20], timeout: DEFAULT_HANDSHAKE_TIMEOUT, reply_timeout: DEFAULT_REPLY_TIMEOUT }
     }
 }
 
@@ -83,8 +79,7 @@ impl Handshake {
             Ok(v) => v,
             Err(Error::Closed) => {
                 return Err(Error::Handshake(
-                    "connection closed before KVMI_GET_VERSION was answered (invalid authentication token?)"
-                        .into(),
+                    "connection closed before KVMI_GET_VERSION was answered (invalid authentication token?)".into(),
                 ))
             }
             Err(e) => return Err(e),

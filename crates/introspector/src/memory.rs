@@ -254,7 +254,8 @@ impl Drop for GuestMemoryMap {
 /// our accesses SIGBUS), long enough, and open as asked.
 fn check_fd(fd: BorrowedFd<'_>, size: u64, writable: bool) -> std::result::Result<(), String> {
     // SAFETY: F_GET_SEALS and F_GETFL on a descriptor we own; no argument.
-    let (seals, fl) = unsafe { (libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS), libc::fcntl(fd.as_raw_fd(), libc::F_GETFL)) };
+    let (seals, fl) =
+        unsafe { (libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS), libc::fcntl(fd.as_raw_fd(), libc::F_GETFL)) };
     if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
         return Err("the descriptor is not sealed against shrinking".into());
     }
@@ -434,7 +435,13 @@ mod tests {
     const MAP: u16 = msg::UKVMI_VM_MAP_MEMORY;
 
     /// Answers one MAP request with `data` and, if given, `fd`.
-    fn answer_map(vm: &Vm, mut peer: UnixStream, data: Vec<u8>, fd: Option<OwnedFd>, writable: bool) -> Result<GuestMemoryMap> {
+    fn answer_map(
+        vm: &Vm,
+        mut peer: UnixStream,
+        data: Vec<u8>,
+        fd: Option<OwnedFd>,
+        writable: bool,
+    ) -> Result<GuestMemoryMap> {
         std::thread::scope(|sc| {
             sc.spawn(move || {
                 let (h, body) = read_msg(&mut peer);
@@ -529,7 +536,10 @@ mod tests {
         let r = answer_map(&vm, peer, map_reply(4096, map_flags::WRITABLE), Some(memfd(4096, true).into()), false);
         assert!(matches!(r, Err(Error::Protocol(_))), "{r:?}");
         let (vm, peer) = pair();
-        assert!(matches!(answer_map(&vm, peer, map_reply(0, 0), Some(memfd(0, true).into()), false), Err(Error::Protocol(_))));
+        assert!(matches!(
+            answer_map(&vm, peer, map_reply(0, 0), Some(memfd(0, true).into()), false),
+            Err(Error::Protocol(_))
+        ));
         // A pipe instead of a memfd: refused, and closed.
         let (vm, peer) = pair();
         let (rd, wr) = pipe();

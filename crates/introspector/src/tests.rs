@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use ukvmi_wire::handshake::ToIntrospector;
 use ukvmi_wire::{
-    event, frame, msg, read_zext, EventBreakpoint, EventHdr, EventMsr, GetVersionReply, IntoBytes, KvmErrno,
-    MsgHdr, VcpuEvent, VcpuHdr,
+    event, frame, msg, read_zext, EventBreakpoint, EventHdr, EventMsr, GetVersionReply, IntoBytes, KvmErrno, MsgHdr,
+    VcpuEvent, VcpuHdr,
 };
 
 use crate::{Error, Event, EventKind, EventReply, Listener, Vm};
@@ -377,8 +377,8 @@ fn handshake_sends_the_cookie_hash_then_get_version() {
         assert_eq!(u32::from_ne_bytes(reply[..4].try_into().unwrap()), 24);
         // SHA-1("secret")
         let expected: [u8; 20] = [
-            0xe5, 0xe9, 0xfa, 0x1b, 0xa3, 0x1e, 0xcd, 0x1a, 0xe8, 0x4f, 0x75, 0xca, 0xaa, 0x47, 0x4f, 0x3a, 0x66,
-            0x3f, 0x05, 0xf4,
+            0xe5, 0xe9, 0xfa, 0x1b, 0xa3, 0x1e, 0xcd, 0x1a, 0xe8, 0x4f, 0x75, 0xca, 0xaa, 0x47, 0x4f, 0x3a, 0x66, 0x3f,
+            0x05, 0xf4,
         ];
         assert_eq!(reply[4..], expected);
         answer_get_version(&mut s, 1);

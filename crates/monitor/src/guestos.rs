@@ -313,7 +313,10 @@ mod tests {
         assert_eq!(t.ticks, 1234);
         assert_eq!(t.procs.len(), 1);
         let p = &t.procs[0];
-        assert_eq!((p.slot, p.pid, p.name.as_str(), p.state, p.cr3, p.syscalls), (1, 2, "shell", ProcState::Running, 0x5000, 9));
+        assert_eq!(
+            (p.slot, p.pid, p.name.as_str(), p.state, p.cr3, p.syscalls),
+            (1, 2, "shell", ProcState::Running, 0x5000, 9)
+        );
         assert_eq!(t.current_on(0).map(|p| p.pid), Some(2));
         assert!(t.current_on(1).is_none());
         assert!(p.to_json().contains(r#""name":"shell""#));

@@ -235,7 +235,10 @@ impl Monitor {
     pub fn start(vm: Vm) -> Result<Monitor> {
         let vm = Arc::new(vm);
         let vcpus = cmd(|| "KVMI_VM_GET_INFO".into(), vm.get_info())?;
-        let vcpus = u16::try_from(vcpus).ok().filter(|&n| n > 0).ok_or_else(|| MonitorError::Invalid(format!("the VM reports {vcpus} vCPUs")))?;
+        let vcpus = u16::try_from(vcpus)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| MonitorError::Invalid(format!("the VM reports {vcpus} vCPUs")))?;
         let map = vm.map_memory().ok();
         let undo = vm.check_command(ukvmi_wire::msg::UKVMI_VM_WRITE_PHYSICAL_UNDO).is_ok();
         let inner = Arc::new(Inner {
@@ -350,7 +353,9 @@ impl Monitor {
         if !st.msrs.contains_key(&msr) {
             inner.enable(&mut st, event::MSR)?;
             for v in 0..inner.vcpus {
-                if let Err(e) = cmd(|| format!("watching MSR {msr:#x} on vCPU {v}"), on_vcpu(|| inner.vm.control_msr(v, msr, true))) {
+                if let Err(e) =
+                    cmd(|| format!("watching MSR {msr:#x} on vCPU {v}"), on_vcpu(|| inner.vm.control_msr(v, msr, true)))
+                {
                     for u in 0..v {
                         let _ = inner.vm.control_msr(u, msr, false);
                     }
@@ -387,7 +392,10 @@ impl Monitor {
                 (*p, access::RWX & !(taken | remove))
             })
             .collect();
-        if let Err(e) = cmd(|| format!("KVMI_VM_SET_PAGE_ACCESS on {} page(s) from {first:#x}", pages.len()), inner.vm.set_page_access(&entries)) {
+        if let Err(e) = cmd(
+            || format!("KVMI_VM_SET_PAGE_ACCESS on {} page(s) from {first:#x}", pages.len()),
+            inner.vm.set_page_access(&entries),
+        ) {
             inner.disable(&mut st, event::PF);
             return Err(e);
         }
@@ -431,11 +439,17 @@ impl Monitor {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let msg = format!("only vCPUs {:?} paused within {timeout:?}; all let go again", st.held.keys().collect::<Vec<_>>());
+                let msg = format!(
+                    "only vCPUs {:?} paused within {timeout:?}; all let go again",
+                    st.held.keys().collect::<Vec<_>>()
+                );
                 inner.resume_locked(&mut st);
                 return Err(MonitorError::Timeout(msg));
             }
-            st = inner.cond.wait_timeout(st, left.min(Duration::from_millis(50))).map_or_else(|e| e.into_inner().0, |r| r.0);
+            st = inner
+                .cond
+                .wait_timeout(st, left.min(Duration::from_millis(50)))
+                .map_or_else(|e| e.into_inner().0, |r| r.0);
         }
         Ok(st.held.keys().copied().collect())
     }
@@ -507,7 +521,9 @@ impl Inner {
         if *n == 0 {
             for v in 0..self.vcpus {
                 let name = event::name(ev).unwrap_or("event");
-                if let Err(e) = cmd(|| format!("enabling {name} on vCPU {v}"), on_vcpu(|| self.vm.control_events(v, ev, true))) {
+                if let Err(e) =
+                    cmd(|| format!("enabling {name} on vCPU {v}"), on_vcpu(|| self.vm.control_events(v, ev, true)))
+                {
                     for u in 0..v {
                         let _ = self.vm.control_events(u, ev, false);
                     }
@@ -879,7 +895,10 @@ impl Inner {
                 None => format!("write({}, {:#x}, {})", r.rdi, r.rsi, r.rdx),
             },
             sys::DEBUG_WRMSR => {
-                let msr = u32::try_from(r.rdi).ok().and_then(msr_name).map_or_else(|| format!("{:#x}", r.rdi), str::to_string);
+                let msr = u32::try_from(r.rdi)
+                    .ok()
+                    .and_then(msr_name)
+                    .map_or_else(|| format!("{:#x}", r.rdi), str::to_string);
                 format!("debug_wrmsr({msr}, {:#x})", r.rsi)
             }
             sys::AGENT => match self.user_string(ev.vcpu, r.rdi, r.rsi) {

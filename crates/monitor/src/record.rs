@@ -142,7 +142,19 @@ pub fn msr_name(msr: u32) -> Option<&'static str> {
 pub fn parse_msr(text: &str) -> Option<u32> {
     let up = text.to_ascii_uppercase();
     let bare = up.strip_prefix("IA32_").or_else(|| up.strip_prefix("MSR_")).unwrap_or(&up);
-    for msr in [0xc000_0080u32, 0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084, 0xc000_0100, 0xc000_0101, 0xc000_0102, 0x174, 0x175, 0x176] {
+    for msr in [
+        0xc000_0080u32,
+        0xc000_0081,
+        0xc000_0082,
+        0xc000_0083,
+        0xc000_0084,
+        0xc000_0100,
+        0xc000_0101,
+        0xc000_0102,
+        0x174,
+        0x175,
+        0x176,
+    ] {
         if msr_name(msr) == Some(bare) {
             return Some(msr);
         }

@@ -107,7 +107,10 @@ mod tests {
 
     #[test]
     fn parses_resolves_and_symbolizes() {
-        let m = SymbolMap::parse("0000000000100000 T _start\n# c\n\n0000000000100040 t syscall_entry\n0000000000102000 D syscall_table\n").unwrap();
+        let m = SymbolMap::parse(
+            "0000000000100000 T _start\n# c\n\n0000000000100040 t syscall_entry\n0000000000102000 D syscall_table\n",
+        )
+        .unwrap();
         assert_eq!(m.len(), 3);
         assert_eq!(m.addr("syscall_entry"), Some(0x100040));
         assert_eq!(m.resolve("syscall_table+0x8"), Some(0x102008));

@@ -31,5 +31,5 @@ mod vcpu;
 mod vm;
 
 pub use error::{Error, Result};
-pub use vm::{host_capabilities, Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig, MAX_MEMORY_MIB};
 pub use ukvmi_endpoint::Dialect;
+pub use vm::{host_capabilities, Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig, MAX_MEMORY_MIB};

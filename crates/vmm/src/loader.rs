@@ -46,7 +46,10 @@ pub(crate) fn load(ram: &GuestRam, bytes: &[u8]) -> Result<u64, String> {
         let paddr = u64_at(bytes, ph + 24).ok_or_else(bad)?;
         let filesz = usize::try_from(u64_at(bytes, ph + 32).ok_or_else(bad)?).map_err(|_| bad())?;
         let memsz = u64_at(bytes, ph + 40).ok_or_else(bad)?;
-        let data = off.checked_add(filesz).and_then(|end| bytes.get(off..end)).ok_or("segment data past the end of the file")?;
+        let data = off
+            .checked_add(filesz)
+            .and_then(|end| bytes.get(off..end))
+            .ok_or("segment data past the end of the file")?;
         ram.write(paddr, data).map_err(|_| format!("segment at {paddr:#x} does not fit in guest RAM"))?;
         let zeros = memsz.saturating_sub(filesz as u64);
         if zeros > 0 {

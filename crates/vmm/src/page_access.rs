@@ -577,9 +577,7 @@ impl PageAccess {
             .copied()
             .collect();
         if g.segs.len() - stale.len() + fresh.len() > MAX_SLOTS {
-            return Err(BackendError::Failed(format!(
-                "this restriction would need more than {MAX_SLOTS} memslots"
-            )));
+            return Err(BackendError::Failed(format!("this restriction would need more than {MAX_SLOTS} memslots")));
         }
         sink.begin_update();
         if let Some(Err(e)) = guard.map(|f| f()) {
@@ -593,7 +591,13 @@ impl PageAccess {
     }
 
     /// Deletes `stale`, then adds `fresh`.
-    fn apply(&self, sink: &dyn SlotSink, g: &mut Inner, stale: &[(u64, Seg)], fresh: &[(u64, u64, Kind)]) -> BackendResult<()> {
+    fn apply(
+        &self,
+        sink: &dyn SlotSink,
+        g: &mut Inner,
+        stale: &[(u64, Seg)],
+        fresh: &[(u64, u64, Kind)],
+    ) -> BackendResult<()> {
         for (s, _) in stale {
             if let Err(e) = self.remove(sink, g, *s) {
                 self.restore(sink, g, stale, &[]);
@@ -696,7 +700,8 @@ fn page_kind(g: &Inner, gfn: u64) -> Option<Kind> {
 
 /// The maximal slots covering `lo..hi`: (first gfn, pages, kind).
 fn desired(g: &Inner, lo: u64, hi: u64) -> Vec<(u64, u64, Kind)> {
-    let mut special: Vec<u64> = g.allowed.range(lo..hi).map(|(k, _)| *k).chain(g.exec.range(lo..hi).map(|(k, _)| *k)).collect();
+    let mut special: Vec<u64> =
+        g.allowed.range(lo..hi).map(|(k, _)| *k).chain(g.exec.range(lo..hi).map(|(k, _)| *k)).collect();
     special.sort_unstable();
     special.dedup();
     let mut out: Vec<(u64, u64, Kind)> = Vec::new();
@@ -816,7 +821,13 @@ mod tests {
         let fake = Fake::default();
         fake.live.borrow_mut().insert(
             0,
-            kvm_userspace_memory_region { slot: 0, flags: 0, guest_phys_addr: 0, memory_size: PAGES << 12, userspace_addr: BASE },
+            kvm_userspace_memory_region {
+                slot: 0,
+                flags: 0,
+                guest_phys_addr: 0,
+                memory_size: PAGES << 12,
+                userspace_addr: BASE,
+            },
         );
         (PageAccess::new(BASE, PAGES << 12), fake)
     }
@@ -963,7 +974,13 @@ mod tests {
         let vm = kvm.create_vm().unwrap();
         let ram = crate::memory::GuestRam::new(4 << 20).unwrap();
         let base = ram.host_base().unwrap();
-        let region = kvm_userspace_memory_region { slot: 0, flags: 0, guest_phys_addr: 0, memory_size: ram.size(), userspace_addr: base };
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: base,
+        };
         set_region(&vm, region).unwrap();
         let pa = probe(&kvm, &vm, base, ram.size()).unwrap().expect("this host has read-only memslots and guest debug");
         assert_eq!(pa.counts(), (0, 1));

@@ -67,8 +67,7 @@ pub(crate) struct Paging {
 impl Paging {
     /// The state every vCPU starts in (`vcpu::enter_long_mode`: 4-level
     /// long mode on the VMM's identity tables).
-    pub const BOOT: Paging =
-        Paging { cr0: 0x8005_0033, cr3: ukvmi_guests::layout::PML4_ADDR, cr4: 0x20, efer: 0x500 };
+    pub const BOOT: Paging = Paging { cr0: 0x8005_0033, cr3: ukvmi_guests::layout::PML4_ADDR, cr4: 0x20, efer: 0x500 };
 
     pub fn from_sregs(s: &kvm_sregs) -> Paging {
         Paging { cr0: s.cr0, cr3: s.cr3, cr4: s.cr4, efer: s.efer }
@@ -254,12 +253,7 @@ pub(crate) enum Search {
 /// `roots` for which `wanted(gfn)` holds. `read` fills a 4 KiB buffer from
 /// a page-aligned guest-physical address (false: not RAM, the table is
 /// skipped). At most `budget` tables are read.
-pub(crate) fn find(
-    roots: &[Paging],
-    wanted: &dyn Fn(u64) -> bool,
-    read: ReadRam<'_>,
-    budget: usize,
-) -> Search {
+pub(crate) fn find(roots: &[Paging], wanted: &dyn Fn(u64) -> bool, read: ReadRam<'_>, budget: usize) -> Search {
     let mut seen: HashSet<Table> = HashSet::new();
     let mut buf = Box::new([0u8; PAGE]);
     let mut read_count = 0usize;

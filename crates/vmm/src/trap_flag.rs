@@ -191,8 +191,8 @@ mod tests {
         let mem = Mem(HashMap::from([
             (0x1000 + 14 * 16, gate(8, 0)),
             (0x1000 + 8 * 16, gate(8, 2)),
-            (0x2004, 0x9000),         // RSP0
-            (0x2024 + 8, 0xa000),     // IST2
+            (0x2004, 0x9000),     // RSP0
+            (0x2024 + 8, 0xa000), // IST2
         ]));
         let f = frame_for(14, &cpu(0x7fff_1234, 0x33), &mem).unwrap();
         assert_eq!(f.rflags_at, 0x9000 - 24, "ring 3 to ring 0 uses RSP0");

@@ -16,8 +16,8 @@ use ukvmi_endpoint::{
     BackendError, BackendResult, CpuidOps, EventPayload, Exception, Flow, InjectOps, InterceptOps, MtrrOps,
     SinglestepOps, TranslateOps, VcpuBackend, VcpuPort, VmBackend, XstateOps,
 };
-use ukvmi_wire::{access, msg, Action};
 use ukvmi_guests::layout;
+use ukvmi_wire::{access, msg, Action};
 use ukvmi_wire::{KvmRegs, KvmSregs, KvmXsave};
 
 const MSR_MTRR_CAP: u32 = 0xfe;
@@ -45,10 +45,17 @@ enum Step {
     Wrmsr(u32, u64),
     /// `KVM_EXIT_DEBUG`: exception 1 (a single step) or 3 (int3 with
     /// `KVM_GUESTDBG_USE_SW_BP`, hardware KVM), at linear address `pc`.
-    Debug { exception: u32, pc: u64, dr6: u64 },
+    Debug {
+        exception: u32,
+        pc: u64,
+        dr6: u64,
+    },
     /// An emulation failure on an `int3` (0xCC) at `rip`: how a ring-0 int3
     /// shows up where KVM emulates ring 0 (PVM). No #BP was delivered.
-    Int3 { rip: u64, gpa: u64 },
+    Int3 {
+        rip: u64,
+        gpa: u64,
+    },
     /// `KVM_EXIT_MMIO` read (gpa, length): the instruction waits for the
     /// data until the next `KVM_RUN`.
     MmioRead(u64, usize),
@@ -57,7 +64,10 @@ enum Step {
     MmioWrite(u64, [u8; 8], usize),
     /// An instruction fetch from a RAM page without a memslot (emulation
     /// failure): RIP and the gpa of the page that has no slot.
-    Fetch { gva: u64, gpa: u64 },
+    Fetch {
+        gva: u64,
+        gpa: u64,
+    },
     /// The one-instruction step over a fetch fault is done.
     SteppedOver,
     /// An emulation failure to retry once by re-entering (see
@@ -216,7 +226,10 @@ impl KvmVcpu {
             }
             if self.debug.drain && ran {
                 if let Err(e) = self.drain_step() {
-                    return Some(Exit::Failed(format!("vCPU {}: ending the steps after single-stepping: {e}", self.index)));
+                    return Some(Exit::Failed(format!(
+                        "vCPU {}: ending the steps after single-stepping: {e}",
+                        self.index
+                    )));
                 }
             }
             if step_failed {
@@ -667,16 +680,19 @@ impl KvmVcpu {
         ev.exception.error_code = if has_error_code { exc.error_code } else { 0 };
         self.fd.set_vcpu_events(&ev)?;
         self.pending_exception = Some(exc.nr);
-        Ok(Exception { nr: exc.nr, error_code: ev.exception.error_code, address: if exc.nr == 14 { exc.address } else { 0 } })
+        Ok(Exception {
+            nr: exc.nr,
+            error_code: ev.exception.error_code,
+            address: if exc.nr == 14 { exc.address } else { 0 },
+        })
     }
 
     /// A single step ended (`failed`: another exit interrupted it).
     fn singlestep_event(&mut self, port: &VcpuPort, failed: bool) -> Option<Exit> {
         match port.raise(self, EventPayload::Singlestep { failed }) {
-            Some(o) if o.action == Action::Crash => Some(Exit::Crashed(format!(
-                "the introspector answered CRASH to a single step on vCPU {}",
-                self.index
-            ))),
+            Some(o) if o.action == Action::Crash => {
+                Some(Exit::Crashed(format!("the introspector answered CRASH to a single step on vCPU {}", self.index)))
+            }
             _ => None,
         }
     }
@@ -693,7 +709,10 @@ impl KvmVcpu {
         self.pf.regs_set = false;
         let outcome = if kvmi { port.raise(self, EventPayload::Hypercall) } else { None };
         if outcome.is_some_and(|o| o.action == Action::Crash) {
-            return Some(Exit::Crashed(format!("the introspector answered CRASH to a hypercall on vCPU {}", self.index)));
+            return Some(Exit::Crashed(format!(
+                "the introspector answered CRASH to a hypercall on vCPU {}",
+                self.index
+            )));
         }
         if outcome.is_some() && self.pf.regs_set {
             return None;
@@ -713,7 +732,10 @@ impl KvmVcpu {
         let value = match port.raise(self, EventPayload::Msr { msr, old_value: old, new_value: data }) {
             None => data,
             Some(o) if o.action == Action::Crash => {
-                return Some(Exit::Crashed(format!("the introspector answered CRASH to an MSR {msr:#x} write on vCPU {}", self.index)));
+                return Some(Exit::Crashed(format!(
+                    "the introspector answered CRASH to an MSR {msr:#x} write on vCPU {}",
+                    self.index
+                )));
             }
             Some(o) => o.new_val.unwrap_or(data),
         };
@@ -1084,9 +1106,7 @@ impl CpuidOps for KvmVcpu {
             .cpuid
             .as_slice()
             .iter()
-            .find(|e| {
-                e.function == function && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == index)
-            })
+            .find(|e| e.function == function && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == index))
             .map(|e| [e.eax, e.ebx, e.ecx, e.edx]))
     }
 }
@@ -1132,7 +1152,8 @@ impl MtrrOps for KvmVcpu {
         }
         // Variable ranges: UC wins, then WT over WB (SDM 11.11.4.1).
         let count = (cap & 0xff) as u32;
-        let idx: Vec<u32> = (0..count.min(16)).flat_map(|i| [MSR_MTRR_PHYS_BASE0 + 2 * i, MSR_MTRR_PHYS_BASE0 + 2 * i + 1]).collect();
+        let idx: Vec<u32> =
+            (0..count.min(16)).flat_map(|i| [MSR_MTRR_PHYS_BASE0 + 2 * i, MSR_MTRR_PHYS_BASE0 + 2 * i + 1]).collect();
         let vals = self.read_msrs(&idx)?;
         let mut found: Option<u8> = None;
         for pair in vals.chunks_exact(2) {

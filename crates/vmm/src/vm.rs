@@ -4,10 +4,10 @@
 use crate::error::{Error, Result};
 use crate::kick;
 use crate::memory::GuestRam;
-use crate::vcpu::{Debug, KvmVcpu, PfState};
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use crate::msr_filter::{self, MsrFilter};
 use crate::page_access::{self, GuestGate, PageAccess, SlotSink};
+use crate::vcpu::{Debug, KvmVcpu, PfState};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 use std::io::Write;
 use std::path::PathBuf;
@@ -548,7 +548,8 @@ impl Vm {
         let page_access = page_access::probe(&kvm, &vmfd, host_base, ram.size()).map_err(Error::Config)?;
         write_tables(&ram)?;
         let entry = load(&ram, &cfg.image)?;
-        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let mut fds = Vec::new();
         for i in 0..cfg.vcpus {
             let fd = vmfd.create_vcpu(u64::from(i)).map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?;
@@ -585,7 +586,9 @@ impl Vm {
         if let Some(ids) = &cfg.allow_commands {
             let _ = perms.set_command(-1, false);
             for id in ids {
-                perms.set_command(i32::from(*id), true).map_err(|e| Error::Config(format!("--allow-command {id}: {e}")))?;
+                perms
+                    .set_command(i32::from(*id), true)
+                    .map_err(|e| Error::Config(format!("--allow-command {id}: {e}")))?;
             }
         }
         if let Some(ids) = &cfg.allow_events {
@@ -627,9 +630,8 @@ impl Vm {
                 .map_err(|e| Error::os("spawning a vCPU thread", e))?;
             threads.push(h);
         }
-        let start_time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let start_time =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let identity = VmIdentity { uuid: cfg.uuid, name: cfg.name, start_time, max_gpa: shared.ram.size() };
         Ok(Vm { shared, endpoint, threads, introspect: cfg.introspect, identity, log })
     }

@@ -74,11 +74,7 @@ pub mod msg {
     pub const NEXT_VCPU_MESSAGE: u16 = vcpu_msg_id(15) - 1;
 
     /// Size of the command permission bitmap (`KVMI_NUM_COMMANDS`): ids 0..30.
-    pub const NUM_COMMANDS: u16 = if NEXT_VM_MESSAGE > NEXT_VCPU_MESSAGE {
-        NEXT_VM_MESSAGE
-    } else {
-        NEXT_VCPU_MESSAGE
-    };
+    pub const NUM_COMMANDS: u16 = if NEXT_VM_MESSAGE > NEXT_VCPU_MESSAGE { NEXT_VM_MESSAGE } else { NEXT_VCPU_MESSAGE };
 
     /// Every VM command (even ids with a handler), in id order.
     pub const VM_COMMANDS: [u16; 10] = [

@@ -4,8 +4,7 @@
 use crate::codec::read_zext;
 use crate::ids::event;
 use crate::structs::{
-    EventBreakpoint, EventCr, EventDescriptor, EventMsr, EventPf, EventSinglestep, EventTrap,
-    EventXsetbv,
+    EventBreakpoint, EventCr, EventDescriptor, EventMsr, EventPf, EventSinglestep, EventTrap, EventXsetbv,
 };
 use zerocopy::IntoBytes;
 

@@ -5,7 +5,6 @@
 //! asserted at compile time; field offsets are tested against the spec's tables
 //! in `tests/layout.rs`.
 
-
 /// Declares a byte-exact wire struct (also used by the v7 module).
 macro_rules! wire {
     ($(#[$m:meta])* $name:ident, $size:expr, { $($(#[$fm:meta])* $f:ident : $t:ty),* $(,)? }) => {
@@ -162,7 +161,17 @@ wire!(
 });
 
 /// `struct kvm_xsave`: the 4096-byte legacy XSAVE area.
-#[derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable, zerocopy::KnownLayout, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+)]
 #[repr(C)]
 pub struct KvmXsave {
     /// The raw area.
@@ -581,13 +590,11 @@ wire!(
 });
 
 /// Size of the fixed part of a vCPU event body: event header + `kvmi_vcpu_event`.
-pub const VCPU_EVENT_BODY_BASE: usize =
-    core::mem::size_of::<EventHdr>() + core::mem::size_of::<VcpuEvent>();
+pub const VCPU_EVENT_BODY_BASE: usize = core::mem::size_of::<EventHdr>() + core::mem::size_of::<VcpuEvent>();
 const _: () = assert!(VCPU_EVENT_BODY_BASE == 552);
 
 /// Size of the fixed part of an event reply body: vCPU header + `kvmi_vcpu_event_reply`.
-pub const EVENT_REPLY_BODY_BASE: usize =
-    core::mem::size_of::<VcpuHdr>() + core::mem::size_of::<VcpuEventReply>();
+pub const EVENT_REPLY_BODY_BASE: usize = core::mem::size_of::<VcpuHdr>() + core::mem::size_of::<VcpuEventReply>();
 const _: () = assert!(EVENT_REPLY_BODY_BASE == 16);
 
 /// Size of a GET_REGISTERS reply carrying `n` MSRs: 472 + 16·n.

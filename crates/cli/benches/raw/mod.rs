@@ -25,8 +25,8 @@ use ukvmi_wire::handshake::{FromIntrospector, TO_INTROSPECTOR_MAX, TO_INTROSPECT
 use ukvmi_wire::v7::{self, V7Event, V7PauseVcpu};
 use ukvmi_wire::{
     event, frame, msg, read_zext, tail, ControlEvents, EventHdr, GetVersionReply, IntoBytes, MsgHdr, VcpuControlMsr,
-    VcpuEvent, VcpuEventReply, VcpuGetRegisters, VcpuGetRegistersReply, VcpuHdr, VmPauseVcpu, VmPhysical,
-    MAX_MSG_SIZE, MSG_HDR_SIZE,
+    VcpuEvent, VcpuEventReply, VcpuGetRegisters, VcpuGetRegistersReply, VcpuHdr, VmPauseVcpu, VmPhysical, MAX_MSG_SIZE,
+    MSG_HDR_SIZE,
 };
 
 /// Longest wait for any message.
@@ -298,10 +298,8 @@ impl Client {
     }
 
     pub fn get_registers(&mut self, vcpu: u16) -> VcpuGetRegistersReply {
-        let r = self.request(
-            self.d.ids().get_registers,
-            &[vcpu_hdr(vcpu).as_bytes(), VcpuGetRegisters::default().as_bytes()],
-        );
+        let r = self
+            .request(self.d.ids().get_registers, &[vcpu_hdr(vcpu).as_bytes(), VcpuGetRegisters::default().as_bytes()]);
         assert_eq!(r.len(), size_of::<VcpuGetRegistersReply>());
         read_zext(&r)
     }
@@ -400,7 +398,12 @@ pub fn start(d: Dialect, tag: &str, guest: &str, vcpus: u16, memory_mib: u64) ->
     let mut c = Client::new(d, s);
     let v: GetVersionReply = read_zext(&c.request(msg::GET_VERSION, &[]));
     let want = if d == Dialect::V12 { MAX_MSG_SIZE as u32 } else { 0 };
-    assert!(v.version >= 1 && v.max_msg_size == want, "{}: the VMM does not speak it ({v:?})\n{}", d.name(), sess.stderr_tail());
+    assert!(
+        v.version >= 1 && v.max_msg_size == want,
+        "{}: the VMM does not speak it ({v:?})\n{}",
+        d.name(),
+        sess.stderr_tail()
+    );
     let n = u32::from_le_bytes(c.request(d.ids().get_info, &[])[..4].try_into().unwrap());
     assert_eq!(n, u32::from(vcpus), "{}: vCPU count", d.name());
     (sess, c)

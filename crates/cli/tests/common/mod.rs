@@ -94,7 +94,8 @@ impl RunningVm {
     /// `interceptions: msr-writes=none guest-debug=vcpu0:singlestep`.
     #[allow(dead_code)] // not every test binary uses it
     pub fn interceptions(&self) -> String {
-        let lines = |s: String| s.lines().filter(|l| l.contains("interceptions:")).map(str::to_string).collect::<Vec<_>>();
+        let lines =
+            |s: String| s.lines().filter(|l| l.contains("interceptions:")).map(str::to_string).collect::<Vec<_>>();
         let before = lines(self.stderr_text()).len();
         self.signal(libc::SIGUSR1);
         let t0 = Instant::now();
