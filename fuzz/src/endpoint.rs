@@ -133,38 +133,6 @@ fn stop(setup: Setup) {
     }
 }
 
-/// Whether to steer around the known bugs (`UKVMI_FUZZ_AVOID_KNOWN=0`:
-/// don't). Each known bug has its input in `fuzz/known/<target>/`, which
-/// scripts/fuzz replays without the avoidance and reports as still open or
-/// fixed; the avoidance goes with the fix.
-pub fn avoid_known() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("UKVMI_FUZZ_AVOID_KNOWN").is_none_or(|v| v != "0"))
-}
-
-/// Known bug (fuzz/known/endpoint_v12/pause-unstarted-vcpu, README "Known
-/// bugs"): a pause of a vCPU the guest never started, whose PAUSE event is
-/// still unanswered when the connection ends, leaves that vCPU blocked in
-/// the event for good (the unhook drops its release job). A VM_PAUSE_VCPU
-/// (v7 PAUSE_VCPU) for such a vCPU is pointed at a vCPU that does not
-/// exist instead (`-KVM_EINVAL`).
-fn steer_around_known_bugs(dialect: Dialect, msg: &mut [u8]) {
-    let hdr: MsgHdr = read_zext(msg);
-    let pause = match dialect {
-        Dialect::V12 => hdr.id == msg::VM_PAUSE_VCPU,
-        Dialect::V7 => hdr.id == v7::msg::PAUSE_VCPU,
-    };
-    // Both bodies start with the vCPU index (u16), zero-extended if short.
-    let n = usize::from(hdr.size).min(2);
-    let Some(index) = msg.get_mut(MSG_HDR_SIZE..MSG_HDR_SIZE + n).filter(|_| pause && n > 0) else { return };
-    let vcpu: u16 = read_zext(index);
-    if (STARTED..VCPUS).contains(&vcpu) {
-        for (d, s) in index.iter_mut().zip(VCPUS.to_le_bytes()) {
-            *d = s;
-        }
-    }
-}
-
 /// The stream cut into framed messages as the endpoint will read them:
 /// whole messages (header and body), then whatever is left (a truncated or
 /// oversize message) as one last piece. Returns the pieces and the (id, seq)
@@ -429,12 +397,7 @@ fn one(setup: &Setup, dialect: Dialect, data: &[u8]) {
     let guest_byte = data.first().copied().unwrap_or(0);
     let policy = data.get(1).copied().unwrap_or(0);
     let (pieces, whole) = split(tail(data, 2));
-    let mut pieces: Vec<Vec<u8>> = pieces.into_iter().map(<[u8]>::to_vec).collect();
-    if avoid_known() {
-        for p in &mut pieces {
-            steer_around_known_bugs(dialect, p);
-        }
-    }
+    let pieces: Vec<Vec<u8>> = pieces.into_iter().map(<[u8]>::to_vec).collect();
     let vm = &setup.vm;
     for v in 0..VCPUS {
         vm.take_log(v);
