@@ -216,3 +216,23 @@ fn unhook_while_vcpus_wait_releases_them() {
     t.expect_closed();
     s.assert_guest_runs(&[0, 1]);
 }
+
+/// Found by the endpoint fuzz targets (fuzz/README.md): a vCPU the guest has
+/// not started can still wait in a PAUSE event where the backend serves its
+/// requests (the fake does); the unhook, which drops a never-started vCPU's
+/// work, once dropped its release job too and left it waiting for good.
+#[test]
+fn a_never_started_vcpu_waiting_in_an_event_is_released_by_the_unhook() {
+    for round in 0..20 {
+        let s = Setup::new(&FakeConfig { vcpus: 2, started: 1, ..Default::default() });
+        let mut t = s.raw();
+        // A PAUSE event from vCPU 1, which the guest has not started.
+        t.pause(1, false);
+        // The tool leaves without answering it.
+        drop(t);
+        assert!(s.endpoint.wait_disconnected(Some(Duration::from_secs(5))));
+        s.endpoint.unhook();
+        s.vm.start_vcpu(1);
+        assert!(s.vm.wait_progress(1, 5, Duration::from_secs(5)), "round {round}: vCPU 1 is still in its PAUSE event");
+    }
+}

@@ -477,11 +477,14 @@ impl Session {
         (restored, left)
     }
 
-    /// Forgets what is queued for a vCPU (jobs and pauses).
+    /// Forgets the commands and pauses queued for a vCPU. Its release job
+    /// stays: a vCPU thread that serves requests before the guest started
+    /// it (a backend may) can be waiting in an event, and only that job
+    /// ends the wait.
     pub fn drop_vcpu_jobs(&self, vcpu: u16) {
         if let Some(vs) = self.vcpus.get(usize::from(vcpu)) {
             let mut q = lock(&vs.queue);
-            q.jobs.clear();
+            q.jobs.retain(|j| matches!(j, Job::Release));
             q.pauses = 0;
         }
     }
