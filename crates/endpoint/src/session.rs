@@ -412,12 +412,15 @@ impl Session {
     /// their replies), and the queue must not grow without bound.
     pub fn queue_job(&self, vcpu: u16, job: Job) -> Result<(), Disconnect> {
         let Some(vs) = self.vcpus.get(usize::from(vcpu)) else { return Ok(()) };
+        if matches!(job, Job::Message(_)) && lock(&vs.queue).jobs.len() >= MAX_QUEUED_JOBS {
+            // Make sure the vCPU is working on them (kicked without the
+            // queue's lock held, as always).
+            self.poke(vcpu, vs, false);
+        }
         {
             let mut q = lock(&vs.queue);
             if let Job::Message(m) = &job {
                 if q.jobs.len() >= MAX_QUEUED_JOBS {
-                    // Make sure the vCPU is working on them.
-                    self.poke(vcpu, vs, false);
                     let (g, timeout) = vs
                         .room
                         .wait_timeout_while(q, QUEUE_WAIT, |q| q.jobs.len() >= MAX_QUEUED_JOBS)
