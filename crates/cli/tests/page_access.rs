@@ -676,6 +676,25 @@ fn hold_both(tool: &Vm) -> Vec<VcpuEventMsg> {
     held
 }
 
+/// Holds both vCPUs of the demo OS in PAUSE events at a moment when each
+/// runs a process (its CR3 in the process blocks): after boot, but a vCPU
+/// may also be caught in the kernel on the boot tables; then both are let
+/// go and held again.
+fn hold_both_in_processes(vm: &RunningVm, tool: &Vm) -> Vec<VcpuEventMsg> {
+    vm.wait_serial("shell: hello", 1, T);
+    for _ in 0..100 {
+        let held = hold_both(tool);
+        if held.iter().all(|ev| ev.sregs.cr3 >= ukvmi_guests::demo::PBLK_BASE) {
+            return held;
+        }
+        for ev in &held {
+            tool.reply(ev, EventReply::Continue).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(7));
+    }
+    panic!("100 tries never caught both vCPUs in a process");
+}
+
 /// A demo process's page tables: PML4 (its CR3), PDPT, PD (2 MiB pages).
 fn demo_tables(tool: &Vm, cr3: u64) -> [u64; 3] {
     let pml4 = cr3 & !0xfff;
@@ -709,7 +728,7 @@ fn demo_runs(vm: &RunningVm, tool: &Vm) {
 fn the_demo_guests_process_page_tables_in_use_are_refused() {
     let dir = Scratch::new("pfptdemo");
     let (mut vm, _l, tool) = start_guest(&dir, "demo", 2);
-    let held = hold_both(&tool);
+    let held = hold_both_in_processes(&vm, &tool);
     for ev in &held {
         let cr3 = ev.sregs.cr3;
         assert!(cr3 >= ukvmi_guests::demo::PBLK_BASE, "vCPU {} runs a process (cr3 {cr3:#x})", ev.vcpu);
@@ -756,7 +775,7 @@ fn the_demo_guests_process_page_tables_in_use_are_refused() {
 fn tables_the_guest_switches_to_after_the_check_are_the_documented_limit() {
     let dir = Scratch::new("pfptlimit");
     let (mut vm, _l, tool) = start_guest(&dir, "demo", 2);
-    let held = hold_both(&tool);
+    let held = hold_both_in_processes(&vm, &tool);
     let current: Vec<u64> = held.iter().map(|ev| ev.sregs.cr3 & !0xfff).collect();
     let procs = ukvmi_monitor::guestos::ProcessTable::read(&tool).unwrap().procs;
     let other = procs.iter().find(|p| !current.contains(&p.cr3)).expect("two of four processes are switched out");
