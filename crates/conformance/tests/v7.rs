@@ -450,19 +450,26 @@ fn cr_events_with_v7_ids_where_the_host_has_them() {
     assert!(s.vm.notices().is_empty(), "nothing to log when the host has CR events");
 }
 
+/// Enables MSR events and `msr` on vCPU 1 through the v7 commands, makes
+/// the guest write 1 to it, and returns the v7 MSR event, checked.
+fn msr_event_on_vcpu1(s: &Setup, t: &mut RawPeer, msr: u32) -> Received {
+    assert_eq!(vcpu_err(t, m7::CONTROL_EVENTS, 1, &control(ev7::MSR, 1)), 0);
+    let c = VcpuControlMsr { enable: 1, padding1: 0, padding2: 0, msr };
+    assert_eq!(vcpu_err(t, m7::CONTROL_MSR, 1, c.as_bytes()), 0);
+    assert!(s.vm.intercepts(1).msrs.contains(&msr));
+    s.vm.guest_does(1, GuestAction::WriteMsr { msr, value: 1 });
+    let ev = next_event(t);
+    assert_v7_event(&ev, 1, ev7::MSR, 24);
+    ev
+}
+
 #[test]
 fn msr_events_are_v7_events_and_the_reply_value_takes_effect() {
     let s = v7(vcpus(2));
     let mut t = s.raw();
     let msr = 0x140;
-    assert_eq!(vcpu_err(&mut t, m7::CONTROL_EVENTS, 1, &control(ev7::MSR, 1)), 0);
-    let c = VcpuControlMsr { enable: 1, padding1: 0, padding2: 0, msr };
-    assert_eq!(vcpu_err(&mut t, m7::CONTROL_MSR, 1, c.as_bytes()), 0);
-    assert!(s.vm.intercepts(1).msrs.contains(&msr));
-    s.vm.guest_does(1, GuestAction::WriteMsr { msr, value: 1 });
-    let ev = next_event(&mut t);
+    let ev = msr_event_on_vcpu1(&s, &mut t, msr);
     assert_eq!(ev.hdr.seq, 1, "the first event of the connection");
-    assert_v7_event(&ev, 1, ev7::MSR, 24);
     let e = ev.v7_event();
     assert_eq!(e.arch.sregs.cr3, 0x1000, "registers follow as in v12");
     assert_eq!(e.arch.regs.rax, 1, "the fake's rax is the vCPU index");
@@ -864,12 +871,7 @@ fn a_reply_is_decoded_by_the_event_it_answers_not_by_the_event_byte() {
     let s = v7(vcpus(2));
     let mut t = s.raw();
     let msr = 0x140;
-    assert_eq!(vcpu_err(&mut t, m7::CONTROL_EVENTS, 1, &control(ev7::MSR, 1)), 0);
-    let c = VcpuControlMsr { enable: 1, padding1: 0, padding2: 0, msr };
-    assert_eq!(vcpu_err(&mut t, m7::CONTROL_MSR, 1, c.as_bytes()), 0);
-    s.vm.guest_does(1, GuestAction::WriteMsr { msr, value: 1 });
-    let ev = next_event(&mut t);
-    assert_v7_event(&ev, 1, ev7::MSR, 24);
+    let ev = msr_event_on_vcpu1(&s, &mut t, msr);
     // The reply says PF (6) but answers an MSR event: its 8-byte new value
     // is the MSR reply's and must not be taken off as a PF reply's would.
     let body = cat(&[

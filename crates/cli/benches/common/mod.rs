@@ -249,15 +249,22 @@ impl Drop for VmProcess {
     }
 }
 
-/// Starts `ukvmi run --guest GUEST --vcpus N --memory MIB` connected to a
-/// fresh listener, and returns it with the accepted connection.
-pub fn start_vm(tag: &str, guest: &str, vcpus: u16, memory_mib: u64) -> (VmProcess, Vm) {
+/// Checks /dev/kvm (a benchmark fails, never skips, without it) and makes
+/// an empty scratch directory `name` under the temporary directory.
+pub fn vm_scratch(name: &str) -> std::path::PathBuf {
     if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         panic!("the benchmarks start real VMs and need /dev/kvm, which cannot be opened: {e}");
     }
-    let dir = std::env::temp_dir().join(format!("ukvmi-bench-{tag}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts `ukvmi run --guest GUEST --vcpus N --memory MIB` connected to a
+/// fresh listener, and returns it with the accepted connection.
+pub fn start_vm(tag: &str, guest: &str, vcpus: u16, memory_mib: u64) -> (VmProcess, Vm) {
+    let dir = vm_scratch(&format!("ukvmi-bench-{tag}-{}", std::process::id()));
     let sock = dir.join("kvmi.sock");
     let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(Duration::from_secs(20));
     let child = Command::new(env!("CARGO_BIN_EXE_ukvmi"))

@@ -352,12 +352,7 @@ impl Session {
 /// in both) that the VMM speaks `d`: v12's reply has `max_msg_size` (8184)
 /// where v7's has padding.
 pub fn start(d: Dialect, tag: &str, guest: &str, vcpus: u16, memory_mib: u64) -> (Session, Client) {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        panic!("the benchmarks start real VMs and need /dev/kvm, which cannot be opened: {e}");
-    }
-    let dir = std::env::temp_dir().join(format!("ukvmi-bench-raw-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::vm_scratch(&format!("ukvmi-bench-raw-{}-{tag}", std::process::id()));
     let sock = dir.join("kvmi.sock");
     let listener = UnixListener::bind(&sock).unwrap();
     listener.set_nonblocking(true).unwrap();
