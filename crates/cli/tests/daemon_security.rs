@@ -29,6 +29,16 @@ fn with_path(p: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// A copy of `exe` in `dir` that another user can run: the build tree may
+/// sit below a directory only we can enter (a clone in a `mktemp -d`).
+fn runnable_by_others(dir: &Scratch, exe: &Path) -> PathBuf {
+    let copy = dir.path(exe.file_name().and_then(|n| n.to_str()).unwrap_or("exe"));
+    std::fs::copy(exe, &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
 /// Runs the child as `nobody` (no supplementary groups).
 fn as_other_user(cmd: &mut Command) -> &mut Command {
     // SAFETY: the closure runs in the child between fork and exec and only
@@ -146,7 +156,7 @@ fn files_are_private_and_other_users_are_refused() {
     // The KVMI socket, opened up: a "VMM" of another uid gets no handshake
     // reply, and the daemon says why.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let mut helper = Command::new(std::env::current_exe().unwrap());
+    let mut helper = Command::new(runnable_by_others(&dir, &std::env::current_exe().unwrap()));
     helper.args(["fake_vmm_helper", "--exact", "--ignored", "--nocapture", "--test-threads=1"]).env(HELPER_ENV, &sock);
     let o = as_other_user(&mut helper).output().unwrap();
     let said = String::from_utf8_lossy(&o.stdout);
@@ -169,8 +179,8 @@ fn files_are_private_and_other_users_are_refused() {
     // The control socket, opened up: another uid connects but is refused,
     // told so, and the daemon logs it.
     std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let mut other = tool(&sock);
-    other.args(["regs", "0"]);
+    let mut other = Command::new(runnable_by_others(&dir, Path::new(UKVMI)));
+    other.arg("--vm").arg(&sock).env_remove("UKVMI_KEY").env_remove("UKVMI_VM").args(["regs", "0"]);
     let o = as_other_user(&mut other).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
