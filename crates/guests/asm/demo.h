@@ -1,5 +1,5 @@
 /*
- * ukos, the demo guest OS: the contract tools rely on. `ukvmi_guests::demo`
+ * ukos, the demo guest OS: the contract tools rely on. `ukvmi_guest_abi::demo`
  * mirrors every value here; a unit test parses this file and checks that
  * both agree, so change them together.
  */

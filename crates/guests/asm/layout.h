@@ -1,6 +1,6 @@
 /*
  * Guest ABI constants shared by every guest image. The Rust side mirrors
- * these in `ukvmi_guests::layout`; a unit test parses this file and checks
+ * these in `ukvmi_guest_abi::layout`; a unit test parses this file and checks
  * that both agree, so change them together.
  */
 #define LOAD_ADDR        0x100000   /* flat image base, _start is first   */

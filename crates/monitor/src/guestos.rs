@@ -5,18 +5,20 @@
 
 use crate::json::Obj;
 
+use ukvmi_guest_abi::demo as abi;
+
 /// Guest physical address of the process table.
-pub const PROC_TABLE: u64 = 0x3e_0000;
+pub const PROC_TABLE: u64 = abi::PROC_TABLE;
 /// The table's magic: "UKOSPROC" as little-endian bytes.
-pub const PROC_MAGIC: u64 = 0x434f_5250_534f_4b55;
+pub const PROC_MAGIC: u64 = abi::PROC_MAGIC;
 /// Size of the table header.
-pub const HEADER_SIZE: usize = 64;
+pub const HEADER_SIZE: usize = abi::PROC_HEADER_SIZE;
 /// Size of one entry.
-pub const ENTRY_SIZE: usize = 64;
+pub const ENTRY_SIZE: usize = abi::PROC_ENTRY_SIZE;
 /// Most entries the table may have.
-pub const MAX_PROCS: usize = 8;
+pub const MAX_PROCS: usize = abi::MAX_PROCS;
 /// Most vCPUs whose current pid the header records.
-pub const MAX_CPUS: usize = 8;
+pub const MAX_CPUS: usize = abi::CURRENT_PID_SLOTS;
 
 /// Reads guest physical memory (the KVMI client, or a buffer in tests).
 /// (Implemented by the KVMI client, and by the monitor, which prefers its
@@ -59,10 +61,10 @@ pub enum ProcState {
 impl ProcState {
     fn from_raw(v: u32) -> ProcState {
         match v {
-            1 => ProcState::Ready,
-            2 => ProcState::Running,
-            3 => ProcState::Sleeping,
-            4 => ProcState::Exited,
+            abi::PS_READY => ProcState::Ready,
+            abi::PS_RUNNING => ProcState::Running,
+            abi::PS_SLEEPING => ProcState::Sleeping,
+            abi::PS_EXITED => ProcState::Exited,
             v => ProcState::Other(v),
         }
     }
@@ -172,16 +174,16 @@ impl ProcessTable {
 
     /// Parses the table from its bytes (header plus entries).
     pub fn parse(buf: &[u8]) -> Result<ProcessTable, OsError> {
-        let magic = u64_at(buf, 0);
+        let magic = u64_at(buf, abi::PH_MAGIC);
         if magic != PROC_MAGIC {
             return Err(OsError::NoTable { found: magic });
         }
-        let version = u32_at(buf, 8);
-        let max = u32_at(buf, 12) as usize;
-        let esize = u32_at(buf, 16) as usize;
-        let ncpus = u32_at(buf, 20);
-        if version != 1 {
-            return Err(OsError::BadHeader(format!("version {version}, the tools know 1")));
+        let version = u32_at(buf, abi::PH_VERSION);
+        let max = u32_at(buf, abi::PH_MAX_PROCS) as usize;
+        let esize = u32_at(buf, abi::PH_ENTRY_SIZE) as usize;
+        let ncpus = u32_at(buf, abi::PH_NCPUS);
+        if version != abi::PROC_VERSION {
+            return Err(OsError::BadHeader(format!("version {version}, the tools know {}", abi::PROC_VERSION)));
         }
         if max == 0 || max > MAX_PROCS || esize != ENTRY_SIZE {
             return Err(OsError::BadHeader(format!("{max} entries of {esize} bytes")));
@@ -189,16 +191,16 @@ impl ProcessTable {
         if ncpus == 0 || ncpus as usize > MAX_CPUS {
             return Err(OsError::BadHeader(format!("{ncpus} vCPUs")));
         }
-        let current = (0..ncpus as usize).map(|i| u32_at(buf, 24 + 4 * i)).collect();
-        let ticks = u64_at(buf, 56);
+        let current = (0..ncpus as usize).map(|i| u32_at(buf, abi::PH_CURRENT_PID + 4 * i)).collect();
+        let ticks = u64_at(buf, abi::PH_TICKS);
         let mut procs = Vec::new();
         for i in 0..max {
             let e = buf.get(HEADER_SIZE + i * ENTRY_SIZE..HEADER_SIZE + (i + 1) * ENTRY_SIZE).unwrap_or(&[]);
-            let pid = u32_at(e, 0);
+            let pid = u32_at(e, abi::PE_PID);
             if pid == 0 {
                 continue;
             }
-            let name_bytes = e.get(32..48).unwrap_or(&[]);
+            let name_bytes = e.get(abi::PE_NAME..abi::PE_NAME + abi::NAME_LEN).unwrap_or(&[]);
             let end = name_bytes.iter().position(|&b| b == 0).unwrap_or(name_bytes.len());
             let name = name_bytes
                 .get(..end)
@@ -209,14 +211,14 @@ impl ProcessTable {
             procs.push(Process {
                 slot: i,
                 pid,
-                state: ProcState::from_raw(u32_at(e, 4)),
-                cpu: u32_at(e, 8),
-                exit_code: u32_at(e, 12),
-                cr3: u64_at(e, 16),
-                syscalls: u64_at(e, 24),
+                state: ProcState::from_raw(u32_at(e, abi::PE_STATE)),
+                cpu: u32_at(e, abi::PE_CPU),
+                exit_code: u32_at(e, abi::PE_EXIT_CODE),
+                cr3: u64_at(e, abi::PE_CR3),
+                syscalls: u64_at(e, abi::PE_SYSCALLS),
                 name,
-                wake_tick: u64_at(e, 48),
-                user_rip: u64_at(e, 56),
+                wake_tick: u64_at(e, abi::PE_WAKE_TICK),
+                user_rip: u64_at(e, abi::PE_USER_RIP),
             });
         }
         Ok(ProcessTable { ncpus, current, ticks, procs })
@@ -239,32 +241,34 @@ pub fn current_pid(mem: &dyn PhysRead, vcpu: u16) -> Option<u32> {
     if usize::from(vcpu) >= MAX_CPUS {
         return None;
     }
-    let mut b = [0u8; 56];
+    let mut b = [0u8; abi::PH_TICKS];
     mem.read_phys(PROC_TABLE, &mut b).ok()?;
-    if u64_at(&b, 0) != PROC_MAGIC {
+    if u64_at(&b, abi::PH_MAGIC) != PROC_MAGIC {
         return None;
     }
-    Some(u32_at(&b, 24 + 4 * usize::from(vcpu))).filter(|&p| p != 0)
+    Some(u32_at(&b, abi::PH_CURRENT_PID + 4 * usize::from(vcpu))).filter(|&p| p != 0)
 }
 
-/// Syscall numbers of the demo OS.
+/// Syscall numbers of the demo OS (from `ukvmi_guest_abi::demo`).
 pub mod sys {
+    use ukvmi_guest_abi::demo as abi;
+
     /// write(fd, buf, len)
-    pub const WRITE: u64 = 1;
+    pub const WRITE: u64 = abi::SYS_WRITE;
     /// yield()
-    pub const YIELD: u64 = 24;
+    pub const YIELD: u64 = abi::SYS_YIELD;
     /// sleep(ms)
-    pub const SLEEP: u64 = 35;
+    pub const SLEEP: u64 = abi::SYS_SLEEP;
     /// getpid()
-    pub const GETPID: u64 = 39;
+    pub const GETPID: u64 = abi::SYS_GETPID;
     /// exit(code)
-    pub const EXIT: u64 = 60;
+    pub const EXIT: u64 = abi::SYS_EXIT;
     /// debug_wrmsr(msr, value): the "leftover debug syscall" the rootkit abuses.
-    pub const DEBUG_WRMSR: u64 = 200;
+    pub const DEBUG_WRMSR: u64 = abi::SYS_DEBUG_WRMSR;
     /// debug_poke(kaddr, value): writes a u64 anywhere in the kernel.
-    pub const DEBUG_POKE: u64 = 201;
+    pub const DEBUG_POKE: u64 = abi::SYS_DEBUG_POKE;
     /// agent(msg, len, reply, cap): asks the introspector through the doorbell.
-    pub const AGENT: u64 = 202;
+    pub const AGENT: u64 = abi::SYS_AGENT;
 
     /// The syscall's name and how many arguments it takes.
     pub fn describe(nr: u64) -> (&'static str, usize) {

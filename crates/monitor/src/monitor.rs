@@ -842,7 +842,10 @@ impl Inner {
                 let message = self.agent_message(&ev);
                 let mut reply = None;
                 if let Some((text, buf)) = answer {
-                    let bytes = text.as_bytes().get(..text.len().min(256)).unwrap_or_default();
+                    let bytes = text
+                        .as_bytes()
+                        .get(..text.len().min(ukvmi_guest_abi::demo::AGENT_BUF_SIZE))
+                        .unwrap_or_default();
                     let mut regs = ev.regs;
                     if !bytes.is_empty() && ev.regs.r8 == buf && vm.write_physical(buf, bytes).is_ok() {
                         regs.rax = bytes.len() as u64;
@@ -862,7 +865,7 @@ impl Inner {
 
     /// The demo OS's agent message: R8 = buffer (gpa), R9 = length.
     fn agent_message(&self, ev: &VcpuEventMsg) -> String {
-        let len = usize::try_from(ev.regs.r9.min(256)).unwrap_or(0);
+        let len = usize::try_from(ev.regs.r9).unwrap_or(0).min(ukvmi_guest_abi::demo::AGENT_BUF_SIZE);
         let mut buf = vec![0u8; len];
         if len == 0 || self.read_phys(ev.regs.r8, &mut buf).is_err() {
             return String::new();
