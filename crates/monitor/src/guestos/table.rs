@@ -1,8 +1,10 @@
-//! What the tools know of the demo guest OS ("ukos", `crates/guests`): its
-//! process table at a fixed guest physical address and its syscall numbers.
-//! Everything is read from guest memory; a table that does not look right
-//! is an error, never a panic.
+//! The demo guest OS's process table, read and checked from guest memory.
+//!
+//! The table sits at a fixed guest physical address (`ukvmi_guest_abi::demo`
+//! declares its layout). Everything is read from guest memory; a table that
+//! does not look right is an error, never a panic.
 
+use super::{PhysRead, ReadError};
 use crate::json::Obj;
 
 use ukvmi_guest_abi::demo as abi;
@@ -20,31 +22,9 @@ pub const MAX_PROCS: usize = abi::MAX_PROCS;
 /// Most vCPUs whose current pid the header records.
 pub const MAX_CPUS: usize = abi::CURRENT_PID_SLOTS;
 
-/// Reads guest physical memory (the KVMI client, or a buffer in tests).
-/// (Implemented by the KVMI client, and by the monitor, which prefers its
-/// mapped view.)
-pub trait PhysRead {
-    /// Fills `buf` from `gpa`.
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
-}
-
-impl PhysRead for ukvmi_introspector::Vm {
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = gpa + done as u64;
-            let room = (0x1000 - (at & 0xfff)) as usize;
-            let n = room.min(buf.len() - done);
-            let chunk = buf.get_mut(done..done + n).ok_or("read past the buffer")?;
-            self.read_physical_into(at, chunk).map_err(|e| e.to_string())?;
-            done += n;
-        }
-        Ok(())
-    }
-}
-
 /// A process's state as the kernel records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ProcState {
     /// Runnable, waiting for its vCPU.
     Ready,
@@ -143,15 +123,17 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 }
 
 /// Errors reading the table.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OsError {
     /// Memory could not be read.
-    #[error("reading the process table at {gpa:#x}: {reason}")]
+    #[error("reading the process table at {gpa:#x}: {source}")]
     Read {
         /// Where.
         gpa: u64,
         /// Why.
-        reason: String,
+        #[source]
+        source: ReadError,
     },
     /// No table there: not the demo OS, or not booted yet.
     #[error("no demo-OS process table at {PROC_TABLE:#x} (magic {found:#x}, want {PROC_MAGIC:#x}): is the guest `--guest demo`, and has it booted?")]
@@ -168,7 +150,7 @@ impl ProcessTable {
     /// Reads and checks the table.
     pub fn read(mem: &dyn PhysRead) -> Result<ProcessTable, OsError> {
         let mut buf = vec![0u8; HEADER_SIZE + MAX_PROCS * ENTRY_SIZE];
-        mem.read_phys(PROC_TABLE, &mut buf).map_err(|reason| OsError::Read { gpa: PROC_TABLE, reason })?;
+        mem.read_phys(PROC_TABLE, &mut buf).map_err(|source| OsError::Read { gpa: PROC_TABLE, source })?;
         Self::parse(&buf)
     }
 
@@ -247,43 +229,6 @@ pub fn current_pid(mem: &dyn PhysRead, vcpu: u16) -> Option<u32> {
         return None;
     }
     Some(u32_at(&b, abi::PH_CURRENT_PID + 4 * usize::from(vcpu))).filter(|&p| p != 0)
-}
-
-/// Syscall numbers of the demo OS (from `ukvmi_guest_abi::demo`).
-pub mod sys {
-    use ukvmi_guest_abi::demo as abi;
-
-    /// write(fd, buf, len)
-    pub const WRITE: u64 = abi::SYS_WRITE;
-    /// yield()
-    pub const YIELD: u64 = abi::SYS_YIELD;
-    /// sleep(ms)
-    pub const SLEEP: u64 = abi::SYS_SLEEP;
-    /// getpid()
-    pub const GETPID: u64 = abi::SYS_GETPID;
-    /// exit(code)
-    pub const EXIT: u64 = abi::SYS_EXIT;
-    /// debug_wrmsr(msr, value): the "leftover debug syscall" the rootkit abuses.
-    pub const DEBUG_WRMSR: u64 = abi::SYS_DEBUG_WRMSR;
-    /// debug_poke(kaddr, value): writes a u64 anywhere in the kernel.
-    pub const DEBUG_POKE: u64 = abi::SYS_DEBUG_POKE;
-    /// agent(msg, len, reply, cap): asks the introspector through the doorbell.
-    pub const AGENT: u64 = abi::SYS_AGENT;
-
-    /// The syscall's name and how many arguments it takes.
-    pub fn describe(nr: u64) -> (&'static str, usize) {
-        match nr {
-            WRITE => ("write", 3),
-            YIELD => ("yield", 0),
-            SLEEP => ("sleep", 1),
-            GETPID => ("getpid", 0),
-            EXIT => ("exit", 1),
-            DEBUG_WRMSR => ("debug_wrmsr", 2),
-            DEBUG_POKE => ("debug_poke", 2),
-            AGENT => ("agent", 4),
-            _ => ("unknown", 4),
-        }
-    }
 }
 
 #[cfg(test)]
