@@ -158,3 +158,101 @@ pub mod sys {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guestos::{HEADER_SIZE, PROC_MAGIC, PROC_TABLE};
+    use ukvmi_guest_abi::demo as abi;
+
+    /// Guest memory in a buffer from gpa 0; GVA == GPA below its end.
+    struct Mem(Vec<u8>);
+
+    impl PhysRead for Mem {
+        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+            let at = usize::try_from(gpa).unwrap();
+            let src = self.0.get(at..at + buf.len()).ok_or(ReadError::OutOfRange { gpa, len: buf.len() })?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+    }
+
+    impl GuestMemory for Mem {
+        fn translate(&self, _vcpu: u16, gva: u64) -> Option<u64> {
+            (gva < self.0.len() as u64).then_some(gva)
+        }
+    }
+
+    fn put(m: &mut Mem, at: u64, bytes: &[u8]) {
+        let at = at as usize;
+        m.0[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// A table with "shell" (pid 2) running on vCPU 1.
+    fn memory() -> Mem {
+        let mut m = Mem(vec![0; 0x40_0000]);
+        let t = PROC_TABLE;
+        put(&mut m, t, &PROC_MAGIC.to_le_bytes());
+        put(&mut m, t + abi::PH_VERSION as u64, &abi::PROC_VERSION.to_le_bytes());
+        put(&mut m, t + abi::PH_MAX_PROCS as u64, &(abi::MAX_PROCS as u32).to_le_bytes());
+        put(&mut m, t + abi::PH_ENTRY_SIZE as u64, &(abi::PROC_ENTRY_SIZE as u32).to_le_bytes());
+        put(&mut m, t + abi::PH_NCPUS as u64, &2u32.to_le_bytes());
+        put(&mut m, t + abi::PH_CURRENT_PID as u64 + 4, &2u32.to_le_bytes());
+        let e = t + HEADER_SIZE as u64;
+        put(&mut m, e + abi::PE_PID as u64, &2u32.to_le_bytes());
+        put(&mut m, e + abi::PE_NAME as u64, b"shell");
+        m
+    }
+
+    #[test]
+    fn who_names_the_process_on_the_vcpu_and_rereads_the_table_on_a_new_pid() {
+        let mut m = memory();
+        let os = DemoOs::new();
+        let who = os.who(&m, 1);
+        assert_eq!((who.vcpu, who.pid, who.process.as_deref()), (1, Some(2), Some("shell")));
+        assert_eq!(os.who(&m, 0).pid, None, "vCPU 0 idles");
+        // A new process in the slot: its pid is new, so the table is read again.
+        let e = PROC_TABLE + HEADER_SIZE as u64;
+        put(&mut m, e + abi::PE_PID as u64, &7u32.to_le_bytes());
+        put(&mut m, e + abi::PE_NAME as u64, b"later");
+        put(&mut m, PROC_TABLE + abi::PH_CURRENT_PID as u64 + 4, &7u32.to_le_bytes());
+        assert_eq!(os.who(&m, 1).process.as_deref(), Some("later"));
+        // No table: nobody.
+        let os = DemoOs::new();
+        assert_eq!(os.who(&Mem(vec![0; 0x1000]), 0).pid, None);
+    }
+
+    #[test]
+    fn syscalls_are_decoded_with_their_strings() {
+        let mut m = memory();
+        put(&mut m, 0x1000, b"hi there");
+        let os = DemoOs::new();
+        let regs = KvmRegs { rax: sys::WRITE, rdi: 1, rsi: 0x1000, rdx: 8, ..KvmRegs::default() };
+        let s = os.decode_syscall(&m, 0, &regs);
+        assert_eq!((s.nr, s.name, s.call.as_str()), (1, "write", r#"write(1, "hi there", 8)"#));
+        // Unmapped buffer: the address instead.
+        let regs = KvmRegs { rsi: 0x1_0000_0000, ..regs };
+        assert_eq!(os.decode_syscall(&m, 0, &regs).call, "write(1, 0x100000000, 8)");
+        let regs = KvmRegs { rax: sys::DEBUG_WRMSR, rdi: 0xc000_0082, rsi: 0x41, ..KvmRegs::default() };
+        assert_eq!(os.decode_syscall(&m, 0, &regs).call, "debug_wrmsr(LSTAR, 0x41)");
+        let regs = KvmRegs { rax: 999, rdi: 1, rsi: 2, rdx: 3, r10: 4, ..KvmRegs::default() };
+        let s = os.decode_syscall(&m, 0, &regs);
+        assert_eq!((s.name, s.call.as_str()), ("unknown", "unknown(0x1, 0x2, 0x3, 0x4)"));
+    }
+
+    #[test]
+    fn the_agent_is_answered_only_at_its_buffer_and_within_its_size() {
+        let mut m = memory();
+        put(&mut m, 0x2000, b"ping");
+        let os = DemoOs::new();
+        let regs = KvmRegs { r8: 0x2000, r9: 4, rax: 77, ..KvmRegs::default() };
+        assert_eq!(os.agent_message(&m, &regs), "ping");
+        assert_eq!(os.agent_message(&m, &KvmRegs { r9: 0, ..regs }), "");
+        let r = os.agent_reply(&regs, 0x2000, "pong").unwrap();
+        assert_eq!((r.gpa, r.bytes.as_slice(), r.regs.rax, r.regs.r8), (0x2000, &b"pong"[..], 4, 0x2000));
+        assert!(os.agent_reply(&regs, 0x3000, "pong").is_none(), "R8 names another buffer");
+        assert!(os.agent_reply(&regs, 0x2000, "").is_none());
+        let long = "x".repeat(AGENT_BUF_SIZE + 10);
+        assert_eq!(os.agent_reply(&regs, 0x2000, &long).unwrap().bytes.len(), AGENT_BUF_SIZE);
+    }
+}
