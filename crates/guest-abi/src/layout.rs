@@ -239,3 +239,30 @@ const _: () = {
 pub fn pattern_page(vcpu: u16) -> Vec<u8> {
     (0..PATTERN_SIZE as usize).map(|j| pattern_byte(vcpu, j)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_byte_matches_definition() {
+        assert_eq!(pattern_byte(0, 0), 0);
+        assert_eq!(pattern_byte(0, 255), 255);
+        assert_eq!(pattern_byte(0, 256), 0);
+        assert_eq!(pattern_byte(1, 0), 1);
+        assert_eq!(pattern_byte(1, 255), 0);
+        assert_eq!(pattern_byte(3, 4095), ((4095 + 3) & 0xff) as u8);
+        assert_eq!(pattern_byte(300, 10), ((300 + 10) & 0xff) as u8);
+        let page = pattern_page(2);
+        assert_eq!(page.len(), 4096);
+        assert_eq!(page[0], 2);
+        assert_eq!(page[254], 0);
+        assert_eq!(pattern_addr(2), 0x20_2000);
+        assert_eq!(counter_addr(2), 0x30_0010);
+        assert_eq!(stack_top(0), Some(0x8_0000));
+        assert_eq!(stack_top(1), Some(0x7_c000));
+        assert_eq!(stack_top(30), Some(0x8000));
+        assert_eq!(stack_top(31), None);
+        assert_eq!(r12_value(5), 0x5a5a_0000_0000_0005);
+    }
+}

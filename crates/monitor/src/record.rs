@@ -38,6 +38,7 @@ impl Who {
 
 /// One thing the monitor observed (and what it did about it).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Record {
     /// A syscall, seen at the breakpoint on the kernel's syscall entry.
     Syscall {
