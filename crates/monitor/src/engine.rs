@@ -30,6 +30,7 @@ use ukvmi_introspector::{Event, EventKind, EventReply, GuestMemoryMap, VcpuEvent
 use ukvmi_wire::event;
 
 use crate::{
+    error::MonitorError,
     events::EventRefs,
     guestos::{GuestMemory, GuestOs, PhysRead, ReadError},
     policy::{breakpoints::Breakpoints, hypercalls::Hypercalls, msr::MsrGuard, pages::PageGuard, pauses::Pauses},
@@ -106,6 +107,17 @@ impl Inner {
     /// The setup lock (see the module documentation).
     pub(crate) fn setup(&self) -> MutexGuard<'_, EventRefs> {
         self.setup.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The setup lock, for a new interception: refused once the monitor has
+    /// stopped (the shutdown undid everything under this lock; a hook set
+    /// after it would outlive the monitor).
+    pub(crate) fn setup_open(&self) -> Result<MutexGuard<'_, EventRefs>, MonitorError> {
+        let refs = self.setup();
+        if self.stop.load(Ordering::SeqCst) {
+            return Err(MonitorError::Closed);
+        }
+        Ok(refs)
     }
 
     /// Writes one byte of guest code (an int3 or the byte it replaced): with

@@ -123,14 +123,14 @@ impl Monitor {
     /// A breakpoint at `gva`; hits are reported as [`Record::Breakpoint`](crate::Record::Breakpoint)
     /// (or as syscalls when `syscall`). Returns its gpa.
     pub fn breakpoint(&self, sub: &Subscription, gva: u64, syscall: bool) -> Result<u64> {
-        let mut refs = self.inner.setup();
+        let mut refs = self.inner.setup_open()?;
         self.inner.bps.add(&self.inner, &mut refs, sub.id, gva, syscall)
     }
 
     /// Watches guest writes of `msr` on every vCPU; with `deny` they are
     /// refused (the old value kept).
     pub fn watch_msr(&self, sub: &Subscription, msr: u32, deny: bool) -> Result<()> {
-        let mut refs = self.inner.setup();
+        let mut refs = self.inner.setup_open()?;
         self.inner.msrs.add(&self.inner, &mut refs, sub.id, msr, deny)
     }
 
@@ -138,7 +138,7 @@ impl Monitor {
     /// the pages covering `gpa..gpa+len`; with `deny`, writes are refused
     /// (the instruction skipped) instead of let through. Returns the pages.
     pub fn protect(&self, sub: &Subscription, gpa: u64, len: u64, remove: u8, deny: bool) -> Result<Vec<u64>> {
-        let mut refs = self.inner.setup();
+        let mut refs = self.inner.setup_open()?;
         self.inner.pages.add(&self.inner, &mut refs, sub.id, gpa, len, remove, deny)
     }
 
@@ -148,7 +148,7 @@ impl Monitor {
     /// that buffer, so a guest with other conventions is never written to,
     /// and RAX set to its length). With `None` calls are only reported.
     pub fn hypercalls(&self, sub: &Subscription, answer: Option<(String, u64)>) -> Result<()> {
-        let mut refs = self.inner.setup();
+        let mut refs = self.inner.setup_open()?;
         self.inner.hypercalls.add(&self.inner, &mut refs, sub.id, answer)
     }
 

@@ -172,3 +172,22 @@ fn events_are_answered_while_another_tools_setup_waits_on_a_vcpu() {
     });
     mon.stop();
 }
+
+#[test]
+fn a_stopped_monitor_sets_no_new_hooks() {
+    let s = Setup::new(&FakeConfig::default());
+    s.vm.poke_mem(0x2000, &[0x90]);
+    let mon = attach(&s);
+    let sub = mon.subscribe(Kinds::ALL);
+    mon.stop();
+    assert!(matches!(mon.watch_msr(&sub, LSTAR, true), Err(ukvmi_monitor::MonitorError::Closed)));
+    assert!(matches!(mon.breakpoint(&sub, KERNEL_BASE + 0x2000, false), Err(ukvmi_monitor::MonitorError::Closed)));
+    assert!(matches!(mon.protect(&sub, 0x5000, 1, access::W, true), Err(ukvmi_monitor::MonitorError::Closed)));
+    assert!(matches!(mon.hypercalls(&sub, None), Err(ukvmi_monitor::MonitorError::Closed)));
+    assert!(!s.vm.intercepts(0).msrs.contains(&LSTAR));
+    assert_eq!(s.vm.peek(0x2000, 1), [0x90]);
+    assert!(s.vm.page_restrictions().is_empty());
+    // Its stream ends with the reason.
+    assert!(matches!(next(&sub), Record::Detached { .. }));
+    assert!(sub.next(Duration::ZERO).is_err());
+}
