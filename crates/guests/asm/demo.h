@@ -19,7 +19,8 @@
 #define PH_MAX_PROCS        12         /* u32 */
 #define PH_ENTRY_SIZE       16         /* u32 */
 #define PH_NCPUS            20         /* u32 */
-#define PH_CURRENT_PID      24         /* u32[8]: pid running on vCPU i, 0 = idle */
+#define PH_CURRENT_PID      24         /* u32[CURRENT_PID_SLOTS]: pid running on vCPU i, 0 = idle */
+#define CURRENT_PID_SLOTS   8
 #define PH_TICKS            56         /* u64: ms since boot (approx.) */
 /* entry fields */
 #define PE_PID              0          /* u32, 0 = free slot */
@@ -28,7 +29,8 @@
 #define PE_EXIT_CODE        12         /* u32 */
 #define PE_CR3              16         /* u64 */
 #define PE_SYSCALLS         24         /* u64 */
-#define PE_NAME             32         /* char[16], NUL-padded */
+#define PE_NAME             32         /* char[NAME_LEN], NUL-padded */
+#define NAME_LEN            16
 #define PE_WAKE_TICK        48         /* u64 */
 #define PE_USER_RIP         56         /* u64, at the last kernel entry */
 #define PS_READY            1
