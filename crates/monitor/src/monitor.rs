@@ -18,7 +18,7 @@ use crate::{
     dispatch,
     engine::Inner,
     error::{cmd, MonitorError, Result},
-    guestos::{DemoOs, GuestOs, PhysRead, ReadError},
+    guestos::{DemoOs, GuestMemory, GuestOs, PhysRead, ReadError},
     subs::{Kinds, Subscription},
     symbols::SymbolMap,
 };
@@ -190,6 +190,12 @@ impl Drop for Monitor {
 impl PhysRead for Monitor {
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), ReadError> {
         self.inner.read_phys(gpa, buf)
+    }
+}
+
+impl GuestMemory for Monitor {
+    fn translate(&self, vcpu: u16, gva: u64) -> Option<u64> {
+        self.inner.translate(vcpu, gva)
     }
 }
 
