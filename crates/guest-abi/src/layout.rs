@@ -70,7 +70,7 @@ pub const INT3_EVERY: u64 = 8;
 /// `traps` guest: a hypercall every this many iterations.
 pub const HC_EVERY: u64 = 4;
 /// The hypercall doorbell and its registers (declared in [`crate::hypercall`]).
-pub use crate::hypercall::{HC_KVMI_NR, HC_KVMI_SUBFN, PORT_HYPERCALL};
+pub use crate::hypercall::{HC_KVMI_NR, HC_KVMI_SUBFN, HC_NOBODY, PORT_HYPERCALL};
 
 /// `bench` guest: u64 mode word vCPU 0 re-reads every iteration (one of
 /// the `BENCH_*` modes below; anything else idles). Set it with
