@@ -37,7 +37,7 @@ fn read_physical_range_reads_any_span_and_matches_guest_memory() {
         vm.read_physical_range(gpa as u64, &mut buf).unwrap();
         assert!(buf == ram[gpa..gpa + len], "range {gpa:#x}+{len:#x} differs from guest memory");
     }
-    assert_eq!(vm.unmatched_count(), 0);
+    assert_eq!(vm.raw().unmatched_count(), 0);
 }
 
 #[test]
@@ -53,7 +53,7 @@ fn read_physical_range_past_ram_fails_and_the_connection_stays_usable() {
         "a range that wraps around is refused before anything is sent"
     );
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(vm.unmatched_count(), 0, "no reply arrived after its request gave up");
+    assert_eq!(vm.raw().unmatched_count(), 0, "no reply arrived after its request gave up");
     assert_eq!(vm.get_info().unwrap(), 1, "the connection still works");
     let mut one = [0u8; 8];
     vm.read_physical_range(0x100, &mut one).unwrap();
@@ -199,6 +199,6 @@ fn callers_reading_for_themselves_share_the_socket_with_events_and_each_other() 
             }
         });
     });
-    assert_eq!(vm.unmatched_count(), 0);
+    assert_eq!(vm.raw().unmatched_count(), 0);
     assert!(vm.next_event(Some(Duration::from_millis(50))).unwrap().is_none(), "no stray event");
 }

@@ -74,7 +74,7 @@ fn t01_hook_and_permission_semantics() {
 #[test]
 fn t02_invalid_command() {
     let (_s, vm) = one_vcpu();
-    let r = vm.request_raw(0xffff, &[]).unwrap();
+    let r = vm.raw().request_raw(0xffff, &[]).unwrap();
     assert_eq!((r.err, r.data.len()), (-1000, 0));
 }
 
@@ -105,7 +105,7 @@ fn t04_vm_check_command() {
     assert_eq!(code(vm.check_command(msg::VCPU_GET_CPUID)), -95);
     assert_eq!(code(vm.get_cpuid(0, 0, 0)), -95);
     let bad = VmCheck { id: msg::VM_GET_INFO, padding1: 1, padding2: 0 };
-    assert_eq!(vm.request_raw(msg::VM_CHECK_COMMAND, bad.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_CHECK_COMMAND, bad.as_bytes()).unwrap().err, -22);
 }
 
 #[test]
@@ -166,7 +166,7 @@ fn t08_vm_control_events() {
     assert_eq!(code(vm.control_vm_events(event::UNHOOK, true)), 0);
     assert_eq!(code(vm.control_vm_events(event::UNHOOK, false)), 0);
     let bad = ControlEvents { event_id: 0, enable: 2, padding1: 0, padding2: 0 };
-    assert_eq!(vm.request_raw(msg::VM_CONTROL_EVENTS, bad.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_CONTROL_EVENTS, bad.as_bytes()).unwrap().err, -22);
     assert_eq!(code(vm.control_vm_events(0xffff, true)), -22);
     assert_eq!(code(vm.control_vm_events(event::PAUSE, true)), -22, "a vCPU event is not a VM event");
     s.endpoint.permissions().set_event(event::UNHOOK.into(), false).unwrap();
@@ -185,12 +185,12 @@ fn t09_memory_access() {
     assert_eq!(page[0], 1);
     assert_eq!(code(vm.read_physical(gpa, 0)), -22);
     let w0 = VmPhysical { gpa, size: 0, padding1: 0, padding2: 0 };
-    assert_eq!(vm.request_raw(msg::VM_WRITE_PHYSICAL, w0.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_WRITE_PHYSICAL, w0.as_bytes()).unwrap().err, -22);
     assert_eq!(code(vm.read_physical(gpa + 4095, 2)), -22, "crosses a page");
     let big = VmPhysical { gpa, size: 4097, padding1: 0, padding2: 0 };
-    assert_eq!(vm.request_raw(msg::VM_READ_PHYSICAL, big.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_READ_PHYSICAL, big.as_bytes()).unwrap().err, -22);
     let pad = VmPhysical { gpa, size: 8, padding1: 0, padding2: 1 };
-    assert_eq!(vm.request_raw(msg::VM_READ_PHYSICAL, pad.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_READ_PHYSICAL, pad.as_bytes()).unwrap().err, -22);
     let past = 1 << 20;
     assert_eq!(code(vm.write_physical(past, &[1])), -2);
     assert_eq!(code(vm.read_physical(past, 1)), -2);
@@ -217,7 +217,7 @@ fn t11_pause() {
         s.assert_guest_runs(&[0]);
     }
     let bad = VmPauseVcpu { vcpu: 0, wait: 2, padding1: 0, padding2: 0 };
-    assert_eq!(vm.request_raw(msg::VM_PAUSE_VCPU, bad.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_PAUSE_VCPU, bad.as_bytes()).unwrap().err, -22);
     assert_eq!(code(vm.pause_vcpu(5, false)), -22);
     s.endpoint.permissions().set_event(event::PAUSE.into(), false).unwrap();
     assert_eq!(code(vm.pause_vcpu(0, false)), -1);
@@ -230,7 +230,7 @@ fn t12_vcpu_control_events() {
     assert_eq!(code(vm.control_events(0, event::PAUSE, false)), 0);
     let bad = ControlEvents { event_id: event::PAUSE, enable: 2, padding1: 0, padding2: 0 };
     let body: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(bad.as_bytes()).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_CONTROL_EVENTS, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_CONTROL_EVENTS, &body).unwrap().err, -22);
     assert_eq!(code(vm.control_events(0, 0xffff, true)), -22);
     assert_eq!(code(vm.control_events(0, event::UNHOOK, true)), -22, "UNHOOK is a VM event");
     s.endpoint.permissions().set_event(event::PAUSE.into(), false).unwrap();
@@ -260,7 +260,7 @@ fn t13_vcpu_get_registers() {
     let lying = VcpuGetRegisters { nmsrs: 4, padding1: 0, padding2: 0 };
     let body: Vec<u8> =
         VcpuHdr::default().as_bytes().iter().chain(lying.as_bytes()).chain(&[0u8; 8]).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_GET_REGISTERS, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_GET_REGISTERS, &body).unwrap().err, -22);
 }
 
 #[test]
@@ -280,7 +280,7 @@ fn t14_vcpu_set_registers() {
     assert!(after.rip >= KERNEL_BASE + 0x7000 && after.rip < KERNEL_BASE + 0x8000, "rip {:#x}", after.rip);
     // Short body: soft error.
     let body: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(&[0u8; 100]).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_SET_REGISTERS, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_SET_REGISTERS, &body).unwrap().err, -22);
 }
 
 #[test]
@@ -339,9 +339,9 @@ fn t17_event_breakpoint() {
 fn t18_vm_control_cleanup() {
     let (_s, vm) = one_vcpu();
     let bad = VmControlCleanup { enable: 2, padding: [0; 7] };
-    assert_eq!(vm.request_raw(msg::VM_CONTROL_CLEANUP, bad.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_CONTROL_CLEANUP, bad.as_bytes()).unwrap().err, -22);
     let pad = VmControlCleanup { enable: 1, padding: [0, 0, 1, 0, 0, 0, 0] };
-    assert_eq!(vm.request_raw(msg::VM_CONTROL_CLEANUP, pad.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_CONTROL_CLEANUP, pad.as_bytes()).unwrap().err, -22);
     assert_eq!(code(vm.control_cleanup(true)), 0);
     assert_eq!(code(vm.control_cleanup(false)), 0);
 }
@@ -391,7 +391,7 @@ fn t19_vcpu_control_cr() {
     vm.control_events(0, event::CR, false).unwrap();
     let bad = VcpuControlCr { cr: 0, enable: 2, padding1: 0, padding2: 0 };
     let body: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(bad.as_bytes()).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_CONTROL_CR, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_CONTROL_CR, &body).unwrap().err, -22);
     assert_eq!(code(vm.control_cr(0, 99, true)), -22);
     let (_s2, vm2) = setup(FakeConfig { caps: HostCaps::full().without_event(event::CR), ..Default::default() });
     assert_eq!(code(vm2.control_cr(0, 3, true)), -95);
@@ -465,7 +465,7 @@ fn t24_vcpu_xsave() {
     area.region[128] = 0x8000_0000;
     assert_eq!(code(vm.set_xsave(0, &area)), -22, "the host rejects the area");
     let short: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(&[0u8; 4095]).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_SET_XSAVE, &short).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_SET_XSAVE, &short).unwrap().err, -22);
 }
 
 #[test]
@@ -515,7 +515,7 @@ fn t27_vcpu_control_msr() {
     vm.control_events(0, event::MSR, false).unwrap();
     let bad = VcpuControlMsr { enable: 2, padding1: 0, padding2: 0, msr };
     let body: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(bad.as_bytes()).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_CONTROL_MSR, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_CONTROL_MSR, &body).unwrap().err, -22);
     assert_eq!(code(vm.control_msr(0, 0xffff_ffff, true)), -22);
     assert_eq!(code(vm.control_msr(0, 0x2000, true)), -22);
     assert_eq!(code(vm.control_msr(0, 0xc000_2000, true)), -22);
@@ -535,11 +535,11 @@ fn t28_vm_set_page_access() {
     assert_eq!(code(r), -22);
     assert_eq!(s.vm.page_restrictions().get(&2), Some(&access::R), "valid entries applied");
     let head = VmSetPageAccess { count: 0, padding1: 1, padding2: 0 };
-    assert_eq!(vm.request_raw(msg::VM_SET_PAGE_ACCESS, head.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_SET_PAGE_ACCESS, head.as_bytes()).unwrap().err, -22);
     let h = VmSetPageAccess { count: 1, padding1: 0, padding2: 0 };
     let e = PageAccessEntry { gpa: 0x3000, access: 1, padding: [0, 1, 0, 0, 0, 0, 0] };
     let body: Vec<u8> = h.as_bytes().iter().chain(e.as_bytes()).copied().collect();
-    assert_eq!(vm.request_raw(msg::VM_SET_PAGE_ACCESS, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_SET_PAGE_ACCESS, &body).unwrap().err, -22);
     let caps = HostCaps::full().without_command(msg::VM_SET_PAGE_ACCESS);
     let (_s2, vm2) = setup(FakeConfig { caps, ..Default::default() });
     assert_eq!(code(vm2.set_page_access(&[(0, 0)])), -95);
@@ -581,7 +581,7 @@ fn t30_vcpu_control_singlestep() {
     assert!(!s.vm.intercepts(0).singlestep);
     let bad = VcpuControlSinglestep { enable: 2, padding: [0; 7] };
     let body: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(bad.as_bytes()).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_CONTROL_SINGLESTEP, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_CONTROL_SINGLESTEP, &body).unwrap().err, -22);
     // Drain stray steps taken before the switch-off reached the vCPU.
     while let Some(Event::Vcpu(ev)) = vm.next_event(Some(Duration::from_millis(50))).unwrap() {
         vm.reply(&ev, EventReply::Continue).unwrap();

@@ -88,7 +88,12 @@ mod commands;
 mod error;
 mod event;
 mod listener;
-mod memory;
+mod map;
+mod mux;
+mod pipeline;
+#[cfg(any(test, feature = "raw"))]
+mod raw;
+mod transport;
 mod vm;
 
 #[cfg(test)]
@@ -98,5 +103,7 @@ pub use commands::{Registers, VersionInfo};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, EventReply, VcpuEventMsg};
 pub use listener::{Handshake, Incoming, Listener, DEFAULT_HANDSHAKE_TIMEOUT};
-pub use memory::GuestMemoryMap;
-pub use vm::{Events, RawReply, Vm, VmInfo, DEFAULT_REPLY_TIMEOUT};
+pub use map::GuestMemoryMap;
+#[cfg(any(test, feature = "raw"))]
+pub use raw::{RawReply, RawVm};
+pub use vm::{Events, Vm, VmInfo, DEFAULT_REPLY_TIMEOUT};

@@ -83,7 +83,7 @@ fn replies_are_matched_by_seq_out_of_order() {
         assert_eq!(t1.join().unwrap(), 1001);
         drop(p.join().unwrap());
     });
-    assert_eq!(vm.unmatched_count(), 0);
+    assert_eq!(vm.raw().unmatched_count(), 0);
 }
 
 #[test]
@@ -226,7 +226,7 @@ fn event_replies_have_the_exact_layout() {
     assert!(no_data_pending(&peer));
 
     // The raw path sends whatever it is given.
-    vm.reply_raw(12, 1, 1, 15, &[0xab; 3]).unwrap();
+    vm.raw().reply_raw(12, 1, 1, 15, &[0xab; 3]).unwrap();
     let (hdr, body) = read_msg(&mut peer);
     assert_eq!((hdr.size, body[8], body[9], &body[16..]), (19, 1, 15, &[0xab; 3][..]));
 }
@@ -278,8 +278,8 @@ fn timeout_then_late_reply_is_recorded_as_unmatched() {
     hdr_rx.recv().unwrap();
     vm.set_timeout(PEER_TIMEOUT);
     assert_eq!(vm.get_info().unwrap(), 0);
-    assert_eq!(vm.unmatched_count(), 1);
-    let u = vm.take_unmatched();
+    assert_eq!(vm.raw().unmatched_count(), 1);
+    let u = vm.raw().take_unmatched();
     assert_eq!((u.len(), u[0].hdr.id, u[0].hdr.seq, u[0].data.len()), (1, msg::VM_GET_INFO, 1, 16));
     drop(p.join().unwrap());
 }
@@ -300,15 +300,15 @@ fn raw_requests_and_id_zero_replies() {
         write_reply(&mut peer, hdr.id, hdr.seq, KvmErrno::Enosys.wire(), &[]);
         peer
     });
-    let r = vm.request_raw(0, &[1, 2, 3]).unwrap();
+    let r = vm.raw().request_raw(0, &[1, 2, 3]).unwrap();
     assert_eq!((r.hdr.id, r.err, r.data.len()), (0, -1000, 0));
-    let r = vm.request_raw(1, &[0; 8]).unwrap();
+    let r = vm.raw().request_raw(1, &[0; 8]).unwrap();
     assert_eq!((r.hdr.id, r.err), (1, -22));
-    let seq = vm.next_seq();
+    let seq = vm.raw().next_seq();
     let bytes = MsgHdr { id: 0x77, size: 2, seq }.as_bytes().iter().chain(&[0, 0]).copied().collect::<Vec<_>>();
-    let r = vm.request_bytes(0x77, seq, &bytes).unwrap();
+    let r = vm.raw().request_bytes(0x77, seq, &bytes).unwrap();
     assert_eq!(r.err, -1000);
-    assert_eq!(vm.unmatched_count(), 0);
+    assert_eq!(vm.raw().unmatched_count(), 0);
     drop(p.join().unwrap());
 }
 
