@@ -10,15 +10,10 @@ use ukvmi_conformance::{FakeConfig, Setup};
 use ukvmi_introspector::{Event, EventReply, Vm};
 use ukvmi_wire::*;
 
-const T: Duration = Duration::from_secs(10);
-const EINVAL: i32 = -22;
+mod common;
+use common::{code, EINVAL};
 
-fn code<X>(r: ukvmi_introspector::Result<X>) -> i32 {
-    match r {
-        Ok(_) => 0,
-        Err(e) => e.raw_err().unwrap_or_else(|| panic!("not a KVM error: {e}")),
-    }
-}
+const T: Duration = Duration::from_secs(10);
 
 /// A recognisable pattern: byte i of RAM is a hash of i.
 fn pattern(len: usize) -> Vec<u8> {

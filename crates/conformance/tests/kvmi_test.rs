@@ -11,12 +11,13 @@ use ukvmi_endpoint::{Disconnect, HookError, HostCaps, PermissionError, PreUnhook
 use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
 use ukvmi_wire::*;
 
+mod common;
+use common::{code, connect};
+
 const T: Duration = Duration::from_secs(10);
 
 fn setup(cfg: FakeConfig) -> (Setup, Vm) {
-    let s = Setup::new(&cfg);
-    let vm = Vm::connect_raw(s.connect()).unwrap();
-    (s, vm)
+    connect(&cfg)
 }
 
 fn one_vcpu() -> (Setup, Vm) {
@@ -24,13 +25,6 @@ fn one_vcpu() -> (Setup, Vm) {
 }
 
 /// The reply code of a command: 0 or a negative `KVM_E*`.
-fn code<X>(r: ukvmi_introspector::Result<X>) -> i32 {
-    match r {
-        Ok(_) => 0,
-        Err(e) => e.raw_err().unwrap_or_else(|| panic!("not a KVM error: {e}")),
-    }
-}
-
 fn next_vcpu_event(vm: &Vm) -> VcpuEventMsg {
     match vm.next_event(Some(T)).unwrap() {
         Some(Event::Vcpu(ev)) => *ev,

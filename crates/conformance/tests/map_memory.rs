@@ -11,29 +11,20 @@ use ukvmi_conformance::{FakeConfig, Setup};
 use ukvmi_introspector::{Error, Vm};
 use ukvmi_wire::*;
 
-const EPERM: i32 = -1;
-const EINVAL: i32 = -22;
-const EOPNOTSUPP: i32 = -95;
+mod common;
+use common::{code, connect, EINVAL, EOPNOTSUPP, EPERM};
+
 const MAP: u16 = msg::UKVMI_VM_MAP_MEMORY;
 const MEM: usize = 1 << 20;
 
 fn with_memfd() -> (Setup, Vm) {
-    let s = Setup::new(&FakeConfig { memfd: true, memory: MEM, ..Default::default() });
-    let vm = Vm::connect_raw(s.connect()).unwrap();
-    (s, vm)
+    connect(&FakeConfig { memfd: true, memory: MEM, ..Default::default() })
 }
 
 fn without_memfd() -> (Setup, Vm) {
     let s = Setup::new(&FakeConfig::default());
     let vm = Vm::connect_raw(s.connect()).unwrap();
     (s, vm)
-}
-
-fn code<X>(r: ukvmi_introspector::Result<X>) -> i32 {
-    match r {
-        Ok(_) => 0,
-        Err(e) => e.raw_err().unwrap_or_else(|| panic!("not a KVM error: {e}")),
-    }
 }
 
 /// Sends one framed request on a raw socket and reads the reply with

@@ -9,20 +9,14 @@ use ukvmi_conformance::{FakeConfig, GuestAction, Observed, Setup};
 use ukvmi_introspector::{Event, Vm};
 use ukvmi_wire::{event, msg};
 
+mod common;
+use common::{code, connect};
+
 const UNDO: u16 = msg::UKVMI_VM_WRITE_PHYSICAL_UNDO;
 const T: Duration = Duration::from_secs(5);
 
 fn setup() -> (Setup, Vm) {
-    let s = Setup::new(&FakeConfig { memory: 1 << 20, ..Default::default() });
-    let vm = Vm::connect_raw(s.connect()).unwrap();
-    (s, vm)
-}
-
-fn code<X>(r: ukvmi_introspector::Result<X>) -> i32 {
-    match r {
-        Ok(_) => 0,
-        Err(e) => e.raw_err().unwrap_or_else(|| panic!("not a KVM error: {e}")),
-    }
+    connect(&FakeConfig { memory: 1 << 20, ..Default::default() })
 }
 
 fn closed(s: &Setup, vm: Vm) {
