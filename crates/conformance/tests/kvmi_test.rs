@@ -8,7 +8,7 @@ use std::time::Duration;
 use ukvmi_conformance::fake::{KERNEL_BASE, TSC_KHZ};
 use ukvmi_conformance::{FakeConfig, GuestAction, Observed, Setup};
 use ukvmi_endpoint::{Disconnect, HookError, HostCaps, PermissionError, PreUnhookError};
-use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent, Vm};
 use ukvmi_wire::*;
 
 mod common;
@@ -25,23 +25,23 @@ fn one_vcpu() -> (Setup, Vm) {
 }
 
 /// The reply code of a command: 0 or a negative `KVM_E*`.
-fn next_vcpu_event(vm: &Vm) -> VcpuEventMsg {
+fn next_vcpu_event(vm: &Vm) -> PendingEvent {
     match vm.next_event(Some(T)).unwrap() {
-        Some(Event::Vcpu(ev)) => *ev,
+        Some(Event::Vcpu(ev)) => ev,
         other => panic!("expected a vCPU event, got {other:?}"),
     }
 }
 
 /// Receives the next vCPU event and checks its id and total body size.
-fn expect_event(vm: &Vm, id: u16, body_size: usize) -> VcpuEventMsg {
+fn expect_event(vm: &Vm, id: u16, body_size: usize) -> PendingEvent {
     let ev = next_vcpu_event(vm);
-    assert_eq!(ev.event, id, "got {:?}", ev.kind);
+    assert_eq!(ev.event, id, "got {:?}", ev.payload);
     assert_eq!(ev.size, 544);
-    assert_eq!(VCPU_EVENT_BODY_BASE + ev.payload.len(), body_size);
+    assert_eq!(VCPU_EVENT_BODY_BASE + ev.raw_payload.len(), body_size);
     ev
 }
 
-fn pause(vm: &Vm, vcpu: u16) -> VcpuEventMsg {
+fn pause(vm: &Vm, vcpu: u16) -> PendingEvent {
     vm.pause_vcpu(vcpu, true).unwrap();
     let ev = expect_event(vm, event::PAUSE, 552);
     assert_eq!(ev.vcpu, vcpu);
@@ -120,9 +120,9 @@ fn t05_vm_check_event() {
 #[test]
 fn t06_vm_get_info() {
     let (_s, vm) = one_vcpu();
-    assert_eq!(vm.get_info().unwrap(), 1);
+    assert_eq!(vm.vcpu_count().unwrap(), 1);
     let (_s, vm) = setup(FakeConfig { vcpus: 3, started: 1, ..Default::default() });
-    assert_eq!(vm.get_info().unwrap(), 3, "online vCPUs, started or not");
+    assert_eq!(vm.vcpu_count().unwrap(), 3, "online vCPUs, started or not");
 }
 
 #[test]
@@ -192,10 +192,10 @@ fn t09_memory_access() {
 }
 
 #[test]
-fn t10_vcpu_get_info() {
+fn t10_tsc_frequency() {
     let (_s, vm) = one_vcpu();
-    assert_eq!(vm.vcpu_get_info(0).unwrap(), u64::from(TSC_KHZ) * 1000);
-    assert_eq!(code(vm.vcpu_get_info(99)), -22);
+    assert_eq!(vm.tsc_frequency(0).unwrap(), u64::from(TSC_KHZ) * 1000);
+    assert_eq!(code(vm.tsc_frequency(99)), -22);
 }
 
 #[test]
@@ -203,7 +203,7 @@ fn t11_pause() {
     let (s, vm) = one_vcpu();
     for _ in 0..2 {
         let ev = pause(&vm, 0);
-        assert_eq!(ev.kind, EventKind::Pause);
+        assert_eq!(ev.payload, EventPayload::Pause);
         let held = s.vm.progress(0);
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(s.vm.progress(0), held, "the vCPU runs no guest code while paused");
@@ -306,7 +306,7 @@ fn t17_event_breakpoint() {
     assert!(s.vm.intercepts(0).breakpoint, "enabling asks the backend for #BP exits");
     s.vm.guest_does(0, GuestAction::Int3);
     let ev = expect_event(&vm, event::BREAKPOINT, 568);
-    let EventKind::Breakpoint { gpa, insn_len } = ev.kind else { panic!() };
+    let EventPayload::Breakpoint { gpa, insn_len } = ev.payload else { panic!() };
     assert_eq!(gpa, ev.regs.rip - KERNEL_BASE);
     assert_eq!(insn_len, 1);
     let mut regs = ev.regs;
@@ -372,7 +372,7 @@ fn t19_vcpu_control_cr() {
     let old = s.vm.cr(0, 4);
     s.vm.guest_does(0, GuestAction::WriteCr { cr: 4, value: old | (1 << 18) });
     let ev = expect_event(&vm, event::CR, 576);
-    let EventKind::Cr { cr, old_value, new_value } = ev.kind else { panic!() };
+    let EventPayload::Cr { cr, old_value, new_value } = ev.payload else { panic!() };
     assert_eq!((cr, old_value, new_value), (4, old, old | (1 << 18)));
     vm.reply(&ev, EventReply::ContinueWith(old_value)).unwrap();
     s.vm.wait_log(0, T, |o| matches!(o, Observed::Event { cause: GuestAction::WriteCr { .. }, .. })).unwrap();
@@ -400,7 +400,7 @@ fn t20_vcpu_inject_exception() {
     // Success: the TRAP event reports what went in.
     vm.inject_exception(0, 6, 0, 0).unwrap();
     let ev = expect_event(&vm, event::TRAP, 568);
-    assert_eq!(ev.kind, EventKind::Trap { nr: 6, error_code: 0, address: 0 });
+    assert_eq!(ev.payload, EventPayload::Trap { nr: 6, error_code: 0, address: 0 });
     vm.reply(&ev, EventReply::Continue).unwrap();
     s.vm.wait_log(0, T, |o| matches!(o, Observed::Injected(e) if e.nr == 6)).unwrap();
     // Overridden: the #BP re-injected by CONTINUE wins over the #UD.
@@ -414,18 +414,18 @@ fn t20_vcpu_inject_exception() {
     assert_eq!(code(vm.inject_exception(0, 13, 0, 0)), -16, "one injection at a time");
     vm.reply(&bp, EventReply::Continue).unwrap();
     let trap = expect_event(&vm, event::TRAP, 568);
-    let EventKind::Trap { nr, .. } = trap.kind else { panic!() };
+    let EventPayload::Trap { nr, .. } = trap.payload else { panic!() };
     assert_eq!(nr, 3, "#BP won");
     vm.reply(&trap, EventReply::Continue).unwrap();
     vm.control_events(0, event::BREAKPOINT, false).unwrap();
     // Error codes are kept only for vectors that have one.
     vm.inject_exception(0, 14, 0x2, 0xdead_b000).unwrap();
     let pf = expect_event(&vm, event::TRAP, 568);
-    assert_eq!(pf.kind, EventKind::Trap { nr: 14, error_code: 2, address: 0xdead_b000 });
+    assert_eq!(pf.payload, EventPayload::Trap { nr: 14, error_code: 2, address: 0xdead_b000 });
     vm.reply(&pf, EventReply::Continue).unwrap();
     vm.inject_exception(0, 6, 0x55, 0).unwrap();
     let ud = expect_event(&vm, event::TRAP, 568);
-    assert_eq!(ud.kind, EventKind::Trap { nr: 6, error_code: 0, address: 0 });
+    assert_eq!(ud.payload, EventPayload::Trap { nr: 6, error_code: 0, address: 0 });
     vm.reply(&ud, EventReply::Continue).unwrap();
 }
 
@@ -435,7 +435,7 @@ fn t22_event_xsetbv() {
     vm.control_events(0, event::XSETBV, true).unwrap();
     s.vm.guest_does(0, GuestAction::Xsetbv { value: 0x7 });
     let ev = expect_event(&vm, event::XSETBV, 576);
-    assert_eq!(ev.kind, EventKind::Xsetbv { xcr: 0, old_value: 1, new_value: 7 });
+    assert_eq!(ev.payload, EventPayload::Xsetbv { xcr: 0, old_value: 1, new_value: 7 });
     vm.reply(&ev, EventReply::Continue).unwrap();
     assert_eq!(vm.get_xcr(0, 0).unwrap(), 7);
     vm.control_events(0, event::XSETBV, false).unwrap();
@@ -477,7 +477,7 @@ fn t26_event_descriptor() {
     s.vm.guest_does(0, GuestAction::Gdt { write: true });
     for write in [false, true] {
         let ev = expect_event(&vm, event::DESCRIPTOR, 560);
-        assert_eq!(ev.kind, EventKind::Descriptor { descriptor: desc::GDTR, write });
+        assert_eq!(ev.payload, EventPayload::Descriptor { descriptor: desc::GDTR, write });
         vm.reply(&ev, EventReply::Continue).unwrap();
     }
     vm.control_events(0, event::DESCRIPTOR, false).unwrap();
@@ -492,7 +492,7 @@ fn t27_vcpu_control_msr() {
     assert!(s.vm.intercepts(0).msrs.contains(&msr));
     s.vm.guest_does(0, GuestAction::WriteMsr { msr, value: 1 });
     let ev = expect_event(&vm, event::MSR, 576);
-    assert_eq!(ev.kind, EventKind::Msr { msr, old_value: 0, new_value: 1 });
+    assert_eq!(ev.payload, EventPayload::Msr { msr, old_value: 0, new_value: 1 });
     vm.reply(&ev, EventReply::ContinueWith(0)).unwrap();
     s.vm.wait_log(0, T, |o| matches!(o, Observed::Event { cause: GuestAction::WriteMsr { .. }, .. })).unwrap();
     assert_eq!(s.vm.msr(0, msr), 0, "the tool blocked the write");
@@ -548,7 +548,7 @@ fn t29_event_pf() {
     vm.control_events(0, event::PF, true).unwrap();
     s.vm.guest_does(0, GuestAction::Write { gpa, value: 0x42 });
     let ev = expect_event(&vm, event::PF, 576);
-    assert_eq!(ev.kind, EventKind::Pf { gva: KERNEL_BASE + gpa, gpa, access: access::W });
+    assert_eq!(ev.payload, EventPayload::Pf { gva: KERNEL_BASE + gpa, gpa, access: access::W });
     assert_eq!(s.vm.peek(gpa, 1), [0xee], "the write has not happened");
     vm.set_page_access(&[(gpa & !0xfff, access::R | access::W)]).unwrap();
     vm.reply(&ev, EventReply::Retry).unwrap();
@@ -567,7 +567,7 @@ fn t30_vcpu_control_singlestep() {
     vm.control_events(0, event::SINGLESTEP, true).unwrap();
     vm.control_singlestep(0, true).unwrap();
     let ev = expect_event(&vm, event::SINGLESTEP, 560);
-    assert_eq!(ev.kind, EventKind::Singlestep { failed: false });
+    assert_eq!(ev.payload, EventPayload::Singlestep { failed: false });
     assert_eq!(code(vm.inject_exception(0, 6, 0, 0)), -16, "no injection while stepping");
     vm.control_singlestep(0, false).unwrap();
     vm.reply(&ev, EventReply::Continue).unwrap();
@@ -590,7 +590,7 @@ fn t30_vcpu_control_singlestep() {
 #[test]
 fn t31_vcpu_translate_gva() {
     let (_s, vm) = one_vcpu();
-    assert_eq!(vm.translate_gva(0, KERNEL_BASE + 0x5123).unwrap(), Some(0x5123));
+    assert_eq!(vm.translate_gva(0, KERNEL_BASE + 0x5123).unwrap(), Some(Gpa(0x5123)));
     assert_eq!(vm.translate_gva(0, u64::MAX).unwrap(), None);
     assert_eq!(vm.translate_gva(0, 0x1000).unwrap(), None);
 }
@@ -647,7 +647,7 @@ fn several_vcpus_with_events_outstanding_at_once() {
             s.vm.guest_does(v, GuestAction::WriteMsr { msr: 0x140, value: u64::from(v) });
         }
     }
-    let mut evs: Vec<VcpuEventMsg> = (0..4).map(|_| next_vcpu_event(&vm)).collect();
+    let mut evs: Vec<PendingEvent> = (0..4).map(|_| next_vcpu_event(&vm)).collect();
     evs.sort_by_key(|e| e.vcpu);
     let mut seqs: Vec<u32> = evs.iter().map(|e| e.seq).collect();
     seqs.sort_unstable();
@@ -660,7 +660,7 @@ fn several_vcpus_with_events_outstanding_at_once() {
                 for _ in 0..20 {
                     let r = vm.get_registers(ev.vcpu, &[]).unwrap();
                     assert_eq!(r.regs, ev.regs, "vCPU {} is held", ev.vcpu);
-                    assert_eq!(r.regs.rax, u64::from(ev.vcpu));
+                    assert_eq!(r.regs.rax, u64::from(ev.vcpu.raw()));
                 }
             });
         }

@@ -186,7 +186,7 @@ fn read_only_descriptor_cannot_be_mapped_writable() {
 fn the_view_is_guest_memory_live_both_ways() {
     let (s, vm) = with_memfd();
     let map = vm.map_memory().unwrap();
-    assert_eq!((map.len(), map.gpa(), map.is_writable()), (MEM as u64, 0, false));
+    assert_eq!((map.len(), map.gpa().raw(), map.is_writable()), (MEM as u64, 0, false));
     // Equal to READ_PHYSICAL over a range, across page boundaries.
     for (i, b) in (0..3 * 4096u64).step_by(8).enumerate() {
         s.vm.poke_mem(0x10_000 + b, &(i as u64 * 0x0101_0101).to_le_bytes());

@@ -13,9 +13,9 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
-use ukvmi_wire::{frame, map_flags, msg, read_zext, IntoBytes, VmMapMemory, VmMapMemoryReply};
+use ukvmi_wire::{frame, map_flags, msg, read_zext, Gpa, IntoBytes, VmMapMemory, VmMapMemoryReply};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, MapProblem, ProtocolError, Result};
 use crate::vm::{command_name, expect_len, reply_data, Vm};
 
 /// A mapping of guest physical memory, from `UKVMI_VM_MAP_MEMORY`.
@@ -65,13 +65,13 @@ impl GuestMemoryMap {
     /// Maps `fd` as the reply `r` describes; `writable` is what was asked.
     fn new(fd: OwnedFd, r: &VmMapMemoryReply, writable: bool) -> Result<GuestMemoryMap> {
         let name = command_name(msg::UKVMI_VM_MAP_MEMORY);
-        let proto = |what: String| Error::Protocol(format!("{name}: {what}"));
-        let len = usize::try_from(r.size).map_err(|_| proto(format!("RAM size {} does not fit", r.size)))?;
+        let proto = |problem: MapProblem| Error::from(ProtocolError::Map { command: name, problem });
+        let len = usize::try_from(r.size).map_err(|_| proto(MapProblem::TooLarge(r.size)))?;
         if len == 0 || r.gpa.checked_add(r.size).is_none() {
-            return Err(proto(format!("unusable RAM range {:#x}+{:#x}", r.gpa, r.size)));
+            return Err(proto(MapProblem::UnusableRange { gpa: r.gpa, size: r.size }));
         }
         if (r.flags & map_flags::WRITABLE != 0) != writable || r.flags & !map_flags::ALL != 0 || r.padding != 0 {
-            return Err(proto(format!("reply flags {:#x} do not match the request", r.flags)));
+            return Err(proto(MapProblem::Flags(r.flags)));
         }
         check_fd(fd.as_fd(), r.size, writable).map_err(proto)?;
         let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
@@ -82,7 +82,7 @@ impl GuestMemoryMap {
         if p == libc::MAP_FAILED {
             return Err(Error::Io { context: "mmap of guest RAM", source: io::Error::last_os_error() });
         }
-        let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| proto("mmap returned NULL".into()))?;
+        let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| proto(MapProblem::Null))?;
         // `fd` closes here; the mapping keeps the memory.
         Ok(GuestMemoryMap { base, len, gpa: r.gpa, writable })
     }
@@ -98,8 +98,8 @@ impl GuestMemoryMap {
     }
 
     /// First guest physical address mapped (0 for the ukvmi VMM).
-    pub fn gpa(&self) -> u64 {
-        self.gpa
+    pub fn gpa(&self) -> Gpa {
+        Gpa(self.gpa)
     }
 
     /// Whether [`GuestMemoryMap::write`] is allowed.
@@ -123,7 +123,8 @@ impl GuestMemoryMap {
     }
 
     /// Copies guest memory at `gpa` into `buf` (any length, across pages).
-    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+    pub fn read(&self, gpa: impl Into<Gpa>, buf: &mut [u8]) -> Result<()> {
+        let gpa = gpa.into().raw();
         let off = self.offset(gpa, buf.len())?;
         // SAFETY: `off + buf.len() <= len` (checked), so the source lies in
         // our live mapping; `buf` is a distinct, writable Rust buffer. A raw
@@ -133,7 +134,8 @@ impl GuestMemoryMap {
     }
 
     /// The little-endian u64 at `gpa`. Aligned: one 8-byte load (no tearing).
-    pub fn read_u64(&self, gpa: u64) -> Result<u64> {
+    pub fn read_u64(&self, gpa: impl Into<Gpa>) -> Result<u64> {
+        let gpa = gpa.into().raw();
         let off = self.offset(gpa, 8)?;
         if gpa % 8 == 0 && (self.base.as_ptr() as usize + off) % 8 == 0 {
             // SAFETY: in bounds (checked) and 8-byte aligned; a volatile load
@@ -147,7 +149,8 @@ impl GuestMemoryMap {
 
     /// Copies `data` into guest memory at `gpa` (writable maps only). The
     /// guest sees it at once; page-access restrictions do not apply.
-    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
+    pub fn write(&self, gpa: impl Into<Gpa>, data: &[u8]) -> Result<()> {
+        let gpa = gpa.into().raw();
         if !self.writable {
             return Err(Error::ReadOnlyMap);
         }
@@ -182,21 +185,21 @@ impl Drop for GuestMemoryMap {
 
 /// The descriptor must be sealed against shrinking (or the VMM could make
 /// our accesses SIGBUS), long enough, and open as asked.
-fn check_fd(fd: BorrowedFd<'_>, size: u64, writable: bool) -> std::result::Result<(), String> {
+fn check_fd(fd: BorrowedFd<'_>, size: u64, writable: bool) -> std::result::Result<(), MapProblem> {
     // SAFETY: F_GET_SEALS and F_GETFL on a descriptor we own; no argument.
     let (seals, fl) =
         unsafe { (libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS), libc::fcntl(fd.as_raw_fd(), libc::F_GETFL)) };
     if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-        return Err("the descriptor is not sealed against shrinking".into());
+        return Err(MapProblem::NotSealed);
     }
     let mode = fl & libc::O_ACCMODE;
     if fl < 0 || (writable && mode != libc::O_RDWR) {
-        return Err(format!("the descriptor's access mode {mode:#x} does not allow the mapping asked for"));
+        return Err(MapProblem::AccessMode(mode));
     }
-    let file = std::fs::File::from(fd.try_clone_to_owned().map_err(|e| format!("dup: {e}"))?);
-    let flen = file.metadata().map_err(|e| format!("fstat: {e}"))?.len();
+    let file = std::fs::File::from(fd.try_clone_to_owned().map_err(MapProblem::Dup)?);
+    let flen = file.metadata().map_err(MapProblem::Fstat)?.len();
     if flen < size {
-        return Err(format!("the file has {flen} bytes, the reply announces {size}"));
+        return Err(MapProblem::TooShort { file: flen, announced: size });
     }
     Ok(())
 }
@@ -235,7 +238,7 @@ impl Vm {
         let data = reply_data(name, &reply)?;
         expect_len(id, data, std::mem::size_of::<VmMapMemoryReply>())?;
         let r: VmMapMemoryReply = read_zext(data);
-        let fd = fd.ok_or_else(|| Error::Protocol(format!("{name}: the reply carried no file descriptor")))?;
+        let fd = fd.ok_or(ProtocolError::Map { command: name, problem: MapProblem::NoDescriptor })?;
         GuestMemoryMap::new(fd, &r, flags & map_flags::WRITABLE != 0)
     }
 }

@@ -9,13 +9,14 @@ use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use ukvmi_wire::{msg, read_zext, ErrorCode, MsgHdr, VCPU_EVENT_BODY_BASE};
 
 use crate::error::{Error, Result};
-use crate::event::{self, Event};
+use crate::events::{self, Event};
+use crate::pending::PendingEvent;
 use crate::transport::{readable, spin_until_readable, Message, ReadSide, SPIN};
 
 /// How many unmatched replies are kept (the raw API's `take_unmatched`).
@@ -40,6 +41,8 @@ struct EventQueue {
 
 /// State shared by the `Vm` handle and its reader thread.
 pub(crate) struct Mux {
+    /// This multiplexer, for the events it hands out (their automatic reply).
+    me: Weak<Mux>,
     /// Used for writing and shutting down; reading goes through `rd`.
     stream: UnixStream,
     /// The read side. Whoever holds it reads whole messages and dispatches
@@ -62,6 +65,8 @@ pub(crate) struct Mux {
     events: Mutex<EventQueue>,
     unmatched: Mutex<VecDeque<Message>>,
     unmatched_count: AtomicU64,
+    /// Why the connection broke, if it did not end cleanly (taken once).
+    failure: Mutex<Option<std::io::Error>>,
     /// Requests (by seq) that accept a descriptor with their reply
     /// (`UKVMI_VM_MAP_MEMORY`), and the descriptor once it has come.
     fd_slots: Mutex<HashMap<u32, Option<OwnedFd>>>,
@@ -73,9 +78,10 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Mux {
     /// A multiplexer over a connected stream (a clone of it is the read side).
-    pub(crate) fn new(stream: UnixStream, timeout: Duration) -> Result<Mux> {
+    pub(crate) fn new(stream: UnixStream, timeout: Duration) -> Result<Arc<Mux>> {
         let read_half = stream.try_clone().map_err(Error::io("cloning the KVMI socket"))?;
-        Ok(Mux {
+        Ok(Arc::new_cyclic(|me| Mux {
+            me: me.clone(),
             stream,
             rd: Mutex::new(ReadSide::new(read_half)),
             waiters: AtomicUsize::new(0),
@@ -88,8 +94,9 @@ impl Mux {
             events: Mutex::new(EventQueue::default()),
             unmatched: Mutex::new(VecDeque::new()),
             unmatched_count: AtomicU64::new(0),
+            failure: Mutex::new(None),
             fd_slots: Mutex::new(HashMap::new()),
-        })
+        }))
     }
 
     /// Takes a fresh sequence number (a counter per connection, from 1).
@@ -178,6 +185,12 @@ impl Mux {
         })
     }
 
+    /// Why the connection broke (a read error, or EOF inside a message), if
+    /// it did not end cleanly; taken once.
+    pub(crate) fn take_failure(&self) -> Option<std::io::Error> {
+        lock(&self.failure).take()
+    }
+
     /// Waits for the next event until `deadline` (`None`: forever).
     /// `Ok(None)` on timeout; `Err(Error::Closed)` once the connection has
     /// ended and every queued event has been taken.
@@ -196,10 +209,11 @@ impl Mux {
     fn dispatch(&self, m: Message) {
         match m.hdr.id {
             msg::VM_EVENT if !self.is_id0_error_reply(&m) => {
-                self.push_event(event::parse_vm_event(m.hdr.seq, &m.body));
+                self.push_event(events::parse_vm_event(m.hdr.seq, &m.body));
             }
             msg::VCPU_EVENT if m.body.len() >= VCPU_EVENT_BODY_BASE => {
-                self.push_event(Event::Vcpu(Box::new(event::parse_vcpu_event(m.hdr.seq, &m.body))));
+                let ev = events::parse_vcpu_event(m.hdr.seq, &m.body);
+                self.push_event(Event::Vcpu(PendingEvent::new(ev, self.me.clone())));
             }
             _ => self.deliver_reply(m),
         }
@@ -356,6 +370,11 @@ impl Mux {
     /// go of it. False when the connection is over.
     fn read_one(&self, mut rd: MutexGuard<'_, ReadSide>) -> bool {
         let m = read_message(self, &mut rd);
+        if m.is_none() {
+            if let Some(e) = rd.take_failure() {
+                *lock(&self.failure) = Some(e);
+            }
+        }
         drop(rd);
         let alive = match m {
             Some(m) => {

@@ -5,7 +5,7 @@
 use ukvmi_wire::{frame, msg, read_zext, tail, ErrorCode, MsgHdr};
 
 use crate::error::{Error, Result};
-use crate::event;
+use crate::events;
 use crate::transport::Message;
 use crate::vm::{command_name, Vm};
 
@@ -69,7 +69,7 @@ impl RawVm<'_> {
     /// Sends an event reply built from raw parts, unchecked: vCPU header
     /// (`vcpu`), `kvmi_vcpu_event_reply` (`action`, `event`), then `payload`.
     pub fn reply_raw(&self, seq: u32, vcpu: u16, action: u8, event: u8, payload: &[u8]) -> Result<()> {
-        let body = event::build_reply_body(vcpu, action, event, payload);
+        let body = events::build_reply_body(vcpu, action, event, payload);
         let bytes = frame(msg::VCPU_EVENT, seq, &[&body]).map_err(|e| Error::Refused(e.to_string()))?;
         self.vm.mux.write(&bytes)
     }

@@ -13,7 +13,7 @@ use ukvmi_wire::{
     VcpuEvent, VcpuHdr,
 };
 
-use crate::{Error, Event, EventKind, EventReply, Listener, Vm};
+use crate::{Error, Event, EventPayload, EventReply, Listener, Vm};
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -77,8 +77,8 @@ fn replies_are_matched_by_seq_out_of_order() {
             }
             peer
         });
-        let t0 = sc.spawn(|| vm.vcpu_get_info(0).unwrap());
-        let t1 = sc.spawn(|| vm.vcpu_get_info(1).unwrap());
+        let t0 = sc.spawn(|| vm.tsc_frequency(0).unwrap());
+        let t1 = sc.spawn(|| vm.tsc_frequency(1).unwrap());
         assert_eq!(t0.join().unwrap(), 1000);
         assert_eq!(t1.join().unwrap(), 1001);
         drop(p.join().unwrap());
@@ -131,8 +131,8 @@ fn wrong_reply_size_is_a_protocol_error() {
         write_reply(&mut peer, hdr.id, hdr.seq, 0, &[r.as_bytes(), entry.as_bytes()].concat());
         peer
     });
-    assert!(matches!(vm.get_info(), Err(Error::Protocol(_))));
-    assert!(matches!(vm.get_info(), Err(Error::Protocol(_))));
+    assert!(matches!(vm.vcpu_count(), Err(Error::Protocol(_))));
+    assert!(matches!(vm.vcpu_count(), Err(Error::Protocol(_))));
     assert!(matches!(vm.get_registers(0, &[0x174]), Err(Error::Protocol(_))));
     let regs = vm.get_registers(1, &[0xc000_0080]).unwrap();
     assert_eq!((regs.mode, regs.regs.rip), (8, 0x4000));
@@ -168,22 +168,22 @@ fn events_interleaved_with_replies_are_queued_and_parsed() {
     assert_eq!(vm.get_xcr(2, 0).unwrap(), 7);
     let t = Some(PEER_TIMEOUT);
     let Some(Event::Vcpu(ev)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
-    assert_eq!((ev.seq, ev.event, ev.vcpu, ev.mode, ev.size), (1, event::BREAKPOINT, 2, 8, 544));
-    assert_eq!(ev.kind, EventKind::Breakpoint { gpa: 0x1000_0ff0, insn_len: 1 });
+    assert_eq!((ev.seq, ev.event.raw(), ev.vcpu.raw(), ev.mode, ev.size), (1, event::BREAKPOINT, 2, 8, 544));
+    assert_eq!(ev.payload, EventPayload::Breakpoint { gpa: 0x1000_0ff0, insn_len: 1 });
     assert_eq!(ev.regs.rip, 0xffff_8000_0000_1000);
     assert_eq!(ev.sregs.cr3, 0x1234_5000);
     assert_eq!(ev.msrs.lstar, 0xffff_ffff_8100_0000);
     assert_eq!(ev.name(), Some("KVMI_VCPU_EVENT_BREAKPOINT"));
-    assert_eq!(vm.next_event(t).unwrap(), Some(Event::Unhook { seq: 2 }));
+    assert!(matches!(vm.next_event(t).unwrap(), Some(Event::Unhook { seq: 2 })));
     let Some(Event::Vcpu(ev)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
-    assert_eq!(ev.kind, EventKind::Breakpoint { gpa: 0x2000, insn_len: 3 });
+    assert_eq!(ev.payload, EventPayload::Breakpoint { gpa: 0x2000, insn_len: 3 });
     let Some(Event::Vcpu(ev)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
-    assert_eq!((ev.seq, ev.payload.len()), (4, 0));
-    assert_eq!(ev.kind, EventKind::Pf { gva: 0, gpa: 0, access: 0 });
+    assert_eq!((ev.seq, ev.raw_payload.len()), (4, 0));
+    assert_eq!(ev.payload, EventPayload::Pf { gva: 0, gpa: 0, access: 0 });
     let Some(Event::Vcpu(ev)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
-    assert_eq!(ev.kind, EventKind::Unknown { event: 41, payload: vec![9, 9] });
+    assert_eq!(ev.payload, EventPayload::Unknown { event: 41, payload: vec![9, 9] });
     assert!(matches!(vm.reply(&ev, EventReply::Continue), Err(Error::Refused(_))));
-    assert_eq!(vm.next_event(Some(Duration::from_millis(10))).unwrap(), None);
+    assert!(vm.next_event(Some(Duration::from_millis(10))).unwrap().is_none());
     drop(p.join().unwrap());
 }
 
@@ -239,7 +239,7 @@ fn eof_wakes_waiting_commands_and_ends_events() {
         assert_eq!(hdr.id, msg::VM_GET_INFO);
         drop(peer);
     });
-    assert!(matches!(vm.get_info(), Err(Error::Closed)));
+    assert!(matches!(vm.vcpu_count(), Err(Error::Closed)));
     p.join().unwrap();
     assert!(matches!(vm.next_event(None), Err(Error::Closed)));
     assert!(matches!(vm.get_version(), Err(Error::Closed)));
@@ -251,7 +251,7 @@ fn eof_wakes_waiting_commands_and_ends_events() {
 fn close_from_our_side_wakes_waiters() {
     let (vm, peer) = pair();
     thread::scope(|sc| {
-        let waiter = sc.spawn(|| vm.get_info());
+        let waiter = sc.spawn(|| vm.vcpu_count());
         let events = sc.spawn(|| vm.next_event(None));
         thread::sleep(Duration::from_millis(20));
         vm.close();
@@ -274,10 +274,10 @@ fn timeout_then_late_reply_is_recorded_as_unmatched() {
         write_reply(&mut peer, next.id, next.seq, 0, &[0; 16]);
         peer
     });
-    assert!(matches!(vm.get_info(), Err(Error::Timeout { command: "KVMI_VM_GET_INFO" })));
+    assert!(matches!(vm.vcpu_count(), Err(Error::Timeout { command: "KVMI_VM_GET_INFO" })));
     hdr_rx.recv().unwrap();
     vm.set_timeout(PEER_TIMEOUT);
-    assert_eq!(vm.get_info().unwrap(), 0);
+    assert_eq!(vm.vcpu_count().unwrap(), 0);
     assert_eq!(vm.raw().unmatched_count(), 1);
     let u = vm.raw().take_unmatched();
     assert_eq!((u.len(), u[0].hdr.id, u[0].hdr.seq, u[0].data.len()), (1, msg::VM_GET_INFO, 1, 16));

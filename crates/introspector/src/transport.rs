@@ -32,11 +32,14 @@ pub(crate) struct ReadSide {
     /// Descriptors received, each with the stream offset just past the read
     /// that brought it: it belongs to the message holding the byte before.
     fds: Vec<(u64, OwnedFd)>,
+    /// Why reading stopped, when it was not a clean end (EOF between
+    /// messages): a read error, or EOF in the middle of a message.
+    failure: Option<io::Error>,
 }
 
 impl ReadSide {
     pub(crate) fn new(stream: UnixStream) -> ReadSide {
-        ReadSide { stream, buf: vec![0; READ_AHEAD], start: 0, end: 0, consumed: 0, fds: Vec::new() }
+        ReadSide { stream, buf: vec![0; READ_AHEAD], start: 0, end: 0, consumed: 0, fds: Vec::new(), failure: None }
     }
 
     /// Whether received bytes wait in the buffer (then reading does not block
@@ -55,7 +58,18 @@ impl ReadSide {
             }
             let mut got = Vec::new();
             let room = self.buf.get_mut(self.end..).unwrap_or_default();
-            let k = recv_some(&self.stream, room, &mut got)?;
+            let k = match recv_some(&self.stream, room, &mut got) {
+                Ok(k) => k,
+                Err(e) => {
+                    let clean = e.kind() == io::ErrorKind::UnexpectedEof && self.start == self.end;
+                    if !clean && self.failure.is_none() {
+                        let mid = e.kind() == io::ErrorKind::UnexpectedEof;
+                        self.failure =
+                            Some(if mid { io::Error::new(e.kind(), "connection closed inside a message") } else { e });
+                    }
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            };
             self.end += k;
             let past = self.consumed + (self.end - self.start) as u64;
             self.fds.extend(got.into_iter().map(|fd| (past, fd)));
@@ -63,8 +77,14 @@ impl ReadSide {
         Ok(())
     }
 
+    /// Why reading stopped, if it was not a clean end (taken once).
+    pub(crate) fn take_failure(&mut self) -> Option<io::Error> {
+        self.failure.take()
+    }
+
     /// The next whole message and the descriptors that came with it; `None`
-    /// at EOF or on a read error (the connection is then over).
+    /// at EOF or on a read error (the connection is then over; see
+    /// [`ReadSide::take_failure`]).
     pub(crate) fn next_message(&mut self) -> Option<(Message, Vec<OwnedFd>)> {
         self.need(8).ok()?;
         let hdr: MsgHdr = read_zext(self.buf.get(self.start..self.start + 8)?);

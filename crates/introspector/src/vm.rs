@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use ukvmi_wire::{frame, msg, read_zext, tail, ErrorCode};
 
-use crate::error::{Error, Result};
-use crate::event::{self, Event, EventReply, VcpuEventMsg};
+use crate::error::{Error, ProtocolError, Result};
+use crate::events::{self, Event, EventReply};
 use crate::mux::{lock, reader_loop, Mux};
+use crate::pending::PendingEvent;
 use crate::transport::Message;
 
 /// Default time a command waits for its reply.
@@ -64,7 +65,7 @@ impl Vm {
     }
 
     pub(crate) fn start(stream: UnixStream, info: VmInfo, timeout: Duration) -> Result<Vm> {
-        let mux = Arc::new(Mux::new(stream, timeout)?);
+        let mux = Mux::new(stream, timeout)?;
         let for_thread = Arc::clone(&mux);
         let handle = std::thread::Builder::new()
             .name("ukvmi-reader".into())
@@ -103,18 +104,23 @@ impl Vm {
         self.mux.next_event(deadline)
     }
 
-    /// A blocking iterator over events; it ends when the connection ends.
+    /// A blocking iterator over events. It ends when the connection ends
+    /// cleanly; if it broke (a read error, or EOF inside a message) the last
+    /// item is that error.
     pub fn events(&self) -> Events<'_> {
-        Events { vm: self }
+        Events { vm: self, done: false }
     }
 
     /// Answers a vCPU event. Refuses (sends nothing) an action the event does
     /// not accept, a value for an event that takes none, or an unknown event.
-    /// Fire-and-forget: the hypervisor sends no reply to it.
-    pub fn reply(&self, ev: &VcpuEventMsg, reply: EventReply) -> Result<()> {
-        let body = event::reply_body(ev, reply)?;
+    /// Fire-and-forget: the hypervisor sends no reply to it. Once a reply is
+    /// sent, dropping `ev` sends nothing more.
+    pub fn reply(&self, ev: &PendingEvent, reply: EventReply) -> Result<()> {
+        let body = events::reply_body(ev, reply)?;
         let bytes = frame(msg::VCPU_EVENT, ev.seq, &[&body]).map_err(|e| Error::Refused(e.to_string()))?;
-        self.mux.write(&bytes)
+        self.mux.write(&bytes)?;
+        ev.mark_answered();
+        Ok(())
     }
 
     /// Shuts the socket down (both directions) without waiting; the reader
@@ -160,10 +166,7 @@ impl Drop for Vm {
 /// The data of a command reply after a successful `kvmi_error_code`.
 pub(crate) fn reply_data<'m>(name: &'static str, m: &'m Message) -> Result<&'m [u8]> {
     if m.body.len() < 8 {
-        return Err(Error::Protocol(format!(
-            "{name}: reply body of {} bytes is shorter than kvmi_error_code",
-            m.body.len()
-        )));
+        return Err(ProtocolError::ShortReply { command: name, len: m.body.len() }.into());
     }
     let ec: ErrorCode = read_zext(&m.body);
     if ec.err != 0 {
@@ -177,11 +180,7 @@ pub(crate) fn expect_len(id: u16, data: &[u8], len: usize) -> Result<()> {
     if data.len() == len {
         Ok(())
     } else {
-        Err(Error::Protocol(format!(
-            "{}: reply carries {} bytes of data, expected {len}",
-            command_name(id),
-            data.len()
-        )))
+        Err(ProtocolError::ReplyLength { command: command_name(id), got: data.len(), expected: len }.into())
     }
 }
 
@@ -194,12 +193,31 @@ pub(crate) fn command_name(id: u16) -> &'static str {
 #[derive(Debug)]
 pub struct Events<'a> {
     vm: &'a Vm,
+    done: bool,
 }
 
 impl Iterator for Events<'_> {
-    type Item = Event;
+    type Item = Result<Event>;
 
-    fn next(&mut self) -> Option<Event> {
-        self.vm.next_event(None).ok().flatten()
+    fn next(&mut self) -> Option<Result<Event>> {
+        while !self.done {
+            match self.vm.next_event(None) {
+                Ok(Some(ev)) => return Some(Ok(ev)),
+                // Waiting forever only ends with an event or an error.
+                Ok(None) => {}
+                Err(Error::Closed) => {
+                    self.done = true;
+                    let broke = self.vm.mux.take_failure();
+                    return broke.map(|source| Err(Error::Io { context: "reading from the KVMI socket", source }));
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        None
     }
 }
+
+impl std::iter::FusedIterator for Events<'_> {}
