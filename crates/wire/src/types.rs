@@ -36,6 +36,12 @@ macro_rules! newtype {
             }
         }
 
+        impl PartialEq<$int> for $name {
+            fn eq(&self, other: &$int) -> bool {
+                self.0 == *other
+            }
+        }
+
         impl fmt::LowerHex for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 fmt::LowerHex::fmt(&self.0, f)
@@ -235,6 +241,7 @@ mod tests {
         assert_eq!(g.gfn().gpa(), Gpa(0x1234_5000));
         assert_eq!(Gpa(u64::MAX).checked_add(1), None);
         assert_eq!(VcpuId::from(3u16).to_string(), "3");
+        assert!(VcpuId(3) == 3 && VcpuId(3) != 4, "compares with the raw integer");
         assert_eq!(CommandId(msg::VM_READ_PHYSICAL).to_string(), "KVMI_VM_READ_PHYSICAL");
         assert_eq!(CommandId(0x7777).to_string(), "message 0x7777");
         assert_eq!(EventId(event::BREAKPOINT).name(), Some("KVMI_VCPU_EVENT_BREAKPOINT"));
