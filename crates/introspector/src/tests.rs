@@ -498,3 +498,69 @@ fn vm_is_send_and_sync() {
     check::<Listener>();
     check::<Error>();
 }
+
+#[test]
+fn a_vcpu_event_dropped_unanswered_answers_continue_once() {
+    let (vm, mut peer) = pair();
+    let msr = EventMsr { msr: 0xc000_0082, padding: 0, old_value: 0x10, new_value: 0x20 };
+    let bp = EventBreakpoint { gpa: 0x1000, insn_len: 1, padding: [0; 7] };
+    peer.write_all(&frame(msg::VCPU_EVENT, 21, &[&vcpu_event_body(event::MSR, 2, 544, msr.as_bytes())]).unwrap())
+        .unwrap();
+    peer.write_all(&frame(msg::VCPU_EVENT, 22, &[&vcpu_event_body(event::BREAKPOINT, 1, 544, bp.as_bytes())]).unwrap())
+        .unwrap();
+    peer.write_all(&frame(msg::VCPU_EVENT, 23, &[&vcpu_event_body(41, 0, 544, &[])]).unwrap()).unwrap();
+    let t = Some(PEER_TIMEOUT);
+    let Some(Event::Vcpu(forgotten)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
+    assert!(!forgotten.is_answered());
+    drop(forgotten);
+    // CONTINUE with the guest's value, for the event's seq and vCPU.
+    let (hdr, body) = read_msg(&mut peer);
+    assert_eq!((hdr.id, hdr.size, hdr.seq), (msg::VCPU_EVENT, 24, 21));
+    assert_eq!(&body[..16], &[2, 0, 0, 0, 0, 0, 0, 0, 0, event::MSR as u8, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(&body[16..], &0x20u64.to_le_bytes());
+
+    // Answered: dropping it sends nothing more.
+    let Some(Event::Vcpu(answered)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
+    vm.reply(&answered, EventReply::Retry).unwrap();
+    assert!(answered.is_answered());
+    drop(answered);
+    let (hdr, body) = read_msg(&mut peer);
+    assert_eq!((hdr.seq, body[8]), (22, 1), "the RETRY");
+
+    // An event the library does not know gets a bare CONTINUE; a detached
+    // one gets nothing.
+    let Some(Event::Vcpu(unknown)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
+    assert!(matches!(vm.reply(&unknown, EventReply::Continue), Err(Error::Refused(_))));
+    assert!(!unknown.is_answered(), "a refused reply does not count");
+    drop(unknown);
+    let (hdr, body) = read_msg(&mut peer);
+    assert_eq!((hdr.seq, hdr.size, body[8], body[9]), (23, 16, 0, 41));
+    peer.write_all(&frame(msg::VCPU_EVENT, 24, &[&vcpu_event_body(event::PAUSE, 0, 544, &[])]).unwrap()).unwrap();
+    let Some(Event::Vcpu(ev)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
+    let msg = ev.detach();
+    assert_eq!(msg.seq, 24);
+    thread::sleep(Duration::from_millis(50));
+    assert!(no_data_pending(&peer));
+}
+
+#[test]
+fn events_end_cleanly_at_eof_and_with_an_error_when_cut_inside_a_message() {
+    let (vm, mut peer) = pair();
+    peer.write_all(&frame(msg::VM_EVENT, 1, &[EventHdr { event: event::UNHOOK, padding: [0; 3] }.as_bytes()]).unwrap())
+        .unwrap();
+    drop(peer);
+    let items: Vec<_> = vm.events().collect();
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert!(matches!(items.first(), Some(Ok(Event::Unhook { seq: 1 }))));
+
+    let (vm, mut peer) = pair();
+    // A header announcing 100 bytes, then only 10 of them.
+    let hdr = MsgHdr { id: msg::VM_EVENT, size: 100, seq: 1 };
+    peer.write_all(hdr.as_bytes()).unwrap();
+    peer.write_all(&[0; 10]).unwrap();
+    drop(peer);
+    let mut events = vm.events();
+    let last = events.next();
+    assert!(matches!(last, Some(Err(Error::Io { .. }))), "{last:?}");
+    assert!(events.next().is_none(), "and then it ends");
+}
