@@ -1,4 +1,4 @@
-//! The one error type of the crate.
+//! The crate's error types: [`Error`], and [`ProtocolError`] / [`MapProblem`] for what the peer got wrong.
 
 use std::io;
 use ukvmi_wire::KvmErrno;

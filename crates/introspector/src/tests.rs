@@ -497,6 +497,8 @@ fn vm_is_send_and_sync() {
     check::<Vm>();
     check::<Listener>();
     check::<Error>();
+    check::<crate::PendingEvent>();
+    check::<crate::GuestMemoryMap>();
 }
 
 #[test]
