@@ -543,6 +543,11 @@ fn a_vcpu_event_dropped_unanswered_answers_continue_once() {
     assert_eq!(msg.seq, 24);
     thread::sleep(Duration::from_millis(50));
     assert!(no_data_pending(&peer));
+    // ... until the caller answers it.
+    assert!(matches!(vm.reply_detached(&msg, EventReply::Retry), Err(Error::Refused(_))), "PAUSE takes no RETRY");
+    vm.reply_detached(&msg, EventReply::Continue).unwrap();
+    let (hdr, body) = read_msg(&mut peer);
+    assert_eq!((hdr.seq, hdr.size, body[8], body[9]), (24, 16, 0, event::PAUSE as u8));
 }
 
 #[test]

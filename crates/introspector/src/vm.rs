@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ukvmi_wire::{frame, msg, read_zext, tail, ErrorCode};
 
 use crate::error::{Error, ProtocolError, Result};
-use crate::events::{self, Event, EventReply};
+use crate::events::{self, Event, EventReply, VcpuEventMsg};
 use crate::mux::{lock, reader_loop, Mux};
 use crate::pending::PendingEvent;
 use crate::transport::Message;
@@ -116,11 +116,18 @@ impl Vm {
     /// Fire-and-forget: the hypervisor sends no reply to it. Once a reply is
     /// sent, dropping `ev` sends nothing more.
     pub fn reply(&self, ev: &PendingEvent, reply: EventReply) -> Result<()> {
-        let body = events::reply_body(ev, reply)?;
-        let bytes = frame(msg::VCPU_EVENT, ev.seq, &[&body]).map_err(|e| Error::Refused(e.to_string()))?;
-        self.mux.write(&bytes)?;
+        self.reply_detached(ev, reply)?;
         ev.mark_answered();
         Ok(())
+    }
+
+    /// [`Vm::reply`] for an event taken out of its [`PendingEvent`] with
+    /// [`PendingEvent::detach`]: same checks, same bytes, but nothing
+    /// answers for the caller if this is never called.
+    pub fn reply_detached(&self, ev: &VcpuEventMsg, reply: EventReply) -> Result<()> {
+        let body = events::reply_body(ev, reply)?;
+        let bytes = frame(msg::VCPU_EVENT, ev.seq, &[&body]).map_err(|e| Error::Refused(e.to_string()))?;
+        self.mux.write(&bytes)
     }
 
     /// Shuts the socket down (both directions) without waiting; the reader
