@@ -7,10 +7,8 @@ use ukvmi_conformance::raw::ReadOutcome;
 use ukvmi_conformance::{FakeConfig, Setup};
 use ukvmi_wire::*;
 
-const EPERM: i32 = -1;
-const EINVAL: i32 = -22;
-const EAGAIN: i32 = -11;
-const ENOSYS: i32 = -1000;
+mod common;
+use common::{EAGAIN, EINVAL, ENOSYS, EPERM};
 
 fn two_vcpus_one_started() -> Setup {
     Setup::new(&FakeConfig { vcpus: 2, started: 1, ..Default::default() })

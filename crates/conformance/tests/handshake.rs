@@ -39,7 +39,7 @@ fn keyed_handshake_then_kvmi_on_the_same_socket() {
         assert_eq!(info.name, "test-vm");
         assert_eq!((info.start_time, info.max_gpa, info.handshake_size), (1_700_000_000, 1 << 20, 104));
         assert_eq!((info.version, info.max_msg_size, info.singlestep), (1, 8184, true));
-        assert_eq!(vm.get_info().unwrap(), 2);
+        assert_eq!(vm.vcpu_count().unwrap(), 2);
     });
 }
 

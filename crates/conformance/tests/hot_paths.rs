@@ -10,15 +10,10 @@ use ukvmi_conformance::{FakeConfig, Setup};
 use ukvmi_introspector::{Event, EventReply, Vm};
 use ukvmi_wire::*;
 
-const T: Duration = Duration::from_secs(10);
-const EINVAL: i32 = -22;
+mod common;
+use common::{code, EINVAL};
 
-fn code<X>(r: ukvmi_introspector::Result<X>) -> i32 {
-    match r {
-        Ok(_) => 0,
-        Err(e) => e.raw_err().unwrap_or_else(|| panic!("not a KVM error: {e}")),
-    }
-}
+const T: Duration = Duration::from_secs(10);
 
 /// A recognisable pattern: byte i of RAM is a hash of i.
 fn pattern(len: usize) -> Vec<u8> {
@@ -37,7 +32,7 @@ fn read_physical_range_reads_any_span_and_matches_guest_memory() {
         vm.read_physical_range(gpa as u64, &mut buf).unwrap();
         assert!(buf == ram[gpa..gpa + len], "range {gpa:#x}+{len:#x} differs from guest memory");
     }
-    assert_eq!(vm.unmatched_count(), 0);
+    assert_eq!(vm.raw().unmatched_count(), 0);
 }
 
 #[test]
@@ -53,8 +48,8 @@ fn read_physical_range_past_ram_fails_and_the_connection_stays_usable() {
         "a range that wraps around is refused before anything is sent"
     );
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(vm.unmatched_count(), 0, "no reply arrived after its request gave up");
-    assert_eq!(vm.get_info().unwrap(), 1, "the connection still works");
+    assert_eq!(vm.raw().unmatched_count(), 0, "no reply arrived after its request gave up");
+    assert_eq!(vm.vcpu_count().unwrap(), 1, "the connection still works");
     let mut one = [0u8; 8];
     vm.read_physical_range(0x100, &mut one).unwrap();
 }
@@ -183,7 +178,7 @@ fn callers_reading_for_themselves_share_the_socket_with_events_and_each_other() 
                     let gpa = 0x100 * (k * 300 + i);
                     vm.write_physical(gpa, &i.to_le_bytes()).unwrap();
                     assert_eq!(vm.read_physical(gpa, 8).unwrap(), i.to_le_bytes());
-                    assert_eq!(vm.get_info().unwrap(), 2);
+                    assert_eq!(vm.vcpu_count().unwrap(), 2);
                 }
             });
         }
@@ -193,12 +188,12 @@ fn callers_reading_for_themselves_share_the_socket_with_events_and_each_other() 
                 let vcpu = i % 2;
                 vm.pause_vcpu(vcpu, true).unwrap();
                 let Some(Event::Vcpu(ev)) = vm.next_event(Some(T)).unwrap() else { panic!("no PAUSE event") };
-                assert_eq!((ev.event, ev.vcpu), (event::PAUSE, vcpu));
+                assert_eq!((ev.event.raw(), ev.vcpu.raw()), (event::PAUSE, vcpu));
                 assert_eq!(vm.get_registers(vcpu, &[]).unwrap().regs, ev.regs);
                 vm.reply(&ev, EventReply::Continue).unwrap();
             }
         });
     });
-    assert_eq!(vm.unmatched_count(), 0);
+    assert_eq!(vm.raw().unmatched_count(), 0);
     assert!(vm.next_event(Some(Duration::from_millis(50))).unwrap().is_none(), "no stray event");
 }

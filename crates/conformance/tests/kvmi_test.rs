@@ -8,15 +8,16 @@ use std::time::Duration;
 use ukvmi_conformance::fake::{KERNEL_BASE, TSC_KHZ};
 use ukvmi_conformance::{FakeConfig, GuestAction, Observed, Setup};
 use ukvmi_endpoint::{Disconnect, HookError, HostCaps, PermissionError, PreUnhookError};
-use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent, Vm};
 use ukvmi_wire::*;
+
+mod common;
+use common::{code, connect};
 
 const T: Duration = Duration::from_secs(10);
 
 fn setup(cfg: FakeConfig) -> (Setup, Vm) {
-    let s = Setup::new(&cfg);
-    let vm = Vm::connect_raw(s.connect()).unwrap();
-    (s, vm)
+    connect(&cfg)
 }
 
 fn one_vcpu() -> (Setup, Vm) {
@@ -24,30 +25,23 @@ fn one_vcpu() -> (Setup, Vm) {
 }
 
 /// The reply code of a command: 0 or a negative `KVM_E*`.
-fn code<X>(r: ukvmi_introspector::Result<X>) -> i32 {
-    match r {
-        Ok(_) => 0,
-        Err(e) => e.raw_err().unwrap_or_else(|| panic!("not a KVM error: {e}")),
-    }
-}
-
-fn next_vcpu_event(vm: &Vm) -> VcpuEventMsg {
+fn next_vcpu_event(vm: &Vm) -> PendingEvent {
     match vm.next_event(Some(T)).unwrap() {
-        Some(Event::Vcpu(ev)) => *ev,
+        Some(Event::Vcpu(ev)) => ev,
         other => panic!("expected a vCPU event, got {other:?}"),
     }
 }
 
 /// Receives the next vCPU event and checks its id and total body size.
-fn expect_event(vm: &Vm, id: u16, body_size: usize) -> VcpuEventMsg {
+fn expect_event(vm: &Vm, id: u16, body_size: usize) -> PendingEvent {
     let ev = next_vcpu_event(vm);
-    assert_eq!(ev.event, id, "got {:?}", ev.kind);
+    assert_eq!(ev.event, id, "got {:?}", ev.payload);
     assert_eq!(ev.size, 544);
-    assert_eq!(VCPU_EVENT_BODY_BASE + ev.payload.len(), body_size);
+    assert_eq!(VCPU_EVENT_BODY_BASE + ev.raw_payload.len(), body_size);
     ev
 }
 
-fn pause(vm: &Vm, vcpu: u16) -> VcpuEventMsg {
+fn pause(vm: &Vm, vcpu: u16) -> PendingEvent {
     vm.pause_vcpu(vcpu, true).unwrap();
     let ev = expect_event(vm, event::PAUSE, 552);
     assert_eq!(ev.vcpu, vcpu);
@@ -74,7 +68,7 @@ fn t01_hook_and_permission_semantics() {
 #[test]
 fn t02_invalid_command() {
     let (_s, vm) = one_vcpu();
-    let r = vm.request_raw(0xffff, &[]).unwrap();
+    let r = vm.raw().request_raw(0xffff, &[]).unwrap();
     assert_eq!((r.err, r.data.len()), (-1000, 0));
 }
 
@@ -105,7 +99,7 @@ fn t04_vm_check_command() {
     assert_eq!(code(vm.check_command(msg::VCPU_GET_CPUID)), -95);
     assert_eq!(code(vm.get_cpuid(0, 0, 0)), -95);
     let bad = VmCheck { id: msg::VM_GET_INFO, padding1: 1, padding2: 0 };
-    assert_eq!(vm.request_raw(msg::VM_CHECK_COMMAND, bad.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_CHECK_COMMAND, bad.as_bytes()).unwrap().err, -22);
 }
 
 #[test]
@@ -126,9 +120,9 @@ fn t05_vm_check_event() {
 #[test]
 fn t06_vm_get_info() {
     let (_s, vm) = one_vcpu();
-    assert_eq!(vm.get_info().unwrap(), 1);
+    assert_eq!(vm.vcpu_count().unwrap(), 1);
     let (_s, vm) = setup(FakeConfig { vcpus: 3, started: 1, ..Default::default() });
-    assert_eq!(vm.get_info().unwrap(), 3, "online vCPUs, started or not");
+    assert_eq!(vm.vcpu_count().unwrap(), 3, "online vCPUs, started or not");
 }
 
 #[test]
@@ -166,7 +160,7 @@ fn t08_vm_control_events() {
     assert_eq!(code(vm.control_vm_events(event::UNHOOK, true)), 0);
     assert_eq!(code(vm.control_vm_events(event::UNHOOK, false)), 0);
     let bad = ControlEvents { event_id: 0, enable: 2, padding1: 0, padding2: 0 };
-    assert_eq!(vm.request_raw(msg::VM_CONTROL_EVENTS, bad.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_CONTROL_EVENTS, bad.as_bytes()).unwrap().err, -22);
     assert_eq!(code(vm.control_vm_events(0xffff, true)), -22);
     assert_eq!(code(vm.control_vm_events(event::PAUSE, true)), -22, "a vCPU event is not a VM event");
     s.endpoint.permissions().set_event(event::UNHOOK.into(), false).unwrap();
@@ -185,12 +179,12 @@ fn t09_memory_access() {
     assert_eq!(page[0], 1);
     assert_eq!(code(vm.read_physical(gpa, 0)), -22);
     let w0 = VmPhysical { gpa, size: 0, padding1: 0, padding2: 0 };
-    assert_eq!(vm.request_raw(msg::VM_WRITE_PHYSICAL, w0.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_WRITE_PHYSICAL, w0.as_bytes()).unwrap().err, -22);
     assert_eq!(code(vm.read_physical(gpa + 4095, 2)), -22, "crosses a page");
     let big = VmPhysical { gpa, size: 4097, padding1: 0, padding2: 0 };
-    assert_eq!(vm.request_raw(msg::VM_READ_PHYSICAL, big.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_READ_PHYSICAL, big.as_bytes()).unwrap().err, -22);
     let pad = VmPhysical { gpa, size: 8, padding1: 0, padding2: 1 };
-    assert_eq!(vm.request_raw(msg::VM_READ_PHYSICAL, pad.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_READ_PHYSICAL, pad.as_bytes()).unwrap().err, -22);
     let past = 1 << 20;
     assert_eq!(code(vm.write_physical(past, &[1])), -2);
     assert_eq!(code(vm.read_physical(past, 1)), -2);
@@ -198,10 +192,10 @@ fn t09_memory_access() {
 }
 
 #[test]
-fn t10_vcpu_get_info() {
+fn t10_tsc_frequency() {
     let (_s, vm) = one_vcpu();
-    assert_eq!(vm.vcpu_get_info(0).unwrap(), u64::from(TSC_KHZ) * 1000);
-    assert_eq!(code(vm.vcpu_get_info(99)), -22);
+    assert_eq!(vm.tsc_frequency(0).unwrap(), u64::from(TSC_KHZ) * 1000);
+    assert_eq!(code(vm.tsc_frequency(99)), -22);
 }
 
 #[test]
@@ -209,7 +203,7 @@ fn t11_pause() {
     let (s, vm) = one_vcpu();
     for _ in 0..2 {
         let ev = pause(&vm, 0);
-        assert_eq!(ev.kind, EventKind::Pause);
+        assert_eq!(ev.payload, EventPayload::Pause);
         let held = s.vm.progress(0);
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(s.vm.progress(0), held, "the vCPU runs no guest code while paused");
@@ -217,7 +211,7 @@ fn t11_pause() {
         s.assert_guest_runs(&[0]);
     }
     let bad = VmPauseVcpu { vcpu: 0, wait: 2, padding1: 0, padding2: 0 };
-    assert_eq!(vm.request_raw(msg::VM_PAUSE_VCPU, bad.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_PAUSE_VCPU, bad.as_bytes()).unwrap().err, -22);
     assert_eq!(code(vm.pause_vcpu(5, false)), -22);
     s.endpoint.permissions().set_event(event::PAUSE.into(), false).unwrap();
     assert_eq!(code(vm.pause_vcpu(0, false)), -1);
@@ -230,7 +224,7 @@ fn t12_vcpu_control_events() {
     assert_eq!(code(vm.control_events(0, event::PAUSE, false)), 0);
     let bad = ControlEvents { event_id: event::PAUSE, enable: 2, padding1: 0, padding2: 0 };
     let body: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(bad.as_bytes()).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_CONTROL_EVENTS, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_CONTROL_EVENTS, &body).unwrap().err, -22);
     assert_eq!(code(vm.control_events(0, 0xffff, true)), -22);
     assert_eq!(code(vm.control_events(0, event::UNHOOK, true)), -22, "UNHOOK is a VM event");
     s.endpoint.permissions().set_event(event::PAUSE.into(), false).unwrap();
@@ -260,7 +254,7 @@ fn t13_vcpu_get_registers() {
     let lying = VcpuGetRegisters { nmsrs: 4, padding1: 0, padding2: 0 };
     let body: Vec<u8> =
         VcpuHdr::default().as_bytes().iter().chain(lying.as_bytes()).chain(&[0u8; 8]).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_GET_REGISTERS, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_GET_REGISTERS, &body).unwrap().err, -22);
 }
 
 #[test]
@@ -280,7 +274,7 @@ fn t14_vcpu_set_registers() {
     assert!(after.rip >= KERNEL_BASE + 0x7000 && after.rip < KERNEL_BASE + 0x8000, "rip {:#x}", after.rip);
     // Short body: soft error.
     let body: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(&[0u8; 100]).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_SET_REGISTERS, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_SET_REGISTERS, &body).unwrap().err, -22);
 }
 
 #[test]
@@ -312,7 +306,7 @@ fn t17_event_breakpoint() {
     assert!(s.vm.intercepts(0).breakpoint, "enabling asks the backend for #BP exits");
     s.vm.guest_does(0, GuestAction::Int3);
     let ev = expect_event(&vm, event::BREAKPOINT, 568);
-    let EventKind::Breakpoint { gpa, insn_len } = ev.kind else { panic!() };
+    let EventPayload::Breakpoint { gpa, insn_len } = ev.payload else { panic!() };
     assert_eq!(gpa, ev.regs.rip - KERNEL_BASE);
     assert_eq!(insn_len, 1);
     let mut regs = ev.regs;
@@ -339,9 +333,9 @@ fn t17_event_breakpoint() {
 fn t18_vm_control_cleanup() {
     let (_s, vm) = one_vcpu();
     let bad = VmControlCleanup { enable: 2, padding: [0; 7] };
-    assert_eq!(vm.request_raw(msg::VM_CONTROL_CLEANUP, bad.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_CONTROL_CLEANUP, bad.as_bytes()).unwrap().err, -22);
     let pad = VmControlCleanup { enable: 1, padding: [0, 0, 1, 0, 0, 0, 0] };
-    assert_eq!(vm.request_raw(msg::VM_CONTROL_CLEANUP, pad.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_CONTROL_CLEANUP, pad.as_bytes()).unwrap().err, -22);
     assert_eq!(code(vm.control_cleanup(true)), 0);
     assert_eq!(code(vm.control_cleanup(false)), 0);
 }
@@ -378,7 +372,7 @@ fn t19_vcpu_control_cr() {
     let old = s.vm.cr(0, 4);
     s.vm.guest_does(0, GuestAction::WriteCr { cr: 4, value: old | (1 << 18) });
     let ev = expect_event(&vm, event::CR, 576);
-    let EventKind::Cr { cr, old_value, new_value } = ev.kind else { panic!() };
+    let EventPayload::Cr { cr, old_value, new_value } = ev.payload else { panic!() };
     assert_eq!((cr, old_value, new_value), (4, old, old | (1 << 18)));
     vm.reply(&ev, EventReply::ContinueWith(old_value)).unwrap();
     s.vm.wait_log(0, T, |o| matches!(o, Observed::Event { cause: GuestAction::WriteCr { .. }, .. })).unwrap();
@@ -391,7 +385,7 @@ fn t19_vcpu_control_cr() {
     vm.control_events(0, event::CR, false).unwrap();
     let bad = VcpuControlCr { cr: 0, enable: 2, padding1: 0, padding2: 0 };
     let body: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(bad.as_bytes()).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_CONTROL_CR, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_CONTROL_CR, &body).unwrap().err, -22);
     assert_eq!(code(vm.control_cr(0, 99, true)), -22);
     let (_s2, vm2) = setup(FakeConfig { caps: HostCaps::full().without_event(event::CR), ..Default::default() });
     assert_eq!(code(vm2.control_cr(0, 3, true)), -95);
@@ -406,7 +400,7 @@ fn t20_vcpu_inject_exception() {
     // Success: the TRAP event reports what went in.
     vm.inject_exception(0, 6, 0, 0).unwrap();
     let ev = expect_event(&vm, event::TRAP, 568);
-    assert_eq!(ev.kind, EventKind::Trap { nr: 6, error_code: 0, address: 0 });
+    assert_eq!(ev.payload, EventPayload::Trap { nr: 6, error_code: 0, address: 0 });
     vm.reply(&ev, EventReply::Continue).unwrap();
     s.vm.wait_log(0, T, |o| matches!(o, Observed::Injected(e) if e.nr == 6)).unwrap();
     // Overridden: the #BP re-injected by CONTINUE wins over the #UD.
@@ -420,18 +414,18 @@ fn t20_vcpu_inject_exception() {
     assert_eq!(code(vm.inject_exception(0, 13, 0, 0)), -16, "one injection at a time");
     vm.reply(&bp, EventReply::Continue).unwrap();
     let trap = expect_event(&vm, event::TRAP, 568);
-    let EventKind::Trap { nr, .. } = trap.kind else { panic!() };
+    let EventPayload::Trap { nr, .. } = trap.payload else { panic!() };
     assert_eq!(nr, 3, "#BP won");
     vm.reply(&trap, EventReply::Continue).unwrap();
     vm.control_events(0, event::BREAKPOINT, false).unwrap();
     // Error codes are kept only for vectors that have one.
     vm.inject_exception(0, 14, 0x2, 0xdead_b000).unwrap();
     let pf = expect_event(&vm, event::TRAP, 568);
-    assert_eq!(pf.kind, EventKind::Trap { nr: 14, error_code: 2, address: 0xdead_b000 });
+    assert_eq!(pf.payload, EventPayload::Trap { nr: 14, error_code: 2, address: 0xdead_b000 });
     vm.reply(&pf, EventReply::Continue).unwrap();
     vm.inject_exception(0, 6, 0x55, 0).unwrap();
     let ud = expect_event(&vm, event::TRAP, 568);
-    assert_eq!(ud.kind, EventKind::Trap { nr: 6, error_code: 0, address: 0 });
+    assert_eq!(ud.payload, EventPayload::Trap { nr: 6, error_code: 0, address: 0 });
     vm.reply(&ud, EventReply::Continue).unwrap();
 }
 
@@ -441,7 +435,7 @@ fn t22_event_xsetbv() {
     vm.control_events(0, event::XSETBV, true).unwrap();
     s.vm.guest_does(0, GuestAction::Xsetbv { value: 0x7 });
     let ev = expect_event(&vm, event::XSETBV, 576);
-    assert_eq!(ev.kind, EventKind::Xsetbv { xcr: 0, old_value: 1, new_value: 7 });
+    assert_eq!(ev.payload, EventPayload::Xsetbv { xcr: 0, old_value: 1, new_value: 7 });
     vm.reply(&ev, EventReply::Continue).unwrap();
     assert_eq!(vm.get_xcr(0, 0).unwrap(), 7);
     vm.control_events(0, event::XSETBV, false).unwrap();
@@ -465,7 +459,7 @@ fn t24_vcpu_xsave() {
     area.region[128] = 0x8000_0000;
     assert_eq!(code(vm.set_xsave(0, &area)), -22, "the host rejects the area");
     let short: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(&[0u8; 4095]).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_SET_XSAVE, &short).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_SET_XSAVE, &short).unwrap().err, -22);
 }
 
 #[test]
@@ -483,7 +477,7 @@ fn t26_event_descriptor() {
     s.vm.guest_does(0, GuestAction::Gdt { write: true });
     for write in [false, true] {
         let ev = expect_event(&vm, event::DESCRIPTOR, 560);
-        assert_eq!(ev.kind, EventKind::Descriptor { descriptor: desc::GDTR, write });
+        assert_eq!(ev.payload, EventPayload::Descriptor { descriptor: desc::GDTR, write });
         vm.reply(&ev, EventReply::Continue).unwrap();
     }
     vm.control_events(0, event::DESCRIPTOR, false).unwrap();
@@ -498,7 +492,7 @@ fn t27_vcpu_control_msr() {
     assert!(s.vm.intercepts(0).msrs.contains(&msr));
     s.vm.guest_does(0, GuestAction::WriteMsr { msr, value: 1 });
     let ev = expect_event(&vm, event::MSR, 576);
-    assert_eq!(ev.kind, EventKind::Msr { msr, old_value: 0, new_value: 1 });
+    assert_eq!(ev.payload, EventPayload::Msr { msr, old_value: 0, new_value: 1 });
     vm.reply(&ev, EventReply::ContinueWith(0)).unwrap();
     s.vm.wait_log(0, T, |o| matches!(o, Observed::Event { cause: GuestAction::WriteMsr { .. }, .. })).unwrap();
     assert_eq!(s.vm.msr(0, msr), 0, "the tool blocked the write");
@@ -515,7 +509,7 @@ fn t27_vcpu_control_msr() {
     vm.control_events(0, event::MSR, false).unwrap();
     let bad = VcpuControlMsr { enable: 2, padding1: 0, padding2: 0, msr };
     let body: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(bad.as_bytes()).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_CONTROL_MSR, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_CONTROL_MSR, &body).unwrap().err, -22);
     assert_eq!(code(vm.control_msr(0, 0xffff_ffff, true)), -22);
     assert_eq!(code(vm.control_msr(0, 0x2000, true)), -22);
     assert_eq!(code(vm.control_msr(0, 0xc000_2000, true)), -22);
@@ -535,11 +529,11 @@ fn t28_vm_set_page_access() {
     assert_eq!(code(r), -22);
     assert_eq!(s.vm.page_restrictions().get(&2), Some(&access::R), "valid entries applied");
     let head = VmSetPageAccess { count: 0, padding1: 1, padding2: 0 };
-    assert_eq!(vm.request_raw(msg::VM_SET_PAGE_ACCESS, head.as_bytes()).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_SET_PAGE_ACCESS, head.as_bytes()).unwrap().err, -22);
     let h = VmSetPageAccess { count: 1, padding1: 0, padding2: 0 };
     let e = PageAccessEntry { gpa: 0x3000, access: 1, padding: [0, 1, 0, 0, 0, 0, 0] };
     let body: Vec<u8> = h.as_bytes().iter().chain(e.as_bytes()).copied().collect();
-    assert_eq!(vm.request_raw(msg::VM_SET_PAGE_ACCESS, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VM_SET_PAGE_ACCESS, &body).unwrap().err, -22);
     let caps = HostCaps::full().without_command(msg::VM_SET_PAGE_ACCESS);
     let (_s2, vm2) = setup(FakeConfig { caps, ..Default::default() });
     assert_eq!(code(vm2.set_page_access(&[(0, 0)])), -95);
@@ -554,7 +548,7 @@ fn t29_event_pf() {
     vm.control_events(0, event::PF, true).unwrap();
     s.vm.guest_does(0, GuestAction::Write { gpa, value: 0x42 });
     let ev = expect_event(&vm, event::PF, 576);
-    assert_eq!(ev.kind, EventKind::Pf { gva: KERNEL_BASE + gpa, gpa, access: access::W });
+    assert_eq!(ev.payload, EventPayload::Pf { gva: KERNEL_BASE + gpa, gpa, access: access::W });
     assert_eq!(s.vm.peek(gpa, 1), [0xee], "the write has not happened");
     vm.set_page_access(&[(gpa & !0xfff, access::R | access::W)]).unwrap();
     vm.reply(&ev, EventReply::Retry).unwrap();
@@ -573,7 +567,7 @@ fn t30_vcpu_control_singlestep() {
     vm.control_events(0, event::SINGLESTEP, true).unwrap();
     vm.control_singlestep(0, true).unwrap();
     let ev = expect_event(&vm, event::SINGLESTEP, 560);
-    assert_eq!(ev.kind, EventKind::Singlestep { failed: false });
+    assert_eq!(ev.payload, EventPayload::Singlestep { failed: false });
     assert_eq!(code(vm.inject_exception(0, 6, 0, 0)), -16, "no injection while stepping");
     vm.control_singlestep(0, false).unwrap();
     vm.reply(&ev, EventReply::Continue).unwrap();
@@ -581,7 +575,7 @@ fn t30_vcpu_control_singlestep() {
     assert!(!s.vm.intercepts(0).singlestep);
     let bad = VcpuControlSinglestep { enable: 2, padding: [0; 7] };
     let body: Vec<u8> = VcpuHdr::default().as_bytes().iter().chain(bad.as_bytes()).copied().collect();
-    assert_eq!(vm.request_raw(msg::VCPU_CONTROL_SINGLESTEP, &body).unwrap().err, -22);
+    assert_eq!(vm.raw().request_raw(msg::VCPU_CONTROL_SINGLESTEP, &body).unwrap().err, -22);
     // Drain stray steps taken before the switch-off reached the vCPU.
     while let Some(Event::Vcpu(ev)) = vm.next_event(Some(Duration::from_millis(50))).unwrap() {
         vm.reply(&ev, EventReply::Continue).unwrap();
@@ -596,7 +590,7 @@ fn t30_vcpu_control_singlestep() {
 #[test]
 fn t31_vcpu_translate_gva() {
     let (_s, vm) = one_vcpu();
-    assert_eq!(vm.translate_gva(0, KERNEL_BASE + 0x5123).unwrap(), Some(0x5123));
+    assert_eq!(vm.translate_gva(0, KERNEL_BASE + 0x5123).unwrap(), Some(Gpa(0x5123)));
     assert_eq!(vm.translate_gva(0, u64::MAX).unwrap(), None);
     assert_eq!(vm.translate_gva(0, 0x1000).unwrap(), None);
 }
@@ -653,7 +647,7 @@ fn several_vcpus_with_events_outstanding_at_once() {
             s.vm.guest_does(v, GuestAction::WriteMsr { msr: 0x140, value: u64::from(v) });
         }
     }
-    let mut evs: Vec<VcpuEventMsg> = (0..4).map(|_| next_vcpu_event(&vm)).collect();
+    let mut evs: Vec<PendingEvent> = (0..4).map(|_| next_vcpu_event(&vm)).collect();
     evs.sort_by_key(|e| e.vcpu);
     let mut seqs: Vec<u32> = evs.iter().map(|e| e.seq).collect();
     seqs.sort_unstable();
@@ -666,7 +660,7 @@ fn several_vcpus_with_events_outstanding_at_once() {
                 for _ in 0..20 {
                     let r = vm.get_registers(ev.vcpu, &[]).unwrap();
                     assert_eq!(r.regs, ev.regs, "vCPU {} is held", ev.vcpu);
-                    assert_eq!(r.regs.rax, u64::from(ev.vcpu));
+                    assert_eq!(r.regs.rax, u64::from(ev.vcpu.raw()));
                 }
             });
         }

@@ -11,29 +11,20 @@ use ukvmi_conformance::{FakeConfig, Setup};
 use ukvmi_introspector::{Error, Vm};
 use ukvmi_wire::*;
 
-const EPERM: i32 = -1;
-const EINVAL: i32 = -22;
-const EOPNOTSUPP: i32 = -95;
+mod common;
+use common::{code, connect, EINVAL, EOPNOTSUPP, EPERM};
+
 const MAP: u16 = msg::UKVMI_VM_MAP_MEMORY;
 const MEM: usize = 1 << 20;
 
 fn with_memfd() -> (Setup, Vm) {
-    let s = Setup::new(&FakeConfig { memfd: true, memory: MEM, ..Default::default() });
-    let vm = Vm::connect_raw(s.connect()).unwrap();
-    (s, vm)
+    connect(&FakeConfig { memfd: true, memory: MEM, ..Default::default() })
 }
 
 fn without_memfd() -> (Setup, Vm) {
     let s = Setup::new(&FakeConfig::default());
     let vm = Vm::connect_raw(s.connect()).unwrap();
     (s, vm)
-}
-
-fn code<X>(r: ukvmi_introspector::Result<X>) -> i32 {
-    match r {
-        Ok(_) => 0,
-        Err(e) => e.raw_err().unwrap_or_else(|| panic!("not a KVM error: {e}")),
-    }
 }
 
 /// Sends one framed request on a raw socket and reads the reply with
@@ -195,7 +186,7 @@ fn read_only_descriptor_cannot_be_mapped_writable() {
 fn the_view_is_guest_memory_live_both_ways() {
     let (s, vm) = with_memfd();
     let map = vm.map_memory().unwrap();
-    assert_eq!((map.len(), map.gpa(), map.is_writable()), (MEM as u64, 0, false));
+    assert_eq!((map.len(), map.gpa().raw(), map.is_writable()), (MEM as u64, 0, false));
     // Equal to READ_PHYSICAL over a range, across page boundaries.
     for (i, b) in (0..3 * 4096u64).step_by(8).enumerate() {
         s.vm.poke_mem(0x10_000 + b, &(i as u64 * 0x0101_0101).to_le_bytes());

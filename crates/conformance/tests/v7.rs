@@ -17,14 +17,10 @@ use ukvmi_endpoint::{Dialect, Disconnect, HostCaps, PreUnhookError};
 use ukvmi_wire::v7::{V7ControlCmdResponse, V7ControlCr, V7GetVersionReply, V7PauseVcpu, V7SetPageAccess};
 use ukvmi_wire::*;
 
-const T: Duration = Duration::from_secs(10);
+mod common;
+use common::{EAGAIN, EINVAL, ENOENT, ENOSYS, EOPNOTSUPP, EPERM};
 
-const EPERM: i32 = -1;
-const ENOENT: i32 = -2;
-const EAGAIN: i32 = -11;
-const EINVAL: i32 = -22;
-const EOPNOTSUPP: i32 = -95;
-const ENOSYS: i32 = -1000;
+const T: Duration = Duration::from_secs(10);
 
 /// v7 message ids (libkvmi master's `kvmi.h`).
 mod m7 {

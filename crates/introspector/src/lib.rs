@@ -13,37 +13,59 @@
 //! hint in that error. [`Vm::connect_raw`] skips all that, for tests that
 //! already hold a connected socket.
 //!
-//! # Threads
+//! # Layers
 //!
-//! Each [`Vm`] owns exactly one reader thread. It reads every message from
-//! the socket (8-byte header, then `size` body bytes) and classifies it as the
-//! spec says: id 0 → VM event, id 1 with a body of at least 552 bytes → vCPU
-//! event, anything else → a reply. Commands are sent from the callers' own
-//! threads: each message is framed and written with a single `write_all`
-//! under a write lock, so any number of threads may issue commands at once
-//! through a shared `&Vm` (it is `Send + Sync`).
+//! - `transport`: the socket's read side. One `recvmsg` reads ahead every
+//!   byte that has arrived (up to 64 KiB) together with any `SCM_RIGHTS`
+//!   descriptors; whole messages (8-byte header, then `size` body bytes) are
+//!   cut out of that buffer one at a time.
+//! - `mux`: the multiplexer. It classifies each message as the spec says
+//!   (id 0 → VM event, id 1 with a body of at least 552 bytes → vCPU event,
+//!   anything else → a reply), hands replies to the request registered
+//!   under the same seq *and* id, queues events, and keeps the last 64
+//!   replies nobody asked for.
+//! - [`Vm`] (`vm`, `commands`, `pipeline`, `map`): the facade, one typed
+//!   method per command, pipelined bulk reads, the zero-copy memory map.
+//! - `raw` (cargo feature `raw`): `Vm::raw()` sends bytes the typed API never
+//!   would, for conformance tests.
+//!
+//! # Threads: whoever waits reads
+//!
+//! There is no dedicated reader that everyone waits on. A thread that waits
+//! for its reply (or for an event) takes the socket's read side itself when
+//! nobody holds it, reads and dispatches messages until its own has come,
+//! and lets go; a thread that finds the read side taken sleeps until the
+//! holder lets go (woken after every message), then looks again. Replies
+//! thus reach their caller without a thread hand-off. Each [`Vm`] also owns
+//! one standby reader thread that reads only while nobody waits, so events
+//! and late replies are still taken in and a closed connection is noticed.
+//! Commands are written from the callers' own threads, each message framed
+//! and written with a single `write_all` under a write lock, so any number
+//! of threads may issue commands at once through a shared `&Vm` (it is
+//! `Send + Sync`).
 //!
 //! # Replies
 //!
 //! Every command takes a fresh sequence number (a per-`Vm` counter starting
-//! at 1) and registers a one-shot slot under it before writing. The reader
-//! thread hands each reply to the slot with the same `seq` and message id,
-//! in whatever order replies arrive (the kernel answers VM commands and each
-//! vCPU's commands in separate queues). A reply that matches nothing is kept
-//! for [`Vm::take_unmatched`] and otherwise dropped. A command waits at most
+//! at 1) and registers under it before writing; replies are matched in
+//! whatever order they arrive (the kernel answers VM commands and each
+//! vCPU's commands in separate queues). A command waits at most
 //! [`Vm::timeout`] (15 s by default) and then fails with
 //! [`Error::Timeout`]; an error code becomes [`Error::Kvm`] naming the
 //! command; a reply of the wrong size becomes [`Error::Protocol`].
 //!
 //! # Events
 //!
-//! Events are parsed by the reader thread into [`Event`]s and queued; take
-//! them with [`Vm::next_event`] or [`Vm::events`], from any thread. A vCPU
-//! that sent an event waits for [`Vm::reply`] and meanwhile still executes
-//! commands addressed to it, so the usual pattern is: take an event, inspect
-//! or change the vCPU with commands, reply. When the connection ends (EOF,
-//! read error, [`Vm::close`] or drop) every waiting command gets
-//! [`Error::Closed`] and, once the queue is drained, so does `next_event`.
+//! Events are parsed into [`Event`]s and queued; take them with
+//! [`Vm::next_event`] or [`Vm::events`], from any thread. A vCPU event comes
+//! as a [`PendingEvent`]: the vCPU waits for [`Vm::reply`] and meanwhile
+//! still executes commands addressed to it, so the usual pattern is: take an
+//! event, inspect or change the vCPU with commands, reply. A `PendingEvent`
+//! dropped unanswered answers CONTINUE itself (with a line on stderr), so a
+//! forgotten reply cannot stop a vCPU for good. When the connection ends
+//! (EOF, read error, [`Vm::close`] or drop) every waiting command gets
+//! [`Error::Closed`] and, once the queue is drained, so does `next_event`;
+//! [`Vm::events`] then ends, with a last `Err` if the connection broke.
 //!
 //! # Zero-copy guest memory
 //!
@@ -51,31 +73,38 @@
 //! extension `UKVMI_VM_MAP_MEMORY`: the VMM sends its guest-RAM memfd with
 //! the reply (`SCM_RIGHTS`) and the library maps it as a
 //! [`GuestMemoryMap`], a live view of guest physical memory read with
-//! bounds-checked copies instead of one page per round trip. The reader
-//! thread reads with `recvmsg`: a descriptor goes to the map request it
-//! answers; any other descriptor that arrives is closed.
+//! bounds-checked copies instead of one page per round trip. A descriptor
+//! goes to the map request it answers; any other descriptor that arrives is
+//! closed.
+//!
+//! # Vocabulary
+//!
+//! Addresses are [`Gpa`] (guest-physical) and [`Gva`] (guest-virtual), vCPUs
+//! [`VcpuId`], ids [`EventId`] and [`CommandId`], page rights [`Access`];
+//! parameters take `impl Into<..>`, so raw integers still work. Everything
+//! the API exposes is re-exported here (and the whole wire crate as
+//! [`wire`]): a tool needs no other ukvmi dependency.
 //!
 //! # Example
 //!
 //! ```no_run
-//! use ukvmi_introspector::{Event, EventKind, EventReply, Listener};
-//! use ukvmi_wire::event;
+//! use ukvmi_introspector::{event, Event, EventPayload, EventReply, Listener};
 //!
 //! # fn main() -> ukvmi_introspector::Result<()> {
 //! let listener = Listener::bind("/run/kvmi.sock")?.with_key(b"secret");
 //! let vm = listener.accept()?;
-//! println!("{} has {} vCPUs", vm.info().name, vm.get_info()?);
+//! println!("{} has {} vCPUs", vm.info().name, vm.vcpu_count()?);
 //! vm.control_events(0, event::BREAKPOINT, true)?;
-//! while let Some(ev) = vm.next_event(None)? {
-//!     match ev {
+//! for ev in vm.events() {
+//!     match ev? {
 //!         Event::Vcpu(ev) => {
-//!             if let EventKind::Breakpoint { gpa, .. } = ev.kind {
+//!             if let EventPayload::Breakpoint { gpa, .. } = ev.payload {
 //!                 println!("vCPU {} hit INT3 at {gpa:#x}", ev.vcpu);
 //!             }
 //!             vm.reply(&ev, EventReply::Continue)?;
 //!         }
 //!         Event::Unhook { .. } => break,
-//!         Event::UnknownVm { .. } => {}
+//!         _ => {}
 //!     }
 //! }
 //! vm.close();
@@ -86,17 +115,40 @@
 
 mod commands;
 mod error;
-mod event;
+mod events;
 mod listener;
-mod memory;
+mod map;
+mod mux;
+mod pending;
+mod pipeline;
+#[cfg(any(test, feature = "raw"))]
+mod raw;
+mod transport;
 mod vm;
 
 #[cfg(test)]
 mod tests;
 
+/// The ```rust snippets of the repository's README, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 pub use commands::{Registers, VersionInfo};
-pub use error::{Error, Result};
-pub use event::{Event, EventKind, EventReply, VcpuEventMsg};
+pub use error::{Error, MapProblem, ProtocolError, Result};
+pub use events::{Event, EventReply, VcpuEventMsg};
 pub use listener::{Handshake, Incoming, Listener, DEFAULT_HANDSHAKE_TIMEOUT};
-pub use memory::GuestMemoryMap;
-pub use vm::{Events, RawReply, Vm, VmInfo, DEFAULT_REPLY_TIMEOUT};
+pub use map::GuestMemoryMap;
+pub use pending::PendingEvent;
+#[cfg(any(test, feature = "raw"))]
+pub use raw::{RawReply, RawVm};
+/// The whole wire crate (structures, ids, v7 dialect) for what the
+/// re-exports above do not cover.
+pub use ukvmi_wire as wire;
+/// The wire vocabulary the API uses, re-exported so a tool needs no direct
+/// `ukvmi-wire` dependency.
+pub use ukvmi_wire::{
+    access, event, msg, Access, CommandId, EventId, EventMsrs, EventPayload, Gfn, Gpa, Gva, KvmErrno, KvmMsrEntry,
+    KvmRegs, KvmSregs, KvmXsave, VcpuGetCpuidReply, VcpuId,
+};
+pub use vm::{Events, Vm, VmInfo, DEFAULT_REPLY_TIMEOUT};

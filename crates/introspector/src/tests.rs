@@ -13,7 +13,7 @@ use ukvmi_wire::{
     VcpuEvent, VcpuHdr,
 };
 
-use crate::{Error, Event, EventKind, EventReply, Listener, Vm};
+use crate::{Error, Event, EventPayload, EventReply, Listener, Vm};
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -77,13 +77,13 @@ fn replies_are_matched_by_seq_out_of_order() {
             }
             peer
         });
-        let t0 = sc.spawn(|| vm.vcpu_get_info(0).unwrap());
-        let t1 = sc.spawn(|| vm.vcpu_get_info(1).unwrap());
+        let t0 = sc.spawn(|| vm.tsc_frequency(0).unwrap());
+        let t1 = sc.spawn(|| vm.tsc_frequency(1).unwrap());
         assert_eq!(t0.join().unwrap(), 1000);
         assert_eq!(t1.join().unwrap(), 1001);
         drop(p.join().unwrap());
     });
-    assert_eq!(vm.unmatched_count(), 0);
+    assert_eq!(vm.raw().unmatched_count(), 0);
 }
 
 #[test]
@@ -131,8 +131,8 @@ fn wrong_reply_size_is_a_protocol_error() {
         write_reply(&mut peer, hdr.id, hdr.seq, 0, &[r.as_bytes(), entry.as_bytes()].concat());
         peer
     });
-    assert!(matches!(vm.get_info(), Err(Error::Protocol(_))));
-    assert!(matches!(vm.get_info(), Err(Error::Protocol(_))));
+    assert!(matches!(vm.vcpu_count(), Err(Error::Protocol(_))));
+    assert!(matches!(vm.vcpu_count(), Err(Error::Protocol(_))));
     assert!(matches!(vm.get_registers(0, &[0x174]), Err(Error::Protocol(_))));
     let regs = vm.get_registers(1, &[0xc000_0080]).unwrap();
     assert_eq!((regs.mode, regs.regs.rip), (8, 0x4000));
@@ -168,22 +168,22 @@ fn events_interleaved_with_replies_are_queued_and_parsed() {
     assert_eq!(vm.get_xcr(2, 0).unwrap(), 7);
     let t = Some(PEER_TIMEOUT);
     let Some(Event::Vcpu(ev)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
-    assert_eq!((ev.seq, ev.event, ev.vcpu, ev.mode, ev.size), (1, event::BREAKPOINT, 2, 8, 544));
-    assert_eq!(ev.kind, EventKind::Breakpoint { gpa: 0x1000_0ff0, insn_len: 1 });
+    assert_eq!((ev.seq, ev.event.raw(), ev.vcpu.raw(), ev.mode, ev.size), (1, event::BREAKPOINT, 2, 8, 544));
+    assert_eq!(ev.payload, EventPayload::Breakpoint { gpa: 0x1000_0ff0, insn_len: 1 });
     assert_eq!(ev.regs.rip, 0xffff_8000_0000_1000);
     assert_eq!(ev.sregs.cr3, 0x1234_5000);
     assert_eq!(ev.msrs.lstar, 0xffff_ffff_8100_0000);
     assert_eq!(ev.name(), Some("KVMI_VCPU_EVENT_BREAKPOINT"));
-    assert_eq!(vm.next_event(t).unwrap(), Some(Event::Unhook { seq: 2 }));
+    assert!(matches!(vm.next_event(t).unwrap(), Some(Event::Unhook { seq: 2 })));
     let Some(Event::Vcpu(ev)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
-    assert_eq!(ev.kind, EventKind::Breakpoint { gpa: 0x2000, insn_len: 3 });
+    assert_eq!(ev.payload, EventPayload::Breakpoint { gpa: 0x2000, insn_len: 3 });
     let Some(Event::Vcpu(ev)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
-    assert_eq!((ev.seq, ev.payload.len()), (4, 0));
-    assert_eq!(ev.kind, EventKind::Pf { gva: 0, gpa: 0, access: 0 });
+    assert_eq!((ev.seq, ev.raw_payload.len()), (4, 0));
+    assert_eq!(ev.payload, EventPayload::Pf { gva: 0, gpa: 0, access: 0 });
     let Some(Event::Vcpu(ev)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
-    assert_eq!(ev.kind, EventKind::Unknown { event: 41, payload: vec![9, 9] });
+    assert_eq!(ev.payload, EventPayload::Unknown { event: 41, payload: vec![9, 9] });
     assert!(matches!(vm.reply(&ev, EventReply::Continue), Err(Error::Refused(_))));
-    assert_eq!(vm.next_event(Some(Duration::from_millis(10))).unwrap(), None);
+    assert!(vm.next_event(Some(Duration::from_millis(10))).unwrap().is_none());
     drop(p.join().unwrap());
 }
 
@@ -226,7 +226,7 @@ fn event_replies_have_the_exact_layout() {
     assert!(no_data_pending(&peer));
 
     // The raw path sends whatever it is given.
-    vm.reply_raw(12, 1, 1, 15, &[0xab; 3]).unwrap();
+    vm.raw().reply_raw(12, 1, 1, 15, &[0xab; 3]).unwrap();
     let (hdr, body) = read_msg(&mut peer);
     assert_eq!((hdr.size, body[8], body[9], &body[16..]), (19, 1, 15, &[0xab; 3][..]));
 }
@@ -239,7 +239,7 @@ fn eof_wakes_waiting_commands_and_ends_events() {
         assert_eq!(hdr.id, msg::VM_GET_INFO);
         drop(peer);
     });
-    assert!(matches!(vm.get_info(), Err(Error::Closed)));
+    assert!(matches!(vm.vcpu_count(), Err(Error::Closed)));
     p.join().unwrap();
     assert!(matches!(vm.next_event(None), Err(Error::Closed)));
     assert!(matches!(vm.get_version(), Err(Error::Closed)));
@@ -251,7 +251,7 @@ fn eof_wakes_waiting_commands_and_ends_events() {
 fn close_from_our_side_wakes_waiters() {
     let (vm, peer) = pair();
     thread::scope(|sc| {
-        let waiter = sc.spawn(|| vm.get_info());
+        let waiter = sc.spawn(|| vm.vcpu_count());
         let events = sc.spawn(|| vm.next_event(None));
         thread::sleep(Duration::from_millis(20));
         vm.close();
@@ -274,12 +274,12 @@ fn timeout_then_late_reply_is_recorded_as_unmatched() {
         write_reply(&mut peer, next.id, next.seq, 0, &[0; 16]);
         peer
     });
-    assert!(matches!(vm.get_info(), Err(Error::Timeout { command: "KVMI_VM_GET_INFO" })));
+    assert!(matches!(vm.vcpu_count(), Err(Error::Timeout { command: "KVMI_VM_GET_INFO" })));
     hdr_rx.recv().unwrap();
     vm.set_timeout(PEER_TIMEOUT);
-    assert_eq!(vm.get_info().unwrap(), 0);
-    assert_eq!(vm.unmatched_count(), 1);
-    let u = vm.take_unmatched();
+    assert_eq!(vm.vcpu_count().unwrap(), 0);
+    assert_eq!(vm.raw().unmatched_count(), 1);
+    let u = vm.raw().take_unmatched();
     assert_eq!((u.len(), u[0].hdr.id, u[0].hdr.seq, u[0].data.len()), (1, msg::VM_GET_INFO, 1, 16));
     drop(p.join().unwrap());
 }
@@ -300,15 +300,15 @@ fn raw_requests_and_id_zero_replies() {
         write_reply(&mut peer, hdr.id, hdr.seq, KvmErrno::Enosys.wire(), &[]);
         peer
     });
-    let r = vm.request_raw(0, &[1, 2, 3]).unwrap();
+    let r = vm.raw().request_raw(0, &[1, 2, 3]).unwrap();
     assert_eq!((r.hdr.id, r.err, r.data.len()), (0, -1000, 0));
-    let r = vm.request_raw(1, &[0; 8]).unwrap();
+    let r = vm.raw().request_raw(1, &[0; 8]).unwrap();
     assert_eq!((r.hdr.id, r.err), (1, -22));
-    let seq = vm.next_seq();
+    let seq = vm.raw().next_seq();
     let bytes = MsgHdr { id: 0x77, size: 2, seq }.as_bytes().iter().chain(&[0, 0]).copied().collect::<Vec<_>>();
-    let r = vm.request_bytes(0x77, seq, &bytes).unwrap();
+    let r = vm.raw().request_bytes(0x77, seq, &bytes).unwrap();
     assert_eq!(r.err, -1000);
-    assert_eq!(vm.unmatched_count(), 0);
+    assert_eq!(vm.raw().unmatched_count(), 0);
     drop(p.join().unwrap());
 }
 
@@ -497,4 +497,77 @@ fn vm_is_send_and_sync() {
     check::<Vm>();
     check::<Listener>();
     check::<Error>();
+    check::<crate::PendingEvent>();
+    check::<crate::GuestMemoryMap>();
+}
+
+#[test]
+fn a_vcpu_event_dropped_unanswered_answers_continue_once() {
+    let (vm, mut peer) = pair();
+    let msr = EventMsr { msr: 0xc000_0082, padding: 0, old_value: 0x10, new_value: 0x20 };
+    let bp = EventBreakpoint { gpa: 0x1000, insn_len: 1, padding: [0; 7] };
+    peer.write_all(&frame(msg::VCPU_EVENT, 21, &[&vcpu_event_body(event::MSR, 2, 544, msr.as_bytes())]).unwrap())
+        .unwrap();
+    peer.write_all(&frame(msg::VCPU_EVENT, 22, &[&vcpu_event_body(event::BREAKPOINT, 1, 544, bp.as_bytes())]).unwrap())
+        .unwrap();
+    peer.write_all(&frame(msg::VCPU_EVENT, 23, &[&vcpu_event_body(41, 0, 544, &[])]).unwrap()).unwrap();
+    let t = Some(PEER_TIMEOUT);
+    let Some(Event::Vcpu(forgotten)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
+    assert!(!forgotten.is_answered());
+    drop(forgotten);
+    // CONTINUE with the guest's value, for the event's seq and vCPU.
+    let (hdr, body) = read_msg(&mut peer);
+    assert_eq!((hdr.id, hdr.size, hdr.seq), (msg::VCPU_EVENT, 24, 21));
+    assert_eq!(&body[..16], &[2, 0, 0, 0, 0, 0, 0, 0, 0, event::MSR as u8, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(&body[16..], &0x20u64.to_le_bytes());
+
+    // Answered: dropping it sends nothing more.
+    let Some(Event::Vcpu(answered)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
+    vm.reply(&answered, EventReply::Retry).unwrap();
+    assert!(answered.is_answered());
+    drop(answered);
+    let (hdr, body) = read_msg(&mut peer);
+    assert_eq!((hdr.seq, body[8]), (22, 1), "the RETRY");
+
+    // An event the library does not know gets a bare CONTINUE; a detached
+    // one gets nothing.
+    let Some(Event::Vcpu(unknown)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
+    assert!(matches!(vm.reply(&unknown, EventReply::Continue), Err(Error::Refused(_))));
+    assert!(!unknown.is_answered(), "a refused reply does not count");
+    drop(unknown);
+    let (hdr, body) = read_msg(&mut peer);
+    assert_eq!((hdr.seq, hdr.size, body[8], body[9]), (23, 16, 0, 41));
+    peer.write_all(&frame(msg::VCPU_EVENT, 24, &[&vcpu_event_body(event::PAUSE, 0, 544, &[])]).unwrap()).unwrap();
+    let Some(Event::Vcpu(ev)) = vm.next_event(t).unwrap() else { panic!("expected a vCPU event") };
+    let msg = ev.detach();
+    assert_eq!(msg.seq, 24);
+    thread::sleep(Duration::from_millis(50));
+    assert!(no_data_pending(&peer));
+    // ... until the caller answers it.
+    assert!(matches!(vm.reply_detached(&msg, EventReply::Retry), Err(Error::Refused(_))), "PAUSE takes no RETRY");
+    vm.reply_detached(&msg, EventReply::Continue).unwrap();
+    let (hdr, body) = read_msg(&mut peer);
+    assert_eq!((hdr.seq, hdr.size, body[8], body[9]), (24, 16, 0, event::PAUSE as u8));
+}
+
+#[test]
+fn events_end_cleanly_at_eof_and_with_an_error_when_cut_inside_a_message() {
+    let (vm, mut peer) = pair();
+    peer.write_all(&frame(msg::VM_EVENT, 1, &[EventHdr { event: event::UNHOOK, padding: [0; 3] }.as_bytes()]).unwrap())
+        .unwrap();
+    drop(peer);
+    let items: Vec<_> = vm.events().collect();
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert!(matches!(items.first(), Some(Ok(Event::Unhook { seq: 1 }))));
+
+    let (vm, mut peer) = pair();
+    // A header announcing 100 bytes, then only 10 of them.
+    let hdr = MsgHdr { id: msg::VM_EVENT, size: 100, seq: 1 };
+    peer.write_all(hdr.as_bytes()).unwrap();
+    peer.write_all(&[0; 10]).unwrap();
+    drop(peer);
+    let mut events = vm.events();
+    let last = events.next();
+    assert!(matches!(last, Some(Err(Error::Io { .. }))), "{last:?}");
+    assert!(events.next().is_none(), "and then it ends");
 }

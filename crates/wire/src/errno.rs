@@ -6,6 +6,7 @@ use core::fmt;
 /// One `KVM_E*` error code. On the wire a reply carries its negation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(i32)]
+#[non_exhaustive]
 pub enum KvmErrno {
     /// Command or event disallowed by the device manager.
     Eperm = 1,

@@ -18,6 +18,7 @@ pub mod handshake;
 mod ids;
 mod payload;
 mod structs;
+mod types;
 pub mod v7;
 
 pub use codec::{frame, read_zext, tail, TooLarge};
@@ -25,6 +26,7 @@ pub use errno::KvmErrno;
 pub use ids::*;
 pub use payload::EventPayload;
 pub use structs::*;
+pub use types::{Access, CommandId, EventId, Gfn, Gpa, Gva, VcpuId};
 
 pub use zerocopy;
 pub use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes};

@@ -10,6 +10,7 @@ use zerocopy::IntoBytes;
 
 /// One vCPU event's own data.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EventPayload {
     /// `KVMI_VCPU_EVENT_PAUSE`.
     Pause,

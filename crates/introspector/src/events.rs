@@ -1,14 +1,17 @@
-//! Typed events (spec §9) and event replies (spec §5.5).
+//! Typed events (spec §9): parsing what the hypervisor sends, and encoding
+//! event replies (spec §5.5).
 
 use ukvmi_wire::{
-    event, read_zext, tail, Action, EventHdr, EventMsrs, IntoBytes, KvmRegs, KvmSregs, VcpuEvent, VcpuEventReply,
-    VcpuHdr,
+    event, read_zext, tail, Action, EventHdr, EventId, EventMsrs, EventPayload, IntoBytes, KvmRegs, KvmSregs,
+    VcpuEvent, VcpuEventReply, VcpuHdr, VcpuId,
 };
 
 use crate::error::{Error, Result};
+use crate::pending::PendingEvent;
 
 /// One message the hypervisor sent on its own initiative.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
+#[non_exhaustive]
 pub enum Event {
     /// `KVMI_VM_EVENT_UNHOOK`: the VM is about to be paused, suspended or
     /// migrated. Remove in-guest hooks, then close the connection (that is the
@@ -26,8 +29,10 @@ pub enum Event {
         /// The body after `kvmi_event_hdr`.
         payload: Vec<u8>,
     },
-    /// A vCPU event; the vCPU waits until it gets a reply ([`Vm::reply`](crate::Vm::reply)).
-    Vcpu(Box<VcpuEventMsg>),
+    /// A vCPU event; the vCPU waits until it gets a reply
+    /// ([`Vm::reply`](crate::Vm::reply)). Dropping it unanswered answers
+    /// CONTINUE (see [`PendingEvent`]).
+    Vcpu(PendingEvent),
 }
 
 impl Event {
@@ -46,10 +51,10 @@ impl Event {
 pub struct VcpuEventMsg {
     /// Sequence number; the reply must carry it.
     pub seq: u32,
-    /// Event id (`ukvmi_wire::event::*`).
-    pub event: u16,
+    /// Event id (`event::*`).
+    pub event: EventId,
     /// vCPU index.
-    pub vcpu: u16,
+    pub vcpu: VcpuId,
     /// `kvmi_vcpu_event.size` as sent (544 in v12).
     pub size: u16,
     /// Operand size in bytes: 2, 4 or 8.
@@ -61,16 +66,14 @@ pub struct VcpuEventMsg {
     /// The nine MSRs every event carries.
     pub msrs: EventMsrs,
     /// The decoded event-specific data.
-    pub kind: EventKind,
+    pub payload: EventPayload,
     /// The raw event-specific bytes (body from offset 8 + `size` on).
-    pub payload: Vec<u8>,
+    pub raw_payload: Vec<u8>,
 }
-
-/// The event-specific part of a vCPU event (the wire crate's typed payload).
-pub use ukvmi_wire::EventPayload as EventKind;
 
 /// How to answer a vCPU event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EventReply {
     /// `CONTINUE`. For CR and MSR events the guest's value (`new_value`) is
     /// written, i.e. the write is let through unchanged.
@@ -87,12 +90,12 @@ pub enum EventReply {
 impl VcpuEventMsg {
     /// The event's name, e.g. `"KVMI_VCPU_EVENT_BREAKPOINT"` (`None` if unknown).
     pub fn name(&self) -> Option<&'static str> {
-        event::name(self.event)
+        self.event.name()
     }
 
     /// The value a plain CONTINUE writes for CR and MSR events: the guest's.
     fn guest_value(&self) -> u64 {
-        self.kind.guest_value().unwrap_or(0)
+        self.payload.guest_value().unwrap_or(0)
     }
 }
 
@@ -111,26 +114,26 @@ pub(crate) fn parse_vm_event(seq: u32, body: &[u8]) -> Event {
 pub(crate) fn parse_vcpu_event(seq: u32, body: &[u8]) -> VcpuEventMsg {
     let hdr: EventHdr = read_zext(body);
     let ev: VcpuEvent = read_zext(tail(body, 8));
-    let payload = tail(body, 8 + usize::from(ev.size)).to_vec();
-    let kind = EventKind::decode(hdr.event, &payload);
+    let raw_payload = tail(body, 8 + usize::from(ev.size)).to_vec();
+    let decoded = EventPayload::decode(hdr.event, &raw_payload);
     VcpuEventMsg {
         seq,
-        event: hdr.event,
-        vcpu: ev.vcpu,
+        event: EventId(hdr.event),
+        vcpu: VcpuId(ev.vcpu),
         size: ev.size,
         mode: ev.arch.mode,
         regs: ev.arch.regs,
         sregs: ev.arch.sregs,
         msrs: ev.arch.msrs,
-        kind,
-        payload,
+        payload: decoded,
+        raw_payload,
     }
 }
 
 /// Builds the body of the reply to `ev`, refusing what the event does not take.
 pub(crate) fn reply_body(ev: &VcpuEventMsg, reply: EventReply) -> Result<Vec<u8>> {
-    let Some(info) = event::info(ev.event) else {
-        return Err(Error::Refused(format!("event id {} is not a known vCPU event; use reply_raw", ev.event)));
+    let Some(info) = event::info(ev.event.raw()) else {
+        return Err(Error::Refused(format!("{} is not a known vCPU event; use reply_raw", ev.event)));
     };
     let (action, value) = match reply {
         EventReply::Continue => (Action::Continue, ev.guest_value()),
@@ -149,7 +152,7 @@ pub(crate) fn reply_body(ev: &VcpuEventMsg, reply: EventReply) -> Result<Vec<u8>
     if !info.actions.contains(action) {
         return Err(Error::Refused(format!("{} does not accept {}", info.name, action.name())));
     }
-    Ok(build_reply_body(ev.vcpu, action as u8, ev.event as u8, &value_bytes(value, info.reply_size)))
+    Ok(build_reply_body(ev.vcpu.raw(), action as u8, ev.event.raw() as u8, &value_bytes(value, info.reply_size)))
 }
 
 /// `value` as `len` little-endian bytes (zero-extended or truncated).

@@ -1,0 +1,460 @@
+//! The multiplexer: "whoever waits reads". Routes each message read from
+//! the transport to the request waiting for it (by seq and id), to the
+//! event queue, or to the unmatched store, and runs the standby reader
+//! thread that reads while nobody waits.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::net::Shutdown;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
+use std::time::{Duration, Instant};
+
+use ukvmi_wire::{msg, read_zext, ErrorCode, MsgHdr, VCPU_EVENT_BODY_BASE};
+
+use crate::error::{Error, Result};
+use crate::events::{self, Event};
+use crate::pending::PendingEvent;
+use crate::transport::{readable, spin_until_readable, Message, ReadSide, SPIN};
+
+/// How many unmatched replies are kept (the raw API's `take_unmatched`).
+const UNMATCHED_KEEP: usize = 64;
+
+/// Requests waiting for their replies.
+#[derive(Default)]
+struct Pending {
+    closed: bool,
+    /// seq → (request id, the reply once it came).
+    map: HashMap<u32, (u16, Option<Message>)>,
+    /// Bumped (with `replies_cv` notified) whenever a thread lets go of the
+    /// socket's read side, so a waiter that found it busy can take over.
+    read_releases: u64,
+}
+
+#[derive(Default)]
+struct EventQueue {
+    closed: bool,
+    queue: VecDeque<Event>,
+}
+
+/// State shared by the `Vm` handle and its reader thread.
+pub(crate) struct Mux {
+    /// This multiplexer, for the events it hands out (their automatic reply).
+    me: Weak<Mux>,
+    /// Used for writing and shutting down; reading goes through `rd`.
+    stream: UnixStream,
+    /// The read side. Whoever holds it reads whole messages and dispatches
+    /// them: a caller waiting for its reply or an event reads for itself
+    /// (no hand-off through another thread), the reader thread reads only
+    /// while nobody waits.
+    rd: Mutex<ReadSide>,
+    /// Threads waiting for a reply or an event (they read for themselves).
+    waiters: AtomicUsize,
+    /// Signalled when the read side is released (after each message read)
+    /// and when the connection closes; waiters for replies and events sleep
+    /// on it.
+    replies_cv: Condvar,
+    /// Threads asleep on `replies_cv` (no wake-up call when there are none).
+    sleepers: AtomicUsize,
+    write_lock: Mutex<()>,
+    seq: AtomicU32,
+    timeout_ns: AtomicU64,
+    pending: Mutex<Pending>,
+    events: Mutex<EventQueue>,
+    unmatched: Mutex<VecDeque<Message>>,
+    unmatched_count: AtomicU64,
+    /// Why the connection broke, if it did not end cleanly (taken once).
+    failure: Mutex<Option<std::io::Error>>,
+    /// Requests (by seq) that accept a descriptor with their reply
+    /// (`UKVMI_VM_MAP_MEMORY`), and the descriptor once it has come.
+    fd_slots: Mutex<HashMap<u32, Option<OwnedFd>>>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Mux {
+    /// A multiplexer over a connected stream (a clone of it is the read side).
+    pub(crate) fn new(stream: UnixStream, timeout: Duration) -> Result<Arc<Mux>> {
+        let read_half = stream.try_clone().map_err(Error::io("cloning the KVMI socket"))?;
+        Ok(Arc::new_cyclic(|me| Mux {
+            me: me.clone(),
+            stream,
+            rd: Mutex::new(ReadSide::new(read_half)),
+            waiters: AtomicUsize::new(0),
+            replies_cv: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
+            write_lock: Mutex::new(()),
+            seq: AtomicU32::new(1),
+            timeout_ns: AtomicU64::new(duration_ns(timeout)),
+            pending: Mutex::new(Pending::default()),
+            events: Mutex::new(EventQueue::default()),
+            unmatched: Mutex::new(VecDeque::new()),
+            unmatched_count: AtomicU64::new(0),
+            failure: Mutex::new(None),
+            fd_slots: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Takes a fresh sequence number (a counter per connection, from 1).
+    pub(crate) fn next_seq(&self) -> u32 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// How long a request waits for its reply.
+    pub(crate) fn timeout(&self) -> Duration {
+        Duration::from_nanos(self.timeout_ns.load(Ordering::Relaxed))
+    }
+
+    /// Sets how long a request waits for its reply.
+    pub(crate) fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ns.store(duration_ns(timeout), Ordering::Relaxed);
+    }
+
+    /// Shuts the socket down (both directions) without waiting.
+    pub(crate) fn shutdown(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    #[cfg(any(test, feature = "raw"))]
+    /// Replies that matched no pending request (taken: the store is emptied).
+    pub(crate) fn take_unmatched(&self) -> Vec<Message> {
+        lock(&self.unmatched).drain(..).collect()
+    }
+
+    #[cfg(any(test, feature = "raw"))]
+    /// How many replies matched no pending request since the connection began.
+    pub(crate) fn unmatched_count(&self) -> u64 {
+        self.unmatched_count.load(Ordering::Relaxed)
+    }
+
+    /// Lets the reply to request `seq` bring one descriptor (before sending).
+    pub(crate) fn expect_fd(&self, seq: u32) {
+        lock(&self.fd_slots).insert(seq, None);
+    }
+
+    /// Closes the slot of request `seq` and returns the descriptor that came
+    /// with its reply, if any.
+    pub(crate) fn take_received_fd(&self, seq: u32) -> Option<OwnedFd> {
+        lock(&self.fd_slots).remove(&seq).flatten()
+    }
+
+    /// Registers request `seq` (message `id`) to receive its reply.
+    pub(crate) fn register(&self, seq: u32, id: u16) -> Result<()> {
+        let mut p = lock(&self.pending);
+        if p.closed {
+            return Err(Error::Closed);
+        }
+        p.map.insert(seq, (id, None));
+        Ok(())
+    }
+
+    /// Forgets request `seq` (a reply that still comes is unmatched).
+    pub(crate) fn unregister(&self, seq: u32) {
+        lock(&self.pending).map.remove(&seq);
+    }
+
+    /// Registers `seq`, writes `bytes`, waits for the reply.
+    pub(crate) fn roundtrip(&self, id: u16, seq: u32, command: &'static str, bytes: &[u8]) -> Result<Message> {
+        self.register(seq, id)?;
+        if let Err(e) = self.write(bytes) {
+            self.unregister(seq);
+            return Err(e);
+        }
+        self.wait_reply(seq, command)
+    }
+
+    /// Waits for the reply registered as `seq` (at most the reply timeout),
+    /// reading the socket itself while nobody else does; unregisters it.
+    pub(crate) fn wait_reply(&self, seq: u32, command: &'static str) -> Result<Message> {
+        let deadline = Instant::now().checked_add(self.timeout());
+        let got = self.wait_reading(deadline, |mux| {
+            let mut p = lock(&mux.pending);
+            let have = p.map.get(&seq).is_none_or(|(_, r)| r.is_some());
+            if have {
+                return Some(p.map.remove(&seq).and_then(|(_, r)| r).ok_or(Error::Closed));
+            }
+            p.closed.then_some(Err(Error::Closed))
+        });
+        got.unwrap_or_else(|| {
+            // Timed out; the reply may have slipped in just now.
+            lock(&self.pending).map.remove(&seq).and_then(|(_, r)| r).ok_or(Error::Timeout { command })
+        })
+    }
+
+    /// Why the connection broke (a read error, or EOF inside a message), if
+    /// it did not end cleanly; taken once.
+    pub(crate) fn take_failure(&self) -> Option<std::io::Error> {
+        lock(&self.failure).take()
+    }
+
+    /// Waits for the next event until `deadline` (`None`: forever).
+    /// `Ok(None)` on timeout; `Err(Error::Closed)` once the connection has
+    /// ended and every queued event has been taken.
+    pub(crate) fn next_event(&self, deadline: Option<Instant>) -> Result<Option<Event>> {
+        let got = self.wait_reading(deadline, |mux| {
+            let mut q = lock(&mux.events);
+            match q.queue.pop_front() {
+                Some(ev) => Some(Ok(ev)),
+                None if q.closed => Some(Err(Error::Closed)),
+                None => None,
+            }
+        });
+        got.transpose()
+    }
+
+    fn dispatch(&self, m: Message) {
+        match m.hdr.id {
+            msg::VM_EVENT if !self.is_id0_error_reply(&m) => {
+                self.push_event(events::parse_vm_event(m.hdr.seq, &m.body));
+            }
+            msg::VCPU_EVENT if m.body.len() >= VCPU_EVENT_BODY_BASE => {
+                let ev = events::parse_vcpu_event(m.hdr.seq, &m.body);
+                self.push_event(Event::Vcpu(PendingEvent::new(ev, self.me.clone())));
+            }
+            _ => self.deliver_reply(m),
+        }
+    }
+
+    /// The kernel answers a message with id 0 by an 8-byte error reply with
+    /// id 0; an UNHOOK event is also 8 bytes but starts with event id 0 and
+    /// zero padding. Only a non-zero `err` for a pending id-0 request counts.
+    fn is_id0_error_reply(&self, m: &Message) -> bool {
+        let ec: ErrorCode = read_zext(&m.body);
+        m.body.len() == 8
+            && ec.err != 0
+            && lock(&self.pending).map.get(&m.hdr.seq).is_some_and(|(id, _)| *id == msg::VM_EVENT)
+    }
+
+    fn push_event(&self, ev: Event) {
+        let mut q = lock(&self.events);
+        q.queue.push_back(ev);
+        // Waiters wake when the reader lets go of the read side (`read_one`).
+    }
+
+    /// Hands a reply to the request with the same seq *and* id (event and
+    /// command seqs are separate counters, so seq alone can collide).
+    fn deliver_reply(&self, m: Message) {
+        let mut p = lock(&self.pending);
+        let slot = p.map.get_mut(&m.hdr.seq).filter(|(id, r)| *id == m.hdr.id && r.is_none());
+        if let Some((_, reply)) = slot {
+            // Its waiter wakes when the reader lets go of the read side.
+            *reply = Some(m);
+            return;
+        }
+        drop(p);
+        self.unmatched_count.fetch_add(1, Ordering::Relaxed);
+        let mut u = lock(&self.unmatched);
+        if u.len() >= UNMATCHED_KEEP {
+            u.pop_front();
+        }
+        u.push_back(m);
+    }
+
+    /// Keeps the first descriptor that came with the reply to a request
+    /// that opened a slot for one ([`Vm::expect_fd`]); every other one is
+    /// closed (dropped) here. A request that gave up has removed its slot,
+    /// so a late descriptor is closed too.
+    fn keep_fds(&self, hdr: &MsgHdr, fds: Vec<OwnedFd>) {
+        if fds.is_empty() || hdr.id != msg::UKVMI_VM_MAP_MEMORY {
+            return;
+        }
+        if let Some(slot @ None) = lock(&self.fd_slots).get_mut(&hdr.seq) {
+            *slot = fds.into_iter().next();
+        }
+    }
+
+    pub(crate) fn mark_closed(&self) {
+        lock(&self.events).closed = true;
+        let mut p = lock(&self.pending);
+        p.closed = true;
+        // Every waiter wakes: replies and events already delivered are still
+        // taken, the others end with `Error::Closed`.
+        self.replies_cv.notify_all();
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        lock(&self.pending).closed
+    }
+
+    pub(crate) fn write(&self, bytes: &[u8]) -> Result<()> {
+        let _guard = lock(&self.write_lock);
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        if let Err(e) = (&self.stream).write_all(bytes) {
+            // A partial write would desynchronise the framing: end the connection.
+            let _ = self.stream.shutdown(Shutdown::Both);
+            if self.is_closed() || e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Err(Error::Closed);
+            }
+            return Err(Error::Io { context: "writing to the KVMI socket", source: e });
+        }
+        Ok(())
+    }
+}
+
+/// Reads one whole message; `None` at EOF or on a read error (the
+/// connection is then over). A descriptor (`SCM_RIGHTS`) that arrives with
+/// a message goes to that message's request if it is a
+/// `UKVMI_VM_MAP_MEMORY` waiting for one, and is closed otherwise.
+fn read_message(inner: &Mux, rd: &mut ReadSide) -> Option<Message> {
+    let (m, fds) = rd.next_message()?;
+    inner.keep_fds(&m.hdr, fds);
+    Some(m)
+}
+
+/// While a thread waits for a reply or an event it reads the socket
+/// itself; this thread only reads when nobody does, so events and replies
+/// nobody waits for are still taken in and a closed connection is noticed.
+pub(crate) fn reader_loop(inner: &Mux) {
+    /// How long the reader stands by while others read (whoever waits reads
+    /// for itself, so nobody waits on this thread).
+    const STANDBY: Duration = Duration::from_millis(10);
+    /// Longest poll while nobody waits (data or a hang-up end it sooner).
+    const IDLE_POLL: Duration = Duration::from_millis(100);
+    loop {
+        if inner.is_closed() {
+            break;
+        }
+        if inner.waiters.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(STANDBY);
+            continue;
+        }
+        // Messages a waiter left in the read-ahead buffer come first.
+        match inner.try_read_side() {
+            Some(rd) if rd.buffered() => {
+                if inner.read_one(rd) {
+                    continue;
+                }
+                break;
+            }
+            Some(_) => {}
+            None => {
+                std::thread::sleep(STANDBY);
+                continue;
+            }
+        }
+        // Poll without holding the read side, so a caller can always take it.
+        if !readable(&inner.stream, IDLE_POLL) || inner.waiters.load(Ordering::SeqCst) > 0 {
+            continue;
+        }
+        let alive = match inner.try_read_side() {
+            Some(rd) => inner.read_one(rd),
+            None => {
+                std::thread::sleep(STANDBY);
+                true
+            }
+        };
+        if !alive {
+            break;
+        }
+    }
+    inner.mark_closed();
+}
+
+impl Mux {
+    /// The read side if nobody holds it (recovered if a holder panicked).
+    fn try_read_side(&self) -> Option<MutexGuard<'_, ReadSide>> {
+        match self.rd.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Reads and dispatches one message with the read side held, then lets
+    /// go of it. False when the connection is over.
+    fn read_one(&self, mut rd: MutexGuard<'_, ReadSide>) -> bool {
+        let m = read_message(self, &mut rd);
+        if m.is_none() {
+            if let Some(e) = rd.take_failure() {
+                *lock(&self.failure) = Some(e);
+            }
+        }
+        drop(rd);
+        let alive = match m {
+            Some(m) => {
+                self.dispatch(m);
+                true
+            }
+            None => {
+                self.mark_closed();
+                false
+            }
+        };
+        let mut p = lock(&self.pending);
+        p.read_releases += 1;
+        // Sleepers count themselves under this lock before they sleep, so
+        // none is missed; with none, no wake-up call at all.
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            self.replies_cv.notify_all();
+        }
+        drop(p);
+        alive
+    }
+
+    /// Waits, reading the socket itself whenever nobody else does, until
+    /// `done` returns `Some` (checked after every message), or `deadline`.
+    pub(crate) fn wait_reading<T>(
+        &self,
+        deadline: Option<Instant>,
+        mut done: impl FnMut(&Mux) -> Option<T>,
+    ) -> Option<T> {
+        /// Longest single poll or wait. The reader polling wakes for any
+        /// message and hands it on, and waiters are woken whenever the read
+        /// side is let go, so this only bounds how often an idle waiter
+        /// looks around.
+        const SLICE: Duration = Duration::from_millis(20);
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let mut spin = SPIN;
+        let out = loop {
+            if let Some(v) = done(self) {
+                break Some(v);
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                break None;
+            }
+            let slice = left.map_or(SLICE, |l| l.min(SLICE));
+            let gen = lock(&self.pending).read_releases;
+            match self.rd.try_lock() {
+                Ok(rd) => {
+                    // Someone may have delivered ours just before we got it.
+                    if let Some(v) = done(self) {
+                        break Some(v);
+                    }
+                    if rd.buffered() || spin_until_readable(&rd.stream, spin) || readable(&rd.stream, slice) {
+                        self.read_one(rd);
+                    }
+                    // Spin once per wait, right after the request went out.
+                    spin = Duration::ZERO;
+                }
+                Err(TryLockError::Poisoned(e)) => {
+                    self.read_one(e.into_inner());
+                }
+                Err(TryLockError::WouldBlock) => {
+                    // Another thread reads: it delivers and then lets go.
+                    let p = lock(&self.pending);
+                    self.sleepers.fetch_add(1, Ordering::SeqCst);
+                    let (p, _) = self
+                        .replies_cv
+                        .wait_timeout_while(p, slice, |p| p.read_releases == gen && !p.closed)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    self.sleepers.fetch_sub(1, Ordering::SeqCst);
+                    drop(p);
+                }
+            }
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+}
+
+/// A duration in nanoseconds, saturating.
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
