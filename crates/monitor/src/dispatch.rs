@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg};
+use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent};
 
 use crate::{engine::Inner, record::Record};
 
@@ -21,14 +21,14 @@ pub(crate) fn event_loop(inner: Arc<Inner>) {
             Ok(None) => {}
             Ok(Some(Event::Vcpu(ev))) => {
                 inner.events.fetch_add(1, Ordering::Relaxed);
-                handle(&inner, *ev);
+                handle(&inner, ev);
             }
             Ok(Some(Event::Unhook { .. })) => {
                 inner.subs.emit(&Record::Unhook);
                 inner.shutdown();
                 break;
             }
-            Ok(Some(Event::UnknownVm { .. })) => {}
+            Ok(Some(_)) => {}
             Err(e) => {
                 if !inner.stop.load(Ordering::SeqCst) {
                     inner.subs.close_all(&Record::Detached { reason: e.to_string() });
@@ -42,16 +42,17 @@ pub(crate) fn event_loop(inner: Arc<Inner>) {
 }
 
 /// Answers one vCPU event. No lock is held here; each policy takes its own.
-fn handle(inner: &Inner, ev: VcpuEventMsg) {
-    let reply = match ev.kind {
-        EventKind::Pause => match inner.pauses.on_pause(inner, ev) {
+fn handle(inner: &Inner, ev: PendingEvent) {
+    let v = ev.vcpu.raw();
+    let reply = match ev.payload {
+        EventPayload::Pause => match inner.pauses.on_pause(inner, ev) {
             Some(ev) => {
                 let _ = inner.vm.reply(&ev, EventReply::Continue);
                 return;
             }
             None => return,
         },
-        EventKind::Breakpoint { gpa, .. } => match inner.bps.on_hit(inner, &ev, gpa) {
+        EventPayload::Breakpoint { gpa, .. } => match inner.bps.on_hit(inner, &ev, gpa) {
             Some(r) => r,
             None => {
                 // Not (or no longer) ours.
@@ -59,10 +60,10 @@ fn handle(inner: &Inner, ev: VcpuEventMsg) {
                 return;
             }
         },
-        EventKind::Singlestep { .. } => inner.bps.on_singlestep(inner, ev.vcpu),
-        EventKind::Msr { msr, old_value, new_value } => inner.msrs.on_write(inner, ev.vcpu, msr, old_value, new_value),
-        EventKind::Pf { gva, gpa, access } => inner.pages.on_fault(inner, &ev, gva, gpa, access),
-        EventKind::Hypercall => inner.hypercalls.on_hypercall(inner, &ev),
+        EventPayload::Singlestep { .. } => inner.bps.on_singlestep(inner, v),
+        EventPayload::Msr { msr, old_value, new_value } => inner.msrs.on_write(inner, v, msr, old_value, new_value),
+        EventPayload::Pf { gva, gpa, access } => inner.pages.on_fault(inner, &ev, gva, gpa, access),
+        EventPayload::Hypercall => inner.hypercalls.on_hypercall(inner, &ev),
         _ => EventReply::Continue,
     };
     let _ = inner.vm.reply(&ev, reply);

@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ukvmi_introspector::{Event, EventKind, EventReply, GuestMemoryMap, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventPayload, EventReply, GuestMemoryMap, PendingEvent, Vm};
 use ukvmi_wire::event;
 
 use crate::{
@@ -179,9 +179,9 @@ impl Inner {
     /// is no longer in memory was one of ours (removed since): RETRY runs
     /// the real instruction; a live `int3` is the guest's own (CONTINUE
     /// gives it its #BP). Anything else: CONTINUE.
-    pub(crate) fn answer_stray(&self, ev: &VcpuEventMsg) {
-        let action = match ev.kind {
-            EventKind::Breakpoint { gpa, .. } => {
+    pub(crate) fn answer_stray(&self, ev: &PendingEvent) {
+        let action = match ev.payload {
+            EventPayload::Breakpoint { gpa, .. } => {
                 let mut b = [0u8];
                 if self.read_phys(gpa, &mut b).is_ok() && b[0] != 0xcc {
                     EventReply::Retry

@@ -56,7 +56,7 @@ impl Monitor {
     /// Like [`start`](Self::start), for a guest that runs `os`.
     pub fn start_with(vm: Vm, os: Arc<dyn GuestOs>) -> Result<Monitor> {
         let vm = Arc::new(vm);
-        let vcpus = cmd(|| "KVMI_VM_GET_INFO".into(), vm.get_info())?;
+        let vcpus = cmd(|| "KVMI_VM_GET_INFO".into(), vm.vcpu_count())?;
         let vcpus = u16::try_from(vcpus)
             .ok()
             .filter(|&n| n > 0)

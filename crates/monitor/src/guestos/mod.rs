@@ -73,7 +73,7 @@ impl PhysRead for ukvmi_introspector::Vm {
 
 impl GuestMemory for ukvmi_introspector::Vm {
     fn translate(&self, vcpu: u16, gva: u64) -> Option<u64> {
-        self.translate_gva(vcpu, gva).ok().flatten()
+        self.translate_gva(vcpu, gva).ok().flatten().map(u64::from)
     }
 }
 

@@ -69,6 +69,7 @@ impl Breakpoints {
     ) -> Result<u64> {
         let vm = &inner.vm;
         let gpa = cmd(|| format!("translating {gva:#x}"), vm.translate_gva(0, gva))?
+            .map(u64::from)
             .ok_or_else(|| MonitorError::Invalid(format!("{gva:#x} is not mapped in vCPU 0's address space")))?;
         if let Some(bp) = self.lock().bps.get_mut(&gpa) {
             bp.owners.push(owner);
@@ -131,7 +132,7 @@ impl Breakpoints {
     /// A BREAKPOINT event at `gpa`: reports the hit and steps over it.
     /// `None` when the breakpoint is not (or no longer) ours.
     pub(crate) fn on_hit(&self, inner: &Inner, ev: &VcpuEventMsg, gpa: u64) -> Option<EventReply> {
-        let v = ev.vcpu;
+        let v = ev.vcpu.raw();
         let syscall = self.lock().bps.get(&gpa)?.syscall;
         let who = inner.os.who(inner, v);
         let rec = if syscall {

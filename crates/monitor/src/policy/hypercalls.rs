@@ -47,7 +47,7 @@ impl Hypercalls {
     /// it and sets the call's result.
     pub(crate) fn on_hypercall(&self, inner: &Inner, ev: &VcpuEventMsg) -> EventReply {
         let answer = self.lock().iter().find_map(|(_, a)| a.clone());
-        let v = ev.vcpu;
+        let v = ev.vcpu.raw();
         let who = inner.os.who(inner, v);
         let message = inner.os.agent_message(inner, &ev.regs);
         let mut reply = None;

@@ -133,7 +133,7 @@ impl PageGuard {
     /// A PF event: reports the access; a write to a page an owner denies is
     /// refused (the instruction skipped).
     pub(crate) fn on_fault(&self, inner: &Inner, ev: &VcpuEventMsg, gva: u64, gpa: u64, acc: u8) -> EventReply {
-        let v = ev.vcpu;
+        let v = ev.vcpu.raw();
         let page = gpa & !0xfff;
         let deny = acc & access::W != 0 && self.lock().get(&page).is_some_and(|o| o.iter().any(|h| h.deny));
         let who = inner.os.who(inner, v);

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ukvmi_introspector::{EventReply, VcpuEventMsg};
+use ukvmi_introspector::{EventReply, PendingEvent};
 
 use crate::{
     engine::Inner,
@@ -23,7 +23,7 @@ struct State {
     /// vCPUs a tool wants held.
     want: BTreeSet<u16>,
     /// vCPUs held, with the PAUSE event they are stopped in.
-    held: BTreeMap<u16, VcpuEventMsg>,
+    held: BTreeMap<u16, PendingEvent>,
 }
 
 /// The pause policy.
@@ -103,8 +103,8 @@ impl Pauses {
 
     /// A PAUSE event: held when a tool wants this vCPU held; else given
     /// back, to be answered with CONTINUE.
-    pub(crate) fn on_pause(&self, inner: &Inner, ev: VcpuEventMsg) -> Option<VcpuEventMsg> {
-        let v = ev.vcpu;
+    pub(crate) fn on_pause(&self, inner: &Inner, ev: PendingEvent) -> Option<PendingEvent> {
+        let v = ev.vcpu.raw();
         let mut st = self.lock();
         // Checked under the lock: the shutdown sets `stop` before it lets
         // every held vCPU go, so none is held after that.
