@@ -1,8 +1,11 @@
 //! Loading `--kernel` images: an ELF64 executable (its PT_LOAD segments at
 //! their physical addresses) or, failing the ELF magic, a flat binary at
 //! the guest ABI's load address.
+//! Also puts a built-in guest or a `--kernel` file into RAM (`load_image`).
 
+use crate::error::Error;
 use crate::memory::GuestRam;
+use crate::vm::Image;
 use ukvmi_guests::layout;
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
@@ -62,4 +65,20 @@ pub(crate) fn load(ram: &GuestRam, bytes: &[u8]) -> Result<u64, String> {
         return Err("no loadable segment".into());
     }
     Ok(entry)
+}
+
+/// Loads `image` into RAM and returns the entry point.
+pub(crate) fn load_image(ram: &GuestRam, image: &Image) -> crate::error::Result<u64> {
+    match image {
+        Image::Builtin(g) => {
+            ram.write(g.load_addr, g.image)
+                .map_err(|_| Error::Config(format!("guest {} does not fit in RAM", g.name)))?;
+            Ok(g.entry)
+        }
+        Image::Kernel(path) => {
+            let bytes = std::fs::read(path)
+                .map_err(|e| Error::Config(format!("cannot read kernel {}: {e}", path.display())))?;
+            load(ram, &bytes).map_err(|e| Error::Config(format!("kernel {}: {e}", path.display())))
+        }
+    }
 }
