@@ -93,3 +93,60 @@ pub(crate) fn enter_long_mode(fd: &VcpuFd, entry: u64, index: u16, count: u16) -
     fd.set_msrs(&msrs).map_err(|e| Error::kvm("KVM_SET_MSRS", e))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_map_the_first_gib_and_the_alias() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        write_tables(&ram).unwrap();
+        let q = |gpa: u64| {
+            let mut b = [0u8; 8];
+            ram.read(gpa, &mut b).unwrap();
+            u64::from_le_bytes(b)
+        };
+        for (i, e) in GDT.iter().enumerate() {
+            assert_eq!(q(layout::GDT_ADDR + 8 * i as u64), *e);
+        }
+        let pdpt = q(layout::PML4_ADDR) & !0xfff;
+        assert_eq!(q(layout::PML4_ADDR) & 3, 3);
+        let pd = q(pdpt) & !0xfff;
+        // 2 MiB pages, identity: PD[i] maps i * 2 MiB, present, writable, large.
+        assert_eq!(q(pd), 0x83);
+        assert_eq!(q(pd + 8 * 511), (511 << 21) | 0x83);
+        assert_eq!(q(pdpt + 8), layout::ALIAS_PD_ADDR | 3);
+        assert_eq!(q(layout::ALIAS_PD_ADDR), layout::ALIAS_GPA | 0x83);
+    }
+
+    #[test]
+    fn tables_refuse_ram_too_small_for_them() {
+        let ram = GuestRam::new(4096).unwrap();
+        let e = write_tables(&ram).unwrap_err();
+        assert_eq!(e.to_string(), "RAM too small for page tables");
+    }
+
+    #[test]
+    fn every_vcpu_gets_its_own_stack_and_its_index() {
+        let r0 = boot_regs(0x10_0000, 0, 4, 2_000_000);
+        let r3 = boot_regs(0x10_0000, 3, 4, 2_000_000);
+        assert_eq!((r0.rip, r0.rdi, r0.rsi, r0.rdx, r0.rflags), (0x10_0000, 0, 4, 2_000_000, 2));
+        assert_eq!(r0.rsp, layout::STACK_TOP);
+        assert_eq!(r3.rdi, 3);
+        assert_eq!(r0.rsp - r3.rsp, 3 * layout::STACK_SIZE);
+    }
+
+    #[test]
+    fn sregs_are_64_bit_ring_0_with_paging() {
+        let mut s = kvm_sregs::default();
+        long_mode_sregs(&mut s);
+        assert_eq!((s.cs.selector, s.cs.l, s.cs.dpl, s.cs.db), (0x08, 1, 0, 0));
+        assert_eq!((s.ss.selector, s.ds.selector, s.ds.db), (0x10, 0x10, 1));
+        assert_eq!(s.cr3, layout::PML4_ADDR);
+        assert_ne!(s.cr0 & (1 << 31), 0, "paging");
+        assert_ne!(s.cr4 & (1 << 5), 0, "PAE");
+        assert_eq!(s.efer & 0x500, 0x500, "LME and LMA");
+        assert_eq!((s.gdt.base, s.gdt.limit), (layout::GDT_ADDR, (GDT.len() * 8 - 1) as u16));
+    }
+}

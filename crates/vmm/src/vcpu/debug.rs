@@ -164,3 +164,30 @@ impl KvmVcpu {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_SW_BP};
+
+    #[test]
+    fn nothing_switched_on_is_no_guest_debug() {
+        assert_eq!(Debug::default().control(), 0);
+    }
+
+    #[test]
+    fn every_kind_of_stepping_single_steps() {
+        let step = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+        assert_eq!(Debug { singlestep: true, ..Debug::default() }.control(), step);
+        assert_eq!(Debug { step_over: true, ..Debug::default() }.control(), step);
+        assert_eq!(Debug { drain: true, ..Debug::default() }.control(), step);
+    }
+
+    #[test]
+    fn int3_exits_combine_with_stepping() {
+        let bp = Debug { sw_bp: true, ..Debug::default() };
+        assert_eq!(bp.control(), KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP);
+        let both = Debug { sw_bp: true, singlestep: true, ..Debug::default() };
+        assert_eq!(both.control(), KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP | KVM_GUESTDBG_SINGLESTEP);
+    }
+}

@@ -54,3 +54,103 @@ pub(super) fn memory_type(gpa: u64, read: &mut dyn FnMut(&[u32]) -> BackendResul
     }
     Ok(found.unwrap_or(def as u8))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// MTRRs enabled (E), fixed ranges enabled (FE), default type `def`.
+    const E: u64 = 1 << 11;
+    const FE: u64 = 1 << 10;
+    /// MTRRCAP: 8 variable ranges, fixed ranges supported.
+    const CAP: u64 = 8 | 1 << 8;
+    const UC: u64 = 0;
+    const WT: u64 = 4;
+    const WB: u64 = 6;
+
+    fn run(msrs: &[(u32, u64)], gpa: u64) -> BackendResult<u8> {
+        let map: BTreeMap<u32, u64> = msrs.iter().copied().collect();
+        memory_type(gpa, &mut |idx| Ok(idx.iter().map(|i| map.get(i).copied().unwrap_or(0)).collect()))
+    }
+
+    /// A valid variable range `n` of `size` bytes (a power of two) at `base`.
+    fn var(n: u32, base: u64, size: u64, t: u64) -> [(u32, u64); 2] {
+        let mask = !(size - 1) & ((1 << 52) - 1);
+        [(MSR_MTRR_PHYS_BASE0 + 2 * n, base | t), (MSR_MTRR_PHYS_BASE0 + 2 * n + 1, mask | 1 << 11)]
+    }
+
+    #[test]
+    fn disabled_mtrrs_make_everything_uncacheable() {
+        let msrs = [(MSR_MTRR_CAP, CAP), (MSR_MTRR_DEF_TYPE, WB)];
+        assert_eq!(run(&msrs, 0x1234_5000).unwrap(), 0);
+    }
+
+    #[test]
+    fn without_a_range_the_default_type_applies() {
+        let msrs = [(MSR_MTRR_CAP, CAP), (MSR_MTRR_DEF_TYPE, E | WB)];
+        assert_eq!(run(&msrs, 0x4000_0000).unwrap(), WB as u8);
+    }
+
+    #[test]
+    fn fixed_ranges_pick_the_byte_of_their_msr() {
+        let msrs = [
+            (MSR_MTRR_CAP, CAP),
+            (MSR_MTRR_DEF_TYPE, E | FE | WB),
+            // 64K: byte 2 covers 0x20000..0x30000.
+            (MTRR_FIX_64K, 0x0000_0000_0005_0000),
+            // 16K: the second MSR's byte 1 covers 0xa4000..0xa8000.
+            (0x259, 0x0000_0000_0000_0100),
+            // 4K: the last MSR's byte 7 covers 0xff000..0x100000.
+            (0x26f, 0x0400_0000_0000_0000),
+        ];
+        assert_eq!(run(&msrs, 0x2_1000).unwrap(), 5);
+        assert_eq!(run(&msrs, 0x1_0000).unwrap(), 0);
+        assert_eq!(run(&msrs, 0xa_4000).unwrap(), 1);
+        assert_eq!(run(&msrs, 0xf_f800).unwrap(), 4);
+        // Above 1 MiB the fixed ranges do not apply.
+        assert_eq!(run(&msrs, 0x10_0000).unwrap(), WB as u8);
+    }
+
+    #[test]
+    fn fixed_ranges_need_both_the_enable_and_the_capability() {
+        let fixed = (MTRR_FIX_64K, 0x05);
+        let no_fe = [(MSR_MTRR_CAP, CAP), (MSR_MTRR_DEF_TYPE, E | WB), fixed];
+        assert_eq!(run(&no_fe, 0x1000).unwrap(), WB as u8);
+        let no_cap = [(MSR_MTRR_CAP, 8), (MSR_MTRR_DEF_TYPE, E | FE | WB), fixed];
+        assert_eq!(run(&no_cap, 0x1000).unwrap(), WB as u8);
+    }
+
+    #[test]
+    fn a_variable_range_applies_inside_it_only() {
+        let mut msrs = vec![(MSR_MTRR_CAP, CAP), (MSR_MTRR_DEF_TYPE, E | UC)];
+        msrs.extend(var(0, 0x8000_0000, 0x1000_0000, WB));
+        assert_eq!(run(&msrs, 0x8000_0000).unwrap(), WB as u8);
+        assert_eq!(run(&msrs, 0x8fff_f000).unwrap(), WB as u8);
+        assert_eq!(run(&msrs, 0x9000_0000).unwrap(), UC as u8);
+    }
+
+    #[test]
+    fn overlapping_ranges_uc_wins_then_wt_over_wb() {
+        let mut msrs = vec![(MSR_MTRR_CAP, CAP), (MSR_MTRR_DEF_TYPE, E | WB)];
+        msrs.extend(var(0, 0, 0x4000_0000, WB));
+        msrs.extend(var(1, 0, 0x1000_0000, WT));
+        msrs.extend(var(2, 0, 0x100_0000, UC));
+        assert_eq!(run(&msrs, 0x200_0000).unwrap(), WT as u8);
+        assert_eq!(run(&msrs, 0x80_0000).unwrap(), UC as u8);
+        assert_eq!(run(&msrs, 0x2000_0000).unwrap(), WB as u8);
+    }
+
+    #[test]
+    fn ranges_beyond_the_reported_count_are_ignored() {
+        let mut msrs = vec![(MSR_MTRR_CAP, 1), (MSR_MTRR_DEF_TYPE, E | WB)];
+        msrs.extend(var(1, 0, 0x4000_0000, UC));
+        assert_eq!(run(&msrs, 0x1000).unwrap(), WB as u8);
+    }
+
+    #[test]
+    fn a_failed_msr_read_is_an_error() {
+        let r = memory_type(0, &mut |_| Err(BackendError::Invalid("MSR cannot be read".into())));
+        assert!(matches!(r, Err(BackendError::Invalid(_))));
+    }
+}

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use ukvmi_endpoint::{Exception, Flow, VcpuPort};
-use ukvmi_guests::layout;
 
 /// Re-entries allowed at one RIP whose emulation failed with no int3 there
 /// at the time of the read (see `internal_error`): a tool that restores and
@@ -65,6 +64,24 @@ impl Step {
     pub(super) fn ran_guest(&self) -> bool {
         !matches!(self, Step::Kicked | Step::Reenter)
     }
+}
+
+/// The value of an `out` (1, 2 or 4 bytes, little-endian), zero-extended.
+fn out_value(data: &[u8]) -> u32 {
+    let mut v = [0u8; 4];
+    for (d, s) in v.iter_mut().zip(data.iter()) {
+        *d = *s;
+    }
+    u32::from_le_bytes(v)
+}
+
+/// The bytes of an MMIO write (at most 8) and how many there are.
+fn mmio_write_data(data: &[u8]) -> ([u8; 8], usize) {
+    let mut v = [0u8; 8];
+    for (d, s) in v.iter_mut().zip(data.iter()) {
+        *d = *s;
+    }
+    (v, data.len().min(8))
 }
 
 impl KvmVcpu {
@@ -234,17 +251,9 @@ impl KvmVcpu {
         let exit = self.fd.run();
         drop(inside);
         let step = match exit {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let mut v = [0u8; 4];
-                for (d, s) in v.iter_mut().zip(data.iter()) {
-                    *d = *s;
-                }
-                Step::Out(port, u32::from_le_bytes(v))
-            }
+            Ok(VcpuExit::IoOut(port, data)) => Step::Out(port, out_value(data)),
             Ok(VcpuExit::IoIn(port, data)) => {
-                // Serial LSR says "transmitter empty"; everything else reads as all ones.
-                let v = if port == layout::PORT_SERIAL + 5 { 0x60 } else { 0xff };
-                data.fill(v);
+                data.fill(super::ports::in_value(port));
                 Step::In
             }
             Ok(VcpuExit::Hlt) => Step::Hlt,
@@ -254,11 +263,8 @@ impl KvmVcpu {
             }
             Ok(VcpuExit::MmioRead(gpa, data)) => Step::MmioRead(gpa, data.len()),
             Ok(VcpuExit::MmioWrite(gpa, data)) => {
-                let mut v = [0u8; 8];
-                for (d, s) in v.iter_mut().zip(data.iter()) {
-                    *d = *s;
-                }
-                Step::MmioWrite(gpa, v, data.len().min(8))
+                let (v, len) = mmio_write_data(data);
+                Step::MmioWrite(gpa, v, len)
             }
             Ok(VcpuExit::Debug(_)) if self.debug.step_over => Step::SteppedOver,
             Ok(VcpuExit::Debug(arch)) => Step::Debug { exception: arch.exception, pc: arch.pc, dr6: arch.dr6 },
@@ -347,5 +353,35 @@ impl KvmVcpu {
         if !matches!(step, Step::Kicked) {
             self.pf.deferred = Some(step);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_values_are_little_endian_and_zero_extended() {
+        assert_eq!(out_value(&[0x2a]), 0x2a);
+        assert_eq!(out_value(&[0x34, 0x12]), 0x1234);
+        assert_eq!(out_value(&[0x78, 0x56, 0x34, 0x12]), 0x1234_5678);
+        assert_eq!(out_value(&[]), 0);
+    }
+
+    #[test]
+    fn mmio_writes_keep_at_most_eight_bytes() {
+        assert_eq!(mmio_write_data(&[1, 2]), ([1, 2, 0, 0, 0, 0, 0, 0], 2));
+        assert_eq!(mmio_write_data(&[9; 8]), ([9; 8], 8));
+        assert_eq!(mmio_write_data(&[7; 16]), ([7; 8], 8));
+    }
+
+    #[test]
+    fn only_kicks_and_reentries_ran_no_guest_code() {
+        assert!(!Step::Kicked.ran_guest());
+        assert!(!Step::Reenter.ran_guest());
+        assert!(Step::Hlt.ran_guest());
+        assert!(Step::Out(0x3f8, 0).ran_guest());
+        assert!(Step::Debug { exception: 1, pc: 0, dr6: 0 }.ran_guest());
+        assert!(Step::Fatal(String::new()).ran_guest());
     }
 }

@@ -142,3 +142,25 @@ pub(super) fn connection_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_events_is_said_plainly() {
+        assert_eq!(events_line(&[]), "0 events");
+        assert_eq!(events_line(&[(event::PAUSE, 0)]), "0 events");
+    }
+
+    #[test]
+    fn events_are_counted_by_short_name() {
+        let line = events_line(&[(event::PAUSE, 2), (event::PF, 1)]);
+        assert_eq!(line, "3 events (PAUSE 2, PF 1)");
+    }
+
+    #[test]
+    fn an_unknown_event_id_is_a_question_mark() {
+        assert_eq!(events_line(&[(0xfff0, 4)]), "4 events (? 4)");
+    }
+}
