@@ -1,5 +1,6 @@
-//! What this host's KVM offers: probing a VM for capabilities, and
-//! registering guest RAM as memslot 0.
+//! What this host's KVM offers: probing a VM for the [`HostFeatures`] the
+//! endpoint turns into KVMI capabilities, and registering guest RAM as
+//! memslot 0.
 
 use crate::error::{Error, Result};
 use crate::memory::GuestRam;
@@ -7,27 +8,15 @@ use crate::msr_filter;
 use crate::page_access;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
-use ukvmi_endpoint::HostCaps;
-use ukvmi_wire::{event, msg};
-
-/// What the probe found on this host.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Probed {
-    /// MSR-write exits through the MSR filter.
-    pub msr_events: bool,
-    /// `KVM_SET_GUEST_DEBUG` (single-step, int3 exits).
-    pub guest_debug: bool,
-    /// `KVM_GET/SET_VCPU_EVENTS` (exception injection, #BP re-injection).
-    pub vcpu_events: bool,
-    /// Page restrictions by memslot surgery work (`page_access::probe`).
-    pub page_access: bool,
-}
+use ukvmi_endpoint::{HostCaps, HostFeatures};
 
 /// Probes `vm` (a VM of `kvm`): capabilities, and the MSR filter's exit
-/// reason, which it enables on `vm` as a side effect.
-pub(super) fn probe(kvm: &Kvm, vm: &VmFd) -> Probed {
+/// reason, which it enables on `vm` as a side effect. Page restrictions are
+/// left out (`page_access: false`): they are probed on guest RAM
+/// (`page_access::probe`).
+pub(super) fn probe(kvm: &Kvm, vm: &VmFd) -> HostFeatures {
     let cap = |c: u32| kvm.check_extension_raw(u64::from(c)) > 0;
-    Probed {
+    HostFeatures {
         msr_events: msr_filter::probe(kvm, vm),
         guest_debug: cap(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG),
         vcpu_events: cap(kvm_bindings::KVM_CAP_VCPU_EVENTS),
@@ -66,41 +55,5 @@ pub fn host_capabilities() -> Result<HostCaps> {
     probed.page_access = page_access::probe(&kvm, &vm, host_base, ram.size()).map_err(Error::Config)?.is_some();
     drop(vm);
     drop(ram);
-    Ok(host_caps(probed))
-}
-
-/// What this host can do through stock KVM, decided by probing. What is
-/// missing answers `-KVM_EOPNOTSUPP` up front, never failing later.
-///
-/// CR, XSETBV and DESCRIPTOR events (and CONTROL_CR) have no exit to
-/// userspace on a stock kernel. BREAKPOINT needs #BP re-injection
-/// (VCPU_EVENTS); HYPERCALL is the VMM's own doorbell and always works.
-pub(super) fn host_caps(p: Probed) -> HostCaps {
-    let mut caps = HostCaps::full().without_command(msg::VCPU_CONTROL_CR);
-    if !p.vcpu_events {
-        caps = caps.without_command(msg::VCPU_INJECT_EXCEPTION);
-    }
-    if !p.guest_debug {
-        caps = caps.without_command(msg::VCPU_CONTROL_SINGLESTEP);
-    }
-    if !p.msr_events {
-        caps = caps.without_command(msg::VCPU_CONTROL_MSR);
-    }
-    if !p.page_access {
-        caps = caps.without_command(msg::VM_SET_PAGE_ACCESS);
-    }
-    for id in event::VCPU_EVENTS {
-        let have = match id {
-            event::PAUSE | event::HYPERCALL => true,
-            event::MSR => p.msr_events,
-            event::BREAKPOINT | event::TRAP => p.vcpu_events,
-            event::SINGLESTEP => p.guest_debug,
-            event::PF => p.page_access,
-            _ => false,
-        };
-        if !have {
-            caps = caps.without_event(id);
-        }
-    }
-    caps
+    Ok(HostCaps::from(probed))
 }

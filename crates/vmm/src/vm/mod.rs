@@ -17,7 +17,7 @@ use crate::msr_filter::MsrFilter;
 use crate::page_access::{self, GuestGate};
 use crate::vcpu::{Debug, KvmVcpu, PfState};
 use connection::connection_loop;
-use host::{host_caps, probe, register_ram};
+use host::{probe, register_ram};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use shared::{lock, VcpuShared};
@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use ukvmi_endpoint::handshake::VmIdentity;
-use ukvmi_endpoint::{Dialect, Endpoint, Options, Permissions, VmBackend};
+use ukvmi_endpoint::{Dialect, Endpoint, HostCaps, Options, Permissions, VmBackend};
 use ukvmi_guests::layout;
 
 /// A handle to stop a running VM from another thread (e.g. on SIGTERM).
@@ -136,7 +136,7 @@ impl Vm {
                     woken: Condvar::new(),
                 })
                 .collect(),
-            caps: host_caps(probed),
+            caps: HostCaps::from(probed),
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
             exited: Condvar::new(),
