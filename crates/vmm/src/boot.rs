@@ -1,7 +1,7 @@
 //! The guest ABI's starting state: the GDT and identity page tables in RAM,
 //! and each vCPU's 64-bit ring-0 registers.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SetupError};
 use crate::memory::GuestRam;
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
@@ -14,7 +14,7 @@ const GDT: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8
 
 /// Writes the GDT and identity page tables of the guest ABI.
 pub(crate) fn write_tables(ram: &GuestRam) -> Result<()> {
-    let fail = |_| Error::Config("RAM too small for page tables".into());
+    let fail = |_| Error::Setup(SetupError::TablesDontFit);
     for (i, e) in GDT.iter().enumerate() {
         ram.write_u64(layout::GDT_ADDR + 8 * i as u64, *e).map_err(fail)?;
     }
@@ -89,7 +89,7 @@ pub(crate) fn enter_long_mode(fd: &VcpuFd, entry: u64, index: u16, count: u16) -
     fd.set_regs(&boot_regs(entry, index, count, tsc_khz)).map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
     // As firmware would: MTRRs enabled, default write-back.
     let msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_MTRR_DEF_TYPE, data: 0xc06, ..Default::default() }])
-        .map_err(|e| Error::Config(format!("MSR list: {e:?}")))?;
+        .map_err(|e| Error::Setup(SetupError::MsrList(format!("{e:?}"))))?;
     fd.set_msrs(&msrs).map_err(|e| Error::kvm("KVM_SET_MSRS", e))?;
     Ok(())
 }

@@ -44,6 +44,6 @@ mod trap_flag;
 mod vcpu;
 mod vm;
 
-pub use error::{Error, Result};
-pub use ukvmi_endpoint::Dialect;
-pub use vm::{host_capabilities, Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig, MAX_MEMORY_MIB};
+pub use error::{ConfigError, Error, ImageError, LoadError, Result, SetupError, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+pub use ukvmi_endpoint::{Dialect, PermissionError};
+pub use vm::{host_capabilities, Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig};

@@ -42,8 +42,9 @@ mod sink;
 mod tests;
 
 pub(crate) use gate::GuestGate;
-pub(crate) use sink::{set_region, GuestPages, SlotSink};
+pub(crate) use sink::{set_region, GuestPages, SlotError, SlotSink};
 
+use crate::error::SetupError;
 use crate::page_tables::{self, CpuTables, Search};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -105,7 +106,7 @@ struct Vcpus {
 /// RAM's slot 0 into a read-write and a read-only slot and back. Returns
 /// the manager (RAM back in slot 0 whole) or `None`; `Err` only when the
 /// probe could not put slot 0 back, which leaves the VM unusable.
-pub(crate) fn probe(kvm: &Kvm, vm: &VmFd, host_base: u64, ram_size: u64) -> Result<Option<PageAccess>, String> {
+pub(crate) fn probe(kvm: &Kvm, vm: &VmFd, host_base: u64, ram_size: u64) -> Result<Option<PageAccess>, SetupError> {
     if kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_READONLY_MEM)) == 0
         || kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG)) == 0
     {
@@ -124,7 +125,7 @@ pub(crate) fn probe(kvm: &Kvm, vm: &VmFd, host_base: u64, ram_size: u64) -> Resu
     match (works, whole) {
         (true, true) => Ok(Some(pa)),
         (false, true) => Ok(None),
-        (_, false) => Err("probing read-only memslots left guest RAM without its memslot".into()),
+        (_, false) => Err(SetupError::SlotZeroLost),
     }
 }
 

@@ -3,6 +3,12 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use thiserror::Error;
+
+/// KVM refused a memslot change: `KVM_SET_USER_MEMORY_REGION`'s errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("{0}")]
+pub(crate) struct SlotError(pub kvm_ioctls::Error);
 
 /// Guest RAM as the page-table walk reads it (`page_tables`).
 pub(crate) trait GuestPages {
@@ -28,7 +34,7 @@ impl GuestPages for VmFd {
 /// reads the RAM of the guest whose layout it changes.
 pub(crate) trait SlotSink: GuestPages {
     /// `KVM_SET_USER_MEMORY_REGION` (a size of 0 deletes the slot).
-    fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), String>;
+    fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), SlotError>;
     /// Called before the first change of an update: no vCPU may be in
     /// guest mode until `end_update`.
     fn begin_update(&self) {}
@@ -37,15 +43,15 @@ pub(crate) trait SlotSink: GuestPages {
 }
 
 /// `KVM_SET_USER_MEMORY_REGION` on a VM fd.
-pub(crate) fn set_region(vm: &VmFd, region: kvm_userspace_memory_region) -> Result<(), String> {
+pub(crate) fn set_region(vm: &VmFd, region: kvm_userspace_memory_region) -> Result<(), SlotError> {
     // SAFETY: every region we pass lies inside guest RAM's own mapping
     // (`host_base` + gpa, bounded by the RAM size checked in `set_with`),
     // which lives as long as the VM; a size of 0 only deletes.
-    unsafe { vm.set_user_memory_region(region) }.map_err(|e| e.to_string())
+    unsafe { vm.set_user_memory_region(region) }.map_err(SlotError)
 }
 
 impl SlotSink for VmFd {
-    fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), String> {
+    fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), SlotError> {
         set_region(self, region)
     }
 }

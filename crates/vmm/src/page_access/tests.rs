@@ -39,7 +39,7 @@ impl GuestPages for Fake {
 }
 
 impl SlotSink for Fake {
-    fn set_region(&self, r: kvm_userspace_memory_region) -> Result<(), String> {
+    fn set_region(&self, r: kvm_userspace_memory_region) -> Result<(), SlotError> {
         *self.calls.borrow_mut() += 1;
         let fail_now = {
             let mut f = self.fail_after.borrow_mut();
@@ -56,19 +56,19 @@ impl SlotSink for Fake {
             }
         };
         if fail_now {
-            return Err("injected failure".into());
+            return Err(SlotError(kvm_ioctls::Error::new(libc::EIO)));
         }
         let mut live = self.live.borrow_mut();
         if r.memory_size == 0 {
-            live.remove(&r.slot).ok_or("no such slot")?;
+            live.remove(&r.slot).ok_or(SlotError(kvm_ioctls::Error::new(libc::EINVAL)))?;
             return Ok(());
         }
         if live.contains_key(&r.slot) {
-            return Err("slot id in use".into());
+            return Err(SlotError(kvm_ioctls::Error::new(libc::EEXIST)));
         }
         let end = r.guest_phys_addr + r.memory_size;
         if live.values().any(|o| r.guest_phys_addr < o.guest_phys_addr + o.memory_size && o.guest_phys_addr < end) {
-            return Err("overlap".into());
+            return Err(SlotError(kvm_ioctls::Error::new(libc::EEXIST)));
         }
         assert_eq!(r.userspace_addr, BASE + r.guest_phys_addr);
         live.insert(r.slot, r);

@@ -1,14 +1,12 @@
 //! What a VM is made from (`VmConfig`, `Image`, the introspector and
 //! serial settings) and how it ends (`Exit`).
 
+use crate::error::{ConfigError, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 use ukvmi_endpoint::Dialect;
-use ukvmi_guests::Guest;
-
-/// The most guest RAM a VM may have, in MiB (1 TiB).
-pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+use ukvmi_guests::{layout, Guest};
 
 /// What runs in the VM.
 #[derive(Debug, Clone)]
@@ -90,4 +88,60 @@ pub enum Exit {
     Crashed(String),
     /// The guest or the VMM failed.
     Failed(String),
+}
+
+/// Checks the vCPU count and RAM size against what the guest ABI and the
+/// VMM support (the host's own vCPU limit is checked on `/dev/kvm`).
+pub(crate) fn check_limits(vcpus: u16, memory_mib: u64) -> Result<(), ConfigError> {
+    if vcpus == 0 {
+        return Err(ConfigError::NoVcpus);
+    }
+    if vcpus > layout::MAX_VCPUS {
+        return Err(ConfigError::AbiVcpuLimit { requested: vcpus, max: layout::MAX_VCPUS });
+    }
+    if memory_mib < MIN_MEMORY_MIB {
+        return Err(ConfigError::TooLittleMemory { mib: memory_mib, min: MIN_MEMORY_MIB });
+    }
+    if memory_mib > MAX_MEMORY_MIB {
+        return Err(ConfigError::TooMuchMemory { mib: memory_mib, max: MAX_MEMORY_MIB });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limits_are_inclusive() {
+        assert_eq!(check_limits(1, MIN_MEMORY_MIB), Ok(()));
+        assert_eq!(check_limits(layout::MAX_VCPUS, MAX_MEMORY_MIB), Ok(()));
+    }
+
+    #[test]
+    fn each_limit_is_reported_with_its_numbers() {
+        assert_eq!(check_limits(0, 64), Err(ConfigError::NoVcpus));
+        assert_eq!(
+            check_limits(layout::MAX_VCPUS + 1, 64),
+            Err(ConfigError::AbiVcpuLimit { requested: layout::MAX_VCPUS + 1, max: layout::MAX_VCPUS })
+        );
+        assert_eq!(check_limits(1, 3), Err(ConfigError::TooLittleMemory { mib: 3, min: 4 }));
+        assert_eq!(
+            check_limits(1, MAX_MEMORY_MIB + 1),
+            Err(ConfigError::TooMuchMemory { mib: MAX_MEMORY_MIB + 1, max: MAX_MEMORY_MIB })
+        );
+    }
+
+    #[test]
+    fn the_messages_name_no_command_line_flag() {
+        for e in [
+            check_limits(0, 64),
+            check_limits(layout::MAX_VCPUS + 1, 64),
+            check_limits(1, 1),
+            check_limits(1, u64::MAX),
+        ] {
+            let msg = e.unwrap_err().to_string();
+            assert!(!msg.contains("--"), "{msg}");
+        }
+    }
 }

@@ -45,14 +45,14 @@ pub(super) fn register_ram(vm: &VmFd, ram: &GuestRam) -> Result<u64> {
 /// What KVMI commands and events this host serves: probes `/dev/kvm` with a
 /// throwaway VM, exactly as [`Vm::new`](super::Vm::new) does for a real one.
 pub fn host_capabilities() -> Result<HostCaps> {
-    let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
+    let kvm = Kvm::new().map_err(Error::NoKvm)?;
     let vm = kvm.create_vm().map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
     let mut probed = probe(&kvm, &vm);
     // Page restrictions are probed by really splitting a memslot of RAM.
     let ram = GuestRam::new(1 << 20)?;
     // `vm` is dropped (with its memslots) below, before `ram`.
     let host_base = register_ram(&vm, &ram)?;
-    probed.page_access = page_access::probe(&kvm, &vm, host_base, ram.size()).map_err(Error::Config)?.is_some();
+    probed.page_access = page_access::probe(&kvm, &vm, host_base, ram.size())?.is_some();
     drop(vm);
     drop(ram);
     Ok(HostCaps::from(probed))

@@ -6,11 +6,11 @@ mod connection;
 mod host;
 mod shared;
 
-pub use config::{Exit, Image, IntrospectConfig, SerialSink, VmConfig, MAX_MEMORY_MIB};
+pub use config::{Exit, Image, IntrospectConfig, SerialSink, VmConfig};
 pub use host::host_capabilities;
 pub(crate) use shared::VmShared;
 
-use crate::error::{Error, Result};
+use crate::error::{ConfigError, Error, Result, SetupError, MAX_MEMORY_MIB};
 use crate::kick;
 use crate::memory::GuestRam;
 use crate::msr_filter::MsrFilter;
@@ -26,7 +26,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use ukvmi_endpoint::handshake::VmIdentity;
 use ukvmi_endpoint::{Dialect, Endpoint, HostCaps, Options, Permissions, VmBackend};
-use ukvmi_guests::layout;
 
 /// A handle to stop a running VM from another thread (e.g. on SIGTERM).
 #[derive(Clone)]
@@ -76,36 +75,21 @@ impl Vm {
     /// Creates the VM and its vCPU threads (vCPU 0 starts at once).
     /// `log` receives one-line status messages (connections, errors).
     pub fn new(cfg: VmConfig, log: Arc<dyn Fn(&str) + Send + Sync>) -> Result<Vm> {
-        if cfg.vcpus == 0 {
-            return Err(Error::Config("--vcpus must be at least 1".into()));
-        }
-        if cfg.vcpus > layout::MAX_VCPUS {
-            return Err(Error::Config(format!(
-                "--vcpus {} is more than the guest ABI's {} (one 16 KiB stack each below 512 KiB)",
-                cfg.vcpus,
-                layout::MAX_VCPUS
-            )));
-        }
-        if cfg.memory_mib < 4 {
-            return Err(Error::Config("--memory must be at least 4 MiB".into()));
-        }
-        if cfg.memory_mib > MAX_MEMORY_MIB {
-            return Err(Error::Config(format!(
-                "--memory {} MiB is more than the {MAX_MEMORY_MIB} MiB (1 TiB) ukvmi supports",
-                cfg.memory_mib
-            )));
-        }
+        config::check_limits(cfg.vcpus, cfg.memory_mib)?;
         kick::install();
-        let kvm = Kvm::new().map_err(|e| Error::NoKvm(e.to_string()))?;
+        let kvm = Kvm::new().map_err(Error::NoKvm)?;
         let max = kvm.get_max_vcpus();
         if usize::from(cfg.vcpus) > max {
-            return Err(Error::Config(format!("--vcpus {} exceeds this host's limit of {max}", cfg.vcpus)));
+            return Err(ConfigError::HostVcpuLimit { requested: cfg.vcpus, max }.into());
         }
         let vmfd = kvm.create_vm().map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
-        let bytes = cfg.memory_mib.checked_mul(1 << 20).ok_or_else(|| Error::Config("--memory is too large".into()))?;
+        let bytes = cfg
+            .memory_mib
+            .checked_mul(1 << 20)
+            .ok_or(ConfigError::TooMuchMemory { mib: cfg.memory_mib, max: MAX_MEMORY_MIB })?;
         let ram = GuestRam::new(bytes)?;
         let host_base = register_ram(&vmfd, &ram)?;
-        let page_access = page_access::probe(&kvm, &vmfd, host_base, ram.size()).map_err(Error::Config)?;
+        let page_access = page_access::probe(&kvm, &vmfd, host_base, ram.size())?;
         crate::boot::write_tables(&ram)?;
         let entry = crate::loader::load_image(&ram, &cfg.image)?;
         let cpuid =
@@ -148,13 +132,13 @@ impl Vm {
             for id in ids {
                 perms
                     .set_command(i32::from(*id), true)
-                    .map_err(|e| Error::Config(format!("--allow-command {id}: {e}")))?;
+                    .map_err(|source| ConfigError::AllowCommand { id: *id, source })?;
             }
         }
         if let Some(ids) = &cfg.allow_events {
             let _ = perms.set_event(-1, false);
             for id in ids {
-                perms.set_event(i32::from(*id), true).map_err(|e| Error::Config(format!("--allow-event {id}: {e}")))?;
+                perms.set_event(i32::from(*id), true).map_err(|source| ConfigError::AllowEvent { id: *id, source })?;
             }
         }
         let dialect = cfg.introspect.as_ref().map_or(Dialect::V12, |i| i.dialect);
@@ -163,7 +147,7 @@ impl Vm {
         let mut threads = Vec::new();
         for (i, fd) in fds.into_iter().enumerate() {
             let index = i as u16;
-            let port = endpoint.vcpu_port(index).ok_or_else(|| Error::Config("vCPU port".into()))?;
+            let port = endpoint.vcpu_port(index).ok_or(SetupError::NoVcpuPort)?;
             let v = KvmVcpu {
                 fd,
                 index,

@@ -233,7 +233,7 @@ impl PageAccessOps for VmShared {
 
 /// Memslot changes for page restrictions, with every vCPU out of guest mode.
 impl SlotSink for VmShared {
-    fn set_region(&self, region: kvm_userspace_memory_region) -> std::result::Result<(), String> {
+    fn set_region(&self, region: kvm_userspace_memory_region) -> std::result::Result<(), page_access::SlotError> {
         page_access::set_region(&self.vm, region)
     }
     fn begin_update(&self) {
