@@ -1,7 +1,8 @@
 //! The guest ABI's starting state: the GDT and identity page tables in RAM,
 //! and each vCPU's 64-bit ring-0 registers.
 
-use crate::error::{Error, Result, SetupError};
+use crate::error::{Error, SetupError};
+use crate::exit::FailureCause;
 use crate::memory::GuestRam;
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
@@ -13,7 +14,7 @@ const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 const GDT: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8900_0000_0067, 0];
 
 /// Writes the GDT and identity page tables of the guest ABI.
-pub(crate) fn write_tables(ram: &GuestRam) -> Result<()> {
+pub(crate) fn write_tables(ram: &GuestRam) -> crate::error::Result<()> {
     let fail = |_| Error::Setup(SetupError::TablesDontFit);
     for (i, e) in GDT.iter().enumerate() {
         ram.write_u64(layout::GDT_ADDR + 8 * i as u64, *e).map_err(fail)?;
@@ -81,16 +82,18 @@ pub(crate) fn boot_regs(entry: u64, index: u16, count: u16, tsc_khz: u64) -> kvm
 
 /// Enters the guest ABI's starting state on `fd` (vCPU `index` of `count`):
 /// 64-bit ring 0, identity paging, MTRRs enabled with default write-back.
-pub(crate) fn enter_long_mode(fd: &VcpuFd, entry: u64, index: u16, count: u16) -> Result<()> {
-    let mut s = fd.get_sregs().map_err(|e| Error::kvm("KVM_GET_SREGS", e))?;
+pub(crate) fn enter_long_mode(fd: &VcpuFd, entry: u64, index: u16, count: u16) -> Result<(), FailureCause> {
+    let boot = |what: &'static str| move |source| FailureCause::Boot { what, source };
+    let mut s = fd.get_sregs().map_err(boot("KVM_GET_SREGS"))?;
     long_mode_sregs(&mut s);
-    fd.set_sregs(&s).map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
+    fd.set_sregs(&s).map_err(boot("KVM_SET_SREGS"))?;
     let tsc_khz = fd.get_tsc_khz().map_or(0, u64::from);
-    fd.set_regs(&boot_regs(entry, index, count, tsc_khz)).map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
-    // As firmware would: MTRRs enabled, default write-back.
+    fd.set_regs(&boot_regs(entry, index, count, tsc_khz)).map_err(boot("KVM_SET_REGS"))?;
+    // As firmware would: MTRRs enabled, default write-back. (A one-entry
+    // list is always within KVM_MAX_MSR_ENTRIES; E2BIG says what it would be.)
     let msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_MTRR_DEF_TYPE, data: 0xc06, ..Default::default() }])
-        .map_err(|e| Error::Setup(SetupError::MsrList(format!("{e:?}"))))?;
-    fd.set_msrs(&msrs).map_err(|e| Error::kvm("KVM_SET_MSRS", e))?;
+        .map_err(|_| FailureCause::Boot { what: "KVM_SET_MSRS", source: kvm_ioctls::Error::new(libc::E2BIG) })?;
+    fd.set_msrs(&msrs).map_err(boot("KVM_SET_MSRS"))?;
     Ok(())
 }
 

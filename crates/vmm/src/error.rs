@@ -195,9 +195,6 @@ pub enum SetupError {
     /// Guest RAM is too small for the guest ABI's GDT and page tables.
     #[error("RAM too small for page tables")]
     TablesDontFit,
-    /// The boot MSR list could not be built.
-    #[error("MSR list: {0}")]
-    MsrList(String),
     /// The endpoint has no port for a vCPU the VM has.
     #[error("vCPU port")]
     NoVcpuPort,

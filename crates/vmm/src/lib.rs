@@ -34,6 +34,7 @@
 mod boot;
 mod convert;
 mod error;
+mod exit;
 mod kick;
 mod loader;
 mod memory;
@@ -45,5 +46,6 @@ mod vcpu;
 mod vm;
 
 pub use error::{ConfigError, Error, ImageError, LoadError, Result, SetupError, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+pub use exit::{Crash, CrashEvent, Failure, FailureCause, FatalExit, PfAccess};
 pub use ukvmi_endpoint::{Dialect, PermissionError};
 pub use vm::{host_capabilities, Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig};

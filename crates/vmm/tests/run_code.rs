@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use ukvmi_guests::layout;
-use ukvmi_vmm::{Exit, Image, SerialSink, Vm, VmConfig};
+use ukvmi_vmm::{Exit, Failure, FailureCause, FatalExit, Image, SerialSink, Vm, VmConfig};
 
 /// Serial output collected in memory.
 #[derive(Clone, Default)]
@@ -147,9 +147,11 @@ fn an_int3_without_a_tool_goes_to_the_guest_which_has_no_idt() {
     // so that ends in a triple fault, reported with where it happened.
     let (vm, _) = vm(&[0x90, 0xcc, 0xeb, 0xfe], 1);
     match vm.run() {
-        Exit::Failed(why) => {
-            assert!(why.starts_with("vCPU 0: the guest triple-faulted (KVM_EXIT_SHUTDOWN)"), "{why}");
-            assert!(why.contains(" at rip 0x"), "{why}");
+        Exit::Failed(Failure { vcpu: 0, cause: FailureCause::Fatal { why, rip, code } }) => {
+            assert_eq!(why, FatalExit::TripleFault { unmapped_table: None });
+            assert!((layout::LOAD_ADDR..layout::LOAD_ADDR + 4).contains(&rip), "rip {rip:#x}");
+            let at = usize::try_from(rip - layout::LOAD_ADDR).unwrap();
+            assert_eq!(code[..4 - at], [0x90, 0xcc, 0xeb, 0xfe][at..], "the code bytes at rip {rip:#x}");
         }
         other => panic!("expected a triple fault, got {other:?}"),
     }

@@ -2,7 +2,7 @@
 //! delivery), SINGLESTEP, HYPERCALL and MSR, and exception injection.
 
 use super::KvmVcpu;
-use crate::vm::Exit;
+use crate::exit::{CrashEvent, Exit, FailureCause};
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use ukvmi_endpoint::{EventPayload, Exception, VcpuPort};
 use ukvmi_guests::layout;
@@ -19,10 +19,7 @@ impl KvmVcpu {
         let outcome = port.raise(self, EventPayload::Breakpoint { gpa, insn_len: 1 });
         match outcome {
             Some(o) if o.action == Action::Crash => {
-                return Some(Exit::Crashed(format!(
-                    "the introspector answered CRASH to a breakpoint at {rip:#x} on vCPU {}",
-                    self.index
-                )));
+                return Some(self.crashed(CrashEvent::Breakpoint { rip }));
             }
             Some(o) if o.action == Action::Retry => return None,
             _ => {}
@@ -38,7 +35,7 @@ impl KvmVcpu {
             }
         }
         if let Err(e) = self.deliver_bp(rip, emulated) {
-            return Some(Exit::Failed(format!("vCPU {}: delivering #BP at {rip:#x}: {e}", self.index)));
+            return Some(self.failed(FailureCause::DeliverBp { rip, source: e }));
         }
         None
     }
@@ -89,9 +86,7 @@ impl KvmVcpu {
     /// A single step ended (`failed`: another exit interrupted it).
     pub(super) fn singlestep_event(&mut self, port: &VcpuPort, failed: bool) -> Option<Exit> {
         match port.raise(self, EventPayload::Singlestep { failed }) {
-            Some(o) if o.action == Action::Crash => {
-                Some(Exit::Crashed(format!("the introspector answered CRASH to a single step on vCPU {}", self.index)))
-            }
+            Some(o) if o.action == Action::Crash => Some(self.crashed(CrashEvent::Singlestep)),
             _ => None,
         }
     }
@@ -108,10 +103,7 @@ impl KvmVcpu {
         self.pf.regs_set = false;
         let outcome = if kvmi { port.raise(self, EventPayload::Hypercall) } else { None };
         if outcome.is_some_and(|o| o.action == Action::Crash) {
-            return Some(Exit::Crashed(format!(
-                "the introspector answered CRASH to a hypercall on vCPU {}",
-                self.index
-            )));
+            return Some(self.crashed(CrashEvent::Hypercall));
         }
         if outcome.is_some() && self.pf.regs_set {
             return None;
@@ -131,10 +123,7 @@ impl KvmVcpu {
         let value = match port.raise(self, EventPayload::Msr { msr, old_value: old, new_value: data }) {
             None => data,
             Some(o) if o.action == Action::Crash => {
-                return Some(Exit::Crashed(format!(
-                    "the introspector answered CRASH to an MSR {msr:#x} write on vCPU {}",
-                    self.index
-                )));
+                return Some(self.crashed(CrashEvent::MsrWrite { msr }));
             }
             Some(o) => o.new_val.unwrap_or(data),
         };

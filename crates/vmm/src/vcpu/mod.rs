@@ -21,6 +21,7 @@ mod virt;
 pub(crate) use debug::Debug;
 pub(crate) use page_access::PfState;
 
+use crate::exit::{Crash, CrashEvent, Exit, Failure, FailureCause};
 use crate::trap_flag;
 use crate::vm::VmShared;
 use kvm_bindings::CpuId;
@@ -51,4 +52,16 @@ pub(crate) struct KvmVcpu {
     pub last_step: Option<u64>,
     /// An exception injected for the next entry to deliver.
     pub pending_exception: Option<u8>,
+}
+
+impl KvmVcpu {
+    /// The VM ends: the introspector answered CRASH to `event` here.
+    pub(crate) fn crashed(&self, event: CrashEvent) -> Exit {
+        Exit::Crashed(Crash { vcpu: self.index, event })
+    }
+
+    /// The VM ends: `cause` failed on this vCPU.
+    pub(crate) fn failed(&self, cause: FailureCause) -> Exit {
+        Exit::Failed(Failure { vcpu: self.index, cause })
+    }
 }

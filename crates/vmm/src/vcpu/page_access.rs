@@ -4,8 +4,8 @@
 
 use super::run::Step;
 use super::KvmVcpu;
+use crate::exit::{CrashEvent, Exit, Failure, FailureCause, PfAccess};
 use crate::page_access::ExecToken;
-use crate::vm::Exit;
 use std::sync::Arc;
 use ukvmi_endpoint::{EventPayload, VcpuPort};
 use ukvmi_wire::{access, Action};
@@ -47,7 +47,7 @@ impl KvmVcpu {
                 }
                 match outcome.map(|o| o.action) {
                     None | Some(Action::Continue) => break,
-                    Some(Action::Crash) => return Some(self.pf_crash(gpa, "read")),
+                    Some(Action::Crash) => return Some(self.pf_crash(gpa, PfAccess::Read)),
                     Some(_) => {} // RETRY: check again
                 }
             }
@@ -75,7 +75,7 @@ impl KvmVcpu {
                 self.pf.regs_set = false;
                 match port.raise(self, EventPayload::Pf { gva: u64::MAX, gpa, access: access::W }).map(|o| o.action) {
                     None | Some(Action::Continue) => break,
-                    Some(Action::Crash) => return Some(self.pf_crash(gpa, "write")),
+                    Some(Action::Crash) => return Some(self.pf_crash(gpa, PfAccess::Write)),
                     Some(_) if self.pf.regs_set => return None, // RETRY after SET_REGISTERS: dropped
                     Some(_) => {}                               // RETRY: check again
                 }
@@ -86,16 +86,13 @@ impl KvmVcpu {
         None
     }
 
-    /// After a triple fault: "; its page or descriptor tables include gpa
-    /// …" when a page this vCPU's CPU reads by itself has no memslot
-    /// because of a restriction (the likely cause: tables the guest took
-    /// into use after the restriction was checked, see `page_access`),
-    /// else nothing.
-    pub(super) fn unmapped_table_note(&self) -> String {
-        let (Some(pa), Ok(sregs)) = (&self.shared.page_access, self.fd.get_sregs()) else { return String::new() };
-        pa.unmapped_table(&*self.shared, crate::page_tables::CpuTables::from_sregs(&sregs)).map_or_else(String::new, |gpa| {
-            format!("; its page or descriptor tables include gpa {gpa:#x}, which SET_PAGE_ACCESS left without a memslot")
-        })
+    /// After a triple fault: a page this vCPU's CPU reads by itself (its
+    /// page or descriptor tables) that has no memslot because of a
+    /// restriction (the likely cause: tables the guest took into use after
+    /// the restriction was checked, see `page_access`).
+    pub(super) fn unmapped_table(&self) -> Option<u64> {
+        let (Some(pa), Ok(sregs)) = (&self.shared.page_access, self.fd.get_sregs()) else { return None };
+        pa.unmapped_table(&*self.shared, crate::page_tables::CpuTables::from_sregs(&sregs))
     }
 
     /// An emulation failure: ours if the instruction at RIP (which may
@@ -141,7 +138,7 @@ impl KvmVcpu {
         if state.allowed & access::X == 0 {
             match port.raise(self, EventPayload::Pf { gva, gpa, access: access::X }).map(|o| o.action) {
                 None | Some(Action::Continue) => {}
-                Some(Action::Crash) => return Some(self.pf_crash(gpa, "fetch")),
+                Some(Action::Crash) => return Some(self.pf_crash(gpa, PfAccess::Fetch)),
                 Some(_) => return None, // RETRY
             }
             // The tool made the page executable and readable meanwhile:
@@ -153,11 +150,11 @@ impl KvmVcpu {
         }
         match pa.begin_exec(&*shared, gpa) {
             Ok(token) => self.pf.exec.push(token),
-            Err(e) => return Some(Exit::Failed(format!("vCPU {}: mapping gpa {gpa:#x} back: {e}", self.index))),
+            Err(source) => return Some(self.failed(FailureCause::MapBack { gpa, source })),
         }
         self.debug.step_over = true;
         if let Err(e) = self.sync_debug() {
-            return Some(Exit::Failed(format!("vCPU {}: KVM_SET_GUEST_DEBUG: {e}", self.index)));
+            return Some(self.failed(FailureCause::GuestDebug(e)));
         }
         None
     }
@@ -171,18 +168,16 @@ impl KvmVcpu {
         if let Some(pa) = &shared.page_access {
             for token in self.pf.exec.drain(..) {
                 if let Err(e) = pa.end_exec(&*shared, token) {
-                    return Some(Exit::Failed(format!("vCPU {}: restoring a page restriction: {e}", self.index)));
+                    let cause = FailureCause::RestoreRestriction(e);
+                    return Some(Exit::Failed(Failure { vcpu: self.index, cause }));
                 }
             }
         }
-        synced.err().map(|e| Exit::Failed(format!("vCPU {}: KVM_SET_GUEST_DEBUG: {e}", self.index)))
+        synced.err().map(|e| self.failed(FailureCause::GuestDebug(e)))
     }
 
-    pub(super) fn pf_crash(&self, gpa: u64, what: &str) -> Exit {
-        Exit::Crashed(format!(
-            "the introspector answered CRASH to a PF event ({what} at gpa {gpa:#x}) on vCPU {}",
-            self.index
-        ))
+    pub(super) fn pf_crash(&self, gpa: u64, access: PfAccess) -> Exit {
+        self.crashed(CrashEvent::Pf { access, gpa })
     }
 
     /// Gives KVM the data of the pending MMIO read: RAM, or all ones

@@ -1,8 +1,8 @@
 //! The vCPU thread's run loop: enter the guest, decode the exit, dispatch it.
 
 use super::KvmVcpu;
+use crate::exit::{CrashEvent, Exit, FailureCause, FatalExit};
 use crate::kick;
-use crate::vm::Exit;
 use kvm_ioctls::VcpuExit;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -56,11 +56,21 @@ pub(super) enum Step {
     /// An emulation failure to retry once by re-entering (see
     /// `internal_error`); nothing retired.
     Reenter,
-    Fatal(String),
+    /// The guest cannot go on; where it was (filled in by `enter`).
+    Fatal {
+        why: FatalExit,
+        rip: u64,
+        code: [u8; 8],
+    },
 }
 
 impl Step {
     /// Whether the guest ran at all (a kick returns before any instruction).
+    /// A fatal exit, before `enter` adds where the guest was.
+    fn fatal(why: FatalExit) -> Step {
+        Step::Fatal { why, rip: 0, code: [0; 8] }
+    }
+
     pub(super) fn ran_guest(&self) -> bool {
         !matches!(self, Step::Kicked | Step::Reenter)
     }
@@ -113,8 +123,8 @@ impl KvmVcpu {
             }
             if !booted {
                 let (entry, count) = (self.shared.entry, self.shared.vcpu_count());
-                if let Err(e) = crate::boot::enter_long_mode(&self.fd, entry, self.index, count) {
-                    return Some(Exit::Failed(format!("vCPU {}: {e}", self.index)));
+                if let Err(cause) = crate::boot::enter_long_mode(&self.fd, entry, self.index, count) {
+                    return Some(self.failed(cause));
                 }
                 booted = true;
                 // Page restrictions now check this vCPU's own tables.
@@ -124,11 +134,7 @@ impl KvmVcpu {
             }
             if port.has_requests() {
                 if let Flow::Crash(ev) = port.handle_requests(self) {
-                    let name = ukvmi_wire::event::name(ev).unwrap_or("an event");
-                    return Some(Exit::Crashed(format!(
-                        "the introspector answered CRASH to {name} on vCPU {}",
-                        self.index
-                    )));
+                    return Some(self.crashed(CrashEvent::Event(ev)));
                 }
             }
             me.in_guest.store(true, Ordering::SeqCst);
@@ -150,10 +156,7 @@ impl KvmVcpu {
             }
             if self.debug.drain && ran {
                 if let Err(e) = self.drain_step() {
-                    return Some(Exit::Failed(format!(
-                        "vCPU {}: ending the steps after single-stepping: {e}",
-                        self.index
-                    )));
+                    return Some(self.failed(FailureCause::DrainSteps(e)));
                 }
             }
             if step_failed {
@@ -185,7 +188,7 @@ impl KvmVcpu {
                     // Not a single step: the guest's own #DB (a hardware
                     // breakpoint, icebp) goes back to the guest.
                     if let Err(e) = self.inject_exception(Exception { nr: 1, error_code: 0, address: 0 }) {
-                        return Some(Exit::Failed(format!("vCPU {}: re-injecting #DB: {e}", self.index)));
+                        return Some(self.failed(FailureCause::ReinjectDb(e)));
                     }
                 }
                 Step::Debug { exception: 1, .. } => {
@@ -196,10 +199,7 @@ impl KvmVcpu {
                     }
                 }
                 Step::Debug { exception, pc, .. } => {
-                    return Some(Exit::Failed(format!(
-                        "vCPU {}: unexpected debug exit, exception {exception} at {pc:#x}",
-                        self.index
-                    )))
+                    return Some(self.failed(FailureCause::UnexpectedDebug { exception, pc }))
                 }
                 Step::Int3 { rip, gpa } => return self.breakpoint(port, rip, gpa, true),
                 Step::MmioRead(gpa, len) => {
@@ -227,7 +227,7 @@ impl KvmVcpu {
                     }
                 }
                 Step::Reenter => {}
-                Step::Fatal(why) => return Some(Exit::Failed(format!("vCPU {}: {why}", self.index))),
+                Step::Fatal { why, rip, code } => return Some(self.failed(FailureCause::Fatal { why, rip, code })),
             }
         }
         None
@@ -268,13 +268,11 @@ impl KvmVcpu {
             }
             Ok(VcpuExit::Debug(_)) if self.debug.step_over => Step::SteppedOver,
             Ok(VcpuExit::Debug(arch)) => Step::Debug { exception: arch.exception, pc: arch.pc, dr6: arch.dr6 },
-            Ok(VcpuExit::Shutdown) => {
-                Step::Fatal(format!("the guest triple-faulted (KVM_EXIT_SHUTDOWN{})", self.unmapped_table_note()))
-            }
+            Ok(VcpuExit::Shutdown) => Step::fatal(FatalExit::TripleFault { unmapped_table: self.unmapped_table() }),
             Ok(VcpuExit::InternalError) => self.internal_error(),
-            Ok(other) => Step::Fatal(format!("unexpected exit {other:?}")),
+            Ok(other) => Step::fatal(FatalExit::UnexpectedExit(format!("{other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kicked,
-            Err(e) => Step::Fatal(format!("KVM_RUN failed: {e}")),
+            Err(e) => Step::fatal(FatalExit::RunFailed(e)),
         };
         if matches!(step, Step::Kicked) {
             // Nothing was delivered either.
@@ -284,11 +282,11 @@ impl KvmVcpu {
         if !matches!(step, Step::Reenter | Step::Kicked) {
             self.emul_retry = None;
         }
-        if let Step::Fatal(why) = step {
+        if let Step::Fatal { why, .. } = step {
             let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-            let mut bytes = [0u8; 8];
-            let _ = self.shared.ram.read(rip, &mut bytes);
-            return Step::Fatal(format!("{why} at rip {rip:#x} (code bytes {bytes:02x?})"));
+            let mut code = [0u8; 8];
+            let _ = self.shared.ram.read(rip, &mut code);
+            return Step::Fatal { why, rip, code };
         }
         step
     }
@@ -336,7 +334,7 @@ impl KvmVcpu {
                 }
             }
         }
-        Step::Fatal(format!("KVM_EXIT_INTERNAL_ERROR (suberror {suberror})"))
+        Step::fatal(FatalExit::InternalError { suberror })
     }
 
     /// Lets KVM finish an I/O instruction the last exit left pending without
@@ -382,6 +380,6 @@ mod tests {
         assert!(Step::Hlt.ran_guest());
         assert!(Step::Out(0x3f8, 0).ran_guest());
         assert!(Step::Debug { exception: 1, pc: 0, dr6: 0 }.ran_guest());
-        assert!(Step::Fatal(String::new()).ran_guest());
+        assert!(Step::fatal(FatalExit::InternalError { suberror: 1 }).ran_guest());
     }
 }

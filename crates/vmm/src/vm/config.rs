@@ -1,5 +1,5 @@
-//! What a VM is made from (`VmConfig`, `Image`, the introspector and
-//! serial settings) and how it ends (`Exit`).
+//! What a VM is made from: `VmConfig`, `Image`, the introspector and
+//! serial settings, and the limits they must keep.
 
 use crate::error::{ConfigError, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use std::io::Write;
@@ -75,19 +75,6 @@ pub struct VmConfig {
     pub serial: SerialSink,
     /// The introspector, if any.
     pub introspect: Option<IntrospectConfig>,
-}
-
-/// How the VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
-    /// The guest wrote its status to the power-off port.
-    PowerOff(u8),
-    /// Stopped from outside (a signal).
-    Stopped,
-    /// An event reply asked for CRASH.
-    Crashed(String),
-    /// The guest or the VMM failed.
-    Failed(String),
 }
 
 /// Checks the vCPU count and RAM size against what the guest ABI and the

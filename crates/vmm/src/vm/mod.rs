@@ -6,7 +6,8 @@ mod connection;
 mod host;
 mod shared;
 
-pub use config::{Exit, Image, IntrospectConfig, SerialSink, VmConfig};
+pub use crate::exit::Exit;
+pub use config::{Image, IntrospectConfig, SerialSink, VmConfig};
 pub use host::host_capabilities;
 pub(crate) use shared::VmShared;
 
