@@ -2,14 +2,18 @@
 //! that serves KVMI through `ukvmi-endpoint`: it is the endpoint's backend.
 //!
 //! * `memory`: guest RAM in a memfd, memslot 0.
-//! * `loader`: a built-in guest or a `--kernel` image (ELF64 or flat) into RAM.
+//! * `loader`: a built-in guest or a kernel image (ELF64 or flat) into RAM.
 //! * `boot`: the guest ABI's starting state (GDT, identity page tables,
 //!   64-bit ring-0 registers).
+//! * `error`: the typed errors of creating a VM (`Error`, `ConfigError`,
+//!   `ImageError`, `LoadError`, `SetupError`).
+//! * `exit`: how a VM ends (`Exit`) and the typed reasons of a crash or a
+//!   failure (`Crash`, `Failure`).
 //! * `vm`: creating and running the VM. `vm::config`: what a VM is made
-//!   from and how it ends; `vm::shared`: the state all threads share (the
-//!   endpoint's `VmBackend`), serial and power-off; `vm::host`: probing what
-//!   KVM offers; `vm::connection`: the introspection connection with
-//!   handshake and reconnects.
+//!   from and its limits; `vm::shared`: the state all threads share (the
+//!   endpoint's `VmBackend`), serial and power-off; `vm::host`: probing
+//!   what KVM offers as the endpoint's `HostFeatures`; `vm::connection`: the
+//!   introspection connection with handshake and reconnects.
 //! * `vcpu`: one thread per vCPU; runs KVMI jobs between guest entries and
 //!   implements `VcpuBackend` with vCPU ioctls on its own thread. Split by
 //!   exit family: `run` (loop, exit decoding), `debug` (guest debug, the

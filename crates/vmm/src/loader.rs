@@ -1,7 +1,7 @@
-//! Loading `--kernel` images: an ELF64 executable (its PT_LOAD segments at
-//! their physical addresses) or, failing the ELF magic, a flat binary at
-//! the guest ABI's load address.
-//! Also puts a built-in guest or a `--kernel` file into RAM (`load_image`).
+//! Putting the guest image into RAM: a built-in guest, or a kernel file that
+//! is an ELF64 executable (its PT_LOAD segments at their physical
+//! addresses) or, failing the ELF magic, a flat binary at the guest ABI's
+//! load address.
 
 use crate::error::{ImageError, LoadError};
 use crate::memory::GuestRam;
