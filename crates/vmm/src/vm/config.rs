@@ -38,6 +38,7 @@ pub struct IntrospectConfig {
 }
 
 /// Where serial output goes.
+#[non_exhaustive]
 pub enum SerialSink {
     /// The VMM's stdout.
     Stdout,
