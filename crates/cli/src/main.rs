@@ -6,6 +6,7 @@ mod daemon;
 mod demo;
 mod run;
 mod tools;
+mod vmm_errors;
 
 use std::{path::PathBuf, process::ExitCode};
 

@@ -365,7 +365,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     let vm = match Vm::new(cfg, Arc::clone(&log)) {
         Ok(vm) => vm,
         Err(e) => {
-            say(&format!("ukvmi run: {e}"));
+            say(&format!("ukvmi run: {}", crate::vmm_errors::describe(&e)));
             return ExitCode::from(1);
         }
     };

@@ -102,7 +102,8 @@ impl IdSet {
     }
 }
 
-/// What the host can do, decided once (by probing) when the VM starts.
+/// What the host can do, decided once (by probing) when the VM starts; a
+/// VMM on KVM builds it from the [`HostFeatures`](crate::HostFeatures) it probed.
 ///
 /// Commands and events not in these sets answer `-KVM_EOPNOTSUPP` from
 /// `KVMI_VM_CHECK_COMMAND` / `KVMI_VM_CHECK_EVENT`, and when used.

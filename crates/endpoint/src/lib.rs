@@ -30,6 +30,7 @@ pub mod backend;
 mod dialect;
 mod endpoint;
 pub mod handshake;
+mod host_features;
 mod permissions;
 mod receiver;
 mod session;
@@ -45,6 +46,7 @@ pub use backend::{
 };
 pub use dialect::{Dialect, Log};
 pub use endpoint::{Endpoint, HookError, Options, PreUnhookError};
+pub use host_features::HostFeatures;
 pub use permissions::{PermissionError, Permissions};
 pub use session::Disconnect;
 pub use ukvmi_wire::EventPayload;

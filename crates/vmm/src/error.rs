@@ -1,13 +1,24 @@
-//! The VMM's error type: every failure says what was being done.
+//! The VMM's error types: every failure says what was being done, and none
+//! names a command-line flag (a front end words its own options).
 
+use std::path::PathBuf;
 use thiserror::Error;
+use ukvmi_endpoint::PermissionError;
+
+/// The fewest MiB of guest RAM a VM may have (the guest ABI's tables and
+/// stacks live in the first 4 MiB).
+pub const MIN_MEMORY_MIB: u64 = 4;
+
+/// The most guest RAM a VM may have, in MiB (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 
 /// A VMM failure.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum Error {
     /// `/dev/kvm` is missing or unusable.
     #[error("cannot use /dev/kvm: {0} (is KVM available and are you allowed to open /dev/kvm?)")]
-    NoKvm(String),
+    NoKvm(#[source] kvm_ioctls::Error),
     /// A KVM ioctl failed.
     #[error("{what} failed: {source}")]
     Kvm {
@@ -24,12 +35,172 @@ pub enum Error {
         /// The error.
         source: std::io::Error,
     },
-    /// A bad option, guest or image.
-    #[error("{0}")]
-    Config(String),
-    /// The guest stopped in a way that is an error.
-    #[error("{0}")]
-    Guest(String),
+    /// A VM setting this VMM or host cannot honour.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The guest image could not be loaded.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// Setting the VM up failed in the VMM itself.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+}
+
+/// A VM setting this VMM or this host cannot honour.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Zero vCPUs.
+    #[error("a VM needs at least one vCPU")]
+    NoVcpus,
+    /// More vCPUs than the guest ABI has stacks for.
+    #[error("{requested} vCPUs are more than the guest ABI's {max} (one 16 KiB stack each below 512 KiB)")]
+    AbiVcpuLimit {
+        /// vCPUs asked for.
+        requested: u16,
+        /// The guest ABI's maximum.
+        max: u16,
+    },
+    /// More vCPUs than this host's KVM allows (`KVM_CAP_MAX_VCPUS`).
+    #[error("{requested} vCPUs exceed this host's limit of {max}")]
+    HostVcpuLimit {
+        /// vCPUs asked for.
+        requested: u16,
+        /// The host's maximum.
+        max: usize,
+    },
+    /// Less guest RAM than [`MIN_MEMORY_MIB`].
+    #[error("{mib} MiB of guest RAM is less than the {min} MiB a VM needs")]
+    TooLittleMemory {
+        /// MiB asked for.
+        mib: u64,
+        /// The minimum.
+        min: u64,
+    },
+    /// More guest RAM than [`MAX_MEMORY_MIB`].
+    #[error("{mib} MiB of guest RAM is more than the {max} MiB (1 TiB) ukvmi supports")]
+    TooMuchMemory {
+        /// MiB asked for.
+        mib: u64,
+        /// The maximum.
+        max: u64,
+    },
+    /// A command id the endpoint's permissions refuse to allow.
+    #[error("command {id} cannot be allowed: {source}")]
+    AllowCommand {
+        /// The command id.
+        id: u16,
+        /// Why.
+        source: PermissionError,
+    },
+    /// An event id the endpoint's permissions refuse to allow.
+    #[error("event {id} cannot be allowed: {source}")]
+    AllowEvent {
+        /// The event id.
+        id: u16,
+        /// Why.
+        source: PermissionError,
+    },
+}
+
+/// The guest image could not be put into RAM.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ImageError {
+    /// A built-in guest larger than guest RAM.
+    #[error("guest {name} does not fit in RAM")]
+    BuiltinTooLarge {
+        /// The guest's name.
+        name: &'static str,
+    },
+    /// The kernel file could not be read.
+    #[error("cannot read kernel {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kernel file is not a loadable image.
+    #[error("kernel {}: {source}", path.display())]
+    Kernel {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: LoadError,
+    },
+}
+
+/// What is wrong with a kernel image (an ELF64 file or a flat binary).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// An empty file.
+    #[error("the file is empty")]
+    Empty,
+    /// A flat binary larger than RAM above its load address.
+    #[error("{len} bytes do not fit in guest RAM at {at:#x}")]
+    FlatTooLarge {
+        /// The file's length.
+        len: usize,
+        /// The load address.
+        at: u64,
+    },
+    /// ELF, but not little-endian ELF64.
+    #[error("only little-endian ELF64 is supported")]
+    NotElf64,
+    /// ELF64, but not for x86-64.
+    #[error("not an x86-64 ELF")]
+    NotX86_64,
+    /// The ELF or a program header is cut short or inconsistent.
+    #[error("truncated or malformed ELF header")]
+    Malformed,
+    /// A segment's file data lies past the end of the file.
+    #[error("segment data past the end of the file")]
+    SegmentPastEnd,
+    /// A segment's data does not fit in guest RAM.
+    #[error("segment at {paddr:#x} does not fit in guest RAM")]
+    SegmentTooLarge {
+        /// The segment's physical address.
+        paddr: u64,
+    },
+    /// A segment's zero-filled tail does not fit in guest RAM.
+    #[error("bss at {paddr:#x} does not fit in guest RAM")]
+    BssTooLarge {
+        /// The segment's physical address.
+        paddr: u64,
+    },
+    /// No `PT_LOAD` segment.
+    #[error("no loadable segment")]
+    NoLoadableSegment,
+}
+
+/// Setting the VM up failed in the VMM itself (not the host, not the
+/// settings).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// Guest RAM larger than this process can map.
+    #[error("memory size {bytes} too large")]
+    RamTooLarge {
+        /// Bytes asked for.
+        bytes: u64,
+    },
+    /// vm-memory could not map guest RAM.
+    #[error("mapping guest RAM: {0}")]
+    MapRam(#[source] vm_memory::mmap::FromRangesError),
+    /// Guest RAM has no host address.
+    #[error("guest RAM has no host mapping: {0}")]
+    NoHostMapping(#[source] vm_memory::GuestMemoryError),
+    /// Guest RAM is too small for the guest ABI's GDT and page tables.
+    #[error("RAM too small for page tables")]
+    TablesDontFit,
+    /// The endpoint has no port for a vCPU the VM has.
+    #[error("vCPU port")]
+    NoVcpuPort,
+    /// Probing read-only memslots left guest RAM without its memslot.
+    #[error("probing read-only memslots left guest RAM without its memslot")]
+    SlotZeroLost,
 }
 
 impl Error {

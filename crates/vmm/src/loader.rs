@@ -1,8 +1,11 @@
-//! Loading `--kernel` images: an ELF64 executable (its PT_LOAD segments at
-//! their physical addresses) or, failing the ELF magic, a flat binary at
-//! the guest ABI's load address.
+//! Putting the guest image into RAM: a built-in guest, or a kernel file that
+//! is an ELF64 executable (its PT_LOAD segments at their physical
+//! addresses) or, failing the ELF magic, a flat binary at the guest ABI's
+//! load address.
 
+use crate::error::{ImageError, LoadError};
 use crate::memory::GuestRam;
+use crate::vm::Image;
 use ukvmi_guests::layout;
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
@@ -16,21 +19,21 @@ fn u64_at(b: &[u8], off: usize) -> Option<u64> {
 }
 
 /// Loads `bytes` and returns the entry point.
-pub(crate) fn load(ram: &GuestRam, bytes: &[u8]) -> Result<u64, String> {
+pub(crate) fn load(ram: &GuestRam, bytes: &[u8]) -> Result<u64, LoadError> {
     if bytes.is_empty() {
-        return Err("the file is empty".into());
+        return Err(LoadError::Empty);
     }
     if bytes.get(..4) != Some(b"\x7fELF") {
         ram.write(layout::LOAD_ADDR, bytes)
-            .map_err(|_| format!("{} bytes do not fit in guest RAM at {:#x}", bytes.len(), layout::LOAD_ADDR))?;
+            .map_err(|_| LoadError::FlatTooLarge { len: bytes.len(), at: layout::LOAD_ADDR })?;
         return Ok(layout::LOAD_ADDR);
     }
-    let bad = || "truncated or malformed ELF header".to_string();
+    let bad = || LoadError::Malformed;
     if bytes.get(4) != Some(&2) || bytes.get(5) != Some(&1) {
-        return Err("only little-endian ELF64 is supported".into());
+        return Err(LoadError::NotElf64);
     }
     if u16_at(bytes, 18) != Some(62) {
-        return Err("not an x86-64 ELF".into());
+        return Err(LoadError::NotX86_64);
     }
     let entry = u64_at(bytes, 24).ok_or_else(bad)?;
     let phoff = usize::try_from(u64_at(bytes, 32).ok_or_else(bad)?).map_err(|_| bad())?;
@@ -46,20 +49,115 @@ pub(crate) fn load(ram: &GuestRam, bytes: &[u8]) -> Result<u64, String> {
         let paddr = u64_at(bytes, ph + 24).ok_or_else(bad)?;
         let filesz = usize::try_from(u64_at(bytes, ph + 32).ok_or_else(bad)?).map_err(|_| bad())?;
         let memsz = u64_at(bytes, ph + 40).ok_or_else(bad)?;
-        let data = off
-            .checked_add(filesz)
-            .and_then(|end| bytes.get(off..end))
-            .ok_or("segment data past the end of the file")?;
-        ram.write(paddr, data).map_err(|_| format!("segment at {paddr:#x} does not fit in guest RAM"))?;
+        let data = off.checked_add(filesz).and_then(|end| bytes.get(off..end)).ok_or(LoadError::SegmentPastEnd)?;
+        ram.write(paddr, data).map_err(|_| LoadError::SegmentTooLarge { paddr })?;
         let zeros = memsz.saturating_sub(filesz as u64);
         if zeros > 0 {
             let z = vec![0u8; usize::try_from(zeros).map_err(|_| bad())?];
-            ram.write(paddr + filesz as u64, &z).map_err(|_| format!("bss at {paddr:#x} does not fit in guest RAM"))?;
+            ram.write(paddr + filesz as u64, &z).map_err(|_| LoadError::BssTooLarge { paddr })?;
         }
         loaded += 1;
     }
     if loaded == 0 {
-        return Err("no loadable segment".into());
+        return Err(LoadError::NoLoadableSegment);
     }
     Ok(entry)
+}
+
+/// Loads `image` into RAM and returns the entry point.
+pub(crate) fn load_image(ram: &GuestRam, image: &Image) -> crate::error::Result<u64> {
+    match image {
+        Image::Builtin(g) => {
+            ram.write(g.load_addr, g.image).map_err(|_| ImageError::BuiltinTooLarge { name: g.name })?;
+            Ok(g.entry)
+        }
+        Image::Kernel(path) => {
+            let bytes = std::fs::read(path).map_err(|source| ImageError::Read { path: path.clone(), source })?;
+            Ok(load(ram, &bytes).map_err(|source| ImageError::Kernel { path: path.clone(), source })?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ram() -> GuestRam {
+        GuestRam::new(4 << 20).unwrap()
+    }
+
+    /// A little-endian x86-64 ELF64 header with `phnum` program headers
+    /// right after it, entry 0x20_0000.
+    fn elf(phnum: u16) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2; // ELFCLASS64
+        b[5] = 1; // little-endian
+        b[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        b[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes()); // e_entry
+        b[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        b[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        b[56..58].copy_from_slice(&phnum.to_le_bytes()); // e_phnum
+        b
+    }
+
+    /// A program header of type `p_type` for `filesz` bytes at file offset
+    /// `off`, loaded at `paddr` with `memsz` bytes in memory.
+    fn phdr(p_type: u32, off: u64, paddr: u64, filesz: u64, memsz: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 56];
+        b[..4].copy_from_slice(&p_type.to_le_bytes());
+        b[8..16].copy_from_slice(&off.to_le_bytes());
+        b[24..32].copy_from_slice(&paddr.to_le_bytes());
+        b[32..40].copy_from_slice(&filesz.to_le_bytes());
+        b[40..48].copy_from_slice(&memsz.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn a_flat_binary_goes_to_the_load_address() {
+        let ram = ram();
+        assert_eq!(load(&ram, &[0xf4, 0xeb, 0xfe]), Ok(layout::LOAD_ADDR));
+        let mut b = [0u8; 3];
+        ram.read(layout::LOAD_ADDR, &mut b).unwrap();
+        assert_eq!(b, [0xf4, 0xeb, 0xfe]);
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        let ram = ram();
+        assert_eq!(load(&ram, &[]), Err(LoadError::Empty));
+        let big = vec![0x90; 4 << 20];
+        assert_eq!(load(&ram, &big), Err(LoadError::FlatTooLarge { len: 4 << 20, at: layout::LOAD_ADDR }));
+        let mut elf32 = elf(0);
+        elf32[4] = 1;
+        assert_eq!(load(&ram, &elf32), Err(LoadError::NotElf64));
+        let mut arm = elf(0);
+        arm[18] = 183;
+        assert_eq!(load(&ram, &arm), Err(LoadError::NotX86_64));
+        assert_eq!(load(&ram, &elf(0)[..30]), Err(LoadError::Malformed));
+        assert_eq!(load(&ram, &elf(0)), Err(LoadError::NoLoadableSegment));
+        // A PT_NOTE is not loaded either.
+        let note = [elf(1), phdr(4, 0, 0x20_0000, 4, 4)].concat();
+        assert_eq!(load(&ram, &note), Err(LoadError::NoLoadableSegment));
+        let past_end = [elf(1), phdr(1, 100, 0x20_0000, 4096, 4096)].concat();
+        assert_eq!(load(&ram, &past_end), Err(LoadError::SegmentPastEnd));
+        let outside = [elf(1), phdr(1, 0, 8 << 20, 64, 64)].concat();
+        assert_eq!(load(&ram, &outside), Err(LoadError::SegmentTooLarge { paddr: 8 << 20 }));
+        let bss = [elf(1), phdr(1, 0, 0x3f_ff00, 64, 0x1000)].concat();
+        assert_eq!(load(&ram, &bss), Err(LoadError::BssTooLarge { paddr: 0x3f_ff00 }));
+    }
+
+    #[test]
+    fn an_elf_segment_is_loaded_with_its_bss_zeroed() {
+        let ram = ram();
+        ram.write(0x20_0000, &[0xaa; 32]).unwrap();
+        let mut file = [elf(1), phdr(1, 120, 0x20_0000, 4, 16)].concat();
+        file.extend([1, 2, 3, 4]);
+        assert_eq!(load(&ram, &file), Ok(0x20_0000));
+        let mut b = [0u8; 20];
+        ram.read(0x20_0000, &mut b).unwrap();
+        assert_eq!(b[..4], [1, 2, 3, 4]);
+        assert_eq!(b[4..16], [0; 12]);
+        assert_eq!(b[16..], [0xaa; 4]);
+    }
 }

@@ -9,7 +9,7 @@
 //! reopen a read-only descriptor read-write through `/proc/self/fd`; the
 //! VMM's own read-write descriptor and mappings are unaffected.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SetupError};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use ukvmi_endpoint::{BackendError, BackendResult};
@@ -38,10 +38,10 @@ impl GuestRam {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size).map_err(|e| Error::os("sizing guest RAM", e))?;
         seal(&file)?;
-        let len = usize::try_from(size).map_err(|_| Error::Config(format!("memory size {size} too large")))?;
+        let len = usize::try_from(size).map_err(|_| SetupError::RamTooLarge { bytes: size })?;
         let mapped = file.try_clone().map_err(|e| Error::os("duplicating the guest RAM memfd", e))?;
         let mem = GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), len, Some(FileOffset::new(mapped, 0)))])
-            .map_err(|e| Error::Config(format!("mapping guest RAM: {e}")))?;
+            .map_err(SetupError::MapRam)?;
         Ok(GuestRam { mem, size, file })
     }
 
@@ -60,7 +60,7 @@ impl GuestRam {
         self.mem
             .get_host_address(GuestAddress(0))
             .map(|p| p as u64)
-            .map_err(|e| Error::Config(format!("guest RAM has no host mapping: {e}")))
+            .map_err(|e| Error::Setup(SetupError::NoHostMapping(e)))
     }
 
     /// Reads guest memory; unbacked addresses are `NotFound`.

@@ -65,7 +65,7 @@ pub(crate) struct Paging {
 }
 
 impl Paging {
-    /// The state every vCPU starts in (`vcpu::enter_long_mode`: 4-level
+    /// The state every vCPU starts in (`boot::enter_long_mode`: 4-level
     /// long mode on the VMM's identity tables).
     pub const BOOT: Paging = Paging { cr0: 0x8005_0033, cr3: ukvmi_guests::layout::PML4_ADDR, cr4: 0x20, efer: 0x500 };
 
@@ -119,7 +119,7 @@ pub(crate) struct CpuTables {
 }
 
 impl CpuTables {
-    /// Where every vCPU starts (`vcpu::enter_long_mode`): the boot page
+    /// Where every vCPU starts (`boot::enter_long_mode`): the boot page
     /// tables and the VMM's 5-entry GDT, no IDT, no TSS loaded.
     pub fn boot() -> CpuTables {
         CpuTables { paging: Paging::BOOT, descriptors: vec![(ukvmi_guests::layout::GDT_ADDR, 40)] }

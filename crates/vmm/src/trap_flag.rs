@@ -14,7 +14,7 @@
 //! So the vCPU records every exception it injects that the guest enters
 //! with KVM stepping: the interrupted RSP and CS, and where [`frame_for`]
 //! says the CPU pushes the frame. When stepping stops with such a frame not yet returned through,
-//! KVM keeps stepping, silently (`Debug::drain` in `vcpu`), until the guest
+//! KVM keeps stepping, silently (`Debug::drain` in `vcpu::debug`), until the guest
 //! is back at the interrupted RSP and CS ([`LeakedFrame::returned`]): its
 //! TF is then in RFLAGS, where KVM hides it and clears it as stepping
 //! really stops. This holds whatever the handler does with its frame (our

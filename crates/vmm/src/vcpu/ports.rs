@@ -1,0 +1,47 @@
+//! The guest ABI's port devices: serial, power-off, "start vCPU" and the
+//! hypercall doorbell.
+
+use super::KvmVcpu;
+use crate::vm::Exit;
+use ukvmi_endpoint::VcpuPort;
+use ukvmi_guests::layout;
+
+/// What an `in` from `port` reads: the serial LSR says "transmitter
+/// empty"; every other port reads as all ones (nothing there).
+pub(super) fn in_value(port: u16) -> u8 {
+    if port == layout::PORT_SERIAL + 5 {
+        0x60
+    } else {
+        0xff
+    }
+}
+
+impl KvmVcpu {
+    pub(super) fn io_out(&mut self, vport: &VcpuPort, port: u16, value: u32) -> Option<Exit> {
+        match port {
+            layout::PORT_HYPERCALL => return self.hypercall(vport),
+            layout::PORT_SERIAL => self.shared.serial_byte(value as u8),
+            layout::PORT_POWEROFF => return Some(Exit::PowerOff(value as u8)),
+            layout::PORT_START_VCPU => {
+                if let Ok(i) = u16::try_from(value) {
+                    self.shared.start_vcpu(i);
+                }
+            }
+            _ => {}
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_serial_line_status_reads_as_something() {
+        assert_eq!(in_value(layout::PORT_SERIAL + 5), 0x60);
+        assert_eq!(in_value(layout::PORT_SERIAL), 0xff);
+        assert_eq!(in_value(layout::PORT_POWEROFF), 0xff);
+        assert_eq!(in_value(0x1234), 0xff);
+    }
+}
