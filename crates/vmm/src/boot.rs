@@ -6,7 +6,7 @@ use crate::exit::FailureCause;
 use crate::memory::GuestRam;
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
-use ukvmi_guests::layout;
+use ukvmi_guest_abi::layout;
 
 /// `IA32_MTRR_DEF_TYPE`.
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;

@@ -53,4 +53,4 @@ mod vm;
 pub use error::{ConfigError, Error, ImageError, LoadError, Result, SetupError, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 pub use exit::{Crash, CrashEvent, Failure, FailureCause, FatalExit, PfAccess};
 pub use ukvmi_endpoint::{Dialect, PermissionError};
-pub use vm::{host_capabilities, Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig};
+pub use vm::{host_capabilities, BuiltinImage, Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig};

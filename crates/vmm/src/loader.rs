@@ -6,7 +6,7 @@
 use crate::error::{ImageError, LoadError};
 use crate::memory::GuestRam;
 use crate::vm::Image;
-use ukvmi_guests::layout;
+use ukvmi_guest_abi::layout;
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
     Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
@@ -68,7 +68,7 @@ pub(crate) fn load(ram: &GuestRam, bytes: &[u8]) -> Result<u64, LoadError> {
 pub(crate) fn load_image(ram: &GuestRam, image: &Image) -> crate::error::Result<u64> {
     match image {
         Image::Builtin(g) => {
-            ram.write(g.load_addr, g.image).map_err(|_| ImageError::BuiltinTooLarge { name: g.name })?;
+            ram.write(g.load_addr, g.bytes).map_err(|_| ImageError::BuiltinTooLarge { name: g.name })?;
             Ok(g.entry)
         }
         Image::Kernel(path) => {

@@ -67,7 +67,7 @@ pub(crate) struct Paging {
 impl Paging {
     /// The state every vCPU starts in (`boot::enter_long_mode`: 4-level
     /// long mode on the VMM's identity tables).
-    pub const BOOT: Paging = Paging { cr0: 0x8005_0033, cr3: ukvmi_guests::layout::PML4_ADDR, cr4: 0x20, efer: 0x500 };
+    pub const BOOT: Paging = Paging { cr0: 0x8005_0033, cr3: ukvmi_guest_abi::layout::PML4_ADDR, cr4: 0x20, efer: 0x500 };
 
     pub fn from_sregs(s: &kvm_sregs) -> Paging {
         Paging { cr0: s.cr0, cr3: s.cr3, cr4: s.cr4, efer: s.efer }
@@ -122,7 +122,7 @@ impl CpuTables {
     /// Where every vCPU starts (`boot::enter_long_mode`): the boot page
     /// tables and the VMM's 5-entry GDT, no IDT, no TSS loaded.
     pub fn boot() -> CpuTables {
-        CpuTables { paging: Paging::BOOT, descriptors: vec![(ukvmi_guests::layout::GDT_ADDR, 40)] }
+        CpuTables { paging: Paging::BOOT, descriptors: vec![(ukvmi_guest_abi::layout::GDT_ADDR, 40)] }
     }
 
     pub fn from_sregs(s: &kvm_sregs) -> CpuTables {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use ukvmi_guests::layout;
+use ukvmi_guest_abi::layout;
 use ukvmi_vmm::{Exit, Failure, FailureCause, FatalExit, Image, SerialSink, Vm, VmConfig};
 
 /// Serial output collected in memory.

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use ukvmi_conformance::RawPeer;
-use ukvmi_guests::layout;
+use ukvmi_guest_abi::layout;
 use ukvmi_vmm::{Crash, CrashEvent, Exit, Image, SerialSink, Vm, VmConfig};
 use ukvmi_wire::{event, msg, read_zext, Action, ControlEvents, EventBreakpoint, IntoBytes, VCPU_EVENT_BODY_BASE};
 

@@ -5,7 +5,7 @@ use super::KvmVcpu;
 use crate::exit::{CrashEvent, Exit, FailureCause};
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use ukvmi_endpoint::{EventPayload, Exception, VcpuPort};
-use ukvmi_guests::layout;
+use ukvmi_guest_abi::layout;
 use ukvmi_wire::Action;
 
 impl KvmVcpu {

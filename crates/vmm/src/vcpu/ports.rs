@@ -4,7 +4,7 @@
 use super::KvmVcpu;
 use crate::vm::Exit;
 use ukvmi_endpoint::VcpuPort;
-use ukvmi_guests::layout;
+use ukvmi_guest_abi::layout;
 
 /// What an `in` from `port` reads: the serial LSR says "transmitter
 /// empty"; every other port reads as all ones (nothing there).

@@ -6,15 +6,29 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 use ukvmi_endpoint::Dialect;
-use ukvmi_guests::{layout, Guest};
+use ukvmi_guest_abi::layout;
 
 /// What runs in the VM.
 #[derive(Debug, Clone)]
 pub enum Image {
-    /// A built-in guest.
-    Builtin(&'static Guest),
+    /// A built-in guest: a flat image the caller already has in memory.
+    Builtin(BuiltinImage),
     /// A flat binary (loaded at 1 MiB) or an ELF64 file.
     Kernel(PathBuf),
+}
+
+/// A flat guest image linked at a fixed address (the built-in guests of
+/// `ukvmi-guests`; the VMM does not depend on that crate).
+#[derive(Debug, Clone, Copy)]
+pub struct BuiltinImage {
+    /// Short name, for messages.
+    pub name: &'static str,
+    /// The bytes, loaded at `load_addr`.
+    pub bytes: &'static [u8],
+    /// Guest physical (= virtual) address of `bytes[0]`.
+    pub load_addr: u64,
+    /// Where every vCPU begins.
+    pub entry: u64,
 }
 
 /// How to reach the introspector.

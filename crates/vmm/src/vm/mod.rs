@@ -7,7 +7,7 @@ mod host;
 mod shared;
 
 pub use crate::exit::Exit;
-pub use config::{Image, IntrospectConfig, SerialSink, VmConfig};
+pub use config::{BuiltinImage, Image, IntrospectConfig, SerialSink, VmConfig};
 pub use host::host_capabilities;
 pub(crate) use shared::VmShared;
 
