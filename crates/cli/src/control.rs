@@ -327,16 +327,14 @@ pub fn client(vm: &Path, map: Option<&str>, key: Option<&[u8]>, mut args: Vec<St
     // `-o FILE` is the client's: the file is written here, not by the
     // daemon, and created only when the first output arrives (a command
     // that fails leaves an existing file alone).
-    let mut out_path: Option<String> = None;
     let mut out_file: Option<File> = None;
-    if let Some(i) = args.iter().position(|a| a == "-o" || a == "--output") {
-        let Some(path) = args.get(i + 1).cloned() else {
+    let out_path = match crate::args::take_option(&mut args, crate::commands::OUTPUT) {
+        Ok(o) => o.map(|(_, path)| path),
+        Err(_) => {
             eprintln!("ukvmi: -o needs a file name");
             return ExitCode::from(2);
-        };
-        out_path = Some(path);
-        args.drain(i..i + 2);
-    }
+        }
+    };
     let spawn = args.first().map(String::as_str) != Some("detach");
     let mut sock = match connect(vm, map, key, spawn) {
         Ok(s) => s,

@@ -37,6 +37,7 @@ use ukvmi_introspector::{Error as KvmiError, Handshake};
 use ukvmi_monitor::{Monitor, SymbolMap};
 
 use crate::{
+    args::{MissingValue, Style, Word, Words},
     control::{self, ctl_path},
     tools::{self, Ctx, Out},
 };
@@ -344,12 +345,18 @@ pub fn main(args: &[String]) -> ExitCode {
     let mut vm: Option<PathBuf> = None;
     let mut map_path: Option<String> = None;
     let mut key_file: Option<String> = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--vm" => vm = it.next().map(PathBuf::from),
-            "--map" => map_path = it.next().cloned(),
-            "--key-file" => key_file = it.next().cloned(),
+    let valued = crate::commands::find("daemon").map(crate::commands::valued_options).unwrap_or_default();
+    for w in Words::new(args, &valued, Style::Options) {
+        // A valued option without its value (the last word) leaves it unset.
+        let (a, value) = match w {
+            Ok(Word::Opt(a, v)) => (a, v),
+            Ok(Word::Operand(a)) => (a, None),
+            Err(MissingValue(a)) => (a, None),
+        };
+        match a {
+            "--vm" => vm = value.map(PathBuf::from),
+            "--map" => map_path = value.map(str::to_string),
+            "--key-file" => key_file = value.map(str::to_string),
             "-h" | "--help" => {
                 print!("{}", crate::TOOL_HELP);
                 return ExitCode::SUCCESS;

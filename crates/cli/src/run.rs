@@ -8,6 +8,8 @@ use std::time::Duration;
 use ukvmi_vmm::{Dialect, Exit, Image, IntrospectConfig, SerialSink, Vm, VmConfig};
 use ukvmi_wire::{event, msg};
 
+use crate::args::{MissingValue, Style, Word, Words};
+
 pub(crate) fn help() -> String {
     let mut s = String::from(
         "\
@@ -221,13 +223,19 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
         (None::<String>, Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(10));
     let mut dialect = Dialect::V12;
     let mut allowed_uids = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
+    let valued = crate::commands::find("run").map(crate::commands::valued_options).unwrap_or_default();
+    for w in Words::new(args, &valued, Style::Options) {
+        let (a, value) = match w {
+            Ok(Word::Opt(a, v)) => (a, v),
+            Ok(Word::Operand(a)) => (a, None),
+            Err(MissingValue(a)) => return Err(format!("{a} needs a value")),
+        };
         if a == "-h" || a == "--help" {
             return Ok(None);
         }
-        let mut val = || it.next().cloned().ok_or_else(|| format!("{a} needs a value"));
-        match a.as_str() {
+        // Every valued option has its value here: `Words` took it.
+        let val = || value.map(str::to_string).ok_or_else(|| format!("{a} needs a value"));
+        match a {
             "--guest" => {
                 let v = val()?;
                 let g = ukvmi_guests::find(&v).ok_or_else(|| {
@@ -330,6 +338,35 @@ fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     Ok(Some(cfg))
 }
 
+/// The vCPU count and RAM size `ukvmi` supports, checked before the VM is
+/// built (the host's own vCPU limit is the VMM's to report).
+fn check_limits(cfg: &VmConfig) -> Result<(), String> {
+    let max_vcpus = ukvmi_guests::layout::MAX_VCPUS;
+    if cfg.vcpus == 0 {
+        return Err("--vcpus must be at least 1".into());
+    }
+    if cfg.vcpus > max_vcpus {
+        return Err(format!(
+            "--vcpus {} is more than the guest ABI's {max_vcpus} (one 16 KiB stack each below 512 KiB)",
+            cfg.vcpus
+        ));
+    }
+    if cfg.memory_mib < 4 {
+        return Err("--memory must be at least 4 MiB".into());
+    }
+    if cfg.memory_mib > ukvmi_vmm::MAX_MEMORY_MIB {
+        return Err(format!(
+            "--memory {} MiB is more than the {} MiB (1 TiB) ukvmi supports",
+            cfg.memory_mib,
+            ukvmi_vmm::MAX_MEMORY_MIB
+        ));
+    }
+    if cfg.memory_mib.checked_mul(1 << 20).is_none() {
+        return Err("--memory is too large".into());
+    }
+    Ok(())
+}
+
 /// SIGINT/SIGTERM (stop) and SIGUSR1 (report the interceptions in force)
 /// are blocked in every thread and taken by one waiter thread.
 fn block_stop_signals() -> libc::sigset_t {
@@ -362,6 +399,10 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     }
     let set = block_stop_signals();
     let log: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(|m: &str| say(&format!("ukvmi: {m}")));
+    if let Err(e) = check_limits(&cfg) {
+        say(&format!("ukvmi run: {e}"));
+        return ExitCode::from(1);
+    }
     let vm = match Vm::new(cfg, Arc::clone(&log)) {
         Ok(vm) => vm,
         Err(e) => {
@@ -403,5 +444,40 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
             say(&format!("ukvmi: VM failed: {why}"));
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vcpus: u16, memory_mib: u64) -> VmConfig {
+        VmConfig {
+            vcpus,
+            memory_mib,
+            image: Image::Kernel(PathBuf::new()),
+            name: String::new(),
+            uuid: [0; 16],
+            allow_commands: None,
+            allow_events: None,
+            serial: SerialSink::Stdout,
+            introspect: None,
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_with_the_vmm_wording() {
+        assert_eq!(check_limits(&cfg(1, 4)), Ok(()));
+        assert_eq!(check_limits(&cfg(31, ukvmi_vmm::MAX_MEMORY_MIB)), Ok(()));
+        assert_eq!(check_limits(&cfg(0, 64)), Err("--vcpus must be at least 1".to_string()));
+        assert_eq!(
+            check_limits(&cfg(32, 64)),
+            Err("--vcpus 32 is more than the guest ABI's 31 (one 16 KiB stack each below 512 KiB)".to_string())
+        );
+        assert_eq!(check_limits(&cfg(1, 3)), Err("--memory must be at least 4 MiB".to_string()));
+        assert_eq!(
+            check_limits(&cfg(1, ukvmi_vmm::MAX_MEMORY_MIB + 1)),
+            Err("--memory 1048577 MiB is more than the 1048576 MiB (1 TiB) ukvmi supports".to_string())
+        );
     }
 }
