@@ -42,6 +42,7 @@ pub trait Out {
 }
 
 /// What a command runs against.
+#[derive(Debug)]
 pub struct Ctx<'a> {
     /// The engine (and through it the connection).
     pub mon: &'a Monitor,
