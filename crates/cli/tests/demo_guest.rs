@@ -9,32 +9,18 @@
 
 mod common;
 
-use common::{RunningVm, Scratch};
+use common::{read_u64, start, Scratch};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use ukvmi_guests::demo;
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
 use ukvmi_monitor::guestos::{ProcState, ProcessTable};
 use ukvmi_wire::{access, event};
 
 const T: Duration = Duration::from_secs(30);
 
-fn start(dir: &Scratch, vcpus: u16) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap();
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let vm = RunningVm::start(dir, &["--guest", "demo", "--vcpus", &v, "--introspect", &intro, "--reconnect", "0.2"]);
-    let tool = listener.accept().unwrap();
-    (vm, listener, tool)
-}
-
 fn sym(name: &str) -> u64 {
     demo::symbol(name).unwrap_or_else(|| panic!("demo.map has no {name}"))
-}
-
-fn read_u64(tool: &Vm, gpa: u64) -> u64 {
-    u64::from_le_bytes(tool.read_physical(gpa, 8).unwrap().try_into().unwrap())
 }
 
 fn table(tool: &Vm) -> ProcessTable {
@@ -89,7 +75,7 @@ fn check_table(t: &ProcessTable, vcpus: u32) {
 #[test]
 fn demo_on_two_vcpus_processes_table_translation_agent_and_rootkit() {
     let dir = Scratch::new("demo2");
-    let (vm, _l, tool) = start(&dir, 2);
+    let (vm, _l, tool) = start(&dir, "demo", 2, &[]);
     let t0 = Instant::now();
     vm.wait_serial("ukos: boot done", 1, T);
     let boot = t0.elapsed();
@@ -195,7 +181,7 @@ fn demo_on_two_vcpus_processes_table_translation_agent_and_rootkit() {
 #[test]
 fn demo_on_one_vcpu_with_the_attacks_blocked() {
     let dir = Scratch::new("demo1");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start(&dir, "demo", 1, &[]);
     vm.wait_serial("ukos: boot done", 1, T);
     assert!(vm.serial_text().contains("ukos: kernel booting on 1 vCPU(s)"));
     vm.wait_serial("init: ukos init running as pid 1", 1, T);

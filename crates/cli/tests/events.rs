@@ -4,23 +4,13 @@
 
 mod common;
 
-use common::{RunningVm, Scratch};
+use common::{read_u64, start, Scratch};
 use std::time::Duration;
 use ukvmi_guests::layout;
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
 use ukvmi_wire::event;
 
 const T: Duration = Duration::from_secs(20);
-
-fn start(dir: &Scratch, guest: &str, vcpus: u16) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap();
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let vm = RunningVm::start(dir, &["--guest", guest, "--vcpus", &v, "--introspect", &intro, "--reconnect", "0.2"]);
-    let tool = listener.accept().unwrap();
-    (vm, listener, tool)
-}
 
 fn msr_event(tool: &Vm) -> (VcpuEventMsg, u32, u64, u64) {
     match tool.next_event(Some(T)).unwrap() {
@@ -35,14 +25,10 @@ fn msr_event(tool: &Vm) -> (VcpuEventMsg, u32, u64, u64) {
     }
 }
 
-fn read_u64(tool: &Vm, gpa: u64) -> u64 {
-    u64::from_le_bytes(tool.read_physical(gpa, 8).unwrap().try_into().unwrap())
-}
-
 #[test]
 fn msr_writes_blocked_and_allowed_as_the_guest_sees_them() {
     let dir = Scratch::new("msr");
-    let (vm, _l, tool) = start(&dir, "msr", 2);
+    let (vm, _l, tool) = start(&dir, "msr", 2, &[]);
     vm.wait_serial("vcpu 1 up", 1, T);
     assert_eq!(tool.check_event(event::MSR).map_err(|e| e.to_string()), Ok(()));
     let lstar = layout::MSR_LSTAR;
@@ -91,7 +77,7 @@ fn msr_writes_blocked_and_allowed_as_the_guest_sees_them() {
 #[test]
 fn msr_control_validation_and_crash() {
     let dir = Scratch::new("msrcrash");
-    let (mut vm, _l, tool) = start(&dir, "msr", 1);
+    let (mut vm, _l, tool) = start(&dir, "msr", 1, &[]);
     let code = |r: ukvmi_introspector::Result<()>| r.err().and_then(|e| e.raw_err()).unwrap_or(0);
     assert_eq!(code(tool.control_msr(0, 0x2000, true)), -22, "outside KVMI's MSR ranges");
     assert_eq!(code(tool.control_msr(0, 0xc000_2000, true)), -22);
@@ -112,7 +98,7 @@ fn msr_control_validation_and_crash() {
 #[test]
 fn disconnect_while_watching_msrs_leaves_the_guest_writing_freely() {
     let dir = Scratch::new("msrdrop");
-    let (vm, l, tool) = start(&dir, "msr", 1);
+    let (vm, l, tool) = start(&dir, "msr", 1, &[]);
     tool.control_events(0, event::MSR, true).unwrap();
     tool.control_msr(0, layout::MSR_LSTAR, true).unwrap();
     let (_ev, ..) = msr_event(&tool);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{RunningVm, Scratch};
+use common::{code, read_u32, read_u64, start, start_all_up, RunningVm, Scratch};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout::{self, pf_data_addr};
 use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
@@ -16,17 +16,6 @@ const R: u8 = access::R;
 const W: u8 = access::W;
 const X: u8 = access::X;
 const RWX: u8 = access::RWX;
-
-fn start(dir: &Scratch, vcpus: u16) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap();
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let vm = RunningVm::start(dir, &["--guest", "pf", "--vcpus", &v, "--introspect", &intro, "--reconnect", "0.2"]);
-    let tool = listener.accept().unwrap();
-    vm.wait_serial(&format!("vcpu {} up", vcpus - 1), 1, T);
-    (vm, listener, tool)
-}
 
 fn sym(name: &str) -> u64 {
     ukvmi_guests::find("pf").unwrap().symbol(name).unwrap_or_else(|| panic!("pf guest has no symbol {name}"))
@@ -68,14 +57,6 @@ fn no_event(tool: &Vm, wait: Duration) {
     }
 }
 
-fn read_u64(tool: &Vm, gpa: u64) -> u64 {
-    u64::from_le_bytes(tool.read_physical(gpa, 8).unwrap().try_into().unwrap())
-}
-
-fn read_u32(tool: &Vm, gpa: u64) -> u32 {
-    u32::from_le_bytes(tool.read_physical(gpa, 4).unwrap().try_into().unwrap())
-}
-
 /// The u64 of vCPU `vcpu` in one of the guest's arrays.
 fn at(base: u64, vcpu: u16) -> u64 {
     base + 8 * u64::from(vcpu)
@@ -91,14 +72,10 @@ fn wait_rounds(tool: &Vm, vcpu: u16, n: u64) {
     }
 }
 
-fn code(r: ukvmi_introspector::Result<()>) -> i32 {
-    r.err().and_then(|e| e.raw_err()).unwrap_or(0)
-}
-
 #[test]
 fn page_access_is_offered_and_validated() {
     let dir = Scratch::new("pfcaps");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     assert_eq!(tool.check_command(msg::VM_SET_PAGE_ACCESS).map_err(|e| e.to_string()), Ok(()));
     assert_eq!(tool.check_event(event::PF).map_err(|e| e.to_string()), Ok(()));
     tool.control_events(0, event::PF, true).unwrap();
@@ -116,7 +93,7 @@ fn page_access_is_offered_and_validated() {
 #[test]
 fn write_restriction_retry_drops_the_write_and_continue_applies_it() {
     let dir = Scratch::new("pfw");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let a = pf_data_addr(0);
     tool.control_events(0, event::PF, true).unwrap();
     tool.set_page_access(&[(a, R | X)]).unwrap();
@@ -173,7 +150,7 @@ fn write_restriction_retry_drops_the_write_and_continue_applies_it() {
 #[test]
 fn read_restriction_continue_gives_the_true_value_and_set_registers_wins() {
     let dir = Scratch::new("pfr");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let a = pf_data_addr(0);
     tool.control_events(0, event::PF, true).unwrap();
     tool.set_page_access(&[(a, W | X)]).unwrap();
@@ -226,7 +203,7 @@ fn read_restriction_continue_gives_the_true_value_and_set_registers_wins() {
 #[test]
 fn execute_restriction_steps_one_instruction_per_continue() {
     let dir = Scratch::new("pfx");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let f = sym("pf_func");
     tool.control_events(0, event::PF, true).unwrap();
     tool.set_page_access(&[(f, R | W)]).unwrap();
@@ -268,7 +245,7 @@ fn execute_restriction_steps_one_instruction_per_continue() {
 #[test]
 fn two_vcpus_in_pf_events_at_once_are_answered_independently() {
     let dir = Scratch::new("pf2");
-    let (vm, _l, tool) = start(&dir, 2);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 2, &[]);
     for i in 0..2 {
         tool.control_events(i, event::PF, true).unwrap();
     }
@@ -323,7 +300,7 @@ fn two_vcpus_in_pf_events_at_once_are_answered_independently() {
 #[test]
 fn straddling_write_gives_one_event_per_restricted_page() {
     let dir = Scratch::new("pfs");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let a = pf_data_addr(0);
     let b = a + 0x1000;
     tool.control_events(0, event::PF, true).unwrap();
@@ -366,7 +343,7 @@ fn straddling_write_gives_one_event_per_restricted_page() {
 #[test]
 fn disconnect_during_pf_events_resumes_all_and_lifts_the_restrictions() {
     let dir = Scratch::new("pfdrop");
-    let (vm, l, tool) = start(&dir, 2);
+    let (vm, l, tool) = start_all_up(&dir, "pf", 2, &[]);
     for i in 0..2 {
         tool.control_events(i, event::PF, true).unwrap();
     }
@@ -396,7 +373,7 @@ fn disconnect_during_pf_events_resumes_all_and_lifts_the_restrictions() {
 #[test]
 fn crash_from_a_pf_event_ends_the_vm() {
     let dir = Scratch::new("pfcrash");
-    let (mut vm, _l, tool) = start(&dir, 1);
+    let (mut vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     tool.control_events(0, event::PF, true).unwrap();
     tool.set_page_access(&[(pf_data_addr(0), R | X)]).unwrap();
     let e = pf_event(&tool);
@@ -410,7 +387,7 @@ fn crash_from_a_pf_event_ends_the_vm() {
 #[test]
 fn a_disabled_pf_event_leaves_restricted_pages_working() {
     let dir = Scratch::new("pfoff");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let a = pf_data_addr(0);
     let f = sym("pf_func");
     // Every access removed, but nobody asked for the event: the guest must
@@ -441,7 +418,7 @@ fn measure_pf_round_trips_and_protect_cost() {
     // One vCPU: with two, the other one's silent steps over pf_func's
     // page map it for a moment and the X numbers mix with that race.
     let dir = Scratch::new("pfmeasure");
-    let (_vm, _l, tool) = start(&dir, 1);
+    let (_vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let a = pf_data_addr(0);
     let n = 300;
     tool.control_events(0, event::PF, true).unwrap();
@@ -530,17 +507,11 @@ fn measure_pf_round_trips_and_protect_cost() {
 /// `ukvmi run --guest GUEST --vcpus N` with a tool attached; waits until
 /// every vCPU printed that it is up (`spin`) or the kernel booted (`demo`).
 fn start_guest(dir: &Scratch, guest: &str, vcpus: u16) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap();
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let vm = RunningVm::start(dir, &["--guest", guest, "--vcpus", &v, "--introspect", &intro, "--reconnect", "0.2"]);
-    let tool = listener.accept().unwrap();
-    if guest == "demo" {
-        vm.wait_serial("cr3 0x", 4, T);
-    } else {
-        vm.wait_serial(&format!("vcpu {} up", vcpus - 1), 1, T);
+    if guest != "demo" {
+        return start_all_up(dir, guest, vcpus, &[]);
     }
+    let (vm, listener, tool) = start(dir, guest, vcpus, &[]);
+    vm.wait_serial("cr3 0x", 4, T);
     (vm, listener, tool)
 }
 

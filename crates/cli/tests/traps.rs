@@ -6,30 +6,13 @@
 
 mod common;
 
-use common::{RunningVm, Scratch};
+use common::{code, read_u64, start, RunningVm, Scratch};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
 use ukvmi_wire::{event, msg};
 
 const T: Duration = Duration::from_secs(20);
-
-fn code<X>(r: ukvmi_introspector::Result<X>) -> i32 {
-    match r {
-        Ok(_) => 0,
-        Err(e) => e.raw_err().unwrap_or_else(|| panic!("not a KVM error: {e}")),
-    }
-}
-
-fn start(dir: &Scratch, guest: &str, vcpus: u16) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(T);
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let vm = RunningVm::start(dir, &["--guest", guest, "--vcpus", &v, "--introspect", &intro, "--reconnect", "0.2"]);
-    let tool = listener.accept().unwrap();
-    (vm, listener, tool)
-}
 
 fn traps() -> &'static ukvmi_guests::Guest {
     ukvmi_guests::find("traps").unwrap()
@@ -37,10 +20,6 @@ fn traps() -> &'static ukvmi_guests::Guest {
 
 fn sym(name: &str) -> u64 {
     traps().symbol(name).unwrap_or_else(|| panic!("traps guest has no {name}"))
-}
-
-fn read_u64(tool: &Vm, gpa: u64) -> u64 {
-    u64::from_le_bytes(tool.read_physical(gpa, 8).unwrap().try_into().unwrap())
 }
 
 /// vector, error code, return RIP, CR2 of vCPU `vcpu`'s last exception.
@@ -102,7 +81,7 @@ fn serve_ticks(tool: &Vm, vm: &RunningVm, n: usize) {
 #[test]
 fn the_guests_own_int3_reaches_it_when_nobody_watches() {
     let dir = Scratch::new("int3");
-    let (vm, _l, tool) = start(&dir, "traps", 1);
+    let (vm, _l, tool) = start(&dir, "traps", 1, &[]);
     assert_eq!(code(tool.check_event(event::BREAKPOINT)), 0);
     vm.wait_serial("tick 64", 1, T);
     let done = read_u64(&tool, layout::INT3_DONE);
@@ -120,7 +99,7 @@ fn the_guests_own_int3_reaches_it_when_nobody_watches() {
 #[test]
 fn breakpoint_continue_gives_the_guest_its_own_bp() {
     let dir = Scratch::new("bpcont");
-    let (vm, _l, tool) = start(&dir, "traps", 1);
+    let (vm, _l, tool) = start(&dir, "traps", 1, &[]);
     tool.control_events(0, event::BREAKPOINT, true).unwrap();
     let ev = breakpoint_at(&tool, sym("guest_int3"));
     let (hits, done) = (exc_count(&tool, 3), read_u64(&tool, layout::INT3_DONE));
@@ -153,7 +132,7 @@ fn breakpoint_continue_gives_the_guest_its_own_bp() {
 #[test]
 fn a_planted_breakpoint_is_skipped_then_stepped_over() {
     let dir = Scratch::new("bpplant");
-    let (vm, _l, tool) = start(&dir, "traps", 1);
+    let (vm, _l, tool) = start(&dir, "traps", 1, &[]);
     let target = sym("bp_target");
     let original = tool.read_physical(target, 1).unwrap()[0];
     assert_ne!(original, 0xcc);
@@ -190,7 +169,7 @@ fn a_planted_breakpoint_is_skipped_then_stepped_over() {
 #[test]
 fn breakpoints_on_two_vcpus_answered_out_of_order() {
     let dir = Scratch::new("bp2");
-    let (vm, _l, tool) = start(&dir, "traps", 2);
+    let (vm, _l, tool) = start(&dir, "traps", 2, &[]);
     vm.wait_serial("vcpu 1 up", 1, T);
     let target = sym("bp_target");
     let original = tool.read_physical(target, 1).unwrap()[0];
@@ -234,7 +213,7 @@ fn breakpoints_on_two_vcpus_answered_out_of_order() {
 #[test]
 fn disconnect_while_two_vcpus_wait_releases_them_and_drops_every_interception() {
     let dir = Scratch::new("bpdrop");
-    let (vm, l, tool) = start(&dir, "traps", 2);
+    let (vm, l, tool) = start(&dir, "traps", 2, &[]);
     vm.wait_serial("vcpu 1 up", 1, T);
     for v in 0..2 {
         tool.control_events(v, event::BREAKPOINT, true).unwrap();
@@ -263,7 +242,7 @@ fn disconnect_while_two_vcpus_wait_releases_them_and_drops_every_interception() 
 #[test]
 fn singlestep_reports_every_instruction() {
     let dir = Scratch::new("step");
-    let (vm, _l, tool) = start(&dir, "spin", 1);
+    let (vm, _l, tool) = start(&dir, "spin", 1, &[]);
     assert!(tool.get_version().unwrap().singlestep, "features.singlestep");
     assert_eq!(code(tool.check_command(msg::VCPU_CONTROL_SINGLESTEP)), 0);
     assert_eq!(code(tool.check_event(event::SINGLESTEP)), 0);
@@ -321,7 +300,7 @@ fn singlestep_reports_every_instruction() {
 #[test]
 fn injected_exceptions_reach_the_guest_and_trap_reports_them() {
     let dir = Scratch::new("inject");
-    let (vm, _l, tool) = start(&dir, "traps", 1);
+    let (vm, _l, tool) = start(&dir, "traps", 1, &[]);
     assert_eq!(code(tool.check_command(msg::VCPU_INJECT_EXCEPTION)), 0);
     vm.wait_serial("tick", 1, T);
     tool.control_events(0, event::TRAP, true).unwrap();
@@ -370,7 +349,7 @@ fn injected_exceptions_reach_the_guest_and_trap_reports_them() {
 #[test]
 fn hypercall_doorbell_and_its_answers() {
     let dir = Scratch::new("hcall");
-    let (vm, l, tool) = start(&dir, "traps", 2);
+    let (vm, l, tool) = start(&dir, "traps", 2, &[]);
     vm.wait_serial("vcpu 1 up", 1, T);
     assert_eq!(code(tool.check_event(event::HYPERCALL)), 0);
     tool.control_events(0, event::HYPERCALL, true).unwrap();
@@ -404,7 +383,7 @@ fn hypercall_doorbell_and_its_answers() {
 #[test]
 fn crash_from_a_breakpoint_stops_the_vm_as_a_guest_shutdown() {
     let dir = Scratch::new("bpcrash");
-    let (mut vm, _l, tool) = start(&dir, "traps", 1);
+    let (mut vm, _l, tool) = start(&dir, "traps", 1, &[]);
     tool.control_events(0, event::BREAKPOINT, true).unwrap();
     let ev = breakpoint_at(&tool, sym("guest_int3"));
     tool.reply(&ev, EventReply::Crash).unwrap();
@@ -445,7 +424,7 @@ fn crash_from_any_event_stops_the_vm_with_a_clear_message() {
         (event::TRAP, "CRASH to KVMI_VCPU_EVENT_TRAP on vCPU 0"),
     ] {
         let dir = Scratch::new("crashall");
-        let (mut vm, _l, tool) = start(&dir, "traps", 1);
+        let (mut vm, _l, tool) = start(&dir, "traps", 1, &[]);
         vm.wait_serial("tick", 1, T);
         let ev = trigger(&tool, which);
         tool.reply(&ev, EventReply::Crash).unwrap();
@@ -459,7 +438,7 @@ fn crash_from_any_event_stops_the_vm_with_a_clear_message() {
 #[test]
 fn an_action_the_event_does_not_accept_closes_the_connection_and_the_guest_runs_on() {
     let dir = Scratch::new("badaction");
-    let (vm, l, mut tool) = start(&dir, "traps", 1);
+    let (vm, l, mut tool) = start(&dir, "traps", 1, &[]);
     vm.wait_serial("tick", 1, T);
     // RETRY (1) where only CONTINUE/CRASH are accepted, and an action byte
     // that means nothing (7) for an event that accepts RETRY.
@@ -488,7 +467,7 @@ fn an_action_the_event_does_not_accept_closes_the_connection_and_the_guest_runs_
 #[test]
 fn a_tool_dying_mid_step_leaves_the_guest_running_at_full_speed() {
     let dir = Scratch::new("stepdrop");
-    let (vm, l, tool) = start(&dir, "traps", 1);
+    let (vm, l, tool) = start(&dir, "traps", 1, &[]);
     vm.wait_serial("tick", 1, T);
     tool.control_singlestep(0, true).unwrap();
     let ev = next_vcpu_event(&tool);
@@ -565,7 +544,7 @@ fn assert_no_trap_flag_left(vm: &RunningVm, tool: &Vm, when: &str) {
 #[test]
 fn single_stepping_stopped_inside_an_exception_handler_leaves_no_trap_flag() {
     let dir = Scratch::new("steptf");
-    let (vm, _l, tool) = start(&dir, "traps", 1);
+    let (vm, _l, tool) = start(&dir, "traps", 1, &[]);
     vm.wait_serial("tick", 1, T);
     for (rip, when) in [(sym("exc_common") + 1, "at the handler's entry"), (handler_popf(), "at its popfq")] {
         let ev = step_into_bp_handler(&tool, rip);
@@ -580,7 +559,7 @@ fn single_stepping_stopped_inside_an_exception_handler_leaves_no_trap_flag() {
 #[test]
 fn a_tool_dying_inside_a_stepped_exception_handler_leaves_no_trap_flag() {
     let dir = Scratch::new("steptfdrop");
-    let (vm, l, mut tool) = start(&dir, "traps", 1);
+    let (vm, l, mut tool) = start(&dir, "traps", 1, &[]);
     vm.wait_serial("tick", 1, T);
     for (rip, when) in [
         (sym("exc_common") + 1, "at the handler's entry"),
@@ -602,7 +581,7 @@ fn a_tool_dying_inside_a_stepped_exception_handler_leaves_no_trap_flag() {
 #[test]
 fn stepping_stopped_inside_the_handler_of_a_fault_leaves_no_trap_flag() {
     let dir = Scratch::new("steptfud");
-    let (vm, l, mut tool) = start(&dir, "traps", 1);
+    let (vm, l, mut tool) = start(&dir, "traps", 1, &[]);
     vm.wait_serial("tick", 1, T);
     // A free page, identity-mapped: `ud2; jmp back`.
     const TRAMPOLINE: u64 = 0x28_0000;

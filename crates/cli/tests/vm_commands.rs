@@ -5,33 +5,13 @@
 
 mod common;
 
-use common::{RunningVm, Scratch};
+use common::{code, start, Scratch};
 use std::time::Duration;
 use ukvmi_guests::layout;
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
 use ukvmi_wire::{event, msg, IntoBytes, VcpuHdr};
 
 const T: Duration = Duration::from_secs(20);
-
-fn code<X>(r: ukvmi_introspector::Result<X>) -> i32 {
-    match r {
-        Ok(_) => 0,
-        Err(e) => e.raw_err().unwrap_or_else(|| panic!("not a KVM error: {e}")),
-    }
-}
-
-/// A VM running `guest` connected to a fresh listener.
-fn start(dir: &Scratch, guest: &str, vcpus: u16, extra: &[&str]) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(T);
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let mut args = vec!["--guest", guest, "--vcpus", &v, "--introspect", &intro, "--name", "itest"];
-    args.extend_from_slice(extra);
-    let vm = RunningVm::start(dir, &args);
-    let tool = listener.accept().unwrap();
-    (vm, listener, tool)
-}
 
 fn pause(tool: &Vm, vcpu: u16) -> VcpuEventMsg {
     tool.pause_vcpu(vcpu, true).unwrap();
@@ -44,7 +24,7 @@ fn pause(tool: &Vm, vcpu: u16) -> VcpuEventMsg {
 #[test]
 fn handshake_info_and_vm_commands() {
     let dir = Scratch::new("vmcmd");
-    let (vm, _l, tool) = start(&dir, "spin", 2, &["--uuid", "00112233-4455-6677-8899-aabbccddeeff"]);
+    let (vm, _l, tool) = start(&dir, "spin", 2, &["--name", "itest", "--uuid", "00112233-4455-6677-8899-aabbccddeeff"]);
     let info = tool.info();
     assert_eq!(info.name, "itest");
     assert_eq!(
@@ -87,7 +67,7 @@ fn handshake_info_and_vm_commands() {
 #[test]
 fn vcpu_commands_on_a_paused_and_a_running_vcpu() {
     let dir = Scratch::new("vcpucmd");
-    let (vm, _l, tool) = start(&dir, "spin", 2, &[]);
+    let (vm, _l, tool) = start(&dir, "spin", 2, &["--name", "itest", "--name", "itest"]);
     vm.wait_serial("vcpu 1 up", 1, T);
     // Running vCPU: registers are the guest's.
     let r = tool.get_registers(1, &[0xc000_0080]).unwrap();
@@ -174,7 +154,7 @@ fn dispatch_errors_on_a_real_vm() {
 #[test]
 fn pause_with_several_vcpus_and_disconnect_during_pause() {
     let dir = Scratch::new("pause");
-    let (vm, l, tool) = start(&dir, "spin", 2, &["--reconnect", "0.2"]);
+    let (vm, l, tool) = start(&dir, "spin", 2, &["--name", "itest", "--reconnect", "0.2"]);
     vm.wait_serial("vcpu 1 up", 1, T);
     let e0 = pause(&tool, 0);
     let e1 = pause(&tool, 1);
