@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{code, read_u32, read_u64, start, start_all_up, RunningVm, Scratch};
+use common::{assert_no_event_while_running, code, read_u32, read_u64, start, start_all_up, RunningVm, Scratch};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout::{self, pf_data_addr};
 use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
@@ -51,10 +51,17 @@ fn pf_event_at(tool: &Vm, gpa: u64) -> Pf {
     }
 }
 
+/// No event for `wait` while the `pf` guest's vCPU 0 completes rounds of
+/// its accesses (store, load, straddling store, call into its function).
 fn no_event(tool: &Vm, wait: Duration) {
-    if let Some(e) = tool.next_event(Some(wait)).unwrap() {
-        panic!("expected no event, got {e:?}");
-    }
+    assert_no_event_while_running(tool, wait, "pf guest rounds", |t| vec![read_u64(t, layout::PF_ROUNDS_BASE)]);
+}
+
+/// No event for `wait` while both vCPUs of the `spin` guest loop.
+fn no_event_while_spinning(tool: &Vm, wait: Duration) {
+    assert_no_event_while_running(tool, wait, "spin guest loops", |t| {
+        (0..2).map(|i| read_u64(t, layout::counter_addr(i))).collect()
+    });
 }
 
 /// The u64 of vCPU `vcpu` in one of the guest's arrays.
@@ -549,7 +556,7 @@ fn removing_r_or_x_from_the_guests_page_tables_is_refused_and_the_guest_runs_on(
         }
     }
     // Nothing was applied: no event, and the guest keeps running.
-    no_event(&tool, Duration::from_millis(300));
+    no_event_while_spinning(&tool, Duration::from_millis(300));
     spin_counters_move(&tool, 2);
     vm.assert_guest_runs();
     // Pages next to the tables, and data pages, are restricted as before.
@@ -590,7 +597,7 @@ fn write_protecting_the_guests_page_tables_is_accepted_and_harmless() {
     // own PTE writes would exit as PF W events. The spin guest makes none.)
     let entries: Vec<(u64, u8)> = SPIN_TABLES.iter().map(|&t| (t, R | X)).collect();
     tool.set_page_access(&entries).unwrap();
-    no_event(&tool, Duration::from_millis(500));
+    no_event_while_spinning(&tool, Duration::from_millis(500));
     spin_counters_move(&tool, 2);
     vm.assert_guest_runs();
     // Now write-protected, R cannot go either.

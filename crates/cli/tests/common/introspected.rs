@@ -2,7 +2,7 @@
 //! [`Listener`] is the tool), and reading the guest's memory and the KVM
 //! error codes of replies through that connection.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ukvmi_introspector::{Listener, Vm};
 
@@ -31,6 +31,32 @@ pub fn start_all_up(dir: &Scratch, guest: &str, vcpus: u16, extra: &[&str]) -> (
     let (vm, l, tool) = start(dir, guest, vcpus, extra);
     vm.wait_serial(&format!("vcpu {} up", vcpus - 1), 1, START);
     (vm, l, tool)
+}
+
+/// Asserts that no event comes for at least `wait`, in a window in which the
+/// guest provably ran: every counter `progress` reads (through `tool`) grew.
+/// The window is extended, still allowing no event, until they have (at
+/// most 20 s); a guest that never moved fails the test, as "nothing
+/// happened" would then prove nothing.
+pub fn assert_no_event_while_running(tool: &Vm, wait: Duration, what: &str, progress: impl Fn(&Vm) -> Vec<u64>) {
+    let before = progress(tool);
+    assert!(!before.is_empty(), "{what}: no counter to prove the guest ran");
+    let t0 = Instant::now();
+    loop {
+        let left = wait.saturating_sub(t0.elapsed()).max(Duration::from_millis(50));
+        if let Some(e) = tool.next_event(Some(left)).unwrap() {
+            panic!("{what}: expected no event, got {e:?}");
+        }
+        let now = progress(tool);
+        let moved = now.len() == before.len() && now.iter().zip(&before).all(|(n, b)| n > b);
+        if moved && t0.elapsed() >= wait {
+            return;
+        }
+        assert!(
+            t0.elapsed() < START,
+            "{what}: the guest's counters did not all move ({before:?} -> {now:?}): no event proves nothing"
+        );
+    }
 }
 
 /// The KVM error code of a reply (a negative errno), 0 for success. An

@@ -4,7 +4,7 @@
 mod introspected;
 
 #[allow(unused_imports)] // not every test binary uses every helper
-pub use introspected::{code, read_u32, read_u64, start, start_all_up};
+pub use introspected::{assert_no_event_while_running, code, read_u32, read_u64, start, start_all_up};
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
