@@ -24,7 +24,7 @@
 
 mod common;
 
-use common::{bare, Fig};
+use common::{bare, next_vcpu_event, read_u64, set_mode, Fig};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
 use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
@@ -48,23 +48,8 @@ fn socket_rtt() -> Fig {
     common::socket_rtt(WARMUP, N)
 }
 
-fn read_u64(vm: &Vm, gpa: u64) -> u64 {
-    u64::from_le_bytes(vm.read_physical(gpa, 8).unwrap().try_into().unwrap())
-}
-
-fn set_mode(vm: &Vm, mode: u64) {
-    vm.write_physical(layout::BENCH_MODE, &mode.to_le_bytes()).unwrap();
-}
-
 fn count(vm: &Vm) -> u64 {
     read_u64(vm, layout::BENCH_COUNT)
-}
-
-fn next_vcpu_event(vm: &Vm) -> Box<VcpuEventMsg> {
-    match vm.next_event(Some(T)).unwrap() {
-        Some(Event::Vcpu(ev)) => ev,
-        other => panic!("expected a vCPU event, got {other:?}"),
-    }
 }
 
 /// Runs guest loop `mode` without any event enabled for `RATE` and returns
@@ -98,7 +83,7 @@ fn serve(vm: &Vm, mode: u64, id: u16, mut answer: impl FnMut(&Vm, &VcpuEventMsg)
     let mut last: Option<Instant> = None;
     let mut events = 0u64;
     for i in 0..=WARMUP + N {
-        let ev = next_vcpu_event(vm);
+        let ev = next_vcpu_event(vm, T);
         let now = Instant::now();
         assert_eq!(ev.event, id, "expected event {:?}, got {:?}", event::name(id), ev.name());
         if i > WARMUP {
@@ -217,7 +202,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(100));
         let f = measure(|| {
             vm.pause_vcpu(0, true).unwrap();
-            let ev = next_vcpu_event(&vm);
+            let ev = next_vcpu_event(&vm, T);
             assert_eq!(ev.event, event::PAUSE);
             vm.reply(&ev, EventReply::Continue).unwrap();
         });
