@@ -12,18 +12,28 @@ use ukvmi_monitor::symbols::parse_number;
 pub(crate) struct Opt {
     /// The option as typed, e.g. `--count`.
     pub name: &'static str,
-    /// Whether the next word (or `=VALUE`) is its value.
-    pub valued: bool,
+    /// For an option that takes a value (the next word, or `=VALUE`), what
+    /// the value is, e.g. `N`.
+    pub value: Option<&'static str>,
+    /// One line about it, for the command's `--help`.
+    pub help: &'static str,
+}
+
+impl Opt {
+    /// The same option with `help` as its line in `--help`.
+    pub(crate) const fn help(self, help: &'static str) -> Opt {
+        Opt { help, ..self }
+    }
 }
 
 /// An option without a value.
 pub(crate) const fn flag(name: &'static str) -> Opt {
-    Opt { name, valued: false }
+    Opt { name, value: None, help: "" }
 }
 
-/// An option that takes a value.
-pub(crate) const fn valued(name: &'static str) -> Opt {
-    Opt { name, valued: true }
+/// An option that takes a value, shown as `metavar` in help.
+pub(crate) const fn valued(name: &'static str, metavar: &'static str) -> Opt {
+    Opt { name, value: Some(metavar), help: "" }
 }
 
 /// How words are told apart.

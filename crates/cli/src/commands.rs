@@ -72,8 +72,12 @@ pub(crate) const TOOL_GLOBALS: &[&str] = &["--vm", "--map", "--key-file"];
 /// The client's output file option (the file is written by the client).
 pub(crate) const OUTPUT: &[&str] = &["-o", "--output"];
 
-const STREAM: [Opt; 3] = [flag("--json"), valued("--count"), valued("--duration")];
-const JSON: &[Opt] = &[flag("--json")];
+const STREAM: [Opt; 3] = [
+    flag("--json").help("one JSON object per line instead of text"),
+    valued("--count", "N").help("stop after N records"),
+    valued("--duration", "SECS").help("stop after SECS seconds"),
+];
+const JSON: &[Opt] = &[flag("--json").help("one JSON object per line instead of text")];
 const HELP_FLAGS: [Opt; 2] = [flag("-h"), flag("--help")];
 
 /// Every command, in the order `ukvmi help` lists them.
@@ -85,7 +89,13 @@ pub(crate) const COMMANDS: &[Command] = &[
                 syscall trace, block a rootkit, answer the guest, list\n                             \
                 its processes, and shut down cleanly (--json: records)",
         section: Section::Start,
-        options: &[flag("--json"), valued("--vcpus"), valued("--duration"), HELP_FLAGS[0], HELP_FLAGS[1]],
+        options: &[
+            flag("--json").help("one JSON object per line instead of text"),
+            valued("--vcpus", "N"),
+            valued("--duration", "SECS"),
+            HELP_FLAGS[0],
+            HELP_FLAGS[1],
+        ],
         action: Action::Demo,
     },
     Command {
@@ -95,23 +105,23 @@ pub(crate) const COMMANDS: &[Command] = &[
                 (`ukvmi run --help`: options, built-in guests, host support)",
         section: Section::Vm,
         options: &[
-            valued("--guest"),
-            valued("--kernel"),
-            valued("--vcpus"),
-            valued("--memory"),
-            valued("--introspect"),
+            valued("--guest", "NAME"),
+            valued("--kernel", "PATH"),
+            valued("--vcpus", "N"),
+            valued("--memory", "MIB"),
+            valued("--introspect", "unix:PATH"),
             flag("--key"),
-            valued("--key-file"),
-            valued("--introspector-uid"),
-            valued("--name"),
-            valued("--uuid"),
-            valued("--reconnect"),
-            valued("--handshake-timeout"),
-            valued("--unhook-timeout"),
-            valued("--kvmi-dialect"),
-            valued("--allow-command"),
-            valued("--allow-event"),
-            valued("--serial"),
+            valued("--key-file", "FILE"),
+            valued("--introspector-uid", "UID"),
+            valued("--name", "NAME"),
+            valued("--uuid", "UUID"),
+            valued("--reconnect", "SECS"),
+            valued("--handshake-timeout", "SECS"),
+            valued("--unhook-timeout", "SECS"),
+            valued("--kvmi-dialect", "v12|v7"),
+            valued("--allow-command", "ID"),
+            valued("--allow-event", "ID"),
+            valued("--serial", "stdio|file:PATH"),
             HELP_FLAGS[0],
             HELP_FLAGS[1],
         ],
@@ -154,7 +164,10 @@ pub(crate) const COMMANDS: &[Command] = &[
         usage: "",
         about: "hold every vCPU paused (until `resume`)",
         section: Section::Tool,
-        options: &[flag("--json"), valued("--timeout")],
+        options: &[
+            flag("--json").help("one JSON object per line instead of text"),
+            valued("--timeout", "SECS").help("give up unless every vCPU is paused within SECS (default 5)"),
+        ],
         action: Action::Tool(tools::pause),
     },
     Command {
@@ -171,7 +184,11 @@ pub(crate) const COMMANDS: &[Command] = &[
         about: "guest physical memory as a hex dump (--raw: bytes; --vcpu N: ADDR is\n                               \
                 virtual, through that vCPU's page tables)",
         section: Section::Tool,
-        options: &[flag("--raw"), flag("--hex"), valued("--vcpu")],
+        options: &[
+            flag("--raw").help("the bytes themselves instead of a hex dump"),
+            flag("--hex").help("a hex dump (the default)"),
+            valued("--vcpu", "N").help("ADDR is virtual, through vCPU N's page tables"),
+        ],
         action: Action::Tool(tools::read),
     },
     Command {
@@ -179,7 +196,10 @@ pub(crate) const COMMANDS: &[Command] = &[
         usage: "[ADDR LEN]",
         about: "bulk memory (default: all RAM) to stdout or -o FILE, progress bar; --via map|socket",
         section: Section::Tool,
-        options: &[flag("--quiet"), valued("--via")],
+        options: &[
+            flag("--quiet").help("no progress bar and no summary line"),
+            valued("--via", "map|socket").help("the mapped view (default when granted) or KVMI_VM_READ_PHYSICAL"),
+        ],
         action: Action::Tool(tools::dump),
     },
     Command {
@@ -200,13 +220,13 @@ pub(crate) const COMMANDS: &[Command] = &[
             STREAM[0],
             STREAM[1],
             STREAM[2],
-            flag("--syscalls"),
-            flag("--hypercalls"),
-            flag("--pauses"),
-            valued("--answer"),
-            valued("--breakpoint"),
-            valued("--msr"),
-            valued("--page"),
+            flag("--syscalls").help("every syscall (the default when nothing else is asked for)"),
+            flag("--hypercalls").help("the guest's hypercalls"),
+            flag("--pauses").help("vCPU pause events"),
+            valued("--answer", "TEXT").help("answer each hypercall with TEXT (into the demo kernel's agent_buf)"),
+            valued("--breakpoint", "ADDR").help("a breakpoint at ADDR (virtual)"),
+            valued("--msr", "MSR").help("writes of MSR (repeat for more)"),
+            valued("--page", "ADDR").help("writes to the page at ADDR (repeat for more)"),
         ],
         action: Action::Tool(tools::trace),
     },
@@ -215,7 +235,7 @@ pub(crate) const COMMANDS: &[Command] = &[
         usage: "MSR...",
         about: "report guest writes of MSRs; --deny keeps the old value",
         section: Section::Tool,
-        options: &[STREAM[0], STREAM[1], STREAM[2], flag("--deny")],
+        options: &[STREAM[0], STREAM[1], STREAM[2], flag("--deny").help("refuse the writes: the old value stays")],
         action: Action::Tool(tools::watch_msr),
     },
     Command {
@@ -223,7 +243,13 @@ pub(crate) const COMMANDS: &[Command] = &[
         usage: "ADDR [LEN]",
         about: "take access away from pages (--remove w); --deny refuses writes",
         section: Section::Tool,
-        options: &[STREAM[0], STREAM[1], STREAM[2], flag("--deny"), valued("--remove")],
+        options: &[
+            STREAM[0],
+            STREAM[1],
+            STREAM[2],
+            flag("--deny").help("refuse the writes: the instruction is skipped"),
+            valued("--remove", "rwx").help("the access to take away: letters from rwx (default w)"),
+        ],
         action: Action::Tool(tools::protect),
     },
     Command {
@@ -247,12 +273,18 @@ pub(crate) const COMMANDS: &[Command] = &[
         usage: "--vm PATH [--map FILE] [--key-file FILE]",
         about: "hold the KVMI connection for the tool commands (started by them)",
         section: Section::Hidden,
-        options: &[valued("--vm"), valued("--map"), valued("--key-file"), HELP_FLAGS[0], HELP_FLAGS[1]],
+        options: &[
+            valued("--vm", "PATH"),
+            valued("--map", "FILE"),
+            valued("--key-file", "FILE"),
+            HELP_FLAGS[0],
+            HELP_FLAGS[1],
+        ],
         action: Action::Daemon,
     },
     Command {
         name: "help",
-        usage: "[run|demo]",
+        usage: "[COMMAND]",
         about: "this help, or a command's",
         section: Section::Hidden,
         options: &[],
@@ -267,7 +299,7 @@ pub(crate) fn find(name: &str) -> Option<&'static Command> {
 
 /// The option names of `cmd` that take a value.
 pub(crate) fn valued_options(cmd: &Command) -> Vec<&'static str> {
-    cmd.options.iter().filter(|o| o.valued).map(|o| o.name).collect()
+    cmd.options.iter().filter(|o| o.value.is_some()).map(|o| o.name).collect()
 }
 
 /// Every tool command's valued options, and the client's (`-o`) and
@@ -359,6 +391,27 @@ pub(crate) fn help() -> String {
     s
 }
 
+/// `ukvmi COMMAND --help` for a tool command: its usage, what it does and
+/// its options, then the whole `ukvmi help` as before.
+pub(crate) fn command_help(c: &Command) -> String {
+    let about = c.about.split_whitespace().collect::<Vec<_>>().join(" ");
+    let usage = if c.usage.is_empty() { String::new() } else { format!(" {}", c.usage) };
+    let mut s =
+        format!("ukvmi {}: {about}\n\nUSAGE:\n    ukvmi [--vm PATH] [--key-file FILE] {}{usage}", c.name, c.name);
+    s.push_str(if c.name == "dump" { " [-o FILE]\n" } else { "\n" });
+    s.push_str("\nOPTIONS:\n");
+    if c.options.is_empty() {
+        s.push_str("    (none)\n");
+    }
+    for o in c.options {
+        let spec = o.value.map_or_else(|| o.name.to_string(), |v| format!("{} {v}", o.name));
+        s.push_str(&format!("    {spec:<26} {}\n", o.help));
+    }
+    s.push_str("\n----\n\n");
+    s.push_str(&help());
+    s
+}
+
 /// The command nearest to a mistyped `name` (one or two letters off), if any.
 pub(crate) fn suggest(name: &str) -> Option<&'static str> {
     COMMANDS
@@ -416,5 +469,19 @@ mod tests {
             assert!(h.contains(c.about), "{}", c.name);
         }
         assert!(!h.contains("hold the KVMI connection"));
+    }
+
+    #[test]
+    fn a_tool_commands_help_lists_its_options_then_everything() {
+        let trace = find("trace").unwrap();
+        let h = command_help(trace);
+        assert!(h.starts_with("ukvmi trace: live events: --syscalls (default), --msr MSR,"), "{h}");
+        assert!(h.contains("    --count N                  stop after N records\n"), "{h}");
+        assert!(h.contains("    --msr MSR "), "{h}");
+        assert!(h.ends_with(&help()), "the whole help follows");
+        for c in COMMANDS.iter().filter(|c| matches!(c.action, Action::Tool(_))) {
+            assert!(c.options.iter().all(|o| !o.help.is_empty()), "{}: an option without help", c.name);
+        }
+        assert!(command_help(find("detach").unwrap()).contains("OPTIONS:\n    (none)\n"));
     }
 }

@@ -92,13 +92,19 @@ fn main() -> ExitCode {
             match rest.first().map(String::as_str) {
                 Some("run") => print!("{}", run::help()),
                 Some("demo") => print!("{}", demo::HELP),
-                _ => print!("{}", commands::help()),
+                Some(other) => match commands::find(other) {
+                    Some(c) if matches!(c.action, Action::Tool(_) | Action::Detach) => {
+                        print!("{}", commands::command_help(c));
+                    }
+                    _ => print!("{}", commands::help()),
+                },
+                None => print!("{}", commands::help()),
             }
             ExitCode::SUCCESS
         }
         Action::Tool(_) | Action::Detach => {
             if args.iter().any(|a| a == "-h" || a == "--help") {
-                print!("{}", commands::help());
+                print!("{}", commands::command_help(cmd));
                 return ExitCode::SUCCESS;
             }
             let key = match control::load_key(globals.key_file.as_deref()) {
