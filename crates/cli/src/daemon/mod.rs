@@ -6,7 +6,7 @@
 //! command for a socket path starts this daemon in the background (its log
 //! goes to `PATH.log`); it listens on `PATH` for the VMM, attaches the event
 //! engine ([`Monitor`]) when the VMM connects, and serves commands on the
-//! control socket `PATH.ctl` (see `control.rs`), each in its own thread.
+//! control socket `PATH.ctl` (see `control/`), each in its own thread.
 //! Long-running commands (`trace`, `watch-msr`, `protect`) own what they set
 //! up: when their client goes away (Ctrl-C), it is undone. The daemon exits
 //! when the VM goes away, or on `ukvmi detach`.

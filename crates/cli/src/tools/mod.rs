@@ -2,7 +2,7 @@
 //! they share — where output goes ([`Out`]), what they run against
 //! ([`Ctx`]), how they fail ([`Failure`]) — and [`run`], which parses a
 //! command's words against the command table and runs it. The daemon runs
-//! them for its clients (see `daemon.rs`), `ukvmi demo` reuses the pieces.
+//! them for its clients (see `daemon/`), `ukvmi demo` reuses the pieces.
 
 mod guest_os;
 mod memory;
