@@ -45,7 +45,7 @@
 mod common;
 mod raw;
 
-use common::num;
+use common::{num, Scratch};
 use raw::Dialect;
 use std::io::Write;
 use std::io::{BufRead, BufReader};
@@ -60,28 +60,6 @@ const MIB64: u64 = 64 << 20;
 /// Longest wait for a VMM line or a tool.
 const T: Duration = Duration::from_secs(60);
 const UKVMI: &str = env!("CARGO_BIN_EXE_ukvmi");
-
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("ukvmi-bench-dump-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A `ukvmi run` child whose stderr lines are kept with their arrival time.
 struct Vmm {
@@ -198,7 +176,7 @@ struct LibvmiRun {
 }
 
 fn libvmi_run(peers: &Peers, i: usize) -> LibvmiRun {
-    let dir = Scratch::new(&format!("libvmi-{i}"));
+    let dir = Scratch::new(&format!("ukvmi-bench-dump-{}-libvmi-{i}", std::process::id()));
     let sock = dir.path("kvmi.sock");
     let out = dir.path("out.bin");
     let vmm = Vmm::start(&dir, &sock, "v7");
@@ -267,7 +245,7 @@ fn dumped_secs(stderr: &str) -> f64 {
 /// One `ukvmi dump` series against a fresh v12 VM: (daemon start + connect,
 /// socket wall, socket own, map wall, map own), seconds.
 fn ukvmi_run(i: usize) -> [f64; 5] {
-    let dir = Scratch::new(&format!("ukvmi-{i}"));
+    let dir = Scratch::new(&format!("ukvmi-bench-dump-{}-ukvmi-{i}", std::process::id()));
     let sock = dir.path("vm.sock");
     let vmm = Vmm::start(&dir, &sock, "v12");
     vmm.wait_line("retrying every", None);

@@ -24,10 +24,10 @@
 
 mod common;
 
-use common::{bare, Fig};
+use common::{bare, next_vcpu_event, read_u64, set_mode, Fig};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
-use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent, Vm};
 use ukvmi_wire::{access, event, msg};
 
 /// Timed samples per round-trip figure (after `WARMUP` untimed ones).
@@ -48,23 +48,8 @@ fn socket_rtt() -> Fig {
     common::socket_rtt(WARMUP, N)
 }
 
-fn read_u64(vm: &Vm, gpa: u64) -> u64 {
-    u64::from_le_bytes(vm.read_physical(gpa, 8).unwrap().try_into().unwrap())
-}
-
-fn set_mode(vm: &Vm, mode: u64) {
-    vm.write_physical(layout::BENCH_MODE, &mode.to_le_bytes()).unwrap();
-}
-
 fn count(vm: &Vm) -> u64 {
     read_u64(vm, layout::BENCH_COUNT)
-}
-
-fn next_vcpu_event(vm: &Vm) -> Box<VcpuEventMsg> {
-    match vm.next_event(Some(T)).unwrap() {
-        Some(Event::Vcpu(ev)) => ev,
-        other => panic!("expected a vCPU event, got {other:?}"),
-    }
 }
 
 /// Runs guest loop `mode` without any event enabled for `RATE` and returns
@@ -91,14 +76,14 @@ struct Served {
 /// Switches the guest to `mode` with `id` enabled (by the caller) and
 /// answers every event with `answer`; the time between consecutive events is
 /// one round trip. Afterwards: guest idle, `id` disabled, nothing pending.
-fn serve(vm: &Vm, mode: u64, id: u16, mut answer: impl FnMut(&Vm, &VcpuEventMsg)) -> Served {
+fn serve(vm: &Vm, mode: u64, id: u16, mut answer: impl FnMut(&Vm, &PendingEvent)) -> Served {
     let c0 = count(vm);
     set_mode(vm, mode);
     let mut v = Vec::with_capacity(N);
     let mut last: Option<Instant> = None;
     let mut events = 0u64;
     for i in 0..=WARMUP + N {
-        let ev = next_vcpu_event(vm);
+        let ev = next_vcpu_event(vm, T);
         let now = Instant::now();
         assert_eq!(ev.event, id, "expected event {:?}, got {:?}", event::name(id), ev.name());
         if i > WARMUP {
@@ -156,8 +141,8 @@ fn main() {
     vm.control_events(0, event::MSR, true).unwrap();
     vm.control_msr(0, layout::MSR_LSTAR, true).unwrap();
     let msr = serve(&vm, layout::BENCH_WRMSR, event::MSR, |vm, ev| {
-        match ev.kind {
-            EventKind::Msr { msr, new_value, .. } => {
+        match ev.payload {
+            EventPayload::Msr { msr, new_value, .. } => {
                 assert_eq!(msr, layout::MSR_LSTAR);
                 assert_eq!(new_value >> 32, layout::LSTAR_TAG >> 32);
             }
@@ -217,7 +202,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(100));
         let f = measure(|| {
             vm.pause_vcpu(0, true).unwrap();
-            let ev = next_vcpu_event(&vm);
+            let ev = next_vcpu_event(&vm, T);
             assert_eq!(ev.event, event::PAUSE);
             vm.reply(&ev, EventReply::Continue).unwrap();
         });
@@ -236,8 +221,8 @@ fn main() {
             vm.control_events(0, event::PF, true).unwrap();
             vm.set_page_access(&[(page, access::R | access::X)]).unwrap();
             let s = serve(&vm, layout::BENCH_PF, event::PF, |vm, ev| {
-                match ev.kind {
-                    EventKind::Pf { gpa, access: a, .. } => {
+                match ev.payload {
+                    EventPayload::Pf { gpa, access: a, .. } => {
                         assert_eq!(gpa & !0xfff, page, "PF on the bench page");
                         assert_eq!(a, access::W, "a write");
                     }

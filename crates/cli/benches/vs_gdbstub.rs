@@ -23,10 +23,10 @@
 
 mod common;
 
-use common::{gdb, mbps, measure, Fig};
+use common::{gdb, mbps, measure, next_vcpu_event, set_mode, Fig};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
-use ukvmi_introspector::{Event, EventKind, EventReply, VcpuEventMsg, Vm};
+use ukvmi_introspector::{EventPayload, EventReply, Vm};
 use ukvmi_wire::event;
 
 /// Samples for small round trips.
@@ -42,17 +42,6 @@ const T: Duration = Duration::from_secs(20);
 
 /// Samples per memory-read size: (size, warm-up, timed).
 const READS: [(usize, usize, usize); 3] = [(KIB4, 200, 2000), (MIB1, 3, 30), (MIB64, 1, 5)];
-
-fn next_vcpu_event(vm: &Vm) -> Box<VcpuEventMsg> {
-    match vm.next_event(Some(T)).unwrap() {
-        Some(Event::Vcpu(ev)) => ev,
-        other => panic!("expected a vCPU event, got {other:?}"),
-    }
-}
-
-fn set_mode(vm: &Vm, mode: u64) {
-    vm.write_physical(layout::BENCH_MODE, &mode.to_le_bytes()).unwrap();
-}
 
 /// What gdbstub gave, or why it could not be measured.
 struct GdbFigs {
@@ -116,7 +105,7 @@ struct UkvmiFigs {
 }
 
 fn ukvmi(vm: &Vm) -> UkvmiFigs {
-    assert_eq!(vm.get_info().unwrap(), 2, "two vCPUs");
+    assert_eq!(vm.vcpu_count().unwrap(), 2, "two vCPUs");
     // vCPU 1 must have been started by the guest (it idles with hlt).
     let t0 = Instant::now();
     while vm.get_registers(1, &[]).is_err() {
@@ -126,7 +115,7 @@ fn ukvmi(vm: &Vm) -> UkvmiFigs {
 
     // Registers on a paused vCPU (waiting in a PAUSE event).
     vm.pause_vcpu(0, true).unwrap();
-    let ev = next_vcpu_event(vm);
+    let ev = next_vcpu_event(vm, T);
     assert_eq!(ev.event, event::PAUSE);
     let rip = ev.regs.rip;
     let regs_paused = measure(WARMUP, N, || {
@@ -188,9 +177,11 @@ fn ukvmi(vm: &Vm) -> UkvmiFigs {
     let (mut outside, mut failed) = (0u32, 0u32);
     let mut rips = std::collections::BTreeSet::new();
     for i in 0..=WARMUP + N {
-        let ev = next_vcpu_event(vm);
+        let ev = next_vcpu_event(vm, T);
         let now = Instant::now();
-        let EventKind::Singlestep { failed: f } = ev.kind else { panic!("expected SINGLESTEP, got {:?}", ev.kind) };
+        let EventPayload::Singlestep { failed: f } = ev.payload else {
+            panic!("expected SINGLESTEP, got {:?}", ev.payload)
+        };
         failed += u32::from(f);
         if !(lo..hi).contains(&ev.regs.rip) {
             outside += 1;
@@ -220,8 +211,8 @@ fn ukvmi(vm: &Vm) -> UkvmiFigs {
     let pause_all = measure(50, 500, || {
         vm.pause_vcpu(0, true).unwrap();
         vm.pause_vcpu(1, true).unwrap();
-        let a = next_vcpu_event(vm);
-        let b = next_vcpu_event(vm);
+        let a = next_vcpu_event(vm, T);
+        let b = next_vcpu_event(vm, T);
         assert!(a.event == event::PAUSE && b.event == event::PAUSE && a.vcpu != b.vcpu);
         vm.reply(&a, EventReply::Continue).unwrap();
         vm.reply(&b, EventReply::Continue).unwrap();

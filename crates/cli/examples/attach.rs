@@ -18,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "attached to {:?}: {} vCPUs, {} MiB, KVMI v{}",
         info.name,
-        vm.get_info()?,
+        vm.vcpu_count()?,
         info.max_gpa >> 20,
         info.version
     );

@@ -22,7 +22,10 @@ use ukvmi_monitor::{
 };
 use ukvmi_wire::access;
 
-use crate::tools::{self, Out};
+use crate::{
+    args::{MissingValue, Style, Word, Words},
+    tools::{self, Out},
+};
 
 pub const HELP: &str = "\
 ukvmi demo: the demo guest OS under an introspector, start to finish
@@ -136,12 +139,18 @@ struct Opts {
 
 fn parse(args: &[String]) -> Result<Option<Opts>, String> {
     let mut o = Opts { vcpus: 2, duration: Duration::from_secs(6), json: false };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
+    let valued = crate::commands::find("demo").map(crate::commands::valued_options).unwrap_or_default();
+    for w in Words::new(args, &valued, Style::Options) {
+        let (a, value) = match w {
+            Ok(Word::Opt(a, v)) => (a, v),
+            Ok(Word::Operand(a)) => (a, None),
+            Err(MissingValue("--vcpus")) => return Err("--vcpus needs a number".into()),
+            Err(MissingValue(_)) => return Err("--duration needs seconds".into()),
+        };
+        match a {
             "--json" => o.json = true,
             "--vcpus" => {
-                let v = it.next().ok_or("--vcpus needs a number")?;
+                let v = value.ok_or("--vcpus needs a number")?;
                 o.vcpus = v
                     .parse()
                     .ok()
@@ -149,7 +158,7 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
                     .ok_or_else(|| format!("--vcpus takes 1 to 8, not `{v}`"))?;
             }
             "--duration" => {
-                let v = it.next().ok_or("--duration needs seconds")?;
+                let v = value.ok_or("--duration needs seconds")?;
                 let s: f64 = v
                     .parse()
                     .ok()

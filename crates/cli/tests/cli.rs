@@ -59,6 +59,24 @@ fn bad_input_is_a_clear_error_never_a_panic() {
 }
 
 #[test]
+fn a_commands_help_shows_its_options_and_a_typo_gets_a_suggestion() {
+    for args in [vec!["regs", "--help"], vec!["help", "regs"], vec!["regs", "0", "-h"]] {
+        let (code, out, _) = ukvmi(&args);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.starts_with("ukvmi regs: a vCPU's registers"), "{args:?}: {out}");
+        let (own, all) = out.split_once("\n----\n").expect("the command's part, then everything");
+        assert!(own.contains("    --json ") && !own.contains("--count"), "{own}");
+        assert!(all.contains("COMMANDS:") && all.contains("HOW THE TOOL COMMANDS REACH THE VM"), "{all}");
+    }
+    let (code, _, err) = ukvmi(&["rgs", "0"]);
+    assert_eq!(code, 2);
+    assert!(err.starts_with("ukvmi: unknown command `rgs` (did you mean `regs`?)"), "{err}");
+    let (code, _, err) = ukvmi(&["frobnicate"]);
+    assert_eq!(code, 2);
+    assert!(!err.contains("did you mean"), "{err}");
+}
+
+#[test]
 fn power_off_sets_the_exit_status() {
     for (guest, status) in [("poweroff", 0), ("poweroff7", 7)] {
         let dir = Scratch::new(guest);

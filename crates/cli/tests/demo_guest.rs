@@ -9,32 +9,18 @@
 
 mod common;
 
-use common::{RunningVm, Scratch};
+use common::{read_u64, start, Scratch};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use ukvmi_guests::demo;
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent, Vm};
 use ukvmi_monitor::guestos::{ProcState, ProcessTable};
 use ukvmi_wire::{access, event};
 
 const T: Duration = Duration::from_secs(30);
 
-fn start(dir: &Scratch, vcpus: u16) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap();
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let vm = RunningVm::start(dir, &["--guest", "demo", "--vcpus", &v, "--introspect", &intro, "--reconnect", "0.2"]);
-    let tool = listener.accept().unwrap();
-    (vm, listener, tool)
-}
-
 fn sym(name: &str) -> u64 {
     demo::symbol(name).unwrap_or_else(|| panic!("demo.map has no {name}"))
-}
-
-fn read_u64(tool: &Vm, gpa: u64) -> u64 {
-    u64::from_le_bytes(tool.read_physical(gpa, 8).unwrap().try_into().unwrap())
 }
 
 fn table(tool: &Vm) -> ProcessTable {
@@ -49,9 +35,9 @@ fn slot_of_cr3(cr3: u64) -> u64 {
     (cr3 - demo::PBLK_BASE) / demo::PBLK_SIZE
 }
 
-fn vcpu_event(tool: &Vm, timeout: Duration) -> Option<VcpuEventMsg> {
+fn vcpu_event(tool: &Vm, timeout: Duration) -> Option<PendingEvent> {
     match tool.next_event(Some(timeout)).unwrap() {
-        Some(Event::Vcpu(ev)) => Some(*ev),
+        Some(Event::Vcpu(ev)) => Some(ev),
         None => None,
         Some(other) => panic!("unexpected event {other:?}"),
     }
@@ -89,7 +75,7 @@ fn check_table(t: &ProcessTable, vcpus: u32) {
 #[test]
 fn demo_on_two_vcpus_processes_table_translation_agent_and_rootkit() {
     let dir = Scratch::new("demo2");
-    let (vm, _l, tool) = start(&dir, 2);
+    let (vm, _l, tool) = start(&dir, "demo", 2, &[]);
     let t0 = Instant::now();
     vm.wait_serial("ukos: boot done", 1, T);
     let boot = t0.elapsed();
@@ -114,12 +100,12 @@ fn demo_on_two_vcpus_processes_table_translation_agent_and_rootkit() {
     // the tool's reply goes back the same way, its length in RAX.
     tool.control_events(0, event::HYPERCALL, true).unwrap();
     let ev = vcpu_event(&tool, T).expect("init calls the agent every 2 s");
-    assert!(matches!(ev.kind, EventKind::Hypercall), "{:?}", ev.kind);
+    assert!(matches!(ev.payload, EventPayload::Hypercall), "{:?}", ev.payload);
     let agent_buf = sym("agent_buf");
     assert_eq!((ev.regs.r8, ev.regs.r9), (agent_buf, 20));
     assert_eq!(tool.read_physical(agent_buf, 20).unwrap(), b"hello from the guest");
     assert_eq!(slot_of_cr3(ev.sregs.cr3), 0, "init's page tables");
-    assert_eq!(tool.translate_gva(0, demo::USER_BASE).unwrap(), Some(frames_of_slot(0)));
+    assert_eq!(tool.translate_gva(0, demo::USER_BASE).unwrap().map(u64::from), Some(frames_of_slot(0)));
     let reply = b"hi from the tool";
     tool.write_physical(agent_buf, reply).unwrap();
     let mut regs = ev.regs;
@@ -143,14 +129,14 @@ fn demo_on_two_vcpus_processes_table_translation_agent_and_rootkit() {
     tool.write_physical(entry, &[0xcc]).unwrap();
     while seen.len() < 4 && Instant::now() < deadline {
         let Some(ev) = vcpu_event(&tool, Duration::from_secs(5)) else { continue };
-        assert!(matches!(ev.kind, EventKind::Breakpoint { .. }), "{:?}", ev.kind);
+        assert!(matches!(ev.payload, EventPayload::Breakpoint { .. }), "{:?}", ev.payload);
         assert_eq!(ev.regs.rip, entry);
         let slot = slot_of_cr3(ev.sregs.cr3);
-        let frames = tool.translate_gva(ev.vcpu, demo::USER_BASE).unwrap().unwrap();
+        let frames = tool.translate_gva(ev.vcpu.raw(), demo::USER_BASE).unwrap().unwrap().raw();
         let t = table(&tool);
         let p = t.procs.iter().find(|p| p.slot as u64 == slot).unwrap();
-        assert_eq!(t.current[usize::from(ev.vcpu)], p.pid, "the table names the caller");
-        assert_eq!(u32::from(ev.vcpu), p.cpu);
+        assert_eq!(t.current[usize::from(ev.vcpu.raw())], p.pid, "the table names the caller");
+        assert_eq!(u32::from(ev.vcpu.raw()), p.cpu);
         assert!(ev.regs.rcx >= demo::USER_BASE && ev.regs.rcx < demo::USER_BASE + 0x1_0000, "RCX = its user RIP");
         seen.insert(p.pid, (ev.regs.rax, frames));
         // Put the byte back and re-execute; plant again for the next caller.
@@ -195,7 +181,7 @@ fn demo_on_two_vcpus_processes_table_translation_agent_and_rootkit() {
 #[test]
 fn demo_on_one_vcpu_with_the_attacks_blocked() {
     let dir = Scratch::new("demo1");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start(&dir, "demo", 1, &[]);
     vm.wait_serial("ukos: boot done", 1, T);
     assert!(vm.serial_text().contains("ukos: kernel booting on 1 vCPU(s)"));
     vm.wait_serial("init: ukos init running as pid 1", 1, T);
@@ -213,8 +199,8 @@ fn demo_on_one_vcpu_with_the_attacks_blocked() {
     let deadline = Instant::now() + T;
     while (msr_blocked < 2 || pf_blocked < 2) && Instant::now() < deadline {
         let Some(ev) = vcpu_event(&tool, Duration::from_secs(5)) else { continue };
-        match ev.kind {
-            EventKind::Msr { msr, old_value, new_value } => {
+        match ev.payload {
+            EventPayload::Msr { msr, old_value, new_value } => {
                 assert_eq!(msr, 0xc000_0082);
                 assert_eq!(old_value, sym("syscall_entry"));
                 assert_eq!(new_value, sym("module_area"));
@@ -222,7 +208,7 @@ fn demo_on_one_vcpu_with_the_attacks_blocked() {
                 tool.reply(&ev, EventReply::ContinueWith(old_value)).unwrap();
                 msr_blocked += 1;
             }
-            EventKind::Pf { gpa, access: a, .. } => {
+            EventPayload::Pf { gpa, access: a, .. } => {
                 assert_eq!((gpa, a), (table_page + 8 * demo::SYS_WRITE, access::W));
                 assert_eq!(ev.regs.rsi, sym("module_area") + 24, "the value it tried to store");
                 tool.set_registers(0, &ev.regs).unwrap();

@@ -4,30 +4,20 @@
 
 mod common;
 
-use common::{RunningVm, Scratch};
+use common::{assert_no_event_while_running, read_u64, start, Scratch};
 use std::time::Duration;
 use ukvmi_guests::layout;
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent, Vm};
 use ukvmi_wire::event;
 
 const T: Duration = Duration::from_secs(20);
 
-fn start(dir: &Scratch, guest: &str, vcpus: u16) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap();
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let vm = RunningVm::start(dir, &["--guest", guest, "--vcpus", &v, "--introspect", &intro, "--reconnect", "0.2"]);
-    let tool = listener.accept().unwrap();
-    (vm, listener, tool)
-}
-
-fn msr_event(tool: &Vm) -> (VcpuEventMsg, u32, u64, u64) {
+fn msr_event(tool: &Vm) -> (PendingEvent, u32, u64, u64) {
     match tool.next_event(Some(T)).unwrap() {
-        Some(Event::Vcpu(ev)) => match ev.kind {
-            EventKind::Msr { msr, old_value, new_value } => {
+        Some(Event::Vcpu(ev)) => match ev.payload {
+            EventPayload::Msr { msr, old_value, new_value } => {
                 let (m, o, n) = (msr, old_value, new_value);
-                (*ev, m, o, n)
+                (ev, m, o, n)
             }
             ref other => panic!("expected an MSR event, got {other:?}"),
         },
@@ -35,14 +25,10 @@ fn msr_event(tool: &Vm) -> (VcpuEventMsg, u32, u64, u64) {
     }
 }
 
-fn read_u64(tool: &Vm, gpa: u64) -> u64 {
-    u64::from_le_bytes(tool.read_physical(gpa, 8).unwrap().try_into().unwrap())
-}
-
 #[test]
 fn msr_writes_blocked_and_allowed_as_the_guest_sees_them() {
     let dir = Scratch::new("msr");
-    let (vm, _l, tool) = start(&dir, "msr", 2);
+    let (vm, _l, tool) = start(&dir, "msr", 2, &[]);
     vm.wait_serial("vcpu 1 up", 1, T);
     assert_eq!(tool.check_event(event::MSR).map_err(|e| e.to_string()), Ok(()));
     let lstar = layout::MSR_LSTAR;
@@ -51,7 +37,7 @@ fn msr_writes_blocked_and_allowed_as_the_guest_sees_them() {
 
     // First write: block it (reply the old value).
     let (ev, msr, old, new) = msr_event(&tool);
-    assert_eq!((ev.vcpu, msr), (0, lstar));
+    assert_eq!((ev.vcpu.raw(), msr), (0, lstar));
     assert_eq!(new & layout::LSTAR_TAG, layout::LSTAR_TAG);
     assert_eq!(read_u64(&tool, layout::MSR_TRIED_BASE), new, "the guest is in the middle of writing this");
     tool.reply(&ev, EventReply::ContinueWith(old)).unwrap();
@@ -85,13 +71,16 @@ fn msr_writes_blocked_and_allowed_as_the_guest_sees_them() {
     vm.assert_guest_runs();
     let seen = read_u64(&tool, layout::MSR_SEEN_BASE);
     assert!(seen >= tried, "unwatched writes apply: tried {tried:#x}, seen {seen:#x}");
-    assert!(tool.next_event(Some(Duration::from_millis(200))).unwrap().is_none());
+    // Both vCPUs keep writing LSTAR meanwhile, and no event comes.
+    assert_no_event_while_running(&tool, Duration::from_millis(200), "unwatched MSR writes", |t| {
+        vec![read_u64(t, layout::MSR_TRIED_BASE), read_u64(t, layout::MSR_TRIED_BASE + 8)]
+    });
 }
 
 #[test]
 fn msr_control_validation_and_crash() {
     let dir = Scratch::new("msrcrash");
-    let (mut vm, _l, tool) = start(&dir, "msr", 1);
+    let (mut vm, _l, tool) = start(&dir, "msr", 1, &[]);
     let code = |r: ukvmi_introspector::Result<()>| r.err().and_then(|e| e.raw_err()).unwrap_or(0);
     assert_eq!(code(tool.control_msr(0, 0x2000, true)), -22, "outside KVMI's MSR ranges");
     assert_eq!(code(tool.control_msr(0, 0xc000_2000, true)), -22);
@@ -112,7 +101,7 @@ fn msr_control_validation_and_crash() {
 #[test]
 fn disconnect_while_watching_msrs_leaves_the_guest_writing_freely() {
     let dir = Scratch::new("msrdrop");
-    let (vm, l, tool) = start(&dir, "msr", 1);
+    let (vm, l, tool) = start(&dir, "msr", 1, &[]);
     tool.control_events(0, event::MSR, true).unwrap();
     tool.control_msr(0, layout::MSR_LSTAR, true).unwrap();
     let (_ev, ..) = msr_event(&tool);
@@ -125,7 +114,9 @@ fn disconnect_while_watching_msrs_leaves_the_guest_writing_freely() {
     vm.assert_guest_runs();
     let seen = u64::from_le_bytes(tool.read_physical(layout::MSR_SEEN_BASE, 8).unwrap().try_into().unwrap());
     assert!(seen >= tried, "writes apply once nobody watches: tried {tried:#x}, seen {seen:#x}");
-    assert!(tool.next_event(Some(Duration::from_millis(300))).unwrap().is_none(), "the new session watches nothing");
+    assert_no_event_while_running(&tool, Duration::from_millis(300), "the new session watches nothing", |t| {
+        vec![read_u64(t, layout::MSR_TRIED_BASE)]
+    });
     let report = vm.interceptions();
     assert!(report.contains("msr-writes=none"), "the filter is gone: {report}");
 }

@@ -8,7 +8,7 @@ use common::{RunningVm, Scratch};
 use std::io::Read;
 use std::os::unix::net::UnixListener;
 use std::time::Duration;
-use ukvmi_introspector::{Event, Listener};
+use ukvmi_introspector::{Event, EventReply, Listener};
 use ukvmi_wire::event;
 
 const T: Duration = Duration::from_secs(20);
@@ -32,7 +32,7 @@ fn wrong_key_is_refused_and_the_vm_goes_on() {
     // The right key is accepted on the next attempt.
     let good = Listener::bind(&sock).unwrap().with_key(b"right");
     let tool = good.accept().unwrap();
-    assert_eq!(tool.get_info().unwrap(), 1);
+    assert_eq!(tool.vcpu_count().unwrap(), 1);
 }
 
 #[test]
@@ -45,7 +45,10 @@ fn a_restarted_tool_gets_a_fresh_session() {
     let tool = l.accept().unwrap();
     tool.control_vm_events(event::UNHOOK, true).unwrap();
     tool.pause_vcpu(0, true).unwrap();
-    assert!(matches!(tool.next_event(Some(T)).unwrap(), Some(Event::Vcpu(_))));
+    // The tool goes away holding vCPU 0 in its PAUSE event (detached: no
+    // automatic CONTINUE).
+    let Some(Event::Vcpu(ev)) = tool.next_event(Some(T)).unwrap() else { panic!("expected the PAUSE event") };
+    let _held = ev.detach();
     drop(tool);
     drop(l);
     vm.assert_guest_runs();
@@ -54,6 +57,7 @@ fn a_restarted_tool_gets_a_fresh_session() {
     tool.pause_vcpu(0, true).unwrap();
     let Some(Event::Vcpu(ev)) = tool.next_event(Some(T)).unwrap() else { panic!() };
     assert_eq!(ev.seq, 1);
+    tool.reply(&ev, EventReply::Continue).unwrap();
 }
 
 #[test]
@@ -81,7 +85,7 @@ fn a_silent_tool_times_out_and_an_absent_one_is_retried() {
     let _ = std::fs::remove_file(&sock);
     let l = Listener::bind(&sock).unwrap();
     let tool = l.accept().unwrap();
-    assert_eq!(tool.get_info().unwrap(), 1);
+    assert_eq!(tool.vcpu_count().unwrap(), 1);
 }
 
 #[test]

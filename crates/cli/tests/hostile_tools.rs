@@ -74,7 +74,7 @@ fn the_key_comes_from_the_environment_and_never_shows_in_the_process_arguments()
     // ...and one that does is served.
     let right = Listener::bind(&sock).unwrap().with_key(b"from-env");
     let tool = right.accept().unwrap();
-    assert_eq!(tool.get_info().unwrap(), 1);
+    assert_eq!(tool.vcpu_count().unwrap(), 1);
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.0.id())).unwrap();
     assert!(!String::from_utf8_lossy(&cmdline).contains("from-env"));
 }
@@ -294,7 +294,7 @@ fn a_closed_stderr_neither_ends_introspection_nor_the_signal_thread() {
     // In a thread: with the connection thread gone, nobody would ever come.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(l.accept().map(|tool| tool.get_info()));
+        let _ = tx.send(l.accept().map(|tool| tool.vcpu_count()));
     });
     match rx.recv_timeout(T) {
         Ok(Ok(Ok(n))) => assert_eq!(n, 1),

@@ -5,10 +5,10 @@
 
 mod common;
 
-use common::{RunningVm, Scratch};
+use common::{assert_no_event_while_running, code, read_u32, read_u64, start, start_all_up, RunningVm, Scratch};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout::{self, pf_data_addr};
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventPayload, EventReply, Listener, PendingEvent, Vm};
 use ukvmi_wire::{access, event, msg};
 
 const T: Duration = Duration::from_secs(20);
@@ -17,24 +17,13 @@ const W: u8 = access::W;
 const X: u8 = access::X;
 const RWX: u8 = access::RWX;
 
-fn start(dir: &Scratch, vcpus: u16) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap();
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let vm = RunningVm::start(dir, &["--guest", "pf", "--vcpus", &v, "--introspect", &intro, "--reconnect", "0.2"]);
-    let tool = listener.accept().unwrap();
-    vm.wait_serial(&format!("vcpu {} up", vcpus - 1), 1, T);
-    (vm, listener, tool)
-}
-
 fn sym(name: &str) -> u64 {
     ukvmi_guests::find("pf").unwrap().symbol(name).unwrap_or_else(|| panic!("pf guest has no symbol {name}"))
 }
 
 /// One PF event: the message and its payload.
 struct Pf {
-    ev: VcpuEventMsg,
+    ev: PendingEvent,
     gva: u64,
     gpa: u64,
     access: u8,
@@ -42,8 +31,8 @@ struct Pf {
 
 fn pf_event(tool: &Vm) -> Pf {
     match tool.next_event(Some(T)).unwrap() {
-        Some(Event::Vcpu(ev)) => match ev.kind {
-            EventKind::Pf { gva, gpa, access } => Pf { ev: *ev, gva, gpa, access },
+        Some(Event::Vcpu(ev)) => match ev.payload {
+            EventPayload::Pf { gva, gpa, access } => Pf { ev, gva, gpa, access },
             ref other => panic!("expected a PF event, got {other:?}"),
         },
         other => panic!("expected a PF event, got {other:?}"),
@@ -62,18 +51,17 @@ fn pf_event_at(tool: &Vm, gpa: u64) -> Pf {
     }
 }
 
+/// No event for `wait` while the `pf` guest's vCPU 0 completes rounds of
+/// its accesses (store, load, straddling store, call into its function).
 fn no_event(tool: &Vm, wait: Duration) {
-    if let Some(e) = tool.next_event(Some(wait)).unwrap() {
-        panic!("expected no event, got {e:?}");
-    }
+    assert_no_event_while_running(tool, wait, "pf guest rounds", |t| vec![read_u64(t, layout::PF_ROUNDS_BASE)]);
 }
 
-fn read_u64(tool: &Vm, gpa: u64) -> u64 {
-    u64::from_le_bytes(tool.read_physical(gpa, 8).unwrap().try_into().unwrap())
-}
-
-fn read_u32(tool: &Vm, gpa: u64) -> u32 {
-    u32::from_le_bytes(tool.read_physical(gpa, 4).unwrap().try_into().unwrap())
+/// No event for `wait` while both vCPUs of the `spin` guest loop.
+fn no_event_while_spinning(tool: &Vm, wait: Duration) {
+    assert_no_event_while_running(tool, wait, "spin guest loops", |t| {
+        (0..2).map(|i| read_u64(t, layout::counter_addr(i))).collect()
+    });
 }
 
 /// The u64 of vCPU `vcpu` in one of the guest's arrays.
@@ -91,14 +79,10 @@ fn wait_rounds(tool: &Vm, vcpu: u16, n: u64) {
     }
 }
 
-fn code(r: ukvmi_introspector::Result<()>) -> i32 {
-    r.err().and_then(|e| e.raw_err()).unwrap_or(0)
-}
-
 #[test]
 fn page_access_is_offered_and_validated() {
     let dir = Scratch::new("pfcaps");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     assert_eq!(tool.check_command(msg::VM_SET_PAGE_ACCESS).map_err(|e| e.to_string()), Ok(()));
     assert_eq!(tool.check_event(event::PF).map_err(|e| e.to_string()), Ok(()));
     tool.control_events(0, event::PF, true).unwrap();
@@ -116,14 +100,14 @@ fn page_access_is_offered_and_validated() {
 #[test]
 fn write_restriction_retry_drops_the_write_and_continue_applies_it() {
     let dir = Scratch::new("pfw");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let a = pf_data_addr(0);
     tool.control_events(0, event::PF, true).unwrap();
     tool.set_page_access(&[(a, R | X)]).unwrap();
 
     // The store: held, and reported with RIP already past it.
     let e = pf_event_at(&tool, a);
-    assert_eq!((e.ev.vcpu, e.gpa, e.access, e.gva), (0, a, W, u64::MAX));
+    assert_eq!((e.ev.vcpu.raw(), e.gpa, e.access, e.gva), (0, a, W, u64::MAX));
     assert_eq!(e.ev.regs.rip, sym("pf_load"), "RIP is past the store (documented caveat)");
     let tried = read_u64(&tool, layout::PF_TRIED_BASE);
     assert_eq!(tried & layout::PF_TAG, layout::PF_TAG);
@@ -173,7 +157,7 @@ fn write_restriction_retry_drops_the_write_and_continue_applies_it() {
 #[test]
 fn read_restriction_continue_gives_the_true_value_and_set_registers_wins() {
     let dir = Scratch::new("pfr");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let a = pf_data_addr(0);
     tool.control_events(0, event::PF, true).unwrap();
     tool.set_page_access(&[(a, W | X)]).unwrap();
@@ -226,7 +210,7 @@ fn read_restriction_continue_gives_the_true_value_and_set_registers_wins() {
 #[test]
 fn execute_restriction_steps_one_instruction_per_continue() {
     let dir = Scratch::new("pfx");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let f = sym("pf_func");
     tool.control_events(0, event::PF, true).unwrap();
     tool.set_page_access(&[(f, R | W)]).unwrap();
@@ -268,7 +252,7 @@ fn execute_restriction_steps_one_instruction_per_continue() {
 #[test]
 fn two_vcpus_in_pf_events_at_once_are_answered_independently() {
     let dir = Scratch::new("pf2");
-    let (vm, _l, tool) = start(&dir, 2);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 2, &[]);
     for i in 0..2 {
         tool.control_events(i, event::PF, true).unwrap();
     }
@@ -279,31 +263,31 @@ fn two_vcpus_in_pf_events_at_once_are_answered_independently() {
     while held.len() < 2 {
         let e = pf_event(&tool);
         assert_eq!(e.access, W);
-        if e.gpa == pf_data_addr(e.ev.vcpu) && !held.iter().any(|h| h.ev.vcpu == e.ev.vcpu) {
+        if e.gpa == pf_data_addr(e.ev.vcpu.raw()) && !held.iter().any(|h| h.ev.vcpu.raw() == e.ev.vcpu.raw()) {
             held.push(e);
         } else {
-            assert_eq!(e.gpa, pf_data_addr(e.ev.vcpu) + 0xffc);
+            assert_eq!(e.gpa, pf_data_addr(e.ev.vcpu.raw()) + 0xffc);
             tool.reply(&e.ev, EventReply::Continue).unwrap();
         }
     }
     // Both wait at once; the second arrived while the first was held.
     let second = held.pop().unwrap();
     let first = held.pop().unwrap();
-    assert_ne!(first.ev.vcpu, second.ev.vcpu);
+    assert_ne!(first.ev.vcpu.raw(), second.ev.vcpu.raw());
     // Answer the later one first: drop its write.
-    let v2 = second.ev.vcpu;
+    let v2 = second.ev.vcpu.raw();
     let old2 = read_u64(&tool, pf_data_addr(v2));
     tool.set_registers(v2, &second.ev.regs).unwrap();
     tool.reply(&second.ev, EventReply::Retry).unwrap();
     let e3 = pf_event(&tool);
-    assert_eq!((e3.ev.vcpu, e3.gpa), (v2, pf_data_addr(v2) + 0xffc), "only the answered vCPU moved on");
+    assert_eq!((e3.ev.vcpu.raw(), e3.gpa), (v2, pf_data_addr(v2) + 0xffc), "only the answered vCPU moved on");
     assert_eq!(read_u64(&tool, at(layout::PF_SEEN_BASE, v2)), old2);
     // Now the first one: let it through.
-    let v1 = first.ev.vcpu;
+    let v1 = first.ev.vcpu.raw();
     let tried1 = read_u64(&tool, at(layout::PF_TRIED_BASE, v1));
     tool.reply(&first.ev, EventReply::Continue).unwrap();
     let e4 = pf_event(&tool);
-    assert_eq!((e4.ev.vcpu, e4.gpa), (v1, pf_data_addr(v1) + 0xffc));
+    assert_eq!((e4.ev.vcpu.raw(), e4.gpa), (v1, pf_data_addr(v1) + 0xffc));
     assert_eq!(read_u64(&tool, at(layout::PF_SEEN_BASE, v1)), tried1);
     assert_eq!(read_u64(&tool, at(layout::PF_SEEN_BASE, v2)), old2, "vCPU {v2}'s dropped write stayed dropped");
 
@@ -323,7 +307,7 @@ fn two_vcpus_in_pf_events_at_once_are_answered_independently() {
 #[test]
 fn straddling_write_gives_one_event_per_restricted_page() {
     let dir = Scratch::new("pfs");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let a = pf_data_addr(0);
     let b = a + 0x1000;
     tool.control_events(0, event::PF, true).unwrap();
@@ -366,7 +350,7 @@ fn straddling_write_gives_one_event_per_restricted_page() {
 #[test]
 fn disconnect_during_pf_events_resumes_all_and_lifts_the_restrictions() {
     let dir = Scratch::new("pfdrop");
-    let (vm, l, tool) = start(&dir, 2);
+    let (vm, l, tool) = start_all_up(&dir, "pf", 2, &[]);
     for i in 0..2 {
         tool.control_events(i, event::PF, true).unwrap();
     }
@@ -374,7 +358,7 @@ fn disconnect_during_pf_events_resumes_all_and_lifts_the_restrictions() {
     tool.set_page_access(&[(pf_data_addr(0), R | X), (pf_data_addr(1), W | X), (f, R | W)]).unwrap();
     let e1 = pf_event(&tool);
     let e2 = pf_event(&tool);
-    assert_ne!(e1.ev.vcpu, e2.ev.vcpu, "both vCPUs wait in PF events");
+    assert_ne!(e1.ev.vcpu.raw(), e2.ev.vcpu.raw(), "both vCPUs wait in PF events");
     drop(tool); // dies holding both
     vm.wait_stderr("introspector disconnected", T);
     vm.assert_guest_runs();
@@ -396,7 +380,7 @@ fn disconnect_during_pf_events_resumes_all_and_lifts_the_restrictions() {
 #[test]
 fn crash_from_a_pf_event_ends_the_vm() {
     let dir = Scratch::new("pfcrash");
-    let (mut vm, _l, tool) = start(&dir, 1);
+    let (mut vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     tool.control_events(0, event::PF, true).unwrap();
     tool.set_page_access(&[(pf_data_addr(0), R | X)]).unwrap();
     let e = pf_event(&tool);
@@ -410,7 +394,7 @@ fn crash_from_a_pf_event_ends_the_vm() {
 #[test]
 fn a_disabled_pf_event_leaves_restricted_pages_working() {
     let dir = Scratch::new("pfoff");
-    let (vm, _l, tool) = start(&dir, 1);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let a = pf_data_addr(0);
     let f = sym("pf_func");
     // Every access removed, but nobody asked for the event: the guest must
@@ -441,7 +425,7 @@ fn measure_pf_round_trips_and_protect_cost() {
     // One vCPU: with two, the other one's silent steps over pf_func's
     // page map it for a moment and the X numbers mix with that race.
     let dir = Scratch::new("pfmeasure");
-    let (_vm, _l, tool) = start(&dir, 1);
+    let (_vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let a = pf_data_addr(0);
     let n = 300;
     tool.control_events(0, event::PF, true).unwrap();
@@ -460,8 +444,8 @@ fn measure_pf_round_trips_and_protect_cost() {
     let mut v = Vec::new();
     for _ in 0..n {
         let t = Instant::now();
-        tool.get_info().unwrap();
-        tool.get_info().unwrap();
+        tool.vcpu_count().unwrap();
+        tool.vcpu_count().unwrap();
         v.push(t.elapsed());
     }
     stats("baseline: 2 VM_GET_INFO round trips", v);
@@ -530,17 +514,11 @@ fn measure_pf_round_trips_and_protect_cost() {
 /// `ukvmi run --guest GUEST --vcpus N` with a tool attached; waits until
 /// every vCPU printed that it is up (`spin`) or the kernel booted (`demo`).
 fn start_guest(dir: &Scratch, guest: &str, vcpus: u16) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap();
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let vm = RunningVm::start(dir, &["--guest", guest, "--vcpus", &v, "--introspect", &intro, "--reconnect", "0.2"]);
-    let tool = listener.accept().unwrap();
-    if guest == "demo" {
-        vm.wait_serial("cr3 0x", 4, T);
-    } else {
-        vm.wait_serial(&format!("vcpu {} up", vcpus - 1), 1, T);
+    if guest != "demo" {
+        return start_all_up(dir, guest, vcpus, &[]);
     }
+    let (vm, listener, tool) = start(dir, guest, vcpus, &[]);
+    vm.wait_serial("cr3 0x", 4, T);
     (vm, listener, tool)
 }
 
@@ -578,7 +556,7 @@ fn removing_r_or_x_from_the_guests_page_tables_is_refused_and_the_guest_runs_on(
         }
     }
     // Nothing was applied: no event, and the guest keeps running.
-    no_event(&tool, Duration::from_millis(300));
+    no_event_while_spinning(&tool, Duration::from_millis(300));
     spin_counters_move(&tool, 2);
     vm.assert_guest_runs();
     // Pages next to the tables, and data pages, are restricted as before.
@@ -619,7 +597,7 @@ fn write_protecting_the_guests_page_tables_is_accepted_and_harmless() {
     // own PTE writes would exit as PF W events. The spin guest makes none.)
     let entries: Vec<(u64, u8)> = SPIN_TABLES.iter().map(|&t| (t, R | X)).collect();
     tool.set_page_access(&entries).unwrap();
-    no_event(&tool, Duration::from_millis(500));
+    no_event_while_spinning(&tool, Duration::from_millis(500));
     spin_counters_move(&tool, 2);
     vm.assert_guest_runs();
     // Now write-protected, R cannot go either.
@@ -662,14 +640,14 @@ fn removing_r_or_x_from_the_guests_idt_or_gdt_is_refused() {
 }
 
 /// Holds both vCPUs in PAUSE events.
-fn hold_both(tool: &Vm) -> Vec<VcpuEventMsg> {
+fn hold_both(tool: &Vm) -> Vec<PendingEvent> {
     let mut held = Vec::new();
     for i in 0..2 {
         tool.pause_vcpu(i, false).unwrap();
     }
     while held.len() < 2 {
         match tool.next_event(Some(T)).unwrap() {
-            Some(Event::Vcpu(ev)) if ev.kind == EventKind::Pause => held.push(*ev),
+            Some(Event::Vcpu(ev)) if ev.payload == EventPayload::Pause => held.push(ev),
             other => panic!("expected PAUSE events, got {other:?}"),
         }
     }
@@ -680,7 +658,7 @@ fn hold_both(tool: &Vm) -> Vec<VcpuEventMsg> {
 /// runs a process (its CR3 in the process blocks): after boot, but a vCPU
 /// may also be caught in the kernel on the boot tables; then both are let
 /// go and held again.
-fn hold_both_in_processes(vm: &RunningVm, tool: &Vm) -> Vec<VcpuEventMsg> {
+fn hold_both_in_processes(vm: &RunningVm, tool: &Vm) -> Vec<PendingEvent> {
     vm.wait_serial("shell: hello", 1, T);
     for _ in 0..100 {
         let held = hold_both(tool);
@@ -731,14 +709,14 @@ fn the_demo_guests_process_page_tables_in_use_are_refused() {
     let held = hold_both_in_processes(&vm, &tool);
     for ev in &held {
         let cr3 = ev.sregs.cr3;
-        assert!(cr3 >= ukvmi_guests::demo::PBLK_BASE, "vCPU {} runs a process (cr3 {cr3:#x})", ev.vcpu);
+        assert!(cr3 >= ukvmi_guests::demo::PBLK_BASE, "vCPU {} runs a process (cr3 {cr3:#x})", ev.vcpu.raw());
         for t in demo_tables(&tool, cr3) {
             for a in [W | X, R | W, 0] {
                 assert_eq!(
                     code(tool.set_page_access(&[(t, a)])),
                     -95,
                     "vCPU {} cr3 {cr3:#x}: table {t:#x} access {a}",
-                    ev.vcpu
+                    ev.vcpu.raw()
                 );
             }
             tool.set_page_access(&[(t, R | X)]).unwrap();

@@ -362,7 +362,13 @@ fn ps_trace_and_protect_on_the_demo_os() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
+    // The demo kernel's tick count brackets the short guard's window: the
+    // guest ran all along, so an empty report means nobody wrote there.
+    let ticks = || Tool::field(&tool.ok(&["ps", "--json"]), "ticks").parse::<u64>().unwrap();
+    let ticks_before = ticks();
     let short = tool.ok(&["protect", "0x310000", "0x2000", "--duration", "0.5"]);
+    let ticks_after = ticks();
+    assert!(ticks_after > ticks_before, "the guest did not run during the guard: {ticks_before} -> {ticks_after}");
     assert!(short.is_empty(), "nobody writes there: {short}");
     let second = second.join().unwrap();
     assert_eq!(second.lines().count(), 2, "the remaining guard still sees the rootkit: {second}");

@@ -6,30 +6,13 @@
 
 mod common;
 
-use common::{RunningVm, Scratch};
+use common::{assert_no_event_while_running, code, read_u64, start, RunningVm, Scratch};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent, Vm};
 use ukvmi_wire::{event, msg};
 
 const T: Duration = Duration::from_secs(20);
-
-fn code<X>(r: ukvmi_introspector::Result<X>) -> i32 {
-    match r {
-        Ok(_) => 0,
-        Err(e) => e.raw_err().unwrap_or_else(|| panic!("not a KVM error: {e}")),
-    }
-}
-
-fn start(dir: &Scratch, guest: &str, vcpus: u16) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(T);
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let vm = RunningVm::start(dir, &["--guest", guest, "--vcpus", &v, "--introspect", &intro, "--reconnect", "0.2"]);
-    let tool = listener.accept().unwrap();
-    (vm, listener, tool)
-}
 
 fn traps() -> &'static ukvmi_guests::Guest {
     ukvmi_guests::find("traps").unwrap()
@@ -37,10 +20,6 @@ fn traps() -> &'static ukvmi_guests::Guest {
 
 fn sym(name: &str) -> u64 {
     traps().symbol(name).unwrap_or_else(|| panic!("traps guest has no {name}"))
-}
-
-fn read_u64(tool: &Vm, gpa: u64) -> u64 {
-    u64::from_le_bytes(tool.read_physical(gpa, 8).unwrap().try_into().unwrap())
 }
 
 /// vector, error code, return RIP, CR2 of vCPU `vcpu`'s last exception.
@@ -54,21 +33,21 @@ fn exc_count(tool: &Vm, vector: u64) -> u64 {
     read_u64(tool, layout::EXC_COUNT_BASE + vector * 8)
 }
 
-fn next_vcpu_event(tool: &Vm) -> VcpuEventMsg {
+fn next_vcpu_event(tool: &Vm) -> PendingEvent {
     match tool.next_event(Some(T)).unwrap() {
-        Some(Event::Vcpu(ev)) => *ev,
+        Some(Event::Vcpu(ev)) => ev,
         other => panic!("expected a vCPU event, got {other:?}"),
     }
 }
 
 /// The next BREAKPOINT event at `rip`, answering CONTINUE to breakpoints
 /// elsewhere (the guest's own int3).
-fn breakpoint_at(tool: &Vm, rip: u64) -> VcpuEventMsg {
+fn breakpoint_at(tool: &Vm, rip: u64) -> PendingEvent {
     let t0 = Instant::now();
     loop {
         let ev = next_vcpu_event(tool);
-        match ev.kind {
-            EventKind::Breakpoint { gpa, insn_len } => {
+        match ev.payload {
+            EventPayload::Breakpoint { gpa, insn_len } => {
                 assert_eq!(insn_len, 1);
                 assert_eq!(gpa, ev.regs.rip, "identity-mapped code: gpa is the int3's address");
                 if ev.regs.rip == rip {
@@ -102,7 +81,7 @@ fn serve_ticks(tool: &Vm, vm: &RunningVm, n: usize) {
 #[test]
 fn the_guests_own_int3_reaches_it_when_nobody_watches() {
     let dir = Scratch::new("int3");
-    let (vm, _l, tool) = start(&dir, "traps", 1);
+    let (vm, _l, tool) = start(&dir, "traps", 1, &[]);
     assert_eq!(code(tool.check_event(event::BREAKPOINT)), 0);
     vm.wait_serial("tick 64", 1, T);
     let done = read_u64(&tool, layout::INT3_DONE);
@@ -120,7 +99,7 @@ fn the_guests_own_int3_reaches_it_when_nobody_watches() {
 #[test]
 fn breakpoint_continue_gives_the_guest_its_own_bp() {
     let dir = Scratch::new("bpcont");
-    let (vm, _l, tool) = start(&dir, "traps", 1);
+    let (vm, _l, tool) = start(&dir, "traps", 1, &[]);
     tool.control_events(0, event::BREAKPOINT, true).unwrap();
     let ev = breakpoint_at(&tool, sym("guest_int3"));
     let (hits, done) = (exc_count(&tool, 3), read_u64(&tool, layout::INT3_DONE));
@@ -147,13 +126,16 @@ fn breakpoint_continue_gives_the_guest_its_own_bp() {
     vm.wait_serial("tick", 2, T);
     vm.assert_guest_runs();
     assert!(exc_count(&tool, 3) > h);
-    assert!(tool.next_event(Some(Duration::from_millis(100))).unwrap().is_none());
+    // The guest's own int3s go on (its #BP handler counts them), no event.
+    assert_no_event_while_running(&tool, Duration::from_millis(100), "breakpoint events disabled", |t| {
+        vec![exc_count(t, 3)]
+    });
 }
 
 #[test]
 fn a_planted_breakpoint_is_skipped_then_stepped_over() {
     let dir = Scratch::new("bpplant");
-    let (vm, _l, tool) = start(&dir, "traps", 1);
+    let (vm, _l, tool) = start(&dir, "traps", 1, &[]);
     let target = sym("bp_target");
     let original = tool.read_physical(target, 1).unwrap()[0];
     assert_ne!(original, 0xcc);
@@ -190,7 +172,7 @@ fn a_planted_breakpoint_is_skipped_then_stepped_over() {
 #[test]
 fn breakpoints_on_two_vcpus_answered_out_of_order() {
     let dir = Scratch::new("bp2");
-    let (vm, _l, tool) = start(&dir, "traps", 2);
+    let (vm, _l, tool) = start(&dir, "traps", 2, &[]);
     vm.wait_serial("vcpu 1 up", 1, T);
     let target = sym("bp_target");
     let original = tool.read_physical(target, 1).unwrap()[0];
@@ -199,13 +181,13 @@ fn breakpoints_on_two_vcpus_answered_out_of_order() {
     }
     tool.write_physical(target, &[0xcc]).unwrap();
     // Collect one planted-breakpoint event from each vCPU; both wait at once.
-    let mut waiting: [Option<VcpuEventMsg>; 2] = [None, None];
+    let mut waiting: [Option<PendingEvent>; 2] = [None, None];
     let t0 = Instant::now();
     while waiting.iter().any(Option::is_none) {
         assert!(t0.elapsed() < T, "both vCPUs should stop at the breakpoint");
         let ev = next_vcpu_event(&tool);
-        assert!(matches!(ev.kind, EventKind::Breakpoint { .. }), "{:?}", ev.kind);
-        let slot = &mut waiting[usize::from(ev.vcpu)];
+        assert!(matches!(ev.payload, EventPayload::Breakpoint { .. }), "{:?}", ev.payload);
+        let slot = &mut waiting[usize::from(ev.vcpu.raw())];
         if ev.regs.rip == target && slot.is_none() {
             *slot = Some(ev);
         } else {
@@ -234,7 +216,7 @@ fn breakpoints_on_two_vcpus_answered_out_of_order() {
 #[test]
 fn disconnect_while_two_vcpus_wait_releases_them_and_drops_every_interception() {
     let dir = Scratch::new("bpdrop");
-    let (vm, l, tool) = start(&dir, "traps", 2);
+    let (vm, l, tool) = start(&dir, "traps", 2, &[]);
     vm.wait_serial("vcpu 1 up", 1, T);
     for v in 0..2 {
         tool.control_events(v, event::BREAKPOINT, true).unwrap();
@@ -242,8 +224,8 @@ fn disconnect_while_two_vcpus_wait_releases_them_and_drops_every_interception() 
     }
     let mut seen = [false; 2];
     while !(seen[0] && seen[1]) {
-        let ev = next_vcpu_event(&tool);
-        seen[usize::from(ev.vcpu)] = true; // never answered
+        let ev = next_vcpu_event(&tool).detach(); // left waiting: no automatic answer
+        seen[usize::from(ev.vcpu.raw())] = true; // never answered
     }
     assert!(vm.interceptions().contains("guest-debug=vcpu0:int3,vcpu1:int3"), "{}", vm.interceptions());
     drop(tool);
@@ -255,7 +237,11 @@ fn disconnect_while_two_vcpus_wait_releases_them_and_drops_every_interception() 
     assert!(exc_count(&tool, 3) > before[0], "the guest handles its own int3 again");
     assert!(read_u64(&tool, layout::counter_addr(1)) > before[1], "vCPU 1 resumed");
     assert_eq!(read_u64(&tool, layout::HC_RESULT_BASE + 8) as i64, -1000, "nobody answers hypercalls");
-    assert!(tool.next_event(Some(Duration::from_millis(300))).unwrap().is_none(), "nothing is enabled any more");
+    // int3s (vCPU 0 and 1 share the #BP count) and hypercalls on both vCPUs
+    // go on, with no event.
+    assert_no_event_while_running(&tool, Duration::from_millis(300), "nothing is enabled any more", |t| {
+        vec![exc_count(t, 3), read_u64(t, layout::HC_COUNT_BASE), read_u64(t, layout::HC_COUNT_BASE + 8)]
+    });
     let report = vm.interceptions();
     assert!(report.contains("guest-debug=none") && report.contains("msr-writes=none"), "{report}");
 }
@@ -263,7 +249,7 @@ fn disconnect_while_two_vcpus_wait_releases_them_and_drops_every_interception() 
 #[test]
 fn singlestep_reports_every_instruction() {
     let dir = Scratch::new("step");
-    let (vm, _l, tool) = start(&dir, "spin", 1);
+    let (vm, _l, tool) = start(&dir, "spin", 1, &[]);
     assert!(tool.get_version().unwrap().singlestep, "features.singlestep");
     assert_eq!(code(tool.check_command(msg::VCPU_CONTROL_SINGLESTEP)), 0);
     assert_eq!(code(tool.check_event(event::SINGLESTEP)), 0);
@@ -272,7 +258,7 @@ fn singlestep_reports_every_instruction() {
     vm.wait_serial("tick", 1, T); // past the pattern fill: into the loop
     tool.control_singlestep(0, true).unwrap();
     assert_eq!(code(tool.inject_exception(0, 6, 0, 0)), -16, "no injection while single-stepping");
-    let mut prev: Option<VcpuEventMsg> = None;
+    let mut prev: Option<PendingEvent> = None;
     let mut checked = 0;
     let mut failed = 0;
     // Until vCPU 0 prints a tick: its `out` to the serial port exits by
@@ -280,7 +266,7 @@ fn singlestep_reports_every_instruction() {
     // `hlt` without a HLT exit.)
     for _ in 0..5000 {
         let ev = next_vcpu_event(&tool);
-        let EventKind::Singlestep { failed: f } = ev.kind else { panic!("{:?}", ev.kind) };
+        let EventPayload::Singlestep { failed: f } = ev.payload else { panic!("{:?}", ev.payload) };
         failed += u32::from(f);
         let rip = ev.regs.rip;
         if f {
@@ -315,13 +301,15 @@ fn singlestep_reports_every_instruction() {
     }
     vm.wait_serial("tick", 1, T);
     vm.assert_guest_runs();
-    assert!(tool.next_event(Some(Duration::from_millis(100))).unwrap().is_none(), "stepping is off");
+    assert_no_event_while_running(&tool, Duration::from_millis(100), "stepping is off", |t| {
+        vec![read_u64(t, layout::counter_addr(0))]
+    });
 }
 
 #[test]
 fn injected_exceptions_reach_the_guest_and_trap_reports_them() {
     let dir = Scratch::new("inject");
-    let (vm, _l, tool) = start(&dir, "traps", 1);
+    let (vm, _l, tool) = start(&dir, "traps", 1, &[]);
     assert_eq!(code(tool.check_command(msg::VCPU_INJECT_EXCEPTION)), 0);
     vm.wait_serial("tick", 1, T);
     tool.control_events(0, event::TRAP, true).unwrap();
@@ -329,8 +317,8 @@ fn injected_exceptions_reach_the_guest_and_trap_reports_them() {
     // exception it records is the injected one.
     tool.control_events(0, event::BREAKPOINT, true).unwrap();
     let own_bps = exc_count(&tool, 3);
-    let skip_int3 = |ev: &VcpuEventMsg| {
-        assert!(matches!(ev.kind, EventKind::Breakpoint { .. }), "{:?}", ev.kind);
+    let skip_int3 = |ev: &PendingEvent| {
+        assert!(matches!(ev.payload, EventPayload::Breakpoint { .. }), "{:?}", ev.payload);
         let mut r = ev.regs;
         r.rip += 1;
         tool.set_registers(0, &r).unwrap();
@@ -344,7 +332,7 @@ fn injected_exceptions_reach_the_guest_and_trap_reports_them() {
             skip_int3(&ev);
             ev = next_vcpu_event(&tool);
         }
-        assert_eq!(ev.kind, EventKind::Trap { nr, error_code: error, address: addr }, "TRAP reports it");
+        assert_eq!(ev.payload, EventPayload::Trap { nr, error_code: error, address: addr }, "TRAP reports it");
         tool.reply(&ev, EventReply::Continue).unwrap();
         let t0 = Instant::now();
         while exc_count(&tool, u64::from(nr)) == before {
@@ -370,26 +358,26 @@ fn injected_exceptions_reach_the_guest_and_trap_reports_them() {
 #[test]
 fn hypercall_doorbell_and_its_answers() {
     let dir = Scratch::new("hcall");
-    let (vm, l, tool) = start(&dir, "traps", 2);
+    let (vm, l, tool) = start(&dir, "traps", 2, &[]);
     vm.wait_serial("vcpu 1 up", 1, T);
     assert_eq!(code(tool.check_event(event::HYPERCALL)), 0);
     tool.control_events(0, event::HYPERCALL, true).unwrap();
     let ev = next_vcpu_event(&tool);
-    assert_eq!((ev.kind.clone(), ev.vcpu), (EventKind::Hypercall, 0));
+    assert_eq!((ev.payload.clone(), ev.vcpu.raw()), (EventPayload::Hypercall, 0));
     assert_eq!(ev.regs.rax & 0xffff_ffff, layout::HC_KVMI_NR);
     assert_eq!((ev.regs.rdi, ev.regs.rsi), (layout::HC_KVMI_SUBFN, 0));
     let hc_ret = traps().symbol("hypercall_out").unwrap() + 1; // `out %eax,%dx` is one byte
     assert_eq!(ev.regs.rip, hc_ret, "the doorbell has completed when the event is sent");
     let count = read_u64(&tool, layout::HC_COUNT_BASE);
     tool.reply(&ev, EventReply::Continue).unwrap();
-    let ev = next_vcpu_event(&tool);
-    assert_eq!(ev.kind, EventKind::Hypercall);
+    let ev = next_vcpu_event(&tool).detach();
+    assert_eq!(ev.payload, EventPayload::Hypercall);
     assert_eq!(read_u64(&tool, layout::HC_COUNT_BASE), count + 1);
     assert_eq!(read_u64(&tool, layout::HC_RESULT_BASE), 0, "an answered hypercall returns 0");
     assert_eq!(read_u64(&tool, layout::HC_RESULT_BASE + 8) as i64, -1000, "vCPU 1 does not report it");
     // RETRY is not an action HYPERCALL accepts: the connection closes and the guest runs on.
     let retry = 1; // KVMI_EVENT_ACTION_RETRY; the library refuses to send it here
-    tool.reply_raw(ev.seq, ev.vcpu, retry, event::HYPERCALL as u8, &[]).unwrap();
+    tool.raw().reply_raw(ev.seq, ev.vcpu.raw(), retry, event::HYPERCALL as u8, &[]).unwrap();
     let t0 = Instant::now();
     while tool.next_event(Some(Duration::from_millis(100))).is_ok() {
         assert!(t0.elapsed() < T, "the VMM should close the connection");
@@ -404,7 +392,7 @@ fn hypercall_doorbell_and_its_answers() {
 #[test]
 fn crash_from_a_breakpoint_stops_the_vm_as_a_guest_shutdown() {
     let dir = Scratch::new("bpcrash");
-    let (mut vm, _l, tool) = start(&dir, "traps", 1);
+    let (mut vm, _l, tool) = start(&dir, "traps", 1, &[]);
     tool.control_events(0, event::BREAKPOINT, true).unwrap();
     let ev = breakpoint_at(&tool, sym("guest_int3"));
     tool.reply(&ev, EventReply::Crash).unwrap();
@@ -415,7 +403,7 @@ fn crash_from_a_breakpoint_stops_the_vm_as_a_guest_shutdown() {
 
 /// Makes vCPU 0 raise `which` and returns the event (other events are
 /// answered CONTINUE on the way).
-fn trigger(tool: &Vm, which: u16) -> VcpuEventMsg {
+fn trigger(tool: &Vm, which: u16) -> PendingEvent {
     match which {
         event::PAUSE => tool.pause_vcpu(0, false).unwrap(),
         event::SINGLESTEP => tool.control_singlestep(0, true).unwrap(),
@@ -428,7 +416,7 @@ fn trigger(tool: &Vm, which: u16) -> VcpuEventMsg {
     let t0 = Instant::now();
     loop {
         let ev = next_vcpu_event(tool);
-        if ev.event == which && ev.vcpu == 0 {
+        if ev.event == which && ev.vcpu.raw() == 0 {
             return ev;
         }
         tool.reply(&ev, EventReply::Continue).unwrap();
@@ -445,7 +433,7 @@ fn crash_from_any_event_stops_the_vm_with_a_clear_message() {
         (event::TRAP, "CRASH to KVMI_VCPU_EVENT_TRAP on vCPU 0"),
     ] {
         let dir = Scratch::new("crashall");
-        let (mut vm, _l, tool) = start(&dir, "traps", 1);
+        let (mut vm, _l, tool) = start(&dir, "traps", 1, &[]);
         vm.wait_serial("tick", 1, T);
         let ev = trigger(&tool, which);
         tool.reply(&ev, EventReply::Crash).unwrap();
@@ -459,7 +447,7 @@ fn crash_from_any_event_stops_the_vm_with_a_clear_message() {
 #[test]
 fn an_action_the_event_does_not_accept_closes_the_connection_and_the_guest_runs_on() {
     let dir = Scratch::new("badaction");
-    let (vm, l, mut tool) = start(&dir, "traps", 1);
+    let (vm, l, mut tool) = start(&dir, "traps", 1, &[]);
     vm.wait_serial("tick", 1, T);
     // RETRY (1) where only CONTINUE/CRASH are accepted, and an action byte
     // that means nothing (7) for an event that accepts RETRY.
@@ -468,8 +456,8 @@ fn an_action_the_event_does_not_accept_closes_the_connection_and_the_guest_runs_
             .into_iter()
             .enumerate()
     {
-        let ev = trigger(&tool, which);
-        tool.reply_raw(ev.seq, ev.vcpu, action, which as u8, &[]).unwrap();
+        let ev = trigger(&tool, which).detach();
+        tool.raw().reply_raw(ev.seq, ev.vcpu.raw(), action, which as u8, &[]).unwrap();
         let t0 = Instant::now();
         while tool.next_event(Some(Duration::from_millis(50))).is_ok() {
             assert!(t0.elapsed() < T, "event {which}, action {action}: the connection stayed open");
@@ -488,11 +476,11 @@ fn an_action_the_event_does_not_accept_closes_the_connection_and_the_guest_runs_
 #[test]
 fn a_tool_dying_mid_step_leaves_the_guest_running_at_full_speed() {
     let dir = Scratch::new("stepdrop");
-    let (vm, l, tool) = start(&dir, "traps", 1);
+    let (vm, l, tool) = start(&dir, "traps", 1, &[]);
     vm.wait_serial("tick", 1, T);
     tool.control_singlestep(0, true).unwrap();
     let ev = next_vcpu_event(&tool);
-    assert!(matches!(ev.kind, EventKind::Singlestep { .. }));
+    assert!(matches!(ev.payload, EventPayload::Singlestep { .. }));
     let held = read_u64(&tool, layout::counter_addr(0));
     assert!(vm.interceptions().contains("guest-debug=vcpu0:singlestep"), "{}", vm.interceptions());
     drop(tool); // dies with vCPU 0 waiting in a SINGLESTEP event
@@ -518,13 +506,13 @@ fn handler_popf() -> u64 {
 /// Single-steps vCPU 0 into the guest's #BP handler (its own int3, which
 /// the VMM delivers while KVM steps) up to `rip`, and returns the event
 /// there: the handler's frame holds KVM's TF at this point.
-fn step_into_bp_handler(tool: &Vm, rip: u64) -> VcpuEventMsg {
+fn step_into_bp_handler(tool: &Vm, rip: u64) -> PendingEvent {
     let t0 = Instant::now();
     tool.control_singlestep(0, true).unwrap();
     let mut in_handler = false;
     loop {
         let ev = next_vcpu_event(tool);
-        assert!(matches!(ev.kind, EventKind::Singlestep { .. }), "{:?}", ev.kind);
+        assert!(matches!(ev.payload, EventPayload::Singlestep { .. }), "{:?}", ev.payload);
         in_handler |= (sym("exc_common")..sym("exc_common") + 8).contains(&ev.regs.rip);
         if in_handler && ev.regs.rip == rip {
             return ev;
@@ -565,7 +553,7 @@ fn assert_no_trap_flag_left(vm: &RunningVm, tool: &Vm, when: &str) {
 #[test]
 fn single_stepping_stopped_inside_an_exception_handler_leaves_no_trap_flag() {
     let dir = Scratch::new("steptf");
-    let (vm, _l, tool) = start(&dir, "traps", 1);
+    let (vm, _l, tool) = start(&dir, "traps", 1, &[]);
     vm.wait_serial("tick", 1, T);
     for (rip, when) in [(sym("exc_common") + 1, "at the handler's entry"), (handler_popf(), "at its popfq")] {
         let ev = step_into_bp_handler(&tool, rip);
@@ -580,7 +568,7 @@ fn single_stepping_stopped_inside_an_exception_handler_leaves_no_trap_flag() {
 #[test]
 fn a_tool_dying_inside_a_stepped_exception_handler_leaves_no_trap_flag() {
     let dir = Scratch::new("steptfdrop");
-    let (vm, l, mut tool) = start(&dir, "traps", 1);
+    let (vm, l, mut tool) = start(&dir, "traps", 1, &[]);
     vm.wait_serial("tick", 1, T);
     for (rip, when) in [
         (sym("exc_common") + 1, "at the handler's entry"),
@@ -602,7 +590,7 @@ fn a_tool_dying_inside_a_stepped_exception_handler_leaves_no_trap_flag() {
 #[test]
 fn stepping_stopped_inside_the_handler_of_a_fault_leaves_no_trap_flag() {
     let dir = Scratch::new("steptfud");
-    let (vm, l, mut tool) = start(&dir, "traps", 1);
+    let (vm, l, mut tool) = start(&dir, "traps", 1, &[]);
     vm.wait_serial("tick", 1, T);
     // A free page, identity-mapped: `ud2; jmp back`.
     const TRAMPOLINE: u64 = 0x28_0000;

@@ -5,38 +5,18 @@
 
 mod common;
 
-use common::{RunningVm, Scratch};
+use common::{code, start, Scratch};
 use std::time::Duration;
 use ukvmi_guests::layout;
-use ukvmi_introspector::{Event, EventKind, EventReply, Listener, VcpuEventMsg, Vm};
+use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent, Vm};
 use ukvmi_wire::{event, msg, IntoBytes, VcpuHdr};
 
 const T: Duration = Duration::from_secs(20);
 
-fn code<X>(r: ukvmi_introspector::Result<X>) -> i32 {
-    match r {
-        Ok(_) => 0,
-        Err(e) => e.raw_err().unwrap_or_else(|| panic!("not a KVM error: {e}")),
-    }
-}
-
-/// A VM running `guest` connected to a fresh listener.
-fn start(dir: &Scratch, guest: &str, vcpus: u16, extra: &[&str]) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(T);
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let mut args = vec!["--guest", guest, "--vcpus", &v, "--introspect", &intro, "--name", "itest"];
-    args.extend_from_slice(extra);
-    let vm = RunningVm::start(dir, &args);
-    let tool = listener.accept().unwrap();
-    (vm, listener, tool)
-}
-
-fn pause(tool: &Vm, vcpu: u16) -> VcpuEventMsg {
+fn pause(tool: &Vm, vcpu: u16) -> PendingEvent {
     tool.pause_vcpu(vcpu, true).unwrap();
     match tool.next_event(Some(T)).unwrap() {
-        Some(Event::Vcpu(ev)) if ev.kind == EventKind::Pause && ev.vcpu == vcpu => *ev,
+        Some(Event::Vcpu(ev)) if ev.payload == EventPayload::Pause && ev.vcpu.raw() == vcpu => ev,
         other => panic!("expected PAUSE of vCPU {vcpu}, got {other:?}"),
     }
 }
@@ -44,7 +24,7 @@ fn pause(tool: &Vm, vcpu: u16) -> VcpuEventMsg {
 #[test]
 fn handshake_info_and_vm_commands() {
     let dir = Scratch::new("vmcmd");
-    let (vm, _l, tool) = start(&dir, "spin", 2, &["--uuid", "00112233-4455-6677-8899-aabbccddeeff"]);
+    let (vm, _l, tool) = start(&dir, "spin", 2, &["--name", "itest", "--uuid", "00112233-4455-6677-8899-aabbccddeeff"]);
     let info = tool.info();
     assert_eq!(info.name, "itest");
     assert_eq!(
@@ -53,7 +33,7 @@ fn handshake_info_and_vm_commands() {
     );
     assert_eq!(info.max_gpa, 64 << 20);
     assert_eq!((info.version, info.max_msg_size), (1, 8184));
-    assert_eq!(tool.get_info().unwrap(), 2);
+    assert_eq!(tool.vcpu_count().unwrap(), 2);
     vm.wait_serial("vcpu 1 up", 1, T);
     // The guest filled one pattern page per vCPU.
     for v in 0..2u16 {
@@ -87,7 +67,7 @@ fn handshake_info_and_vm_commands() {
 #[test]
 fn vcpu_commands_on_a_paused_and_a_running_vcpu() {
     let dir = Scratch::new("vcpucmd");
-    let (vm, _l, tool) = start(&dir, "spin", 2, &[]);
+    let (vm, _l, tool) = start(&dir, "spin", 2, &["--name", "itest", "--name", "itest"]);
     vm.wait_serial("vcpu 1 up", 1, T);
     // Running vCPU: registers are the guest's.
     let r = tool.get_registers(1, &[0xc000_0080]).unwrap();
@@ -117,7 +97,7 @@ fn vcpu_commands_on_a_paused_and_a_running_vcpu() {
     assert!(tool.get_registers(0, &[]).unwrap().regs.r14 > p.regs.r14, "resumed");
     assert_eq!(code(tool.set_registers(0, &regs)), -95, "outside an event");
     // TSC, CPUID (the host's vendor), XCR0, XSAVE, MTRR, translation.
-    assert!(tool.vcpu_get_info(0).unwrap() > 100_000_000, "TSC in Hz");
+    assert!(tool.tsc_frequency(0).unwrap() > 100_000_000, "TSC in Hz");
     let leaf0 = tool.get_cpuid(0, 0, 0).unwrap();
     let host = std::arch::x86_64::__cpuid(0);
     assert_eq!((leaf0.ebx, leaf0.edx, leaf0.ecx), (host.ebx, host.edx, host.ecx), "vendor string");
@@ -127,15 +107,18 @@ fn vcpu_commands_on_a_paused_and_a_running_vcpu() {
     let xs = tool.get_xsave(1).unwrap();
     tool.set_xsave(1, &xs).unwrap();
     assert_eq!(tool.get_mtrr_type(0, layout::PATTERN_BASE).unwrap(), 6, "write-back");
-    assert_eq!(tool.translate_gva(0, layout::PATTERN_BASE + 0x123).unwrap(), Some(layout::PATTERN_BASE + 0x123));
+    assert_eq!(
+        tool.translate_gva(0, layout::PATTERN_BASE + 0x123).unwrap().map(u64::from),
+        Some(layout::PATTERN_BASE + 0x123)
+    );
     // Through the non-identity alias: translate, then read what the guest wrote there.
     let gva = layout::ALIAS_GVA + (layout::PATTERN_BASE - layout::ALIAS_GPA) + 0x1000 + 0x42;
     let gpa = tool.translate_gva(1, gva).unwrap().expect("the alias is mapped");
     assert_eq!(gpa, layout::PATTERN_BASE + 0x1000 + 0x42);
     assert_eq!(tool.read_physical(gpa, 1).unwrap(), [layout::pattern_byte(1, 0x42)]);
-    assert_eq!(tool.translate_gva(0, layout::ALIAS_GVA + (2 << 20)).unwrap(), None, "past the alias");
-    assert_eq!(tool.translate_gva(0, 1 << 40).unwrap(), None);
-    assert_eq!(tool.translate_gva(0, u64::MAX).unwrap(), None);
+    assert_eq!(tool.translate_gva(0, layout::ALIAS_GVA + (2 << 20)).unwrap().map(u64::from), None, "past the alias");
+    assert_eq!(tool.translate_gva(0, 1 << 40).unwrap().map(u64::from), None);
+    assert_eq!(tool.translate_gva(0, u64::MAX).unwrap().map(u64::from), None);
     vm.assert_guest_runs();
 }
 
@@ -151,15 +134,15 @@ fn dispatch_errors_on_a_real_vm() {
     // Hold vCPU 0 first, so that the guest cannot start vCPU 1 while the
     // checks below run, however slow this machine is.
     let held = pause(&tool, 0);
-    assert_eq!(code(tool.get_info()), 0);
+    assert_eq!(code(tool.vcpu_count()), 0);
     assert_eq!(code(tool.read_physical(0, 8)), -1, "not in --allow-command");
-    assert_eq!(code(tool.vcpu_get_info(0)), -1);
+    assert_eq!(code(tool.tsc_frequency(0)), -1);
     assert_eq!(code(tool.check_command(msg::VCPU_GET_INFO)), -1);
     assert_eq!(code(tool.check_command(msg::VCPU_GET_REGISTERS)), 0);
     // Padding and index.
     let bad = VcpuHdr { vcpu: 0, padding1: 0, padding2: 7 };
     let body: Vec<u8> = bad.as_bytes().iter().chain(&[0u8; 8]).copied().collect();
-    assert_eq!(tool.request_raw(msg::VCPU_GET_REGISTERS, &body).unwrap().err, -22);
+    assert_eq!(tool.raw().request_raw(msg::VCPU_GET_REGISTERS, &body).unwrap().err, -22);
     assert_eq!(code(tool.get_registers(2, &[])), -22);
     // vCPU 1 is not started by the smp guest yet: EAGAIN, then it works.
     assert!(!vm.serial_text().contains("starting vcpus"), "the test must run before the guest starts vCPU 1");
@@ -174,7 +157,7 @@ fn dispatch_errors_on_a_real_vm() {
 #[test]
 fn pause_with_several_vcpus_and_disconnect_during_pause() {
     let dir = Scratch::new("pause");
-    let (vm, l, tool) = start(&dir, "spin", 2, &["--reconnect", "0.2"]);
+    let (vm, l, tool) = start(&dir, "spin", 2, &["--name", "itest", "--reconnect", "0.2"]);
     vm.wait_serial("vcpu 1 up", 1, T);
     let e0 = pause(&tool, 0);
     let e1 = pause(&tool, 1);
@@ -182,8 +165,9 @@ fn pause_with_several_vcpus_and_disconnect_during_pause() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(vm.serial_text().matches("tick").count(), ticks, "vCPU 0 prints ticks; it is paused");
     tool.reply(&e1, EventReply::Continue).unwrap();
-    // The tool dies holding vCPU 0 in its PAUSE event.
-    drop(e0);
+    // The tool dies holding vCPU 0 in its PAUSE event (detached: no
+    // automatic CONTINUE when it is dropped).
+    let _held = e0.detach();
     drop(tool);
     vm.assert_guest_runs();
     vm.wait_stderr("introspector disconnected", T);

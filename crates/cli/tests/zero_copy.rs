@@ -5,30 +5,17 @@
 
 mod common;
 
-use common::{RunningVm, Scratch};
+use common::{read_u64, start_all_up, RunningVm, Scratch};
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout::{self, pf_data_addr};
-use ukvmi_introspector::{Error, Event, EventKind, EventReply, GuestMemoryMap, Listener, Vm};
+use ukvmi_introspector::{Error, Event, EventPayload, EventReply, GuestMemoryMap, Listener, Vm};
 use ukvmi_wire::{access, event, msg, KvmErrno};
 
 const T: Duration = Duration::from_secs(20);
 const RAM: u64 = 64 << 20;
 const MAP: u16 = msg::UKVMI_VM_MAP_MEMORY;
-
-fn start(dir: &Scratch, guest: &str, vcpus: u16, extra: &[&str]) -> (RunningVm, Listener, Vm) {
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(T);
-    let v = vcpus.to_string();
-    let intro = format!("unix:{}", sock.display());
-    let mut args = vec!["--guest", guest, "--vcpus", &v, "--introspect", &intro, "--reconnect", "0.2"];
-    args.extend_from_slice(extra);
-    let vm = RunningVm::start(dir, &args);
-    let tool = listener.accept().unwrap();
-    vm.wait_serial(&format!("vcpu {} up", vcpus - 1), 1, T);
-    (vm, listener, tool)
-}
 
 fn errno<X: std::fmt::Debug>(r: ukvmi_introspector::Result<X>) -> KvmErrno {
     match r {
@@ -39,10 +26,6 @@ fn errno<X: std::fmt::Debug>(r: ukvmi_introspector::Result<X>) -> KvmErrno {
 
 fn counter(vcpu: u16) -> u64 {
     layout::COUNTER_BASE + 8 * u64::from(vcpu)
-}
-
-fn read_u64(tool: &Vm, gpa: u64) -> u64 {
-    u64::from_le_bytes(tool.read_physical(gpa, 8).unwrap().try_into().unwrap())
 }
 
 /// Asserts `map` shows the running guest's loop counter of `vcpu` moving,
@@ -66,10 +49,10 @@ fn assert_counter_live(tool: &Vm, map: &GuestMemoryMap, vcpu: u16) {
 #[test]
 fn the_view_equals_read_physical_and_follows_the_running_guest() {
     let dir = Scratch::new("zc-view");
-    let (vm, _l, tool) = start(&dir, "spin", 2, &[]);
+    let (vm, _l, tool) = start_all_up(&dir, "spin", 2, &[]);
     assert_eq!(tool.check_command(MAP).map_err(|e| e.to_string()), Ok(()));
     let map = tool.map_memory().unwrap();
-    assert_eq!((map.len(), map.gpa(), map.is_writable()), (RAM, 0, false));
+    assert_eq!((map.len(), map.gpa().raw(), map.is_writable()), (RAM, 0, false));
     // Static ranges (page tables, image, both pattern pages): byte for byte
     // what READ_PHYSICAL returns, page by page.
     for (start, pages) in [(0u64, 4u64), (layout::LOAD_ADDR, 4), (layout::PATTERN_BASE, 2)] {
@@ -99,7 +82,7 @@ fn the_view_equals_read_physical_and_follows_the_running_guest() {
 #[test]
 fn the_read_only_descriptor_cannot_be_made_writable() {
     let dir = Scratch::new("zc-ro");
-    let (vm, _l, tool) = start(&dir, "spin", 1, &[]);
+    let (vm, _l, tool) = start_all_up(&dir, "spin", 1, &[]);
     let map = tool.map_memory().unwrap();
     // SAFETY: only the address is used, for mprotect on our own mapping.
     let base = unsafe { map.as_ptr() };
@@ -127,7 +110,7 @@ fn writable_needs_write_physical_and_its_writes_are_seen_by_read_physical() {
     let dir = Scratch::new("zc-rw");
     // Only the map and READ_PHYSICAL (by name, both prefixes, and by number).
     let map_id = MAP.to_string();
-    let (vm, _l, tool) = start(
+    let (vm, _l, tool) = start_all_up(
         &dir,
         "spin",
         1,
@@ -148,7 +131,7 @@ fn writable_needs_write_physical_and_its_writes_are_seen_by_read_physical() {
     drop(vm);
 
     let dir = Scratch::new("zc-rw2");
-    let (vm, _l, tool) = start(&dir, "spin", 1, &[]);
+    let (vm, _l, tool) = start_all_up(&dir, "spin", 1, &[]);
     let rw = tool.map_memory_writable().unwrap();
     let ro = tool.map_memory().unwrap();
     assert!(rw.is_writable());
@@ -167,7 +150,7 @@ fn writable_needs_write_physical_and_its_writes_are_seen_by_read_physical() {
 #[test]
 fn allow_command_without_it_is_eperm() {
     let dir = Scratch::new("zc-eperm");
-    let (vm, _l, tool) = start(
+    let (vm, _l, tool) = start_all_up(
         &dir,
         "spin",
         1,
@@ -187,7 +170,7 @@ fn allow_command_without_it_is_eperm() {
 #[test]
 fn page_protection_still_fires_for_the_guest_while_mapped() {
     let dir = Scratch::new("zc-pf");
-    let (vm, _l, tool) = start(&dir, "pf", 1, &[]);
+    let (vm, _l, tool) = start_all_up(&dir, "pf", 1, &[]);
     let rw = tool.map_memory_writable().unwrap();
     let a = pf_data_addr(0);
     tool.control_events(0, event::PF, true).unwrap();
@@ -196,12 +179,12 @@ fn page_protection_still_fires_for_the_guest_while_mapped() {
         // The guest's store to page A still stops in a PF event ...
         let ev = loop {
             match tool.next_event(Some(T)).unwrap() {
-                Some(Event::Vcpu(ev)) => match ev.kind {
-                    EventKind::Pf { gpa, access: acc, .. } if gpa == a => {
+                Some(Event::Vcpu(ev)) => match ev.payload {
+                    EventPayload::Pf { gpa, access: acc, .. } if gpa == a => {
                         assert_eq!(acc, access::W, "round {round}");
                         break ev;
                     }
-                    EventKind::Pf { .. } => tool.reply(&ev, EventReply::Continue).unwrap(),
+                    EventPayload::Pf { .. } => tool.reply(&ev, EventReply::Continue).unwrap(),
                     ref other => panic!("unexpected event {other:?}"),
                 },
                 other => panic!("expected a PF event, got {other:?}"),
@@ -317,7 +300,7 @@ fn a_tool_killed_while_holding_the_map_leaves_the_vm_fine() {
 #[test]
 fn the_view_and_read_physical_agree_in_one_copy_and_page_by_page() {
     let dir = Scratch::new("zc-agree");
-    let (_vm, _l, tool) = start(&dir, "spin", 1, &[]);
+    let (_vm, _l, tool) = start_all_up(&dir, "spin", 1, &[]);
     const LEN: usize = 4 << 20;
     let map = tool.map_memory().unwrap();
     let mut via_socket = vec![0u8; LEN];

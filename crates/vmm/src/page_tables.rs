@@ -67,7 +67,8 @@ pub(crate) struct Paging {
 impl Paging {
     /// The state every vCPU starts in (`boot::enter_long_mode`: 4-level
     /// long mode on the VMM's identity tables).
-    pub const BOOT: Paging = Paging { cr0: 0x8005_0033, cr3: ukvmi_guest_abi::layout::PML4_ADDR, cr4: 0x20, efer: 0x500 };
+    pub const BOOT: Paging =
+        Paging { cr0: 0x8005_0033, cr3: ukvmi_guest_abi::layout::PML4_ADDR, cr4: 0x20, efer: 0x500 };
 
     pub fn from_sregs(s: &kvm_sregs) -> Paging {
         Paging { cr0: s.cr0, cr3: s.cr3, cr4: s.cr4, efer: s.efer }

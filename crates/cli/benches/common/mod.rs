@@ -14,7 +14,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use ukvmi_introspector::{Listener, Vm};
+use ukvmi_guests::layout;
+use ukvmi_introspector::{Event, Listener, PendingEvent, Vm};
 
 /// `cargo bench` passes `--bench`; `cargo test --benches/--all-targets` runs
 /// bench binaries without it (or with `--list`). Returns false, after saying
@@ -281,4 +282,46 @@ pub fn start_vm(tag: &str, guest: &str, vcpus: u16, memory_mib: u64) -> (VmProce
     let proc_ = VmProcess { child, dir };
     let vm = listener.accept().unwrap();
     (proc_, vm)
+}
+
+/// A scratch directory under the temporary directory, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// Makes an empty directory `name` under the temporary directory.
+    pub fn new(name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+
+    /// `name` inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The u64 at guest-physical `gpa`.
+pub fn read_u64(vm: &Vm, gpa: u64) -> u64 {
+    u64::from_le_bytes(vm.read_physical(gpa, 8).unwrap().try_into().unwrap())
+}
+
+/// Switches the `bench` guest to loop `mode` (see `layout::BENCH_MODE`).
+pub fn set_mode(vm: &Vm, mode: u64) {
+    vm.write_physical(layout::BENCH_MODE, &mode.to_le_bytes()).unwrap();
+}
+
+/// The next event, which must be a vCPU's and come within `timeout`.
+pub fn next_vcpu_event(vm: &Vm, timeout: Duration) -> PendingEvent {
+    match vm.next_event(Some(timeout)).unwrap() {
+        Some(Event::Vcpu(ev)) => ev,
+        other => panic!("expected a vCPU event, got {other:?}"),
+    }
 }

@@ -1,6 +1,11 @@
 //! Starting `ukvmi run` for tests, and reading what its guest printed.
 #![allow(dead_code, clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 
+mod introspected;
+
+#[allow(unused_imports)] // not every test binary uses every helper
+pub use introspected::{assert_no_event_while_running, code, read_u32, read_u64, start, start_all_up};
+
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};

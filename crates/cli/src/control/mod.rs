@@ -1,0 +1,181 @@
+//! The control socket's paths and wire format, between one-shot tool
+//! commands and the daemon that holds the KVMI connection (see `daemon/`
+//! for why there is one). The client side is in `client.rs`; who may talk
+//! to whom, and what is private, in `private.rs`.
+//!
+//! A client sends one request — `UKVMI1`, a flags byte (bit 0: its stderr is
+//! a terminal; bit 1: a key follows), a u32 length and the command's
+//! arguments separated by NUL, then with bit 1 a u32 length and the key —
+//! and reads frames `[kind u8][len u32 LE][data]` until an exit frame:
+//! stdout bytes, stderr text, a progress line, or the exit status. Closing
+//! the socket (Ctrl-C) tells the daemon to stop the command and undo what
+//! it set up.
+//!
+//! The socket, like every file the daemon makes, is 0600, and both ends
+//! check the other's uid (`SO_PEERCRED`): the daemon serves only its own
+//! user and root, and a client talks only to a daemon running as itself or
+//! root (it may be about to send the key).
+
+mod client;
+mod private;
+
+use std::{
+    io::{self, Read, Write},
+    path::{Path, PathBuf},
+};
+
+pub use client::client;
+pub use private::{load_key, my_uid, open_private, peer_cred, served_users, trusted_uid};
+
+pub const MAGIC: &[u8; 6] = b"UKVMI1";
+pub const MAX_REQUEST: u32 = 64 * 1024;
+/// The longest key a request may carry.
+pub const MAX_KEY: u32 = 4096;
+
+/// Request flag: the client's stderr is a terminal.
+pub const FLAG_TTY: u8 = 1;
+/// Request flag: a key follows the arguments.
+pub const FLAG_KEY: u8 = 2;
+
+/// The environment variable that holds the key (tools, daemon and VMM).
+pub const KEY_ENV: &str = "UKVMI_KEY";
+
+pub const STDOUT: u8 = 1;
+pub const STDERR: u8 = 2;
+pub const PROGRESS: u8 = 3;
+pub const EXIT: u8 = 9;
+
+/// The daemon's control socket for the KVMI socket at `vm`.
+pub fn ctl_path(vm: &Path) -> PathBuf {
+    let mut p = vm.as_os_str().to_owned();
+    p.push(".ctl");
+    PathBuf::from(p)
+}
+
+/// The file the daemon for the KVMI socket at `vm` holds locked (flock)
+/// for as long as it runs, so that only one serves a path.
+pub fn lock_path(vm: &Path) -> PathBuf {
+    let mut p = vm.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// The daemon's exit status when another daemon already serves (or is
+/// starting to serve) the same path: its client then talks to that one.
+pub const ALREADY_SERVED: u8 = 3;
+
+/// The daemon's log for the KVMI socket at `vm`.
+pub fn log_path(vm: &Path) -> PathBuf {
+    let mut p = vm.as_os_str().to_owned();
+    p.push(".log");
+    PathBuf::from(p)
+}
+
+/// Writes one reply frame: its kind, length and data.
+pub fn write_frame(w: &mut impl Write, kind: u8, data: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(data.len()).map_err(|_| io::Error::other("frame too large"))?;
+    let mut head = [0u8; 5];
+    head[0] = kind;
+    head[1..].copy_from_slice(&len.to_le_bytes());
+    w.write_all(&head)?;
+    w.write_all(data)
+}
+
+/// One request: the flags byte, the arguments and the key, if any.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u8,
+    pub args: Vec<String>,
+    pub key: Option<Vec<u8>>,
+}
+
+/// Reads a request.
+pub fn read_request(r: &mut impl Read) -> io::Result<Request> {
+    let mut head = [0u8; 11];
+    r.read_exact(&mut head)?;
+    if &head[..6] != MAGIC {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a ukvmi control request"));
+    }
+    let flags = head[6];
+    let len = u32::from_le_bytes([head[7], head[8], head[9], head[10]]);
+    if len > MAX_REQUEST {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("request of {len} bytes (at most {MAX_REQUEST})"),
+        ));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)?;
+    let text =
+        String::from_utf8(body).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "request is not UTF-8"))?;
+    let args = if text.is_empty() { Vec::new() } else { text.split('\0').map(str::to_string).collect() };
+    let key = if flags & FLAG_KEY != 0 {
+        let mut l = [0u8; 4];
+        r.read_exact(&mut l)?;
+        let len = u32::from_le_bytes(l);
+        if len > MAX_KEY {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("key of {len} bytes (at most {MAX_KEY})")));
+        }
+        let mut key = vec![0u8; len as usize];
+        r.read_exact(&mut key)?;
+        Some(key)
+    } else {
+        None
+    };
+    Ok(Request { flags, args, key })
+}
+
+/// Writes a request (the key, if any, after the arguments).
+fn write_request(w: &mut impl Write, flags: u8, args: &[String], key: Option<&[u8]>) -> io::Result<()> {
+    let body = args.join("\0");
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|&l| l <= MAX_REQUEST)
+        .ok_or_else(|| io::Error::other("arguments too long"))?;
+    let mut msg = Vec::with_capacity(15 + body.len() + key.map_or(0, <[u8]>::len));
+    msg.extend_from_slice(MAGIC);
+    msg.push(flags | if key.is_some() { FLAG_KEY } else { 0 });
+    msg.extend_from_slice(&len.to_le_bytes());
+    msg.extend_from_slice(body.as_bytes());
+    if let Some(k) = key {
+        let klen =
+            u32::try_from(k.len()).ok().filter(|&l| l <= MAX_KEY).ok_or_else(|| io::Error::other("key too long"))?;
+        msg.extend_from_slice(&klen.to_le_bytes());
+        msg.extend_from_slice(k);
+    }
+    w.write_all(&msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_garbage_is_refused() {
+        let mut buf = Vec::new();
+        let args = vec!["read".to_string(), "0x1000".to_string(), "16".to_string()];
+        write_request(&mut buf, 1, &args, None).unwrap();
+        let req = read_request(&mut buf.as_slice()).unwrap();
+        assert_eq!(req, Request { flags: 1, args: args.clone(), key: None });
+        let mut keyed = Vec::new();
+        write_request(&mut keyed, 0, &args, Some(b"s3cret")).unwrap();
+        let req = read_request(&mut keyed.as_slice()).unwrap();
+        assert_eq!(req, Request { flags: FLAG_KEY, args: args.clone(), key: Some(b"s3cret".to_vec()) });
+        keyed.truncate(keyed.len() - 1);
+        assert!(read_request(&mut keyed.as_slice()).is_err(), "a cut key is refused");
+        let mut lying = Vec::new();
+        write_request(&mut lying, 0, &args, Some(b"k")).unwrap();
+        let at = lying.len() - 5;
+        lying[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_request(&mut lying.as_slice()).is_err(), "a lying key length is refused before allocating");
+        assert!(read_request(&mut &b"GARBAGE-XXXX"[..]).is_err());
+        let mut huge = Vec::from(&MAGIC[..]);
+        huge.push(0);
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_request(&mut huge.as_slice()).is_err(), "a lying length is refused before allocating");
+        let mut cut = Vec::new();
+        write_request(&mut cut, 0, &args, None).unwrap();
+        cut.truncate(cut.len() - 3);
+        assert!(read_request(&mut cut.as_slice()).is_err());
+    }
+}

@@ -1,0 +1,199 @@
+//! Serving one control client: checking who it is, reading its request,
+//! waiting for a VM, running the command with its output framed back
+//! ([`SockOut`]), and the exit status.
+
+use std::{
+    io::{Read, Write},
+    os::unix::net::UnixStream,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use ukvmi_monitor::{Monitor, SymbolMap};
+
+use super::{log::log, Daemon, REFUSAL_FRESH};
+use crate::{
+    control,
+    tools::{self, Ctx, Out},
+};
+
+/// A command's output, as frames on its control connection.
+#[derive(Debug)]
+struct SockOut {
+    sock: UnixStream,
+    stderr_tty: bool,
+    gone: Arc<AtomicBool>,
+}
+
+impl Out for SockOut {
+    fn line(&mut self, s: &str) -> std::io::Result<()> {
+        let mut b = Vec::with_capacity(s.len() + 1);
+        b.extend_from_slice(s.as_bytes());
+        b.push(b'\n');
+        control::write_frame(&mut self.sock, control::STDOUT, &b)
+    }
+    fn raw(&mut self, b: &[u8]) -> std::io::Result<()> {
+        control::write_frame(&mut self.sock, control::STDOUT, b)
+    }
+    fn note(&mut self, s: &str) -> std::io::Result<()> {
+        control::write_frame(&mut self.sock, control::STDERR, format!("{s}\n").as_bytes())
+    }
+    fn progress(&mut self, s: &str) -> std::io::Result<()> {
+        control::write_frame(&mut self.sock, control::PROGRESS, s.as_bytes())
+    }
+    fn stderr_tty(&self) -> bool {
+        self.stderr_tty
+    }
+    fn gone(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
+    }
+}
+
+impl Daemon {
+    fn wait_attached(
+        &self,
+        out: &mut dyn Out,
+        wait: Duration,
+    ) -> Result<(Arc<Monitor>, Option<Arc<SymbolMap>>), String> {
+        let started = Instant::now();
+        let deadline = started + wait;
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut told = false;
+        loop {
+            if let Some(m) = &st.mon {
+                return Ok((Arc::clone(m), st.syms.clone()));
+            }
+            if st.gone {
+                return Err("the VM went away".into());
+            }
+            if let Some((key, why, at)) = &st.refused {
+                // One with this command's key, since it began waiting or
+                // recent enough that the VMM is still retrying (a refusal
+                // from a VM long gone says nothing about the next one).
+                if *key == st.key && (*at >= started || at.elapsed() < REFUSAL_FRESH) {
+                    let hint = if key.is_some() {
+                        "Is the key right? Give the one the VM was started with: --key-file FILE or $UKVMI_KEY"
+                    } else {
+                        "A VM started with a key needs the same key here: --key-file FILE or $UKVMI_KEY"
+                    };
+                    return Err(format!(
+                        "the handshake with the VM at {} failed: {why}. {hint}",
+                        self.vm_path.display()
+                    ));
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "no VM connected to {} within {wait:?}: start one with `ukvmi run --guest demo --introspect unix:{}`",
+                    self.vm_path.display(),
+                    self.vm_path.display()
+                ));
+            }
+            if !told {
+                let _ = out.note(&format!("waiting for the VM to connect to {} ...", self.vm_path.display()));
+                told = true;
+            }
+            st = self
+                .cond
+                .wait_timeout(st, left.min(Duration::from_millis(200)))
+                .map_or_else(|e| e.into_inner().0, |r| r.0);
+        }
+    }
+
+    /// Refuses a control client that runs as another user: logged, and
+    /// told so once its request is in (bounded by a short timeout).
+    fn refuse(&self, mut sock: UnixStream, who: Result<(u32, i32), std::io::Error>) {
+        let me = control::my_uid();
+        let served = control::served_users(me);
+        let (said, told) = match who {
+            Ok((uid, _)) => (
+                format!("refused a control connection from uid {uid}: this daemon serves {served}"),
+                format!("ukvmi: the daemon for {} refuses uid {uid}: it serves {served}\n", self.vm_path.display()),
+            ),
+            Err(e) => (
+                format!("refused a control connection whose user is unknown ({e}): this daemon serves {served}"),
+                format!(
+                    "ukvmi: the daemon for {} refuses a client whose user it cannot tell\n",
+                    self.vm_path.display()
+                ),
+            ),
+        };
+        log(&said);
+        let _ = sock.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = sock.set_write_timeout(Some(Duration::from_secs(2)));
+        let _ = control::read_request(&mut sock);
+        let _ = control::write_frame(&mut sock, control::STDERR, told.as_bytes());
+        let _ = control::write_frame(&mut sock, control::EXIT, &[1]);
+    }
+
+    pub(super) fn serve(self: &Arc<Self>, mut sock: UnixStream) {
+        match control::peer_cred(&sock) {
+            Ok((uid, _)) if control::trusted_uid(uid) => {}
+            who => return self.refuse(sock, who),
+        }
+        let Ok(control::Request { flags, args, key }) = control::read_request(&mut sock) else {
+            return;
+        };
+        let gone = Arc::new(AtomicBool::new(false));
+        // The client sends nothing more: a read that returns means it left.
+        if let Ok(mut watch) = sock.try_clone() {
+            let g = Arc::clone(&gone);
+            let _ = std::thread::Builder::new().name("ctl-watch".into()).spawn(move || {
+                let mut b = [0u8; 1];
+                let _ = watch.read(&mut b);
+                g.store(true, Ordering::Relaxed);
+            });
+        }
+        let Ok(wsock) = sock.try_clone() else { return };
+        let mut out = SockOut { sock: wsock, stderr_tty: flags & control::FLAG_TTY != 0, gone };
+        let status = self.run(&args, key, &mut out);
+        let _ = control::write_frame(&mut sock, control::EXIT, &[status]);
+        let _ = sock.flush();
+        if self.detaching.load(Ordering::SeqCst) && args.first().map(String::as_str) == Some("detach") {
+            // Only now, with the client's reply written, may the daemon go.
+            self.quit.store(true, Ordering::SeqCst);
+            self.cond.notify_all();
+        }
+    }
+
+    fn run(self: &Arc<Self>, args: &[String], key: Option<Vec<u8>>, out: &mut SockOut) -> u8 {
+        if args.first().map(String::as_str) == Some("detach") {
+            // The main loop must not take the monitor stopped here for the
+            // VM going away and exit before this client has its reply.
+            self.detaching.store(true, Ordering::SeqCst);
+            let mon = self.state.lock().ok().and_then(|s| s.mon.clone());
+            if let Some(m) = mon {
+                m.stop();
+            }
+            let _ = out.line("detached: interceptions undone, vCPUs running, connection closed");
+            return 0;
+        }
+        // Until a VM is attached, the key of the latest command is the one
+        // the next handshake answers with.
+        {
+            let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if st.mon.is_none() && st.key != key {
+                st.key = key;
+            }
+        }
+        let (mon, syms) = match self.wait_attached(out, Duration::from_secs(15)) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = out.note(&format!("ukvmi: {e}"));
+                return 1;
+            }
+        };
+        let ctx = Ctx { mon: &mon, syms: syms.as_deref() };
+        match tools::run(&ctx, args, out) {
+            Ok(()) => 0,
+            Err(f) => {
+                let _ = out.note(&format!("ukvmi {}: {}", args.first().map_or("", String::as_str), f.msg));
+                f.status
+            }
+        }
+    }
+}

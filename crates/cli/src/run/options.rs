@@ -1,0 +1,194 @@
+//! `ukvmi run`'s options: parsing them into a [`VmConfig`], and the limits
+//! on vCPUs and RAM checked before the VM is built.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ukvmi_vmm::{BuiltinImage, Dialect, Image, IntrospectConfig, SerialSink, VmConfig};
+use ukvmi_wire::{event, msg};
+
+use crate::args::{MissingValue, Style, Word, Words};
+
+fn parse_id(kind: &str, v: &str, name_of: fn(u16) -> Option<&'static str>) -> Result<u16, String> {
+    if let Ok(n) = v.parse::<u16>() {
+        return Ok(n);
+    }
+    // KVMI_* names (v12) and UKVMI_* names (ukvmi extensions), with or
+    // without their prefix.
+    let short = |n: &str| -> String {
+        let n = n.to_ascii_uppercase();
+        n.strip_prefix("KVMI_").or_else(|| n.strip_prefix("UKVMI_")).unwrap_or(&n).to_string()
+    };
+    let want = short(v);
+    (0..64u16)
+        .chain(msg::EXTENSION_COMMANDS)
+        .find(|&id| name_of(id).is_some_and(|n| short(n) == want))
+        .ok_or_else(|| format!("unknown {kind} `{v}` (give a number or a name such as KVMI_VM_GET_INFO)"))
+}
+
+fn parse_uuid(v: &str) -> Result<[u8; 16], String> {
+    let hex: String = v.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return Err(format!("bad --uuid `{v}`: expected 32 hex digits"));
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        let pair = hex.get(2 * i..2 * i + 2).ok_or("bad --uuid")?;
+        *o = u8::from_str_radix(pair, 16).map_err(|_| format!("bad --uuid `{v}`: not hex"))?;
+    }
+    Ok(out)
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    // SAFETY: getrandom writes at most u.len() bytes into the buffer.
+    let _ = unsafe { libc::getrandom(u.as_mut_ptr().cast(), u.len(), 0) };
+    u
+}
+
+fn secs(opt: &str, v: &str) -> Result<Duration, String> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{opt} takes a number of seconds, not `{v}`"))
+}
+
+/// The VM `args` ask for; `None` for `--help`.
+pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
+    let mut cfg = VmConfig {
+        vcpus: 1,
+        memory_mib: 64,
+        image: Image::Kernel(PathBuf::new()),
+        name: String::new(),
+        uuid: random_uuid(),
+        allow_commands: None,
+        allow_events: None,
+        serial: SerialSink::Stdout,
+        introspect: None,
+    };
+    let mut image = None;
+    let mut path = None;
+    let (mut key_file, mut reconnect, mut hs, mut unhook) =
+        (None::<String>, Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(10));
+    let mut dialect = Dialect::V12;
+    let mut allowed_uids = Vec::new();
+    let valued = crate::commands::find("run").map(crate::commands::valued_options).unwrap_or_default();
+    for w in Words::new(args, &valued, Style::Options) {
+        let (a, value) = match w {
+            Ok(Word::Opt(a, v)) => (a, v),
+            Ok(Word::Operand(a)) => (a, None),
+            Err(MissingValue(a)) => return Err(format!("{a} needs a value")),
+        };
+        if a == "-h" || a == "--help" {
+            return Ok(None);
+        }
+        // Every valued option has its value here: `Words` took it.
+        let val = || value.map(str::to_string).ok_or_else(|| format!("{a} needs a value"));
+        match a {
+            "--guest" => {
+                let v = val()?;
+                let g = ukvmi_guests::find(&v).ok_or_else(|| {
+                    let names: Vec<&str> = ukvmi_guests::all().iter().map(|g| g.name).collect();
+                    format!("no built-in guest `{v}` (there are: {})", names.join(", "))
+                })?;
+                image = Some(Image::Builtin(BuiltinImage {
+                    name: g.name,
+                    bytes: g.image,
+                    load_addr: g.load_addr,
+                    entry: g.entry,
+                }));
+            }
+            "--kernel" => {
+                let p = PathBuf::from(val()?);
+                if !p.is_file() {
+                    return Err(format!("--kernel {}: no such file", p.display()));
+                }
+                image = Some(Image::Kernel(p));
+            }
+            "--vcpus" => cfg.vcpus = val()?.parse().map_err(|_| "--vcpus takes a number from 1 to 65535")?,
+            "--memory" => {
+                let v = val()?;
+                cfg.memory_mib =
+                    v.parse().ok().filter(|m| (4..=ukvmi_vmm::MAX_MEMORY_MIB).contains(m)).ok_or_else(|| {
+                        format!(
+                            "--memory takes a size in MiB, at least 4 MiB and at most {} (1 TiB), not `{v}`",
+                            ukvmi_vmm::MAX_MEMORY_MIB
+                        )
+                    })?;
+            }
+            "--introspect" => {
+                let v = val()?;
+                let p = v.strip_prefix("unix:").ok_or_else(|| format!("--introspect takes unix:PATH, not `{v}`"))?;
+                if p.is_empty() {
+                    return Err("--introspect unix:PATH needs a path".into());
+                }
+                path = Some(PathBuf::from(p));
+            }
+            "--key" => {
+                return Err("--key would put the secret on the command line, where every local user can read it \
+                            (/proc/PID/cmdline): use --key-file PATH or the UKVMI_KEY environment variable"
+                    .into())
+            }
+            "--key-file" => key_file = Some(val()?),
+            "--introspector-uid" => {
+                let v = val()?;
+                allowed_uids.push(v.parse().map_err(|_| format!("--introspector-uid takes a numeric uid, not `{v}`"))?);
+            }
+            "--name" => cfg.name = val()?,
+            "--uuid" => cfg.uuid = parse_uuid(&val()?)?,
+            "--reconnect" => {
+                reconnect = secs(a, &val()?)?;
+                if reconnect < Duration::from_millis(10) {
+                    return Err("--reconnect must be at least 0.01 seconds (0 would retry in a busy loop)".into());
+                }
+            }
+            "--handshake-timeout" => {
+                hs = secs(a, &val()?)?;
+                if hs.is_zero() {
+                    return Err("--handshake-timeout must be more than 0 seconds".into());
+                }
+            }
+            "--unhook-timeout" => unhook = secs(a, &val()?)?,
+            "--kvmi-dialect" => dialect = val()?.parse::<Dialect>().map_err(|e| format!("--kvmi-dialect: {e}"))?,
+            "--allow-command" => {
+                let id = parse_id("command", &val()?, msg::name)?;
+                cfg.allow_commands.get_or_insert_with(Vec::new).push(id);
+            }
+            "--allow-event" => {
+                let id = parse_id("event", &val()?, event::name)?;
+                cfg.allow_events.get_or_insert_with(Vec::new).push(id);
+            }
+            "--serial" => {
+                let v = val()?;
+                cfg.serial = if v == "stdio" {
+                    SerialSink::Stdout
+                } else if let Some(p) = v.strip_prefix("file:") {
+                    let f = std::fs::File::create(p).map_err(|e| format!("--serial file:{p}: {e}"))?;
+                    SerialSink::Writer(Box::new(f))
+                } else {
+                    return Err(format!("--serial takes stdio or file:PATH, not `{v}`"));
+                };
+            }
+            other => return Err(format!("unknown option `{other}` (see ukvmi run --help)")),
+        }
+    }
+    cfg.image = image.ok_or("give --guest NAME or --kernel PATH (see ukvmi run --help)")?;
+    let key = crate::control::load_key(key_file.as_deref())?;
+    cfg.introspect = path.map(|path| IntrospectConfig {
+        path,
+        key,
+        reconnect,
+        handshake_timeout: hs,
+        unhook_timeout: unhook,
+        dialect,
+        allowed_uids,
+    });
+    if cfg.name.is_empty() {
+        cfg.name = match &cfg.image {
+            Image::Builtin(g) => g.name.to_string(),
+            Image::Kernel(p) => p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        };
+    }
+    Ok(Some(cfg))
+}

@@ -1,0 +1,178 @@
+//! The memory commands: `read` (a hex dump or raw bytes, physical or through
+//! a vCPU's page tables) and `dump` (bulk, with a progress bar).
+
+use std::time::{Duration, Instant};
+
+use ukvmi_monitor::symbols::parse_number;
+
+use super::{kvmi, Args, Ctx, Failure, Out};
+
+/// Reads `len` bytes at `gpa`, calling `sink` per chunk: 1 MiB at a time
+/// from the zero-copy view when the VM granted one (and `socket` is false),
+/// else a page per KVMI_VM_READ_PHYSICAL.
+fn read_range(
+    ctx: &Ctx<'_>,
+    gpa: u64,
+    len: u64,
+    socket: bool,
+    mut sink: impl FnMut(u64, &[u8]) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let vm = ctx.mon.vm();
+    let map = ctx.mon.memory_map().filter(|_| !socket);
+    let mut at = gpa;
+    let end = gpa.checked_add(len).ok_or_else(|| Failure::usage("address range overflows"))?;
+    // 1 MiB at a time either way: through the socket as pipelined
+    // READ_PHYSICALs (one round trip per page would dominate).
+    let mut buf = vec![0u8; 1 << 20];
+    while at < end {
+        let n = (buf.len() as u64).min(end - at) as usize;
+        let chunk = buf.get_mut(..n).unwrap_or_default();
+        match map {
+            Some(m) => m
+                .read(at, chunk)
+                .map_err(|e| Failure { msg: format!("reading the mapped view at {at:#x}: {e}"), status: 1 })?,
+            None => vm.read_physical_range(at, chunk).map_err(kvmi(&format!("KVMI_VM_READ_PHYSICAL at {at:#x}")))?,
+        }
+        sink(at, chunk)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+fn hexdump_line(addr: u64, b: &[u8]) -> String {
+    let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+    let ascii: String = b.iter().map(|&c| if c.is_ascii_graphic() || c == b' ' { c as char } else { '.' }).collect();
+    format!("{addr:016x}  {:<47}  |{ascii}|", hex.join(" "))
+}
+
+pub(crate) fn read(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
+    let what = a.pos(0, "ADDR (guest physical, or virtual with --vcpu N; a number, or a kernel symbol)")?;
+    let len =
+        a.pos.get(1).map_or(Some(64), |l| parse_number(l)).ok_or_else(|| Failure::usage("LEN must be a number"))?;
+    if len > 1 << 20 {
+        return Err(Failure::usage("read is for up to 1 MiB; use `ukvmi dump` for more"));
+    }
+    let vcpu = a.val("--vcpu").map(|v| ctx.vcpu(v)).transpose()?;
+    let addr = match vcpu {
+        Some(_) => ctx.addr(what)?,
+        None => ctx.phys(what, len)?,
+    };
+    addr.checked_add(len).ok_or_else(|| Failure::usage("address range overflows"))?;
+    let raw = a.has("--raw");
+    let mut pending: Vec<u8> = Vec::new();
+    let mut line_at = addr;
+    let mut sink = |chunk: &[u8]| -> Result<(), Failure> {
+        if raw {
+            return Ok(out.raw(chunk)?);
+        }
+        pending.extend_from_slice(chunk);
+        while pending.len() >= 16 {
+            out.line(&hexdump_line(line_at, pending.get(..16).unwrap_or_default()))?;
+            pending.drain(..16);
+            line_at += 16;
+        }
+        Ok(())
+    };
+    match vcpu {
+        // Virtual: page by page through the vCPU's page tables (whatever
+        // address space it is in now; pause first for a stable view).
+        Some(v) => {
+            let mut at = addr;
+            let end = addr + len;
+            while at < end {
+                let n = (0x1000 - (at & 0xfff)).min(end - at);
+                let gpa = ctx
+                    .mon
+                    .vm()
+                    .translate_gva(v, at)
+                    .map_err(kvmi("KVMI_VCPU_TRANSLATE_GVA"))?
+                    .map(u64::from)
+                    .ok_or_else(|| Failure {
+                        msg: format!("{at:#x} is not mapped in vCPU {v}'s address space"),
+                        status: 1,
+                    })?;
+                let mut buf = vec![0u8; n as usize];
+                ctx.mon
+                    .read(gpa, &mut buf)
+                    .map_err(|e| Failure { msg: format!("reading gpa {gpa:#x}: {e}"), status: 1 })?;
+                sink(&buf)?;
+                at += n;
+            }
+        }
+        None => read_range(ctx, addr, len, false, |_, chunk| sink(chunk))?,
+    }
+    if !raw && !pending.is_empty() {
+        out.line(&hexdump_line(line_at, &pending))?;
+    }
+    Ok(())
+}
+
+fn bar(done: u64, total: u64, started: Instant) -> String {
+    let frac = if total == 0 { 1.0 } else { done as f64 / total as f64 };
+    let filled = (frac * 30.0) as usize;
+    let secs = started.elapsed().as_secs_f64().max(1e-6);
+    format!(
+        "[{}{}] {:>3.0}%  {:.1}/{:.1} MiB  {:.1} MB/s",
+        "#".repeat(filled),
+        " ".repeat(30 - filled.min(30)),
+        frac * 100.0,
+        done as f64 / 1048576.0,
+        total as f64 / 1048576.0,
+        done as f64 / secs / 1e6
+    )
+}
+
+pub(crate) fn dump(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
+    let socket = match a.val("--via") {
+        None | Some("map") => false,
+        Some("socket") => true,
+        Some(v) => {
+            return Err(Failure::usage(format!(
+                "--via takes `map` (the zero-copy view, default when granted) or `socket` (READ_PHYSICAL), not `{v}`"
+            )))
+        }
+    };
+    if a.val("--via") == Some("map") && ctx.mon.memory_map().is_none() {
+        return Err(Failure {
+            msg: "the VM did not grant a mapped view (UKVMI_VM_MAP_MEMORY not allowed or not supported)".into(),
+            status: 1,
+        });
+    }
+    let ram = ctx.mon.vm().info().max_gpa;
+    let given =
+        a.pos.get(1).map(|l| parse_number(l).ok_or_else(|| Failure::usage("LEN must be a number"))).transpose()?;
+    let gpa = a.pos.first().map(|t| ctx.phys(t, given.unwrap_or(1))).transpose()?.unwrap_or(0);
+    let len = given.unwrap_or_else(|| ram.saturating_sub(gpa));
+    if gpa.checked_add(len).is_none_or(|e| e > ram) {
+        return Err(Failure::usage(format!("{gpa:#x}+{len:#x} is past the end of guest RAM ({ram:#x})")));
+    }
+    let started = Instant::now();
+    let mut last = Instant::now();
+    let show = out.stderr_tty() && !a.has("--quiet") && len >= 1 << 20;
+    let mut done = 0u64;
+    let via = if socket || ctx.mon.memory_map().is_none() { "READ_PHYSICAL" } else { "the mapped view" };
+    read_range(ctx, gpa, len, socket, |_, chunk| {
+        if out.gone() {
+            return Err(Failure { msg: "the reader went away".into(), status: 1 });
+        }
+        out.raw(chunk)?;
+        done += chunk.len() as u64;
+        if show && last.elapsed() > Duration::from_millis(100) {
+            last = Instant::now();
+            out.progress(&bar(done, len, started))?;
+        }
+        Ok(())
+    })?;
+    if show {
+        out.progress(&bar(done, len, started))?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if !a.has("--quiet") {
+        out.note(&format!(
+            "dumped {} bytes from {gpa:#x} in {secs:.2} s ({:.1} MB/s, through {via})",
+            done,
+            done as f64 / secs.max(1e-9) / 1e6
+        ))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! The streaming commands — `trace`, `watch-msr`, `protect` — and the loop
+//! that relays their records until a count, a duration, Ctrl-C or the VM's
+//! end.
+
+use std::time::{Duration, Instant};
+
+use ukvmi_monitor::{
+    record::{msr_name, parse_msr},
+    symbols::parse_number,
+    Kinds, Record,
+};
+use ukvmi_wire::access;
+
+use super::{Args, Ctx, Failure, Out};
+
+/// Streams records from `sub` until `count` records, `duration`, the
+/// reader leaving or the VM going away.
+fn stream(
+    ctx: &Ctx<'_>,
+    sub: &ukvmi_monitor::Subscription,
+    a: &Args<'_>,
+    out: &mut dyn Out,
+    mut keep: impl FnMut(&Record) -> bool,
+) -> Result<(), Failure> {
+    let count = a.num("--count")?;
+    let until = a.secs("--duration")?.map(|d| Instant::now() + d);
+    let json_out = a.has("--json");
+    let mut n = 0u64;
+    loop {
+        if out.gone() || until.is_some_and(|u| Instant::now() >= u) || count.is_some_and(|c| n >= c) {
+            return Ok(());
+        }
+        match sub.next(Duration::from_millis(100)) {
+            Ok(Some(r)) => {
+                let end = matches!(r, Record::Detached { .. } | Record::Unhook);
+                if end || matches!(r, Record::Lost { .. }) || keep(&r) {
+                    out.line(&if json_out { r.json() } else { r.text(ctx.syms) })?;
+                    if !end {
+                        n += 1;
+                    }
+                }
+                if end {
+                    return Ok(());
+                }
+            }
+            Ok(None) => {}
+            Err(_) => return Ok(()),
+        }
+    }
+}
+
+pub(crate) fn trace(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
+    let mut syscalls = a.has("--syscalls");
+    let hyper = a.has("--hypercalls") || a.val("--answer").is_some();
+    let pauses = a.has("--pauses");
+    let bp = a.val("--breakpoint").map(|b| ctx.addr(b)).transpose()?;
+    let msrs: Vec<u32> = a
+        .vals("--msr")
+        .iter()
+        .map(|m| parse_msr(m).ok_or_else(|| Failure::usage(format!("unknown MSR `{m}`"))))
+        .collect::<Result<_, _>>()?;
+    let page_addrs: Vec<u64> = a.vals("--page").iter().map(|p| ctx.phys(p, 1)).collect::<Result<_, _>>()?;
+    if !syscalls && !hyper && !pauses && bp.is_none() && msrs.is_empty() && page_addrs.is_empty() {
+        syscalls = true;
+    }
+    let sub = ctx.mon.subscribe(Kinds {
+        breakpoints: syscalls || bp.is_some(),
+        hypercalls: hyper,
+        pauses,
+        msr: !msrs.is_empty(),
+        pages: !page_addrs.is_empty(),
+    });
+    if syscalls {
+        let entry = ctx.syms.and_then(|s| s.addr("syscall_entry")).ok_or_else(|| Failure {
+            msg: "syscall tracing needs the kernel's `syscall_entry` symbol: run the demo guest or give --map FILE"
+                .into(),
+            status: 1,
+        })?;
+        ctx.mon.trace_syscalls(&sub, entry)?;
+    }
+    let bp_gpa = bp.map(|addr| ctx.mon.breakpoint(&sub, addr, false)).transpose()?;
+    if hyper {
+        let answer = match a.val("--answer") {
+            Some(text) => {
+                let buf = ctx.syms.and_then(|s| s.addr("agent_buf")).ok_or_else(|| Failure {
+                    msg: "--answer writes into the demo kernel's `agent_buf`: this guest has no such symbol (give --map FILE)".into(),
+                    status: 1,
+                })?;
+                Some((text.to_string(), buf))
+            }
+            None => None,
+        };
+        ctx.mon.hypercalls(&sub, answer)?;
+    }
+    for &m in &msrs {
+        ctx.mon.watch_msr(&sub, m, false)?;
+    }
+    let mut pages = Vec::new();
+    for &p in &page_addrs {
+        pages.extend(ctx.mon.protect(&sub, p, 1, access::W, false)?);
+    }
+    if !a.has("--json") {
+        out.note("tracing; Ctrl-C to stop (what it set up goes away with this command)")?;
+    }
+    // Only this command's own records (another client's hooks raise
+    // records of the same kinds).
+    stream(ctx, &sub, a, out, |r| match r {
+        Record::Syscall { .. } => syscalls,
+        Record::Breakpoint { gpa, .. } => bp_gpa == Some(*gpa),
+        Record::Msr { msr, .. } => msrs.contains(msr),
+        Record::Page { gpa, .. } => pages.contains(&(gpa & !0xfff)),
+        Record::Hypercall { .. } => hyper,
+        _ => pauses,
+    })
+}
+
+pub(crate) fn watch_msr(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
+    if a.pos.is_empty() {
+        return Err(Failure::usage("name at least one MSR, e.g. `ukvmi watch-msr LSTAR --deny`"));
+    }
+    let msrs: Vec<u32> = a
+        .pos
+        .iter()
+        .map(|m| parse_msr(m).ok_or_else(|| Failure::usage(format!("unknown MSR `{m}`"))))
+        .collect::<Result<_, _>>()?;
+    let sub = ctx.mon.subscribe(Kinds { msr: true, ..Kinds::default() });
+    for &m in &msrs {
+        ctx.mon.watch_msr(&sub, m, a.has("--deny"))?;
+    }
+    if !a.has("--json") {
+        out.note(&format!(
+            "watching {} on every vCPU{}; Ctrl-C to stop",
+            msrs.iter()
+                .map(|&m| msr_name(m).map_or_else(|| format!("{m:#x}"), str::to_string))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if a.has("--deny") { ", refusing writes (old value kept)" } else { "" }
+        ))?;
+    }
+    stream(ctx, &sub, a, out, |r| matches!(r, Record::Msr { msr, .. } if msrs.contains(msr)))
+}
+
+pub(crate) fn protect(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
+    let what = a.pos(0, "ADDR (guest physical; a number, or a kernel symbol)")?;
+    let len =
+        a.pos.get(1).map_or(Some(1), |l| parse_number(l)).ok_or_else(|| Failure::usage("LEN must be a number"))?;
+    let gpa = ctx.phys(what, len)?;
+    let mut remove = 0u8;
+    for c in a.val("--remove").unwrap_or("w").chars() {
+        remove |= match c {
+            'r' => access::R,
+            'w' => access::W,
+            'x' => access::X,
+            _ => return Err(Failure::usage(format!("--remove takes letters from `rwx`, not `{c}`"))),
+        };
+    }
+    let sub = ctx.mon.subscribe(Kinds { pages: true, ..Kinds::default() });
+    let pages = ctx.mon.protect(&sub, gpa, len, remove, a.has("--deny"))?;
+    if !a.has("--json") {
+        out.note(&format!(
+            "protecting {} page(s) from {:#x} ({}){}; Ctrl-C to stop",
+            pages.len(),
+            pages.first().copied().unwrap_or(0),
+            ctx.describe(gpa),
+            if a.has("--deny") { ", refusing writes" } else { "" }
+        ))?;
+    }
+    stream(ctx, &sub, a, out, |r| matches!(r, Record::Page { gpa, .. } if pages.contains(&(gpa & !0xfff))))
+}

@@ -1,0 +1,76 @@
+//! Reading what the user typed as addresses, guest-physical ranges and vCPU
+//! numbers, against the attached VM and its symbols.
+
+use ukvmi_monitor::symbols::parse_number;
+
+use super::{kvmi, Ctx, Failure};
+
+impl Ctx<'_> {
+    pub(super) fn addr(&self, text: &str) -> Result<u64, Failure> {
+        match self.syms {
+            Some(s) => s.resolve(text),
+            None => parse_number(text),
+        }
+        .ok_or_else(|| {
+            Failure::usage(format!(
+                "`{text}` is not an address{}",
+                if self.syms.is_some() {
+                    " or a known symbol"
+                } else {
+                    " (no symbol map: give --map FILE to use names)"
+                }
+            ))
+        })
+    }
+
+    /// A guest-physical range from the command line. A number is physical
+    /// as given. A symbol is a kernel virtual address: it is translated
+    /// through vCPU 0's page tables (kernel mappings are the same in every
+    /// address space), page by page, and the range must be contiguous in
+    /// guest-physical memory. The demo kernel is identity-mapped, so there
+    /// both agree.
+    pub(super) fn phys(&self, text: &str, len: u64) -> Result<u64, Failure> {
+        let at = self.addr(text)?;
+        if parse_number(text).is_some() {
+            return Ok(at);
+        }
+        let end = at.checked_add(len.max(1)).ok_or_else(|| Failure::usage("address range overflows"))?;
+        let vm = self.mon.vm();
+        let walk = |va: u64| -> Result<u64, Failure> {
+            vm.translate_gva(0, va).map_err(kvmi("KVMI_VCPU_TRANSLATE_GVA"))?.map(u64::from).ok_or_else(|| Failure {
+                msg: format!("`{text}`: {va:#x} is not mapped in vCPU 0's address space"),
+                status: 1,
+            })
+        };
+        let gpa = walk(at)?;
+        let mut page = (at | 0xfff).saturating_add(1);
+        while page < end {
+            if walk(page)? != gpa + (page - at) {
+                return Err(Failure {
+                    msg: format!("`{text}`+{len:#x} is not contiguous in guest-physical memory (at {page:#x}); give physical addresses"),
+                    status: 1,
+                });
+            }
+            page = page.saturating_add(0x1000);
+        }
+        Ok(gpa)
+    }
+
+    pub(super) fn vcpu(&self, text: &str) -> Result<u16, Failure> {
+        let v = parse_number(text)
+            .and_then(|v| u16::try_from(v).ok())
+            .ok_or_else(|| Failure::usage(format!("bad vCPU `{text}`")))?;
+        if v >= self.mon.vcpus() {
+            return Err(Failure::usage(format!(
+                "vCPU {v} does not exist: the VM has {} (0..{})",
+                self.mon.vcpus(),
+                self.mon.vcpus() - 1
+            )));
+        }
+        Ok(v)
+    }
+
+    pub(super) fn describe(&self, a: u64) -> String {
+        ukvmi_monitor::describe(self.syms, a)
+    }
+}
