@@ -62,7 +62,7 @@ fn run(tool: &str, package: &str, args: &[&str]) -> String {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    String::from_utf8(out.stdout).expect("tool output is not UTF-8")
+    String::from_utf8(out.stdout).unwrap_or_else(|e| fail(&format!("tool output is not UTF-8: {e}")))
 }
 
 /// Every external tool and the Debian package that provides it. `as` is only
@@ -77,7 +77,7 @@ const TOOLS: &[(&str, &str)] = &[
 ];
 
 fn path_str(p: &Path) -> &str {
-    p.to_str().expect("OUT_DIR / CARGO_MANIFEST_DIR must be valid UTF-8")
+    p.to_str().unwrap_or_else(|| fail("OUT_DIR / CARGO_MANIFEST_DIR must be valid UTF-8"))
 }
 
 /// `#define NAME value` from an asm/ header.
@@ -138,14 +138,14 @@ fn write_system_map(map: &Path, elf: &Path, own: &[&str], user_base: u64) {
     out.sort();
     let mut text = String::new();
     for (addr, sym) in out {
-        writeln!(text, "{addr:016x} T {sym}").expect("fmt");
+        writeln!(text, "{addr:016x} T {sym}").unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
     }
-    fs::write(map, text).expect("cannot write the system map");
+    fs::write(map, text).unwrap_or_else(|e| fail(&format!("cannot write the system map: {e}")));
 }
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR unset"));
-    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR unset"));
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|e| fail(&format!("CARGO_MANIFEST_DIR unset: {e}"))));
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap_or_else(|e| fail(&format!("OUT_DIR unset: {e}"))));
     let asm = manifest.join("asm");
 
     println!("cargo:rerun-if-changed=build.rs");
@@ -156,8 +156,8 @@ fn main() {
         run(tool, package, &["--version"]);
     }
 
-    let layout = fs::read_to_string(asm.join("layout.h")).expect("cannot read asm/layout.h");
-    let demo_h = fs::read_to_string(asm.join("demo.h")).expect("cannot read asm/demo.h");
+    let layout = fs::read_to_string(asm.join("layout.h")).unwrap_or_else(|e| fail(&format!("cannot read asm/layout.h: {e}")));
+    let demo_h = fs::read_to_string(asm.join("demo.h")).unwrap_or_else(|e| fail(&format!("cannot read asm/demo.h: {e}")));
     // The link address and the user base come from the ABI crate; the
     // headers the assembly includes must say the same (the unit tests check
     // every other value).
@@ -231,7 +231,7 @@ fn main() {
         }
 
         run("objcopy", "binutils", &["-O", "binary", "-j", ".text", path_str(&elf), path_str(&bin)]);
-        let image_len = fs::metadata(&bin).expect("objcopy wrote no image").len();
+        let image_len = fs::metadata(&bin).unwrap_or_else(|e| fail(&format!("objcopy wrote no image: {e}"))).len();
         if image_len == 0 {
             fail(&format!("{src}: empty image"));
         }
@@ -269,18 +269,18 @@ fn main() {
             write_system_map(&out_dir.join(format!("{name}.map")), &elf, &own, user_base);
         }
 
-        writeln!(gen, "\npub(crate) mod {name} {{").expect("fmt");
+        writeln!(gen, "\npub(crate) mod {name} {{").unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
         writeln!(
             gen,
             "    pub(crate) const IMAGE: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.bin\"));"
         )
-        .expect("fmt");
-        writeln!(gen, "    pub(crate) const ENTRY: u64 = {entry:#x};").expect("fmt");
-        writeln!(gen, "    pub(crate) const SYMBOLS: &[(&str, u64)] = &[").expect("fmt");
+        .unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
+        writeln!(gen, "    pub(crate) const ENTRY: u64 = {entry:#x};").unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
+        writeln!(gen, "    pub(crate) const SYMBOLS: &[(&str, u64)] = &[").unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
         for (addr, sym) in &symbols {
-            writeln!(gen, "        ({sym:?}, {addr:#x}),").expect("fmt");
+            writeln!(gen, "        ({sym:?}, {addr:#x}),").unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
         }
-        writeln!(gen, "    ];\n}}").expect("fmt");
+        writeln!(gen, "    ];\n}}").unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
     }
-    fs::write(out_dir.join("guests.rs"), gen).expect("cannot write $OUT_DIR/guests.rs");
+    fs::write(out_dir.join("guests.rs"), gen).unwrap_or_else(|e| fail(&format!("cannot write $OUT_DIR/guests.rs: {e}")));
 }

@@ -56,7 +56,7 @@
 //!
 //! Run: `cargo bench -p ukvmi --bench dialects` (needs /dev/kvm), or
 //! `scripts/bench dialects`.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 mod raw;

@@ -40,7 +40,7 @@
 //!
 //! Run: `cargo bench -p ukvmi --bench dump` (needs /dev/kvm), or
 //! `scripts/bench dump` (builds the peers first if needed).
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 mod raw;

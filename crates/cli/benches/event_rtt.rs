@@ -20,7 +20,7 @@
 //! measurable) by the baseline's.
 //!
 //! Run: `cargo bench -p ukvmi --bench event_rtt` (needs /dev/kvm).
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

@@ -19,7 +19,7 @@
 //!
 //! Run: `cargo bench -p ukvmi --bench vs_gdbstub` (needs /dev/kvm), or
 //! `scripts/bench`.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! The `ukvmi` command: takes `ukvmi`'s own options out of the words and
 //! dispatches to the command the table (`commands.rs`) names.
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
 mod args;
 mod commands;

@@ -2,7 +2,7 @@
 //! end: a real VM (`ukvmi run`), the daemon the first command starts, and
 //! commands run as this user and as another one (`nobody`: these tests run
 //! as root, like the other VM tests, and switch user in the child).
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! `ukvmi demo` end to end: the README's first command, on /dev/kvm, with
 //! every step checked from its machine-readable output.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

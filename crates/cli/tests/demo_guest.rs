@@ -5,7 +5,7 @@
 //! doorbell carries a reply both ways, and the rootkit's attacks take effect
 //! when nobody stops them (the guest runs on) and stay without effect when
 //! the tool blocks them.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

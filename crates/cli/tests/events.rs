@@ -1,6 +1,6 @@
 //! Events on a stock kernel, end to end on /dev/kvm: what the tool answers
 //! is what the guest then sees.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! The QEMU-style connection of `ukvmi run --introspect`: keys, restarts,
 //! silent tools, absent tools, and shutdown by signal.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

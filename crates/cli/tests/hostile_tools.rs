@@ -2,7 +2,7 @@
 //! the key never on the command line, a listener run by another user,
 //! tools that never accept, never answer or trickle their handshake, a
 //! closed stderr, and options that would wrap, spin or always fail.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

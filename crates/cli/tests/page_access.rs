@@ -1,7 +1,7 @@
 //! Page-access restrictions and the PF event on a stock kernel, end to end
 //! on /dev/kvm with the `pf` guest: what the tool answers is what the
 //! guest's own loads then see.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

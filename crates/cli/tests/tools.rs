@@ -1,6 +1,6 @@
 //! The introspector commands end to end: a real VM (`ukvmi run`), the
 //! daemon the first command starts, and the commands as a user types them.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

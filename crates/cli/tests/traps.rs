@@ -2,7 +2,7 @@
 //! /dev/kvm with the `traps` guest, whose own exception handlers record
 //! what really reached the guest: every check compares what the tool
 //! answered with what the guest saw.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

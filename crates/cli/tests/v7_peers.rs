@@ -6,7 +6,7 @@
 //!
 //! Each case checks the tool's exit status and output, that the VMM logged
 //! the connection, and that the guest still runs afterwards.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

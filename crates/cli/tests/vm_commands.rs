@@ -1,7 +1,7 @@
 //! Every KVMI command against a real VM (`ukvmi run --guest spin|smp`) on
 //! /dev/kvm, through the introspector library over a real socket; values
 //! are checked against what the guest really did.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

@@ -1,7 +1,7 @@
 //! `UKVMI_VM_MAP_MEMORY` end to end: a real VM on /dev/kvm (`ukvmi run`),
 //! the introspector library over a real socket, and the guest RAM memfd
 //! mapped into this process.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
 

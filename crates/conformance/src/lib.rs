@@ -6,7 +6,7 @@
 //! action if any (an `int3`, an MSR write, ...), then call
 //! `VcpuPort::handle_requests` when it has requests, exactly as the real VMM
 //! does between guest entries.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 pub mod fake;
 pub mod raw;

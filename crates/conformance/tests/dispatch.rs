@@ -1,6 +1,6 @@
 //! The seed's vCPU message validation (spec §7.2), in its order, answered by
 //! the receiving thread; unknown ids; FIFO replies; PAUSE after the queue.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::time::Duration;
 use ukvmi_conformance::raw::ReadOutcome;

@@ -1,6 +1,6 @@
 //! The QEMU-style handshake between the VMM side (`ukvmi_endpoint::handshake`)
 //! and the introspector library's `Listener`, then KVMI on the same socket.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;

@@ -1,7 +1,7 @@
 //! Every hard error closes the connection, and the guest keeps running: its
 //! vCPUs make progress, a vCPU that was waiting in an event resumes, and a
 //! new connection works.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::net::Shutdown;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! GET_REGISTERS answered from the registers the event captured (on the
 //! vCPU thread, in its FIFO order), and callers that read their
 //! own replies while events and other callers' replies arrive.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::time::Duration;
 use ukvmi_conformance::{FakeConfig, Setup};

@@ -1,7 +1,7 @@
 //! Equivalents of the kernel self-test `kvmi_test.c` (spec `tests.md`), run
 //! through the introspector library against the endpoint and a fake VM over a
 //! real socket pair. Numbers in the test names follow `tests.md`.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! backend can share its RAM, permissions, body validation, the descriptor
 //! itself (read-only open file description, sealed), and the library's
 //! mapped view, against the fake VM over a real socket pair.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;

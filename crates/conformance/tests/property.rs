@@ -2,7 +2,7 @@
 //! Properties: nothing panics (endpoint, fake vCPUs); every reply is well
 //! formed; a hard error always closes the connection (and only then is the
 //! connection closed); the guest keeps running afterwards.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use proptest::prelude::*;
 use std::collections::HashMap;

@@ -2,7 +2,7 @@
 //! undoes when the connection ends: what is put back and what is not, the
 //! bound on the record, permissions, and a vCPU held in an event released
 //! only after the bytes are back — against the fake VM over a real socket.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::time::Duration;
 use ukvmi_conformance::{FakeConfig, GuestAction, Observed, Setup};

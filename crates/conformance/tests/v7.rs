@@ -6,7 +6,7 @@
 //!
 //! The numbers below are written out from the dialect page on purpose (not
 //! taken from `ukvmi_wire::v7`), so a wrong constant there shows up here.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashMap};

@@ -24,7 +24,7 @@
 //!   guest keeps running whatever happens to the connection.
 //!
 //! See `docs/architecture.md` in the repository for the whole picture.
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
 pub mod backend;
 mod dialect;

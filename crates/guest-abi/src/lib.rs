@@ -1,4 +1,4 @@
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 //! The guest ABI, declared once for the VMM, the monitor and the test guests.
 //!
 //! - [`layout`]: where the VMM loads every test guest, its page tables,

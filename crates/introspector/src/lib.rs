@@ -111,7 +111,7 @@
 //! # Ok(())
 //! # }
 //! ```
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 mod commands;
 mod error;

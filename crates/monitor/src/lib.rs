@@ -1,4 +1,4 @@
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 //! Event policies on top of the KVMI client library, shared by the `ukvmi`
 //! tool commands and `ukvmi demo`.
 //!

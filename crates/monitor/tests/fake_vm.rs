@@ -1,7 +1,7 @@
 //! The monitor against the conformance crate's fake VM (no KVM): MSR
 //! guards, subscriptions that undo what they set up, and the backlog
 //! limit for a reader that stops reading.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! the page guard, held pauses with the hypercall responder, a breakpoint
 //! stepped over, and an event answered while another tool's setup waits
 //! on a vCPU.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::time::{Duration, Instant};
 

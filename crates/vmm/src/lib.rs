@@ -33,7 +33,7 @@
 //!
 //! Guests follow the ABI of `ukvmi-guests`: entered in 64-bit ring 0 with
 //! identity paging, serial at 0x3f8, power-off at 0xf4, "start vCPU" at 0x600.
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 #![warn(missing_debug_implementations)]
 
 mod boot;

@@ -3,7 +3,7 @@
 //! (loaded as a flat `--kernel` image at the guest ABI's load address) and
 //! run to its end, and the test asserts on the `Exit` and the serial output.
 //! They need /dev/kvm and fail (never skip) without it.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::io::Write;
 use std::path::PathBuf;

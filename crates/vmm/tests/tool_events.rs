@@ -2,7 +2,7 @@
 //! socket pair: the guest's hypercall and int3 exits become KVMI events, and
 //! the tool's answers decide how the VM goes on or ends. They need /dev/kvm
 //! and fail (never skip) without it.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, Ordering};

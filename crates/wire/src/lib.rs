@@ -10,7 +10,7 @@
 //! The older **kvmi-v7** dialect that libkvmi, LibVMI and the other existing
 //! tools speak lives in [`v7`]: its ids, the structures that differ, and the
 //! maps between the two numberings.
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
 mod codec;
 mod errno;

@@ -7,6 +7,10 @@
 //! structures that differ from v12, and the maps between the two numberings.
 //! Everything else in a v7 message has the v12 layout.
 
+// zerocopy's KnownLayout derive (inside `wire!`) adds helper types without
+// Debug; every struct declared with `wire!` derives Debug itself.
+#![allow(missing_debug_implementations)]
+
 use crate::structs::{wire, EventMsrs, KvmRegs, KvmSregs};
 use crate::{event as v12e, msg as v12};
 

@@ -1,6 +1,6 @@
 //! Sizes and field offsets checked against the tables of `spec.md` and
 //! `handshake.md`, and the id/event tables checked against spec §4.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use core::mem::{offset_of, size_of};
 use ukvmi_wire::handshake::{FromIntrospector, ToIntrospector};

@@ -1,5 +1,5 @@
 //! Decoding arbitrary bytes never panics, and short inputs read as zero-extended.
-#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use proptest::prelude::*;
 use ukvmi_wire::*;

@@ -1,6 +1,6 @@
 //! The kvmi-v7 structures and numbers, checked against libkvmi master's
 //! `include/linux/kvmi.h` and `x86_64/asm/kvmi.h` (as `v7-dialect.md` lists them).
-#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use core::mem::{offset_of, size_of};
 use ukvmi_wire::v7::{self, Route};

@@ -5,7 +5,7 @@
 //!
 //! Each bench binary includes this module with `mod common;` and uses only
 //! part of it, hence the `dead_code` allowance.
-#![allow(dead_code, clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 pub mod gdb;
 

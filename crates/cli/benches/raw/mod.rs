@@ -11,7 +11,7 @@
 //!
 //! Bench binaries include it with `mod raw;` and use part of it, hence the
 //! `dead_code` allowance.
-#![allow(dead_code, clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};

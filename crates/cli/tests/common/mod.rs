@@ -1,5 +1,5 @@
 //! Starting `ukvmi run` for tests, and reading what its guest printed.
-#![allow(dead_code, clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod introspected;
 

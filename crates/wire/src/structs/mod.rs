@@ -6,6 +6,10 @@
 //! asserted at compile time; field offsets are tested against the spec's tables
 //! in `tests/layout.rs`.
 
+// zerocopy's KnownLayout derive adds helper types without Debug; every
+// struct declared here derives Debug itself.
+#![allow(missing_debug_implementations)]
+
 /// Declares a byte-exact wire struct (also used by the v7 module).
 macro_rules! wire {
     ($(#[$m:meta])* $name:ident, $size:expr, { $($(#[$fm:meta])* $f:ident : $t:ty),* $(,)? }) => {
