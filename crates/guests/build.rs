@@ -144,7 +144,9 @@ fn write_system_map(map: &Path, elf: &Path, own: &[&str], user_base: u64) {
 }
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|e| fail(&format!("CARGO_MANIFEST_DIR unset: {e}"))));
+    let manifest = PathBuf::from(
+        env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|e| fail(&format!("CARGO_MANIFEST_DIR unset: {e}"))),
+    );
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap_or_else(|e| fail(&format!("OUT_DIR unset: {e}"))));
     let asm = manifest.join("asm");
 
@@ -156,8 +158,10 @@ fn main() {
         run(tool, package, &["--version"]);
     }
 
-    let layout = fs::read_to_string(asm.join("layout.h")).unwrap_or_else(|e| fail(&format!("cannot read asm/layout.h: {e}")));
-    let demo_h = fs::read_to_string(asm.join("demo.h")).unwrap_or_else(|e| fail(&format!("cannot read asm/demo.h: {e}")));
+    let layout =
+        fs::read_to_string(asm.join("layout.h")).unwrap_or_else(|e| fail(&format!("cannot read asm/layout.h: {e}")));
+    let demo_h =
+        fs::read_to_string(asm.join("demo.h")).unwrap_or_else(|e| fail(&format!("cannot read asm/demo.h: {e}")));
     // The link address and the user base come from the ABI crate; the
     // headers the assembly includes must say the same (the unit tests check
     // every other value).
@@ -269,18 +273,23 @@ fn main() {
             write_system_map(&out_dir.join(format!("{name}.map")), &elf, &own, user_base);
         }
 
-        writeln!(gen, "\npub(crate) mod {name} {{").unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
+        writeln!(gen, "\npub(crate) mod {name} {{")
+            .unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
         writeln!(
             gen,
             "    pub(crate) const IMAGE: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.bin\"));"
         )
         .unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
-        writeln!(gen, "    pub(crate) const ENTRY: u64 = {entry:#x};").unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
-        writeln!(gen, "    pub(crate) const SYMBOLS: &[(&str, u64)] = &[").unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
+        writeln!(gen, "    pub(crate) const ENTRY: u64 = {entry:#x};")
+            .unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
+        writeln!(gen, "    pub(crate) const SYMBOLS: &[(&str, u64)] = &[")
+            .unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
         for (addr, sym) in &symbols {
-            writeln!(gen, "        ({sym:?}, {addr:#x}),").unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
+            writeln!(gen, "        ({sym:?}, {addr:#x}),")
+                .unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
         }
         writeln!(gen, "    ];\n}}").unwrap_or_else(|e| fail(&format!("formatting generated code: {e}")));
     }
-    fs::write(out_dir.join("guests.rs"), gen).unwrap_or_else(|e| fail(&format!("cannot write $OUT_DIR/guests.rs: {e}")));
+    fs::write(out_dir.join("guests.rs"), gen)
+        .unwrap_or_else(|e| fail(&format!("cannot write $OUT_DIR/guests.rs: {e}")));
 }
