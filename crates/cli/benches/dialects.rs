@@ -65,7 +65,7 @@ use common::{num, Fig};
 use raw::{Client, Dialect, Ev, CONTINUE};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
-use ukvmi_wire::{EventMsr, EventMsrReply, IntoBytes, PAGE_SIZE};
+use ukvmi_introspector::wire::{EventMsr, EventMsrReply, IntoBytes, PAGE_SIZE};
 
 /// Sessions per dialect (one VM each), in ABBA order (even: each dialect
 /// goes first as often as the other).
@@ -174,7 +174,7 @@ fn session(d: Dialect, tag: usize) -> Measured {
     let mut events = 0u64;
     let answer = |c: &mut Client, ev: &Ev| {
         assert_eq!(ev.event, ids.ev_msr, "{}: expected MSR", d.name());
-        let m: EventMsr = ukvmi_wire::read_zext(&ev.payload);
+        let m: EventMsr = ukvmi_introspector::wire::read_zext(&ev.payload);
         assert_eq!(m.msr, layout::MSR_LSTAR);
         c.reply(ev, CONTINUE, EventMsrReply { new_val: m.new_value }.as_bytes());
     };

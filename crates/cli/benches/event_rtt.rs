@@ -27,8 +27,8 @@ mod common;
 use common::{bare, next_vcpu_event, read_u64, set_mode, Fig};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
+use ukvmi_introspector::wire::{access, event, msg};
 use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent, Vm};
-use ukvmi_wire::{access, event, msg};
 
 /// Timed samples per round-trip figure (after `WARMUP` untimed ones).
 const N: usize = 3000;

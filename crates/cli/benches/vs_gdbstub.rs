@@ -26,8 +26,8 @@ mod common;
 use common::{gdb, mbps, measure, next_vcpu_event, set_mode, Fig};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
+use ukvmi_introspector::wire::event;
 use ukvmi_introspector::{EventPayload, EventReply, Vm};
-use ukvmi_wire::event;
 
 /// Samples for small round trips.
 const N: usize = 2000;

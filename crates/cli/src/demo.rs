@@ -14,13 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ukvmi_introspector::wire::access;
 use ukvmi_introspector::Listener;
 use ukvmi_monitor::{
     guestos::{ProcessTable, PROC_TABLE},
     json::{self, Obj},
     Kinds, Monitor, Record, SymbolMap,
 };
-use ukvmi_wire::access;
 
 use crate::{
     args::{MissingValue, Style, Word, Words},

@@ -15,7 +15,7 @@ use std::{
 };
 
 use common::{daemon_pids, RunningVm, Scratch};
-use ukvmi_wire::{handshake::ToIntrospector, IntoBytes};
+use ukvmi_introspector::wire::{handshake::ToIntrospector, IntoBytes};
 
 const UKVMI: &str = env!("CARGO_BIN_EXE_ukvmi");
 const T: Duration = Duration::from_secs(20);

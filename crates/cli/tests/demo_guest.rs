@@ -13,9 +13,9 @@ use common::{read_u64, start, Scratch};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use ukvmi_guests::demo;
+use ukvmi_introspector::wire::{access, event};
 use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent, Vm};
 use ukvmi_monitor::guestos::{ProcState, ProcessTable};
-use ukvmi_wire::{access, event};
 
 const T: Duration = Duration::from_secs(30);
 

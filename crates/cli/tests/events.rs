@@ -7,8 +7,8 @@ mod common;
 use common::{assert_no_event_while_running, read_u64, start, Scratch};
 use std::time::Duration;
 use ukvmi_guests::layout;
+use ukvmi_introspector::wire::event;
 use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent, Vm};
-use ukvmi_wire::event;
 
 const T: Duration = Duration::from_secs(20);
 

@@ -8,8 +8,8 @@ use common::{RunningVm, Scratch};
 use std::io::Read;
 use std::os::unix::net::UnixListener;
 use std::time::Duration;
+use ukvmi_introspector::wire::event;
 use ukvmi_introspector::{Event, EventReply, Listener};
-use ukvmi_wire::event;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -129,9 +129,12 @@ fn a_tool_that_stops_reading_cannot_hang_shutdown() {
     // Enable UNHOOK, then send commands and never read a reply, until the
     // VMM's writes back to us block.
     let enable = [event::UNHOOK.to_le_bytes()[0], event::UNHOOK.to_le_bytes()[1], 1, 0, 0, 0, 0, 0];
-    s.write_all(&ukvmi_wire::frame(ukvmi_wire::msg::VM_CONTROL_EVENTS, 1, &[&enable]).unwrap()).unwrap();
+    s.write_all(
+        &ukvmi_introspector::wire::frame(ukvmi_introspector::wire::msg::VM_CONTROL_EVENTS, 1, &[&enable]).unwrap(),
+    )
+    .unwrap();
     s.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
-    let get_version = ukvmi_wire::frame(ukvmi_wire::msg::GET_VERSION, 2, &[]).unwrap();
+    let get_version = ukvmi_introspector::wire::frame(ukvmi_introspector::wire::msg::GET_VERSION, 2, &[]).unwrap();
     let mut sent = 0;
     while s.write_all(&get_version).is_ok() {
         sent += 1;

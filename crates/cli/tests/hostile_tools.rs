@@ -333,7 +333,7 @@ impl RawTool {
 
     fn frame(&mut self, id: u16, body: &[u8]) -> (u32, Vec<u8>) {
         self.seq += 1;
-        (self.seq, ukvmi_wire::frame(id, self.seq, &[body]).unwrap())
+        (self.seq, ukvmi_introspector::wire::frame(id, self.seq, &[body]).unwrap())
     }
 
     fn send(&mut self, id: u16, body: &[u8]) -> u32 {
@@ -399,7 +399,7 @@ fn reconnects_leak_no_descriptors_while_a_vcpu_was_never_started() {
         for _ in 0..n {
             let mut t = RawTool::accept(&l);
             // A whole session: a command answered, then the tool leaves.
-            let seq = t.send(ukvmi_wire::msg::GET_VERSION, &[]);
+            let seq = t.send(ukvmi_introspector::wire::msg::GET_VERSION, &[]);
             assert_eq!(t.err_of(seq), 0);
         }
     };
@@ -428,7 +428,7 @@ fn a_tool_that_never_reads_its_replies_cannot_grow_the_vmm() {
     let rss0 = rss_kib(vm.child.id());
     // GET_REGISTERS for vCPU 0, never reading a reply, up to 128 MiB.
     let get_regs = vcpu_body(0, &[0u8; 8]);
-    let (_, one) = t.frame(ukvmi_wire::msg::VCPU_GET_REGISTERS, &get_regs);
+    let (_, one) = t.frame(ukvmi_introspector::wire::msg::VCPU_GET_REGISTERS, &get_regs);
     let chunk: Vec<u8> = one.iter().copied().cycle().take(one.len() * 4096).collect();
     t.s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut sent = 0usize;
@@ -457,13 +457,13 @@ fn batched_read_replies_go_out_before_a_body_that_never_comes() {
     let mut read = vec![0u8; 16];
     read[..8].copy_from_slice(&0x10_0000u64.to_le_bytes());
     read[8..10].copy_from_slice(&8u16.to_le_bytes());
-    let (seq, mut bytes) = t.frame(ukvmi_wire::msg::VM_READ_PHYSICAL, &read);
-    bytes.extend_from_slice(&ukvmi_wire::msg::GET_VERSION.to_le_bytes());
+    let (seq, mut bytes) = t.frame(ukvmi_introspector::wire::msg::VM_READ_PHYSICAL, &read);
+    bytes.extend_from_slice(&ukvmi_introspector::wire::msg::GET_VERSION.to_le_bytes());
     bytes.extend_from_slice(&10u16.to_le_bytes());
     bytes.extend_from_slice(&7u32.to_le_bytes());
     t.s.write_all(&bytes).unwrap();
     let (id, s, body) = t.recv(Duration::from_secs(2)).expect("the READ_PHYSICAL reply was held back");
-    assert_eq!((id, s), (ukvmi_wire::msg::VM_READ_PHYSICAL, seq));
+    assert_eq!((id, s), (ukvmi_introspector::wire::msg::VM_READ_PHYSICAL, seq));
     let spin = ukvmi_guests::find("spin").unwrap();
     assert_eq!(&body[8..], &spin.image[..8]);
     vm.assert_guest_runs();
@@ -478,25 +478,25 @@ fn inject_exception_refuses_what_is_not_an_exception() {
     let vm = RunningVm::start(&dir, &["--guest", "traps", "--introspect", &intro, "--reconnect", "5"]);
     let mut t = RawTool::accept(&l);
     vm.wait_serial("tick", 1, T);
-    let trap = ukvmi_wire::event::TRAP;
+    let trap = ukvmi_introspector::wire::event::TRAP;
     let mut ctl = vec![0u8; 8];
     ctl[..2].copy_from_slice(&trap.to_le_bytes());
     ctl[2] = 1;
-    let seq = t.send(ukvmi_wire::msg::VCPU_CONTROL_EVENTS, &vcpu_body(0, &ctl));
+    let seq = t.send(ukvmi_introspector::wire::msg::VCPU_CONTROL_EVENTS, &vcpu_body(0, &ctl));
     assert_eq!(t.err_of(seq), 0);
     for nr in [2u8, 15, 32, 255] {
         let mut inj = vec![0u8; 16];
         inj[0] = nr;
-        let seq = t.send(ukvmi_wire::msg::VCPU_INJECT_EXCEPTION, &vcpu_body(0, &inj));
+        let seq = t.send(ukvmi_introspector::wire::msg::VCPU_INJECT_EXCEPTION, &vcpu_body(0, &inj));
         assert_eq!(t.err_of(seq), -22, "vector {nr}");
     }
     // A real exception is injected and reported.
     let mut inj = vec![0u8; 16];
     inj[0] = 6;
-    let seq = t.send(ukvmi_wire::msg::VCPU_INJECT_EXCEPTION, &vcpu_body(0, &inj));
+    let seq = t.send(ukvmi_introspector::wire::msg::VCPU_INJECT_EXCEPTION, &vcpu_body(0, &inj));
     assert_eq!(t.err_of(seq), 0);
     let (id, _, body) = t.recv(T).expect("no TRAP event");
-    assert_eq!(id, ukvmi_wire::msg::VCPU_EVENT);
+    assert_eq!(id, ukvmi_introspector::wire::msg::VCPU_EVENT);
     assert_eq!(u16::from_le_bytes([body[0], body[1]]), trap);
     assert_eq!(body[8 + 544], 6, "the TRAP event's vector");
     drop(t);

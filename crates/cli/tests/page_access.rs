@@ -8,8 +8,8 @@ mod common;
 use common::{assert_no_event_while_running, code, read_u32, read_u64, start, start_all_up, RunningVm, Scratch};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout::{self, pf_data_addr};
+use ukvmi_introspector::wire::{access, event, msg};
 use ukvmi_introspector::{Event, EventPayload, EventReply, Listener, PendingEvent, Vm};
-use ukvmi_wire::{access, event, msg};
 
 const T: Duration = Duration::from_secs(20);
 const R: u8 = access::R;

@@ -9,8 +9,8 @@ mod common;
 use common::{assert_no_event_while_running, code, read_u64, start, RunningVm, Scratch};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
+use ukvmi_introspector::wire::{event, msg};
 use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent, Vm};
-use ukvmi_wire::{event, msg};
 
 const T: Duration = Duration::from_secs(20);
 

@@ -8,8 +8,8 @@ mod common;
 use common::{code, start, Scratch};
 use std::time::Duration;
 use ukvmi_guests::layout;
+use ukvmi_introspector::wire::{event, msg, IntoBytes, VcpuHdr};
 use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent, Vm};
-use ukvmi_wire::{event, msg, IntoBytes, VcpuHdr};
 
 const T: Duration = Duration::from_secs(20);
 

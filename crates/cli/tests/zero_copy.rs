@@ -10,8 +10,8 @@ use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout::{self, pf_data_addr};
+use ukvmi_introspector::wire::{access, event, msg, KvmErrno};
 use ukvmi_introspector::{Error, Event, EventPayload, EventReply, GuestMemoryMap, Listener, Vm};
-use ukvmi_wire::{access, event, msg, KvmErrno};
 
 const T: Duration = Duration::from_secs(20);
 const RAM: u64 = 64 << 20;

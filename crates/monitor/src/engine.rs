@@ -26,8 +26,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ukvmi_introspector::wire::event;
 use ukvmi_introspector::{Event, EventPayload, EventReply, GuestMemoryMap, PendingEvent, Vm};
-use ukvmi_wire::event;
 
 use crate::{
     error::MonitorError,
@@ -84,7 +84,7 @@ impl GuestMemory for Inner {
 impl Inner {
     pub(crate) fn new(vm: Arc<Vm>, vcpus: u16, os: Arc<dyn GuestOs>) -> Inner {
         let map = vm.map_memory().ok();
-        let undo = vm.check_command(ukvmi_wire::msg::UKVMI_VM_WRITE_PHYSICAL_UNDO).is_ok();
+        let undo = vm.check_command(ukvmi_introspector::wire::msg::UKVMI_VM_WRITE_PHYSICAL_UNDO).is_ok();
         Inner {
             vm,
             map,

@@ -44,7 +44,7 @@ pub(crate) fn on_vcpu<T>(mut f: impl FnMut() -> ukvmi_introspector::Result<T>) -
     let end = Instant::now() + VCPU_UP_WAIT;
     loop {
         match f() {
-            Err(e) if e.errno() == Some(ukvmi_wire::KvmErrno::Eagain) && Instant::now() < end => {
+            Err(e) if e.errno() == Some(ukvmi_introspector::wire::KvmErrno::Eagain) && Instant::now() < end => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             r => return r,

@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
+use ukvmi_introspector::wire::event;
 use ukvmi_introspector::Vm;
-use ukvmi_wire::event;
 
 use crate::error::{cmd, on_vcpu, Result};
 

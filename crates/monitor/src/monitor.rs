@@ -11,8 +11,8 @@ use std::{
     time::Duration,
 };
 
+use ukvmi_introspector::wire::event;
 use ukvmi_introspector::{GuestMemoryMap, Vm};
-use ukvmi_wire::event;
 
 use crate::{
     dispatch,

@@ -7,9 +7,9 @@
 use std::time::{Duration, Instant};
 
 use ukvmi_conformance::{fake::KERNEL_BASE, FakeConfig, GuestAction, Setup};
+use ukvmi_introspector::wire::access;
 use ukvmi_introspector::Vm;
 use ukvmi_monitor::{Kinds, Monitor, Record, Subscription};
-use ukvmi_wire::access;
 
 const LSTAR: u32 = 0xc000_0082;
 const SYSENTER_EIP: u32 = 0x176;

@@ -21,9 +21,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
-use ukvmi_wire::handshake::{FromIntrospector, TO_INTROSPECTOR_MAX, TO_INTROSPECTOR_MIN};
-use ukvmi_wire::v7::{self, V7Event, V7PauseVcpu};
-use ukvmi_wire::{
+use ukvmi_introspector::wire::handshake::{FromIntrospector, TO_INTROSPECTOR_MAX, TO_INTROSPECTOR_MIN};
+use ukvmi_introspector::wire::v7::{self, V7Event, V7PauseVcpu};
+use ukvmi_introspector::wire::{
     event, frame, msg, read_zext, tail, ControlEvents, EventHdr, GetVersionReply, IntoBytes, MsgHdr, VcpuControlMsr,
     VcpuEvent, VcpuEventReply, VcpuGetRegisters, VcpuGetRegistersReply, VcpuHdr, VmPauseVcpu, VmPhysical, MAX_MSG_SIZE,
     MSG_HDR_SIZE,

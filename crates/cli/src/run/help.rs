@@ -1,7 +1,7 @@
 //! `ukvmi run --help`: the options, the built-in guests, and what a probe
 //! of this host's /dev/kvm finds (the commands and events it can serve).
 
-use ukvmi_wire::{event, msg};
+use ukvmi_introspector::wire::{event, msg};
 
 /// The whole `ukvmi run --help` text.
 pub(crate) fn help() -> String {

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ukvmi_introspector::wire::{event, msg};
 use ukvmi_vmm::{BuiltinImage, Dialect, Image, IntrospectConfig, SerialSink, VmConfig};
-use ukvmi_wire::{event, msg};
 
 use crate::args::{MissingValue, Style, Word, Words};
 

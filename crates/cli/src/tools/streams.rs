@@ -4,12 +4,12 @@
 
 use std::time::{Duration, Instant};
 
+use ukvmi_introspector::wire::access;
 use ukvmi_monitor::{
     record::{msr_name, parse_msr},
     symbols::parse_number,
     Kinds, Record,
 };
-use ukvmi_wire::access;
 
 use super::{Args, Ctx, Failure, Out};
 

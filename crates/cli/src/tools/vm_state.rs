@@ -3,13 +3,13 @@
 
 use std::time::{Duration, Instant};
 
+use ukvmi_introspector::wire::{event, msg};
 use ukvmi_introspector::Registers;
 use ukvmi_monitor::{
     guestos::{self, ProcessTable},
     json::{self, Obj},
     record::msr_name,
 };
-use ukvmi_wire::{event, msg};
 
 use super::{kvmi, Args, Ctx, Failure, Out};
 

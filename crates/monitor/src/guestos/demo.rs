@@ -12,7 +12,7 @@ use std::{
 };
 
 use ukvmi_guest_abi::demo::AGENT_BUF_SIZE;
-use ukvmi_wire::KvmRegs;
+use ukvmi_introspector::wire::KvmRegs;
 
 use super::{table, AgentReply, GuestMemory, GuestOs, PhysRead, ReadError, Syscall};
 use crate::record::msr_name;

@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use ukvmi_wire::KvmRegs;
+use ukvmi_introspector::wire::KvmRegs;
 
 use crate::record::Who;
 

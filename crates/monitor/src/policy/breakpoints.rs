@@ -17,8 +17,8 @@ use std::{
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
+use ukvmi_introspector::wire::event;
 use ukvmi_introspector::{EventReply, VcpuEventMsg};
-use ukvmi_wire::event;
 
 use crate::{
     engine::Inner,

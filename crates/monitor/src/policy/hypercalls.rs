@@ -2,8 +2,8 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use ukvmi_introspector::wire::event;
 use ukvmi_introspector::{EventReply, VcpuEventMsg};
-use ukvmi_wire::event;
 
 use crate::{engine::Inner, error::Result, events::EventRefs, record::Record, subs::SubId};
 

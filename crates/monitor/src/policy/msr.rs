@@ -5,8 +5,8 @@ use std::{
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
+use ukvmi_introspector::wire::event;
 use ukvmi_introspector::EventReply;
-use ukvmi_wire::event;
 
 use crate::{
     engine::Inner,

@@ -5,8 +5,8 @@ use std::{
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
+use ukvmi_introspector::wire::{access, event};
 use ukvmi_introspector::{EventReply, VcpuEventMsg};
-use ukvmi_wire::{access, event};
 
 use crate::{
     engine::Inner,
