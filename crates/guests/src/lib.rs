@@ -26,6 +26,13 @@ pub struct Guest {
     pub entry: u64,
     /// Text symbols (`nm`), sorted by address.
     pub symbols: &'static [(&'static str, u64)],
+    /// The least guest RAM, in MiB, this guest runs in (its tables, stacks
+    /// and data all lie below it).
+    pub min_memory_mib: u64,
+    /// The most vCPUs this guest uses: a VM with more creates the others,
+    /// but the guest never starts them (they stay idle, never "ready" for
+    /// KVMI vCPU commands).
+    pub max_vcpus: u16,
 }
 
 impl Guest {
@@ -61,12 +68,20 @@ impl fmt::Debug for Guest {
             .field("load_addr", &format_args!("{:#x}", self.load_addr))
             .field("entry", &format_args!("{:#x}", self.entry))
             .field("symbols", &self.symbols.len())
+            .field("min_memory_mib", &self.min_memory_mib)
+            .field("max_vcpus", &self.max_vcpus)
             .finish()
     }
 }
 
+/// [`layout::MIN_MEM_SIZE`] in MiB: what every guest's layout needs.
+const ABI_MIN_MIB: u64 = layout::MIN_MEM_SIZE >> 20;
+
 macro_rules! guest {
     ($name:ident, $summary:expr) => {
+        guest!($name, $summary, ABI_MIN_MIB, layout::MAX_VCPUS)
+    };
+    ($name:ident, $summary:expr, $min_mib:expr, $max_vcpus:expr) => {
         Guest {
             name: stringify!($name),
             summary: $summary,
@@ -74,6 +89,8 @@ macro_rules! guest {
             load_addr: layout::LOAD_ADDR,
             entry: built::$name::ENTRY,
             symbols: built::$name::SYMBOLS,
+            min_memory_mib: $min_mib,
+            max_vcpus: $max_vcpus,
         }
     };
 }
@@ -100,11 +117,13 @@ static GUESTS: [Guest; 9] = [
         pf,
         "like spin; every 4 iterations each vCPU stores, loads, straddles two data pages and calls a function on its own code page"
     ),
-    guest!(poweroff, "vCPU 0 prints \"bye\" and powers off with exit status 0 (port 0xf4)"),
-    guest!(poweroff7, "vCPU 0 prints \"bye\" and powers off with exit status 7 (port 0xf4)"),
+    guest!(poweroff, "vCPU 0 prints \"bye\" and powers off with exit status 0 (port 0xf4)", ABI_MIN_MIB, 1),
+    guest!(poweroff7, "vCPU 0 prints \"bye\" and powers off with exit status 7 (port 0xf4)", ABI_MIN_MIB, 1),
     guest!(
         demo,
-        "ukos, a tiny OS: a ring-0 kernel with syscalls and 4 ring-3 processes (init, shell, worker, rootkit) on up to 2 vCPUs; needs 32 MiB"
+        "ukos, a tiny OS: a ring-0 kernel with syscalls and 4 ring-3 processes (init, shell, worker, rootkit) on up to 2 vCPUs; needs 32 MiB",
+        ukvmi_guest_abi::demo::DEMO_MIN_MEM >> 20,
+        ukvmi_guest_abi::demo::MAX_CPUS as u16
     ),
 ];
 
@@ -149,6 +168,21 @@ mod tests {
         assert!(find("nope").is_none());
         assert!(find("").is_none());
         assert!(find("Spin").is_none());
+    }
+
+    #[test]
+    fn needs_are_declared() {
+        for g in all() {
+            assert!(g.min_memory_mib >= MIN_MEM_SIZE >> 20, "{}: below the ABI's RAM", g.name);
+            assert!((1..=MAX_VCPUS).contains(&g.max_vcpus), "{}: {} vCPUs", g.name, g.max_vcpus);
+            assert!(g.end() <= g.min_memory_mib << 20, "{}: the image does not fit its own minimum", g.name);
+        }
+        let demo = find("demo").unwrap();
+        assert_eq!((demo.min_memory_mib, demo.max_vcpus), (32, 2));
+        assert!(demo.summary.contains("needs 32 MiB") && demo.summary.contains("up to 2 vCPUs"));
+        assert_eq!((find("spin").unwrap().min_memory_mib, find("spin").unwrap().max_vcpus), (4, MAX_VCPUS));
+        assert_eq!(find("poweroff").unwrap().max_vcpus, 1);
+        assert_eq!(find("poweroff7").unwrap().max_vcpus, 1);
     }
 
     #[test]

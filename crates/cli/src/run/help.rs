@@ -16,8 +16,10 @@ WHAT TO RUN:
     --guest NAME             a built-in guest (see below)
     --kernel PATH            a flat binary (loaded at 1 MiB) or an ELF64 file,
                              entered in 64-bit ring 0 (see crates/guests for the ABI)
-    --vcpus N                number of vCPUs (default 1)
-    --memory MIB             guest RAM in MiB (default 64)
+    --vcpus N                number of vCPUs (default 1); a built-in guest starts at
+                             most the vCPUs it uses (below), the others stay idle
+    --memory MIB             guest RAM in MiB (default 64); a built-in guest refuses
+                             less than it needs (below)
     --serial stdio|file:PATH where the guest's serial console goes (default stdio)
 
 INTROSPECTION (the VMM connects to the tool, as QEMU does):
@@ -66,7 +68,25 @@ BUILT-IN GUESTS:
     for g in ukvmi_guests::all() {
         s.push_str(&format!("    {:<12} {}\n", g.name, g.summary));
     }
+    s.push_str(&needs_section());
     s.push_str(&host_section());
+    s
+}
+
+/// What the built-in guests need: the common case, then each exception.
+fn needs_section() -> String {
+    let (mib, vcpus) = (ukvmi_guests::layout::MIN_MEM_SIZE >> 20, ukvmi_guests::layout::MAX_VCPUS);
+    let plural = |n: u16| if n == 1 { "" } else { "s" };
+    let mut s = format!("    each needs {mib} MiB of RAM and uses up to {vcpus} vCPUs, except:\n");
+    for g in ukvmi_guests::all().iter().filter(|g| g.min_memory_mib != mib || g.max_vcpus != vcpus) {
+        s.push_str(&format!(
+            "    {:<12} needs {} MiB, uses {} vCPU{}\n",
+            g.name,
+            g.min_memory_mib,
+            g.max_vcpus,
+            plural(g.max_vcpus)
+        ));
+    }
     s
 }
 

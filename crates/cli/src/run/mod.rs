@@ -8,7 +8,7 @@ mod options;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use ukvmi_vmm::{Exit, Vm};
+use ukvmi_vmm::{Exit, FailureCause, Image, Vm};
 
 pub(crate) use help::help;
 use options::parse;
@@ -28,6 +28,18 @@ fn shared_directory_warning(sock: &std::path::Path) -> Option<String> {
             sock.display()
         )
     })
+}
+
+/// What to check when a `--kernel` image fails before it ever talked to the
+/// VMM: most likely it is not an image for ukvmi's guest ABI at all.
+fn kernel_hint(kernel: &std::path::Path) -> String {
+    format!(
+        "ukvmi: hint: the guest failed in its first instructions, before it wrote to any ukvmi port. \
+         Check that {} is a 64-bit x86 image that runs in ring 0: a flat binary linked to run at \
+         1 MiB (0x100000) or an ELF64 executable, entered in long mode with identity-mapped paging \
+         (the ABI: crates/guests/README.md, \"Machine state at entry\"; `ukvmi run --help`)",
+        kernel.display()
+    )
 }
 
 /// One line to stderr. Never panics: a closed or broken stderr (a pipe whose
@@ -67,6 +79,17 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     if let Some(w) = cfg.introspect.as_ref().and_then(|i| shared_directory_warning(&i.path)) {
         say(&format!("ukvmi: {w}"));
     }
+    let builtin = match &cfg.image {
+        Image::Builtin(b) => ukvmi_guests::find(b.name),
+        Image::Kernel(_) => None,
+    };
+    if let Some(w) = builtin.and_then(|g| options::idle_vcpus_warning(g, cfg.vcpus)) {
+        say(&format!("ukvmi run: {w}"));
+    }
+    let kernel = match &cfg.image {
+        Image::Kernel(p) => Some(p.clone()),
+        Image::Builtin(_) => None,
+    };
     let set = block_stop_signals();
     let log: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(|m: &str| say(&format!("ukvmi: {m}")));
     let vm = match Vm::new(cfg, Arc::clone(&log)) {
@@ -77,6 +100,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
         }
     };
     let stop = vm.stop_handle();
+    let spoke = vm.stop_handle();
     let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
         loop {
             let mut sig = 0;
@@ -108,6 +132,10 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
         }
         Exit::Failed(why) => {
             say(&format!("ukvmi: VM failed: {why}"));
+            if let Some(k) = kernel.filter(|_| !spoke.guest_spoke() && matches!(why.cause, FailureCause::Fatal { .. }))
+            {
+                say(&kernel_hint(&k));
+            }
             ExitCode::from(1)
         }
     }

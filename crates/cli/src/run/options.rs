@@ -54,6 +54,39 @@ fn secs(opt: &str, v: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{opt} takes a number of seconds, not `{v}`"))
 }
 
+/// Refuses less RAM than the built-in guest `g` needs: it would die in its
+/// first instructions (KVM_EXIT_INTERNAL_ERROR) with no word why.
+fn check_memory(g: &ukvmi_guests::Guest, mib: u64, given: bool) -> Result<(), String> {
+    if mib >= g.min_memory_mib {
+        return Ok(());
+    }
+    let asked = if given { format!("--memory {mib}") } else { format!("the default {mib} MiB") };
+    Err(format!(
+        "{asked} is too little for guest {}: it needs at least {} MiB (give --memory {} or more)",
+        g.name, g.min_memory_mib, g.min_memory_mib
+    ))
+}
+
+/// What happens to the vCPUs the built-in guest `g` never starts, when the
+/// VM has more than it uses; `None` when it uses them all.
+pub(super) fn idle_vcpus_warning(g: &ukvmi_guests::Guest, vcpus: u16) -> Option<String> {
+    if vcpus <= g.max_vcpus {
+        return None;
+    }
+    let (idle, they, them) = if vcpus - g.max_vcpus == 1 {
+        (format!("vCPU {} is", g.max_vcpus), "it stays", "it")
+    } else {
+        (format!("vCPUs {}-{} are", g.max_vcpus, vcpus - 1), "they stay", "them")
+    };
+    Some(format!(
+        "warning: guest {} uses at most {} vCPU{} (--vcpus {vcpus}): {idle} created but never started; \
+         {they} idle and KVMI vCPU commands to {them} answer -KVM_EAGAIN",
+        g.name,
+        g.max_vcpus,
+        if g.max_vcpus == 1 { "" } else { "s" }
+    ))
+}
+
 /// The VM `args` ask for; `None` for `--help`.
 pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     let mut cfg = VmConfig {
@@ -68,6 +101,8 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
         introspect: None,
     };
     let mut image = None;
+    let mut guest = None;
+    let mut memory_given = false;
     let mut path = None;
     let (mut key_file, mut reconnect, mut hs, mut unhook) =
         (None::<String>, Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(10));
@@ -98,6 +133,7 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
                     load_addr: g.load_addr,
                     entry: g.entry,
                 }));
+                guest = Some(g);
             }
             "--kernel" => {
                 let p = PathBuf::from(val()?);
@@ -105,9 +141,11 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
                     return Err(format!("--kernel {}: no such file", p.display()));
                 }
                 image = Some(Image::Kernel(p));
+                guest = None;
             }
             "--vcpus" => cfg.vcpus = val()?.parse().map_err(|_| "--vcpus takes a number from 1 to 65535")?,
             "--memory" => {
+                memory_given = true;
                 let v = val()?;
                 cfg.memory_mib =
                     v.parse().ok().filter(|m| (4..=ukvmi_vmm::MAX_MEMORY_MIB).contains(m)).ok_or_else(|| {
@@ -174,6 +212,9 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
         }
     }
     cfg.image = image.ok_or("give --guest NAME or --kernel PATH (see ukvmi run --help)")?;
+    if let Some(g) = guest {
+        check_memory(g, cfg.memory_mib, memory_given)?;
+    }
     let key = crate::control::load_key(key_file.as_deref())?;
     cfg.introspect = path.map(|path| IntrospectConfig {
         path,

@@ -264,6 +264,12 @@ impl PageAccess {
         self.state(gpa).map_or(access::RWX, |s| s.allowed)
     }
 
+    /// Every restricted page: its guest-physical address and allowed
+    /// accesses, by address (for reports such as SIGUSR1's).
+    pub fn restricted(&self) -> Vec<(u64, u8)> {
+        self.lock().allowed.iter().map(|(&gfn, &allowed)| (gfn << PAGE_SHIFT, allowed)).collect()
+    }
+
     /// Number of pages with restrictions and of memslots in use.
     #[cfg(test)]
     fn counts(&self) -> (usize, usize) {

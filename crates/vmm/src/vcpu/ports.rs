@@ -18,6 +18,12 @@ pub(super) fn in_value(port: u16) -> u8 {
 
 impl KvmVcpu {
     pub(super) fn io_out(&mut self, vport: &VcpuPort, port: u16, value: u32) -> Option<Exit> {
+        if matches!(
+            port,
+            layout::PORT_HYPERCALL | layout::PORT_SERIAL | layout::PORT_POWEROFF | layout::PORT_START_VCPU
+        ) {
+            self.shared.guest_spoke();
+        }
         match port {
             layout::PORT_HYPERCALL => return self.hypercall(vport),
             layout::PORT_SERIAL => self.shared.serial_byte(value as u8),

@@ -46,6 +46,14 @@ impl StopHandle {
         self.0.interceptions()
     }
 
+    /// Whether the guest has written to any port of the guest ABI (serial,
+    /// power-off, start vCPU, hypercall) so far. A `--kernel` image that
+    /// fails before it ever did most likely does not follow the ABI (not a
+    /// 64-bit ring-0 flat binary or ELF64 image), which a front end can say.
+    pub fn guest_spoke(&self) -> bool {
+        self.0.has_spoken()
+    }
+
     /// Asks the VM to stop; `Vm::run` then unhooks cleanly and returns.
     pub fn stop(&self) {
         let mut e = lock(&self.0.exit);
@@ -126,6 +134,7 @@ impl Vm {
             exit: Mutex::new(None),
             exited: Condvar::new(),
             serial: Mutex::new((cfg.serial, Vec::new())),
+            spoke: AtomicBool::new(false),
         });
         let perms = Permissions::allow_all();
         if let Some(ids) = &cfg.allow_commands {

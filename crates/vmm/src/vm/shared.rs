@@ -30,6 +30,30 @@ pub(crate) struct VcpuShared {
     pub(super) woken: Condvar,
 }
 
+/// The most restricted pages a report lists one by one.
+const LISTED_PAGES: usize = 32;
+
+/// `0x102000:r-x,0x103000:---` (each page's gpa and the accesses the guest
+/// still has), the first [`LISTED_PAGES`] then a count; `none` when empty.
+pub(crate) fn page_list(pages: &[(u64, u8)]) -> String {
+    use ukvmi_wire::access;
+    if pages.is_empty() {
+        return "none".into();
+    }
+    let bit = |a: u8, b: u8, c: char| if a & b != 0 { c } else { '-' };
+    let mut s: Vec<String> = pages
+        .iter()
+        .take(LISTED_PAGES)
+        .map(|&(gpa, a)| {
+            format!("{gpa:#x}:{}{}{}", bit(a, access::R, 'r'), bit(a, access::W, 'w'), bit(a, access::X, 'x'))
+        })
+        .collect();
+    if pages.len() > LISTED_PAGES {
+        s.push(format!("+{} more", pages.len() - LISTED_PAGES));
+    }
+    s.join(",")
+}
+
 /// State shared by every thread of the VM; the endpoint's `VmBackend`.
 pub(crate) struct VmShared {
     /// The VM fd, for VM-wide interception (MSR filter). Declared before
@@ -51,6 +75,9 @@ pub(crate) struct VmShared {
     pub(super) exit: Mutex<Option<Exit>>,
     pub(super) exited: Condvar,
     pub(super) serial: Mutex<(SerialSink, Vec<u8>)>,
+    /// The guest has written to one of the ABI's ports (serial, power-off,
+    /// start vCPU, hypercall): it got far enough to talk to the VMM.
+    pub(super) spoke: AtomicBool,
 }
 
 impl VmShared {
@@ -87,6 +114,16 @@ impl VmShared {
             v.started.store(true, Ordering::SeqCst);
             self.kick(i, false);
         }
+    }
+
+    /// Notes that the guest wrote to one of the ABI's ports.
+    pub fn guest_spoke(&self) {
+        self.spoke.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the guest ever wrote to one of the ABI's ports.
+    pub fn has_spoken(&self) -> bool {
+        self.spoke.load(Ordering::Relaxed)
     }
 
     pub fn serial_byte(&self, b: u8) {
@@ -127,7 +164,11 @@ impl VmShared {
             }
         }
         let debug = if debug.is_empty() { "none".to_string() } else { debug.join(",") };
-        format!("interceptions: msr-writes={msrs} guest-debug={debug}")
+        let pages = match &self.page_access {
+            None => "unsupported".to_string(),
+            Some(pa) => page_list(&pa.restricted()),
+        };
+        format!("interceptions: msr-writes={msrs} guest-debug={debug} restricted-pages={pages}")
     }
 
     /// Records how the VM ended (the first reason wins) and stops every vCPU.
@@ -245,5 +286,23 @@ impl SlotSink for VmShared {
     }
     fn end_update(&self) {
         self.gate.open();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_list;
+    use ukvmi_wire::access;
+
+    #[test]
+    fn restricted_pages_are_listed_with_what_the_guest_may_still_do() {
+        assert_eq!(page_list(&[]), "none");
+        assert_eq!(
+            page_list(&[(0x10_2000, access::R | access::X), (0x10_3000, 0), (0x10_4000, access::R | access::W)]),
+            "0x102000:r-x,0x103000:---,0x104000:rw-"
+        );
+        let many: Vec<(u64, u8)> = (0..40u64).map(|i| (i << 12, access::R)).collect();
+        let s = page_list(&many);
+        assert!(s.starts_with("0x0:r--,0x1000:r--,") && s.ends_with(",0x1f000:r--,+8 more"), "{s}");
     }
 }
