@@ -10,7 +10,10 @@ use std::{
     io::{BufRead, BufReader, Write},
     path::PathBuf,
     process::{Child, Command, ExitCode, Stdio},
-    sync::{mpsc, Arc, Mutex},
+    sync::{
+        atomic::{AtomicI32, Ordering},
+        mpsc, Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -216,6 +219,9 @@ fn demo(o: &Opts) -> Result<bool, String> {
     let agent_buf = sym(&syms, "agent_buf")?;
 
     let dir = std::env::temp_dir().join(format!("ukvmi-demo-{}", std::process::id()));
+    // Before any thread starts, so that every thread inherits the mask.
+    let vmm_pid = Arc::new(AtomicI32::new(0));
+    on_stop_signal(dir.clone(), Arc::clone(&vmm_pid));
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let _cleanup = DirGuard(dir.clone());
     let sock = dir.join("vm.sock");
@@ -232,6 +238,7 @@ fn demo(o: &Opts) -> Result<bool, String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting `ukvmi run`: {e}"))?;
+    vmm_pid.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
     let serial = child.stdout.take();
     let vmm_err = child.stderr.take();
     let mut child = VmChild(child);
@@ -253,10 +260,12 @@ fn demo(o: &Opts) -> Result<bool, String> {
             }
         });
     }
+    let (said, vmm_said) = mpsc::channel();
     if let Some(s) = vmm_err {
         let (lock, json_mode) = (Arc::clone(&p.lock), o.json);
         std::thread::spawn(move || {
             for line in BufReader::new(s).lines().map_while(Result::ok) {
+                let _ = said.send(line.clone());
                 let _g = lock.lock();
                 if json_mode {
                     println!("{}", Obj::new().str("event", "vmm").str("line", &line).build());
@@ -266,6 +275,11 @@ fn demo(o: &Opts) -> Result<bool, String> {
             }
         });
     }
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(listener.accept());
+    });
+    let vm = wait_for_vmm(&rx, &mut child.0, &vmm_said)?;
     p.info(&format!(
         "booted demo guest: {} vCPU{}, 64 MiB, VMM pid {}",
         o.vcpus,
@@ -275,15 +289,6 @@ fn demo(o: &Opts) -> Result<bool, String> {
 
     // 2. Attach.
     p.step(2, "attach the introspector");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(listener.accept());
-    });
-    let vm = match rx.recv_timeout(Duration::from_secs(15)) {
-        Ok(Ok(vm)) => vm,
-        Ok(Err(e)) => return Err(format!("the VMM's connection failed: {e}")),
-        Err(_) => return Err("the VMM did not connect within 15 s".into()),
-    };
     let info = vm.info().clone();
     let mon = Monitor::start(vm).map_err(|e| e.to_string())?;
     p.emit(
@@ -425,6 +430,9 @@ fn demo(o: &Opts) -> Result<bool, String> {
     // SAFETY: kill sends SIGTERM to our own child, whose pid we hold.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let status = wait_child(&mut child.0, Duration::from_secs(15));
+    if status.is_some() {
+        vmm_pid.store(0, Ordering::SeqCst); // reaped: the pid is no longer ours
+    }
     checks.push((
         format!("the VM shut down cleanly ({})", status.as_deref().unwrap_or("still running")),
         status.as_deref() == Some("exit status: 0"),
@@ -480,6 +488,74 @@ fn wait_child(c: &mut Child, limit: Duration) -> Option<String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The VMM's connection to our listener; an error as soon as the VMM
+/// exits first (no /dev/kvm, a bad option), with what it said.
+fn wait_for_vmm(
+    rx: &mpsc::Receiver<ukvmi_introspector::Result<ukvmi_introspector::Vm>>,
+    child: &mut Child,
+    said: &mpsc::Receiver<String>,
+) -> Result<ukvmi_introspector::Vm, String> {
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(Ok(vm)) => return Ok(vm),
+            Ok(Err(e)) => return Err(format!("the VMM's connection failed: {e}")),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err("the listener thread died".into()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            // Its stderr to the end (the reader's sender goes when the pipe closes).
+            let words: Vec<String> = std::iter::from_fn(|| said.recv_timeout(Duration::from_secs(2)).ok()).collect();
+            let why = if words.is_empty() { "it said nothing".to_string() } else { words.join("\n    ") };
+            return Err(format!("the VMM (`ukvmi run`) exited ({status}) before the guest booted:\n    {why}"));
+        }
+        if Instant::now() > end {
+            return Err("the VMM did not connect within 15 s".into());
+        }
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP (Ctrl-C, `kill`, a closed terminal) stop the
+/// VMM and remove the demo's directory before exiting with 128 + the
+/// signal, as the default action would, minus the leftovers.
+fn on_stop_signal(dir: PathBuf, vmm: Arc<AtomicI32>) {
+    // SAFETY: plain signal-set manipulation on a local set, then blocking
+    // it in this thread (every thread started later inherits the mask).
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut sig = 0;
+        // SAFETY: sigwait on a valid set, writing the signal number to `sig`.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            return;
+        }
+        let pid = vmm.load(Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: our own child, which nobody has reaped yet (the
+            // main thread reaps it only on its way out, which this
+            // signal cut short); kill and waitpid touch nothing else.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = writeln!(
+            std::io::stderr(),
+            "ukvmi demo: stopped by signal {sig}; the VM is gone and {} removed",
+            dir.display()
+        );
+        std::process::exit(128 + sig);
+    });
 }
 
 struct DirGuard(PathBuf);

@@ -4,16 +4,42 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use ukvmi_conformance::{FakeConfig, Setup};
 use ukvmi_endpoint::handshake::{connect, cookie_hash, HandshakeError, VmIdentity};
 use ukvmi_introspector::Listener;
 
-fn sock(name: &str) -> PathBuf {
+/// `kvmi.sock` in a directory of its own, removed (socket and all) when the
+/// test ends, passed or failed: a failing test unwinds through the drop.
+struct Sock {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl std::ops::Deref for Sock {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for Sock {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Sock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sock(name: &str) -> Sock {
     let dir = std::env::temp_dir().join(format!("ukvmi-hs-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    dir.join("kvmi.sock")
+    Sock { path: dir.join("kvmi.sock"), dir }
 }
 
 fn id() -> VmIdentity {
@@ -130,4 +156,40 @@ fn short_and_long_replies() {
             tool.join().unwrap();
         });
     }
+}
+
+/// Fails on purpose after making its socket directory, to show that a
+/// failing test cleans up too; run only by `the_tests_leave_nothing_in_tmpdir`.
+#[test]
+#[ignore = "fails on purpose; run by the_tests_leave_nothing_in_tmpdir"]
+fn fails_after_binding() {
+    let path = sock("fails");
+    let _l = UnixListener::bind(&path).unwrap();
+    panic!("failing on purpose with {} bound", path.display());
+}
+
+/// The other tests of this file, run again in a child process with a
+/// private TMPDIR (the failing one as well), leave nothing in it.
+#[test]
+fn the_tests_leave_nothing_in_tmpdir() {
+    let private = sock("tmpdir");
+    let tmp = private.dir.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let me = std::env::current_exe().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&me)
+            .args(args)
+            .args(["--skip", "the_tests_leave_nothing_in_tmpdir", "--test-threads", "2"])
+            .env("TMPDIR", &tmp)
+            .output()
+            .unwrap()
+    };
+    let all = run(&[]);
+    let text = String::from_utf8_lossy(&all.stdout);
+    assert!(all.status.success() && !text.contains(" 0 passed"), "{text}{}", String::from_utf8_lossy(&all.stderr));
+    let failing = run(&["--ignored", "--exact", "fails_after_binding"]);
+    let text = String::from_utf8_lossy(&failing.stdout);
+    assert!(!failing.status.success() && text.contains("1 failed"), "{text}");
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
