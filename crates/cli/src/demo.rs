@@ -37,7 +37,8 @@ USAGE:
     ukvmi demo [--vcpus N] [--duration SECS] [--json]
 
 WHAT IT DOES:
-    1. boots the built-in demo OS (`ukvmi run --guest demo`) with N vCPUs (default 2)
+    1. boots the built-in demo OS (`ukvmi run --guest demo`) with N vCPUs (1 or 2,
+       default 2: the most it uses)
     2. attaches an introspector over a KVMI v12 socket in a private directory
     3. traces syscalls live: an int3 on the kernel's syscall entry, stepped over
        (original byte back, one single-step, int3 again) so the guest never notices
@@ -154,11 +155,12 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
             "--json" => o.json = true,
             "--vcpus" => {
                 let v = value.ok_or("--vcpus needs a number")?;
-                o.vcpus = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=8).contains(n))
-                    .ok_or_else(|| format!("--vcpus takes 1 to 8, not `{v}`"))?;
+                // The demo OS starts at most this many; more would stay idle
+                // and fail the per-vCPU steps.
+                let most = ukvmi_guests::find("demo").map_or(1, |g| u32::from(g.max_vcpus));
+                o.vcpus = v.parse().ok().filter(|n| (1..=most).contains(n)).ok_or_else(|| {
+                    format!("--vcpus takes 1 to {most} (the demo OS uses at most {most} vCPUs), not `{v}`")
+                })?;
             }
             "--duration" => {
                 let v = value.ok_or("--duration needs seconds")?;

@@ -78,6 +78,13 @@ fn vcpus_a_builtin_guest_never_starts_are_warned_about_and_stay_idle() {
     assert_eq!(code(tool.get_registers(2, &[])), -11, "vCPU 2 was never started: -KVM_EAGAIN");
     demo_runs(&vm);
     assert_eq!(code(tool.get_registers(2, &[])), -11, "and it still is not, while the guest runs");
+    // `ukvmi demo` cannot use a third vCPU either: it says so up front
+    // (it used to attach, then fail on the idle vCPU's events).
+    let (o, took) = ukvmi(&["demo", "--vcpus", "3"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("ukvmi demo: --vcpus takes 1 to 2 (the demo OS uses at most 2 vCPUs), not `3`"), "{err}");
+    assert!(o.stdout.is_empty() && took < Duration::from_secs(2), "{took:?}");
     // A guest that uses every vCPU it is given gets no warning.
     let dir = Scratch::new("first-run-vcpus-spin");
     let spin = RunningVm::start(&dir, &["--guest", "spin", "--vcpus", "3"]);
