@@ -8,6 +8,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
+    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, ExitCode, Stdio},
     sync::{
@@ -232,14 +233,22 @@ fn demo(o: &Opts) -> Result<bool, String> {
     // 1. Boot.
     p.step(1, "boot the demo guest OS");
     let exe = std::env::current_exe().map_err(|e| format!("finding the ukvmi binary: {e}"))?;
-    let mut child = Command::new(exe)
-        .args(["run", "--guest", "demo", "--name", "demo", "--vcpus", &o.vcpus.to_string(), "--introspect"])
+    let mut vmm = Command::new(exe);
+    vmm.args(["run", "--guest", "demo", "--name", "demo", "--vcpus", &o.vcpus.to_string(), "--introspect"])
         .arg(format!("unix:{}", sock.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting `ukvmi run`: {e}"))?;
+        .stderr(Stdio::piped());
+    // SAFETY: runs in the child between fork and exec and only calls
+    // prctl, which is async-signal-safe: should this process die without
+    // a word (SIGKILL), the VMM gets SIGTERM instead of running on alone.
+    unsafe {
+        vmm.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = vmm.spawn().map_err(|e| format!("starting `ukvmi run`: {e}"))?;
     vmm_pid.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
     let serial = child.stdout.take();
     let vmm_err = child.stderr.take();

@@ -7,7 +7,10 @@
 
 mod common;
 
-use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+use std::os::unix::{
+    fs::PermissionsExt,
+    process::{CommandExt, ExitStatusExt},
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -195,7 +198,9 @@ fn vmm_pid(out: &str) -> Option<i32> {
 #[test]
 fn an_interrupted_demo_leaves_no_files_and_no_vm() {
     common::require_kvm();
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    // SIGKILL cannot be caught: the directory stays, but the VM does not
+    // run on alone (the VMM gets SIGTERM when the demo dies).
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGKILL] {
         let dir = Scratch::new("first-run-demo-sig");
         let tmp = dir.path("tmp");
         std::fs::create_dir(&tmp).unwrap();
@@ -226,6 +231,20 @@ fn an_interrupted_demo_leaves_no_files_and_no_vm() {
         let o = child.wait_with_output().unwrap();
         assert!(t1.elapsed() < Duration::from_secs(5), "{:?}", t1.elapsed());
         let err = stderr(&o);
+        if sig == libc::SIGKILL {
+            assert_eq!(o.status.signal(), Some(sig), "{err}");
+            // Gone, or a zombie its new parent has not reaped yet.
+            let gone = || {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map_or(true, |st| st.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+            };
+            let t2 = Instant::now();
+            while !gone() && t2.elapsed() < Duration::from_secs(15) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(gone(), "the VMM (pid {pid}) stopped when the demo was killed");
+            continue;
+        }
         assert_eq!(o.status.code(), Some(128 + sig), "{err}");
         assert!(err.contains(&format!("ukvmi demo: stopped by signal {sig}")), "{err}");
         assert_eq!(leftovers(&tmp), Vec::<PathBuf>::new(), "nothing left in TMPDIR after signal {sig}");
