@@ -8,9 +8,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::process::CommandExt,
-    path::PathBuf,
-    process::{Child, Command, ExitCode, Stdio},
+    process::ExitCode,
     sync::{
         atomic::{AtomicI32, Ordering},
         mpsc, Arc, Mutex,
@@ -25,6 +23,10 @@ use ukvmi_monitor::{
     json::{self, Obj},
     Kinds, Monitor, Record, SymbolMap,
 };
+
+mod vmm;
+
+use vmm::{on_stop_signal, wait_child, wait_for_vmm, DirGuard, VmChild};
 
 use crate::{
     args::{MissingValue, Style, Word, Words},
@@ -109,17 +111,6 @@ impl Out for PsOut<'_> {
     }
     fn gone(&self) -> bool {
         false
-    }
-}
-
-struct VmChild(Child);
-
-impl Drop for VmChild {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
     }
 }
 
@@ -232,23 +223,7 @@ fn demo(o: &Opts) -> Result<bool, String> {
 
     // 1. Boot.
     p.step(1, "boot the demo guest OS");
-    let exe = std::env::current_exe().map_err(|e| format!("finding the ukvmi binary: {e}"))?;
-    let mut vmm = Command::new(exe);
-    vmm.args(["run", "--guest", "demo", "--name", "demo", "--vcpus", &o.vcpus.to_string(), "--introspect"])
-        .arg(format!("unix:{}", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: runs in the child between fork and exec and only calls
-    // prctl, which is async-signal-safe: should this process die without
-    // a word (SIGKILL), the VMM gets SIGTERM instead of running on alone.
-    unsafe {
-        vmm.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
-    }
-    let mut child = vmm.spawn().map_err(|e| format!("starting `ukvmi run`: {e}"))?;
+    let mut child = vmm::spawn(o.vcpus, &sock)?;
     vmm_pid.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
     let serial = child.stdout.take();
     let vmm_err = child.stderr.take();
@@ -485,94 +460,5 @@ fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
             return None;
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn wait_child(c: &mut Child, limit: Duration) -> Option<String> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Ok(Some(s)) = c.try_wait() {
-            return Some(s.to_string());
-        }
-        if Instant::now() > end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The VMM's connection to our listener; an error as soon as the VMM
-/// exits first (no /dev/kvm, a bad option), with what it said.
-fn wait_for_vmm(
-    rx: &mpsc::Receiver<ukvmi_introspector::Result<ukvmi_introspector::Vm>>,
-    child: &mut Child,
-    said: &mpsc::Receiver<String>,
-) -> Result<ukvmi_introspector::Vm, String> {
-    let end = Instant::now() + Duration::from_secs(15);
-    loop {
-        match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(Ok(vm)) => return Ok(vm),
-            Ok(Err(e)) => return Err(format!("the VMM's connection failed: {e}")),
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Err("the listener thread died".into()),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            // Its stderr to the end (the reader's sender goes when the pipe closes).
-            let words: Vec<String> = std::iter::from_fn(|| said.recv_timeout(Duration::from_secs(2)).ok()).collect();
-            let why = if words.is_empty() { "it said nothing".to_string() } else { words.join("\n    ") };
-            return Err(format!("the VMM (`ukvmi run`) exited ({status}) before the guest booted:\n    {why}"));
-        }
-        if Instant::now() > end {
-            return Err("the VMM did not connect within 15 s".into());
-        }
-    }
-}
-
-/// SIGINT, SIGTERM and SIGHUP (Ctrl-C, `kill`, a closed terminal) stop the
-/// VMM and remove the demo's directory before exiting with 128 + the
-/// signal, as the default action would, minus the leftovers.
-fn on_stop_signal(dir: PathBuf, vmm: Arc<AtomicI32>) {
-    // SAFETY: plain signal-set manipulation on a local set, then blocking
-    // it in this thread (every thread started later inherits the mask).
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
-        let mut sig = 0;
-        // SAFETY: sigwait on a valid set, writing the signal number to `sig`.
-        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-            return;
-        }
-        let pid = vmm.load(Ordering::SeqCst);
-        if pid > 0 {
-            // SAFETY: our own child, which nobody has reaped yet (the
-            // main thread reaps it only on its way out, which this
-            // signal cut short); kill and waitpid touch nothing else.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        let _ = writeln!(
-            std::io::stderr(),
-            "ukvmi demo: stopped by signal {sig}; the VM is gone and {} removed",
-            dir.display()
-        );
-        std::process::exit(128 + sig);
-    });
-}
-
-struct DirGuard(PathBuf);
-
-impl Drop for DirGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
