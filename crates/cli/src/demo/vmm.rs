@@ -104,7 +104,7 @@ pub(super) fn on_stop_signal(dir: PathBuf, vmm: Arc<AtomicI32>) {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
-    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+    let waiter = std::thread::Builder::new().name("signals".into()).spawn(move || {
         let mut sig = 0;
         // SAFETY: sigwait on a valid set, writing the signal number to `sig`.
         if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
@@ -112,9 +112,10 @@ pub(super) fn on_stop_signal(dir: PathBuf, vmm: Arc<AtomicI32>) {
         }
         let pid = vmm.load(Ordering::SeqCst);
         if pid > 0 {
-            // SAFETY: our own child, which nobody has reaped yet (the
-            // main thread reaps it only on its way out, which this
-            // signal cut short); kill and waitpid touch nothing else.
+            // SAFETY: kill and waitpid take plain integers and touch no
+            // memory of ours. The pid is our child's: the main thread sets
+            // it to 0 once it has reaped the child (should it reap it
+            // first here, waitpid just fails with ECHILD).
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
                 libc::waitpid(pid, std::ptr::null_mut(), 0);
@@ -128,6 +129,11 @@ pub(super) fn on_stop_signal(dir: PathBuf, vmm: Arc<AtomicI32>) {
         );
         std::process::exit(128 + sig);
     });
+    if waiter.is_err() {
+        // Nobody would take them: let the signals act as they always do.
+        // SAFETY: unblocking the same valid set in this thread.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    }
 }
 
 /// A directory removed on drop.
