@@ -3,8 +3,13 @@
 //! dispatches through the same table, and tool commands check their
 //! options against it.
 
+use std::process::ExitCode;
+
+use ukvmi_monitor::json::Obj;
+
 use crate::{
     args::{flag, valued, Opt},
+    help_extra,
     tools::{self, ToolFn},
 };
 
@@ -132,7 +137,7 @@ pub(crate) const COMMANDS: &[Command] = &[
         usage: "",
         about: "list the built-in guests",
         section: Section::Vm,
-        options: &[],
+        options: &[flag("--json").help("one JSON object per guest: name and summary")],
         action: Action::Guests,
     },
     Command {
@@ -187,6 +192,7 @@ pub(crate) const COMMANDS: &[Command] = &[
         options: &[
             flag("--raw").help("the bytes themselves instead of a hex dump"),
             flag("--hex").help("a hex dump (the default)"),
+            flag("--json").help("one JSON object: the address, len and the bytes as a hex string"),
             valued("--vcpu", "N").help("ADDR is virtual, through vCPU N's page tables"),
         ],
         action: Action::Tool(tools::read),
@@ -194,11 +200,13 @@ pub(crate) const COMMANDS: &[Command] = &[
     Command {
         name: "dump",
         usage: "[ADDR LEN]",
-        about: "bulk memory (default: all RAM) to stdout or -o FILE, progress bar; --via map|socket",
+        about: "bulk memory (default: all RAM) to -o FILE, or --hex/--json; progress bar; --via map|socket",
         section: Section::Tool,
         options: &[
             flag("--quiet").help("no progress bar and no summary line"),
             valued("--via", "map|socket").help("the mapped view (default when granted) or KVMI_VM_READ_PHYSICAL"),
+            flag("--hex").help("a hex dump instead of the bytes (the bytes never go to a terminal)"),
+            flag("--json").help("one JSON object per MiB: gpa, len and the bytes in base64"),
         ],
         action: Action::Tool(tools::dump),
     },
@@ -254,10 +262,11 @@ pub(crate) const COMMANDS: &[Command] = &[
     },
     Command {
         name: "symbols",
-        usage: "[NAME|ADDR...]",
-        about: "the guest's symbol map, or look names/addresses up",
+        usage: "[NAME|PATTERN|ADDR...]",
+        about: "the guest's symbols: all, those matching a PATTERN (substring or glob), or\n                               \
+                look names/addresses up",
         section: Section::Tool,
-        options: &[],
+        options: &[flag("--json").help("one JSON object per symbol: name and addr")],
         action: Action::Tool(tools::symbols),
     },
     Command {
@@ -369,6 +378,11 @@ COMMON OPTIONS:
     --json            one JSON object per line instead of text
     --count N         (streams) stop after N records
     --duration SECS   (streams) stop after SECS seconds
+
+EXIT STATUS:
+    0 when the command did its job, and also when the reader stops early
+    (`ukvmi ... | head`: the command ends quietly, without an error);
+    1 when it failed; 2 for a usage error.
 ";
 
 /// `ukvmi help`: every listed command, by section.
@@ -391,25 +405,113 @@ pub(crate) fn help() -> String {
     s
 }
 
-/// `ukvmi COMMAND --help` for a tool command: its usage, what it does and
-/// its options, then the whole `ukvmi help` as before.
+/// `ukvmi COMMAND --help` (and `ukvmi help COMMAND`): the command's usage,
+/// what it does, its options, whether it streams and examples — not the
+/// whole `ukvmi help`, which it points to.
 pub(crate) fn command_help(c: &Command) -> String {
     let about = c.about.split_whitespace().collect::<Vec<_>>().join(" ");
     let usage = if c.usage.is_empty() { String::new() } else { format!(" {}", c.usage) };
-    let mut s =
-        format!("ukvmi {}: {about}\n\nUSAGE:\n    ukvmi [--vm PATH] [--key-file FILE] {}{usage}", c.name, c.name);
+    let globals = if c.action_is_tool() { "[--vm PATH] [--key-file FILE] " } else { "" };
+    let mut s = format!("ukvmi {}: {about}\n\nUSAGE:\n    ukvmi {globals}{}{usage}", c.name, c.name);
     s.push_str(if c.name == "dump" { " [-o FILE]\n" } else { "\n" });
     s.push_str("\nOPTIONS:\n");
-    if c.options.is_empty() {
+    let shown: Vec<&Opt> = c.options.iter().filter(|o| !o.help.is_empty()).collect();
+    if shown.is_empty() && c.name != "dump" {
         s.push_str("    (none)\n");
     }
-    for o in c.options {
+    for o in shown {
         let spec = o.value.map_or_else(|| o.name.to_string(), |v| format!("{} {v}", o.name));
         s.push_str(&format!("    {spec:<26} {}\n", o.help));
     }
-    s.push_str("\n----\n\n");
-    s.push_str(&help());
+    if c.name == "dump" {
+        s.push_str(&format!(
+            "    {:<26} {}\n",
+            "-o FILE", "write the bytes to FILE (as FILE.partial until done; removed if interrupted)"
+        ));
+    }
+    let extra = help_extra::find(c.name);
+    s.push_str("\nRUNS:\n    ");
+    s.push_str(if extra.is_some_and(|e| e.streams) {
+        "until Ctrl-C (streams; --count N or --duration SECS stop it sooner), then undoes what it set up\n"
+    } else {
+        "once: answers and exits\n"
+    });
+    if let Some(e) = extra {
+        s.push_str("\nEXAMPLES:\n");
+        for ex in e.examples {
+            s.push_str(&format!("    {ex}\n"));
+        }
+    }
+    s.push_str(if c.action_is_tool() {
+        "\nEvery command, and how the tool commands reach the VM (--vm, --key-file, --map): `ukvmi help`\n"
+    } else {
+        "\nEvery command: `ukvmi help`\n"
+    });
     s
+}
+
+impl Command {
+    /// Whether the daemon runs it (a tool command, or `detach`).
+    pub(crate) fn action_is_tool(&self) -> bool {
+        matches!(self.action, Action::Tool(_) | Action::Detach)
+    }
+}
+
+/// The one line for a command that does not exist, with the nearest one
+/// when a typo is likely.
+pub(crate) fn unknown_command(name: &str) -> String {
+    match suggest(name) {
+        Some(s) => format!("ukvmi: unknown command `{name}` (did you mean `{s}`?)"),
+        None => format!("ukvmi: unknown command `{name}` (`ukvmi help` lists the commands)"),
+    }
+}
+
+/// What `ukvmi help [COMMAND]` prints: `Err` is the one line for an
+/// unknown COMMAND.
+pub(crate) fn help_for(name: Option<&str>) -> Result<String, String> {
+    match name {
+        None => Ok(help()),
+        Some("run") => Ok(crate::run::help()),
+        Some("demo") => Ok(crate::demo::HELP.to_string()),
+        Some(n) => find(n).map(command_help).ok_or_else(|| unknown_command(n)),
+    }
+}
+
+/// Prints help text (a reader that stops early is no error).
+pub(crate) fn print_help(text: &str) -> ExitCode {
+    match tools::write_stdout(text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ukvmi: writing the help: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `ukvmi guests [--json]`: the built-in guests, a line (or a JSON object)
+/// each.
+pub(crate) fn guests(cmd: &Command, args: &[String]) -> ExitCode {
+    let mut json = false;
+    for a in args {
+        match a.as_str() {
+            "--json" => json = true,
+            "-h" | "--help" => return print_help(&command_help(cmd)),
+            other => {
+                eprintln!("ukvmi guests: unknown option `{other}` (allowed: --json)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let mut text = String::new();
+    for g in ukvmi_guests::all() {
+        if json {
+            text.push_str(&Obj::new().str("name", g.name).str("summary", g.summary).build());
+            text.push('\n');
+        } else {
+            text.push_str(&format!("{:<12} {}\n", g.name, g.summary));
+        }
+    }
+    print_help(&text)
 }
 
 /// The command nearest to a mistyped `name` (one or two letters off), if any.
@@ -472,16 +574,35 @@ mod tests {
     }
 
     #[test]
-    fn a_tool_commands_help_lists_its_options_then_everything() {
+    fn a_tool_commands_help_lists_its_options_examples_and_whether_it_streams() {
         let trace = find("trace").unwrap();
         let h = command_help(trace);
         assert!(h.starts_with("ukvmi trace: live events: --syscalls (default), --msr MSR,"), "{h}");
         assert!(h.contains("    --count N                  stop after N records\n"), "{h}");
         assert!(h.contains("    --msr MSR "), "{h}");
-        assert!(h.ends_with(&help()), "the whole help follows");
+        assert!(h.contains("\nRUNS:\n    until Ctrl-C"), "{h}");
+        assert!(h.contains("\nEXAMPLES:\n    ukvmi trace --syscalls --count 20\n"), "{h}");
+        assert!(!h.contains(TOOL_HELP) && !h.contains("COMMANDS:"), "the whole help no longer follows: {h}");
+        assert!(h.lines().count() < 30, "{h}");
+        assert!(h.ends_with("`ukvmi help`\n"), "it says where the whole help is: {h}");
         for c in COMMANDS.iter().filter(|c| matches!(c.action, Action::Tool(_))) {
             assert!(c.options.iter().all(|o| !o.help.is_empty()), "{}: an option without help", c.name);
         }
         assert!(command_help(find("detach").unwrap()).contains("OPTIONS:\n    (none)\n"));
+        assert!(command_help(find("read").unwrap()).contains("\nRUNS:\n    once: answers and exits\n"));
+        let dump = command_help(find("dump").unwrap());
+        assert!(dump.contains("    -o FILE ") && dump.contains("    --hex "), "{dump}");
+        let guests = command_help(find("guests").unwrap());
+        assert!(guests.contains("USAGE:\n    ukvmi guests\n") && guests.contains("    --json "), "{guests}");
+    }
+
+    #[test]
+    fn help_for_a_command_or_one_line_for_a_typo() {
+        assert_eq!(help_for(None), Ok(help()));
+        assert_eq!(help_for(Some("dump")), Ok(command_help(find("dump").unwrap())));
+        assert!(help_for(Some("run")).unwrap().contains("--introspect"));
+        assert_eq!(help_for(Some("inf")), Err("ukvmi: unknown command `inf` (did you mean `info`?)".to_string()));
+        let none = help_for(Some("frobnicate")).unwrap_err();
+        assert!(!none.contains('\n') && !none.contains("did you mean"), "{none}");
     }
 }
