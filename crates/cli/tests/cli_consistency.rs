@@ -84,8 +84,10 @@ fn field(json: &str, key: &str) -> String {
     let k = format!("\"{key}\":");
     let at = json.find(&k).unwrap_or_else(|| panic!("no {key} in {json}")) + k.len();
     let rest = &json[at..];
-    let end = if rest.starts_with('"') { rest[1..].find('"').unwrap() + 2 } else { rest.find([',', '}']).unwrap() };
-    rest[..end].trim_matches('"').to_string()
+    match rest.strip_prefix('"') {
+        Some(quoted) => quoted[..quoted.find('"').unwrap()].to_string(),
+        None => rest[..rest.find([',', '}']).unwrap()].to_string(),
+    }
 }
 
 /// Every line is one JSON object.
