@@ -1,7 +1,9 @@
 //! The table of `ukvmi` commands — each one's name, usage, one-line help,
-//! options and what runs it — and the top-level help built from it. `main`
-//! dispatches through the same table, and tool commands check their
-//! options against it.
+//! options and what runs it — and the top-level help built from it (a
+//! command's own help is in `help_extra.rs`; `ukvmi guests` is here too,
+//! being the table's list of what `run` can boot). `main` dispatches
+//! through the same table, and tool commands check their options against
+//! it.
 
 use std::process::ExitCode;
 
@@ -9,7 +11,7 @@ use ukvmi_monitor::json::Obj;
 
 use crate::{
     args::{flag, valued, Opt},
-    help_extra,
+    help_extra::command_help,
     tools::{self, ToolFn},
 };
 
@@ -405,78 +407,6 @@ pub(crate) fn help() -> String {
     s
 }
 
-/// `ukvmi COMMAND --help` (and `ukvmi help COMMAND`): the command's usage,
-/// what it does, its options, whether it streams and examples — not the
-/// whole `ukvmi help`, which it points to.
-pub(crate) fn command_help(c: &Command) -> String {
-    let about = c.about.split_whitespace().collect::<Vec<_>>().join(" ");
-    let usage = if c.usage.is_empty() { String::new() } else { format!(" {}", c.usage) };
-    let globals = if c.action_is_tool() { "[--vm PATH] [--key-file FILE] " } else { "" };
-    let mut s = format!("ukvmi {}: {about}\n\nUSAGE:\n    ukvmi {globals}{}{usage}", c.name, c.name);
-    s.push_str(if c.name == "dump" { " [-o FILE]\n" } else { "\n" });
-    s.push_str("\nOPTIONS:\n");
-    let shown: Vec<&Opt> = c.options.iter().filter(|o| !o.help.is_empty()).collect();
-    if shown.is_empty() && c.name != "dump" {
-        s.push_str("    (none)\n");
-    }
-    for o in shown {
-        let spec = o.value.map_or_else(|| o.name.to_string(), |v| format!("{} {v}", o.name));
-        s.push_str(&format!("    {spec:<26} {}\n", o.help));
-    }
-    if c.name == "dump" {
-        s.push_str(&format!(
-            "    {:<26} {}\n",
-            "-o FILE", "write the bytes to FILE (as FILE.partial until done; removed if interrupted)"
-        ));
-    }
-    let extra = help_extra::find(c.name);
-    s.push_str("\nRUNS:\n    ");
-    s.push_str(if extra.is_some_and(|e| e.streams) {
-        "until Ctrl-C (streams; --count N or --duration SECS stop it sooner), then undoes what it set up\n"
-    } else {
-        "once: answers and exits\n"
-    });
-    if let Some(e) = extra {
-        s.push_str("\nEXAMPLES:\n");
-        for ex in e.examples {
-            s.push_str(&format!("    {ex}\n"));
-        }
-    }
-    s.push_str(if c.action_is_tool() {
-        "\nEvery command, and how the tool commands reach the VM (--vm, --key-file, --map): `ukvmi help`\n"
-    } else {
-        "\nEvery command: `ukvmi help`\n"
-    });
-    s
-}
-
-impl Command {
-    /// Whether the daemon runs it (a tool command, or `detach`).
-    pub(crate) fn action_is_tool(&self) -> bool {
-        matches!(self.action, Action::Tool(_) | Action::Detach)
-    }
-}
-
-/// The one line for a command that does not exist, with the nearest one
-/// when a typo is likely.
-pub(crate) fn unknown_command(name: &str) -> String {
-    match suggest(name) {
-        Some(s) => format!("ukvmi: unknown command `{name}` (did you mean `{s}`?)"),
-        None => format!("ukvmi: unknown command `{name}` (`ukvmi help` lists the commands)"),
-    }
-}
-
-/// What `ukvmi help [COMMAND]` prints: `Err` is the one line for an
-/// unknown COMMAND.
-pub(crate) fn help_for(name: Option<&str>) -> Result<String, String> {
-    match name {
-        None => Ok(help()),
-        Some("run") => Ok(crate::run::help()),
-        Some("demo") => Ok(crate::demo::HELP.to_string()),
-        Some(n) => find(n).map(command_help).ok_or_else(|| unknown_command(n)),
-    }
-}
-
 /// Prints help text (a reader that stops early is no error).
 pub(crate) fn print_help(text: &str) -> ExitCode {
     match tools::write_stdout(text) {
@@ -514,95 +444,5 @@ pub(crate) fn guests(cmd: &Command, args: &[String]) -> ExitCode {
     print_help(&text)
 }
 
-/// The command nearest to a mistyped `name` (one or two letters off), if any.
-pub(crate) fn suggest(name: &str) -> Option<&'static str> {
-    COMMANDS
-        .iter()
-        .filter(|c| c.section != Section::Hidden)
-        .map(|c| (edit_distance(name, c.name), c.name))
-        .filter(|(d, _)| *d <= 2)
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, n)| n)
-}
-
-/// Levenshtein distance between two short words.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row.first().copied().unwrap_or(0);
-        if let Some(first) = row.first_mut() {
-            *first = i + 1;
-        }
-        for (j, cb) in b.iter().enumerate() {
-            let above = row.get(j + 1).copied().unwrap_or(0);
-            let left = row.get(j).copied().unwrap_or(0);
-            let best = (prev + usize::from(ca != *cb)).min(above + 1).min(left + 1);
-            if let Some(cell) = row.get_mut(j + 1) {
-                *cell = best;
-            }
-            prev = above;
-        }
-    }
-    row.last().copied().unwrap_or(0)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_unique_and_typos_find_their_command() {
-        for (i, c) in COMMANDS.iter().enumerate() {
-            assert!(COMMANDS.iter().skip(i + 1).all(|d| d.name != c.name), "{} twice", c.name);
-        }
-        assert_eq!(suggest("rgs"), Some("regs"));
-        assert_eq!(suggest("tarce"), Some("trace"));
-        assert_eq!(suggest("frobnicate"), None);
-        assert_eq!(suggest("daemonx"), None, "hidden commands are not suggested");
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-    }
-
-    #[test]
-    fn help_lists_every_visible_command_once() {
-        let h = help();
-        for c in COMMANDS.iter().filter(|c| c.section != Section::Hidden) {
-            assert!(h.contains(&format!("    {}", if c.section == Section::Tool { c.name } else { "ukvmi " })));
-            assert!(h.contains(c.about), "{}", c.name);
-        }
-        assert!(!h.contains("hold the KVMI connection"));
-    }
-
-    #[test]
-    fn a_tool_commands_help_lists_its_options_examples_and_whether_it_streams() {
-        let trace = find("trace").unwrap();
-        let h = command_help(trace);
-        assert!(h.starts_with("ukvmi trace: live events: --syscalls (default), --msr MSR,"), "{h}");
-        assert!(h.contains("    --count N                  stop after N records\n"), "{h}");
-        assert!(h.contains("    --msr MSR "), "{h}");
-        assert!(h.contains("\nRUNS:\n    until Ctrl-C"), "{h}");
-        assert!(h.contains("\nEXAMPLES:\n    ukvmi trace --syscalls --count 20\n"), "{h}");
-        assert!(!h.contains(TOOL_HELP) && !h.contains("COMMANDS:"), "the whole help no longer follows: {h}");
-        assert!(h.lines().count() < 30, "{h}");
-        assert!(h.ends_with("`ukvmi help`\n"), "it says where the whole help is: {h}");
-        for c in COMMANDS.iter().filter(|c| matches!(c.action, Action::Tool(_))) {
-            assert!(c.options.iter().all(|o| !o.help.is_empty()), "{}: an option without help", c.name);
-        }
-        assert!(command_help(find("detach").unwrap()).contains("OPTIONS:\n    (none)\n"));
-        assert!(command_help(find("read").unwrap()).contains("\nRUNS:\n    once: answers and exits\n"));
-        let dump = command_help(find("dump").unwrap());
-        assert!(dump.contains("    -o FILE ") && dump.contains("    --hex "), "{dump}");
-        let guests = command_help(find("guests").unwrap());
-        assert!(guests.contains("USAGE:\n    ukvmi guests\n") && guests.contains("    --json "), "{guests}");
-    }
-
-    #[test]
-    fn help_for_a_command_or_one_line_for_a_typo() {
-        assert_eq!(help_for(None), Ok(help()));
-        assert_eq!(help_for(Some("dump")), Ok(command_help(find("dump").unwrap())));
-        assert!(help_for(Some("run")).unwrap().contains("--introspect"));
-        assert_eq!(help_for(Some("inf")), Err("ukvmi: unknown command `inf` (did you mean `info`?)".to_string()));
-        let none = help_for(Some("frobnicate")).unwrap_err();
-        assert!(!none.contains('\n') && !none.contains("did you mean"), "{none}");
-    }
-}
+mod tests;

@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         if name == "-h" || name == "--help" {
             return commands::print_help(&commands::help());
         }
-        eprintln!("{}", commands::unknown_command(name));
+        eprintln!("{}", help_extra::unknown_command(name));
         return ExitCode::from(2);
     };
     match cmd.action {
@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         Action::Demo => demo::main(rest),
         Action::Daemon => daemon::main(rest),
         Action::Guests => commands::guests(cmd, rest),
-        Action::Help => match commands::help_for(rest.first().map(String::as_str)) {
+        Action::Help => match help_extra::help_for(rest.first().map(String::as_str)) {
             Ok(text) => commands::print_help(&text),
             Err(line) => {
                 eprintln!("{line}");
@@ -91,7 +91,7 @@ fn main() -> ExitCode {
         },
         Action::Tool(_) | Action::Detach => {
             if args.iter().any(|a| a == "-h" || a == "--help") {
-                return commands::print_help(&commands::command_help(cmd));
+                return commands::print_help(&help_extra::command_help(cmd));
             }
             let key = match control::load_key(globals.key_file.as_deref()) {
                 Ok(k) => k,
