@@ -202,7 +202,9 @@ pub(crate) const COMMANDS: &[Command] = &[
     Command {
         name: "dump",
         usage: "[ADDR LEN]",
-        about: "bulk memory (default: all RAM) to -o FILE, or --hex/--json; progress bar; --via map|socket",
+        about:
+            "bulk memory (default: all RAM) to -o FILE, or --hex/--json; progress bar;\n                               \
+                --via map|socket",
         section: Section::Tool,
         options: &[
             flag("--quiet").help("no progress bar and no summary line"),
@@ -264,9 +266,10 @@ pub(crate) const COMMANDS: &[Command] = &[
     },
     Command {
         name: "symbols",
-        usage: "[NAME|PATTERN|ADDR...]",
-        about: "the guest's symbols: all, those matching a PATTERN (substring or glob), or\n                               \
-                look names/addresses up",
+        usage: "[PATTERN|ADDR...]",
+        about:
+            "the guest's symbols: all, those PATTERN matches (a name, a substring or\n                               \
+                a glob such as 'sys_*'), or the symbol at ADDR",
         section: Section::Tool,
         options: &[flag("--json").help("one JSON object per symbol: name and addr")],
         action: Action::Tool(tools::symbols),
