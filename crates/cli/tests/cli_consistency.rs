@@ -356,6 +356,20 @@ fn an_interrupted_dump_leaves_no_partial_file_and_says_so() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(std::fs::read(&file).unwrap(), tool.cmd(&["read", "0x100000", "0x1000", "--raw"]).stdout);
     assert!(!partial.exists());
+    // The new FILE keeps the mode of the one it replaces (a memory dump may
+    // be private), and a symlink is written through, not replaced.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let o = tool.cmd(&["dump", "0x100000", "0x2000", "-o", file.to_str().unwrap(), "--quiet"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!((meta.len(), meta.permissions().mode() & 0o777), (0x2000, 0o600));
+    let link = dir.path("link.bin");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let o = tool.cmd(&["dump", "0x100000", "0x3000", "-o", link.to_str().unwrap(), "--quiet"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "still a symlink");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0x3000, "written through the link");
     std::fs::write(&file, b"precious").unwrap();
     for (sig, status) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
         let mut cmd = tool.command(&["dump", "--via", "socket", "-o", file.to_str().unwrap()]);

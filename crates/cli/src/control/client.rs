@@ -6,7 +6,12 @@ use std::{
     ffi::{CString, OsStr},
     fs::File,
     io::{self, Read, Write},
-    os::unix::{ffi::OsStrExt, net::UnixStream, process::CommandExt},
+    os::unix::{
+        ffi::OsStrExt,
+        fs::{OpenOptionsExt, PermissionsExt},
+        net::UnixStream,
+        process::CommandExt,
+    },
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
     sync::atomic::{AtomicPtr, AtomicUsize, Ordering},
@@ -252,7 +257,9 @@ fn guard_partial(partial: Option<&Path>) {
 /// renamed to FILE when it succeeds and removed when it fails or is
 /// interrupted, so FILE is either complete or as it was. A streaming
 /// command (whose normal end is Ctrl-C) writes FILE itself, and so does
-/// one whose FILE is no regular file (`-o /dev/stdout`, a FIFO).
+/// one whose FILE is no regular file (`-o /dev/stdout`, a FIFO, a
+/// symlink, which a rename would replace). FILE.partial takes the mode of
+/// the FILE it replaces (a dump of guest memory may be private).
 #[derive(Debug)]
 struct OutFile {
     path: PathBuf,
@@ -265,7 +272,7 @@ struct OutFile {
 impl OutFile {
     fn new(path: &str, streams: bool) -> OutFile {
         let path = PathBuf::from(path);
-        let special = std::fs::metadata(&path).is_ok_and(|m| !m.is_file());
+        let special = std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file());
         let partial = (!streams && !special).then(|| {
             let mut p = path.as_os_str().to_owned();
             p.push(".partial");
@@ -283,7 +290,16 @@ impl OutFile {
         if self.file.is_none() {
             let at = self.target().to_path_buf();
             guard_partial(self.partial.as_deref());
-            self.file = Some(File::create(&at).map_err(|e| format!("creating {}: {e}", at.display()))?);
+            let mut open = std::fs::OpenOptions::new();
+            open.write(true).create(true).truncate(true);
+            if self.partial.is_some() {
+                open.custom_flags(libc::O_NOFOLLOW);
+                if let Ok(m) = std::fs::metadata(&self.path) {
+                    open.mode(m.permissions().mode() & 0o7777);
+                }
+            }
+            let f = open.open(&at).map_err(|e| format!("creating {}: {e}", at.display()))?;
+            self.file = Some(f);
         }
         match self.file.as_mut() {
             Some(f) => f.write_all(data).map_err(|e| format!("writing {}: {e}", self.target().display())),
@@ -292,24 +308,22 @@ impl OutFile {
     }
 
     /// The command ended: on success the file is synced and (from
-    /// FILE.partial) renamed to FILE; otherwise the partial file goes.
+    /// FILE.partial) renamed to FILE; otherwise the partial file goes. The
+    /// signal handler keeps watching until then: interrupted before the
+    /// rename, FILE stays as it was; after it, FILE is complete.
     fn finish(mut self, ok: bool) -> Result<(), String> {
         let Some(f) = self.file.take() else { return Ok(()) };
         let synced = f.sync_all();
         drop(f);
-        guard_partial(None);
         let Some(partial) = self.partial.take() else {
             return synced.map_err(|e| format!("writing {}: {e}", self.path.display()));
         };
-        if !ok {
+        let done = if ok { synced.and_then(|()| std::fs::rename(&partial, &self.path)) } else { Ok(()) };
+        if !ok || done.is_err() {
             remove_partial(&partial);
-            return Ok(());
         }
-        if let Err(e) = synced.and_then(|()| std::fs::rename(&partial, &self.path)) {
-            remove_partial(&partial);
-            return Err(format!("writing {}: {e}", self.path.display()));
-        }
-        Ok(())
+        guard_partial(None);
+        done.map_err(|e| format!("writing {}: {e}", self.path.display()))
     }
 }
 
@@ -318,8 +332,8 @@ impl Drop for OutFile {
     /// write failed): the partial file goes.
     fn drop(&mut self) {
         if let (Some(partial), Some(_)) = (self.partial.take(), self.file.take()) {
-            guard_partial(None);
             remove_partial(&partial);
+            guard_partial(None);
         }
     }
 }
