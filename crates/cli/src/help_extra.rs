@@ -82,13 +82,14 @@ pub(crate) fn command_help(c: &Command) -> String {
     let mut s = format!("ukvmi {}: {about}\n\nUSAGE:\n    ukvmi {globals}{}{usage}", c.name, c.name);
     s.push_str(if c.name == "dump" { " [-o FILE]\n" } else { "\n" });
     s.push_str("\nOPTIONS:\n");
-    let shown: Vec<&Opt> = c.options.iter().filter(|o| !o.help.is_empty()).collect();
+    let shown: Vec<&Opt> = c.options.iter().filter(|o| !["-h", "--help"].contains(&o.name)).collect();
     if shown.is_empty() && c.name != "dump" {
         s.push_str("    (none)\n");
     }
     for o in shown {
         let spec = o.value.map_or_else(|| o.name.to_string(), |v| format!("{} {v}", o.name));
-        s.push_str(&format!("    {spec:<26} {}\n", o.help));
+        s.push_str(format!("    {spec:<26} {}", o.help).trim_end());
+        s.push('\n');
     }
     if c.name == "dump" {
         s.push_str(&format!(
@@ -98,10 +99,13 @@ pub(crate) fn command_help(c: &Command) -> String {
     }
     let extra = find(c.name);
     s.push_str("\nRUNS:\n    ");
-    s.push_str(if extra.is_some_and(|e| e.streams) {
-        "until Ctrl-C (streams; --count N or --duration SECS stop it sooner), then undoes what it set up\n"
-    } else {
-        "once: answers and exits\n"
+    let bounded = c.options.iter().any(|o| o.name == "--count");
+    s.push_str(match (extra.is_some_and(|e| e.streams), bounded) {
+        (true, true) => {
+            "until Ctrl-C (streams; --count N or --duration SECS stop it sooner), then undoes what it set up\n"
+        }
+        (true, false) => "until Ctrl-C, or until what it serves goes away\n",
+        (false, _) => "once: answers and exits\n",
     });
     if let Some(e) = extra {
         s.push_str("\nEXAMPLES:\n");
@@ -231,6 +235,9 @@ mod tests {
         }
         assert!(command_help(commands::find("detach").unwrap()).contains("OPTIONS:\n    (none)\n"));
         assert!(command_help(commands::find("read").unwrap()).contains("\nRUNS:\n    once: answers and exits\n"));
+        let daemon = command_help(commands::find("daemon").unwrap());
+        assert!(daemon.contains("OPTIONS:\n    --vm PATH\n") && !daemon.contains("--count"), "{daemon}");
+        assert!(!daemon.contains("    --help"), "-h and --help are not listed: {daemon}");
         let dump = command_help(commands::find("dump").unwrap());
         assert!(dump.contains("    -o FILE ") && dump.contains("    --hex "), "{dump}");
         let guests = command_help(commands::find("guests").unwrap());
