@@ -1,10 +1,17 @@
 //! The table of `ukvmi` commands — each one's name, usage, one-line help,
-//! options and what runs it — and the top-level help built from it. `main`
-//! dispatches through the same table, and tool commands check their
-//! options against it.
+//! options and what runs it — and the top-level help built from it (a
+//! command's own help is in `help_extra.rs`; `ukvmi guests` is here too,
+//! being the table's list of what `run` can boot). `main` dispatches
+//! through the same table, and tool commands check their options against
+//! it.
+
+use std::process::ExitCode;
+
+use ukvmi_monitor::json::Obj;
 
 use crate::{
     args::{flag, valued, Opt},
+    help_extra::command_help,
     tools::{self, ToolFn},
 };
 
@@ -132,7 +139,7 @@ pub(crate) const COMMANDS: &[Command] = &[
         usage: "",
         about: "list the built-in guests",
         section: Section::Vm,
-        options: &[],
+        options: &[flag("--json").help("one JSON object per guest: name and summary")],
         action: Action::Guests,
     },
     Command {
@@ -187,6 +194,7 @@ pub(crate) const COMMANDS: &[Command] = &[
         options: &[
             flag("--raw").help("the bytes themselves instead of a hex dump"),
             flag("--hex").help("a hex dump (the default)"),
+            flag("--json").help("one JSON object: the address, len and the bytes as a hex string"),
             valued("--vcpu", "N").help("ADDR is virtual, through vCPU N's page tables"),
         ],
         action: Action::Tool(tools::read),
@@ -194,11 +202,15 @@ pub(crate) const COMMANDS: &[Command] = &[
     Command {
         name: "dump",
         usage: "[ADDR LEN]",
-        about: "bulk memory (default: all RAM) to stdout or -o FILE, progress bar; --via map|socket",
+        about:
+            "bulk memory (default: all RAM) to -o FILE, or --hex/--json; progress bar;\n                               \
+                --via map|socket",
         section: Section::Tool,
         options: &[
             flag("--quiet").help("no progress bar and no summary line"),
             valued("--via", "map|socket").help("the mapped view (default when granted) or KVMI_VM_READ_PHYSICAL"),
+            flag("--hex").help("a hex dump instead of the bytes (the bytes never go to a terminal)"),
+            flag("--json").help("one JSON object per MiB: gpa, len and the bytes in base64"),
         ],
         action: Action::Tool(tools::dump),
     },
@@ -254,10 +266,12 @@ pub(crate) const COMMANDS: &[Command] = &[
     },
     Command {
         name: "symbols",
-        usage: "[NAME|ADDR...]",
-        about: "the guest's symbol map, or look names/addresses up",
+        usage: "[PATTERN|ADDR...]",
+        about:
+            "the guest's symbols: all, those PATTERN matches (a name, a substring or\n                               \
+                a glob such as 'sys_*'), or the symbol at ADDR",
         section: Section::Tool,
-        options: &[],
+        options: &[flag("--json").help("one JSON object per symbol: name and addr")],
         action: Action::Tool(tools::symbols),
     },
     Command {
@@ -369,6 +383,11 @@ COMMON OPTIONS:
     --json            one JSON object per line instead of text
     --count N         (streams) stop after N records
     --duration SECS   (streams) stop after SECS seconds
+
+EXIT STATUS:
+    0 when the command did its job, and also when the reader stops early
+    (`ukvmi ... | head`: the command ends quietly, without an error);
+    1 when it failed; 2 for a usage error.
 ";
 
 /// `ukvmi help`: every listed command, by section.
@@ -391,97 +410,42 @@ pub(crate) fn help() -> String {
     s
 }
 
-/// `ukvmi COMMAND --help` for a tool command: its usage, what it does and
-/// its options, then the whole `ukvmi help` as before.
-pub(crate) fn command_help(c: &Command) -> String {
-    let about = c.about.split_whitespace().collect::<Vec<_>>().join(" ");
-    let usage = if c.usage.is_empty() { String::new() } else { format!(" {}", c.usage) };
-    let mut s =
-        format!("ukvmi {}: {about}\n\nUSAGE:\n    ukvmi [--vm PATH] [--key-file FILE] {}{usage}", c.name, c.name);
-    s.push_str(if c.name == "dump" { " [-o FILE]\n" } else { "\n" });
-    s.push_str("\nOPTIONS:\n");
-    if c.options.is_empty() {
-        s.push_str("    (none)\n");
-    }
-    for o in c.options {
-        let spec = o.value.map_or_else(|| o.name.to_string(), |v| format!("{} {v}", o.name));
-        s.push_str(&format!("    {spec:<26} {}\n", o.help));
-    }
-    s.push_str("\n----\n\n");
-    s.push_str(&help());
-    s
-}
-
-/// The command nearest to a mistyped `name` (one or two letters off), if any.
-pub(crate) fn suggest(name: &str) -> Option<&'static str> {
-    COMMANDS
-        .iter()
-        .filter(|c| c.section != Section::Hidden)
-        .map(|c| (edit_distance(name, c.name), c.name))
-        .filter(|(d, _)| *d <= 2)
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, n)| n)
-}
-
-/// Levenshtein distance between two short words.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row.first().copied().unwrap_or(0);
-        if let Some(first) = row.first_mut() {
-            *first = i + 1;
+/// Prints help text (a reader that stops early is no error).
+pub(crate) fn print_help(text: &str) -> ExitCode {
+    match tools::write_stdout(text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ukvmi: writing the help: {e}");
+            ExitCode::FAILURE
         }
-        for (j, cb) in b.iter().enumerate() {
-            let above = row.get(j + 1).copied().unwrap_or(0);
-            let left = row.get(j).copied().unwrap_or(0);
-            let best = (prev + usize::from(ca != *cb)).min(above + 1).min(left + 1);
-            if let Some(cell) = row.get_mut(j + 1) {
-                *cell = best;
+    }
+}
+
+/// `ukvmi guests [--json]`: the built-in guests, a line (or a JSON object)
+/// each.
+pub(crate) fn guests(cmd: &Command, args: &[String]) -> ExitCode {
+    let mut json = false;
+    for a in args {
+        match a.as_str() {
+            "--json" => json = true,
+            "-h" | "--help" => return print_help(&command_help(cmd)),
+            other => {
+                eprintln!("ukvmi guests: unknown option `{other}` (allowed: --json)");
+                return ExitCode::from(2);
             }
-            prev = above;
         }
     }
-    row.last().copied().unwrap_or(0)
+    let mut text = String::new();
+    for g in ukvmi_guests::all() {
+        if json {
+            text.push_str(&Obj::new().str("name", g.name).str("summary", g.summary).build());
+            text.push('\n');
+        } else {
+            text.push_str(&format!("{:<12} {}\n", g.name, g.summary));
+        }
+    }
+    print_help(&text)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_unique_and_typos_find_their_command() {
-        for (i, c) in COMMANDS.iter().enumerate() {
-            assert!(COMMANDS.iter().skip(i + 1).all(|d| d.name != c.name), "{} twice", c.name);
-        }
-        assert_eq!(suggest("rgs"), Some("regs"));
-        assert_eq!(suggest("tarce"), Some("trace"));
-        assert_eq!(suggest("frobnicate"), None);
-        assert_eq!(suggest("daemonx"), None, "hidden commands are not suggested");
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-    }
-
-    #[test]
-    fn help_lists_every_visible_command_once() {
-        let h = help();
-        for c in COMMANDS.iter().filter(|c| c.section != Section::Hidden) {
-            assert!(h.contains(&format!("    {}", if c.section == Section::Tool { c.name } else { "ukvmi " })));
-            assert!(h.contains(c.about), "{}", c.name);
-        }
-        assert!(!h.contains("hold the KVMI connection"));
-    }
-
-    #[test]
-    fn a_tool_commands_help_lists_its_options_then_everything() {
-        let trace = find("trace").unwrap();
-        let h = command_help(trace);
-        assert!(h.starts_with("ukvmi trace: live events: --syscalls (default), --msr MSR,"), "{h}");
-        assert!(h.contains("    --count N                  stop after N records\n"), "{h}");
-        assert!(h.contains("    --msr MSR "), "{h}");
-        assert!(h.ends_with(&help()), "the whole help follows");
-        for c in COMMANDS.iter().filter(|c| matches!(c.action, Action::Tool(_))) {
-            assert!(c.options.iter().all(|o| !o.help.is_empty()), "{}: an option without help", c.name);
-        }
-        assert!(command_help(find("detach").unwrap()).contains("OPTIONS:\n    (none)\n"));
-    }
-}
+mod tests;

@@ -10,7 +10,7 @@ use std::{
     io::{BufRead, BufReader, Write},
     process::ExitCode,
     sync::{
-        atomic::{AtomicI32, Ordering},
+        atomic::{AtomicBool, AtomicI32, Ordering},
         mpsc, Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -67,14 +67,27 @@ WHAT IT DOES:
 struct Printer {
     json: bool,
     lock: Arc<Mutex<()>>,
+    /// The reader of stdout went away (`ukvmi demo | head`): the demo ends
+    /// early and quietly, status 0.
+    closed: Arc<AtomicBool>,
+}
+
+/// Notes in `closed` a write that found the reader gone (EPIPE).
+fn note_closed(r: std::io::Result<()>, closed: &AtomicBool) {
+    if r.as_ref().is_err_and(tools::reader_gone) {
+        closed.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Printer {
     fn emit(&self, text: &str, json_obj: String) {
         let _g = self.lock.lock();
         let mut o = std::io::stdout().lock();
-        let _ = if self.json { writeln!(o, "{json_obj}") } else { writeln!(o, "{text}") };
-        let _ = o.flush();
+        let r = if self.json { writeln!(o, "{json_obj}") } else { writeln!(o, "{text}") };
+        note_closed(r.and_then(|()| o.flush()), &self.closed);
+    }
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
     }
     fn step(&self, n: u32, what: &str) {
         self.emit(
@@ -95,7 +108,8 @@ impl Out for PsOut<'_> {
         let p = self.0;
         let _g = p.lock.lock();
         let mut o = std::io::stdout().lock();
-        writeln!(o, "{}{s}", if p.json { "" } else { "    " })
+        note_closed(writeln!(o, "{}{s}", if p.json { "" } else { "    " }), &p.closed);
+        Ok(())
     }
     fn raw(&mut self, _b: &[u8]) -> std::io::Result<()> {
         Ok(())
@@ -174,8 +188,10 @@ pub fn main(args: &[String]) -> ExitCode {
     let opts = match parse(args) {
         Ok(Some(o)) => o,
         Ok(None) => {
-            print!("{HELP}");
-            return ExitCode::SUCCESS;
+            return match tools::write_stdout(HELP) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            };
         }
         Err(e) => {
             eprintln!("ukvmi demo: {e}\n\n{HELP}");
@@ -203,7 +219,7 @@ fn sym(m: &SymbolMap, name: &str) -> Result<u64, String> {
 
 fn demo(o: &Opts) -> Result<bool, String> {
     let started = Instant::now();
-    let p = Printer { json: o.json, lock: Arc::new(Mutex::new(())) };
+    let p = Printer { json: o.json, lock: Arc::new(Mutex::new(())), closed: Arc::new(AtomicBool::new(false)) };
     let syms = demo_symbols()?;
     let entry = sym(&syms, "syscall_entry")?;
     let table = sym(&syms, "syscall_table")?;
@@ -230,7 +246,7 @@ fn demo(o: &Opts) -> Result<bool, String> {
     let mut child = VmChild(child);
     let lines = Arc::new(Mutex::new(0u64));
     if let Some(s) = serial {
-        let (lock, json_mode, count) = (Arc::clone(&p.lock), o.json, Arc::clone(&lines));
+        let (lock, json_mode, count, closed) = (Arc::clone(&p.lock), o.json, Arc::clone(&lines), Arc::clone(&p.closed));
         std::thread::spawn(move || {
             for line in BufReader::new(s).lines().map_while(Result::ok) {
                 if let Ok(mut c) = count.lock() {
@@ -238,26 +254,29 @@ fn demo(o: &Opts) -> Result<bool, String> {
                 }
                 let _g = lock.lock();
                 let mut out = std::io::stdout().lock();
-                let _ = if json_mode {
+                let r = if json_mode {
                     writeln!(out, "{}", Obj::new().str("event", "serial").str("line", &line).build())
                 } else {
                     writeln!(out, "    guest | {line}")
                 };
+                note_closed(r, &closed);
             }
         });
     }
     let (said, vmm_said) = mpsc::channel();
     if let Some(s) = vmm_err {
-        let (lock, json_mode) = (Arc::clone(&p.lock), o.json);
+        let (lock, json_mode, closed) = (Arc::clone(&p.lock), o.json, Arc::clone(&p.closed));
         std::thread::spawn(move || {
             for line in BufReader::new(s).lines().map_while(Result::ok) {
                 let _ = said.send(line.clone());
                 let _g = lock.lock();
-                if json_mode {
-                    println!("{}", Obj::new().str("event", "vmm").str("line", &line).build());
+                let mut out = std::io::stdout().lock();
+                let r = if json_mode {
+                    writeln!(out, "{}", Obj::new().str("event", "vmm").str("line", &line).build())
                 } else {
-                    println!("    vmm   | {line}");
-                }
+                    writeln!(out, "    vmm   | {line}")
+                };
+                note_closed(r, &closed);
             }
         });
     }
@@ -317,6 +336,11 @@ fn demo(o: &Opts) -> Result<bool, String> {
     // Until every step was seen and SECS passed; give up 15 s later.
     let max = o.duration + Duration::from_secs(15);
     loop {
+        if p.closed() {
+            // Nobody reads on: undo the hooks and stop the VM (on drop).
+            mon.stop();
+            return Ok(true);
+        }
         let all = n_sys > 0 && n_msr > 0 && n_page > 0 && n_hc > 0;
         let el = watch_start.elapsed();
         if (el >= o.duration && all) || el >= max {

@@ -7,6 +7,7 @@ mod commands;
 mod control;
 mod daemon;
 mod demo;
+mod help_extra;
 mod run;
 mod tools;
 mod vmm_errors;
@@ -67,46 +68,30 @@ fn main() -> ExitCode {
     }
     let rest = args.get(1..).unwrap_or(&[]);
     let Some(name) = args.first().map(String::as_str) else {
-        print!("{}", commands::help());
-        return ExitCode::SUCCESS;
+        return commands::print_help(&commands::help());
     };
     let Some(cmd) = commands::find(name) else {
         if name == "-h" || name == "--help" {
-            print!("{}", commands::help());
-            return ExitCode::SUCCESS;
+            return commands::print_help(&commands::help());
         }
-        let hint = commands::suggest(name).map_or_else(String::new, |s| format!(" (did you mean `{s}`?)"));
-        eprintln!("ukvmi: unknown command `{name}`{hint}\n\n{}", commands::help());
+        eprintln!("{}", help_extra::unknown_command(name));
         return ExitCode::from(2);
     };
     match cmd.action {
         Action::Run => run::main(rest),
         Action::Demo => demo::main(rest),
         Action::Daemon => daemon::main(rest),
-        Action::Guests => {
-            for g in ukvmi_guests::all() {
-                println!("{:<12} {}", g.name, g.summary);
+        Action::Guests => commands::guests(cmd, rest),
+        Action::Help => match help_extra::help_for(rest.first().map(String::as_str)) {
+            Ok(text) => commands::print_help(&text),
+            Err(line) => {
+                eprintln!("{line}");
+                ExitCode::from(2)
             }
-            ExitCode::SUCCESS
-        }
-        Action::Help => {
-            match rest.first().map(String::as_str) {
-                Some("run") => print!("{}", run::help()),
-                Some("demo") => print!("{}", demo::HELP),
-                Some(other) => match commands::find(other) {
-                    Some(c) if matches!(c.action, Action::Tool(_) | Action::Detach) => {
-                        print!("{}", commands::command_help(c));
-                    }
-                    _ => print!("{}", commands::help()),
-                },
-                None => print!("{}", commands::help()),
-            }
-            ExitCode::SUCCESS
-        }
+        },
         Action::Tool(_) | Action::Detach => {
             if args.iter().any(|a| a == "-h" || a == "--help") {
-                print!("{}", commands::command_help(cmd));
-                return ExitCode::SUCCESS;
+                return commands::print_help(&help_extra::command_help(cmd));
             }
             let key = match control::load_key(globals.key_file.as_deref()) {
                 Ok(k) => k,

@@ -64,16 +64,23 @@ fn a_commands_help_shows_its_options_and_a_typo_gets_a_suggestion() {
         let (code, out, _) = ukvmi(&args);
         assert_eq!(code, 0, "{args:?}");
         assert!(out.starts_with("ukvmi regs: a vCPU's registers"), "{args:?}: {out}");
-        let (own, all) = out.split_once("\n----\n").expect("the command's part, then everything");
-        assert!(own.contains("    --json ") && !own.contains("--count"), "{own}");
-        assert!(all.contains("COMMANDS:") && all.contains("HOW THE TOOL COMMANDS REACH THE VM"), "{all}");
+        // The command's own help (issue 13: no longer the whole help after it).
+        assert!(out.contains("    --json ") && !out.contains("--count"), "{out}");
+        assert!(out.contains("\nEXAMPLES:\n    ukvmi regs 0\n") && out.contains("\nRUNS:\n    once"), "{out}");
+        assert!(!out.contains("COMMANDS:") && !out.contains("HOW THE TOOL COMMANDS REACH THE VM"), "{out}");
+        assert!(out.ends_with("`ukvmi help`\n"), "it says where everything is: {out}");
     }
-    let (code, _, err) = ukvmi(&["rgs", "0"]);
+    let (code, all, _) = ukvmi(&["help"]);
+    assert_eq!(code, 0);
+    assert!(all.contains("COMMANDS:") && all.contains("HOW THE TOOL COMMANDS REACH THE VM"), "{all}");
+    let (code, out, err) = ukvmi(&["rgs", "0"]);
     assert_eq!(code, 2);
     assert!(err.starts_with("ukvmi: unknown command `rgs` (did you mean `regs`?)"), "{err}");
+    assert_eq!((err.lines().count(), out.as_str()), (1, ""), "one line, no help after it: {err}");
     let (code, _, err) = ukvmi(&["frobnicate"]);
     assert_eq!(code, 2);
     assert!(!err.contains("did you mean"), "{err}");
+    assert_eq!(err, "ukvmi: unknown command `frobnicate` (`ukvmi help` lists the commands)\n");
 }
 
 #[test]

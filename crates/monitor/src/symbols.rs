@@ -59,6 +59,11 @@ impl SymbolMap {
         self.by_addr.is_empty()
     }
 
+    /// Every symbol, as `(name, address)`, by address.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.by_addr.iter().map(|(a, n)| (n.as_str(), *a))
+    }
+
     /// The symbol at or below `addr` and the offset from it, if `addr` is
     /// within 64 KiB of it.
     pub fn symbolize(&self, addr: u64) -> Option<(&str, u64)> {

@@ -1,14 +1,20 @@
 //! The tool side of the control socket: finding (or starting) the daemon
 //! for a VM's socket, sending it one command and relaying its frames to
-//! stdout, stderr or the `-o` file.
+//! stdout, stderr or the `-o` file ([`OutFile`]: complete or absent).
 
 use std::{
-    ffi::OsStr,
+    ffi::{CString, OsStr},
     fs::File,
     io::{self, Read, Write},
-    os::unix::{ffi::OsStrExt, net::UnixStream, process::CommandExt},
-    path::Path,
+    os::unix::{
+        ffi::OsStrExt,
+        fs::{OpenOptionsExt, PermissionsExt},
+        net::UnixStream,
+        process::CommandExt,
+    },
+    path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
+    sync::atomic::{AtomicPtr, AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -99,7 +105,6 @@ pub fn client(vm: &Path, map: Option<&str>, key: Option<&[u8]>, mut args: Vec<St
     // `-o FILE` is the client's: the file is written here, not by the
     // daemon, and created only when the first output arrives (a command
     // that fails leaves an existing file alone).
-    let mut out_file: Option<File> = None;
     let out_path = match crate::args::take_option(&mut args, crate::commands::OUTPUT) {
         Ok(o) => o.map(|(_, path)| path),
         Err(_) => {
@@ -107,6 +112,15 @@ pub fn client(vm: &Path, map: Option<&str>, key: Option<&[u8]>, mut args: Vec<St
             return ExitCode::from(2);
         }
     };
+    let name = args.first().map_or("", String::as_str);
+    if name == "dump" && out_path.is_none() && is_tty(1) && !args.iter().any(|a| a == "--hex" || a == "--json") {
+        eprintln!(
+            "ukvmi dump: not writing binary to a terminal: give -o FILE, --hex (a hex dump) or --json, or redirect stdout"
+        );
+        return ExitCode::from(2);
+    }
+    let streams = crate::help_extra::find(name).is_some_and(|e| e.streams);
+    let mut out_file = out_path.as_deref().map(|p| OutFile::new(p, streams));
     let spawn = args.first().map(String::as_str) != Some("detach");
     let mut sock = match connect(vm, map, key, spawn) {
         Ok(s) => s,
@@ -136,19 +150,9 @@ pub fn client(vm: &Path, map: Option<&str>, key: Option<&[u8]>, mut args: Vec<St
             return ExitCode::FAILURE;
         }
         let ok = match head[0] {
-            STDOUT if out_path.is_some() => {
-                let path = out_path.as_deref().unwrap_or_default();
-                if out_file.is_none() {
-                    match File::create(path) {
-                        Ok(f) => out_file = Some(f),
-                        Err(e) => {
-                            eprintln!("ukvmi: creating {path}: {e}");
-                            return ExitCode::FAILURE;
-                        }
-                    }
-                }
-                if let Err(e) = out_file.as_mut().map_or(Ok(()), |f| f.write_all(&data)) {
-                    eprintln!("ukvmi: writing {path}: {e}");
+            STDOUT if out_file.is_some() => {
+                if let Some(Err(e)) = out_file.as_mut().map(|f| f.write(&data)) {
+                    eprintln!("ukvmi: {e}");
                     return ExitCode::FAILURE;
                 }
                 Ok(())
@@ -169,13 +173,14 @@ pub fn client(vm: &Path, map: Option<&str>, key: Option<&[u8]>, mut args: Vec<St
                 if progress_shown {
                     let _ = stderr.write_all(b"\n");
                 }
-                if let Some(f) = out_file.as_mut() {
-                    if let Err(e) = f.sync_all() {
-                        eprintln!("ukvmi: writing {}: {e}", out_path.as_deref().unwrap_or_default());
+                let status = data.first().copied().unwrap_or(1);
+                if let Some(f) = out_file.take() {
+                    if let Err(e) = f.finish(status == 0) {
+                        eprintln!("ukvmi: {e}");
                         return ExitCode::FAILURE;
                     }
                 }
-                return ExitCode::from(data.first().copied().unwrap_or(1));
+                return ExitCode::from(status);
             }
             k => {
                 eprintln!("ukvmi: unknown frame kind {k} from the daemon");
@@ -191,5 +196,150 @@ pub fn client(vm: &Path, map: Option<&str>, key: Option<&[u8]>, mut args: Vec<St
             eprintln!("ukvmi: writing the output: {e}");
             return ExitCode::FAILURE;
         }
+    }
+}
+
+/// The partial `-o` file a signal handler removes (a leaked C string), and
+/// its length.
+static PARTIAL: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
+static PARTIAL_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// SIGINT, SIGTERM and SIGHUP while a partial `-o` file exists: remove it,
+/// say so, and exit as the signal would (128 + its number).
+extern "C" fn on_signal(sig: libc::c_int) {
+    const SAID: &[u8] = b"\nukvmi: interrupted: removed the partial output ";
+    let p = PARTIAL.load(Ordering::SeqCst);
+    if !p.is_null() {
+        // SAFETY: `p` is a NUL-terminated string leaked for the life of the
+        // process, PARTIAL_LEN bytes long; unlink(2), write(2) and _exit(2)
+        // are async-signal-safe.
+        unsafe {
+            if libc::unlink(p) == 0 {
+                libc::write(2, SAID.as_ptr().cast(), SAID.len());
+                libc::write(2, p.cast(), PARTIAL_LEN.load(Ordering::SeqCst));
+                libc::write(2, b"\n".as_ptr().cast(), 1);
+            }
+        }
+    }
+    // SAFETY: _exit(2) ends the process without running anything else.
+    unsafe { libc::_exit(128 + sig) }
+}
+
+/// Points the signal handler at `partial` (or at nothing) and, the first
+/// time, installs it for the signals that end a command — except those
+/// ignored by whoever started us (a background job's SIGINT).
+fn guard_partial(partial: Option<&Path>) {
+    let raw = partial
+        .and_then(|p| CString::new(p.as_os_str().as_bytes()).ok())
+        .map_or(std::ptr::null_mut(), CString::into_raw);
+    PARTIAL_LEN.store(partial.map_or(0, |p| p.as_os_str().len()), Ordering::SeqCst);
+    PARTIAL.store(raw, Ordering::SeqCst);
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: sigaction(2) with a zeroed, then filled, struct
+            // sigaction; the handler only makes async-signal-safe calls.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN {
+                    continue;
+                }
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                libc::sigemptyset(&mut act.sa_mask);
+                libc::sigaction(sig, &act, std::ptr::null_mut());
+            }
+        }
+    });
+}
+
+/// The `-o FILE` output. A command that answers once writes FILE.partial,
+/// renamed to FILE when it succeeds and removed when it fails or is
+/// interrupted, so FILE is either complete or as it was. A streaming
+/// command (whose normal end is Ctrl-C) writes FILE itself, and so does
+/// one whose FILE is no regular file (`-o /dev/stdout`, a FIFO, a
+/// symlink, which a rename would replace). FILE.partial takes the mode of
+/// the FILE it replaces (a dump of guest memory may be private).
+#[derive(Debug)]
+struct OutFile {
+    path: PathBuf,
+    /// Where the bytes go until the command succeeds, if not to `path`.
+    partial: Option<PathBuf>,
+    /// Created when the first output arrives.
+    file: Option<File>,
+}
+
+impl OutFile {
+    fn new(path: &str, streams: bool) -> OutFile {
+        let path = PathBuf::from(path);
+        let special = std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file());
+        let partial = (!streams && !special).then(|| {
+            let mut p = path.as_os_str().to_owned();
+            p.push(".partial");
+            PathBuf::from(p)
+        });
+        OutFile { path, partial, file: None }
+    }
+
+    fn target(&self) -> &Path {
+        self.partial.as_deref().unwrap_or(&self.path)
+    }
+
+    /// Writes `data`, creating the file first.
+    fn write(&mut self, data: &[u8]) -> Result<(), String> {
+        if self.file.is_none() {
+            let at = self.target().to_path_buf();
+            guard_partial(self.partial.as_deref());
+            let mut open = std::fs::OpenOptions::new();
+            open.write(true).create(true).truncate(true);
+            if self.partial.is_some() {
+                open.custom_flags(libc::O_NOFOLLOW);
+                if let Ok(m) = std::fs::metadata(&self.path) {
+                    open.mode(m.permissions().mode() & 0o7777);
+                }
+            }
+            let f = open.open(&at).map_err(|e| format!("creating {}: {e}", at.display()))?;
+            self.file = Some(f);
+        }
+        match self.file.as_mut() {
+            Some(f) => f.write_all(data).map_err(|e| format!("writing {}: {e}", self.target().display())),
+            None => Ok(()),
+        }
+    }
+
+    /// The command ended: on success the file is synced and (from
+    /// FILE.partial) renamed to FILE; otherwise the partial file goes. The
+    /// signal handler keeps watching until then: interrupted before the
+    /// rename, FILE stays as it was; after it, FILE is complete.
+    fn finish(mut self, ok: bool) -> Result<(), String> {
+        let Some(f) = self.file.take() else { return Ok(()) };
+        let synced = f.sync_all();
+        drop(f);
+        let Some(partial) = self.partial.take() else {
+            return synced.map_err(|e| format!("writing {}: {e}", self.path.display()));
+        };
+        let done = if ok { synced.and_then(|()| std::fs::rename(&partial, &self.path)) } else { Ok(()) };
+        if !ok || done.is_err() {
+            remove_partial(&partial);
+        }
+        guard_partial(None);
+        done.map_err(|e| format!("writing {}: {e}", self.path.display()))
+    }
+}
+
+impl Drop for OutFile {
+    /// The command did not finish (the daemon went away, or stdout or a
+    /// write failed): the partial file goes.
+    fn drop(&mut self) {
+        if let (Some(partial), Some(_)) = (self.partial.take(), self.file.take()) {
+            remove_partial(&partial);
+            guard_partial(None);
+        }
+    }
+}
+
+fn remove_partial(partial: &Path) {
+    if std::fs::remove_file(partial).is_ok() {
+        eprintln!("ukvmi: removed the partial output {}", partial.display());
     }
 }

@@ -1,5 +1,6 @@
 //! The commands that read the guest's own structures: `ps` (the demo OS's
-//! process table) and `symbols` (the guest's symbol map).
+//! process table) and `symbols` (the guest's symbol map: all of it, names
+//! matching a pattern, or lookups).
 
 use std::io;
 
@@ -49,18 +50,94 @@ pub(crate) fn ps(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), F
 pub(crate) fn symbols(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     let syms =
         ctx.syms.ok_or_else(|| Failure { msg: "no symbol map for this VM (give --map FILE)".into(), status: 1 })?;
+    let json = a.has("--json");
+    let named = |out: &mut dyn Out, name: &str, addr: u64| -> Result<(), Failure> {
+        Ok(out.line(&if json {
+            Obj::new().str("name", name).hex("addr", addr).build()
+        } else {
+            format!("{addr:#018x} {name}")
+        })?)
+    };
     if a.pos.is_empty() {
-        return Ok(out.line(&format!(
-            "{} symbols; look one up with `ukvmi symbols NAME` or `ukvmi symbols 0xADDR`",
-            syms.len()
-        ))?);
+        for (name, addr) in syms.iter() {
+            named(out, name, addr)?;
+        }
+        return Ok(());
     }
     for q in &a.pos {
-        match (syms.addr(q), parse_number(q)) {
-            (Some(addr), _) => out.line(&format!("{addr:#018x} {q}"))?,
-            (None, Some(addr)) => out.line(&format!("{addr:#018x} {}", syms.describe(addr)))?,
-            (None, None) => return Err(Failure { msg: format!("no symbol `{q}`"), status: 1 }),
+        if let Some(addr) = syms.addr(q) {
+            named(out, q, addr)?;
+        } else if let Some(addr) = parse_number(q) {
+            let at = syms.describe(addr);
+            out.line(&if json {
+                Obj::new().hex("addr", addr).str("symbol", &at).build()
+            } else {
+                format!("{addr:#018x} {at}")
+            })?;
+        } else if let Some(addr) = syms.resolve(q) {
+            named(out, q, addr)?;
+        } else {
+            let glob = q.contains(['*', '?']);
+            let mut found = false;
+            for (name, addr) in syms.iter().filter(|(n, _)| if glob { glob_match(q, n) } else { n.contains(q) }) {
+                found = true;
+                named(out, name, addr)?;
+            }
+            if !found {
+                return Err(Failure {
+                    msg: format!("no symbol is named `{q}` or {} it", if glob { "matches" } else { "contains" }),
+                    status: 1,
+                });
+            }
         }
     }
     Ok(())
+}
+
+/// Whether `text` matches the shell-style `pattern` as a whole: `*` is any
+/// run of characters, `?` any one.
+fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    // Where the last `*` was, and the text position it matched up to.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || Some(&c) == t.get(ti) => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p.get(pi..).is_some_and(|rest| rest.iter().all(|&c| c == '*'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs_match_whole_names() {
+        assert!(glob_match("sys_*", "sys_write"));
+        assert!(glob_match("*write*", "hooked_writes"));
+        assert!(glob_match("sys_?rite", "sys_write"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert!(!glob_match("sys_*", "do_sys_write"));
+        assert!(!glob_match("sys_?", "sys_write"));
+        assert!(!glob_match("a*b", "axxbyy"));
+    }
 }

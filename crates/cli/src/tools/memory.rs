@@ -1,9 +1,10 @@
-//! The memory commands: `read` (a hex dump or raw bytes, physical or through
-//! a vCPU's page tables) and `dump` (bulk, with a progress bar).
+//! The memory commands: `read` (a hex dump, raw bytes or JSON, physical or
+//! through a vCPU's page tables) and `dump` (bulk, with a progress bar; the
+//! bytes, a hex dump or JSON).
 
 use std::time::{Duration, Instant};
 
-use ukvmi_monitor::symbols::parse_number;
+use ukvmi_monitor::{json::Obj, symbols::parse_number};
 
 use super::{kvmi, Args, Ctx, Failure, Out};
 
@@ -59,11 +60,19 @@ pub(crate) fn read(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(),
     };
     addr.checked_add(len).ok_or_else(|| Failure::usage("address range overflows"))?;
     let raw = a.has("--raw");
+    let json = a.has("--json");
+    if raw && (json || a.has("--hex")) {
+        return Err(Failure::usage("--raw gives the bytes themselves: not with --hex or --json"));
+    }
     let mut pending: Vec<u8> = Vec::new();
     let mut line_at = addr;
     let mut sink = |chunk: &[u8]| -> Result<(), Failure> {
         if raw {
             return Ok(out.raw(chunk)?);
+        }
+        if json {
+            pending.extend_from_slice(chunk);
+            return Ok(());
         }
         pending.extend_from_slice(chunk);
         while pending.len() >= 16 {
@@ -101,10 +110,42 @@ pub(crate) fn read(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(),
         }
         None => read_range(ctx, addr, len, false, |_, chunk| sink(chunk))?,
     }
-    if !raw && !pending.is_empty() {
+    if json {
+        let o = Obj::new().hex("addr", addr);
+        let o = match vcpu {
+            Some(v) => o.num("vcpu", u64::from(v)),
+            None => o,
+        };
+        out.line(&o.num("len", len).str("hex", &hex_string(&pending)).build())?;
+    } else if !raw && !pending.is_empty() {
         out.line(&hexdump_line(line_at, &pending))?;
     }
     Ok(())
+}
+
+/// The bytes as lowercase hex, two digits each, nothing between.
+fn hex_string(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+/// Standard base64 (RFC 4648, with `=` padding).
+fn base64(b: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let sym = |v: u32| char::from(ABC.get((v & 63) as usize).copied().unwrap_or(b'='));
+    let mut s = String::with_capacity(b.len().div_ceil(3) * 4);
+    for c in b.chunks(3) {
+        let byte = |i: usize| u32::from(c.get(i).copied().unwrap_or(0));
+        let n = byte(0) << 16 | byte(1) << 8 | byte(2);
+        s.push(sym(n >> 18));
+        s.push(sym(n >> 12));
+        s.push(if c.len() > 1 { sym(n >> 6) } else { '=' });
+        s.push(if c.len() > 2 { sym(n) } else { '=' });
+    }
+    s
 }
 
 fn bar(done: u64, total: u64, started: Instant) -> String {
@@ -151,11 +192,23 @@ pub(crate) fn dump(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(),
     let show = out.stderr_tty() && !a.has("--quiet") && len >= 1 << 20;
     let mut done = 0u64;
     let via = if socket || ctx.mon.memory_map().is_none() { "READ_PHYSICAL" } else { "the mapped view" };
-    read_range(ctx, gpa, len, socket, |_, chunk| {
+    let (hex, json) = (a.has("--hex"), a.has("--json"));
+    if hex && json {
+        return Err(Failure::usage("--hex and --json are two ways to print the bytes: give one"));
+    }
+    read_range(ctx, gpa, len, socket, |at, chunk| {
         if out.gone() {
             return Err(Failure { msg: "the reader went away".into(), status: 1 });
         }
-        out.raw(chunk)?;
+        if json {
+            out.line(&Obj::new().hex("gpa", at).num("len", chunk.len() as u64).str("base64", &base64(chunk)).build())?;
+        } else if hex {
+            for (i, line) in chunk.chunks(16).enumerate() {
+                out.line(&hexdump_line(at + 16 * i as u64, line))?;
+            }
+        } else {
+            out.raw(chunk)?;
+        }
         done += chunk.len() as u64;
         if show && last.elapsed() > Duration::from_millis(100) {
             last = Instant::now();
@@ -175,4 +228,20 @@ pub(crate) fn dump(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(),
         ))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_and_hex_encode_as_the_rfcs_say() {
+        for (plain, want) in
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("foobar", "Zm9vYmFy")]
+        {
+            assert_eq!(base64(plain.as_bytes()), want, "{plain}");
+        }
+        assert_eq!(base64(&[0xff, 0xfe, 0x00]), "//4A");
+        assert_eq!(hex_string(&[0x00, 0xab, 0x10]), "00ab10");
+    }
 }

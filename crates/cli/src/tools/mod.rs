@@ -10,7 +10,10 @@ mod streams;
 mod target;
 mod vm_state;
 
-use std::{io, time::Duration};
+use std::{
+    io::{self, Write},
+    time::Duration,
+};
 
 use ukvmi_monitor::{symbols::parse_number, Monitor, SymbolMap};
 
@@ -26,6 +29,10 @@ pub(crate) use streams::{protect, trace, watch_msr};
 pub(crate) use vm_state::{info, pause, regs, resume, translate};
 
 /// Where a command's output goes: a client of the daemon, or a terminal.
+///
+/// A method's `Err` of kind `BrokenPipe` means the reader went away (`| head`
+/// closed, the client quit): the command stops there, quietly; `?` turns it
+/// into a [`Failure`] with status 0.
 pub trait Out {
     /// One line of standard output.
     fn line(&mut self, s: &str) -> io::Result<()>;
@@ -39,6 +46,21 @@ pub trait Out {
     fn stderr_tty(&self) -> bool;
     /// Whether the reader went away (Ctrl-C on the client).
     fn gone(&self) -> bool;
+}
+
+/// Whether `e` says the reader of the output went away (EPIPE, as after
+/// `ukvmi ... | head`): the command then ends quietly, with status 0.
+pub(crate) fn reader_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::BrokenPipe
+}
+
+/// Writes `text` to standard output; a reader that went away is no error.
+pub(crate) fn write_stdout(text: &str) -> io::Result<()> {
+    let mut o = io::stdout().lock();
+    match o.write_all(text.as_bytes()).and_then(|()| o.flush()) {
+        Err(e) if reader_gone(&e) => Ok(()),
+        r => r,
+    }
 }
 
 /// What a command runs against.
@@ -72,8 +94,11 @@ impl From<ukvmi_monitor::MonitorError> for Failure {
 }
 
 impl From<io::Error> for Failure {
+    /// A reader that went away (EPIPE) stops the command, status 0: it is
+    /// no failure of the command's (see [`reader_gone`]).
     fn from(e: io::Error) -> Failure {
-        Failure { msg: format!("writing the output: {e}"), status: 1 }
+        let status = if reader_gone(&e) { 0 } else { 1 };
+        Failure { msg: format!("writing the output: {e}"), status }
     }
 }
 
