@@ -414,9 +414,16 @@ fn an_interrupted_dump_leaves_no_partial_file_and_says_so() {
 
 #[test]
 fn a_reader_that_goes_away_ends_every_command_quietly() {
-    for args in
-        [&["help"][..], &["--help"], &["dump", "--help"], &["help", "trace"], &["guests"], &["guests", "--json"]]
-    {
+    for args in [
+        &["help"][..],
+        &["--help"],
+        &["run", "--help"],
+        &["demo", "--help"],
+        &["dump", "--help"],
+        &["help", "trace"],
+        &["guests"],
+        &["guests", "--json"],
+    ] {
         let mut c = Command::new(UKVMI);
         c.args(args);
         quiet_on_closed_stdout(c, &format!("{args:?}"));

@@ -68,8 +68,11 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     let cfg = match parse(args) {
         Ok(Some(c)) => c,
         Ok(None) => {
-            print!("{}", help());
-            return ExitCode::SUCCESS;
+            // A reader that went away (`| head`) ends it quietly.
+            return match crate::tools::write_stdout(&help()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            };
         }
         Err(e) => {
             say(&format!("ukvmi run: {e}"));
