@@ -215,7 +215,10 @@ mod tests {
         let mut keyed = Vec::new();
         write_request(&mut keyed, &req(0, &args, Some(b"s3cret"))).unwrap();
         let req = read_request(&mut keyed.as_slice()).unwrap();
-        assert_eq!(req, Request { flags: FLAG_KEY, args: args.clone(), key: Some(b"s3cret".to_vec()), ..Request::default() });
+        assert_eq!(
+            req,
+            Request { flags: FLAG_KEY, args: args.clone(), key: Some(b"s3cret".to_vec()), ..Request::default() }
+        );
         keyed.truncate(keyed.len() - 1);
         assert!(read_request(&mut keyed.as_slice()).is_err(), "a cut key is refused");
         let mut lying = Vec::new();

@@ -79,7 +79,10 @@ impl InFlight {
             if !waiting || left.is_zero() {
                 return;
             }
-            r = self.done.wait_timeout(r, left.min(Duration::from_millis(50))).map_or_else(|e| e.into_inner().0, |x| x.0);
+            r = self
+                .done
+                .wait_timeout(r, left.min(Duration::from_millis(50)))
+                .map_or_else(|e| e.into_inner().0, |x| x.0);
         }
     }
 }

@@ -249,7 +249,8 @@ fn run_daemon(
     key: Option<Vec<u8>>,
     lock: DaemonLock,
 ) -> Result<(), String> {
-    let log_start = LogStart { path: log_path(vm_path), len: std::fs::metadata(log_path(vm_path)).map_or(0, |m| m.len()) };
+    let log_start =
+        LogStart { path: log_path(vm_path), len: std::fs::metadata(log_path(vm_path)).map_or(0, |m| m.len()) };
     let before = ServedVm::from_record(&lock.record());
     let ctl = ctl_path(vm_path);
     if UnixStream::connect(&ctl).is_ok() {
