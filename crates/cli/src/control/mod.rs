@@ -201,7 +201,7 @@ fn write_request(w: &mut impl Write, req: &Request) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn req(flags: u8, args: &[String], key: Option<&[u8]>) -> Request {
+    fn request(flags: u8, args: &[String], key: Option<&[u8]>) -> Request {
         Request { flags, args: args.to_vec(), key: key.map(<[u8]>::to_vec), ..Request::default() }
     }
 
@@ -209,11 +209,11 @@ mod tests {
     fn requests_round_trip_and_garbage_is_refused() {
         let mut buf = Vec::new();
         let args = vec!["read".to_string(), "0x1000".to_string(), "16".to_string()];
-        write_request(&mut buf, &req(1, &args, None)).unwrap();
+        write_request(&mut buf, &request(1, &args, None)).unwrap();
         let req = read_request(&mut buf.as_slice()).unwrap();
         assert_eq!(req, Request { flags: 1, args: args.clone(), ..Request::default() });
         let mut keyed = Vec::new();
-        write_request(&mut keyed, &req(0, &args, Some(b"s3cret"))).unwrap();
+        write_request(&mut keyed, &request(0, &args, Some(b"s3cret"))).unwrap();
         let req = read_request(&mut keyed.as_slice()).unwrap();
         assert_eq!(
             req,
@@ -222,7 +222,7 @@ mod tests {
         keyed.truncate(keyed.len() - 1);
         assert!(read_request(&mut keyed.as_slice()).is_err(), "a cut key is refused");
         let mut lying = Vec::new();
-        write_request(&mut lying, &req(0, &args, Some(b"k"))).unwrap();
+        write_request(&mut lying, &request(0, &args, Some(b"k"))).unwrap();
         let at = lying.len() - 5;
         lying[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(read_request(&mut lying.as_slice()).is_err(), "a lying key length is refused before allocating");
@@ -232,7 +232,7 @@ mod tests {
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(read_request(&mut huge.as_slice()).is_err(), "a lying length is refused before allocating");
         let mut cut = Vec::new();
-        write_request(&mut cut, &req(0, &args, None)).unwrap();
+        write_request(&mut cut, &request(0, &args, None)).unwrap();
         cut.truncate(cut.len() - 3);
         assert!(read_request(&mut cut.as_slice()).is_err());
     }
