@@ -67,8 +67,11 @@ fn field(json: &str, key: &str) -> String {
     let k = format!("\"{key}\":");
     let at = json.find(&k).unwrap_or_else(|| panic!("no {key} in {json}")) + k.len();
     let rest = &json[at..];
-    let end = if rest.starts_with('"') { rest[1..].find('"').unwrap() + 2 } else { rest.find([',', '}']).unwrap() };
-    rest[..end].trim_matches('"').to_string()
+    match rest.strip_prefix('"') {
+        // A string (the command line may hold commas).
+        Some(s) => s[..s.find('"').unwrap()].to_string(),
+        None => rest[..rest.find([',', '}']).unwrap()].to_string(),
+    }
 }
 
 /// Starts a VM at `sock` (its serial and stderr in `dir`) and waits for its
