@@ -120,6 +120,25 @@ fn with_no_vm_a_command_answers_within_2_s_and_leaves_nothing() {
         // The daemon it started is gone, and with it every file it made.
         wait_until_gone(&dir.0, &sock, &[]);
     }
+    // Commands one after another and at once, as a daemon leaves: each gets
+    // the same answer (one that reaches a leaving daemon starts a new one).
+    let outs: Vec<Output> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|i| {
+                let dir = &dir;
+                s.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(700 * i));
+                    ukvmi(&dir.0).args(["regs", "0"]).output().unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for o in &outs {
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+        assert!(text(&o.stderr).contains("no VM connected to"), "{}", text(&o.stderr));
+    }
+    wait_until_gone(&dir.0, &sock, &[]);
     // A `--wait` that is not seconds is a usage error, before any daemon.
     let o = ukvmi(&dir.0).args(["--wait", "soon", "info"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));

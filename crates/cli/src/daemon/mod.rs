@@ -78,6 +78,9 @@ struct Attached {
     notice: Option<String>,
     /// The symbol map: `--map` (its path and symbols), as last given.
     map: Option<(String, Arc<SymbolMap>)>,
+    /// The daemon is leaving with no VM: a command that comes now is closed
+    /// unanswered, and its client starts a new daemon.
+    leaving: bool,
 }
 
 /// Never shows the key, only whether there is one.
@@ -95,6 +98,7 @@ impl std::fmt::Debug for Attached {
             .field("served", &self.served)
             .field("notice", &self.notice)
             .field("map", &self.map.as_ref().map(|(p, _)| p))
+            .field("leaving", &self.leaving)
             .finish()
     }
 }
@@ -325,6 +329,8 @@ fn run_daemon(
             // Its command was told what to do; nothing here to keep.
             log("no VM ever connected and no command waits for one");
             no_vm = true;
+            let mut st = st;
+            st.leaving = true;
             break;
         }
         if st.gone || st.mon.as_ref().is_some_and(|m| !m.is_running()) {

@@ -156,6 +156,15 @@ impl Daemon {
         let Ok(req) = control::read_request(&mut sock) else {
             return;
         };
+        let Ok(wsock) = sock.try_clone() else { return };
+        {
+            let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if st.leaving {
+                // Closed without a word: the client starts a new daemon.
+                return;
+            }
+            st.clients += 1;
+        }
         let gone = Arc::new(AtomicBool::new(false));
         // The client sends nothing more: a read that returns means it left.
         if let Ok(mut watch) = sock.try_clone() {
@@ -166,9 +175,7 @@ impl Daemon {
                 g.store(true, Ordering::Relaxed);
             });
         }
-        let Ok(wsock) = sock.try_clone() else { return };
         let me = self.in_flight.start(&sock, &gone);
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clients += 1;
         let mut out = SockOut { sock: wsock, stderr_tty: req.flags & control::FLAG_TTY != 0, gone };
         // A stream stopped with Ctrl-C just before this command: its undo
         // (int3s put back, interceptions off) is finished first.
