@@ -52,7 +52,7 @@ fn listing(dir: &Path) -> Vec<String> {
 
 /// Waits until no daemon serves `sock` and `dir` holds exactly `left`.
 fn wait_until_gone(dir: &Path, sock: &Path, left: &[&str]) {
-    let end = Instant::now() + Duration::from_secs(5);
+    let end = Instant::now() + Duration::from_secs(10);
     loop {
         let now = listing(dir);
         if daemon_pids(sock).is_empty() && now == left {
@@ -139,6 +139,18 @@ fn with_no_vm_a_command_answers_within_2_s_and_leaves_nothing() {
         assert!(text(&o.stderr).contains("no VM connected to"), "{}", text(&o.stderr));
     }
     wait_until_gone(&dir.0, &sock, &[]);
+    // Ctrl-C of a command told to wait long: the daemon does not wait on
+    // for nobody; it leaves, and leaves nothing.
+    let mut waiting = ukvmi(&dir.0).args(["--wait", "60", "info"]).stderr(Stdio::null()).spawn().unwrap();
+    let end = Instant::now() + T;
+    while !sock.exists() {
+        assert!(Instant::now() < end, "no daemon started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(i32::try_from(waiting.id()).unwrap(), libc::SIGINT) };
+    waiting.wait().unwrap();
+    wait_until_gone(&dir.0, &sock, &[]);
     // A `--wait` that is not seconds is a usage error, before any daemon.
     let o = ukvmi(&dir.0).args(["--wait", "soon", "info"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
@@ -166,6 +178,14 @@ fn a_path_that_is_not_a_socket_is_refused_by_name_and_left_alone() {
     assert_eq!(std::fs::read_to_string(&readme).unwrap(), "# my project\n");
     assert_eq!(listing(&dir.0), ["README.md", "README.md.log"]);
     assert!(daemon_pids(&readme).is_empty());
+
+    // A daemon that cannot start: its own words, not the old log's.
+    std::fs::write(dir.path("vm.sock.log"), "[ukvmi daemon 1] AN OLD LINE\n").unwrap();
+    let o = ukvmi(&dir.0).args(["--map", "missing.map", "info"]).output().unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot use the symbol map") && err.contains("missing.map"), "{err}");
+    assert!(!err.contains("AN OLD LINE"), "{err}");
 }
 
 #[test]
@@ -212,7 +232,7 @@ fn info_names_the_vmm_and_a_second_vm_on_the_socket_is_refused_in_both_logs() {
     loop {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         let vmm = second.stderr_text();
-        if log.contains("refused VM `second`") && vmm.contains("introspection: handshake") {
+        if log.contains("refused VM `second`") && vmm.contains("introspection: ") {
             assert!(
                 log.contains(&format!("VMM pid {}", second.child.id()))
                     && log.contains(&format!("already serves `first` (uuid {uuid}")),

@@ -195,6 +195,9 @@ pub(super) const REFUSAL_FRESH: Duration = Duration::from_secs(5);
 /// How long the daemon waits for a VM before it gives up and exits.
 const NO_VM_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// How long a daemon that no VM connected to waits for its first command.
+const NO_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Reads a symbol map (System.map format).
 fn load_map(path: &str) -> Result<Arc<SymbolMap>, String> {
     std::fs::read_to_string(path)
@@ -325,8 +328,11 @@ fn run_daemon(
             no_vm = !st.vmm_seen;
             break;
         }
-        if st.mon.is_none() && !st.vmm_seen && !st.handshaking && st.clients == 0 && st.served > 0 {
-            // Its command was told what to do; nothing here to keep.
+        // No VM ever came and nobody waits: its command was answered (or
+        // the client that started it left before asking).
+        let asked = st.served > 0 || started.elapsed() > NO_CLIENT_TIMEOUT;
+        if st.mon.is_none() && !st.vmm_seen && !st.handshaking && st.clients == 0 && asked {
+            // Nothing here worth keeping: no file stays behind.
             log("no VM ever connected and no command waits for one");
             no_vm = true;
             let mut st = st;

@@ -77,6 +77,10 @@ impl Daemon {
             if st.gone {
                 return Err("the VM went away".into());
             }
+            if out.gone() {
+                // Ctrl-C while waiting: nobody to answer, nothing to undo.
+                return Err("the command was interrupted".into());
+            }
             if let Some((key, why, at)) = &st.refused {
                 // One with this command's key, since it began waiting or
                 // recent enough that the VMM is still retrying (a refusal
