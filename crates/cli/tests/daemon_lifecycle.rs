@@ -151,6 +151,14 @@ fn with_no_vm_a_command_answers_within_2_s_and_leaves_nothing() {
     unsafe { libc::kill(i32::try_from(waiting.id()).unwrap(), libc::SIGINT) };
     waiting.wait().unwrap();
     wait_until_gone(&dir.0, &sock, &[]);
+    // A log an earlier session left: kept as it was, without this daemon's lines.
+    let earlier = "[ukvmi daemon 1] VM `demo` attached: 2 vCPUs\n";
+    std::fs::write(dir.path("vm.sock.log"), earlier).unwrap();
+    let o = ukvmi(&dir.0).arg("info").output().unwrap();
+    assert!(text(&o.stderr).contains("no VM connected to"), "{}", text(&o.stderr));
+    wait_until_gone(&dir.0, &sock, &["vm.sock.log"]);
+    assert_eq!(std::fs::read_to_string(dir.path("vm.sock.log")).unwrap(), earlier);
+    std::fs::remove_file(dir.path("vm.sock.log")).unwrap();
     // A `--wait` that is not seconds is a usage error, before any daemon.
     let o = ukvmi(&dir.0).args(["--wait", "soon", "info"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));

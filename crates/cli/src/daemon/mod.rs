@@ -244,8 +244,13 @@ impl LogStart {
     fn take_back(&self) {
         if self.len == 0 {
             let _ = std::fs::remove_file(&self.path);
-        } else if let Ok(f) = control::open_private(&self.path, true) {
-            let _ = f.set_len(self.len);
+        } else {
+            use std::os::unix::fs::OpenOptionsExt;
+            // The log as it is (not created again, never through a symlink).
+            let f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(&self.path);
+            if let Ok(f) = f {
+                let _ = f.set_len(self.len);
+            }
         }
     }
 }
