@@ -4,6 +4,9 @@
 //! `detach` can tell a different VM from the same one), and refusing every
 //! other VM that connects while one is served.
 
+#[cfg(test)]
+mod tests;
+
 use std::{
     io::Read,
     os::unix::net::UnixStream,
@@ -88,11 +91,15 @@ impl ServedVm {
         format!("`{}` (uuid {}{vmm})", self.name, self.uuid)
     }
 
-    /// The record kept in `PATH.lock`: one `key=value` per line.
+    /// The record kept in `PATH.lock`: one `key=value` per line. Of the
+    /// VMM's command line only the program's name is kept: its arguments
+    /// (which might hold a secret) do not outlive the process in a file.
     pub(super) fn to_record(&self) -> String {
         let mut s = format!("uuid={}\nname={}\n", self.uuid, self.name.replace('\n', " "));
         if let Some(p) = &self.vmm {
-            s.push_str(&format!("pid={}\ncommand={}\n", p.pid, p.command));
+            let program = p.command.split(' ').next().unwrap_or_default();
+            let program = program.rsplit('/').next().unwrap_or(program);
+            s.push_str(&format!("pid={}\ncommand={program}\n", p.pid));
         }
         s
     }
