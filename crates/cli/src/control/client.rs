@@ -34,8 +34,8 @@ fn check_vm_path(vm: &Path) -> Result<(), String> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(vm) {
         Ok(md) if !md.file_type().is_socket() => Err(format!(
-            "{} exists and is not a socket; --vm names the socket of `ukvmi run --introspect unix:PATH` \
-             (a path that does not exist yet, or one it listens on), so it is left alone",
+            "{} exists and is not a socket: not touching it. --vm names the socket the tools listen on \
+             for the VM, the PATH of `ukvmi run --introspect unix:PATH`",
             vm.display()
         )),
         _ => Ok(()),

@@ -1,3 +1,5 @@
+//! Unit tests of the record of the VM served and of the change notice.
+
 use super::*;
 
 fn vm(uuid: &str, pid: i32, command: &str) -> ServedVm {
