@@ -144,7 +144,7 @@ fn files_are_private_and_other_users_are_refused() {
     // The first command, with umask 000, before any VM: it starts the
     // daemon and waits for the VM.
     let mut first = tool(&sock);
-    first.arg("info").stdout(Stdio::piped()).stderr(Stdio::piped());
+    first.args(["--wait", "60", "info"]).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut first = Reap(with_umask(&mut first, 0).spawn().unwrap());
     wait_for("the daemon creates its sockets and files", T, || [&sock, &ctl, &lock, &log].iter().all(|p| p.exists()));
     let modes: Vec<String> =

@@ -19,9 +19,51 @@ use std::{
 };
 
 use super::{
-    ctl_path, log_path, my_uid, open_private, peer_cred, trusted_uid, write_request, ALREADY_SERVED, EXIT, FLAG_TTY,
-    KEY_ENV, PROGRESS, STDERR, STDOUT,
+    ctl_path, log_path, my_uid, open_private, peer_cred, trusted_uid, write_request, Request, ALREADY_SERVED, EXIT,
+    FLAG_TTY, KEY_ENV, PROGRESS, STDERR, STDOUT,
 };
+
+/// What one command asks of the daemon besides its words.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Session<'a> {
+    /// `--map FILE` (absolute).
+    pub map: Option<&'a str>,
+    /// The handshake key.
+    pub key: Option<&'a [u8]>,
+    /// `--wait SECS`: how long to wait for a VM (else the daemon's default).
+    pub wait: Option<Duration>,
+}
+
+/// `vm` must be a socket or nothing: the daemon would bind it, and a user's
+/// file there (`--vm README.md`) is refused by name and left alone.
+fn check_vm_path(vm: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(vm) {
+        Ok(md) if !md.file_type().is_socket() => Err(format!(
+            "{} exists and is not a socket: not touching it. --vm names the socket the tools listen on \
+             for the VM, the PATH of `ukvmi run --introspect unix:PATH`",
+            vm.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// How long the daemon log at `log` is now (what a new daemon adds comes after).
+fn log_len(log: &Path) -> u64 {
+    std::fs::metadata(log).map_or(0, |m| m.len())
+}
+
+/// What the daemon wrote to its log after byte `from`.
+fn log_since(log: &Path, from: u64) -> String {
+    let mut text = Vec::new();
+    if let Ok(mut f) = File::open(log) {
+        use std::io::Seek;
+        if f.seek(io::SeekFrom::Start(from)).is_ok() {
+            let _ = f.read_to_end(&mut text);
+        }
+    }
+    String::from_utf8_lossy(&text).trim().to_string()
+}
 
 fn is_tty(fd: i32) -> bool {
     // SAFETY: isatty only inspects the descriptor number.
@@ -54,8 +96,10 @@ fn connect(vm: &Path, map: Option<&str>, key: Option<&[u8]>, spawn: bool) -> Res
     if !spawn {
         return Err(format!("no daemon serves {} (nothing is attached there)", vm.display()));
     }
+    check_vm_path(vm)?;
     let exe = std::env::current_exe().map_err(|e| format!("finding the ukvmi binary to start the daemon: {e}"))?;
     let log = log_path(vm);
+    let log_from = log_len(&log);
     let logf = open_private(&log, true).map_err(|e| format!("the daemon log: {e}"))?;
     let errf = logf.try_clone().map_err(|e| format!("daemon log: {e}"))?;
     let mut cmd = Command::new(exe);
@@ -88,8 +132,8 @@ fn connect(vm: &Path, map: Option<&str>, key: Option<&[u8]>, spawn: bool) -> Res
                 }
             }
             Ok(Some(status)) => {
-                let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(format!("the daemon exited ({status}): {}", log_text.trim()));
+                // Only what this daemon said, not an older one's lines.
+                return Err(format!("the daemon exited ({status}): {}", log_since(&log, log_from)));
             }
             _ => {}
         }
@@ -100,8 +144,29 @@ fn connect(vm: &Path, map: Option<&str>, key: Option<&[u8]>, spawn: bool) -> Res
     }
 }
 
+/// Connects to (or starts) the daemon for `vm`, sends the request and reads
+/// the head of the first reply frame. A daemon may close without a word when
+/// it was exiting just as we connected (no VM ever came, or `detach`): then
+/// this tries again, with a new daemon.
+fn open(vm: &Path, s: &Session<'_>, spawn: bool, req: &Request) -> Result<(UnixStream, [u8; 5]), String> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut sock = connect(vm, s.map, s.key, spawn)?;
+        write_request(&mut sock, req).map_err(|e| format!("sending the command to the daemon: {e}"))?;
+        let mut head = [0u8; 5];
+        match sock.read_exact(&mut head) {
+            Ok(()) => return Ok((sock, head)),
+            Err(_) if tries < 3 && spawn => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                return Err(format!("the daemon closed the connection ({e}); see {}", log_path(vm).display()));
+            }
+        }
+    }
+}
+
 /// Runs one tool command through the daemon and relays its output.
-pub fn client(vm: &Path, map: Option<&str>, key: Option<&[u8]>, mut args: Vec<String>) -> ExitCode {
+pub fn client(vm: &Path, session: &Session<'_>, mut args: Vec<String>) -> ExitCode {
     // `-o FILE` is the client's: the file is written here, not by the
     // daemon, and created only when the first output arrives (a command
     // that fails leaves an existing file alone).
@@ -122,24 +187,30 @@ pub fn client(vm: &Path, map: Option<&str>, key: Option<&[u8]>, mut args: Vec<St
     let streams = crate::help_extra::find(name).is_some_and(|e| e.streams);
     let mut out_file = out_path.as_deref().map(|p| OutFile::new(p, streams));
     let spawn = args.first().map(String::as_str) != Some("detach");
-    let mut sock = match connect(vm, map, key, spawn) {
+    let req = Request {
+        flags: if is_tty(2) { FLAG_TTY } else { 0 },
+        args,
+        key: session.key.map(<[u8]>::to_vec),
+        // Whole milliseconds, at most u32::MAX (49 days).
+        wait_ms: session.wait.map(|w| u32::try_from(w.as_millis()).unwrap_or(u32::MAX)),
+        map: session.map.map(str::to_string),
+    };
+    let (mut sock, first) = match open(vm, session, spawn, &req) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ukvmi: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let stderr_tty = is_tty(2);
-    if let Err(e) = write_request(&mut sock, if stderr_tty { FLAG_TTY } else { 0 }, &args, key) {
-        eprintln!("ukvmi: sending the command to the daemon: {e}");
-        return ExitCode::FAILURE;
-    }
+    let mut first = Some(first);
     let mut stdout = io::stdout().lock();
     let mut stderr = io::stderr();
     let mut progress_shown = false;
     loop {
         let mut head = [0u8; 5];
-        if let Err(e) = sock.read_exact(&mut head) {
+        if let Some(h) = first.take() {
+            head = h;
+        } else if let Err(e) = sock.read_exact(&mut head) {
             eprintln!("ukvmi: the daemon closed the connection ({e}); see {}", log_path(vm).display());
             return ExitCode::FAILURE;
         }

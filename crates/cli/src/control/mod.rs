@@ -4,9 +4,11 @@
 //! to whom, and what is private, in `private.rs`.
 //!
 //! A client sends one request — `UKVMI1`, a flags byte (bit 0: its stderr is
-//! a terminal; bit 1: a key follows), a u32 length and the command's
-//! arguments separated by NUL, then with bit 1 a u32 length and the key —
-//! and reads frames `[kind u8][len u32 LE][data]` until an exit frame:
+//! a terminal; bit 1: a key follows; bit 2: a wait follows; bit 3: a symbol
+//! map's path follows), a u32 length and the command's arguments separated
+//! by NUL, then with bit 1 a u32 length and the key, with bit 2 a u32 count
+//! of milliseconds (how long to wait for a VM), with bit 3 a u32 length and
+//! the path — and reads frames `[kind u8][len u32 LE][data]` until an exit frame:
 //! stdout bytes, stderr text, a progress line, or the exit status. Closing
 //! the socket (Ctrl-C) tells the daemon to stop the command and undo what
 //! it set up.
@@ -24,7 +26,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use client::client;
+pub use client::{client, Session};
 pub use private::{load_key, my_uid, open_private, peer_cred, served_users, trusted_uid};
 
 pub const MAGIC: &[u8; 6] = b"UKVMI1";
@@ -36,6 +38,12 @@ pub const MAX_KEY: u32 = 4096;
 pub const FLAG_TTY: u8 = 1;
 /// Request flag: a key follows the arguments.
 pub const FLAG_KEY: u8 = 2;
+/// Request flag: how long to wait for a VM follows (u32 milliseconds).
+pub const FLAG_WAIT: u8 = 4;
+/// Request flag: the path of a symbol map (`--map`) follows.
+pub const FLAG_MAP: u8 = 8;
+/// The longest `--map` path a request may carry.
+pub const MAX_MAP_PATH: u32 = 4096;
 
 /// The environment variable that holds the key (tools, daemon and VMM).
 pub const KEY_ENV: &str = "UKVMI_KEY";
@@ -81,12 +89,23 @@ pub fn write_frame(w: &mut impl Write, kind: u8, data: &[u8]) -> io::Result<()> 
     w.write_all(data)
 }
 
-/// One request: the flags byte, the arguments and the key, if any.
-#[derive(Debug, PartialEq, Eq)]
+/// One request: the flags byte, the arguments, and the key, the wait and
+/// the symbol map, if given.
+#[derive(Debug, PartialEq, Eq, Default)]
 pub struct Request {
     pub flags: u8,
     pub args: Vec<String>,
     pub key: Option<Vec<u8>>,
+    /// How long to wait for a VM (`--wait`), in milliseconds.
+    pub wait_ms: Option<u32>,
+    /// The symbol map the command wants (`--map`, an absolute path).
+    pub map: Option<String>,
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut l = [0u8; 4];
+    r.read_exact(&mut l)?;
+    Ok(u32::from_le_bytes(l))
 }
 
 /// Reads a request.
@@ -110,9 +129,7 @@ pub fn read_request(r: &mut impl Read) -> io::Result<Request> {
         String::from_utf8(body).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "request is not UTF-8"))?;
     let args = if text.is_empty() { Vec::new() } else { text.split('\0').map(str::to_string).collect() };
     let key = if flags & FLAG_KEY != 0 {
-        let mut l = [0u8; 4];
-        r.read_exact(&mut l)?;
-        let len = u32::from_le_bytes(l);
+        let len = read_u32(r)?;
         if len > MAX_KEY {
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("key of {len} bytes (at most {MAX_KEY})")));
         }
@@ -122,11 +139,29 @@ pub fn read_request(r: &mut impl Read) -> io::Result<Request> {
     } else {
         None
     };
-    Ok(Request { flags, args, key })
+    let wait_ms = if flags & FLAG_WAIT != 0 { Some(read_u32(r)?) } else { None };
+    let map = if flags & FLAG_MAP != 0 {
+        let len = read_u32(r)?;
+        if len > MAX_MAP_PATH {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("map path of {len} bytes (at most {MAX_MAP_PATH})"),
+            ));
+        }
+        let mut path = vec![0u8; len as usize];
+        r.read_exact(&mut path)?;
+        Some(String::from_utf8(path).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "map path is not UTF-8"))?)
+    } else {
+        None
+    };
+    Ok(Request { flags, args, key, wait_ms, map })
 }
 
-/// Writes a request (the key, if any, after the arguments).
-fn write_request(w: &mut impl Write, flags: u8, args: &[String], key: Option<&[u8]>) -> io::Result<()> {
+/// Writes a request (the key, the wait and the map, if any, after the
+/// arguments, in that order). The flags for them are set here.
+fn write_request(w: &mut impl Write, req: &Request) -> io::Result<()> {
+    let Request { flags, args, key, wait_ms, map } = req;
+    let key = key.as_deref();
     let body = args.join("\0");
     let len = u32::try_from(body.len())
         .ok()
@@ -134,7 +169,12 @@ fn write_request(w: &mut impl Write, flags: u8, args: &[String], key: Option<&[u
         .ok_or_else(|| io::Error::other("arguments too long"))?;
     let mut msg = Vec::with_capacity(15 + body.len() + key.map_or(0, <[u8]>::len));
     msg.extend_from_slice(MAGIC);
-    msg.push(flags | if key.is_some() { FLAG_KEY } else { 0 });
+    msg.push(
+        flags
+            | if key.is_some() { FLAG_KEY } else { 0 }
+            | if wait_ms.is_some() { FLAG_WAIT } else { 0 }
+            | if map.is_some() { FLAG_MAP } else { 0 },
+    );
     msg.extend_from_slice(&len.to_le_bytes());
     msg.extend_from_slice(body.as_bytes());
     if let Some(k) = key {
@@ -143,6 +183,17 @@ fn write_request(w: &mut impl Write, flags: u8, args: &[String], key: Option<&[u
         msg.extend_from_slice(&klen.to_le_bytes());
         msg.extend_from_slice(k);
     }
+    if let Some(ms) = wait_ms {
+        msg.extend_from_slice(&ms.to_le_bytes());
+    }
+    if let Some(m) = map {
+        let mlen = u32::try_from(m.len())
+            .ok()
+            .filter(|&l| l <= MAX_MAP_PATH)
+            .ok_or_else(|| io::Error::other("the --map path is too long"))?;
+        msg.extend_from_slice(&mlen.to_le_bytes());
+        msg.extend_from_slice(m.as_bytes());
+    }
     w.write_all(&msg)
 }
 
@@ -150,21 +201,28 @@ fn write_request(w: &mut impl Write, flags: u8, args: &[String], key: Option<&[u
 mod tests {
     use super::*;
 
+    fn request(flags: u8, args: &[String], key: Option<&[u8]>) -> Request {
+        Request { flags, args: args.to_vec(), key: key.map(<[u8]>::to_vec), ..Request::default() }
+    }
+
     #[test]
     fn requests_round_trip_and_garbage_is_refused() {
         let mut buf = Vec::new();
         let args = vec!["read".to_string(), "0x1000".to_string(), "16".to_string()];
-        write_request(&mut buf, 1, &args, None).unwrap();
+        write_request(&mut buf, &request(1, &args, None)).unwrap();
         let req = read_request(&mut buf.as_slice()).unwrap();
-        assert_eq!(req, Request { flags: 1, args: args.clone(), key: None });
+        assert_eq!(req, Request { flags: 1, args: args.clone(), ..Request::default() });
         let mut keyed = Vec::new();
-        write_request(&mut keyed, 0, &args, Some(b"s3cret")).unwrap();
+        write_request(&mut keyed, &request(0, &args, Some(b"s3cret"))).unwrap();
         let req = read_request(&mut keyed.as_slice()).unwrap();
-        assert_eq!(req, Request { flags: FLAG_KEY, args: args.clone(), key: Some(b"s3cret".to_vec()) });
+        assert_eq!(
+            req,
+            Request { flags: FLAG_KEY, args: args.clone(), key: Some(b"s3cret".to_vec()), ..Request::default() }
+        );
         keyed.truncate(keyed.len() - 1);
         assert!(read_request(&mut keyed.as_slice()).is_err(), "a cut key is refused");
         let mut lying = Vec::new();
-        write_request(&mut lying, 0, &args, Some(b"k")).unwrap();
+        write_request(&mut lying, &request(0, &args, Some(b"k"))).unwrap();
         let at = lying.len() - 5;
         lying[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(read_request(&mut lying.as_slice()).is_err(), "a lying key length is refused before allocating");
@@ -174,8 +232,33 @@ mod tests {
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(read_request(&mut huge.as_slice()).is_err(), "a lying length is refused before allocating");
         let mut cut = Vec::new();
-        write_request(&mut cut, 0, &args, None).unwrap();
+        write_request(&mut cut, &request(0, &args, None)).unwrap();
         cut.truncate(cut.len() - 3);
         assert!(read_request(&mut cut.as_slice()).is_err());
+    }
+
+    #[test]
+    fn the_wait_and_the_map_round_trip_and_a_lying_map_length_is_refused() {
+        let args = vec!["info".to_string()];
+        let full = Request {
+            flags: FLAG_TTY,
+            args: args.clone(),
+            key: Some(b"k".to_vec()),
+            wait_ms: Some(30_000),
+            map: Some("/tmp/System.map".into()),
+        };
+        let mut buf = Vec::new();
+        write_request(&mut buf, &full).unwrap();
+        let got = read_request(&mut buf.as_slice()).unwrap();
+        assert_eq!(got, Request { flags: FLAG_TTY | FLAG_KEY | FLAG_WAIT | FLAG_MAP, ..full });
+        let only_wait = Request { args: args.clone(), wait_ms: Some(0), ..Request::default() };
+        let mut buf = Vec::new();
+        write_request(&mut buf, &only_wait).unwrap();
+        assert_eq!(read_request(&mut buf.as_slice()).unwrap(), Request { flags: FLAG_WAIT, ..only_wait });
+        let mut lying = Vec::new();
+        write_request(&mut lying, &Request { args, map: Some("m".into()), ..Request::default() }).unwrap();
+        let at = lying.len() - 5;
+        lying[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_request(&mut lying.as_slice()).is_err(), "a lying map length is refused before allocating");
     }
 }

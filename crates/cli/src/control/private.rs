@@ -99,7 +99,7 @@ pub fn open_private(path: &Path, append: bool) -> Result<File, String> {
     if append {
         o.append(true);
     } else {
-        o.write(true).truncate(false);
+        o.read(true).write(true).truncate(false);
     }
     let f = o.open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
     let md = f.metadata().map_err(|e| format!("{}: {e}", path.display()))?;

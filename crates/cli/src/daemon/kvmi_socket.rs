@@ -13,7 +13,7 @@ use std::{
 use ukvmi_introspector::{Error as KvmiError, Handshake};
 use ukvmi_monitor::Monitor;
 
-use super::{log::log, Daemon};
+use super::{log::log, vmm_peer::VmmPeer, Daemon};
 use crate::control;
 
 /// The listening KVMI socket. Like the library's `Listener`, but the
@@ -24,7 +24,7 @@ pub(super) struct KvmiSocket {
     pub(super) sock: UnixListener,
     path: PathBuf,
     /// (device, inode) of the socket file we created, to unlink only our own.
-    id: Option<(u64, u64)>,
+    pub(super) id: Option<(u64, u64)>,
 }
 
 impl KvmiSocket {
@@ -41,20 +41,27 @@ impl KvmiSocket {
     }
 }
 
+/// Removes the socket file at `path` if it is still the one with `id`
+/// (the daemon's own, not one made there since).
+pub(super) fn remove_if_ours(path: &Path, id: Option<(u64, u64)>) {
+    let now = std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    if now.is_some() && now == id {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 impl Drop for KvmiSocket {
     fn drop(&mut self) {
-        let ours = std::fs::symlink_metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
-        if ours.is_some() && ours == self.id {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        remove_if_ours(&self.path, self.id);
     }
 }
 
 /// Accepts connections on the KVMI socket until one is a VMM that passes
 /// the handshake. A peer of another user is dropped before the handshake; a
 /// connection that fails its handshake (a stray client, a wrong key) does
-/// not end the wait: the next one may be the VMM.
-pub(super) fn accept_vm(d: &Daemon, listener: &KvmiSocket) -> Monitor {
+/// not end the wait: the next one may be the VMM. Returns the engine and
+/// the VMM process it talks to.
+pub(super) fn accept_vm(d: &Daemon, listener: &KvmiSocket) -> (Monitor, Option<VmmPeer>) {
     loop {
         let stream = match listener.sock.accept() {
             Ok((s, _)) => s,
@@ -64,6 +71,8 @@ pub(super) fn accept_vm(d: &Daemon, listener: &KvmiSocket) -> Monitor {
                 continue;
             }
         };
+        // Something came: whatever happens next is worth keeping the log for.
+        d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).vmm_seen = true;
         match control::peer_cred(&stream) {
             Ok((uid, _)) if control::trusted_uid(uid) => {}
             Ok((uid, _)) => {
@@ -81,23 +90,33 @@ pub(super) fn accept_vm(d: &Daemon, listener: &KvmiSocket) -> Monitor {
                 continue;
             }
         }
-        let key = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).key.clone();
+        let peer = VmmPeer::of(&stream);
+        let key = {
+            let mut st = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // A command waiting for a VM waits for this handshake too.
+            st.handshaking = true;
+            st.key.clone()
+        };
         let hs = key.as_deref().map_or_else(Handshake::new, |k| Handshake::new().with_key(k));
-        let vm = match hs.run(stream) {
-            Ok(vm) => vm,
+        // On success `handshaking` ends when the caller attaches the VM.
+        let failed = |refused: Option<String>| {
+            let mut st = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            st.handshaking = false;
+            if let Some(why) = refused {
+                st.refused = Some((key.clone(), why, Instant::now()));
+            }
+            d.cond.notify_all();
+        };
+        match hs.run(stream).map(Monitor::start) {
+            Ok(Ok(mon)) => return (mon, peer),
+            Ok(Err(e)) => {
+                log(&format!("a connection on the KVMI socket failed: {e}"));
+                failed(None);
+            }
             Err(e) => {
                 log(&format!("a connection on the KVMI socket failed: {e}"));
-                if let KvmiError::Handshake(why) = e {
-                    let mut st = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    st.refused = Some((key, why, Instant::now()));
-                    d.cond.notify_all();
-                }
-                continue;
+                failed(if let KvmiError::Handshake(why) = e { Some(why) } else { None });
             }
-        };
-        match Monitor::start(vm) {
-            Ok(mon) => return mon,
-            Err(e) => log(&format!("a connection on the KVMI socket failed: {e}")),
         }
     }
 }

@@ -8,8 +8,12 @@
 //! engine ([`Monitor`]) when the VMM connects, and serves commands on the
 //! control socket `PATH.ctl` (see `control/`), each in its own thread.
 //! Long-running commands (`trace`, `watch-msr`, `protect`) own what they set
-//! up: when their client goes away (Ctrl-C), it is undone. The daemon exits
-//! when the VM goes away, or on `ukvmi detach`.
+//! up: when their client goes away (Ctrl-C), it is undone before the next
+//! command runs. The daemon exits when the VM goes away, on `ukvmi detach`,
+//! or, when no VM ever connected, as soon as no command waits for one; then
+//! it leaves no file behind. It serves one VM and refuses any other that
+//! connects meanwhile; `PATH.lock` keeps the record of the VM last served,
+//! so that the next daemon can say when the VM at the path changed.
 //!
 //! Everything it makes is private: it runs with umask 0177 (so `PATH` and
 //! `PATH.ctl` are bound 0600, with no window), opens `PATH.lock` 0600 (its
@@ -19,10 +23,12 @@
 //! it) and, while no VM is attached, from each command's request.
 
 mod guards;
+mod in_flight;
 mod kvmi_socket;
 mod log;
 mod serve;
 mod symbols;
+mod vmm_peer;
 
 use std::{
     os::unix::net::{UnixListener, UnixStream},
@@ -38,16 +44,19 @@ use std::{
 use ukvmi_monitor::{Monitor, SymbolMap};
 
 use self::{
-    guards::{catch_stop_signals, take_daemon_lock},
-    kvmi_socket::{accept_vm, KvmiSocket},
+    guards::{catch_stop_signals, take_daemon_lock, DaemonLock},
+    in_flight::InFlight,
+    kvmi_socket::{accept_vm, remove_if_ours, KvmiSocket},
     log::{flush_log_repeats, log},
     symbols::symbols_for_vm,
+    vmm_peer::{change_notice, refuse_others, set_served, uuid_hex, ServedVm},
 };
 use crate::{
     args::{MissingValue, Style, Word, Words},
-    control::{self, ctl_path},
+    control::{self, ctl_path, log_path},
 };
 pub(crate) use symbols::symbols_for;
+pub(crate) use vmm_peer::served_vm;
 
 #[derive(Default)]
 struct Attached {
@@ -58,6 +67,20 @@ struct Attached {
     key: Option<Vec<u8>>,
     /// The last failed handshake: the key it was answered with, why, when.
     refused: Option<(Option<Vec<u8>>, String, Instant)>,
+    /// Something connected to the KVMI socket (a VMM, perhaps refused).
+    vmm_seen: bool,
+    /// A connection's handshake is under way: waiting commands wait for it.
+    handshaking: bool,
+    /// Commands being served, and how many were.
+    clients: usize,
+    served: u64,
+    /// What the next command is told first (the VM at the path changed).
+    notice: Option<String>,
+    /// The symbol map: `--map` (its path and symbols), as last given.
+    map: Option<(String, Arc<SymbolMap>)>,
+    /// The daemon is leaving with no VM: a command that comes now is closed
+    /// unanswered, and its client starts a new daemon.
+    leaving: bool,
 }
 
 /// Never shows the key, only whether there is one.
@@ -69,6 +92,13 @@ impl std::fmt::Debug for Attached {
             .field("gone", &self.gone)
             .field("key", &self.key.as_ref().map(|_| "(set)"))
             .field("refused", &self.refused.as_ref().map(|(_, why, at)| (why, at)))
+            .field("vmm_seen", &self.vmm_seen)
+            .field("handshaking", &self.handshaking)
+            .field("clients", &self.clients)
+            .field("served", &self.served)
+            .field("notice", &self.notice)
+            .field("map", &self.map.as_ref().map(|(p, _)| p))
+            .field("leaving", &self.leaving)
             .finish()
     }
 }
@@ -76,12 +106,16 @@ impl std::fmt::Debug for Attached {
 #[derive(Debug)]
 struct Daemon {
     vm_path: PathBuf,
-    map: Option<Arc<SymbolMap>>,
     state: Mutex<Attached>,
     cond: Condvar,
     quit: AtomicBool,
     /// A `detach` is under way; `quit` follows once its client has its reply.
     detaching: AtomicBool,
+    /// The commands being served (a new one waits for departed ones).
+    in_flight: InFlight,
+    /// The path's lock, held for the daemon's life; it keeps the record of
+    /// the VM served.
+    lock: DaemonLock,
 }
 
 /// `ukvmi daemon --vm PATH [--map FILE] [--key-file FILE]` (normally
@@ -117,12 +151,8 @@ pub fn main(args: &[String]) -> ExitCode {
         }
     }
     let vm = vm.unwrap_or_else(crate::default_vm_path);
-    let map = match map_path.map(|p| {
-        std::fs::read_to_string(&p)
-            .map_err(|e| format!("{p}: {e}"))
-            .and_then(|t| SymbolMap::parse(&t).map_err(|e| format!("{p}: {e}")))
-    }) {
-        Some(Ok(m)) => Some(Arc::new(m)),
+    let map = match map_path.map(|p| load_map(&p).map(|m| (p, m))) {
+        Some(Ok(m)) => Some(m),
         Some(Err(e)) => {
             log(&format!("cannot use the symbol map: {e}"));
             return ExitCode::FAILURE;
@@ -139,14 +169,14 @@ pub fn main(args: &[String]) -> ExitCode {
     // One daemon per path: two first commands at the same moment each
     // start one, and the loser leaves (its client uses the winner). The
     // lock goes with the process, however it ends.
-    let _lock = match take_daemon_lock(&vm) {
+    let lock = match take_daemon_lock(&vm) {
         Ok(f) => f,
         Err((code, e)) => {
             log(&e);
             return ExitCode::from(code);
         }
     };
-    let r = run_daemon(&vm, map, key);
+    let r = run_daemon(&vm, map, key, lock);
     if let Err(e) = &r {
         log(e);
     }
@@ -165,23 +195,100 @@ pub(super) const REFUSAL_FRESH: Duration = Duration::from_secs(5);
 /// How long the daemon waits for a VM before it gives up and exits.
 const NO_VM_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>, key: Option<Vec<u8>>) -> Result<(), String> {
+/// How long a daemon that no VM connected to waits for its first command.
+const NO_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads a symbol map (System.map format).
+fn load_map(path: &str) -> Result<Arc<SymbolMap>, String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| format!("{path}: {e}"))
+        .and_then(|t| SymbolMap::parse(&t).map_err(|e| format!("{path}: {e}")))
+        .map(Arc::new)
+}
+
+/// The VM just attached: remembered (for `info`, and in the lock file for
+/// the next daemon), announced to the next command if the path served
+/// another VM before, and given its symbols.
+fn attached(d: &Daemon, mon: Monitor, vmm: Option<vmm_peer::VmmPeer>, before: Option<&ServedVm>) {
+    let i = mon.vm().info();
+    let served = ServedVm { name: i.name.clone(), uuid: uuid_hex(&i.uuid), vmm };
+    log(&format!("VM {} attached: {} vCPUs", served.describe(), mon.vcpus()));
+    let notice = change_notice(before, &served, &d.vm_path.display().to_string());
+    if let Some(n) = &notice {
+        log(n.trim_start_matches("ukvmi: "));
+    }
+    d.lock.set_record(&served.to_record());
+    set_served(served);
+    let map = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).map.as_ref().map(|m| Arc::clone(&m.1));
+    let syms = symbols_for_vm(&mon, map.as_ref());
+    let mut st = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    st.syms = syms;
+    st.mon = Some(Arc::new(mon));
+    st.refused = None;
+    st.handshaking = false;
+    st.notice = notice;
+    d.cond.notify_all();
+}
+
+/// How the daemon's log ends: what a daemon that saw no VM leaves behind.
+#[derive(Debug)]
+struct LogStart {
+    path: PathBuf,
+    /// Its length before this daemon wrote to it.
+    len: u64,
+}
+
+impl LogStart {
+    /// Takes back what this daemon wrote (nothing in it is worth reading
+    /// when no VM ever connected); a log that held nothing else goes.
+    fn take_back(&self) {
+        if self.len == 0 {
+            let _ = std::fs::remove_file(&self.path);
+        } else {
+            use std::os::unix::fs::OpenOptionsExt;
+            // The log as it is (not created again, never through a symlink).
+            let f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(&self.path);
+            if let Ok(f) = f {
+                let _ = f.set_len(self.len);
+            }
+        }
+    }
+}
+
+fn run_daemon(
+    vm_path: &Path,
+    map: Option<(String, Arc<SymbolMap>)>,
+    key: Option<Vec<u8>>,
+    lock: DaemonLock,
+) -> Result<(), String> {
+    let log_start =
+        LogStart { path: log_path(vm_path), len: std::fs::metadata(log_path(vm_path)).map_or(0, |m| m.len()) };
+    let before = ServedVm::from_record(&lock.record());
     let ctl = ctl_path(vm_path);
     if UnixStream::connect(&ctl).is_ok() {
         return Err(format!("a daemon already serves {}", ctl.display()));
     }
     let _ = std::fs::remove_file(&ctl);
-    let ctl_sock = UnixListener::bind(&ctl).map_err(|e| format!("binding {}: {e}", ctl.display()))?;
-    let listener = KvmiSocket::bind(vm_path).map_err(|e| format!("listening on {}: {e}", vm_path.display()))?;
+    let ctl_sock = UnixListener::bind(&ctl).map_err(|e| {
+        lock.remove();
+        format!("binding {}: {e}", ctl.display())
+    })?;
+    let listener = KvmiSocket::bind(vm_path).map_err(|e| {
+        let _ = std::fs::remove_file(&ctl);
+        lock.remove();
+        format!("listening on {}: {e}", vm_path.display())
+    })?;
+    let sock_id = listener.id;
     log(&format!("listening for the VMM on {}, commands on {}", vm_path.display(), ctl.display()));
-    let state = Attached { key, ..Attached::default() };
+    let state = Attached { key, map, ..Attached::default() };
     let d = Arc::new(Daemon {
         vm_path: vm_path.to_path_buf(),
-        map,
         state: Mutex::new(state),
         cond: Condvar::new(),
         quit: AtomicBool::new(false),
         detaching: AtomicBool::new(false),
+        in_flight: InFlight::default(),
+        lock,
     });
     catch_stop_signals(&d);
 
@@ -200,22 +307,18 @@ fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>, key: Option<Vec<u8>>)
     std::thread::Builder::new()
         .name("kvmi-accept".into())
         .spawn(move || {
-            let mon = accept_vm(&att, &listener);
-            // The socket file goes once a VM is attached (only one is served).
-            drop(listener);
-            let name = mon.vm().info().name.clone();
-            log(&format!("VM `{name}` attached: {} vCPUs", mon.vcpus()));
-            let syms = symbols_for_vm(&mon, att.map.as_ref());
-            let mut st = att.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            st.syms = syms;
-            st.mon = Some(Arc::new(mon));
-            st.refused = None;
-            att.cond.notify_all();
+            let (mon, vmm) = accept_vm(&att, &listener);
+            attached(&att, mon, vmm, before.as_ref());
+            // The socket stays: another VM that connects is refused in words.
+            if let Some(served) = served_vm() {
+                refuse_others(&listener, served);
+            }
         })
         .map_err(|e| format!("starting the accept thread: {e}"))?;
 
     // Run until the VM goes away, `detach`, a stop signal, or no VM came.
     let started = Instant::now();
+    let mut no_vm = false;
     loop {
         if d.quit.load(Ordering::SeqCst) {
             break;
@@ -227,6 +330,18 @@ fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>, key: Option<Vec<u8>>)
         }
         if st.mon.is_none() && started.elapsed() > NO_VM_TIMEOUT {
             log(&format!("no VM connected within {NO_VM_TIMEOUT:?}"));
+            no_vm = !st.vmm_seen;
+            break;
+        }
+        // No VM ever came and nobody waits: its command was answered (or
+        // the client that started it left before asking).
+        let asked = st.served > 0 || started.elapsed() > NO_CLIENT_TIMEOUT;
+        if st.mon.is_none() && !st.vmm_seen && !st.handshaking && st.clients == 0 && asked {
+            // Nothing here worth keeping: no file stays behind.
+            log("no VM ever connected and no command waits for one");
+            no_vm = true;
+            let mut st = st;
+            st.leaving = true;
             break;
         }
         if st.gone || st.mon.as_ref().is_some_and(|m| !m.is_running()) {
@@ -236,13 +351,22 @@ fn run_daemon(vm_path: &Path, map: Option<Arc<SymbolMap>>, key: Option<Vec<u8>>)
         drop(d.cond.wait_timeout(st, Duration::from_millis(200)));
     }
     let mon = d.state.lock().ok().and_then(|mut s| s.mon.take());
+    let served = mon.is_some() || served_vm().is_some();
     if let Some(m) = mon {
         m.stop();
     }
     let _ = std::fs::remove_file(&ctl);
+    remove_if_ours(vm_path, sock_id);
+    if !served {
+        // Nothing to remember: the lock file goes (still locked).
+        d.lock.remove();
+    }
     // Give clients a moment to read their last frames.
     std::thread::sleep(Duration::from_millis(100));
     flush_log_repeats();
     log("exiting");
+    if no_vm {
+        log_start.take_back();
+    }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Serving one control client: checking who it is, reading its request,
-//! waiting for a VM, running the command with its output framed back
-//! ([`SockOut`]), and the exit status.
+//! waiting for a VM (and for departed commands to finish undoing), running
+//! the command with its output framed back ([`SockOut`]), and the exit
+//! status.
 
 use std::{
     io::{Read, Write},
@@ -14,7 +15,7 @@ use std::{
 
 use ukvmi_monitor::{Monitor, SymbolMap};
 
-use super::{log::log, Daemon, REFUSAL_FRESH};
+use super::{load_map, log::log, Daemon, REFUSAL_FRESH};
 use crate::{
     control,
     tools::{self, Ctx, Out},
@@ -52,6 +53,13 @@ impl Out for SockOut {
     }
 }
 
+/// How long a command waits for a VM to connect unless told (`--wait`):
+/// a VMM already running retries every second (`ukvmi run --reconnect`).
+const DEFAULT_WAIT: Duration = Duration::from_secs(2);
+
+/// The longest a handshake under way when the wait ends is waited for.
+const HANDSHAKE_GRACE: Duration = Duration::from_secs(10);
+
 impl Daemon {
     fn wait_attached(
         &self,
@@ -69,6 +77,10 @@ impl Daemon {
             if st.gone {
                 return Err("the VM went away".into());
             }
+            if out.gone() {
+                // Ctrl-C while waiting: nobody to answer, nothing to undo.
+                return Err("the command was interrupted".into());
+            }
             if let Some((key, why, at)) = &st.refused {
                 // One with this command's key, since it began waiting or
                 // recent enough that the VMM is still retrying (a refusal
@@ -85,12 +97,22 @@ impl Daemon {
                     ));
                 }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let mut left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() && st.handshaking && started.elapsed() < wait + HANDSHAKE_GRACE {
+                // A VMM is connecting right now: let it finish.
+                left = Duration::from_millis(50);
+            }
             if left.is_zero() {
+                let p = self.vm_path.display();
+                let waited = if wait.as_millis() % 1000 == 0 {
+                    format!("{} s", wait.as_secs())
+                } else {
+                    format!("{:.1} s", wait.as_secs_f64())
+                };
                 return Err(format!(
-                    "no VM connected to {} within {wait:?}: start one with `ukvmi run --guest demo --introspect unix:{}`",
-                    self.vm_path.display(),
-                    self.vm_path.display()
+                    "no VM connected to {p} within {waited}. Start one with \
+                     `ukvmi run --guest demo --introspect unix:{p}` (or your VM with --introspect unix:{p}), \
+                     or give --wait SECS to wait longer for one that is starting"
                 ));
             }
             if !told {
@@ -135,9 +157,18 @@ impl Daemon {
             Ok((uid, _)) if control::trusted_uid(uid) => {}
             who => return self.refuse(sock, who),
         }
-        let Ok(control::Request { flags, args, key }) = control::read_request(&mut sock) else {
+        let Ok(req) = control::read_request(&mut sock) else {
             return;
         };
+        let Ok(wsock) = sock.try_clone() else { return };
+        {
+            let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if st.leaving {
+                // Closed without a word: the client starts a new daemon.
+                return;
+            }
+            st.clients += 1;
+        }
         let gone = Arc::new(AtomicBool::new(false));
         // The client sends nothing more: a read that returns means it left.
         if let Ok(mut watch) = sock.try_clone() {
@@ -148,11 +179,22 @@ impl Daemon {
                 g.store(true, Ordering::Relaxed);
             });
         }
-        let Ok(wsock) = sock.try_clone() else { return };
-        let mut out = SockOut { sock: wsock, stderr_tty: flags & control::FLAG_TTY != 0, gone };
-        let status = self.run(&args, key, &mut out);
+        let me = self.in_flight.start(&sock, &gone);
+        let mut out = SockOut { sock: wsock, stderr_tty: req.flags & control::FLAG_TTY != 0, gone };
+        // A stream stopped with Ctrl-C just before this command: its undo
+        // (int3s put back, interceptions off) is finished first.
+        self.in_flight.settle(me);
+        let status = self.run(&req, &mut out);
+        self.in_flight.finish(me);
         let _ = control::write_frame(&mut sock, control::EXIT, &[status]);
         let _ = sock.flush();
+        {
+            let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            st.clients = st.clients.saturating_sub(1);
+            st.served += 1;
+            self.cond.notify_all();
+        }
+        let args = &req.args;
         if self.detaching.load(Ordering::SeqCst) && args.first().map(String::as_str) == Some("detach") {
             // Only now, with the client's reply written, may the daemon go.
             self.quit.store(true, Ordering::SeqCst);
@@ -160,7 +202,29 @@ impl Daemon {
         }
     }
 
-    fn run(self: &Arc<Self>, args: &[String], key: Option<Vec<u8>>, out: &mut SockOut) -> u8 {
+    /// Applies `--map FILE` if the command gives one this daemon does not
+    /// use yet (it started with another, or none); says so either way.
+    fn apply_map(&self, path: &str, out: &mut SockOut) -> Result<(), String> {
+        let same = self.state.lock().ok().is_some_and(|st| st.map.as_ref().is_some_and(|(p, _)| p == path));
+        if same {
+            return Ok(());
+        }
+        let map = load_map(path).map_err(|e| format!("--map {e} (the daemon keeps the symbols it had)"))?;
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.mon.is_some() {
+            st.syms = Some(Arc::clone(&map));
+        }
+        let n = map.len();
+        st.map = Some((path.to_string(), map));
+        drop(st);
+        log(&format!("symbols now from {path} ({n})"));
+        let _ = out.note(&format!("ukvmi: the daemon for {} now uses {path} ({n} symbols)", self.vm_path.display()));
+        Ok(())
+    }
+
+    fn run(self: &Arc<Self>, req: &control::Request, out: &mut SockOut) -> u8 {
+        let args = &req.args[..];
+        let key = req.key.clone();
         if args.first().map(String::as_str) == Some("detach") {
             // The main loop must not take the monitor stopped here for the
             // VM going away and exit before this client has its reply.
@@ -180,13 +244,24 @@ impl Daemon {
                 st.key = key;
             }
         }
-        let (mon, syms) = match self.wait_attached(out, Duration::from_secs(15)) {
+        if let Some(path) = &req.map {
+            if let Err(e) = self.apply_map(path, out) {
+                let _ = out.note(&format!("ukvmi: {e}"));
+                return 1;
+            }
+        }
+        let wait = req.wait_ms.map_or(DEFAULT_WAIT, |ms| Duration::from_millis(u64::from(ms)));
+        let (mon, syms) = match self.wait_attached(out, wait) {
             Ok(a) => a,
             Err(e) => {
                 let _ = out.note(&format!("ukvmi: {e}"));
                 return 1;
             }
         };
+        let notice = self.state.lock().ok().and_then(|mut st| st.notice.take());
+        if let Some(n) = notice {
+            let _ = out.note(&n);
+        }
         let ctx = Ctx { mon: &mon, syms: syms.as_deref() };
         match tools::run(&ctx, args, out) {
             Ok(()) => 0,

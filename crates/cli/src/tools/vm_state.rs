@@ -27,6 +27,9 @@ pub(crate) fn info(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(),
         .filter_map(event::name)
         .collect();
     let os = ProcessTable::read(ctx.mon).ok();
+    // The VMM process the daemon talks to (its pid from SO_PEERCRED on the
+    // KVMI connection); unknown outside the daemon.
+    let vmm = crate::daemon::served_vm().and_then(|s| s.vmm.as_ref());
     if a.has("--json") {
         let strs = |v: &[&str]| json::array(v.iter().map(|s| json::quote(s)));
         let o = Obj::new()
@@ -41,10 +44,15 @@ pub(crate) fn info(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(),
             .raw("events", &strs(&evs))
             .bool("demo_os", os.is_some())
             .num("symbols", ctx.syms.map_or(0, |s| s.len() as u64))
+            .raw("vmm_pid", &vmm.map_or_else(|| "null".to_string(), |p| p.pid.to_string()))
+            .raw("vmm_command", &vmm.map_or_else(|| "null".to_string(), |p| json::quote(&p.command)))
             .build();
         return Ok(out.line(&o)?);
     }
     out.line(&format!("VM        {} ({uuid})", if i.name.is_empty() { "(unnamed)" } else { &i.name }))?;
+    if let Some(p) = vmm {
+        out.line(&format!("VMM       pid {}: {}", p.pid, p.command))?;
+    }
     out.line(&format!("vCPUs     {}", ctx.mon.vcpus()))?;
     out.line(&format!("RAM       {} MiB", i.max_gpa >> 20))?;
     out.line(&format!(
