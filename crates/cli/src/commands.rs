@@ -279,7 +279,7 @@ pub(crate) const COMMANDS: &[Command] = &[
         usage: "",
         about: "undo everything, let the VM run on, stop the daemon",
         section: Section::Tool,
-        options: &[],
+        options: &[flag("--json").help("one JSON object: {\"event\":\"detached\"}")],
         action: Action::Detach,
     },
     Command {
@@ -336,9 +336,11 @@ const INTRO: &str = "ukvmi: KVM virtual machine introspection on a stock Linux k
 const INTROSPECTOR: &str = "
 THE INTROSPECTOR (a second terminal; talks to the VM started with
 `ukvmi run ... --introspect unix:PATH`):
-    ukvmi [--vm PATH] [--key-file FILE] COMMAND [ARGS]
-                             PATH defaults to $UKVMI_VM, else ./vm.sock; the key
-                             (for a VM started with one) comes from FILE, else $UKVMI_KEY
+    ukvmi [--vm PATH] [--key-file FILE] [--wait SECS] COMMAND [ARGS]
+                             PATH defaults to $UKVMI_VM, else ./vm.sock (`unix:PATH`
+                             works too); the key (for a VM started with one) comes
+                             from FILE, else $UKVMI_KEY; with no VM at PATH a command
+                             answers within about 2 s, or waits up to SECS for one
 ";
 
 /// How the tool commands reach the VM, examples and common options (also
@@ -350,7 +352,8 @@ HOW THE TOOL COMMANDS REACH THE VM:
     a small daemon in the background (log: PATH.log) that listens on PATH, holds
     the connection, and runs each command sent to its control socket PATH.ctl.
     Streaming commands (trace, watch-msr, protect) own what they set up: Ctrl-C
-    undoes it. The daemon exits when the VM does, or on `ukvmi detach`.
+    undoes it. The daemon exits when the VM does, on `ukvmi detach`, or, with
+    no VM, once no command waits for one (it then leaves no files behind).
     PATH, PATH.ctl, PATH.lock and PATH.log are 0600 whatever the umask, and
     the daemon serves only its own user and root (SO_PEERCRED), on PATH.ctl
     and on PATH (the VMM).

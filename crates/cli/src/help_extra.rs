@@ -233,7 +233,7 @@ mod tests {
         for c in COMMANDS.iter().filter(|c| matches!(c.action, Action::Tool(_))) {
             assert!(c.options.iter().all(|o| !o.help.is_empty()), "{}: an option without help", c.name);
         }
-        assert!(command_help(commands::find("detach").unwrap()).contains("OPTIONS:\n    (none)\n"));
+        assert!(command_help(commands::find("detach").unwrap()).contains("OPTIONS:\n    --json"));
         assert!(command_help(commands::find("read").unwrap()).contains("\nRUNS:\n    once: answers and exits\n"));
         let daemon = command_help(commands::find("daemon").unwrap());
         assert!(daemon.contains("OPTIONS:\n    --vm PATH\n") && !daemon.contains("--count"), "{daemon}");

@@ -311,7 +311,16 @@ fn data_commands_speak_json_and_symbols_take_patterns() {
     }
     all_json(&tool.ok(&["ps", "--json"]));
     tool.ok(&["resume"]);
-    tool.detach();
+    // detach, too: one object.
+    let out = tool.ok(&["detach", "--json"]);
+    let detached = all_json(&out);
+    assert_eq!(detached.len(), 1);
+    assert_eq!(field(detached[0], "event"), "detached");
+    let end = Instant::now() + T;
+    while tool.sock.with_extension("sock.ctl").exists() {
+        assert!(Instant::now() < end, "the daemon did not remove its control socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_demo_runs(&vm);
 }
 

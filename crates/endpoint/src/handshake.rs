@@ -15,6 +15,7 @@ use ukvmi_wire::IntoBytes;
 
 /// Why the handshake failed. The VM keeps running either way.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum HandshakeError {
     /// Nobody listens at the path (yet).
     #[error("cannot connect to the introspector at {path}: {source}")]
@@ -44,6 +45,14 @@ pub enum HandshakeError {
     /// The reply's `struct_size` is implausibly large.
     #[error("the introspector's handshake reply claims {0} bytes (at most 65536)")]
     LongReply(u32),
+    /// The tool accepted the connection and closed it without answering:
+    /// a ukvmi daemon does so when it already serves another VM or does not
+    /// serve this VMM's user.
+    #[error(
+        "the introspector closed the connection before answering the handshake (it may already serve \
+         another VM or refuse this VMM's user: see the tool's log, e.g. PATH.log of `ukvmi`'s daemon)"
+    )]
+    ClosedUnanswered,
     /// Reading or writing the socket failed (the tool went away).
     #[error("handshake I/O failed: {0}")]
     Io(#[source] std::io::Error),
@@ -149,7 +158,10 @@ fn exchange(
     let ours = ToIntrospector::new(id.uuid, id.start_time, &id.name, id.max_gpa);
     write_all(&mut s, ours.as_bytes(), dl)?;
     let mut size = [0u8; 4];
-    read_exact(&mut s, &mut size, dl)?;
+    read_exact(&mut s, &mut size, dl).map_err(|e| match e {
+        HandshakeError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => HandshakeError::ClosedUnanswered,
+        e => e,
+    })?;
     let struct_size = u32::from_le_bytes(size);
     if struct_size < FROM_INTROSPECTOR_MIN {
         return Err(HandshakeError::ShortReply(struct_size));

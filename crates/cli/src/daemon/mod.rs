@@ -141,8 +141,11 @@ pub fn main(args: &[String]) -> ExitCode {
             "--map" => map_path = value.map(str::to_string),
             "--key-file" => key_file = value.map(str::to_string),
             "-h" | "--help" => {
-                print!("{}", crate::TOOL_HELP);
-                return ExitCode::SUCCESS;
+                // A reader that went away (`| head`) ends it quietly.
+                return match crate::tools::write_stdout(crate::TOOL_HELP) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(_) => ExitCode::FAILURE,
+                };
             }
             other => {
                 eprintln!("ukvmi daemon: unknown argument `{other}`");

@@ -233,7 +233,11 @@ impl Daemon {
             if let Some(m) = mon {
                 m.stop();
             }
-            let _ = out.line("detached: interceptions undone, vCPUs running, connection closed");
+            let _ = out.line(&if args.iter().any(|a| a == "--json") {
+                ukvmi_monitor::json::Obj::new().str("event", "detached").build()
+            } else {
+                "detached: interceptions undone, vCPUs running, connection closed".into()
+            });
             return 0;
         }
         // Until a VM is attached, the key of the latest command is the one
