@@ -86,6 +86,7 @@ fn the_walkthrough_as_written_refuses_every_attack() {
         }
     }
     let vm = vm.expect("the walkthrough starts a VM");
+    assert!(!vm.serial_text().contains("killed by exception"), "{}", vm.serial_text());
     let seen = attacks(&vm.serial_text());
     assert!(seen.len() >= 6, "{seen:?}");
     assert!(seen.iter().all(|a| !a.1), "every attack refused: {seen:?}\n{}", vm.serial_text());
@@ -160,10 +161,71 @@ fn late_guards_report_the_damage_and_restore_repairs_it() {
     assert!(after.len() >= 4, "{after:?}");
     assert!(after.iter().all(|a| !a.1), "attacks after the restore are refused: {after:?}\n{}", vm.serial_text());
 
+    assert!(!vm.serial_text().contains("killed by exception"), "{}", vm.serial_text());
     let detach = walk[0].iter().find(|l| l.name() == "detach").unwrap();
     sh.run(detach);
     for mut g in restore {
         g.wait(T);
         assert!(g.stdout().lines().any(|l| l.starts_with("BLOCKED")), "{}", g.stdout());
     }
+}
+
+/// A command of this test's own (not a README line), in the same shell.
+fn own(args: &[&str]) -> Line {
+    Line { args: args.iter().map(|a| a.to_string()).collect(), background: false }
+}
+
+#[test]
+fn the_state_and_the_restore_in_json_and_the_mistakes() {
+    let dir = Scratch::new("walk-json");
+    let walk = blocks();
+    let mut sh = Shell::new(&dir);
+    let vm = sh.start_vm(&run_line(&walk));
+    vm.wait_serial("rootkit: syscall_table[write] hook succeeded", 1, T);
+
+    // --json: the state as JSON objects on stderr; stdout keeps the records.
+    let o = sh.run(&own(&["watch-msr", "LSTAR", "--json", "--duration", "0.2"]));
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.contains(r#"{"event":"state","vcpu":0,"msr":"0xc0000082","msr_name":"LSTAR","value":"#), "{err}");
+    let v1 = err.lines().find(|l| l.contains(r#""vcpu":1,"#)).unwrap_or_else(|| panic!("{err}"));
+    assert!(v1.contains(r#""compromised":true"#) && v1.contains(r#""symbol":"syscall_table_end""#), "{v1}");
+    assert!(!String::from_utf8(o.stdout).unwrap().contains(r#""event":"state""#));
+    let o = sh.run(&own(&["protect", "syscall_table", "--json", "--duration", "0.2"]));
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(
+        err.contains(r#""range":"syscall_table","words":512,"image":"demo","changed":1,"hooks":1,"compromised":true"#),
+        "{err}"
+    );
+    assert!(
+        err.contains(r#""at":"syscall_table+0x8""#) && err.contains(r#""image_symbol":"sys_write","pointer":true"#)
+    );
+
+    // --restore --json (guarding, so the rootkit cannot hook again): what
+    // was put back.
+    let msr = sh.background(&own(&["watch-msr", "LSTAR", "--deny", "--restore", "--json"]));
+    let table = sh.background(&own(&["protect", "syscall_table", "--deny", "--restore", "--json"]));
+    msr.wait_stderr(r#"{"event":"restored","vcpu":1,"msr_name":"LSTAR","old":"0x"#, T);
+    table.wait_stderr(r#"{"event":"restored","gpa":"0x"#, T);
+    // Now clean, seen from outside: LSTAR is syscall_entry on every vCPU,
+    // the table as in the image.
+    let o = sh.run(&own(&["watch-msr", "LSTAR", "--duration", "0.2"]));
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(err.matches("(syscall_entry): the kernel's syscall entry").count(), 2, "{err}");
+    let o = sh.run(&own(&["protect", "syscall_table", "--duration", "0.2"]));
+    assert!(String::from_utf8(o.stderr).unwrap().contains("all 512 words as in the `demo` kernel image"));
+    // The restore left no stub behind: the rootkit's page is as it was
+    // (its hook first, zeros at the end), and the guest runs on.
+    let hellos = vm.serial_text().matches("shell: hello").count();
+    vm.wait_serial("shell: hello", hellos + 2, T);
+    let o = sh.run(&own(&["read", "module_area+0xfc0", "64", "--raw"]));
+    assert_eq!(o.stdout, vec![0u8; 64], "the stub's room is zero again");
+    let o = sh.run(&own(&["read", "module_area", "2", "--raw"]));
+    assert_ne!(o.stdout, [0x49, 0xbb], "the jump to the stub is gone: the rootkit's own bytes are back");
+    assert!(!vm.serial_text().contains("killed by exception"), "{}", vm.serial_text());
+
+    // Mistakes: clear errors, and the daemon serves on.
+    let o = sh.command_output(&own(&["watch-msr", "STAR", "--restore"]));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--restore puts LSTAR back"));
+    sh.run(&own(&["detach"]));
 }

@@ -200,6 +200,11 @@ impl<'a> Shell<'a> {
         o
     }
 
+    /// A command that finishes on its own, however it ends.
+    pub fn command_output(&self, line: &Line) -> Output {
+        self.command(line).stdin(Stdio::null()).output().unwrap()
+    }
+
     /// A stream in the foreground: its first line, then Ctrl-C.
     pub fn run_until_first_line(&self, line: &Line) -> String {
         let mut child = self.command(line).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
