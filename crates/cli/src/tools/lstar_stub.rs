@@ -73,7 +73,9 @@ fn write_paused(ctx: &Ctx<'_>, patches: &[Patch]) -> Result<(), Failure> {
         for v in 0..ctx.mon.vcpus() {
             match ctx.mon.vm().get_registers(v, &[]) {
                 Ok(r) => {
-                    inside |= patches.iter().any(|p| (p.gva..p.gva + p.bytes.len() as u64).contains(&r.regs.rip));
+                    inside |= patches
+                        .iter()
+                        .any(|p| (p.gva..p.gva.saturating_add(p.bytes.len() as u64)).contains(&r.regs.rip));
                 }
                 Err(e) => {
                     ctx.mon.resume_all()?;
@@ -108,7 +110,7 @@ fn patches(ctx: &Ctx<'_>, vcpu: u16, target: u64, entry: u64) -> Result<(Vec<Pat
     let body_gva = (target | 0xfff) - (ROOM - 1);
     let body_gpa = (gpa | 0xfff) - (ROOM - 1);
     let hop = jump(body_gva);
-    if target + hop.len() as u64 > body_gva {
+    if target.saturating_add(hop.len() as u64) > body_gva {
         return Err(fail(format!("LSTAR {target:#x}: too close to its page's end for the restore stub")));
     }
     let read = |at: u64, len: usize| -> Result<Vec<u8>, Failure> {

@@ -140,7 +140,14 @@ pub(crate) fn watch_msr(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Resul
     }
     // What the MSRs hold now: a write made before this command is not an
     // event (KVMI reports writes that change the value).
-    let now = hooks::read_msrs(ctx, &msrs)?;
+    let now = match hooks::read_msrs(ctx, &msrs) {
+        Ok(now) => now,
+        Err(e) if !restore => {
+            out.note(&format!("(the current values could not be read: {})", e.msg))?;
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
     hooks::show_msrs(ctx, &now, a.has("--json"), restore, out)?;
     if restore {
         lstar_stub::restore_lstar(ctx, &sub, &now, a.has("--json"), out)?;
@@ -185,8 +192,17 @@ pub(crate) fn protect(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<
         (None, _) => 8,
         (Some(_), _) => len,
     };
-    let now = hooks::read_range(ctx, gpa, shown)?;
-    hooks::show_range(ctx, what, &now, a.has("--json"), a.has("--restore"), out)?;
+    let now = match hooks::read_range(ctx, gpa, shown) {
+        Ok(now) => {
+            hooks::show_range(ctx, what, &now, a.has("--json"), a.has("--restore"), out)?;
+            now
+        }
+        Err(e) if !a.has("--restore") => {
+            out.note(&format!("(the current contents could not be read: {})", e.msg))?;
+            hooks::RangeNow { words: 0, changed: Vec::new(), image: None }
+        }
+        Err(e) => return Err(e),
+    };
     if a.has("--restore") {
         if now.image.is_none() {
             return Err(Failure {
