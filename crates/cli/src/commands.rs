@@ -245,21 +245,30 @@ pub(crate) const COMMANDS: &[Command] = &[
     Command {
         name: "watch-msr",
         usage: "MSR...",
-        about: "report guest writes of MSRs; --deny keeps the old value",
+        about: "show MSRs on every vCPU, then report guest writes; --deny keeps the old value,\n                               \
+                --restore puts a hijacked LSTAR back to the kernel's syscall_entry",
         section: Section::Tool,
-        options: &[STREAM[0], STREAM[1], STREAM[2], flag("--deny").help("refuse the writes: the old value stays")],
+        options: &[
+            STREAM[0],
+            STREAM[1],
+            STREAM[2],
+            flag("--deny").help("refuse the writes: the old value stays"),
+            flag("--restore").help("put a hijacked LSTAR back (the vCPU writes it at its next syscall)"),
+        ],
         action: Action::Tool(tools::watch_msr),
     },
     Command {
         name: "protect",
         usage: "ADDR [LEN]",
-        about: "take access away from pages (--remove w); --deny refuses writes",
+        about: "show what ADDR holds against the kernel image, then take access away from\n                               \
+                pages (--remove w); --deny refuses writes; --restore puts the image's bytes back",
         section: Section::Tool,
         options: &[
             STREAM[0],
             STREAM[1],
             STREAM[2],
             flag("--deny").help("refuse the writes: the instruction is skipped"),
+            flag("--restore").help("put back the words that differ from the built-in kernel image"),
             valued("--remove", "rwx").help("the access to take away: letters from rwx (default w)"),
         ],
         action: Action::Tool(tools::protect),

@@ -134,6 +134,14 @@ impl Monitor {
         self.inner.msrs.add(&self.inner, &mut refs, sub.id, msr, deny)
     }
 
+    /// Lets the guest's writes of exactly `value` to `msr` through while
+    /// `sub` lives, even where [`watch_msr`](Self::watch_msr) refuses
+    /// writes: a tool that makes the guest put a value back (KVMI has no
+    /// command that writes an MSR) must not have that write refused.
+    pub fn allow_msr_restore(&self, sub: &Subscription, msr: u32, value: u64) {
+        self.inner.msrs.allow_restore(sub.id, msr, value);
+    }
+
     /// Takes the `remove` access bits (`r`, `w`, `x`: `access::*`) away from
     /// the pages covering `gpa..gpa+len`; with `deny`, writes are refused
     /// (the instruction skipped) instead of let through. Returns the pages.

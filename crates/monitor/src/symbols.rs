@@ -49,6 +49,13 @@ impl SymbolMap {
         self.by_name.get(name).copied()
     }
 
+    /// The bytes from `addr` to the next symbol above it (how far the
+    /// object that starts there extends), if there is one.
+    pub fn extent(&self, addr: u64) -> Option<u64> {
+        let i = self.by_addr.partition_point(|(a, _)| *a <= addr);
+        self.by_addr.get(i).map(|(a, _)| a - addr)
+    }
+
     /// Number of symbols.
     pub fn len(&self) -> usize {
         self.by_addr.len()
@@ -125,6 +132,9 @@ mod tests {
         assert_eq!(m.describe(0x100042), "syscall_entry+0x2");
         assert_eq!(m.describe(0x100000), "_start");
         assert_eq!(m.describe(0x50), "0x50");
+        assert_eq!(m.extent(0x100040), Some(0x1fc0), "up to syscall_table");
+        assert_eq!(m.extent(0x100041), Some(0x1fbf));
+        assert_eq!(m.extent(0x102000), None, "nothing above the last symbol");
         let e = SymbolMap::parse("zz T x").unwrap_err();
         assert_eq!(e.line, 1);
         assert!(SymbolMap::parse("100").is_err());

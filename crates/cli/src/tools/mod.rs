@@ -5,6 +5,8 @@
 //! them for its clients (see `daemon/`), `ukvmi demo` reuses the pieces.
 
 mod guest_os;
+mod hooks;
+mod lstar_stub;
 mod memory;
 mod streams;
 mod target;

@@ -1,6 +1,7 @@
 //! The streaming commands — `trace`, `watch-msr`, `protect` — and the loop
 //! that relays their records until a count, a duration, Ctrl-C or the VM's
-//! end.
+//! end. (`watch-msr` and `protect` first show, and with `--restore` repair,
+//! what the guest already holds: see `hooks` and `lstar_stub`.)
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use ukvmi_monitor::{
     Kinds, Record,
 };
 
-use super::{Args, Ctx, Failure, Out};
+use super::{hooks, lstar_stub, Args, Ctx, Failure, Out};
 
 /// Streams records from `sub` until `count` records, `duration`, the
 /// reader leaving or the VM going away.
@@ -123,9 +124,33 @@ pub(crate) fn watch_msr(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Resul
         .iter()
         .map(|m| parse_msr(m).ok_or_else(|| Failure::usage(format!("unknown MSR `{m}`"))))
         .collect::<Result<_, _>>()?;
+    let restore = a.has("--restore");
+    if restore && !msrs.contains(&hooks::LSTAR) {
+        return Err(Failure::usage("--restore puts LSTAR back (the kernel's syscall_entry): name LSTAR"));
+    }
+    if restore && ctx.syms.and_then(|s| s.addr("syscall_entry")).is_none() {
+        return Err(Failure {
+            msg: "--restore needs the kernel's `syscall_entry` symbol: run the demo guest or give --map FILE".into(),
+            status: 1,
+        });
+    }
     let sub = ctx.mon.subscribe(Kinds { msr: true, ..Kinds::default() });
     for &m in &msrs {
         ctx.mon.watch_msr(&sub, m, a.has("--deny"))?;
+    }
+    // What the MSRs hold now: a write made before this command is not an
+    // event (KVMI reports writes that change the value).
+    let now = match hooks::read_msrs(ctx, &msrs) {
+        Ok(now) => now,
+        Err(e) if !restore => {
+            out.note(&format!("(the current values could not be read: {})", e.msg))?;
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    hooks::show_msrs(ctx, &now, a.has("--json"), restore, out)?;
+    if restore {
+        lstar_stub::restore_lstar(ctx, &sub, &now, a.has("--json"), out)?;
     }
     if !a.has("--json") {
         out.note(&format!(
@@ -156,6 +181,38 @@ pub(crate) fn protect(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<
     }
     let sub = ctx.mon.subscribe(Kinds { pages: true, ..Kinds::default() });
     let pages = ctx.mon.protect(&sub, gpa, len, remove, a.has("--deny"))?;
+    // What the range holds now, against the kernel image: a write made
+    // before this command is not an event.
+    // The range the user named: LEN, else the symbol's extent (up to the
+    // next symbol: syscall_table is the whole table), else one word.
+    let shown = match (a.pos.get(1), ctx.syms) {
+        (None, Some(s)) if parse_number(what).is_none() => {
+            s.resolve(what).and_then(|v| s.extent(v)).filter(|&e| e > 0).map_or(8, |e| e.min(0x10_0000))
+        }
+        (None, _) => 8,
+        (Some(_), _) => len,
+    };
+    let now = match hooks::read_range(ctx, gpa, shown) {
+        Ok(now) => {
+            hooks::show_range(ctx, what, &now, a.has("--json"), a.has("--restore"), out)?;
+            now
+        }
+        Err(e) if !a.has("--restore") => {
+            out.note(&format!("(the current contents could not be read: {})", e.msg))?;
+            hooks::RangeNow { words: 0, changed: Vec::new(), image: None }
+        }
+        Err(e) => return Err(e),
+    };
+    if a.has("--restore") {
+        if now.image.is_none() {
+            return Err(Failure {
+                msg: "--restore puts back the built-in kernel image's bytes: this VM does not run a built-in guest"
+                    .into(),
+                status: 1,
+            });
+        }
+        hooks::restore_range(ctx, &now, a.has("--json"), out)?;
+    }
     if !a.has("--json") {
         out.note(&format!(
             "protecting {} page(s) from {:#x} ({}){}; Ctrl-C to stop",

@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod introspected;
+pub mod walkthrough;
 
 #[allow(unused_imports)] // not every test binary uses every helper
 pub use introspected::{assert_no_event_while_running, code, read_u32, read_u64, start, start_all_up};

@@ -16,15 +16,31 @@ use crate::{
     subs::SubId,
 };
 
-/// The MSR policy: MSR → its owners and whether each refuses writes.
+/// The MSR policy: MSR → its owners and whether each refuses writes, and
+/// the values tools are putting back (a guest write of exactly such a value
+/// is let through even where writes are refused: it is the restore).
 #[derive(Debug, Default)]
 pub(crate) struct MsrGuard {
     owners: Mutex<BTreeMap<u32, Vec<(SubId, bool)>>>,
+    restores: Mutex<Vec<(SubId, u32, u64)>>,
 }
 
 impl MsrGuard {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u32, Vec<(SubId, bool)>>> {
         self.owners.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn restores(&self) -> MutexGuard<'_, Vec<(SubId, u32, u64)>> {
+        self.restores.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Lets guest writes of exactly `value` to `msr` through for `owner`,
+    /// even where its writes are refused: the tool is putting that value back.
+    pub(crate) fn allow_restore(&self, owner: SubId, msr: u32, value: u64) {
+        let mut r = self.restores();
+        if !r.contains(&(owner, msr, value)) {
+            r.push((owner, msr, value));
+        }
     }
 
     /// Watches `msr` on every vCPU for `owner`; with `deny` writes are refused.
@@ -64,6 +80,7 @@ impl MsrGuard {
     /// Drops the owners `gone` says are gone; an MSR nobody watches any
     /// more is let go on every vCPU.
     pub(crate) fn release(&self, inner: &Inner, refs: &mut EventRefs, gone: &dyn Fn(SubId) -> bool) {
+        self.restores().retain(|&(o, _, _)| !gone(o));
         let mut dead = Vec::new();
         self.lock().retain(|&msr, owners| {
             owners.retain(|&(o, _)| !gone(o));
@@ -82,7 +99,8 @@ impl MsrGuard {
 
     /// An MSR event: reports the write, refused when an owner denies it.
     pub(crate) fn on_write(&self, inner: &Inner, vcpu: u16, msr: u32, old: u64, new: u64) -> EventReply {
-        let deny = self.lock().get(&msr).is_some_and(|o| o.iter().any(|e| e.1));
+        let restore = self.restores().iter().any(|&(_, m, v)| m == msr && v == new);
+        let deny = !restore && self.lock().get(&msr).is_some_and(|o| o.iter().any(|e| e.1));
         let who = inner.os.who(inner, vcpu);
         inner.subs.emit(&Record::Msr { who, msr, old, new, blocked: deny });
         if deny {
