@@ -378,6 +378,8 @@ HOW THE TOOL COMMANDS REACH THE VM:
     (breakpoints, translate and read --vcpu take virtual addresses).
 
 EXAMPLES:
+    ukvmi --wait 30 watch-msr LSTAR --deny &                        # terminal 2, guards first
+    ukvmi --wait 30 protect syscall_table --deny &
     ukvmi run --guest demo --vcpus 2 --introspect unix:vm.sock     # terminal 1
     ukvmi info                                                      # terminal 2
     ukvmi ps
@@ -386,8 +388,7 @@ EXAMPLES:
     ukvmi read syscall_table 64
     ukvmi dump -o ram.bin
     ukvmi trace --syscalls --count 20
-    ukvmi watch-msr LSTAR --deny
-    ukvmi protect syscall_table --deny
+    ukvmi watch-msr LSTAR --deny --restore     # a guard started late: repair, then refuse
     ukvmi pause; ukvmi regs 0; ukvmi resume
     ukvmi detach
 

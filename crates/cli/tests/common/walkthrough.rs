@@ -30,7 +30,17 @@ pub struct Line {
 impl Line {
     /// The command's name (`run`, `watch-msr`, ...).
     pub fn name(&self) -> &str {
-        self.args.first().map_or("", String::as_str)
+        // `ukvmi`'s own options (each with a value) come before the command.
+        let mut args = self.args.iter().map(String::as_str);
+        while let Some(a) = args.next() {
+            match a {
+                "--vm" | "--key-file" | "--map" | "--wait" => {
+                    args.next();
+                }
+                name => return name,
+            }
+        }
+        ""
     }
     /// Whether it streams until Ctrl-C.
     pub fn streams(&self) -> bool {
