@@ -29,6 +29,8 @@
 pub mod backend;
 mod dialect;
 mod endpoint;
+mod event_channel;
+mod event_trace;
 pub mod handshake;
 mod host_features;
 mod permissions;
