@@ -269,9 +269,18 @@ impl Ctx<'_> {
     /// and the action took effect, so a tool sees the state it asked for
     /// (the spec leaves this order open; we pick the useful one).
     fn run_jobs_until(&mut self, local: &mut Local, stop_at_reply: bool) {
+        let ring = if stop_at_reply { self.sess.ring() } else { None };
         loop {
             if stop_at_reply && local.expect.is_none() {
                 return;
+            }
+            // A reply in the channel was written before any command the
+            // tool queued after it: take it first, so that command sees
+            // the reply's registers and action applied, as on the socket.
+            if let (Some(ch), Some(exp)) = (ring, local.expect) {
+                if self.ring_reply(ch, local, exp.seq) {
+                    return;
+                }
             }
             let job = {
                 let mut q = lock(&self.vs.queue);
