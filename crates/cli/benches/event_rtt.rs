@@ -366,22 +366,24 @@ fn main() {
         println!("{c}");
     }
     if let Ok(prefix) = std::env::var("UKVMI_EVENT_TRACE") {
+        // The VMM writes its records when the connection ends.
         drop(vm);
-        drop(_proc);
         std::thread::sleep(Duration::from_millis(500));
+        drop(_proc);
         let phases: Vec<_> = socket.seqs.iter().chain(&channel.seqs).cloned().collect();
         trace_report(&prefix, &phases);
     }
 }
 
 /// Per-hand-off p50s from the trace files the VMM and the library wrote
-/// (`UKVMI_EVENT_TRACE=<prefix>`): points 0 vCPU sends, 1 tool receives,
-/// 2 tool replies, 3 receiving thread read the reply, 4 reply queued,
-/// 5 vCPU has the reply, 6 vCPU resumes the guest; "resume -> next send" is
-/// the guest, its exit and the event's register reads.
+/// (`UKVMI_EVENT_TRACE=<prefix>`): points 7 vCPU starts building the event,
+/// 8 and 9 its KVM_GET_REGS and KVM_GET_SREGS returned, 0 vCPU sends, 1 tool receives, 2 tool replies, 3 receiving thread read
+/// the reply, 4 reply queued, 5 vCPU has the reply, 6 vCPU resumes the
+/// guest; "resume -> next build" is the guest, its exit and the VMM's
+/// handling of it up to the endpoint.
 fn trace_report(prefix: &str, phases: &[(String, u32, u32)]) {
     use std::collections::BTreeMap;
-    let mut at: BTreeMap<u32, [Option<u64>; 7]> = BTreeMap::new();
+    let mut at: BTreeMap<u32, [Option<u64>; 10]> = BTreeMap::new();
     for file in ["vmm", "tool"] {
         let text = std::fs::read_to_string(format!("{prefix}.{file}")).unwrap_or_default();
         for line in text.lines() {
@@ -393,7 +395,11 @@ fn trace_report(prefix: &str, phases: &[(String, u32, u32)]) {
             }
         }
     }
-    let hops: [(&str, usize, usize); 8] = [
+    let hops: [(&str, usize, usize); 12] = [
+        ("vCPU reads registers, frames (build -> sends)", 7, 0),
+        ("  of which KVM_GET_REGS", 7, 8),
+        ("  KVM_GET_SREGS", 8, 9),
+        ("  KVM_GET_MSRS (9 MSRs) + framing", 9, 0),
         ("vCPU sends -> tool has the event", 0, 1),
         ("tool has it -> tool replies", 1, 2),
         ("tool replies -> receiving thread read it", 2, 3),
@@ -408,8 +414,9 @@ fn trace_report(prefix: &str, phases: &[(String, u32, u32)]) {
     for (name, ..) in hops {
         print!(" | {name}");
     }
-    println!(" | resume -> next send");
+    println!(" | resume -> next build (guest, exit, VMM)");
     for (label, first, last) in phases {
+        let (first, last) = (*first, *last);
         print!("{label:<28}");
         let p50 = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -423,7 +430,7 @@ fn trace_report(prefix: &str, phases: &[(String, u32, u32)]) {
         let v: Vec<f64> = at
             .range(first..=last)
             .zip(at.range(first + 1..=last))
-            .filter_map(|((_, p), (_, q))| Some((q[0]?.checked_sub(p[6]?)?) as f64 / 1e3))
+            .filter_map(|((_, p), (_, q))| Some((q[7]?.checked_sub(p[6]?)?) as f64 / 1e3))
             .collect();
         println!(" | {}", p50(v));
     }

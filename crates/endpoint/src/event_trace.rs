@@ -26,6 +26,13 @@ pub(crate) enum Point {
     VcpuWakes = 5,
     /// The vCPU thread returns the outcome: the guest is about to resume.
     VcpuResumes = 6,
+    /// The vCPU thread starts building the event (before reading the
+    /// registers it carries).
+    VcpuBuilds = 7,
+    /// KVM_GET_REGS (through the backend) returned.
+    RegsRead = 8,
+    /// KVM_GET_SREGS returned (then the MSRs are read).
+    SregsRead = 9,
 }
 
 const UNKNOWN: u8 = 0;
@@ -68,6 +75,25 @@ pub(crate) fn mark(seq: u32, point: Point, id: u16) {
     if on() {
         let t = now_ns();
         crate::session::lock(&RECORDS).push((seq, point as u8, t, id));
+    }
+}
+
+/// The clock now when tracing is on (for a point recorded once its seq is
+/// known), else 0 without reading the clock.
+#[inline]
+pub(crate) fn stamp() -> u64 {
+    if on() {
+        now_ns()
+    } else {
+        0
+    }
+}
+
+/// Records `point` of event `seq` at time `t` (from [`stamp`]).
+#[inline]
+pub(crate) fn mark_at(seq: u32, point: Point, t: u64) {
+    if on() {
+        crate::session::lock(&RECORDS).push((seq, point as u8, t, 0));
     }
 }
 

@@ -397,7 +397,8 @@ impl Ctx<'_> {
         if self.sess.is_closed() {
             return fallback;
         }
-        let (body, snapshot) = self.event_state();
+        let built = event_trace::stamp();
+        let (body, snapshot, reads) = self.event_state();
         lock(&self.vs.queue).snapshot = snapshot.map(Box::new);
         let seq = self.sess.next_seq();
         local.expect = Some(Expected { seq, reply_size: info.reply_size });
@@ -405,6 +406,9 @@ impl Ctx<'_> {
         self.vs.awaiting.store(id, Ordering::SeqCst);
         self.vs.waiting.store(true, Ordering::SeqCst);
         let ring = self.sess.ring();
+        event_trace::mark_at(seq, Point::VcpuBuilds, built);
+        event_trace::mark_at(seq, Point::RegsRead, reads[0]);
+        event_trace::mark_at(seq, Point::SregsRead, reads[1]);
         event_trace::mark(seq, Point::VcpuSends, id);
         let sent = self
             .sess
@@ -521,10 +525,14 @@ impl Ctx<'_> {
         true
     }
 
-    /// `kvmi_vcpu_event` with the vCPU's current state, and that state when
-    /// it was read without error.
-    fn event_state(&mut self) -> (VcpuEvent, Option<(KvmRegs, KvmSregs)>) {
-        let (regs, sregs) = (self.vcpu.regs(), self.vcpu.sregs());
+    /// `kvmi_vcpu_event` with the vCPU's current state, that state when it
+    /// was read without error, and (tracing) when the registers and the
+    /// special registers had been read.
+    fn event_state(&mut self) -> (VcpuEvent, Option<(KvmRegs, KvmSregs)>, [u64; 2]) {
+        let regs = self.vcpu.regs();
+        let t_regs = event_trace::stamp();
+        let sregs = self.vcpu.sregs();
+        let t_sregs = event_trace::stamp();
         let snapshot = match (&regs, &sregs) {
             (Ok(r), Ok(s)) => Some((*r, *s)),
             _ => None,
@@ -554,7 +562,7 @@ impl Ctx<'_> {
                 msrs: EventMsrs::from_values(vals),
             },
         };
-        (ev, snapshot)
+        (ev, snapshot, [t_regs, t_sregs])
     }
 }
 
