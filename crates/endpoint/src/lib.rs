@@ -40,6 +40,7 @@ mod shared_memory;
 mod vcpu;
 mod vcpu_commands;
 mod vcpu_dispatch;
+mod vcpu_ring;
 mod vm_commands;
 
 pub use backend::{

@@ -8,7 +8,6 @@
 
 use crate::backend::{Exception, IdSet, VcpuBackend};
 use crate::endpoint::Shared;
-use crate::event_channel::{EventChannel, SlotReply};
 use crate::event_trace::{self, Point};
 use crate::session::{lock, Disconnect, Job, Message, Session, VcpuSession, MAX_QUEUED_JOBS, NO_EVENT};
 use crate::vcpu_commands;
@@ -17,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ukvmi_wire::{
-    event, msg, read_zext, tail, Action, EventMsrs, EventPayload, KvmRegs, KvmSregs, MsgHdr, VcpuEvent, VcpuEventArch,
-    VcpuEventReply, VcpuHdr, EVENT_REPLY_BODY_BASE, MSG_HDR_SIZE,
+    event, msg, read_zext, tail, Action, EventMsrs, EventPayload, KvmRegs, KvmSregs, VcpuEvent, VcpuEventArch,
+    VcpuEventReply, EVENT_REPLY_BODY_BASE,
 };
 
 /// How the tool answered an event. When the connection failed during the
@@ -354,7 +353,7 @@ impl Ctx<'_> {
     }
 
     /// Spec §7.3. Any violation is a hard error and ends the wait.
-    fn event_reply(&mut self, local: &mut Local, m: &Message) -> Result<(), Disconnect> {
+    pub(crate) fn event_reply(&mut self, local: &mut Local, m: &Message) -> Result<(), Disconnect> {
         let vcpu = self.index;
         let Some(exp) = local.expect else {
             return Err(Disconnect::BadEventReply { vcpu, why: "the vCPU is not waiting for an event reply" });
@@ -463,68 +462,6 @@ impl Ctx<'_> {
         EventOutcome { action, new_val: guest_value.map(|_| u64::from_le_bytes(reply.payload)), answered: true }
     }
 
-    /// One round of waiting for the reply to event `seq` with the channel on:
-    /// takes a reply from the slot (validated here, on the vCPU thread the
-    /// reply is for), else spins (bounded) for a slot reply or a job, else
-    /// sleeps on the slot's bell (bounded: a tool that scribbles on the bell
-    /// can delay the vCPU's look at its queue by at most [`RING_SLEEP`]).
-    fn wait_ring(&mut self, ch: &EventChannel, local: &mut Local, seq: u32) {
-        if self.ring_reply(ch, local, seq) {
-            return;
-        }
-        let t0 = Instant::now();
-        while t0.elapsed() < SPIN {
-            if ch.reply_ready(self.index, seq) || !lock(&self.vs.queue).jobs.is_empty() {
-                return;
-            }
-            std::thread::yield_now();
-        }
-        let seen = ch.bell(self.index);
-        // Ours, read by the receiving thread after it queues a job (it then
-        // rings the bell): set before looking at the queue, so no job is missed.
-        self.vs.ring_sleeping.store(true, Ordering::SeqCst);
-        if lock(&self.vs.queue).jobs.is_empty() && !ch.reply_ready(self.index, seq) {
-            ch.sleep(self.index, seen, RING_SLEEP);
-        }
-        self.vs.ring_sleeping.store(false, Ordering::SeqCst);
-    }
-
-    /// Takes the reply to `seq` out of the channel if the tool wrote one and
-    /// validates the copy as the seed and spec §7.3 validate a socket reply
-    /// (framing, vCPU header, then `event_reply`). True when the wait ended.
-    fn ring_reply(&mut self, ch: &EventChannel, local: &mut Local, seq: u32) -> bool {
-        let vcpu = self.index;
-        let bytes = match ch.take_reply(vcpu, seq) {
-            SlotReply::NotYet => return false,
-            SlotReply::TooLong => Err("channel reply longer than its area"),
-            SlotReply::Bytes(b) => Ok(b),
-        };
-        let m = bytes.and_then(|b| {
-            let hdr: MsgHdr = read_zext(&b);
-            let body = b.get(MSG_HDR_SIZE..).unwrap_or_default().to_vec();
-            let h: VcpuHdr = read_zext(&body);
-            if b.len() < MSG_HDR_SIZE || usize::from(hdr.size) != body.len() || hdr.id != msg::VCPU_EVENT {
-                Err("channel reply is not one whole KVMI_VCPU_EVENT message")
-            } else if h.padding1 != 0 || h.padding2 != 0 || h.vcpu != vcpu {
-                Err("channel reply names another vCPU or has non-zero padding")
-            } else {
-                Ok(Message { hdr, body, wire: crate::session::Wire::plain(hdr.id) })
-            }
-        });
-        let res = match m {
-            Ok(m) => self.event_reply(local, &m),
-            Err(why) => {
-                local.expect = None;
-                local.reply = Some(None);
-                Err(Disconnect::BadEventReply { vcpu, why })
-            }
-        };
-        if let Err(why) = res {
-            self.sess.hard_error(why);
-        }
-        true
-    }
-
     /// `kvmi_vcpu_event` with the vCPU's current state, that state when it
     /// was read without error, and (tracing) when the registers and the
     /// special registers had been read.
@@ -570,11 +507,7 @@ impl Ctx<'_> {
 /// before it parks: a reply or command that comes within it costs no
 /// wake-up (tens of µs on a nested host). Bounded, so a vCPU waiting for a
 /// slow tool never burns a core.
-const SPIN: Duration = Duration::from_micros(50);
-
-/// Longest single sleep on the event-channel bell before the vCPU looks at
-/// its slot and queue again (normally a bell or a job wakes it sooner).
-const RING_SLEEP: Duration = Duration::from_millis(20);
+pub(crate) const SPIN: Duration = Duration::from_micros(50);
 
 /// Spins (bounded by [`SPIN`]) until a job is queued; true if one was.
 fn spin_for_job(vs: &VcpuSession) -> bool {
