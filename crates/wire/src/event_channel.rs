@@ -100,3 +100,25 @@ wire!(
     /// [`VERSION`].
     version: u32,
 });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_are_aligned_apart_and_areas_fit_in_a_slot() {
+        let header = [HDR_MAGIC, HDR_VERSION, HDR_NR_VCPUS, TOOL_SLEEPERS];
+        let slot = [EV_SEQ, EV_LEN, VCPU_SLEEPING, REPLY_SEQ, REPLY_LEN, BELL];
+        for w in header.iter().chain(&slot) {
+            assert_eq!(w % 4, 0, "offset {w} aligned");
+            assert!(w + 4 <= EV_DATA, "offset {w} before the data areas");
+        }
+        // The VMM's words and the tool's live on separate cache lines.
+        assert_eq!((EV_SEQ / 64, REPLY_SEQ / 64, BELL / 64), (0, 1, 2));
+        assert!(EV_DATA + EV_MAX <= REPLY_DATA && REPLY_DATA + REPLY_MAX <= SLOT_SIZE);
+        assert_eq!(file_size(2), 3 * 4096);
+        assert_eq!(slot_offset(1), 2 * 4096);
+        assert_eq!(core::mem::size_of::<VmEventChannel>(), 8);
+        assert_eq!(core::mem::size_of::<VmEventChannelReply>(), 16);
+    }
+}
