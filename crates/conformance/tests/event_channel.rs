@@ -378,3 +378,34 @@ fn the_library_uses_the_channel_transparently() {
     vm.close();
     s.assert_guest_runs(&[0, 1]);
 }
+
+#[test]
+fn channel_events_reach_a_waiter_while_another_thread_reads_the_socket() {
+    let s = Setup::new(&FakeConfig::default());
+    let vm = Vm::connect_raw(s.connect()).unwrap();
+    vm.enable_event_channel().unwrap();
+    vm.control_events(0, event::HYPERCALL, true).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        // Commands from another thread, back to back: it holds the socket's
+        // read side most of the time.
+        let busy = sc.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                vm.vcpu_count().unwrap();
+                n += 1;
+            }
+            n
+        });
+        for _ in 0..50 {
+            s.vm.guest_does(0, GuestAction::Hypercall);
+            let Some(Event::Vcpu(ev)) = vm.next_event(Some(T)).unwrap() else { panic!("no event") };
+            assert_eq!(ev.event, event::HYPERCALL);
+            vm.reply(&ev, EventReply::Continue).unwrap();
+            assert!(hypercall_outcome(&s).unwrap().answered);
+        }
+        stop.store(true, Ordering::SeqCst);
+        assert!(busy.join().unwrap() > 0, "the other thread's commands ran meanwhile");
+    });
+    assert_eq!(vm.raw().unmatched_count(), 0);
+}

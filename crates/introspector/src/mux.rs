@@ -487,6 +487,9 @@ impl Mux {
                 }
                 Err(TryLockError::WouldBlock) => {
                     // Another thread reads: it delivers and then lets go.
+                    // A channel event wakes nobody here, so with the
+                    // channel the sleep is short (see `RING_SLICE`).
+                    let slice = if ring.is_some() { slice.min(RING_SLICE) } else { slice };
                     let p = lock(&self.pending);
                     self.sleepers.fetch_add(1, Ordering::SeqCst);
                     let (p, _) = self
@@ -502,6 +505,12 @@ impl Mux {
         out
     }
 }
+
+/// Longest sleep of an event waiter, with the channel on, while another
+/// thread holds the socket's read side: that thread's `poll` is the one the
+/// channel's pipe wakes, so this waiter looks at the slots at least this
+/// often (only while both wait).
+const RING_SLICE: Duration = Duration::from_millis(1);
 
 /// Polls the socket and the channel without sleeping, for at most
 /// `budget`; true once the socket is readable, false at the end of the
