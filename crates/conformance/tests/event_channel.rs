@@ -29,7 +29,7 @@ struct RawChannel {
     base: *mut u8,
     len: usize,
     _file: OwnedFd,
-    _pipe: OwnedFd,
+    pipe: OwnedFd,
 }
 
 impl Drop for RawChannel {
@@ -66,7 +66,7 @@ impl RawChannel {
             )
         };
         assert_ne!(p, libc::MAP_FAILED);
-        let ch = RawChannel { base: p.cast(), len: r.size as usize, _file: file, _pipe: pipe };
+        let ch = RawChannel { base: p.cast(), len: r.size as usize, _file: file, pipe };
         assert_eq!(ch.word(HDR_MAGIC).load(Ordering::SeqCst), MAGIC);
         assert_eq!(ch.word(HDR_NR_VCPUS).load(Ordering::SeqCst), r.nr_vcpus);
         ch
@@ -96,7 +96,7 @@ impl RawChannel {
                 return (s, bytes);
             }
             assert!(t0.elapsed() < T, "no event in slot {vcpu}");
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 
@@ -408,4 +408,27 @@ fn channel_events_reach_a_waiter_while_another_thread_reads_the_socket() {
         assert!(busy.join().unwrap() > 0, "the other thread's commands ran meanwhile");
     });
     assert_eq!(vm.raw().unmatched_count(), 0);
+}
+
+#[test]
+fn a_tool_that_never_drains_its_wake_up_pipe_does_not_block_the_vcpu() {
+    let s = Setup::new(&FakeConfig::default());
+    let (_sock, ch) = raw_with_channel(&s);
+    // Claim a sleeper forever, make the pipe as small as it gets, never read it.
+    ch.word(TOOL_SLEEPERS).store(u32::MAX, Ordering::SeqCst);
+    // SAFETY: F_SETPIPE_SZ on the pipe's read end the test owns.
+    let size = unsafe { libc::fcntl(ch.pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    assert!(size >= 4096, "F_SETPIPE_SZ: {}", std::io::Error::last_os_error());
+    let mut last = 0;
+    // More events than the pipe holds wake-up bytes.
+    for _ in 0..size + 500 {
+        s.vm.guest_does(0, GuestAction::Hypercall);
+        let (seq, ev) = ch.wait_event(0, last);
+        let b = reply_bytes(&ev, 0, Action::Continue as u8, &[]);
+        ch.reply(0, seq, &b, b.len() as u32);
+        assert!(hypercall_outcome(&s).unwrap().answered);
+        last = seq;
+    }
+    assert!(s.endpoint.disconnect_reason().is_none());
+    s.assert_guest_runs(&[0]);
 }
