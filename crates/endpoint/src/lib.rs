@@ -29,6 +29,8 @@
 pub mod backend;
 mod dialect;
 mod endpoint;
+mod event_channel;
+mod event_trace;
 pub mod handshake;
 mod host_features;
 mod permissions;
@@ -38,6 +40,7 @@ mod shared_memory;
 mod vcpu;
 mod vcpu_commands;
 mod vcpu_dispatch;
+mod vcpu_ring;
 mod vm_commands;
 
 pub use backend::{

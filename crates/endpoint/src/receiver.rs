@@ -4,6 +4,7 @@
 //! connection down and releases every vCPU.
 
 use crate::dialect::{Decoded, Dialect, V7Decoder};
+use crate::event_trace::{self, Point};
 use crate::session::{Disconnect, Message, Session, Wire};
 use crate::vcpu_dispatch::Routed;
 use crate::{vcpu_dispatch, vm_commands};
@@ -44,6 +45,10 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
             Ok(m) => m,
             Err(why) => break why,
         };
+        let reply_seq = (m.hdr.id == msg::VCPU_EVENT).then_some(m.hdr.seq);
+        if let Some(seq) = reply_seq {
+            event_trace::mark(seq, Point::ReceiverRead, 0);
+        }
         // A v7 message becomes the v12 one that serves it, or is answered here.
         let decoded = match v7.as_mut() {
             None => Decoded::Serve(m),
@@ -84,6 +89,9 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
             Ok(r) => answered = r != Routed::Queued,
             Err(why) => break why,
         }
+        if let Some(seq) = reply_seq {
+            event_trace::mark(seq, Point::JobQueued, 0);
+        }
     }));
     let why = looped.unwrap_or_else(|p| {
         let what = p
@@ -103,6 +111,7 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
         ));
     }
     sess.receiver_finished();
+    event_trace::flush();
 }
 
 /// How long the receiving thread polls for the next message without

@@ -4,6 +4,7 @@
 
 use crate::backend::{HostCaps, IdSet, VmBackend};
 use crate::dialect::{self, Dialect, Log};
+use crate::event_channel::EventChannel;
 use crate::permissions::Permissions;
 use crate::vcpu::Local;
 use std::collections::{BTreeMap, VecDeque};
@@ -12,7 +13,7 @@ use std::net::Shutdown;
 use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use thiserror::Error;
 use ukvmi_wire::{event, frame, ErrorCode, IntoBytes, KvmErrno, KvmRegs, KvmSregs, MsgHdr, TooLarge, VcpuEvent};
 
@@ -184,6 +185,8 @@ pub(crate) struct VcpuSession {
     pub local: Mutex<Local>,
     /// The port's "has requests" flag (shared with `VcpuPort`).
     pub request: Arc<AtomicBool>,
+    /// The vCPU sleeps on its event-channel bell (ours, not the tool's hint).
+    pub ring_sleeping: AtomicBool,
 }
 
 pub(crate) struct Session {
@@ -207,6 +210,8 @@ pub(crate) struct Session {
     undo: Mutex<BTreeMap<u64, (u8, u8)>>,
     /// vCPU events sent, per v12 event id.
     sent: [AtomicU32; event::NUM_EVENTS as usize],
+    /// The shared-memory event channel, once the tool asked for it.
+    pub channel: OnceLock<EventChannel>,
     socket: UnixStream,
     writer: Mutex<UnixStream>,
     seq: AtomicU32,
@@ -248,6 +253,7 @@ impl Session {
                 awaiting: AtomicU16::new(NO_EVENT),
                 local: Mutex::new(Local::default()),
                 request: Arc::clone(r),
+                ring_sleeping: AtomicBool::new(false),
             })
             .collect();
         Ok(Session {
@@ -263,6 +269,7 @@ impl Session {
             quiet: Mutex::new(QuietJobs::default()),
             undo: Mutex::new(BTreeMap::new()),
             sent: std::array::from_fn(|_| AtomicU32::new(0)),
+            channel: OnceLock::new(),
             socket,
             writer: Mutex::new(writer),
             seq: AtomicU32::new(0),
@@ -384,12 +391,17 @@ impl Session {
     }
 
     /// Sends a successful command reply carrying `data` and, as `SCM_RIGHTS`
-    /// ancillary data, the descriptor `fd`. Written under the writer lock,
-    /// so the descriptor and its reply go out together.
-    pub fn reply_with_fd(&self, m: &Message, data: &[u8], fd: BorrowedFd<'_>) -> Result<(), Disconnect> {
+    /// ancillary data, the descriptors `fds`. Written under the writer lock,
+    /// so the descriptors and their reply go out together.
+    pub fn reply_with_fds(&self, m: &Message, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Disconnect> {
         let bytes = reply_bytes(m.wire.id, m.hdr.seq, Ok(data))?;
         let w = lock(&self.writer);
-        crate::shared_memory::send_with_fd(&w, &bytes, fd).map_err(write_failed)
+        crate::shared_memory::send_with_fds(&w, &bytes, fds).map_err(write_failed)
+    }
+
+    /// The event channel, when the tool enabled it (v12 only).
+    pub fn ring(&self) -> Option<&EventChannel> {
+        self.channel.get().filter(|_| self.dialect == Dialect::V12)
     }
 
     /// A hard error: remember why, and shut the socket down so the tool sees
@@ -497,6 +509,11 @@ impl Session {
     pub fn poke(&self, vcpu: u16, vs: &VcpuSession, wait: bool) {
         vs.request.store(true, Ordering::SeqCst);
         vs.wake.notify_all();
+        if vs.ring_sleeping.load(Ordering::SeqCst) {
+            if let Some(ch) = self.channel.get() {
+                ch.ring(vcpu);
+            }
+        }
         self.vm.kick(vcpu, wait);
     }
 

@@ -112,12 +112,11 @@ pub(crate) fn descriptor_for_tool(shm: &dyn SharedMemoryOps, writable: bool) -> 
     Ok(out)
 }
 
-/// Writes `bytes` to `stream` with `fd` as `SCM_RIGHTS` ancillary data on
+/// Writes `bytes` to `stream` with `fds` as `SCM_RIGHTS` ancillary data on
 /// the first byte. The caller holds the writer lock, so the message (and
-/// the descriptor with it) goes out whole, unmixed with others.
-pub(crate) fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
-    let raw = fd.as_raw_fd();
-    let fd_len = std::mem::size_of::<libc::c_int>() as u32;
+/// the descriptors with it) goes out whole, unmixed with others.
+pub(crate) fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let fd_len = (std::mem::size_of::<libc::c_int>() * fds.len()) as u32;
     // SAFETY: CMSG_SPACE is a pure size computation.
     let space = unsafe { libc::CMSG_SPACE(fd_len) } as usize;
     // u64 elements keep the buffer aligned for `cmsghdr`.
@@ -129,8 +128,8 @@ pub(crate) fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>
     mh.msg_iovlen = 1;
     mh.msg_control = control.as_mut_ptr().cast();
     mh.msg_controllen = space as _;
-    // SAFETY: `mh` points at `control`, which holds CMSG_SPACE(sizeof(int))
-    // bytes, so the first header and its one-int payload fit; the pointers
+    // SAFETY: `mh` points at `control`, which holds CMSG_SPACE(n * sizeof(int))
+    // bytes, so the first header and its n-int payload fit; the pointers
     // come from the CMSG_* macros over that buffer.
     unsafe {
         let c = libc::CMSG_FIRSTHDR(&mh);
@@ -140,7 +139,10 @@ pub(crate) fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>
         (*c).cmsg_level = libc::SOL_SOCKET;
         (*c).cmsg_type = libc::SCM_RIGHTS;
         (*c).cmsg_len = libc::CMSG_LEN(fd_len) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), raw);
+        let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
+        for (i, fd) in fds.iter().enumerate() {
+            std::ptr::write_unaligned(data.add(i), fd.as_raw_fd());
+        }
     }
     let sent = loop {
         // SAFETY: `mh` describes `bytes` (read only by the kernel) and the
@@ -154,7 +156,7 @@ pub(crate) fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>
             return Err(e);
         }
     };
-    // A short send already carried the descriptor with its first byte; the
+    // A short send already carried the descriptors with its first byte; the
     // rest of the message follows as plain bytes.
     if let Some(rest) = bytes.get(sent..) {
         if !rest.is_empty() {

@@ -8,6 +8,7 @@
 
 use crate::backend::{Exception, IdSet, VcpuBackend};
 use crate::endpoint::Shared;
+use crate::event_trace::{self, Point};
 use crate::session::{lock, Disconnect, Job, Message, Session, VcpuSession, MAX_QUEUED_JOBS, NO_EVENT};
 use crate::vcpu_commands;
 use std::collections::BTreeSet;
@@ -267,9 +268,18 @@ impl Ctx<'_> {
     /// and the action took effect, so a tool sees the state it asked for
     /// (the spec leaves this order open; we pick the useful one).
     fn run_jobs_until(&mut self, local: &mut Local, stop_at_reply: bool) {
+        let ring = if stop_at_reply { self.sess.ring() } else { None };
         loop {
             if stop_at_reply && local.expect.is_none() {
                 return;
+            }
+            // A reply in the channel was written before any command the
+            // tool queued after it: take it first, so that command sees
+            // the reply's registers and action applied, as on the socket.
+            if let (Some(ch), Some(exp)) = (ring, local.expect) {
+                if self.ring_reply(ch, local, exp.seq) {
+                    return;
+                }
             }
             let job = {
                 let mut q = lock(&self.vs.queue);
@@ -343,11 +353,12 @@ impl Ctx<'_> {
     }
 
     /// Spec §7.3. Any violation is a hard error and ends the wait.
-    fn event_reply(&mut self, local: &mut Local, m: &Message) -> Result<(), Disconnect> {
+    pub(crate) fn event_reply(&mut self, local: &mut Local, m: &Message) -> Result<(), Disconnect> {
         let vcpu = self.index;
         let Some(exp) = local.expect else {
             return Err(Disconnect::BadEventReply { vcpu, why: "the vCPU is not waiting for an event reply" });
         };
+        event_trace::mark(m.hdr.seq, Point::VcpuWakes, 0);
         let body = m.body.as_slice();
         let why = if m.hdr.seq != exp.seq {
             Some("sequence number does not match the event")
@@ -385,18 +396,28 @@ impl Ctx<'_> {
         if self.sess.is_closed() {
             return fallback;
         }
-        let (body, snapshot) = self.event_state();
+        let built = event_trace::stamp();
+        let (body, snapshot, reads) = self.event_state();
         lock(&self.vs.queue).snapshot = snapshot.map(Box::new);
         let seq = self.sess.next_seq();
         local.expect = Some(Expected { seq, reply_size: info.reply_size });
         local.reply = None;
         self.vs.awaiting.store(id, Ordering::SeqCst);
         self.vs.waiting.store(true, Ordering::SeqCst);
+        let ring = self.sess.ring();
+        event_trace::mark_at(seq, Point::VcpuBuilds, built);
+        event_trace::mark_at(seq, Point::RegsRead, reads[0]);
+        event_trace::mark_at(seq, Point::SregsRead, reads[1]);
+        event_trace::mark(seq, Point::VcpuSends, id);
         let sent = self
             .sess
             .frame_event(seq, id, &body, &ev.encode())
             .map_err(|e| Disconnect::WriteFailed(e.to_string()))
-            .and_then(|bytes| self.sess.send(&bytes));
+            .and_then(|bytes| match ring {
+                // Through the channel when it is on and the event fits.
+                Some(ch) if ch.post(self.index, seq, &bytes) => Ok(()),
+                _ => self.sess.send(&bytes),
+            });
         // A failed send shuts the connection down; the receiving thread
         // then ends (undoing the tool's writes) and releases this vCPU,
         // which ends the wait below.
@@ -408,6 +429,11 @@ impl Ctx<'_> {
             self.run_jobs_until(local, true);
             if local.expect.is_none() {
                 break;
+            }
+            if let Some(ch) = ring {
+                // Replies come through the channel or, as ever, as jobs.
+                self.wait_ring(ch, local, seq);
+                continue;
             }
             if spin_for_job(self.vs) {
                 continue;
@@ -432,13 +458,18 @@ impl Ctx<'_> {
         if let Some(regs) = delayed {
             let _ = self.vcpu.set_regs(&regs);
         }
+        event_trace::mark(seq, Point::VcpuResumes, id);
         EventOutcome { action, new_val: guest_value.map(|_| u64::from_le_bytes(reply.payload)), answered: true }
     }
 
-    /// `kvmi_vcpu_event` with the vCPU's current state, and that state when
-    /// it was read without error.
-    fn event_state(&mut self) -> (VcpuEvent, Option<(KvmRegs, KvmSregs)>) {
-        let (regs, sregs) = (self.vcpu.regs(), self.vcpu.sregs());
+    /// `kvmi_vcpu_event` with the vCPU's current state, that state when it
+    /// was read without error, and (tracing) when the registers and the
+    /// special registers had been read.
+    fn event_state(&mut self) -> (VcpuEvent, Option<(KvmRegs, KvmSregs)>, [u64; 2]) {
+        let regs = self.vcpu.regs();
+        let t_regs = event_trace::stamp();
+        let sregs = self.vcpu.sregs();
+        let t_sregs = event_trace::stamp();
         let snapshot = match (&regs, &sregs) {
             (Ok(r), Ok(s)) => Some((*r, *s)),
             _ => None,
@@ -468,7 +499,7 @@ impl Ctx<'_> {
                 msrs: EventMsrs::from_values(vals),
             },
         };
-        (ev, snapshot)
+        (ev, snapshot, [t_regs, t_sregs])
     }
 }
 
@@ -476,7 +507,7 @@ impl Ctx<'_> {
 /// before it parks: a reply or command that comes within it costs no
 /// wake-up (tens of µs on a nested host). Bounded, so a vCPU waiting for a
 /// slow tool never burns a core.
-const SPIN: Duration = Duration::from_micros(50);
+pub(crate) const SPIN: Duration = Duration::from_micros(50);
 
 /// Spins (bounded by [`SPIN`]) until a job is queued; true if one was.
 fn spin_for_job(vs: &VcpuSession) -> bool {

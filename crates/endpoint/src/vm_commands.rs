@@ -3,10 +3,12 @@
 //! the next message is read.
 
 use crate::backend::IdSet;
+use crate::event_channel::EventChannel;
 use crate::session::{lock, Disconnect, Message, Session};
 use crate::shared_memory;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
+use ukvmi_wire::event_channel::{VmEventChannel, VmEventChannelReply, VERSION};
 use ukvmi_wire::{
     access, event, map_flags, msg, read_zext, tail, ControlEvents, ErrorCode, Features, GetVersionReply, IntoBytes,
     KvmErrno, MsgHdr, PageAccessEntry, VmCheck, VmControlCleanup, VmGetInfoReply, VmMapMemory, VmMapMemoryReply,
@@ -31,6 +33,7 @@ pub(crate) fn handle(sess: &Session, m: &Message) -> Result<(), Disconnect> {
         msg::VM_SET_PAGE_ACCESS => set_page_access(sess, body)?,
         msg::UKVMI_VM_MAP_MEMORY => return map_memory(sess, m),
         msg::UKVMI_VM_WRITE_PHYSICAL_UNDO => write_physical_undo(sess, body)?,
+        msg::UKVMI_VM_EVENT_CHANNEL => return event_channel(sess, m),
         _ => Err(KvmErrno::Enosys),
     };
     match res {
@@ -64,6 +67,7 @@ fn check_command(sess: &Session, body: &[u8]) -> Reply {
     let supported = match r.id {
         msg::UKVMI_VM_MAP_MEMORY => sess.vm.support_shared_memory().is_some(),
         msg::UKVMI_VM_WRITE_PHYSICAL_UNDO => true,
+        msg::UKVMI_VM_EVENT_CHANNEL => sess.dialect == crate::Dialect::V12,
         id => sess.caps.commands.contains(id),
     };
     if !supported {
@@ -241,7 +245,7 @@ fn control_cleanup(sess: &Session, body: &[u8]) -> Reply {
 /// as `SCM_RIGHTS`, a descriptor of guest RAM (see `shared_memory`).
 fn map_memory(sess: &Session, m: &Message) -> Result<(), Disconnect> {
     match map_memory_fd(sess, &m.body) {
-        Ok((reply, fd)) => sess.reply_with_fd(m, reply.as_bytes(), fd.as_fd()),
+        Ok((reply, fd)) => sess.reply_with_fds(m, reply.as_bytes(), &[fd.as_fd()]),
         Err(e) => sess.answer(m, Err(e)),
     }
     // `fd` (our copy) is closed here; the tool holds its own.
@@ -273,6 +277,38 @@ fn map_memory_fd(sess: &Session, body: &[u8]) -> Result<(VmMapMemoryReply, Owned
         padding: 0,
     };
     Ok((reply, fd))
+}
+
+/// `UKVMI_VM_EVENT_CHANNEL` (extension): creates the connection's event
+/// channel (once; asking again hands out the same one) and sends its file
+/// and the wake-up pipe's read end with the reply. Body: exactly 8 zero
+/// bytes, else `-KVM_EINVAL`; v7 connections: `-KVM_EOPNOTSUPP`.
+fn event_channel(sess: &Session, m: &Message) -> Result<(), Disconnect> {
+    let r: VmEventChannel = read_zext(&m.body);
+    let res = if m.body.len() != core::mem::size_of::<VmEventChannel>() || r.flags != 0 || r.padding != 0 {
+        Err(KvmErrno::Einval)
+    } else if sess.dialect != crate::Dialect::V12 {
+        Err(KvmErrno::Eopnotsupp)
+    } else if let Some(ch) = sess.channel.get() {
+        Ok(ch)
+    } else {
+        match EventChannel::create(sess.vcpus.len()) {
+            Ok(ch) => Ok(sess.channel.get_or_init(|| ch)),
+            Err(e) => {
+                sess.log(&format!("event channel: {e}"));
+                Err(KvmErrno::Enomem)
+            }
+        }
+    };
+    let fds = res.and_then(|ch| {
+        let fds = ch.tool_fds().map_err(|_| KvmErrno::Enomem)?;
+        let reply = VmEventChannelReply { size: ch.len() as u64, nr_vcpus: ch.nr_vcpus() as u32, version: VERSION };
+        Ok((reply, fds))
+    });
+    match fds {
+        Ok((reply, (file, pipe))) => sess.reply_with_fds(m, reply.as_bytes(), &[file.as_fd(), pipe.as_fd()]),
+        Err(e) => sess.answer(m, Err(e)),
+    }
 }
 
 /// Every entry is attempted; the first error is reported; no rollback.

@@ -140,6 +140,13 @@ pub enum ProtocolError {
         /// What was wrong.
         problem: MapProblem,
     },
+    /// A `UKVMI_VM_EVENT_CHANNEL` reply, or the channel it hands over, that
+    /// cannot be used.
+    #[error("UKVMI_VM_EVENT_CHANNEL: {problem}")]
+    EventChannel {
+        /// What was wrong.
+        problem: &'static str,
+    },
 }
 
 /// Why a `UKVMI_VM_MAP_MEMORY` reply could not be mapped ([`ProtocolError::Map`]).

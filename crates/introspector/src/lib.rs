@@ -115,6 +115,8 @@
 
 mod commands;
 mod error;
+mod event_channel;
+mod event_trace;
 mod events;
 mod listener;
 mod map;

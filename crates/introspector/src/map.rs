@@ -233,7 +233,7 @@ impl Vm {
         let reply = self.mux.roundtrip(id, seq, name, &bytes);
         // Taken whatever happened: the slot closes (a later descriptor is
         // closed on arrival) and ours is dropped on every error path.
-        let fd = self.mux.take_received_fd(seq);
+        let fd = self.mux.take_received_fds(seq).into_iter().next();
         let reply = reply?;
         let data = reply_data(name, &reply)?;
         expect_len(id, data, std::mem::size_of::<VmMapMemoryReply>())?;

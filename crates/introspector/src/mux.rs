@@ -9,12 +9,14 @@ use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use ukvmi_wire::{msg, read_zext, ErrorCode, MsgHdr, VCPU_EVENT_BODY_BASE};
 
 use crate::error::{Error, Result};
+use crate::event_channel::Channel;
+use crate::event_trace::{self, Point};
 use crate::events::{self, Event};
 use crate::pending::PendingEvent;
 use crate::transport::{readable, spin_until_readable, Message, ReadSide, SPIN};
@@ -67,9 +69,12 @@ pub(crate) struct Mux {
     unmatched_count: AtomicU64,
     /// Why the connection broke, if it did not end cleanly (taken once).
     failure: Mutex<Option<std::io::Error>>,
-    /// Requests (by seq) that accept a descriptor with their reply
-    /// (`UKVMI_VM_MAP_MEMORY`), and the descriptor once it has come.
-    fd_slots: Mutex<HashMap<u32, Option<OwnedFd>>>,
+    /// Requests (by seq) that accept descriptors with their reply
+    /// (`UKVMI_VM_MAP_MEMORY`, `UKVMI_VM_EVENT_CHANNEL`), and the
+    /// descriptors once they have come.
+    fd_slots: Mutex<HashMap<u32, Option<Vec<OwnedFd>>>>,
+    /// The shared-memory event channel, once enabled.
+    pub(crate) channel: OnceLock<Channel>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -96,6 +101,7 @@ impl Mux {
             unmatched_count: AtomicU64::new(0),
             failure: Mutex::new(None),
             fd_slots: Mutex::new(HashMap::new()),
+            channel: OnceLock::new(),
         }))
     }
 
@@ -131,15 +137,15 @@ impl Mux {
         self.unmatched_count.load(Ordering::Relaxed)
     }
 
-    /// Lets the reply to request `seq` bring one descriptor (before sending).
+    /// Lets the reply to request `seq` bring descriptors (before sending).
     pub(crate) fn expect_fd(&self, seq: u32) {
         lock(&self.fd_slots).insert(seq, None);
     }
 
-    /// Closes the slot of request `seq` and returns the descriptor that came
-    /// with its reply, if any.
-    pub(crate) fn take_received_fd(&self, seq: u32) -> Option<OwnedFd> {
-        lock(&self.fd_slots).remove(&seq).flatten()
+    /// Closes the slot of request `seq` and returns the descriptors that
+    /// came with its reply, if any.
+    pub(crate) fn take_received_fds(&self, seq: u32) -> Vec<OwnedFd> {
+        lock(&self.fd_slots).remove(&seq).flatten().unwrap_or_default()
     }
 
     /// Registers request `seq` (message `id`) to receive its reply.
@@ -195,15 +201,45 @@ impl Mux {
     /// `Ok(None)` on timeout; `Err(Error::Closed)` once the connection has
     /// ended and every queued event has been taken.
     pub(crate) fn next_event(&self, deadline: Option<Instant>) -> Result<Option<Event>> {
-        let got = self.wait_reading(deadline, |mux| {
+        let ring = self.channel.get().is_some();
+        let got = self.wait_reading_for(deadline, ring, |mux| {
             let mut q = lock(&mux.events);
             match q.queue.pop_front() {
                 Some(ev) => Some(Ok(ev)),
                 None if q.closed => Some(Err(Error::Closed)),
-                None => None,
+                None => mux.take_ring_event().map(Ok),
             }
         });
         got.transpose()
+    }
+
+    /// The next event posted in the channel, parsed as if read off the socket.
+    fn take_ring_event(&self) -> Option<Event> {
+        let bytes = self.channel.get()?.take_event()?;
+        let hdr: MsgHdr = read_zext(&bytes);
+        let body = bytes.get(ukvmi_wire::MSG_HDR_SIZE..).unwrap_or_default();
+        if hdr.id != msg::VCPU_EVENT || body.len() < VCPU_EVENT_BODY_BASE {
+            // Not an event: nothing the VMM would post; ignore it.
+            return None;
+        }
+        event_trace::mark(hdr.seq, Point::ToolReceives, 0);
+        let ev = events::parse_vcpu_event(hdr.seq, body);
+        Some(Event::Vcpu(PendingEvent::new(ev, self.me.clone())))
+    }
+
+    /// Sends reply message `bytes` to event `seq` of `vcpu`: through the
+    /// channel if the event came through it, else on the socket.
+    pub(crate) fn send_event_reply(&self, vcpu: u16, seq: u32, bytes: &[u8]) -> Result<()> {
+        event_trace::mark(seq, Point::ToolReplies, 0);
+        if let Some(ch) = self.channel.get() {
+            if self.is_closed() {
+                return Err(Error::Closed);
+            }
+            if ch.reply(vcpu, seq, bytes) {
+                return Ok(());
+            }
+        }
+        self.write(bytes)
     }
 
     fn dispatch(&self, m: Message) {
@@ -212,6 +248,7 @@ impl Mux {
                 self.push_event(events::parse_vm_event(m.hdr.seq, &m.body));
             }
             msg::VCPU_EVENT if m.body.len() >= VCPU_EVENT_BODY_BASE => {
+                event_trace::mark(m.hdr.seq, Point::ToolReceives, 0);
                 let ev = events::parse_vcpu_event(m.hdr.seq, &m.body);
                 self.push_event(Event::Vcpu(PendingEvent::new(ev, self.me.clone())));
             }
@@ -259,11 +296,11 @@ impl Mux {
     /// closed (dropped) here. A request that gave up has removed its slot,
     /// so a late descriptor is closed too.
     fn keep_fds(&self, hdr: &MsgHdr, fds: Vec<OwnedFd>) {
-        if fds.is_empty() || hdr.id != msg::UKVMI_VM_MAP_MEMORY {
+        if fds.is_empty() || !matches!(hdr.id, msg::UKVMI_VM_MAP_MEMORY | msg::UKVMI_VM_EVENT_CHANNEL) {
             return;
         }
         if let Some(slot @ None) = lock(&self.fd_slots).get_mut(&hdr.seq) {
-            *slot = fds.into_iter().next();
+            *slot = Some(fds);
         }
     }
 
@@ -399,18 +436,26 @@ impl Mux {
 
     /// Waits, reading the socket itself whenever nobody else does, until
     /// `done` returns `Some` (checked after every message), or `deadline`.
-    pub(crate) fn wait_reading<T>(
+    pub(crate) fn wait_reading<T>(&self, deadline: Option<Instant>, done: impl FnMut(&Mux) -> Option<T>) -> Option<T> {
+        self.wait_reading_for(deadline, false, done)
+    }
+
+    /// [`Mux::wait_reading`]; with `ring`, an event posted in the channel
+    /// also ends a spin or a sleep (so `done` sees it at once).
+    fn wait_reading_for<T>(
         &self,
         deadline: Option<Instant>,
+        ring: bool,
         mut done: impl FnMut(&Mux) -> Option<T>,
     ) -> Option<T> {
+        let ring = if ring { self.channel.get() } else { None };
         /// Longest single poll or wait. The reader polling wakes for any
         /// message and hands it on, and waiters are woken whenever the read
         /// side is let go, so this only bounds how often an idle waiter
         /// looks around.
         const SLICE: Duration = Duration::from_millis(20);
         self.waiters.fetch_add(1, Ordering::SeqCst);
-        let mut spin = SPIN;
+        let mut spin = if ring.is_some() { RING_SPIN } else { SPIN };
         let out = loop {
             if let Some(v) = done(self) {
                 break Some(v);
@@ -427,7 +472,11 @@ impl Mux {
                     if let Some(v) = done(self) {
                         break Some(v);
                     }
-                    if rd.buffered() || spin_until_readable(&rd.stream, spin) || readable(&rd.stream, slice) {
+                    let ready = match ring {
+                        None => rd.buffered() || spin_until_readable(&rd.stream, spin) || readable(&rd.stream, slice),
+                        Some(ch) => rd.buffered() || spin_ring(ch, &rd.stream, spin) || ch.wait(&rd.stream, slice),
+                    };
+                    if ready {
                         self.read_one(rd);
                     }
                     // Spin once per wait, right after the request went out.
@@ -438,6 +487,9 @@ impl Mux {
                 }
                 Err(TryLockError::WouldBlock) => {
                     // Another thread reads: it delivers and then lets go.
+                    // A channel event wakes nobody here, so with the
+                    // channel the sleep is short (see `RING_SLICE`).
+                    let slice = if ring.is_some() { slice.min(RING_SLICE) } else { slice };
                     let p = lock(&self.pending);
                     self.sleepers.fetch_add(1, Ordering::SeqCst);
                     let (p, _) = self
@@ -451,6 +503,40 @@ impl Mux {
         };
         self.waiters.fetch_sub(1, Ordering::SeqCst);
         out
+    }
+}
+
+/// How long an event waiter spins, with the channel on, before it sleeps
+/// (once per wait, right after it was called). Longer than the socket's
+/// [`SPIN`]: with the hand-offs gone, the next event of a vCPU that the
+/// tool just answered typically comes one exit and the event's register
+/// reads later (40 to 150 µs on a nested host), and a sleeping tool costs
+/// a wake-up (25 to 30 µs there) per event. Bounded, and only while the
+/// tool itself waits for an event; the VMM does not spin for it.
+const RING_SPIN: Duration = Duration::from_micros(200);
+
+/// Longest sleep of an event waiter, with the channel on, while another
+/// thread holds the socket's read side: that thread's `poll` is the one the
+/// channel's pipe wakes, so this waiter looks at the slots at least this
+/// often (only while both wait).
+const RING_SLICE: Duration = Duration::from_millis(1);
+
+/// Polls the socket and the channel without sleeping, for at most
+/// `budget`; true once the socket is readable, false at the end of the
+/// budget or as soon as the channel holds an event.
+fn spin_ring(ch: &Channel, stream: &UnixStream, budget: Duration) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if ch.has_event() {
+            return false;
+        }
+        if readable(stream, Duration::ZERO) {
+            return true;
+        }
+        if t0.elapsed() >= budget {
+            return false;
+        }
+        std::thread::yield_now();
     }
 }
 

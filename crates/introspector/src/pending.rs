@@ -75,7 +75,9 @@ impl Drop for PendingEvent {
         let body = events::reply_body(ev, EventReply::Continue).unwrap_or_else(|_| {
             events::build_reply_body(ev.vcpu.raw(), Action::Continue as u8, ev.event.raw() as u8, &[])
         });
-        let sent = frame(msg::VCPU_EVENT, ev.seq, &[&body]).ok().is_some_and(|bytes| conn.write(&bytes).is_ok());
+        let sent = frame(msg::VCPU_EVENT, ev.seq, &[&body])
+            .ok()
+            .is_some_and(|bytes| conn.send_event_reply(ev.vcpu.raw(), ev.seq, &bytes).is_ok());
         if sent {
             eprintln!(
                 "ukvmi-introspector: {} (seq {}) of vCPU {} was dropped unanswered; answered CONTINUE",

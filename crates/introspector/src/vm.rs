@@ -127,7 +127,7 @@ impl Vm {
     pub fn reply_detached(&self, ev: &VcpuEventMsg, reply: EventReply) -> Result<()> {
         let body = events::reply_body(ev, reply)?;
         let bytes = frame(msg::VCPU_EVENT, ev.seq, &[&body]).map_err(|e| Error::Refused(e.to_string()))?;
-        self.mux.write(&bytes)
+        self.mux.send_event_reply(ev.vcpu.raw(), ev.seq, &bytes)
     }
 
     /// Shuts the socket down (both directions) without waiting; the reader
@@ -144,6 +144,7 @@ impl Vm {
             let _ = h.join();
         }
         self.mux.mark_closed();
+        crate::event_trace::flush();
     }
 
     /// Sends command `id` with a body made of `parts` and returns the reply

@@ -143,13 +143,21 @@ pub mod msg {
     /// plants: a tool that dies leaves no `int3` behind.
     pub const UKVMI_VM_WRITE_PHYSICAL_UNDO: u16 = EXT_FIRST + 2;
 
+    /// `UKVMI_VM_EVENT_CHANNEL` (ukvmi extension, VM command): asks for the
+    /// shared-memory event channel (see `event_channel`). The reply carries
+    /// `VmEventChannelReply` and, as `SCM_RIGHTS`, the channel file and the
+    /// read end of its wake-up pipe; from then on vCPU events go through the
+    /// channel and may be answered through it or, as ever, on the socket.
+    pub const UKVMI_VM_EVENT_CHANNEL: u16 = EXT_FIRST + 6;
+
     /// Every extension command, in id order.
-    pub const EXTENSION_COMMANDS: [u16; 2] = [UKVMI_VM_MAP_MEMORY, UKVMI_VM_WRITE_PHYSICAL_UNDO];
+    pub const EXTENSION_COMMANDS: [u16; 3] =
+        [UKVMI_VM_MAP_MEMORY, UKVMI_VM_WRITE_PHYSICAL_UNDO, UKVMI_VM_EVENT_CHANNEL];
 
     /// True for the ukvmi extension commands (outside the v12 numbering;
     /// [`is_known_command`] stays exactly v12).
     pub const fn is_extension_command(id: u16) -> bool {
-        matches!(id, UKVMI_VM_MAP_MEMORY | UKVMI_VM_WRITE_PHYSICAL_UNDO)
+        matches!(id, UKVMI_VM_MAP_MEMORY | UKVMI_VM_WRITE_PHYSICAL_UNDO | UKVMI_VM_EVENT_CHANNEL)
     }
 
     /// True for every id this implementation has a handler for: the v12
@@ -194,6 +202,7 @@ pub mod msg {
             VCPU_TRANSLATE_GVA => "KVMI_VCPU_TRANSLATE_GVA",
             UKVMI_VM_MAP_MEMORY => "UKVMI_VM_MAP_MEMORY",
             UKVMI_VM_WRITE_PHYSICAL_UNDO => "UKVMI_VM_WRITE_PHYSICAL_UNDO",
+            UKVMI_VM_EVENT_CHANNEL => "UKVMI_VM_EVENT_CHANNEL",
             _ => return None,
         })
     }

@@ -14,6 +14,7 @@
 
 mod codec;
 mod errno;
+pub mod event_channel;
 pub mod handshake;
 mod ids;
 mod payload;

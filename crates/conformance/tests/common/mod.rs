@@ -32,3 +32,46 @@ pub fn code<X>(r: ukvmi_introspector::Result<X>) -> i32 {
         Err(e) => e.raw_err().unwrap_or_else(|| panic!("not a KVM error: {e}")),
     }
 }
+
+/// Sends one framed request on a raw socket and reads the reply with
+/// `recvmsg`: (header, body, descriptors that came with it).
+pub fn request_with_fds(
+    sock: &std::os::unix::net::UnixStream,
+    seq: u32,
+    id: u16,
+    body: &[u8],
+) -> (ukvmi_wire::MsgHdr, Vec<u8>, Vec<std::os::fd::OwnedFd>) {
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    (&*sock).write_all(&ukvmi_wire::frame(id, seq, &[body]).unwrap()).unwrap();
+    let mut buf = vec![0u8; 8 + ukvmi_wire::MAX_MSG_SIZE];
+    let mut control = [0u64; 16];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: all-zero msghdr is valid; pointers set below to live buffers.
+    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+    mh.msg_iov = &mut iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = control.as_mut_ptr().cast();
+    mh.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: mh describes `buf` and `control`, alive for the call.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
+    assert!(n >= 8, "recvmsg: {n} {}", std::io::Error::last_os_error());
+    let hdr: ukvmi_wire::MsgHdr = ukvmi_wire::read_zext(&buf);
+    assert_eq!(n as usize, 8 + usize::from(hdr.size), "one reply per read");
+    let mut fds = Vec::new();
+    // SAFETY: walks the control messages recvmsg wrote into `control`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&mh);
+        while !c.is_null() {
+            if (*c).cmsg_type == libc::SCM_RIGHTS {
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                for i in 0..count {
+                    let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&mh, c);
+        }
+    }
+    (hdr, buf[8..n as usize].to_vec(), fds)
+}
