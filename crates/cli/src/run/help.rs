@@ -147,5 +147,9 @@ fn host_section() -> String {
         "    extension UKVMI_VM_WRITE_PHYSICAL_UNDO (0x4002): WRITE_PHYSICAL whose bytes the VMM puts back\n             \
          when the connection ends (a dead tool leaves no int3); allowed by default\n",
     );
+    s.push_str(
+        "    extension UKVMI_VM_EVENT_CHANNEL (0x4006): events and their replies through shared memory\n             \
+         (one slot per vCPU, futex wake-ups), the socket kept for the rest; v12 only; allowed by default\n",
+    );
     s
 }
