@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 pub mod gdb;
+pub mod guest_ram;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -248,6 +249,41 @@ impl Drop for VmProcess {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+impl VmProcess {
+    /// The `ukvmi run` process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its scratch directory (removed on drop).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+/// Like [`start_vm`], with `extra` arguments to `ukvmi run` (e.g.
+/// `--reconnect`), and the path of the socket it connects to.
+pub fn start_vm_with(tag: &str, guest: &str, vcpus: u16, memory_mib: u64, extra: &[&str]) -> (VmProcess, Vm, PathBuf) {
+    let dir = vm_scratch(&format!("ukvmi-bench-{tag}-{}", std::process::id()));
+    let sock = dir.join("kvmi.sock");
+    let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(Duration::from_secs(20));
+    let child = Command::new(env!("CARGO_BIN_EXE_ukvmi"))
+        .args(["run", "--guest", guest])
+        .args(["--vcpus", &vcpus.to_string(), "--memory", &memory_mib.to_string()])
+        .arg("--serial")
+        .arg(format!("file:{}", dir.join("serial").display()))
+        .arg("--introspect")
+        .arg(format!("unix:{}", sock.display()))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ukvmi run");
+    let proc_ = VmProcess { child, dir };
+    let vm = listener.accept().unwrap();
+    (proc_, vm, sock)
 }
 
 /// Checks /dev/kvm (a benchmark fails, never skips, without it) and makes

@@ -1,0 +1,473 @@
+//! What introspection costs the guest: the `bench` guest's own work rate
+//! (mode `BENCH_SYSCALL`: multiply-adds, a `syscall` into its own ring-0
+//! handler every iteration, a port-I/O exit every 16th) under `ukvmi run`,
+//! measured in one run under four conditions, driven with the `ukvmi` tool
+//! commands as a user types them:
+//!
+//! 1. **no introspector**: after `ukvmi detach` (the VMM runs on alone; it
+//!    only retries its connect every `--reconnect` seconds);
+//! 2. **attached, idle**: the daemon attached (`ukvmi info` started it), no
+//!    command running, no event enabled;
+//! 3. **guards armed, never triggered**: `ukvmi trace --msr LSTAR --page
+//!    BENCH_PF_PAGE` running (an MSR guard on LSTAR, which the loop never
+//!    writes, and a W-restricted page it never writes);
+//! 4. **tracing every syscall**: `ukvmi trace --syscalls` running (the
+//!    monitor's syscall tracer: a breakpoint on the guest's `syscall_entry`,
+//!    stepped over at each hit), its records counted as they arrive.
+//!
+//! The guest's progress is read from its RAM through the VMM's memfd (see
+//! `common::guest_ram`), never over the KVMI connection, so measuring adds
+//! nothing to what is measured. Each round takes every condition once, in
+//! an order rotated from round to round so drift hits all alike; a
+//! condition's figure is its rate divided by the rate without an
+//! introspector in the same round. CPU time of the VMM's threads and of the
+//! daemon during each window comes from /proc.
+//!
+//! Run: `cargo bench -p ukvmi --bench guest_cost` (needs /dev/kvm).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+mod common;
+
+use common::guest_ram::GuestRam;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use ukvmi_guests::layout;
+
+/// Rounds (each condition once per round).
+const ROUNDS: usize = 5;
+/// How long each condition's rate is measured.
+const WINDOW: Duration = Duration::from_secs(3);
+/// Pause after a change of condition before the window opens.
+const SETTLE: Duration = Duration::from_millis(500);
+/// Longest wait for a tool command or a state change.
+const T: Duration = Duration::from_secs(20);
+/// The VMM's reconnect interval while nobody listens.
+const RECONNECT: &str = "0.5";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cond {
+    Alone,
+    Idle,
+    Armed,
+    Tracing,
+}
+
+const CONDS: [Cond; 4] = [Cond::Alone, Cond::Idle, Cond::Armed, Cond::Tracing];
+
+impl Cond {
+    fn label(self) -> &'static str {
+        match self {
+            Cond::Alone => "1. no introspector (after `ukvmi detach`)",
+            Cond::Idle => "2. attached, idle (daemon, no events)",
+            Cond::Armed => "3. MSR + page guard armed, not triggered",
+            Cond::Tracing => "4. tracing every syscall (`trace --syscalls`)",
+        }
+    }
+}
+
+/// One measured window.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    /// Guest loop iterations per second.
+    rate: f64,
+    /// Syscalls the guest's handler counted, per second.
+    syscalls: f64,
+    /// Records the running tool printed, per second.
+    records: f64,
+    /// CPU (cores) of the VMM's vCPU thread, its other threads, the daemon.
+    vcpu_cpu: f64,
+    vmm_other_cpu: f64,
+    daemon_cpu: f64,
+    /// Iterations and handler runs in the window (checked equal ±1).
+    iterations: u64,
+    handled: u64,
+}
+
+/// A streaming tool command (`ukvmi trace ...`) whose stdout lines are
+/// counted as they come; stopped with SIGINT as Ctrl-C would.
+struct Stream {
+    child: Child,
+    lines: Arc<AtomicU64>,
+    first: Arc<std::sync::Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+/// The `ukvmi` tool commands against one VM's socket.
+struct Tools {
+    sock: PathBuf,
+    attached: bool,
+    stream: Option<Stream>,
+}
+
+impl Tools {
+    fn cmd(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ukvmi")).arg("--vm").arg(&self.sock).args(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.cmd(args);
+        assert!(o.status.success(), "ukvmi {args:?}: {}\nstderr: {}", o.status, String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Starts `ukvmi trace ARGS` and returns once it says it is set up
+    /// (its "Ctrl-C to stop" note on stderr).
+    fn start_stream(&mut self, args: &[&str]) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ukvmi"));
+        cmd.arg("--vm").arg(&self.sock).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // SAFETY: runs in the child between fork and exec and only calls
+        // signal(2), which is async-signal-safe: SIGINT must stop the
+        // client even where the bench runs with it ignored.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut said = String::new();
+        loop {
+            let mut l = String::new();
+            if err.read_line(&mut l).unwrap() == 0 {
+                panic!("ukvmi {args:?} ended before it was set up: {said}");
+            }
+            said.push_str(&l);
+            if l.contains("Ctrl-C to stop") {
+                break;
+            }
+        }
+        let drain = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut err, &mut std::io::sink());
+        });
+        let lines = Arc::new(AtomicU64::new(0));
+        let first = Arc::new(std::sync::Mutex::new(String::new()));
+        let mut out = child.stdout.take().unwrap();
+        let (l2, f2) = (Arc::clone(&lines), Arc::clone(&first));
+        let counter = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut head: Vec<u8> = Vec::new();
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let chunk = &buf[..n];
+                l2.fetch_add(chunk.iter().filter(|&&b| b == b'\n').count() as u64, Ordering::Relaxed);
+                if head.len() < 200 {
+                    head.extend_from_slice(chunk);
+                    let text = String::from_utf8_lossy(&head);
+                    *f2.lock().unwrap() = text.lines().next().unwrap_or("").to_owned();
+                }
+            }
+        });
+        self.stream = Some(Stream { child, lines, first, readers: vec![drain, counter] });
+    }
+
+    /// Stops the running stream (SIGINT); returns its line count and first line.
+    fn stop_stream(&mut self) -> Option<(u64, String)> {
+        let mut s = self.stream.take()?;
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(s.child.id() as i32, libc::SIGINT) };
+        s.child.wait().unwrap();
+        for r in s.readers {
+            r.join().unwrap();
+        }
+        let first = s.first.lock().unwrap().clone();
+        Some((s.lines.load(Ordering::Relaxed), first))
+    }
+
+    /// Brings the VM into condition `c`; returns what a stream that ended
+    /// printed (lines, first line).
+    fn enter(&mut self, c: Cond) -> Option<(u64, String)> {
+        let ended = self.stop_stream();
+        match c {
+            Cond::Alone => {
+                if self.attached {
+                    assert!(self.ok(&["detach"]).contains("detached"));
+                    let ctl = self.sock.with_extension("sock.ctl");
+                    let end = Instant::now() + T;
+                    while ctl.exists() || !daemon_pids(&self.sock).is_empty() {
+                        assert!(Instant::now() < end, "the daemon did not go away after detach");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    self.attached = false;
+                }
+            }
+            _ => {
+                if !self.attached {
+                    // The first command starts the daemon and waits for the VM.
+                    assert!(self.ok(&["info", "--json"]).contains("\"vcpus\""));
+                    self.attached = true;
+                }
+                match c {
+                    Cond::Armed => self.start_stream(&[
+                        "trace",
+                        "--msr",
+                        "LSTAR",
+                        "--page",
+                        &format!("{:#x}", layout::BENCH_PF_PAGE),
+                    ]),
+                    Cond::Tracing => self.start_stream(&["trace", "--syscalls"]),
+                    _ => {}
+                }
+            }
+        }
+        ended
+    }
+
+    fn lines(&self) -> u64 {
+        self.stream.as_ref().map_or(0, |s| s.lines.load(Ordering::Relaxed))
+    }
+}
+
+/// The pids of the `ukvmi daemon` processes serving `sock`.
+fn daemon_pids(sock: &Path) -> Vec<u32> {
+    let want = sock.to_string_lossy().into_owned();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let c = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = c.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        (args.get(1).is_some_and(|a| a == "daemon") && args.contains(&want)).then_some(pid)
+    })
+    .collect()
+}
+
+/// CPU ticks (utime + stime) per thread of process `pid`: (thread name, ticks).
+fn thread_ticks(pid: u32) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    dir.filter_map(|e| {
+        let stat = std::fs::read_to_string(e.ok()?.path().join("stat")).ok()?;
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let name = stat[open + 1..close].to_owned();
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // Fields after the name start at 3 (state): utime is 14, stime 15.
+        let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        Some((name, ticks))
+    })
+    .collect()
+}
+
+/// (vCPU threads, other VMM threads, daemon) ticks.
+fn cpu_ticks(vmm: u32, sock: &Path) -> (u64, u64, u64) {
+    let (mut vcpu, mut other) = (0, 0);
+    for (name, t) in thread_ticks(vmm) {
+        if name.starts_with("vcpu") {
+            vcpu += t;
+        } else {
+            other += t;
+        }
+    }
+    let daemon = daemon_pids(sock).into_iter().flat_map(thread_ticks).map(|(_, t)| t).sum();
+    (vcpu, other, daemon)
+}
+
+fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+fn measure(ram: &GuestRam, tools: &Tools, vmm: u32) -> Window {
+    let hz = ticks_per_sec();
+    let (c0, s0, l0, cpu0, t0) = (
+        ram.u64_at(layout::BENCH_COUNT),
+        ram.u64_at(layout::BENCH_SYSCALLS),
+        tools.lines(),
+        cpu_ticks(vmm, &tools.sock),
+        Instant::now(),
+    );
+    std::thread::sleep(WINDOW);
+    let (c1, s1, l1, cpu1, t1) = (
+        ram.u64_at(layout::BENCH_COUNT),
+        ram.u64_at(layout::BENCH_SYSCALLS),
+        tools.lines(),
+        cpu_ticks(vmm, &tools.sock),
+        Instant::now(),
+    );
+    let secs = (t1 - t0).as_secs_f64();
+    let cores = |a: u64, b: u64| b.saturating_sub(a) as f64 / hz / secs;
+    assert!(c1 > c0, "the guest loop did not run ({c0} -> {c1})");
+    Window {
+        rate: (c1 - c0) as f64 / secs,
+        syscalls: (s1 - s0) as f64 / secs,
+        records: (l1 - l0) as f64 / secs,
+        vcpu_cpu: cores(cpu0.0, cpu1.0),
+        vmm_other_cpu: cores(cpu0.1, cpu1.1),
+        daemon_cpu: cores(cpu0.2, cpu1.2),
+        iterations: c1 - c0,
+        handled: s1 - s0,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(|e| format!("? ({e})"), |s| s.trim().to_owned())
+}
+
+fn main() {
+    if !common::is_bench_run("guest_cost") {
+        return;
+    }
+    let bench = ukvmi_guests::find("bench").expect("the bench guest");
+    let entry = bench.symbol("syscall_entry").expect("bench guest: syscall_entry");
+    println!("load at the start: {}", loadavg());
+
+    // The bench's own connection only switches the guest to its syscall
+    // loop; it closes, and from then on the VM belongs to the tools.
+    let (proc_, vm, sock) = common::start_vm_with("cost", "bench", 1, 64, &["--reconnect", RECONNECT]);
+    let ram = GuestRam::of_process(proc_.pid()).expect("the VMM's guest RAM");
+    let at = usize::try_from(bench.load_addr).unwrap();
+    assert_eq!(ram.bytes(bench.load_addr, 64), bench.image[..64], "the memfd holds the guest image at {at:#x}");
+    common::set_mode(&vm, layout::BENCH_SYSCALL);
+    std::thread::sleep(Duration::from_millis(300));
+    let lstar = vm.get_registers(0, &[layout::MSR_LSTAR]).unwrap().msrs[0].data;
+    assert_eq!(lstar, entry, "the guest's LSTAR is its syscall_entry");
+    drop(vm);
+    let mut tools = Tools { sock, attached: false, stream: None };
+
+    let mut table: Vec<Vec<(Cond, Window)>> = Vec::new();
+    let mut checks: Vec<String> = Vec::new();
+    let mut check = |ok: bool, what: String| checks.push(format!("{} {what}", if ok { "ok  " } else { "FAIL" }));
+    let mut last: Option<Cond> = None;
+    let mut armed_records = 0u64;
+    let mut trace_first = String::new();
+    for r in 0..ROUNDS {
+        let mut round = Vec::new();
+        for k in 0..CONDS.len() {
+            let c = CONDS[(r + k) % CONDS.len()];
+            if let Some((n, first)) = tools.enter(c) {
+                match last {
+                    Some(Cond::Armed) => armed_records += n,
+                    Some(Cond::Tracing) if trace_first.is_empty() => trace_first = first,
+                    _ => {}
+                }
+            }
+            last = Some(c);
+            std::thread::sleep(SETTLE);
+            let w = measure(&ram, &tools, proc_.pid());
+            check(
+                w.iterations.abs_diff(w.handled) <= 1,
+                format!("round {r}, {c:?}: {} iterations, the guest's handler ran {} times", w.iterations, w.handled),
+            );
+            if c == Cond::Tracing {
+                // Every syscall is one record (1 vCPU: no hit is missed);
+                // lines still in the pipe at the window's edges aside.
+                let traced = w.records / w.syscalls;
+                check(
+                    (0.9..=1.1).contains(&traced),
+                    format!("round {r}: {:.0} records/s for {:.0} syscalls/s", w.records, w.syscalls),
+                );
+            }
+            round.push((c, w));
+        }
+        table.push(round);
+    }
+    if let Some((n, first)) = tools.enter(Cond::Alone) {
+        match last {
+            Some(Cond::Armed) => armed_records += n,
+            Some(Cond::Tracing) if trace_first.is_empty() => trace_first = first,
+            _ => {}
+        }
+    }
+    check(armed_records == 0, format!("the armed guards reported {armed_records} records (never triggered)"));
+    check(trace_first.contains("syscall"), format!("a trace record: {trace_first}"));
+    let end_load = loadavg();
+
+    // ----------------------------------------------------------------- report
+    let get = |round: &[(Cond, Window)], c: Cond| round.iter().find(|(k, _)| *k == c).map(|&(_, w)| w).unwrap();
+    println!(
+        "what introspection costs the guest: the bench guest's syscall loop (mode {}), one run",
+        layout::BENCH_SYSCALL
+    );
+    println!(
+        "({ROUNDS} rounds x {} conditions, {} s windows, order rotated per round; ratio = rate / the rate with no \
+         introspector in the same round)",
+        CONDS.len(),
+        WINDOW.as_secs()
+    );
+    println!("-- per round: iterations/s (ratio)");
+    for (r, round) in table.iter().enumerate() {
+        let base = get(round, Cond::Alone).rate;
+        let cells: Vec<String> = CONDS
+            .iter()
+            .map(|&c| {
+                let w = get(round, c);
+                format!("{:>8.0} ({:.3})", w.rate, w.rate / base)
+            })
+            .collect();
+        let order: Vec<String> =
+            round.iter().map(|(c, _)| format!("{}", CONDS.iter().position(|k| k == c).unwrap() + 1)).collect();
+        println!("round {r} (order {}): {}", order.join(""), cells.join("  "));
+    }
+    println!(
+        "-- summary (median over rounds; ratio median [min..max]; CPU in cores during the window: vCPU thread / other VMM threads / daemon)"
+    );
+    println!(
+        "{:<48} {:>10} {:>24} {:>9} {:>22}",
+        "condition", "it/s", "x no introspector", "slowdown", "CPU vcpu/vmm/daemon"
+    );
+    for &c in &CONDS {
+        let ws: Vec<Window> = table.iter().map(|round| get(round, c)).collect();
+        let ratios: Vec<f64> = table.iter().map(|round| get(round, c).rate / get(round, Cond::Alone).rate).collect();
+        let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        let m = median(ratios);
+        println!(
+            "{:<48} {:>10.0} {:>8.4} [{:.4}..{:.4}] {:>8.2}% {:>8.3}/{:.3}/{:.3}",
+            c.label(),
+            median(ws.iter().map(|w| w.rate).collect()),
+            m,
+            lo,
+            hi,
+            (1.0 - m) * 100.0,
+            median(ws.iter().map(|w| w.vcpu_cpu).collect()),
+            median(ws.iter().map(|w| w.vmm_other_cpu).collect()),
+            median(ws.iter().map(|w| w.daemon_cpu).collect()),
+        );
+    }
+    let tr: Vec<Window> = table.iter().map(|round| get(round, Cond::Tracing)).collect();
+    let alone: Vec<Window> = table.iter().map(|round| get(round, Cond::Alone)).collect();
+    let records = median(tr.iter().map(|w| w.records).collect());
+    let slow =
+        median(table.iter().map(|round| get(round, Cond::Alone).rate / get(round, Cond::Tracing).rate).collect());
+    println!(
+        "-- tracing: {records:.0} records/s (one per syscall; each is a BREAKPOINT and a SINGLESTEP event, so {:.0} \
+         events/s); the guest runs {slow:.1}x slower ({:.0} -> {:.0} syscalls/s); µs per traced syscall beyond the \
+         untraced one: {:.1}",
+        records * 2.0,
+        median(alone.iter().map(|w| w.syscalls).collect()),
+        median(tr.iter().map(|w| w.syscalls).collect()),
+        median(
+            table
+                .iter()
+                .map(|round| 1e6 / get(round, Cond::Tracing).syscalls - 1e6 / get(round, Cond::Alone).syscalls)
+                .collect()
+        ),
+    );
+    println!("-- checks");
+    for c in &checks {
+        println!("{c}");
+    }
+    println!("load at the end: {end_load}");
+    drop(proc_);
+}
