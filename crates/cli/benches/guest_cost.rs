@@ -39,10 +39,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
 
-/// Rounds (each condition once per round).
-const ROUNDS: usize = 5;
-/// How long each condition's rate is measured.
-const WINDOW: Duration = Duration::from_secs(3);
+/// Rounds (each condition once per round); `UKVMI_GUEST_COST_ROUNDS` overrides.
+const ROUNDS: usize = 8;
+/// How long each condition's rate is measured (s); `UKVMI_GUEST_COST_WINDOW` overrides.
+const WINDOW_SECS: u64 = 3;
 /// Pause after a change of condition before the window opens.
 const SETTLE: Duration = Duration::from_millis(500);
 /// Longest wait for a tool command or a state change.
@@ -84,6 +84,13 @@ struct Window {
     vcpu_cpu: f64,
     vmm_other_cpu: f64,
     daemon_cpu: f64,
+    /// Wake-ups per second of the VMM's other threads and of the daemon.
+    vmm_wakes: f64,
+    daemon_wakes: f64,
+    /// Iterations per second of CPU time the vCPU thread got: the guest's
+    /// speed with the host's other load (time the thread waited for a
+    /// core) taken out.
+    per_cpu: f64,
     /// Iterations and handler runs in the window (checked equal ±1).
     iterations: u64,
     handled: u64,
@@ -101,6 +108,8 @@ struct Stream {
 /// The `ukvmi` tool commands against one VM's socket.
 struct Tools {
     sock: PathBuf,
+    /// `ukvmi trace` arguments of condition 3.
+    armed_args: Vec<String>,
     attached: bool,
     stream: Option<Stream>,
 }
@@ -206,13 +215,11 @@ impl Tools {
                     self.attached = true;
                 }
                 match c {
-                    Cond::Armed => self.start_stream(&[
-                        "trace",
-                        "--msr",
-                        "LSTAR",
-                        "--page",
-                        &format!("{:#x}", layout::BENCH_PF_PAGE),
-                    ]),
+                    Cond::Armed => {
+                        let mut args = vec!["trace".to_owned()];
+                        args.extend(self.armed_args.iter().cloned());
+                        self.start_stream(&args.iter().map(String::as_str).collect::<Vec<_>>());
+                    }
                     Cond::Tracing => self.start_stream(&["trace", "--syscalls"]),
                     _ => {}
                 }
@@ -240,72 +247,69 @@ fn daemon_pids(sock: &Path) -> Vec<u32> {
     .collect()
 }
 
-/// CPU ticks (utime + stime) per thread of process `pid`: (thread name, ticks).
-fn thread_ticks(pid: u32) -> Vec<(String, u64)> {
+/// Per thread of process `pid`: its name, CPU time (ns, from `schedstat`)
+/// and how often it went to sleep (voluntary context switches: wake-ups).
+fn thread_cpu(pid: u32) -> Vec<(String, u64, u64)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     dir.filter_map(|e| {
-        let stat = std::fs::read_to_string(e.ok()?.path().join("stat")).ok()?;
-        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-        let name = stat[open + 1..close].to_owned();
-        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
-        // Fields after the name start at 3 (state): utime is 14, stime 15.
-        let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-        Some((name, ticks))
+        let path = e.ok()?.path();
+        let name = std::fs::read_to_string(path.join("comm")).ok()?.trim().to_owned();
+        let sched = std::fs::read_to_string(path.join("schedstat")).ok()?;
+        let status = std::fs::read_to_string(path.join("status")).ok()?;
+        let sleeps = status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?.trim().parse().ok()?;
+        Some((name, sched.split(' ').next()?.parse().ok()?, sleeps))
     })
     .collect()
 }
 
-/// (vCPU threads, other VMM threads, daemon) ticks.
-fn cpu_ticks(vmm: u32, sock: &Path) -> (u64, u64, u64) {
-    let (mut vcpu, mut other) = (0, 0);
-    for (name, t) in thread_ticks(vmm) {
+/// CPU time (ns) of the vCPU threads, the other VMM threads, the daemon;
+/// then the wake-ups of the other VMM threads and of the daemon.
+fn cpu_ns(vmm: u32, sock: &Path) -> ([u64; 3], [u64; 2]) {
+    let (mut cpu, mut wakes) = ([0u64; 3], [0u64; 2]);
+    for (name, t, w) in thread_cpu(vmm) {
         if name.starts_with("vcpu") {
-            vcpu += t;
+            cpu[0] += t;
         } else {
-            other += t;
+            cpu[1] += t;
+            wakes[0] += w;
         }
     }
-    let daemon = daemon_pids(sock).into_iter().flat_map(thread_ticks).map(|(_, t)| t).sum();
-    (vcpu, other, daemon)
-}
-
-fn ticks_per_sec() -> f64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
+    for (_, t, w) in daemon_pids(sock).into_iter().flat_map(thread_cpu) {
+        cpu[2] += t;
+        wakes[1] += w;
     }
+    (cpu, wakes)
 }
 
-fn measure(ram: &GuestRam, tools: &Tools, vmm: u32) -> Window {
-    let hz = ticks_per_sec();
+fn measure(ram: &GuestRam, tools: &Tools, vmm: u32, window: Duration) -> Window {
     let (c0, s0, l0, cpu0, t0) = (
         ram.u64_at(layout::BENCH_COUNT),
         ram.u64_at(layout::BENCH_SYSCALLS),
         tools.lines(),
-        cpu_ticks(vmm, &tools.sock),
+        cpu_ns(vmm, &tools.sock),
         Instant::now(),
     );
-    std::thread::sleep(WINDOW);
+    std::thread::sleep(window);
     let (c1, s1, l1, cpu1, t1) = (
         ram.u64_at(layout::BENCH_COUNT),
         ram.u64_at(layout::BENCH_SYSCALLS),
         tools.lines(),
-        cpu_ticks(vmm, &tools.sock),
+        cpu_ns(vmm, &tools.sock),
         Instant::now(),
     );
     let secs = (t1 - t0).as_secs_f64();
-    let cores = |a: u64, b: u64| b.saturating_sub(a) as f64 / hz / secs;
+    let cores = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e9 / secs;
     assert!(c1 > c0, "the guest loop did not run ({c0} -> {c1})");
     Window {
         rate: (c1 - c0) as f64 / secs,
         syscalls: (s1 - s0) as f64 / secs,
         records: (l1 - l0) as f64 / secs,
-        vcpu_cpu: cores(cpu0.0, cpu1.0),
-        vmm_other_cpu: cores(cpu0.1, cpu1.1),
-        daemon_cpu: cores(cpu0.2, cpu1.2),
+        vcpu_cpu: cores(cpu0.0[0], cpu1.0[0]),
+        vmm_other_cpu: cores(cpu0.0[1], cpu1.0[1]),
+        daemon_cpu: cores(cpu0.0[2], cpu1.0[2]),
+        vmm_wakes: cpu1.1[0].saturating_sub(cpu0.1[0]) as f64 / secs,
+        daemon_wakes: cpu1.1[1].saturating_sub(cpu0.1[1]) as f64 / secs,
+        per_cpu: (c1 - c0) as f64 / (cpu1.0[0].saturating_sub(cpu0.0[0]).max(1) as f64 / 1e9),
         iterations: c1 - c0,
         handled: s1 - s0,
     }
@@ -325,10 +329,23 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg").map_or_else(|e| format!("? ({e})"), |s| s.trim().to_owned())
 }
 
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 fn main() {
     if !common::is_bench_run("guest_cost") {
         return;
     }
+    let rounds: usize = env_or("UKVMI_GUEST_COST_ROUNDS", ROUNDS).max(1);
+    let window = Duration::from_secs(env_or("UKVMI_GUEST_COST_WINDOW", WINDOW_SECS).max(1));
+    // Condition 3's `ukvmi trace` arguments (to arm one guard alone when
+    // looking for where a cost comes from).
+    let armed_args: Vec<String> = std::env::var("UKVMI_GUEST_COST_ARMED")
+        .map(|v| v.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_else(|_| {
+            ["--msr", "LSTAR", "--page", &format!("{:#x}", layout::BENCH_PF_PAGE)].map(str::to_owned).to_vec()
+        });
     let bench = ukvmi_guests::find("bench").expect("the bench guest");
     let entry = bench.symbol("syscall_entry").expect("bench guest: syscall_entry");
     println!("load at the start: {}", loadavg());
@@ -344,7 +361,7 @@ fn main() {
     let lstar = vm.get_registers(0, &[layout::MSR_LSTAR]).unwrap().msrs[0].data;
     assert_eq!(lstar, entry, "the guest's LSTAR is its syscall_entry");
     drop(vm);
-    let mut tools = Tools { sock, attached: false, stream: None };
+    let mut tools = Tools { sock, attached: false, stream: None, armed_args };
 
     let mut table: Vec<Vec<(Cond, Window)>> = Vec::new();
     let mut checks: Vec<String> = Vec::new();
@@ -352,7 +369,7 @@ fn main() {
     let mut last: Option<Cond> = None;
     let mut armed_records = 0u64;
     let mut trace_first = String::new();
-    for r in 0..ROUNDS {
+    for r in 0..rounds {
         let mut round = Vec::new();
         for k in 0..CONDS.len() {
             let c = CONDS[(r + k) % CONDS.len()];
@@ -365,7 +382,7 @@ fn main() {
             }
             last = Some(c);
             std::thread::sleep(SETTLE);
-            let w = measure(&ram, &tools, proc_.pid());
+            let w = measure(&ram, &tools, proc_.pid(), window);
             check(
                 w.iterations.abs_diff(w.handled) <= 1,
                 format!("round {r}, {c:?}: {} iterations, the guest's handler ran {} times", w.iterations, w.handled),
@@ -401,10 +418,11 @@ fn main() {
         layout::BENCH_SYSCALL
     );
     println!(
-        "({ROUNDS} rounds x {} conditions, {} s windows, order rotated per round; ratio = rate / the rate with no \
-         introspector in the same round)",
+        "({rounds} rounds x {} conditions, {} s windows, order rotated per round; ratio = rate / the rate with no \
+         introspector in the same round; condition 3 = `ukvmi trace {}`)",
         CONDS.len(),
-        WINDOW.as_secs()
+        window.as_secs(),
+        tools.armed_args.join(" ")
     );
     println!("-- per round: iterations/s (ratio)");
     for (r, round) in table.iter().enumerate() {
@@ -421,28 +439,40 @@ fn main() {
         println!("round {r} (order {}): {}", order.join(""), cells.join("  "));
     }
     println!(
-        "-- summary (median over rounds; ratio median [min..max]; CPU in cores during the window: vCPU thread / other VMM threads / daemon)"
+        "-- summary, median over rounds. \"x none\": rate / the no-introspector rate of the same round, median \
+         [min..max]; \"x none per CPU\": the same for iterations per second of CPU the vCPU thread got (the host's \
+         other load taken out); CPU in cores during the window: vCPU thread / the VMM's other threads / the daemon; \
+         wake-ups per second of the VMM's other threads / the daemon"
     );
     println!(
-        "{:<48} {:>10} {:>24} {:>9} {:>22}",
-        "condition", "it/s", "x no introspector", "slowdown", "CPU vcpu/vmm/daemon"
+        "{:<46} {:>8} {:>24} {:>8} {:>24} {:>20} {:>12}",
+        "condition", "it/s", "x none", "slower", "x none per CPU", "CPU vcpu/vmm/daemon", "wakes vmm/d"
     );
+    let spread = |v: Vec<f64>| {
+        let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        (median(v), lo, hi)
+    };
     for &c in &CONDS {
         let ws: Vec<Window> = table.iter().map(|round| get(round, c)).collect();
-        let ratios: Vec<f64> = table.iter().map(|round| get(round, c).rate / get(round, Cond::Alone).rate).collect();
-        let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
-        let m = median(ratios);
+        let (m, lo, hi) = spread(table.iter().map(|round| get(round, c).rate / get(round, Cond::Alone).rate).collect());
+        let (pm, plo, phi) =
+            spread(table.iter().map(|round| get(round, c).per_cpu / get(round, Cond::Alone).per_cpu).collect());
         println!(
-            "{:<48} {:>10.0} {:>8.4} [{:.4}..{:.4}] {:>8.2}% {:>8.3}/{:.3}/{:.3}",
+            "{:<46} {:>8.0} {:>7.4} [{:.4}..{:.4}] {:>7.2}% {:>7.4} [{:.4}..{:.4}] {:>8.3}/{:.3}/{:.3} {:>7.0}/{:.0}",
             c.label(),
             median(ws.iter().map(|w| w.rate).collect()),
             m,
             lo,
             hi,
             (1.0 - m) * 100.0,
+            pm,
+            plo,
+            phi,
             median(ws.iter().map(|w| w.vcpu_cpu).collect()),
             median(ws.iter().map(|w| w.vmm_other_cpu).collect()),
             median(ws.iter().map(|w| w.daemon_cpu).collect()),
+            median(ws.iter().map(|w| w.vmm_wakes).collect()),
+            median(ws.iter().map(|w| w.daemon_wakes).collect()),
         );
     }
     let tr: Vec<Window> = table.iter().map(|round| get(round, Cond::Tracing)).collect();
