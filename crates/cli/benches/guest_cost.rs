@@ -233,6 +233,30 @@ impl Tools {
     }
 }
 
+/// One round's window for condition `c`.
+fn get_w(round: &[(Cond, Window)], c: Cond) -> Window {
+    round.iter().find(|(k, _)| *k == c).map(|&(_, w)| w).unwrap()
+}
+
+/// Sums the VMM's "introspector disconnected (...) after N events (KIND n,
+/// ...)" lines: (BREAKPOINT, SINGLESTEP, any other kind).
+fn vmm_events(stderr: &str) -> (u64, u64, u64) {
+    let (mut bp, mut ss, mut other) = (0, 0, 0);
+    for line in stderr.lines().filter(|l| l.contains("introspector disconnected")) {
+        let Some(kinds) = line.split(" events (").nth(1).and_then(|k| k.split(')').next()) else { continue };
+        for kind in kinds.split(", ") {
+            let (name, n) = kind.rsplit_once(' ').unwrap_or((kind, "0"));
+            let n: u64 = n.parse().unwrap_or(0);
+            match name {
+                "BREAKPOINT" => bp += n,
+                "SINGLESTEP" => ss += n,
+                _ => other += n,
+            }
+        }
+    }
+    (bp, ss, other)
+}
+
 /// The pids of the `ukvmi daemon` processes serving `sock`.
 fn daemon_pids(sock: &Path) -> Vec<u32> {
     let want = sock.to_string_lossy().into_owned();
@@ -408,11 +432,25 @@ fn main() {
         }
     }
     check(armed_records == 0, format!("the armed guards reported {armed_records} records (never triggered)"));
+    // The VMM's own count of the events it sent, per connection ("after N
+    // events (BREAKPOINT a, SINGLESTEP b)"): every traced syscall is one
+    // BREAKPOINT and one SINGLESTEP, and nothing else was sent (a hit on
+    // its way when a tracer goes is answered without a step: at most one
+    // BREAKPOINT more per tracing window).
+    std::thread::sleep(Duration::from_millis(300));
+    let (bp, ss, other) = vmm_events(&proc_.stderr_text());
+    let traced: f64 = table.iter().map(|round| get_w(round, Cond::Tracing).records * window.as_secs_f64()).sum();
+    check(
+        bp >= ss && bp - ss <= rounds as u64 && other == 0 && bp as f64 >= traced,
+        format!(
+            "the VMM sent {bp} BREAKPOINT, {ss} SINGLESTEP and {other} other events (records in the windows: {traced:.0})"
+        ),
+    );
     check(trace_first.contains("syscall"), format!("a trace record: {trace_first}"));
     let end_load = loadavg();
 
     // ----------------------------------------------------------------- report
-    let get = |round: &[(Cond, Window)], c: Cond| round.iter().find(|(k, _)| *k == c).map(|&(_, w)| w).unwrap();
+    let get = get_w;
     println!(
         "what introspection costs the guest: the bench guest's syscall loop (mode {}), one run",
         layout::BENCH_SYSCALL

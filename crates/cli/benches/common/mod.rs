@@ -261,10 +261,17 @@ impl VmProcess {
     pub fn dir(&self) -> &std::path::Path {
         &self.dir
     }
+
+    /// What the VMM wrote to standard error so far (started with
+    /// [`start_vm_with`]; empty otherwise).
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
 }
 
 /// Like [`start_vm`], with `extra` arguments to `ukvmi run` (e.g.
-/// `--reconnect`), and the path of the socket it connects to.
+/// `--reconnect`), and the path of the socket it connects to; the VMM's
+/// standard error goes to [`VmProcess::stderr_text`].
 pub fn start_vm_with(tag: &str, guest: &str, vcpus: u16, memory_mib: u64, extra: &[&str]) -> (VmProcess, Vm, PathBuf) {
     let dir = vm_scratch(&format!("ukvmi-bench-{tag}-{}", std::process::id()));
     let sock = dir.join("kvmi.sock");
@@ -278,7 +285,7 @@ pub fn start_vm_with(tag: &str, guest: &str, vcpus: u16, memory_mib: u64, extra:
         .arg(format!("unix:{}", sock.display()))
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
         .spawn()
         .expect("start ukvmi run");
     let proc_ = VmProcess { child, dir };
