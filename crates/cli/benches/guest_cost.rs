@@ -13,7 +13,11 @@
 //!    writes, and a W-restricted page it never writes);
 //! 4. **tracing every syscall**: `ukvmi trace --syscalls` running (the
 //!    monitor's syscall tracer: a breakpoint on the guest's `syscall_entry`,
-//!    stepped over at each hit), its records counted as they arrive.
+//!    stepped over at each hit), its records counted as they arrive;
+//! 5. **the same tracer without the tools**: `ukvmi_monitor::Monitor` in
+//!    this process (daemon detached), the same `trace_syscalls`, records
+//!    counted and dropped — what the daemon, the control socket and the
+//!    client add to condition 4.
 //!
 //! The guest's progress is read from its RAM through the VMM's memfd (see
 //! `common::guest_ram`), never over the KVMI connection, so measuring adds
@@ -33,14 +37,16 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
+use ukvmi_introspector::Listener;
+use ukvmi_monitor::{Kinds, Monitor, Record};
 
 /// Rounds (each condition once per round); `UKVMI_GUEST_COST_ROUNDS` overrides.
-const ROUNDS: usize = 8;
+const ROUNDS: usize = 6;
 /// How long each condition's rate is measured (s); `UKVMI_GUEST_COST_WINDOW` overrides.
 const WINDOW_SECS: u64 = 3;
 /// Pause after a change of condition before the window opens.
@@ -56,9 +62,10 @@ enum Cond {
     Idle,
     Armed,
     Tracing,
+    Library,
 }
 
-const CONDS: [Cond; 4] = [Cond::Alone, Cond::Idle, Cond::Armed, Cond::Tracing];
+const CONDS: [Cond; 5] = [Cond::Alone, Cond::Idle, Cond::Armed, Cond::Tracing, Cond::Library];
 
 impl Cond {
     fn label(self) -> &'static str {
@@ -67,6 +74,7 @@ impl Cond {
             Cond::Idle => "2. attached, idle (daemon, no events)",
             Cond::Armed => "3. MSR + page guard armed, not triggered",
             Cond::Tracing => "4. tracing every syscall (`trace --syscalls`)",
+            Cond::Library => "5. the same tracer, library only (no daemon)",
         }
     }
 }
@@ -105,8 +113,54 @@ struct Stream {
     readers: Vec<JoinHandle<()>>,
 }
 
+/// The monitor's syscall tracer in this process, records counted.
+struct LibTracer {
+    mon: Monitor,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    thread: JoinHandle<()>,
+}
+
+impl LibTracer {
+    /// Waits for the VMM's next connect at `sock` and traces syscalls at `entry`.
+    fn start(sock: &Path, entry: u64) -> LibTracer {
+        let listener = Listener::bind(sock).unwrap().with_handshake_timeout(T);
+        let vm = listener.accept().unwrap();
+        drop(listener);
+        let mon = Monitor::start(vm).unwrap();
+        let sub = mon.subscribe(Kinds { breakpoints: true, ..Kinds::default() });
+        mon.trace_syscalls(&sub, entry).unwrap();
+        let (stop, count) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let (s2, c2) = (Arc::clone(&stop), Arc::clone(&count));
+        let thread = std::thread::spawn(move || {
+            while !s2.load(Ordering::Relaxed) {
+                match sub.next(Duration::from_millis(100)) {
+                    Ok(Some(Record::Syscall { .. })) => {
+                        c2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            // Dropping the subscription takes the breakpoint out.
+        });
+        LibTracer { mon, stop, count, thread }
+    }
+
+    /// Stops tracing and detaches; returns the records counted.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.mon.stop();
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
 /// The `ukvmi` tool commands against one VM's socket.
 struct Tools {
+    /// The guest's syscall entry (for the library tracer).
+    entry: u64,
+    lib: Option<LibTracer>,
     sock: PathBuf,
     /// `ukvmi trace` arguments of condition 3.
     armed_args: Vec<String>,
@@ -195,8 +249,11 @@ impl Tools {
     /// printed (lines, first line).
     fn enter(&mut self, c: Cond) -> Option<(u64, String)> {
         let ended = self.stop_stream();
+        if let Some(lib) = self.lib.take() {
+            lib.stop();
+        }
         match c {
-            Cond::Alone => {
+            Cond::Alone | Cond::Library => {
                 if self.attached {
                     assert!(self.ok(&["detach"]).contains("detached"));
                     let ctl = self.sock.with_extension("sock.ctl");
@@ -206,6 +263,9 @@ impl Tools {
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     self.attached = false;
+                }
+                if c == Cond::Library {
+                    self.lib = Some(LibTracer::start(&self.sock, self.entry));
                 }
             }
             _ => {
@@ -229,7 +289,11 @@ impl Tools {
     }
 
     fn lines(&self) -> u64 {
-        self.stream.as_ref().map_or(0, |s| s.lines.load(Ordering::Relaxed))
+        match (&self.stream, &self.lib) {
+            (Some(s), _) => s.lines.load(Ordering::Relaxed),
+            (None, Some(l)) => l.count.load(Ordering::Relaxed),
+            (None, None) => 0,
+        }
     }
 }
 
@@ -385,7 +449,7 @@ fn main() {
     let lstar = vm.get_registers(0, &[layout::MSR_LSTAR]).unwrap().msrs[0].data;
     assert_eq!(lstar, entry, "the guest's LSTAR is its syscall_entry");
     drop(vm);
-    let mut tools = Tools { sock, attached: false, stream: None, armed_args };
+    let mut tools = Tools { entry, lib: None, sock, attached: false, stream: None, armed_args };
 
     let mut table: Vec<Vec<(Cond, Window)>> = Vec::new();
     let mut checks: Vec<String> = Vec::new();
@@ -411,13 +475,13 @@ fn main() {
                 w.iterations.abs_diff(w.handled) <= 1,
                 format!("round {r}, {c:?}: {} iterations, the guest's handler ran {} times", w.iterations, w.handled),
             );
-            if c == Cond::Tracing {
+            if matches!(c, Cond::Tracing | Cond::Library) {
                 // Every syscall is one record (1 vCPU: no hit is missed);
                 // lines still in the pipe at the window's edges aside.
                 let traced = w.records / w.syscalls;
                 check(
                     (0.9..=1.1).contains(&traced),
-                    format!("round {r}: {:.0} records/s for {:.0} syscalls/s", w.records, w.syscalls),
+                    format!("round {r}, {c:?}: {:.0} records/s for {:.0} syscalls/s", w.records, w.syscalls),
                 );
             }
             round.push((c, w));
@@ -439,9 +503,12 @@ fn main() {
     // BREAKPOINT more per tracing window).
     std::thread::sleep(Duration::from_millis(300));
     let (bp, ss, other) = vmm_events(&proc_.stderr_text());
-    let traced: f64 = table.iter().map(|round| get_w(round, Cond::Tracing).records * window.as_secs_f64()).sum();
+    let traced: f64 = table
+        .iter()
+        .map(|round| (get_w(round, Cond::Tracing).records + get_w(round, Cond::Library).records) * window.as_secs_f64())
+        .sum();
     check(
-        bp >= ss && bp - ss <= rounds as u64 && other == 0 && bp as f64 >= traced,
+        bp >= ss && bp - ss <= 2 * rounds as u64 && other == 0 && bp as f64 >= traced,
         format!(
             "the VMM sent {bp} BREAKPOINT, {ss} SINGLESTEP and {other} other events (records in the windows: {traced:.0})"
         ),
@@ -513,25 +580,23 @@ fn main() {
             median(ws.iter().map(|w| w.daemon_wakes).collect()),
         );
     }
-    let tr: Vec<Window> = table.iter().map(|round| get(round, Cond::Tracing)).collect();
     let alone: Vec<Window> = table.iter().map(|round| get(round, Cond::Alone)).collect();
-    let records = median(tr.iter().map(|w| w.records).collect());
-    let slow =
-        median(table.iter().map(|round| get(round, Cond::Alone).rate / get(round, Cond::Tracing).rate).collect());
-    println!(
-        "-- tracing: {records:.0} records/s (one per syscall; each is a BREAKPOINT and a SINGLESTEP event, so {:.0} \
-         events/s); the guest runs {slow:.1}x slower ({:.0} -> {:.0} syscalls/s); µs per traced syscall beyond the \
-         untraced one: {:.1}",
-        records * 2.0,
-        median(alone.iter().map(|w| w.syscalls).collect()),
-        median(tr.iter().map(|w| w.syscalls).collect()),
-        median(
-            table
-                .iter()
-                .map(|round| 1e6 / get(round, Cond::Tracing).syscalls - 1e6 / get(round, Cond::Alone).syscalls)
-                .collect()
-        ),
-    );
+    for (c, what) in [(Cond::Tracing, "`ukvmi trace --syscalls`"), (Cond::Library, "library tracer")] {
+        let tr: Vec<Window> = table.iter().map(|round| get(round, c)).collect();
+        let records = median(tr.iter().map(|w| w.records).collect());
+        let slow = median(table.iter().map(|round| get(round, Cond::Alone).rate / get(round, c).rate).collect());
+        let extra = median(
+            table.iter().map(|round| 1e6 / get(round, c).syscalls - 1e6 / get(round, Cond::Alone).syscalls).collect(),
+        );
+        println!(
+            "-- {what}: {records:.0} records/s, one per syscall, each a BREAKPOINT and a SINGLESTEP event ({:.0} \
+             events/s); the guest runs {slow:.1}x slower ({:.0} -> {:.0} syscalls/s); a traced syscall costs {extra:.1} \
+             µs more than an untraced one",
+            records * 2.0,
+            median(alone.iter().map(|w| w.syscalls).collect()),
+            median(tr.iter().map(|w| w.syscalls).collect()),
+        );
+    }
     println!("-- checks");
     for c in &checks {
         println!("{c}");
