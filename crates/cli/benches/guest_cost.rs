@@ -33,6 +33,7 @@
 mod common;
 
 use common::guest_ram::GuestRam;
+use common::procfs::{daemon_pids, thread_cpu};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -319,35 +320,6 @@ fn vmm_events(stderr: &str) -> (u64, u64, u64) {
         }
     }
     (bp, ss, other)
-}
-
-/// The pids of the `ukvmi daemon` processes serving `sock`.
-fn daemon_pids(sock: &Path) -> Vec<u32> {
-    let want = sock.to_string_lossy().into_owned();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| {
-        let e = e.ok()?;
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let c = std::fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<String> = c.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        (args.get(1).is_some_and(|a| a == "daemon") && args.contains(&want)).then_some(pid)
-    })
-    .collect()
-}
-
-/// Per thread of process `pid`: its name, CPU time (ns, from `schedstat`)
-/// and how often it went to sleep (voluntary context switches: wake-ups).
-fn thread_cpu(pid: u32) -> Vec<(String, u64, u64)> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
-    dir.filter_map(|e| {
-        let path = e.ok()?.path();
-        let name = std::fs::read_to_string(path.join("comm")).ok()?.trim().to_owned();
-        let sched = std::fs::read_to_string(path.join("schedstat")).ok()?;
-        let status = std::fs::read_to_string(path.join("status")).ok()?;
-        let sleeps = status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?.trim().parse().ok()?;
-        Some((name, sched.split(' ').next()?.parse().ok()?, sleeps))
-    })
-    .collect()
 }
 
 /// CPU time (ns) of the vCPU threads, the other VMM threads, the daemon;

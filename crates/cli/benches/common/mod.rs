@@ -9,6 +9,7 @@
 
 pub mod gdb;
 pub mod guest_ram;
+pub mod procfs;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
