@@ -385,6 +385,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The host's CPU time so far (all CPUs, clock ticks): (total, steal).
+/// Steal is time the hypervisor below gave to someone else.
+fn cpu_steal() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return (0, 0) };
+    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    (f.iter().take(8).sum(), f.get(7).copied().unwrap_or(0))
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg").map_or_else(|e| format!("? ({e})"), |s| s.trim().to_owned())
 }
@@ -409,6 +418,7 @@ fn main() {
     let bench = ukvmi_guests::find("bench").expect("the bench guest");
     let entry = bench.symbol("syscall_entry").expect("bench guest: syscall_entry");
     println!("load at the start: {}", loadavg());
+    let steal0 = cpu_steal();
 
     // The bench's own connection only switches the guest to its syscall
     // loop; it closes, and from then on the VM belongs to the tools.
@@ -487,6 +497,8 @@ fn main() {
     );
     check(trace_first.contains("syscall"), format!("a trace record: {trace_first}"));
     let end_load = loadavg();
+    let steal1 = cpu_steal();
+    let (total, steal) = (steal1.0.saturating_sub(steal0.0), steal1.1.saturating_sub(steal0.1));
 
     // ----------------------------------------------------------------- report
     let get = get_w;
@@ -574,5 +586,9 @@ fn main() {
         println!("{c}");
     }
     println!("load at the end: {end_load}");
+    println!(
+        "steal time during the run: {:.1} % of all CPU time (the hypervisor below ran something else)",
+        steal as f64 * 100.0 / total.max(1) as f64
+    );
     drop(proc_);
 }
