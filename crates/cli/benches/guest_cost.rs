@@ -97,6 +97,8 @@ struct Window {
     vcpu_cpu: f64,
     vmm_other_cpu: f64,
     daemon_cpu: f64,
+    /// CPU (cores) of the tool process (see `cpu_ns`).
+    tool_cpu: f64,
     /// Wake-ups per second of the VMM's other threads and of the daemon.
     vmm_wakes: f64,
     daemon_wakes: f64,
@@ -293,6 +295,15 @@ impl Tools {
         ended
     }
 
+    /// The process that runs the current tool, if any.
+    fn tool_pid(&self) -> Option<u32> {
+        match (&self.stream, &self.lib) {
+            (Some(s), _) => Some(s.child.id()),
+            (None, Some(_)) => Some(std::process::id()),
+            (None, None) => None,
+        }
+    }
+
     fn lines(&self) -> u64 {
         match (&self.stream, &self.lib) {
             (Some(s), _) => s.lines.load(Ordering::Relaxed),
@@ -326,10 +337,13 @@ fn vmm_events(stderr: &str) -> (u64, u64, u64) {
     (bp, ss, other)
 }
 
-/// CPU time (ns) of the vCPU threads, the other VMM threads, the daemon;
-/// then the wake-ups of the other VMM threads and of the daemon.
-fn cpu_ns(vmm: u32, sock: &Path) -> ([u64; 3], [u64; 2]) {
-    let (mut cpu, mut wakes) = ([0u64; 3], [0u64; 2]);
+/// CPU time (ns) of the vCPU threads, the other VMM threads, the daemon
+/// and the tool (`tool`: the running `ukvmi trace` client, or this process
+/// when it runs the library tracer); then the wake-ups of the other VMM
+/// threads and of the daemon.
+fn cpu_ns(vmm: u32, sock: &Path, tool: Option<u32>) -> ([u64; 4], [u64; 2]) {
+    let (mut cpu, mut wakes) = ([0u64; 4], [0u64; 2]);
+    cpu[3] = tool.map_or(0, |p| thread_cpu(p).iter().map(|(_, t, _)| t).sum());
     for (name, t, w) in thread_cpu(vmm) {
         if name.starts_with("vcpu") {
             cpu[0] += t;
@@ -350,7 +364,7 @@ fn measure(ram: &GuestRam, tools: &Tools, vmm: u32, window: Duration) -> Window 
         ram.u64_at(layout::BENCH_COUNT),
         ram.u64_at(layout::BENCH_SYSCALLS),
         tools.lines(),
-        cpu_ns(vmm, &tools.sock),
+        cpu_ns(vmm, &tools.sock, tools.tool_pid()),
         Instant::now(),
     );
     std::thread::sleep(window);
@@ -358,7 +372,7 @@ fn measure(ram: &GuestRam, tools: &Tools, vmm: u32, window: Duration) -> Window 
         ram.u64_at(layout::BENCH_COUNT),
         ram.u64_at(layout::BENCH_SYSCALLS),
         tools.lines(),
-        cpu_ns(vmm, &tools.sock),
+        cpu_ns(vmm, &tools.sock, tools.tool_pid()),
         Instant::now(),
     );
     let secs = (t1 - t0).as_secs_f64();
@@ -371,6 +385,7 @@ fn measure(ram: &GuestRam, tools: &Tools, vmm: u32, window: Duration) -> Window 
         vcpu_cpu: cores(cpu0.0[0], cpu1.0[0]),
         vmm_other_cpu: cores(cpu0.0[1], cpu1.0[1]),
         daemon_cpu: cores(cpu0.0[2], cpu1.0[2]),
+        tool_cpu: cores(cpu0.0[3], cpu1.0[3]),
         vmm_wakes: cpu1.1[0].saturating_sub(cpu0.1[0]) as f64 / secs,
         daemon_wakes: cpu1.1[1].saturating_sub(cpu0.1[1]) as f64 / secs,
         per_cpu: (c1 - c0) as f64 / (cpu1.0[0].saturating_sub(cpu0.0[0]).max(1) as f64 / 1e9),
@@ -548,12 +563,13 @@ fn main() {
     println!(
         "-- summary, median over rounds. \"x none\": rate / the no-introspector rate of the same round, median \
          [min..max]; \"x none per CPU\": the same for iterations per second of CPU the vCPU thread got (the host's \
-         other load taken out); CPU in cores during the window: vCPU thread / the VMM's other threads / the daemon; \
+         other load taken out); CPU in cores during the window: vCPU thread / the VMM's other threads / the daemon / \
+         the tool (the `ukvmi trace` client, or this process for the library tracer); \
          wake-ups per second of the VMM's other threads / the daemon"
     );
     println!(
-        "{:<46} {:>8} {:>24} {:>8} {:>24} {:>20} {:>12}",
-        "condition", "it/s", "x none", "slower", "x none per CPU", "CPU vcpu/vmm/daemon", "wakes vmm/d"
+        "{:<46} {:>8} {:>24} {:>8} {:>24} {:>26} {:>12}",
+        "condition", "it/s", "x none", "slower", "x none per CPU", "CPU vcpu/vmm/daemon/tool", "wakes vmm/d"
     );
     let spread = |v: Vec<f64>| {
         let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
@@ -565,7 +581,7 @@ fn main() {
         let (pm, plo, phi) =
             spread(table.iter().map(|round| get(round, c).per_cpu / get(round, Cond::Alone).per_cpu).collect());
         println!(
-            "{:<46} {:>8.0} {:>7.4} [{:.4}..{:.4}] {:>7.2}% {:>7.4} [{:.4}..{:.4}] {:>8.3}/{:.3}/{:.3} {:>7.0}/{:.0}",
+            "{:<46} {:>8.0} {:>7.4} [{:.4}..{:.4}] {:>7.2}% {:>7.4} [{:.4}..{:.4}] {:>8.3}/{:.3}/{:.3}/{:.3} {:>7.0}/{:.0}",
             c.label(),
             median(ws.iter().map(|w| w.rate).collect()),
             m,
@@ -578,6 +594,7 @@ fn main() {
             median(ws.iter().map(|w| w.vcpu_cpu).collect()),
             median(ws.iter().map(|w| w.vmm_other_cpu).collect()),
             median(ws.iter().map(|w| w.daemon_cpu).collect()),
+            median(ws.iter().map(|w| w.tool_cpu).collect()),
             median(ws.iter().map(|w| w.vmm_wakes).collect()),
             median(ws.iter().map(|w| w.daemon_wakes).collect()),
         );
