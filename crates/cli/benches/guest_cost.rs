@@ -37,7 +37,8 @@
 mod common;
 
 use common::guest_ram::GuestRam;
-use common::procfs::{daemon_pids, thread_cpu};
+use common::procfs::{cpu_steal, daemon_pids, loadavg, thread_cpu};
+use common::{median, vmm_events};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -318,25 +319,6 @@ fn get_w(round: &[(Cond, Window)], c: Cond) -> Window {
     round.iter().find(|(k, _)| *k == c).map(|&(_, w)| w).unwrap()
 }
 
-/// Sums the VMM's "introspector disconnected (...) after N events (KIND n,
-/// ...)" lines: (BREAKPOINT, SINGLESTEP, any other kind).
-fn vmm_events(stderr: &str) -> (u64, u64, u64) {
-    let (mut bp, mut ss, mut other) = (0, 0, 0);
-    for line in stderr.lines().filter(|l| l.contains("introspector disconnected")) {
-        let Some(kinds) = line.split(" events (").nth(1).and_then(|k| k.split(')').next()) else { continue };
-        for kind in kinds.split(", ") {
-            let (name, n) = kind.rsplit_once(' ').unwrap_or((kind, "0"));
-            let n: u64 = n.parse().unwrap_or(0);
-            match name {
-                "BREAKPOINT" => bp += n,
-                "SINGLESTEP" => ss += n,
-                _ => other += n,
-            }
-        }
-    }
-    (bp, ss, other)
-}
-
 /// CPU time (ns) of the vCPU threads, the other VMM threads, the daemon
 /// and the tool (`tool`: the running `ukvmi trace` client, or this process
 /// when it runs the library tracer); then the wake-ups of the other VMM
@@ -392,29 +374,6 @@ fn measure(ram: &GuestRam, tools: &Tools, vmm: u32, window: Duration) -> Window 
         iterations: c1 - c0,
         handled: s1 - s0,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// The host's CPU time so far (all CPUs, clock ticks): (total, steal).
-/// Steal is time the hypervisor below gave to someone else.
-fn cpu_steal() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return (0, 0) };
-    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    (f.iter().take(8).sum(), f.get(7).copied().unwrap_or(0))
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map_or_else(|e| format!("? ({e})"), |s| s.trim().to_owned())
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {

@@ -294,6 +294,36 @@ pub fn start_vm_with(tag: &str, guest: &str, vcpus: u16, memory_mib: u64, extra:
     (proc_, vm, sock)
 }
 
+/// Sums the VMM's "introspector disconnected (...) after N events (KIND n,
+/// ...)" lines: (BREAKPOINT, SINGLESTEP, any other kind).
+pub fn vmm_events(stderr: &str) -> (u64, u64, u64) {
+    let (mut bp, mut ss, mut other) = (0, 0, 0);
+    for line in stderr.lines().filter(|l| l.contains("introspector disconnected")) {
+        let Some(kinds) = line.split(" events (").nth(1).and_then(|k| k.split(')').next()) else { continue };
+        for kind in kinds.split(", ") {
+            let (name, n) = kind.rsplit_once(' ').unwrap_or((kind, "0"));
+            let n: u64 = n.parse().unwrap_or(0);
+            match name {
+                "BREAKPOINT" => bp += n,
+                "SINGLESTEP" => ss += n,
+                _ => other += n,
+            }
+        }
+    }
+    (bp, ss, other)
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 /// Checks /dev/kvm (a benchmark fails, never skips, without it) and makes
 /// an empty scratch directory `name` under the temporary directory.
 pub fn vm_scratch(name: &str) -> std::path::PathBuf {

@@ -1,5 +1,6 @@
 //! What /proc says about the processes a benchmark runs: which `ukvmi
-//! daemon` serves a socket, and the CPU time and wake-ups of each thread.
+//! daemon` serves a socket, the CPU time and wake-ups of each thread, the
+//! load average and the host's steal time.
 
 use std::path::Path;
 
@@ -30,4 +31,17 @@ pub fn thread_cpu(pid: u32) -> Vec<(String, u64, u64)> {
         Some((name, sched.split(' ').next()?.parse().ok()?, sleeps))
     })
     .collect()
+}
+
+/// The host's CPU time so far (all CPUs, clock ticks): (total, steal).
+/// Steal is time the hypervisor below gave to someone else.
+pub fn cpu_steal() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return (0, 0) };
+    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    (f.iter().take(8).sum(), f.get(7).copied().unwrap_or(0))
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(|e| format!("? ({e})"), |s| s.trim().to_owned())
 }
