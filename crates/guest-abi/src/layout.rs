@@ -94,6 +94,19 @@ pub const BENCH_INT3: u64 = 3;
 pub const BENCH_PF: u64 = 4;
 /// `bench` mode: counter increment only, no exits.
 pub const BENCH_SPIN: u64 = 5;
+/// `bench` mode: a guest that works and makes syscalls. Each iteration does
+/// [`BENCH_SYSCALL_WORK`] multiply-adds, then `syscall` into the guest's own
+/// ring-0 handler (symbol `syscall_entry`, which counts at
+/// [`BENCH_SYSCALLS`]), and every [`BENCH_SYSCALL_OUT_EVERY`]-th iteration
+/// one `out` to [`PORT_BENCH`]. Entering it sets EFER.SCE, STAR, LSTAR and
+/// SFMASK once; the loop writes no MSR.
+pub const BENCH_SYSCALL: u64 = 6;
+/// `bench` guest: u64, syscalls its handler took (mode [`BENCH_SYSCALL`]).
+pub const BENCH_SYSCALLS: u64 = 0x30_0c10;
+/// `bench` mode [`BENCH_SYSCALL`]: multiply-adds per iteration.
+pub const BENCH_SYSCALL_WORK: u64 = 16;
+/// `bench` mode [`BENCH_SYSCALL`]: one port-I/O exit every this many iterations.
+pub const BENCH_SYSCALL_OUT_EVERY: u64 = 16;
 
 /// Address of vCPU `vcpu`'s exception record (vector, error, rip, cr2).
 #[must_use]
@@ -229,6 +242,8 @@ const _: () = {
     assert!(HC_COUNT_BASE + MAX_VCPUS as u64 * 8 <= ALIAS_PD_ADDR);
     assert!(counter_addr(MAX_VCPUS) <= MSR_TRIED_BASE && BP_TARGET_RUNS + MAX_VCPUS as u64 * 8 <= INT3_DONE);
     assert!(INT3_DONE + MAX_VCPUS as u64 * 8 <= BENCH_MODE && BENCH_COUNT + 8 <= 0x30_0d00);
+    assert!(BENCH_COUNT + 8 <= BENCH_SYSCALLS && BENCH_SYSCALLS + 8 <= 0x30_0d00);
+    assert!(BENCH_SYSCALL_OUT_EVERY.is_power_of_two());
     assert!(BENCH_PF_PAGE % 0x1000 == 0 && BENCH_PF_PAGE >= 0x30_1000 && BENCH_PF_PAGE + 0x1000 <= IDT_ADDR);
     assert!(MIN_MEM_SIZE <= IDENTITY_MAP_SIZE);
     assert!(TICK_EVERY.is_power_of_two());

@@ -9,6 +9,18 @@
  */
 #include "layout.h"
 
+/* Mode 6 (a guest that makes syscalls); the values are those of
+ * ukvmi_guest_abi::layout (BENCH_SYSCALL...), which the guest_cost
+ * benchmark checks against what the guest does. */
+#define BENCH_SYSCALL           6
+#define BENCH_SYSCALLS          0x300c10
+#define BENCH_SYSCALL_WORK      16
+#define BENCH_SYSCALL_OUT_EVERY 16
+#define MSR_EFER                0xc0000080
+#define MSR_STAR                0xc0000081
+#define MSR_SFMASK              0xc0000084
+#define SYS_GETPID              39
+
         .code64
         .text
         .globl  _start
@@ -33,6 +45,8 @@ bench_dispatch:
         je      bench_pf
         cmp     $BENCH_SPIN, %rax
         je      bench_spin
+        cmp     $BENCH_SYSCALL, %rax
+        je      bench_syscall
         .globl  bench_idle
 bench_idle:
         hlt
@@ -96,6 +110,59 @@ bench_spin:
         cmpq    $BENCH_SPIN, BENCH_MODE
         je      bench_spin
         jmp     bench_dispatch
+
+/* Mode 6: a guest doing its own work and making syscalls. Each iteration:
+ * BENCH_SYSCALL_WORK rounds of a multiply-add, then `syscall` (getpid's
+ * number in RAX) into the guest's own ring-0 handler, syscall_entry, which
+ * counts it at BENCH_SYSCALLS and returns; every BENCH_SYSCALL_OUT_EVERY-th
+ * iteration also one port-I/O exit (as a device access or a timer tick
+ * would). On entry: EFER.SCE, STAR (CS 0x08, SS 0x10), LSTAR =
+ * syscall_entry, SFMASK 0; nothing writes an MSR while the loop runs. */
+bench_syscall:
+        mov     $MSR_EFER, %ecx
+        rdmsr
+        or      $1, %eax                /* SCE */
+        wrmsr
+        mov     $MSR_STAR, %ecx
+        xor     %eax, %eax
+        mov     $0x08, %edx             /* syscall CS = 0x08, SS = 0x10 */
+        wrmsr
+        mov     $MSR_LSTAR, %ecx
+        mov     $syscall_entry, %eax
+        xor     %edx, %edx
+        wrmsr
+        mov     $MSR_SFMASK, %ecx
+        xor     %eax, %eax
+        wrmsr
+        mov     $PORT_BENCH, %dx
+        mov     $1, %r8d
+        .globl  bench_syscall_loop
+bench_syscall_loop:
+        mov     $BENCH_SYSCALL_WORK, %esi
+1:      imul    $3, %r8, %r8
+        add     %rsi, %r8
+        dec     %esi
+        jnz     1b
+        mov     $SYS_GETPID, %eax
+        .globl  bench_syscall_insn
+bench_syscall_insn:
+        syscall
+        incq    BENCH_COUNT
+        testq   $(BENCH_SYSCALL_OUT_EVERY - 1), BENCH_COUNT
+        jnz     2f
+        out     %al, %dx
+2:      cmpq    $BENCH_SYSCALL, BENCH_MODE
+        je      bench_syscall_loop
+        jmp     bench_dispatch
+
+/* The syscall entry (LSTAR in mode 6): RCX = the return address, R11 =
+ * RFLAGS (unchanged, SFMASK is 0). Counts the call and returns to the
+ * caller at ring 0. The syscall tracer's breakpoint goes here. */
+        .balign 16
+        .globl  syscall_entry
+syscall_entry:
+        incq    BENCH_SYSCALLS
+        jmp     *%rcx
 
 bench_others:
         hlt

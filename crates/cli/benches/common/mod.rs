@@ -8,6 +8,8 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 pub mod gdb;
+pub mod guest_ram;
+pub mod procfs;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -247,6 +249,78 @@ impl Drop for VmProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl VmProcess {
+    /// The `ukvmi run` process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its scratch directory (removed on drop).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// What the VMM wrote to standard error so far (started with
+    /// [`start_vm_with`]; empty otherwise).
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+}
+
+/// Like [`start_vm`], with `extra` arguments to `ukvmi run` (e.g.
+/// `--reconnect`), and the path of the socket it connects to; the VMM's
+/// standard error goes to [`VmProcess::stderr_text`].
+pub fn start_vm_with(tag: &str, guest: &str, vcpus: u16, memory_mib: u64, extra: &[&str]) -> (VmProcess, Vm, PathBuf) {
+    let dir = vm_scratch(&format!("ukvmi-bench-{tag}-{}", std::process::id()));
+    let sock = dir.join("kvmi.sock");
+    let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(Duration::from_secs(20));
+    let child = Command::new(env!("CARGO_BIN_EXE_ukvmi"))
+        .args(["run", "--guest", guest])
+        .args(["--vcpus", &vcpus.to_string(), "--memory", &memory_mib.to_string()])
+        .arg("--serial")
+        .arg(format!("file:{}", dir.join("serial").display()))
+        .arg("--introspect")
+        .arg(format!("unix:{}", sock.display()))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .expect("start ukvmi run");
+    let proc_ = VmProcess { child, dir };
+    let vm = listener.accept().unwrap();
+    (proc_, vm, sock)
+}
+
+/// Sums the VMM's "introspector disconnected (...) after N events (KIND n,
+/// ...)" lines: (BREAKPOINT, SINGLESTEP, any other kind).
+pub fn vmm_events(stderr: &str) -> (u64, u64, u64) {
+    let (mut bp, mut ss, mut other) = (0, 0, 0);
+    for line in stderr.lines().filter(|l| l.contains("introspector disconnected")) {
+        let Some(kinds) = line.split(" events (").nth(1).and_then(|k| k.split(')').next()) else { continue };
+        for kind in kinds.split(", ") {
+            let (name, n) = kind.rsplit_once(' ').unwrap_or((kind, "0"));
+            let n: u64 = n.parse().unwrap_or(0);
+            match name {
+                "BREAKPOINT" => bp += n,
+                "SINGLESTEP" => ss += n,
+                _ => other += n,
+            }
+        }
+    }
+    (bp, ss, other)
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

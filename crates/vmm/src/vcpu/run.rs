@@ -138,7 +138,10 @@ impl KvmVcpu {
                 }
             }
             me.in_guest.store(true, Ordering::SeqCst);
-            let step = self.enter();
+            // A kick that found this thread outside guest mode sent no
+            // signal; it left `wake` set, which is looked at only now, with
+            // `in_guest` raised (see `VmShared::kick`).
+            let step = if self.shared.take_wake(self.index) { Step::Kicked } else { self.enter() };
             me.in_guest.store(false, Ordering::SeqCst);
             me.exits.fetch_add(1, Ordering::SeqCst);
             // While the tool single-steps, an exit other than the step's own

@@ -133,12 +133,13 @@ pub(super) fn connection_loop(
                 }
             }
         }
-        let t0 = Instant::now();
-        while t0.elapsed() < cfg.reconnect {
-            if sh.stopping() || lock(&sh.exit).is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20).min(cfg.reconnect));
+        // Asleep until the next attempt or the VM's end, whichever comes
+        // first (`finish` and `StopHandle::stop` set `exit` and notify
+        // `exited`): no periodic wake-ups while nobody listens.
+        let e = lock(&sh.exit);
+        let (e, _) = sh.exited.wait_timeout_while(e, cfg.reconnect, |e| e.is_none()).unwrap_or_else(|p| p.into_inner());
+        if e.is_some() || sh.stopping() {
+            return;
         }
     }
 }

@@ -109,6 +109,13 @@ impl VmShared {
         }
     }
 
+    /// Whether vCPU `i` was kicked since it last looked (and forgets it).
+    /// The vCPU thread calls it with `in_guest` raised, right before
+    /// KVM_RUN; see [`VmBackend::kick`](ukvmi_endpoint::VmBackend::kick).
+    pub fn take_wake(&self, i: u16) -> bool {
+        self.vcpu(i).is_some_and(|v| std::mem::take(&mut *lock(&v.wake)))
+    }
+
     pub fn start_vcpu(&self, i: u16) {
         if let Some(v) = self.vcpu(i) {
             v.started.store(true, Ordering::SeqCst);
@@ -201,8 +208,17 @@ impl VmBackend for VmShared {
         let before = v.exits.load(Ordering::SeqCst);
         *lock(&v.wake) = true;
         v.woken.notify_all();
-        if let Some(t) = *lock(&v.thread) {
-            kick::signal(t);
+        // Only a thread in guest mode (or on its way in) needs the signal.
+        // One outside (parked in an event, handling an exit, idle) checks
+        // `wake` after raising `in_guest` and before KVM_RUN
+        // (`take_wake`): the flag was set under the lock before this load,
+        // so either it sees the flag or this sees `in_guest`. A signal to
+        // a parked thread would cost a signal delivery, an interrupted
+        // wait and a KVM_RUN that returns EINTR at once.
+        if v.in_guest.load(Ordering::SeqCst) {
+            if let Some(t) = *lock(&v.thread) {
+                kick::signal(t);
+            }
         }
         if wait {
             let t0 = Instant::now();
