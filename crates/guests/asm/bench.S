@@ -9,13 +9,7 @@
  */
 #include "layout.h"
 
-/* Mode 6 (a guest that makes syscalls); the values are those of
- * ukvmi_guest_abi::layout (BENCH_SYSCALL...), which the guest_cost
- * benchmark checks against what the guest does. */
-#define BENCH_SYSCALL           6
-#define BENCH_SYSCALLS          0x300c10
-#define BENCH_SYSCALL_WORK      16
-#define BENCH_SYSCALL_OUT_EVERY 16
+/* Mode 6 (a guest that makes syscalls): BENCH_SYSCALL... are in layout.h. */
 #define MSR_EFER                0xc0000080
 #define MSR_STAR                0xc0000081
 #define MSR_SFMASK              0xc0000084

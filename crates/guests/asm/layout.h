@@ -73,6 +73,13 @@
 #define BENCH_INT3       3
 #define BENCH_PF         4
 #define BENCH_SPIN       5
+/* mode 6: per iteration BENCH_SYSCALL_WORK multiply-adds and a `syscall` into
+ * the guest's own handler (which counts it in the u64 at BENCH_SYSCALLS), and
+ * an `out` to PORT_BENCH every BENCH_SYSCALL_OUT_EVERY iterations */
+#define BENCH_SYSCALL           6
+#define BENCH_SYSCALLS          0x300c10
+#define BENCH_SYSCALL_WORK      16
+#define BENCH_SYSCALL_OUT_EVERY 16
 /* pf guest: every PF_EVERY iterations vCPU i < PF_MAX_VCPUS stores, loads,
  * does a page-straddling store and load on its data pages A = PF_DATA_BASE +
  * i*PF_DATA_STRIDE and B = A + 0x1000, then calls pf_func (own code page);

@@ -327,6 +327,10 @@ mod tests {
             ("BENCH_INT3", BENCH_INT3),
             ("BENCH_PF", BENCH_PF),
             ("BENCH_SPIN", BENCH_SPIN),
+            ("BENCH_SYSCALL", BENCH_SYSCALL),
+            ("BENCH_SYSCALLS", BENCH_SYSCALLS),
+            ("BENCH_SYSCALL_WORK", BENCH_SYSCALL_WORK),
+            ("BENCH_SYSCALL_OUT_EVERY", BENCH_SYSCALL_OUT_EVERY),
         ] {
             assert_eq!(define(name), v, "{name}");
         }
