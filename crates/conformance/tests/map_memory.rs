@@ -5,14 +5,13 @@
 //! mapped view, against the fake VM over a real socket pair.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::fd::AsRawFd;
 use ukvmi_conformance::{FakeConfig, Setup};
 use ukvmi_introspector::{Error, Vm};
 use ukvmi_wire::*;
 
 mod common;
-use common::{code, connect, EINVAL, EOPNOTSUPP, EPERM};
+use common::{code, connect, request_with_fds, EINVAL, EOPNOTSUPP, EPERM};
 
 const MAP: u16 = msg::UKVMI_VM_MAP_MEMORY;
 const MEM: usize = 1 << 20;
@@ -25,43 +24,6 @@ fn without_memfd() -> (Setup, Vm) {
     let s = Setup::new(&FakeConfig::default());
     let vm = Vm::connect_raw(s.connect()).unwrap();
     (s, vm)
-}
-
-/// Sends one framed request on a raw socket and reads the reply with
-/// `recvmsg`: (header, body, descriptors that came with it).
-fn raw_request(sock: &UnixStream, seq: u32, id: u16, body: &[u8]) -> (MsgHdr, Vec<u8>, Vec<OwnedFd>) {
-    use std::io::Write;
-    (&*sock).write_all(&frame(id, seq, &[body]).unwrap()).unwrap();
-    let mut buf = vec![0u8; 8 + MAX_MSG_SIZE];
-    let mut control = [0u64; 16];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    // SAFETY: all-zero msghdr is valid; pointers set below to live buffers.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = &mut iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = control.as_mut_ptr().cast();
-    mh.msg_controllen = std::mem::size_of_val(&control);
-    // SAFETY: mh describes `buf` and `control`, alive for the call.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
-    assert!(n >= 8, "recvmsg: {n} {}", std::io::Error::last_os_error());
-    let hdr: MsgHdr = read_zext(&buf);
-    assert_eq!(n as usize, 8 + usize::from(hdr.size), "one reply per read");
-    let mut fds = Vec::new();
-    // SAFETY: walks the control messages recvmsg wrote into `control`.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&mh);
-        while !c.is_null() {
-            if (*c).cmsg_type == libc::SCM_RIGHTS {
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
-                for i in 0..count {
-                    let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>().add(i));
-                    fds.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&mh, c);
-        }
-    }
-    (hdr, buf[8..n as usize].to_vec(), fds)
 }
 
 fn err_of(body: &[u8]) -> i32 {
@@ -130,13 +92,13 @@ fn malformed_request_bodies_are_einval() {
             VmMapMemory { flags: 0, padding: 1 }.as_bytes().to_vec(),
         ];
         for (i, body) in cases.iter().enumerate() {
-            let (hdr, reply, fds) = raw_request(&sock, 100 + i as u32, MAP, body);
+            let (hdr, reply, fds) = request_with_fds(&sock, 100 + i as u32, MAP, body);
             assert_eq!((hdr.id, hdr.seq, hdr.size), (MAP, 100 + i as u32, 8));
             assert_eq!(err_of(&reply), EINVAL, "body {body:?}");
             assert!(fds.is_empty(), "an error reply carries no descriptor");
         }
         // The connection survives; a good request still gets its answer.
-        let (_, reply, _) = raw_request(&sock, 200, MAP, good.as_bytes());
+        let (_, reply, _) = request_with_fds(&sock, 200, MAP, good.as_bytes());
         assert!(err_of(&reply) == 0 || err_of(&reply) == EOPNOTSUPP);
         s.assert_guest_runs(&[0]);
     }
@@ -146,7 +108,7 @@ fn malformed_request_bodies_are_einval() {
 fn read_only_descriptor_cannot_be_mapped_writable() {
     let (s, _vm) = with_memfd();
     let sock = s.connect();
-    let (hdr, body, fds) = raw_request(&sock, 7, MAP, VmMapMemory::default().as_bytes());
+    let (hdr, body, fds) = request_with_fds(&sock, 7, MAP, VmMapMemory::default().as_bytes());
     assert_eq!((hdr.id, hdr.seq), (MAP, 7));
     assert_eq!(err_of(&body), 0);
     let r: VmMapMemoryReply = read_zext(&body[8..]);
@@ -175,7 +137,8 @@ fn read_only_descriptor_cannot_be_mapped_writable() {
         libc::munmap(r, MEM);
     }
     // A writable request gets a read-write descriptor.
-    let (_, body, fds) = raw_request(&sock, 8, MAP, VmMapMemory { flags: map_flags::WRITABLE, padding: 0 }.as_bytes());
+    let (_, body, fds) =
+        request_with_fds(&sock, 8, MAP, VmMapMemory { flags: map_flags::WRITABLE, padding: 0 }.as_bytes());
     assert_eq!(err_of(&body), 0);
     assert_eq!(read_zext::<VmMapMemoryReply>(&body[8..]).flags, map_flags::WRITABLE);
     // SAFETY: fcntl query on a descriptor we own.

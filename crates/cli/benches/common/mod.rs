@@ -339,22 +339,7 @@ pub fn vm_scratch(name: &str) -> std::path::PathBuf {
 /// Starts `ukvmi run --guest GUEST --vcpus N --memory MIB` connected to a
 /// fresh listener, and returns it with the accepted connection.
 pub fn start_vm(tag: &str, guest: &str, vcpus: u16, memory_mib: u64) -> (VmProcess, Vm) {
-    let dir = vm_scratch(&format!("ukvmi-bench-{tag}-{}", std::process::id()));
-    let sock = dir.join("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(Duration::from_secs(20));
-    let child = Command::new(env!("CARGO_BIN_EXE_ukvmi"))
-        .args(["run", "--guest", guest])
-        .args(["--vcpus", &vcpus.to_string(), "--memory", &memory_mib.to_string()])
-        .arg("--serial")
-        .arg(format!("file:{}", dir.join("serial").display()))
-        .arg("--introspect")
-        .arg(format!("unix:{}", sock.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ukvmi run");
-    let proc_ = VmProcess { child, dir };
-    let vm = listener.accept().unwrap();
+    let (proc_, vm, _) = start_vm_with(tag, guest, vcpus, memory_mib, &[]);
     (proc_, vm)
 }
 
