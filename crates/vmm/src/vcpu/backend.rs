@@ -19,9 +19,14 @@ fn io_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> BackendError {
 }
 
 impl KvmVcpu {
-    pub(super) fn read_msrs(&self, indices: &[u32]) -> BackendResult<Vec<u64>> {
+    /// `KVM_GET_MSRS` of `indices` (all or an error), unless every one
+    /// was read since the last exit.
+    pub(super) fn read_msrs(&mut self, indices: &[u32]) -> BackendResult<Vec<u64>> {
         if indices.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Some(values) = self.regs_cache.msrs(indices) {
+            return Ok(values);
         }
         let entries: Vec<kvm_msr_entry> =
             indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
@@ -31,13 +36,15 @@ impl KvmVcpu {
             let bad = indices.get(n).copied().unwrap_or(0);
             return Err(BackendError::Invalid(format!("MSR {bad:#x} cannot be read")));
         }
-        Ok(msrs.as_slice().iter().map(|e| e.data).collect())
+        let values: Vec<u64> = msrs.as_slice().iter().map(|e| e.data).collect();
+        self.regs_cache.keep_msrs(indices, &values);
+        Ok(values)
     }
 }
 
 impl VcpuBackend for KvmVcpu {
     fn regs(&mut self) -> BackendResult<KvmRegs> {
-        self.fd.get_regs().map(|r| regs_to_wire(&r)).map_err(io_err("KVM_GET_REGS"))
+        self.get_regs().map(|r| regs_to_wire(&r)).map_err(io_err("KVM_GET_REGS"))
     }
     fn set_regs(&mut self, regs: &KvmRegs) -> BackendResult<()> {
         self.pf.regs_set = true;
@@ -51,7 +58,7 @@ impl VcpuBackend for KvmVcpu {
         self.put_regs(&regs_from_wire(regs)).map_err(io_err("KVM_SET_REGS"))
     }
     fn sregs(&mut self) -> BackendResult<KvmSregs> {
-        self.fd.get_sregs().map(|s| sregs_to_wire(&s)).map_err(io_err("KVM_GET_SREGS"))
+        self.get_sregs().map(|s| sregs_to_wire(&s)).map_err(io_err("KVM_GET_SREGS"))
     }
     fn msrs(&mut self, indices: &[u32], out: &mut [u64]) -> BackendResult<()> {
         for (o, v) in out.iter_mut().zip(self.read_msrs(indices)?) {
@@ -150,6 +157,7 @@ impl XstateOps for KvmVcpu {
         Ok(Box::new(KvmXsave { region: x.region }))
     }
     fn set_xsave(&mut self, area: &KvmXsave) -> BackendResult<()> {
+        self.regs_cache.invalidate();
         let x = kvm_bindings::kvm_xsave { region: area.region, ..Default::default() };
         // SAFETY: `x` is a whole legacy kvm_xsave; KVM reads exactly its 4096
         // bytes (no XSAVE2 tail is passed, so none is read).

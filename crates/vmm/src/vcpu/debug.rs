@@ -41,6 +41,7 @@ impl KvmVcpu {
     /// `KVM_SET_REGS`, then guest debugging again: hardware KVM forgets its
     /// single-step flag when RIP changes under it (`singlestep_rip`).
     pub(super) fn put_regs(&mut self, regs: &kvm_bindings::kvm_regs) -> std::result::Result<(), kvm_ioctls::Error> {
+        self.regs_cache.invalidate_regs();
         self.fd.set_regs(regs)?;
         if self.stepping() {
             self.sync_debug()?;
@@ -61,6 +62,7 @@ impl KvmVcpu {
             self.last_step = None;
         }
         let dbg = kvm_bindings::kvm_guest_debug { control: self.debug.control(), ..Default::default() };
+        self.regs_cache.invalidate();
         self.fd.set_guest_debug(&dbg)?;
         if let Some(me) = self.shared.vcpu(self.index) {
             me.debug_control.store(dbg.control, Ordering::SeqCst);
@@ -75,7 +77,7 @@ impl KvmVcpu {
 
     /// Drops the recorded frames the guest has returned through.
     pub(super) fn forget_returned_frames(&mut self) {
-        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return };
+        let (Ok(regs), Ok(sregs)) = (self.get_regs(), self.get_sregs()) else { return };
         self.tf_frames.retain(|f| !f.returned(regs.rsp, sregs.cs.selector));
     }
 
@@ -102,7 +104,7 @@ impl KvmVcpu {
     /// a fault of the stepped instruction), finds its frame on the stack
     /// and remembers it, as for the exceptions the VMM injects.
     pub(super) fn watch_for_delivery(&mut self) {
-        let Ok(regs) = self.fd.get_regs() else { return };
+        let Ok(regs) = self.get_regs() else { return };
         let Some(before) = self.last_step.replace(regs.rsp) else { return };
         if !trap_flag::maybe_delivered(before, regs.rsp) {
             return;
@@ -127,7 +129,7 @@ impl KvmVcpu {
     /// Remembers where exception `nr`, about to be delivered while KVM
     /// steps, will push RFLAGS with TF in it.
     pub(super) fn note_leaked_frame(&mut self, nr: u8) {
-        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else { return };
+        let (Ok(regs), Ok(sregs)) = (self.get_regs(), self.get_sregs()) else { return };
         let cpu = trap_flag::CpuState {
             efer: sregs.efer,
             rsp: regs.rsp,
@@ -148,7 +150,7 @@ impl KvmVcpu {
     /// through its frame as the CPU pushed it.
     pub(super) fn clear_leaked_tf(&mut self) {
         let frames = std::mem::take(&mut self.tf_frames);
-        let Ok(regs) = self.fd.get_regs() else { return };
+        let Ok(regs) = self.get_regs() else { return };
         for f in frames {
             // CS, RFLAGS, RSP: three quadwords in a row.
             let mut slots = [0u64; 3];

@@ -6,7 +6,7 @@ use crate::exit::{CrashEvent, Exit, FailureCause};
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use ukvmi_endpoint::{EventPayload, Exception, VcpuPort};
 use ukvmi_guest_abi::layout;
-use ukvmi_wire::Action;
+use ukvmi_wire::{Action, EventMsrs};
 
 impl KvmVcpu {
     /// An int3 at `rip`. With the BREAKPOINT event enabled the tool decides:
@@ -43,7 +43,7 @@ impl KvmVcpu {
     /// Delivers #BP for the int3 at `rip` to the guest.
     pub(super) fn deliver_bp(&mut self, rip: u64, emulated: bool) -> std::result::Result<(), kvm_ioctls::Error> {
         if emulated {
-            let mut regs = self.fd.get_regs()?;
+            let mut regs = self.get_regs()?;
             if regs.rip == rip {
                 regs.rip = rip.wrapping_add(1);
                 self.put_regs(&regs)?;
@@ -60,12 +60,13 @@ impl KvmVcpu {
         if ev.exception.injected != 0 || ev.exception.pending != 0 {
             let nr = ev.exception.nr;
             let error_code = if ev.exception.has_error_code != 0 { ev.exception.error_code } else { 0 };
-            let address = if nr == 14 { self.fd.get_sregs()?.cr2 } else { 0 };
+            let address = if nr == 14 { self.get_sregs()?.cr2 } else { 0 };
             return Ok(Exception { nr, error_code, address });
         }
         if exc.nr == 14 {
-            let mut s = self.fd.get_sregs()?;
+            let mut s = self.get_sregs()?;
             s.cr2 = exc.address;
+            self.regs_cache.invalidate();
             self.fd.set_sregs(&s)?;
         }
         let has_error_code = Exception::has_error_code(exc.nr);
@@ -74,6 +75,7 @@ impl KvmVcpu {
         ev.exception.nr = exc.nr;
         ev.exception.has_error_code = u8::from(has_error_code);
         ev.exception.error_code = if has_error_code { exc.error_code } else { 0 };
+        self.regs_cache.invalidate();
         self.fd.set_vcpu_events(&ev)?;
         self.pending_exception = Some(exc.nr);
         Ok(Exception {
@@ -98,7 +100,7 @@ impl KvmVcpu {
     /// RAX stands (the demo guest's agent call reads a reply length there).
     pub(super) fn hypercall(&mut self, port: &VcpuPort) -> Option<Exit> {
         self.complete_pending_io();
-        let Ok(regs) = self.fd.get_regs() else { return None };
+        let Ok(regs) = self.get_regs() else { return None };
         let kvmi = regs.rax & 0xffff_ffff == layout::HC_KVMI_NR && regs.rdi == layout::HC_KVMI_SUBFN && regs.rsi == 0;
         self.pf.regs_set = false;
         let outcome = if kvmi { port.raise(self, EventPayload::Hypercall) } else { None };
@@ -108,18 +110,34 @@ impl KvmVcpu {
         if outcome.is_some() && self.pf.regs_set {
             return None;
         }
-        if let Ok(mut regs) = self.fd.get_regs() {
+        if let Ok(mut regs) = self.get_regs() {
             regs.rax = if outcome.is_some() { 0 } else { (-1000i64) as u64 };
             let _ = self.put_regs(&regs);
         }
         None
     }
 
+    /// The value `msr` has before the guest's write. Read in one
+    /// `KVM_GET_MSRS` with the MSRs every event reports, which the event
+    /// then takes from the cache instead of asking KVM again.
+    fn old_msr_value(&mut self, msr: u32) -> u64 {
+        let mut indices = EventMsrs::INDICES.to_vec();
+        if !indices.contains(&msr) {
+            indices.push(msr);
+        }
+        if self.read_msrs(&indices).is_err() {
+            // One of the event's MSRs is unreadable here: just this one.
+            let _ = self.read_msrs(&[msr]);
+        }
+        // Either read kept what it read.
+        self.regs_cache.msrs(&[msr]).and_then(|v| v.first().copied()).unwrap_or(0)
+    }
+
     /// A guest MSR write stopped by the filter: report it if this vCPU's tool
     /// watches it, then write the value the tool chose (or the guest's). A
     /// value KVM refuses raises #GP in the guest, as the write itself would.
     pub(super) fn wrmsr(&mut self, port: &VcpuPort, msr: u32, data: u64) -> Option<Exit> {
-        let old = self.read_msrs(&[msr]).ok().and_then(|v| v.first().copied()).unwrap_or(0);
+        let old = self.old_msr_value(msr);
         let value = match port.raise(self, EventPayload::Msr { msr, old_value: old, new_value: data }) {
             None => data,
             Some(o) if o.action == Action::Crash => {
@@ -127,6 +145,7 @@ impl KvmVcpu {
             }
             Some(o) => o.new_val.unwrap_or(data),
         };
+        self.regs_cache.invalidate();
         let ok = Msrs::from_entries(&[kvm_msr_entry { index: msr, data: value, ..Default::default() }])
             .ok()
             .and_then(|m| self.fd.set_msrs(&m).ok())

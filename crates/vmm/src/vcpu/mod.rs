@@ -15,11 +15,13 @@ mod events;
 mod mtrr;
 mod page_access;
 mod ports;
+mod regs_cache;
 mod run;
 mod virt;
 
 pub(crate) use debug::Debug;
 pub(crate) use page_access::PfState;
+pub(crate) use regs_cache::RegsCache;
 
 use crate::exit::{Crash, CrashEvent, Exit, Failure, FailureCause};
 use crate::trap_flag;
@@ -52,6 +54,8 @@ pub(crate) struct KvmVcpu {
     pub last_step: Option<u64>,
     /// An exception injected for the next entry to deliver.
     pub pending_exception: Option<u8>,
+    /// Registers and MSRs read since the last exit (`regs_cache`).
+    pub regs_cache: RegsCache,
 }
 
 impl KvmVcpu {

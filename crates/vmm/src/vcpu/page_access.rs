@@ -91,7 +91,7 @@ impl KvmVcpu {
     /// restriction (the likely cause: tables the guest took into use after
     /// the restriction was checked, see `page_access`).
     pub(super) fn unmapped_table(&self) -> Option<u64> {
-        let (Some(pa), Ok(sregs)) = (&self.shared.page_access, self.fd.get_sregs()) else { return None };
+        let (Some(pa), Ok(sregs)) = (&self.shared.page_access, self.get_sregs()) else { return None };
         pa.unmapped_table(&*self.shared, crate::page_tables::CpuTables::from_sregs(&sregs))
     }
 

@@ -100,6 +100,7 @@ impl KvmVcpu {
         let shared = Arc::clone(&self.shared);
         shared.register_thread(self.index, true);
         let kicks = kick::register(self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run);
+        self.enable_regs_cache();
         let end = self.run_loop(&port);
         drop(kicks);
         if let Some(pa) = &shared.page_access {
@@ -252,6 +253,7 @@ impl KvmVcpu {
             self.pf.generation = pa.generation();
         }
         let exit = self.fd.run();
+        self.regs_cache.exited();
         drop(inside);
         let step = match exit {
             Ok(VcpuExit::IoOut(port, data)) => Step::Out(port, out_value(data)),
@@ -286,7 +288,7 @@ impl KvmVcpu {
             self.emul_retry = None;
         }
         if let Step::Fatal { why, .. } = step {
-            let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+            let rip = self.get_regs().map(|r| r.rip).unwrap_or(0);
             let mut code = [0u8; 8];
             let _ = self.shared.ram.read(rip, &mut code);
             return Step::Fatal { why, rip, code };
@@ -305,7 +307,7 @@ impl KvmVcpu {
         // until the next KVM_RUN, and a u32 has no invalid bit patterns.
         let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
         if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
-            if let Ok(regs) = self.fd.get_regs() {
+            if let Ok(regs) = self.get_regs() {
                 if let Some(step) = self.fetch_fault(regs.rip) {
                     return step;
                 }

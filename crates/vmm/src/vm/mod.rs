@@ -16,7 +16,7 @@ use crate::kick;
 use crate::memory::GuestRam;
 use crate::msr_filter::MsrFilter;
 use crate::page_access::{self, GuestGate};
-use crate::vcpu::{Debug, KvmVcpu, PfState};
+use crate::vcpu::{Debug, KvmVcpu, PfState, RegsCache};
 use connection::connection_loop;
 use host::{probe, register_ram};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -170,6 +170,7 @@ impl Vm {
                 drain_steps: 0,
                 last_step: None,
                 pending_exception: None,
+                regs_cache: RegsCache::default(),
             };
             let sh = Arc::clone(&shared);
             let h = std::thread::Builder::new()
