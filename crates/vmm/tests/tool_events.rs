@@ -130,7 +130,8 @@ fn an_int3_is_a_breakpoint_event_with_its_gpa() {
 
 /// Spins until BL is 0x2a, then powers off with it:
 /// `cmp bl, 0x2a; jne $-3; mov al, bl; out 0xf4, al; jmp $`.
-const SPIN_UNTIL_BL_2A: [u8; 11] = [0x80, 0xfb, 0x2a, 0x75, 0xfb, 0x88, 0xd8, 0xe6, layout::PORT_POWEROFF as u8, 0xeb, 0xfe];
+const SPIN_UNTIL_BL_2A: [u8; 11] =
+    [0x80, 0xfb, 0x2a, 0x75, 0xfb, 0x88, 0xd8, 0xe6, layout::PORT_POWEROFF as u8, 0xeb, 0xfe];
 
 /// One KVMI hypercall (no loop).
 fn hypercall_once() -> Vec<u8> {
@@ -182,7 +183,7 @@ fn events_and_commands_see_the_registers_of_this_exit_and_of_the_tools_writes() 
     let common: VcpuEvent = read_zext(ukvmi_wire::tail(&ev.body, core::mem::size_of::<EventHdr>()));
     let regs = common.arch.regs;
     assert_eq!((regs.rbx, regs.r12, regs.rip), (RBX, R12, after_out), "the event's registers");
-    assert_eq!(regs.rax & 0xffff_ffff, u64::from(layout::HC_KVMI_NR));
+    assert_eq!(regs.rax & 0xffff_ffff, layout::HC_KVMI_NR);
     let got = get_registers(&mut peer);
     assert_eq!(got.regs.as_bytes(), common.arch.regs.as_bytes(), "GET_REGISTERS during the event = the event's");
     assert_eq!(got.sregs.as_bytes(), common.arch.sregs.as_bytes(), "special registers likewise");

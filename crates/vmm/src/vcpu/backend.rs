@@ -157,7 +157,7 @@ impl XstateOps for KvmVcpu {
         Ok(Box::new(KvmXsave { region: x.region }))
     }
     fn set_xsave(&mut self, area: &KvmXsave) -> BackendResult<()> {
-        self.regs_cache.invalidate();
+        self.before_vcpu_write().map_err(io_err("KVM_SET_REGS"))?;
         let x = kvm_bindings::kvm_xsave { region: area.region, ..Default::default() };
         // SAFETY: `x` is a whole legacy kvm_xsave; KVM reads exactly its 4096
         // bytes (no XSAVE2 tail is passed, so none is read).

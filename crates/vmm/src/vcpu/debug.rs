@@ -41,8 +41,7 @@ impl KvmVcpu {
     /// `KVM_SET_REGS`, then guest debugging again: hardware KVM forgets its
     /// single-step flag when RIP changes under it (`singlestep_rip`).
     pub(super) fn put_regs(&mut self, regs: &kvm_bindings::kvm_regs) -> std::result::Result<(), kvm_ioctls::Error> {
-        self.regs_cache.invalidate_regs();
-        self.fd.set_regs(regs)?;
+        self.write_regs(regs)?;
         if self.stepping() {
             self.sync_debug()?;
         }
@@ -62,7 +61,7 @@ impl KvmVcpu {
             self.last_step = None;
         }
         let dbg = kvm_bindings::kvm_guest_debug { control: self.debug.control(), ..Default::default() };
-        self.regs_cache.invalidate();
+        self.before_vcpu_write()?;
         self.fd.set_guest_debug(&dbg)?;
         if let Some(me) = self.shared.vcpu(self.index) {
             me.debug_control.store(dbg.control, Ordering::SeqCst);

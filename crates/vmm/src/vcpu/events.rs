@@ -66,7 +66,7 @@ impl KvmVcpu {
         if exc.nr == 14 {
             let mut s = self.get_sregs()?;
             s.cr2 = exc.address;
-            self.regs_cache.invalidate();
+            self.before_vcpu_write()?;
             self.fd.set_sregs(&s)?;
         }
         let has_error_code = Exception::has_error_code(exc.nr);
@@ -75,7 +75,7 @@ impl KvmVcpu {
         ev.exception.nr = exc.nr;
         ev.exception.has_error_code = u8::from(has_error_code);
         ev.exception.error_code = if has_error_code { exc.error_code } else { 0 };
-        self.regs_cache.invalidate();
+        self.before_vcpu_write()?;
         self.fd.set_vcpu_events(&ev)?;
         self.pending_exception = Some(exc.nr);
         Ok(Exception {
@@ -145,7 +145,8 @@ impl KvmVcpu {
             }
             Some(o) => o.new_val.unwrap_or(data),
         };
-        self.regs_cache.invalidate();
+        // (Registers a tool set in the event go to KVM first.)
+        let _ = self.before_vcpu_write();
         let ok = Msrs::from_entries(&[kvm_msr_entry { index: msr, data: value, ..Default::default() }])
             .ok()
             .and_then(|m| self.fd.set_msrs(&m).ok())

@@ -279,6 +279,7 @@ impl KvmVcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kicked,
             Err(e) => Step::fatal(FatalExit::RunFailed(e)),
         };
+        self.reapply_unloaded_regs();
         if matches!(step, Step::Kicked) {
             // Nothing was delivered either.
             self.pending_exception = delivering;
