@@ -173,6 +173,9 @@ impl trap_flag::ReadVirt for KvmVcpu {
 
 impl TranslateOps for KvmVcpu {
     fn translate_gva(&mut self, gva: u64) -> BackendResult<Option<u64>> {
+        if let Some(s) = self.cached_sregs() {
+            return Ok(self.walk(&s, gva));
+        }
         // Not while memslots change (the walk would see holes).
         let t = match &self.shared.page_access {
             Some(pa) => pa.stable(|_| self.fd.translate_gva(gva)),

@@ -157,6 +157,11 @@ impl KvmVcpu {
         self.fd.get_regs()
     }
 
+    /// The special registers if this exit's are at hand without an ioctl.
+    pub(super) fn cached_sregs(&self) -> Option<kvm_sregs> {
+        self.regs_cache.sregs.then(|| self.fd.sync_regs().sregs)
+    }
+
     /// The special registers: from `kvm_run` when they are current there,
     /// else `KVM_GET_SREGS`.
     pub(super) fn get_sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error> {

@@ -1,11 +1,23 @@
 //! Guest-virtual reads through one vCPU's own page tables.
 
 use super::KvmVcpu;
+use crate::page_tables::{self, Paging};
 
 impl KvmVcpu {
-    /// The gpa of `gva` through the vCPU's paging, if mapped.
+    /// The gpa of `gva` through the vCPU's paging, if mapped: walked in
+    /// guest RAM by the VMM when this exit's special registers are at hand
+    /// (no ioctl), else `KVM_TRANSLATE`.
     pub(super) fn translate(&self, gva: u64) -> Option<u64> {
-        self.fd.translate_gva(gva).ok().filter(|t| t.valid != 0).map(|t| t.physical_address)
+        match self.cached_sregs() {
+            Some(s) => self.walk(&s, gva),
+            None => self.fd.translate_gva(gva).ok().filter(|t| t.valid != 0).map(|t| t.physical_address),
+        }
+    }
+
+    /// `gva` through the page tables `sregs` name, read from guest RAM.
+    pub(super) fn walk(&self, sregs: &kvm_bindings::kvm_sregs, gva: u64) -> Option<u64> {
+        let ram = &self.shared.ram;
+        page_tables::translate(&Paging::from_sregs(sregs), gva, &|gpa, buf| ram.read(gpa, buf).is_ok())
     }
 
     /// Reads quadwords from guest-virtual `gva` on, translating once per
