@@ -15,6 +15,9 @@ pub enum Exit {
     PowerOff(u8),
     /// Stopped from outside (a signal).
     Stopped,
+    /// The guest reset the machine (a Linux guest: i8042 `0xfe` or the
+    /// 0xcf9 reset control; `reboot`, or `panic=-1` after a panic).
+    Reset,
     /// An event reply asked for CRASH.
     Crashed(Crash),
     /// The guest or the VMM failed.
@@ -199,6 +202,41 @@ pub enum FatalExit {
     /// `KVM_RUN` itself failed.
     #[error("KVM_RUN failed: {0}")]
     RunFailed(kvm_ioctls::Error),
+    /// An instruction KVM's emulator cannot run and the VMM does not
+    /// complete (a Linux guest on a host that emulates ring 0).
+    #[error("KVM's emulator cannot run `{insn}` (bytes {}){}", Hex(bytes), Hint(*hint))]
+    Unemulated {
+        /// The instruction's name ("an instruction" when not decoded).
+        insn: &'static str,
+        /// The bytes read at RIP (up to 15; fewer at a page end).
+        bytes: Vec<u8>,
+        /// What avoids it (a kernel command-line switch, usually).
+        hint: Option<&'static str>,
+    },
+}
+
+/// Bytes as `0f 01 ca`.
+struct Hex<'a>(&'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            write!(f, "{}{b:02x}", if i == 0 { "" } else { " " })?;
+        }
+        Ok(())
+    }
+}
+
+/// "; try …" or nothing.
+struct Hint(Option<&'static str>);
+
+impl fmt::Display for Hint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(h) => write!(f, "; {h}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// "; its page or descriptor tables include gpa …" or nothing.

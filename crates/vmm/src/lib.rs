@@ -38,9 +38,11 @@
 
 mod boot;
 mod convert;
+mod devices;
 mod error;
 mod exit;
 mod kick;
+mod linux;
 mod loader;
 mod memory;
 mod msr_filter;
@@ -50,7 +52,12 @@ mod trap_flag;
 mod vcpu;
 mod vm;
 
-pub use error::{ConfigError, Error, ImageError, LoadError, Result, SetupError, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+pub use error::{
+    ConfigError, Error, ImageError, LinuxError, LoadError, Result, SetupError, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
+};
 pub use exit::{Crash, CrashEvent, Failure, FailureCause, FatalExit, PfAccess};
+pub use linux::{kernel_kind, KernelKind, LINUX_MAX_MEMORY_MIB};
 pub use ukvmi_endpoint::{Dialect, PermissionError};
-pub use vm::{host_capabilities, BuiltinImage, Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig};
+pub use vm::{
+    host_capabilities, BuiltinImage, Exit, HostKind, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig,
+};

@@ -87,6 +87,35 @@ pub(super) fn idle_vcpus_warning(g: &ukvmi_guests::Guest, vcpus: u16) -> Option<
     ))
 }
 
+/// Guest RAM a Linux kernel gets when `--memory` is not given.
+pub(super) const LINUX_DEFAULT_MEMORY_MIB: u64 = 256;
+
+/// `image` as a Linux boot when its file is a Linux kernel (decided from its
+/// bytes by the VMM); `--initrd`/`--cmdline` with anything else is refused.
+fn linux_image(image: Image, initrd: Option<PathBuf>, cmdline: Option<String>) -> Result<Image, String> {
+    let linux = match &image {
+        Image::Kernel(p) => {
+            matches!(ukvmi_vmm::kernel_kind(p).map_err(|e| e.to_string())?, ukvmi_vmm::KernelKind::LinuxPvh { .. })
+        }
+        _ => false,
+    };
+    match image {
+        Image::Kernel(kernel) if linux => Ok(Image::Linux { kernel, initrd, cmdline }),
+        other => {
+            let opt = match (&initrd, &cmdline) {
+                (Some(_), _) => "--initrd",
+                (None, Some(_)) => "--cmdline",
+                (None, None) => return Ok(other),
+            };
+            let what = match &other {
+                Image::Kernel(p) => format!("--kernel {}, which is not a Linux kernel with a PVH entry", p.display()),
+                _ => "a built-in guest".to_string(),
+            };
+            Err(format!("{opt} is only for a Linux kernel (an ELF vmlinux built with CONFIG_PVH), not for {what}"))
+        }
+    }
+}
+
 /// The VM `args` ask for; `None` for `--help`.
 pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     let mut cfg = VmConfig {
@@ -103,6 +132,7 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     let mut image = None;
     let mut guest = None;
     let mut memory_given = false;
+    let (mut initrd, mut cmdline) = (None::<PathBuf>, None::<String>);
     let mut path = None;
     let (mut key_file, mut reconnect, mut hs, mut unhook) =
         (None::<String>, Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(10));
@@ -143,6 +173,14 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
                 image = Some(Image::Kernel(p));
                 guest = None;
             }
+            "--initrd" => {
+                let p = PathBuf::from(val()?);
+                if !p.is_file() {
+                    return Err(format!("--initrd {}: no such file", p.display()));
+                }
+                initrd = Some(p);
+            }
+            "--cmdline" => cmdline = Some(val()?),
             "--vcpus" => cfg.vcpus = val()?.parse().map_err(|_| "--vcpus takes a number from 1 to 65535")?,
             "--memory" => {
                 memory_given = true;
@@ -212,6 +250,10 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
         }
     }
     cfg.image = image.ok_or("give --guest NAME or --kernel PATH (see ukvmi run --help)")?;
+    cfg.image = linux_image(cfg.image, initrd, cmdline)?;
+    if matches!(cfg.image, Image::Linux { .. }) && !memory_given {
+        cfg.memory_mib = LINUX_DEFAULT_MEMORY_MIB;
+    }
     if let Some(g) = guest {
         check_memory(g, cfg.memory_mib, memory_given)?;
     }
@@ -228,7 +270,9 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     if cfg.name.is_empty() {
         cfg.name = match &cfg.image {
             Image::Builtin(g) => g.name.to_string(),
-            Image::Kernel(p) => p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            Image::Kernel(p) | Image::Linux { kernel: p, .. } => {
+                p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            }
         };
     }
     Ok(Some(cfg))

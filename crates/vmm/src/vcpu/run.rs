@@ -123,7 +123,11 @@ impl KvmVcpu {
             }
             if !booted {
                 let (entry, count) = (self.shared.entry, self.shared.vcpu_count());
-                if let Err(cause) = crate::boot::enter_long_mode(&self.fd, entry, self.index, count) {
+                let entered = match &self.shared.linux {
+                    Some(l) => crate::boot::enter_pvh(&self.fd, l.boot.entry, l.boot.start_info),
+                    None => crate::boot::enter_long_mode(&self.fd, entry, self.index, count),
+                };
+                if let Err(cause) = entered {
                     return Some(self.failed(cause));
                 }
                 booted = true;
@@ -256,7 +260,7 @@ impl KvmVcpu {
         let step = match exit {
             Ok(VcpuExit::IoOut(port, data)) => Step::Out(port, out_value(data)),
             Ok(VcpuExit::IoIn(port, data)) => {
-                data.fill(super::ports::in_value(port));
+                super::ports::port_in(&self.shared, port, data);
                 Step::In
             }
             Ok(VcpuExit::Hlt) => Step::Hlt,
@@ -315,6 +319,11 @@ impl KvmVcpu {
                         return Step::Int3 { rip: regs.rip, gpa };
                     }
                 }
+                // A Linux guest: an instruction the emulator lacks that the
+                // VMM can complete (vcpu/complete.rs).
+                if let Some(step) = self.complete(&regs) {
+                    return step;
+                }
                 // No int3 there (any more): a tool may have removed it
                 // between the guest hitting it and this read (another vCPU
                 // stepping over the same breakpoint), which looks like an
@@ -334,6 +343,9 @@ impl KvmVcpu {
                         std::thread::yield_now();
                     }
                     return Step::Reenter;
+                }
+                if let Some(why) = self.unemulated(&regs) {
+                    return Step::fatal(why);
                 }
             }
         }
