@@ -81,4 +81,89 @@ pub(crate) struct LinuxState {
     /// RIPs where an instruction was completed for the emulator (each
     /// logged once).
     pub completed: Mutex<HashSet<u64>>,
+    /// RIPs of the int3s that reached the VMM (each logged once), and how
+    /// many did in all.
+    pub int3_sites: Mutex<HashSet<u64>>,
+    pub int3s: std::sync::atomic::AtomicU64,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal x86-64 ELF: one PT_LOAD of 16 bytes (0xf4s) at `paddr` and,
+    /// with `pvh`, a PT_NOTE holding an unrelated `Linux` note and then the
+    /// `Xen` note of type 18 with the entry `paddr + 4`.
+    pub(crate) fn elf(paddr: u64, pvh: bool) -> Vec<u8> {
+        let note = |name: &[u8], ty: u32, desc: &[u8]| {
+            let mut n = Vec::new();
+            n.extend((name.len() as u32).to_le_bytes());
+            n.extend((desc.len() as u32).to_le_bytes());
+            n.extend(ty.to_le_bytes());
+            n.extend(name);
+            n.resize(n.len().next_multiple_of(4), 0);
+            n.extend(desc);
+            n.resize(n.len().next_multiple_of(4), 0);
+            n
+        };
+        let mut notes = note(b"Linux\0", 1, &[0; 4]);
+        notes.extend(note(b"Xen\0", 18, &((paddr + 4) as u32).to_le_bytes()));
+        let phnum: u16 = if pvh { 2 } else { 1 };
+        let data_off = 64 + 56 * u64::from(phnum);
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[6] = 1;
+        b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        b[18..20].copy_from_slice(&62u16.to_le_bytes());
+        b[24..32].copy_from_slice(&paddr.to_le_bytes());
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[52..54].copy_from_slice(&64u16.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&phnum.to_le_bytes());
+        let phdr = |ty: u32, off: u64, addr: u64, size: u64| {
+            let mut p = vec![0u8; 56];
+            p[..4].copy_from_slice(&ty.to_le_bytes());
+            p[8..16].copy_from_slice(&off.to_le_bytes());
+            p[16..24].copy_from_slice(&addr.to_le_bytes());
+            p[24..32].copy_from_slice(&addr.to_le_bytes());
+            p[32..40].copy_from_slice(&size.to_le_bytes());
+            p[40..48].copy_from_slice(&size.to_le_bytes());
+            p
+        };
+        b.extend(phdr(1, data_off, paddr, 16));
+        if pvh {
+            b.extend(phdr(4, data_off + 16, 0, notes.len() as u64));
+        }
+        b.extend([0xf4; 16]);
+        if pvh {
+            b.extend(notes);
+        }
+        b
+    }
+
+    pub(crate) fn file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("ukvmi-linux-{}-{name}", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn only_an_elf_with_the_pvh_note_is_linux() {
+        let pvh = file("pvh", &elf(0x20_0000, true));
+        assert_eq!(kernel_kind(&pvh).unwrap(), KernelKind::LinuxPvh { entry: 0x20_0004 });
+        let plain = file("plain", &elf(0x20_0000, false));
+        assert_eq!(kernel_kind(&plain).unwrap(), KernelKind::Other);
+        let flat = file("flat", &[0xf4, 0xeb, 0xfe]);
+        assert_eq!(kernel_kind(&flat).unwrap(), KernelKind::Other);
+        let mut cut = elf(0x20_0000, true);
+        cut.truncate(100);
+        let cut = file("cut", &cut);
+        assert_eq!(kernel_kind(&cut).unwrap(), KernelKind::Other, "linux-loader refuses it: not Linux");
+        assert!(kernel_kind(std::path::Path::new("/nonexistent/ukvmi-vmlinux")).is_err());
+        for p in [pvh, plain, flat, cut] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
 }

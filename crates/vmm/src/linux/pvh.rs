@@ -148,3 +148,61 @@ mod tests {
         assert_eq!((GDT[3] >> 40) & 0xff, 0x8b, "busy 32-bit TSS");
     }
 }
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+    use crate::linux::tests::{elf, file};
+
+    fn read<const N: usize>(ram: &GuestRam, gpa: u64) -> [u8; N] {
+        let mut b = [0u8; N];
+        ram.read(gpa, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn a_pvh_kernel_is_loaded_with_its_boot_structures() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let kernel = file("k", &elf(0x20_0000, true));
+        let initrd = file("i", &[0x5a; 5000]);
+        let boot = load(&ram, &kernel, Some(&initrd), "console=ttyS0 rdinit=/init").unwrap();
+        assert_eq!(boot, PvhEntry { entry: 0x20_0004, start_info: START_INFO_ADDR });
+        assert_eq!(read::<16>(&ram, 0x20_0000), [0xf4; 16], "the segment");
+        assert_eq!(&read::<27>(&ram, CMDLINE_ADDR), b"console=ttyS0 rdinit=/init\0");
+        assert_eq!(read::<4>(&ram, START_INFO_ADDR), START_MAGIC.to_le_bytes());
+        assert_eq!(read::<4>(&ram, START_INFO_ADDR + 12), 1u32.to_le_bytes(), "one module");
+        assert_eq!(read::<4>(&ram, START_INFO_ADDR + 48), 4u32.to_le_bytes(), "four memmap entries");
+        // The initrd: page-aligned at the top of RAM, described by the module list.
+        let at = (8u64 << 20) - 0x2000;
+        assert_eq!(read::<8>(&ram, MODLIST_ADDR), at.to_le_bytes());
+        assert_eq!(read::<8>(&ram, MODLIST_ADDR + 8), 5000u64.to_le_bytes());
+        assert_eq!(read::<4>(&ram, at), [0x5a; 4]);
+        // The last memmap entry is RAM from 1 MiB to the end.
+        let last = MEMMAP_ADDR + 3 * 24;
+        assert_eq!(read::<8>(&ram, last), 0x10_0000u64.to_le_bytes());
+        assert_eq!(read::<8>(&ram, last + 8), ((8u64 << 20) - 0x10_0000).to_le_bytes());
+        assert_eq!(read::<4>(&ram, last + 16), 1u32.to_le_bytes());
+        assert_eq!(read::<8>(&ram, GDT_ADDR + 8), GDT[1].to_le_bytes());
+        for p in [kernel, initrd] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+
+    #[test]
+    fn what_cannot_boot_says_why() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let plain = file("noentry", &elf(0x20_0000, false));
+        assert!(matches!(load(&ram, &plain, None, ""), Err(LinuxError::NoPvhEntry)));
+        let kernel = file("k2", &elf(0x20_0000, true));
+        let long = "x".repeat(2048);
+        assert!(matches!(load(&ram, &kernel, None, &long), Err(LinuxError::CmdlineTooLong { len: 2048, max: 2047 })));
+        let big = file("big", &vec![0u8; 3 << 20]);
+        let e = load(&ram, &kernel, Some(&big), "").unwrap_err();
+        assert!(matches!(e, LinuxError::InitrdDoesNotFit { size: 0x30_0000, .. }), "{e}");
+        let outside = file("outside", &elf(0x80_0000, true));
+        assert!(matches!(load(&ram, &outside, None, ""), Err(LinuxError::Load(_))));
+        for p in [plain, kernel, big, outside] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+}

@@ -155,6 +155,21 @@ impl KvmVcpu {
         Some(Step::Reenter)
     }
 
+    /// A Linux guest's int3 reached the VMM (an emulation failure): logged
+    /// once per RIP, so the kernel's own (`int3_selftest`, `text_poke_bp`)
+    /// show next to a tool's. It then takes the BREAKPOINT path.
+    pub(super) fn note_int3(&self, rip: u64) {
+        let Some(l) = &self.shared.linux else { return };
+        let n = l.int3s.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if lock(&l.int3_sites).insert(rip) {
+            (self.shared.log)(&format!(
+                "vCPU {}: int3 #{n} at {rip:#x} (an emulation failure): a tool's breakpoint, else #BP to the guest \
+                 with RIP past it; further ones at this address are not logged",
+                self.index
+            ));
+        }
+    }
+
     /// The named fatal exit for an instruction the emulator failed on, for
     /// a Linux guest; `None` for the guest ABI's images.
     pub(super) fn unemulated(&self, regs: &kvm_bindings::kvm_regs) -> Option<FatalExit> {

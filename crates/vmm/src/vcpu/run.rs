@@ -208,7 +208,10 @@ impl KvmVcpu {
                 Step::Debug { exception, pc, .. } => {
                     return Some(self.failed(FailureCause::UnexpectedDebug { exception, pc }))
                 }
-                Step::Int3 { rip, gpa } => return self.breakpoint(port, rip, gpa, true),
+                Step::Int3 { rip, gpa } => {
+                    self.note_int3(rip);
+                    return self.breakpoint(port, rip, gpa, true);
+                }
                 Step::MmioRead(gpa, len) => {
                     if let Some(end) = self.mmio_read(port, gpa, len) {
                         return Some(end);

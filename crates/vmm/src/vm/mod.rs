@@ -142,6 +142,8 @@ impl Vm {
                     boot,
                     bus: Mutex::new(PortBus::pc(Arc::clone(&log), serial)),
                     completed: Mutex::new(HashSet::new()),
+                    int3_sites: Mutex::new(HashSet::new()),
+                    int3s: AtomicU64::new(0),
                 };
                 (boot.entry, Some(state))
             }
