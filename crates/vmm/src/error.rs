@@ -169,6 +169,10 @@ pub enum LinuxError {
     /// The ELF has no PVH entry note.
     #[error("this vmlinux has no PVH entry (build it with CONFIG_PVH)")]
     NoPvhEntry,
+    /// A bzImage too old for the 64-bit boot protocol (before 2.06, or
+    /// without `XLF_KERNEL_64`).
+    #[error("this bzImage cannot be booted through the 64-bit boot protocol (protocol 2.06 or later with a 64-bit entry is needed)")]
+    NotBootable,
     /// The command line is longer than the kernel takes.
     #[error("the kernel command line has {len} bytes, more than the {max} Linux takes")]
     CmdlineTooLong {

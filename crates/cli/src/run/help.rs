@@ -16,9 +16,10 @@ WHAT TO RUN:
     --guest NAME             a built-in guest (see below)
     --kernel PATH            a flat binary (loaded at 1 MiB) or an ELF64 file,
                              entered in 64-bit ring 0 (see crates/guests for the ABI);
-                             or a Linux vmlinux built with CONFIG_PVH (told from its
-                             bytes: the ELF's PVH note), booted through PVH on a small
-                             PC: in-kernel irqchip and PIT, a 16550 on ttyS0 with its
+                             or a Linux kernel, told from its bytes: a vmlinux built
+                             with CONFIG_PVH (booted through PVH) or a bzImage (the
+                             64-bit boot protocol; its decompressor runs in the guest,
+                             slow on a PVM host), on a small PC: in-kernel irqchip and PIT, a 16550 on ttyS0 with its
                              IRQ, CMOS clock, i8042/0xcf9 reset, no PCI; one vCPU,
                              at most 3072 MiB
     --initrd FILE            Linux only: the initramfs (an uncompressed newc cpio

@@ -95,7 +95,9 @@ pub(super) const LINUX_DEFAULT_MEMORY_MIB: u64 = 256;
 fn linux_image(image: Image, initrd: Option<PathBuf>, cmdline: Option<String>) -> Result<Image, String> {
     let linux = match &image {
         Image::Kernel(p) => {
-            matches!(ukvmi_vmm::kernel_kind(p).map_err(|e| e.to_string())?, ukvmi_vmm::KernelKind::LinuxPvh { .. })
+            use ukvmi_vmm::KernelKind;
+            let kind = ukvmi_vmm::kernel_kind(p).map_err(|e| e.to_string())?;
+            matches!(kind, KernelKind::LinuxPvh { .. } | KernelKind::LinuxBzImage { .. })
         }
         _ => false,
     };
@@ -108,10 +110,12 @@ fn linux_image(image: Image, initrd: Option<PathBuf>, cmdline: Option<String>) -
                 (None, None) => return Ok(other),
             };
             let what = match &other {
-                Image::Kernel(p) => format!("--kernel {}, which is not a Linux kernel with a PVH entry", p.display()),
+                Image::Kernel(p) => format!("--kernel {}, which is not a Linux kernel", p.display()),
                 _ => "a built-in guest".to_string(),
             };
-            Err(format!("{opt} is only for a Linux kernel (an ELF vmlinux built with CONFIG_PVH), not for {what}"))
+            Err(format!(
+                "{opt} is only for a Linux kernel (an ELF vmlinux built with CONFIG_PVH, or a bzImage), not for {what}"
+            ))
         }
     }
 }
@@ -276,4 +280,91 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
         };
     }
     Ok(Some(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny x86-64 ELF with the Xen PVH note (what makes a file Linux).
+    fn pvh_elf() -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        b[16] = 2;
+        b[18] = 62;
+        b[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
+        b[32] = 64;
+        b[52] = 64;
+        b[54] = 56;
+        b[56] = 2;
+        let phdr = |ty: u32, off: u64, addr: u64, size: u64| {
+            let mut p = vec![0u8; 56];
+            p[..4].copy_from_slice(&ty.to_le_bytes());
+            p[8..16].copy_from_slice(&off.to_le_bytes());
+            p[16..24].copy_from_slice(&addr.to_le_bytes());
+            p[24..32].copy_from_slice(&addr.to_le_bytes());
+            p[32..40].copy_from_slice(&size.to_le_bytes());
+            p[40..48].copy_from_slice(&size.to_le_bytes());
+            p
+        };
+        b.extend(phdr(1, 176, 0x20_0000, 16));
+        b.extend(phdr(4, 192, 0, 20));
+        b.extend([0xf4; 16]);
+        for w in [4u32, 4, 18] {
+            b.extend(w.to_le_bytes());
+        }
+        b.extend(b"Xen\0");
+        b.extend(0x20_0000u32.to_le_bytes());
+        b
+    }
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn file(name: &str, bytes: &[u8]) -> String {
+        let p = std::env::temp_dir().join(format!("ukvmi-run-options-{}-{name}", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        p.display().to_string()
+    }
+
+    #[test]
+    fn a_linux_kernel_takes_initrd_and_cmdline_and_256_mib() {
+        let (k, i) = (file("vmlinux", &pvh_elf()), file("initrd", b"07070"));
+        let cfg = parse(&args(&["--kernel", &k, "--initrd", &i, "--cmdline", "console=ttyS0 quiet"])).unwrap().unwrap();
+        let want_initrd = Some(std::path::PathBuf::from(&i));
+        assert!(
+            matches!(&cfg.image, Image::Linux { kernel, initrd, cmdline }
+                if kernel.display().to_string() == k && *initrd == want_initrd
+                    && cmdline.as_deref() == Some("console=ttyS0 quiet")),
+            "{:?}",
+            cfg.image
+        );
+        assert_eq!(cfg.memory_mib, LINUX_DEFAULT_MEMORY_MIB);
+        let cfg = parse(&args(&["--kernel", &k, "--memory", "128"])).unwrap().unwrap();
+        assert!(matches!(cfg.image, Image::Linux { initrd: None, cmdline: None, .. }));
+        assert_eq!(cfg.memory_mib, 128, "--memory given wins");
+        for p in [k, i] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+
+    #[test]
+    fn initrd_and_cmdline_are_refused_for_other_images() {
+        let (flat, i) = (file("flat", &[0xf4]), file("initrd2", b"x"));
+        let e = parse(&args(&["--kernel", &flat, "--initrd", &i])).unwrap_err();
+        assert!(e.starts_with("--initrd is only for a Linux kernel") && e.contains("not a Linux kernel"), "{e}");
+        let e = parse(&args(&["--kernel", &flat, "--cmdline", "x"])).unwrap_err();
+        assert!(e.starts_with("--cmdline is only for a Linux kernel"), "{e}");
+        let e = parse(&args(&["--guest", "demo", "--cmdline", "x"])).unwrap_err();
+        assert!(e.ends_with("not for a built-in guest"), "{e}");
+        let cfg = parse(&args(&["--kernel", &flat])).unwrap().unwrap();
+        assert!(matches!(cfg.image, Image::Kernel(_)));
+        assert_eq!(cfg.memory_mib, 64);
+        let e = parse(&args(&["--kernel", &flat, "--initrd", "/nonexistent/ukvmi-initrd"])).unwrap_err();
+        assert_eq!(e, "--initrd /nonexistent/ukvmi-initrd: no such file");
+        for p in [flat, i] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
 }

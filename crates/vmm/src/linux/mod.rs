@@ -1,11 +1,14 @@
 //! Booting a Linux kernel: telling a Linux image from the guest ABI's
 //! images, and what a Linux VM adds (PVH boot, the platform, its state).
 //!
+//! * `bzimage`: the 64-bit boot protocol for a bzImage (zero page,
+//!   identity page tables).
 //! * `pvh`: the PVH boot protocol (kernel, command line, initrd,
 //!   `hvm_start_info` and memory map into RAM).
 //! * `e820`: the memory map; `cmdline`: the command line and the PVM
 //!   switches; `cpuid`: the CPUID edits; `platform`: irqchip, PIT, LAPIC.
 
+pub(crate) mod bzimage;
 pub(crate) mod cmdline;
 pub(crate) mod cpuid;
 pub(crate) mod e820;
@@ -34,6 +37,12 @@ pub enum KernelKind {
         /// The PVH entry point (a physical address).
         entry: u64,
     },
+    /// A bzImage for the 64-bit boot protocol (`HdrS`, protocol 2.06 or
+    /// later, `XLF_KERNEL_64`).
+    LinuxBzImage {
+        /// The boot protocol version (0x20f: 2.15).
+        version: u16,
+    },
     /// Anything else: a flat binary or an ELF64 of the guest ABI.
     Other,
 }
@@ -46,8 +55,11 @@ pub fn kernel_kind(path: &Path) -> Result<KernelKind, ImageError> {
     let read = |source| ImageError::Read { path: path.to_path_buf(), source };
     let mut file = std::fs::File::open(path).map_err(read)?;
     let mut magic = [0u8; 4];
-    if std::io::Read::read_exact(&mut file, &mut magic).is_err() || magic != *b"\x7fELF" {
+    if std::io::Read::read_exact(&mut file, &mut magic).is_err() {
         return Ok(KernelKind::Other);
+    }
+    if magic != *b"\x7fELF" {
+        return Ok(bzimage::kind(&mut file));
     }
     // 4 GiB, MAP_NORESERVE: only the pages the kernel's segments land on
     // are ever touched (a PVH kernel lives below 4 GiB: its entry is 32-bit).
@@ -63,19 +75,48 @@ pub fn kernel_kind(path: &Path) -> Result<KernelKind, ImageError> {
     })
 }
 
-/// Where vCPU 0 of a Linux guest starts (PVH).
+/// Where vCPU 0 of a Linux guest starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PvhEntry {
-    /// The 32-bit entry point.
-    pub entry: u64,
-    /// The gpa of `hvm_start_info` (RBX at entry).
-    pub start_info: u64,
+pub(crate) enum LinuxEntry {
+    /// PVH: 32-bit protected mode at `entry`, RBX = `start_info`.
+    Pvh {
+        /// The 32-bit entry point.
+        entry: u64,
+        /// The gpa of `hvm_start_info`.
+        start_info: u64,
+    },
+    /// The 64-bit boot protocol (a bzImage): long mode at `entry`
+    /// (`startup_64`), RSI = `zero_page`.
+    Boot64 {
+        /// `startup_64` of the compressed kernel.
+        entry: u64,
+        /// The gpa of `boot_params`.
+        zero_page: u64,
+    },
+}
+
+/// Loads a Linux kernel (an ELF vmlinux with PVH, or a bzImage) with its
+/// initrd and command line; returns where vCPU 0 starts.
+pub(crate) fn load(
+    ram: &crate::memory::GuestRam,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+) -> Result<LinuxEntry, crate::error::LinuxError> {
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(kernel).map_err(crate::error::LinuxError::ReadKernel)?;
+    let is_elf = std::io::Read::read_exact(&mut f, &mut magic).is_ok() && magic == *b"\x7fELF";
+    if is_elf {
+        pvh::load(ram, kernel, initrd, cmdline)
+    } else {
+        bzimage::load(ram, kernel, initrd, cmdline)
+    }
 }
 
 /// What a Linux VM shares between its threads.
 pub(crate) struct LinuxState {
     /// Where vCPU 0 starts.
-    pub boot: PvhEntry,
+    pub boot: LinuxEntry,
     /// The port devices.
     pub bus: Mutex<PortBus>,
     /// RIPs where an instruction was completed for the emulator (each

@@ -3,7 +3,7 @@
 //! list, all written into guest RAM.
 
 use super::e820::e820;
-use super::PvhEntry;
+use super::LinuxEntry;
 use crate::error::LinuxError;
 use crate::memory::GuestRam;
 use linux_loader::cmdline::Cmdline;
@@ -59,6 +59,26 @@ pub(crate) fn initrd_addr(size: u64, kernel_end: u64, ram_top: u64) -> Option<u6
     (addr >= floor).then_some(addr)
 }
 
+/// Writes `cmdline` (NUL-terminated) at [`CMDLINE_ADDR`].
+pub(crate) fn write_cmdline(ram: &GuestRam, cmdline: &str) -> Result<(), LinuxError> {
+    if cmdline.len() >= super::cmdline::MAX_LEN {
+        return Err(LinuxError::CmdlineTooLong { len: cmdline.len(), max: super::cmdline::MAX_LEN - 1 });
+    }
+    let line = Cmdline::try_from(cmdline, super::cmdline::MAX_LEN).map_err(LinuxError::Cmdline)?;
+    load_cmdline(ram.mem(), GuestAddress(CMDLINE_ADDR), &line).map_err(LinuxError::Load)
+}
+
+/// Reads the initrd at `path` into RAM, page-aligned at the top of RAM
+/// (below `limit`) above `kernel_end`; returns its gpa and size.
+pub(crate) fn place_initrd(ram: &GuestRam, path: &Path, kernel_end: u64, limit: u64) -> Result<(u64, u64), LinuxError> {
+    let bytes = std::fs::read(path).map_err(LinuxError::ReadInitrd)?;
+    let size = bytes.len() as u64;
+    let top = ram.size().min(limit);
+    let addr = initrd_addr(size, kernel_end, top).ok_or(LinuxError::InitrdDoesNotFit { size, kernel_end, ram: top })?;
+    ram.write(addr, &bytes).map_err(|_| LinuxError::BootParams)?;
+    Ok((addr, size))
+}
+
 /// Loads a PVH kernel, its initrd and command line into `ram` and writes
 /// the boot structures; returns where vCPU 0 starts.
 pub(crate) fn load(
@@ -66,33 +86,21 @@ pub(crate) fn load(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
-) -> Result<PvhEntry, LinuxError> {
+) -> Result<LinuxEntry, LinuxError> {
     let mem = ram.mem();
     let mut file = std::fs::File::open(kernel).map_err(LinuxError::ReadKernel)?;
     let loaded = Elf::load(mem, None, &mut file, None).map_err(LinuxError::Load)?;
     let PvhBootCapability::PvhEntryPresent(GuestAddress(entry)) = loaded.pvh_boot_cap else {
         return Err(LinuxError::NoPvhEntry);
     };
-    if cmdline.len() >= super::cmdline::MAX_LEN {
-        return Err(LinuxError::CmdlineTooLong { len: cmdline.len(), max: super::cmdline::MAX_LEN - 1 });
-    }
-    let line = Cmdline::try_from(cmdline, super::cmdline::MAX_LEN).map_err(LinuxError::Cmdline)?;
-    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &line).map_err(LinuxError::Load)?;
+    write_cmdline(ram, cmdline)?;
     for (i, e) in GDT.iter().enumerate() {
         ram.write_u64(GDT_ADDR + 8 * i as u64, *e).map_err(|_| LinuxError::BootParams)?;
     }
     let mut modules = Vec::new();
     if let Some(path) = initrd {
-        let bytes = std::fs::read(path).map_err(LinuxError::ReadInitrd)?;
-        let size = bytes.len() as u64;
-        let top = ram.size().min(super::LINUX_MAX_MEMORY_MIB << 20);
-        let addr = initrd_addr(size, loaded.kernel_end, top).ok_or(LinuxError::InitrdDoesNotFit {
-            size,
-            kernel_end: loaded.kernel_end,
-            ram: top,
-        })?;
-        ram.write(addr, &bytes).map_err(|_| LinuxError::BootParams)?;
-        modules.push(hvm_modlist_entry { paddr: addr, size, ..Default::default() });
+        let (paddr, size) = place_initrd(ram, path, loaded.kernel_end, super::LINUX_MAX_MEMORY_MIB << 20)?;
+        modules.push(hvm_modlist_entry { paddr, size, ..Default::default() });
     }
     let memmap: Vec<hvm_memmap_table_entry> = e820(ram.size())
         .into_iter()
@@ -105,7 +113,7 @@ pub(crate) fn load(
         params.set_modules(&modules, GuestAddress(MODLIST_ADDR));
     }
     PvhBootConfigurator::write_bootparams(&params, mem).map_err(|_| LinuxError::BootParams)?;
-    Ok(PvhEntry { entry, start_info: START_INFO_ADDR })
+    Ok(LinuxEntry::Pvh { entry, start_info: START_INFO_ADDR })
 }
 
 #[cfg(test)]
@@ -166,7 +174,7 @@ mod load_tests {
         let kernel = file("k", &elf(0x20_0000, true));
         let initrd = file("i", &[0x5a; 5000]);
         let boot = load(&ram, &kernel, Some(&initrd), "console=ttyS0 rdinit=/init").unwrap();
-        assert_eq!(boot, PvhEntry { entry: 0x20_0004, start_info: START_INFO_ADDR });
+        assert_eq!(boot, LinuxEntry::Pvh { entry: 0x20_0004, start_info: START_INFO_ADDR });
         assert_eq!(read::<16>(&ram, 0x20_0000), [0xf4; 16], "the segment");
         assert_eq!(&read::<27>(&ram, CMDLINE_ADDR), b"console=ttyS0 rdinit=/init\0");
         assert_eq!(read::<4>(&ram, START_INFO_ADDR), START_MAGIC.to_le_bytes());

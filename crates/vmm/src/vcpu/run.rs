@@ -124,7 +124,7 @@ impl KvmVcpu {
             if !booted {
                 let (entry, count) = (self.shared.entry, self.shared.vcpu_count());
                 let entered = match &self.shared.linux {
-                    Some(l) => crate::boot::enter_pvh(&self.fd, l.boot.entry, l.boot.start_info),
+                    Some(l) => crate::boot::enter_linux(&self.fd, l.boot),
                     None => crate::boot::enter_long_mode(&self.fd, entry, self.index, count),
                 };
                 if let Err(cause) = entered {

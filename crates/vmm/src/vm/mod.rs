@@ -15,7 +15,7 @@ use crate::devices::serial::{IrqLine, SerialPort, SERIAL_GSI};
 use crate::devices::PortBus;
 use crate::error::{ConfigError, Error, ImageError, Result, SetupError, MAX_MEMORY_MIB};
 use crate::kick;
-use crate::linux::{LinuxState, PvhEntry};
+use crate::linux::{LinuxEntry, LinuxState};
 use crate::memory::GuestRam;
 use crate::msr_filter::MsrFilter;
 use crate::page_access::{self, GuestGate};
@@ -33,7 +33,7 @@ use ukvmi_endpoint::handshake::VmIdentity;
 use ukvmi_endpoint::{Dialect, Endpoint, HostCaps, Options, Permissions, VmBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// Loads a Linux kernel for PVH boot, with the command line `user` (or the
+/// Loads a Linux kernel (PVH or the 64-bit protocol), with the command line `user` (or the
 /// default) plus, on a PVM host, the switches the emulator needs (said
 /// once through `log`).
 fn boot_linux(
@@ -43,14 +43,14 @@ fn boot_linux(
     user: Option<&str>,
     host: HostKind,
     log: &dyn Fn(&str),
-) -> Result<PvhEntry> {
+) -> Result<LinuxEntry> {
     use crate::linux::cmdline;
     let extra: &[&'static str] = if host == HostKind::Pvm { &cmdline::PVM_SWITCHES } else { &[] };
     let (line, added) = cmdline::build(user, extra);
     if !added.is_empty() {
         log(&format!("PVM host: added `{}` to the kernel command line", added.join(" ")));
     }
-    crate::linux::pvh::load(ram, kernel, initrd, &line)
+    crate::linux::load(ram, kernel, initrd, &line)
         .map_err(|source| ImageError::Linux { path: kernel.to_path_buf(), source }.into())
 }
 
@@ -145,7 +145,10 @@ impl Vm {
                     int3_sites: Mutex::new(HashSet::new()),
                     int3s: AtomicU64::new(0),
                 };
-                (boot.entry, Some(state))
+                let entry = match boot {
+                    LinuxEntry::Pvh { entry, .. } | LinuxEntry::Boot64 { entry, .. } => entry,
+                };
+                (entry, Some(state))
             }
             other => {
                 crate::boot::write_tables(&ram)?;
