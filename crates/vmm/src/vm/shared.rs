@@ -46,6 +46,13 @@ impl Console {
     pub(crate) fn byte(&mut self, b: u8) {
         self.line.push(b);
         if b == b'\n' || self.line.len() >= 256 {
+            self.flush_line();
+        }
+    }
+
+    /// Writes out what is buffered (the VM's last, unfinished line).
+    pub(crate) fn flush_line(&mut self) {
+        if !self.line.is_empty() {
             let line = std::mem::take(&mut self.line);
             let _ = match &mut self.sink {
                 SerialSink::Stdout => {
