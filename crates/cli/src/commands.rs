@@ -116,6 +116,7 @@ pub(crate) const COMMANDS: &[Command] = &[
             valued("--kernel", "PATH"),
             valued("--initrd", "FILE"),
             valued("--cmdline", "TEXT"),
+            valued("--map", "FILE"),
             valued("--vcpus", "N"),
             valued("--memory", "MIB"),
             valued("--introspect", "unix:PATH"),

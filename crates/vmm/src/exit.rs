@@ -204,10 +204,12 @@ pub enum FatalExit {
     RunFailed(kvm_ioctls::Error),
     /// An instruction KVM's emulator cannot run and the VMM does not
     /// complete (a Linux guest on a host that emulates ring 0).
-    #[error("KVM's emulator cannot run `{insn}` (bytes {}){}", Hex(bytes), Hint(*hint))]
+    #[error("KVM's emulator cannot run `{insn}`{} (bytes {}){}", In(symbol.as_deref()), Hex(bytes), Hint(*hint))]
     Unemulated {
         /// The instruction's name ("an instruction" when not decoded).
         insn: &'static str,
+        /// The kernel symbol it is in (`name+0xoff`), when symbols are known.
+        symbol: Option<String>,
         /// The bytes read at RIP (up to 15; fewer at a page end).
         bytes: Vec<u8>,
         /// What avoids it (a kernel command-line switch, usually).
@@ -224,6 +226,18 @@ impl fmt::Display for Hex<'_> {
             write!(f, "{}{b:02x}", if i == 0 { "" } else { " " })?;
         }
         Ok(())
+    }
+}
+
+/// " in name+0xoff" or nothing.
+struct In<'a>(Option<&'a str>);
+
+impl fmt::Display for In<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(s) => write!(f, " in {s}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -305,6 +319,23 @@ mod tests {
              which SET_PAGE_ACCESS left without a memslot)"
         );
         assert_eq!(FatalExit::InternalError { suberror: 1 }.to_string(), "KVM_EXIT_INTERNAL_ERROR (suberror 1)");
+    }
+
+    #[test]
+    fn unemulated_instructions_are_named_with_symbol_bytes_and_hint() {
+        let with = FatalExit::Unemulated {
+            insn: "popcnt",
+            symbol: Some("__bitmap_weight+0x34".into()),
+            bytes: vec![0xf3, 0x48, 0x0f, 0xb8, 0xc7],
+            hint: Some("boot the kernel with `clearcpuid=popcnt`"),
+        };
+        assert_eq!(
+            with.to_string(),
+            "KVM's emulator cannot run `popcnt` in __bitmap_weight+0x34 (bytes f3 48 0f b8 c7); \
+             boot the kernel with `clearcpuid=popcnt`"
+        );
+        let bare = FatalExit::Unemulated { insn: "an instruction", symbol: None, bytes: vec![0x0f, 0x0b], hint: None };
+        assert_eq!(bare.to_string(), "KVM's emulator cannot run `an instruction` (bytes 0f 0b)");
     }
 
     #[test]

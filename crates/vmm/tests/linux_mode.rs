@@ -84,6 +84,7 @@ fn config(kernel: std::path::PathBuf, vcpus: u16, serial: Captured) -> VmConfig 
         allow_events: None,
         serial: SerialSink::Writer(Box::new(serial)),
         introspect: None,
+        symbols: Vec::new(),
     }
 }
 

@@ -29,6 +29,9 @@ WHAT TO RUN:
                              On a PVM host ukvmi appends what its emulator needs
                              (noxsave, clearcpuid=..., nofsgsbase, nosmp) unless given,
                              and says so once
+    --map FILE               Linux only: the kernel's System.map, to name the kernel
+                             function in the VMM's messages (an instruction it
+                             completed for the emulator, or one it could not run)
     --vcpus N                number of vCPUs (default 1); a built-in guest starts at
                              most the vCPUs it uses (below), the others stay idle
     --memory MIB             guest RAM in MiB (default 64, 256 for a Linux kernel); a

@@ -92,7 +92,7 @@ pub(super) const LINUX_DEFAULT_MEMORY_MIB: u64 = 256;
 
 /// `image` as a Linux boot when its file is a Linux kernel (decided from its
 /// bytes by the VMM); `--initrd`/`--cmdline` with anything else is refused.
-fn linux_image(image: Image, initrd: Option<PathBuf>, cmdline: Option<String>) -> Result<Image, String> {
+fn linux_image(image: Image, initrd: Option<PathBuf>, cmdline: Option<String>, map: bool) -> Result<Image, String> {
     let linux = match &image {
         Image::Kernel(p) => {
             use ukvmi_vmm::KernelKind;
@@ -104,10 +104,11 @@ fn linux_image(image: Image, initrd: Option<PathBuf>, cmdline: Option<String>) -
     match image {
         Image::Kernel(kernel) if linux => Ok(Image::Linux { kernel, initrd, cmdline }),
         other => {
-            let opt = match (&initrd, &cmdline) {
-                (Some(_), _) => "--initrd",
-                (None, Some(_)) => "--cmdline",
-                (None, None) => return Ok(other),
+            let opt = match (&initrd, &cmdline, map) {
+                (Some(_), _, _) => "--initrd",
+                (None, Some(_), _) => "--cmdline",
+                (None, None, true) => "--map",
+                (None, None, false) => return Ok(other),
             };
             let what = match &other {
                 Image::Kernel(p) => format!("--kernel {}, which is not a Linux kernel", p.display()),
@@ -132,6 +133,7 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
         allow_events: None,
         serial: SerialSink::Stdout,
         introspect: None,
+        symbols: Vec::new(),
     };
     let mut image = None;
     let mut guest = None;
@@ -185,6 +187,12 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
                 initrd = Some(p);
             }
             "--cmdline" => cmdline = Some(val()?),
+            "--map" => {
+                let p = val()?;
+                let text = std::fs::read_to_string(&p).map_err(|e| format!("--map {p}: {e}"))?;
+                let map = ukvmi_monitor::SymbolMap::parse(&text).map_err(|e| format!("--map {p}: {e}"))?;
+                cfg.symbols = map.iter().map(|(name, addr)| (addr, name.to_string())).collect();
+            }
             "--vcpus" => cfg.vcpus = val()?.parse().map_err(|_| "--vcpus takes a number from 1 to 65535")?,
             "--memory" => {
                 memory_given = true;
@@ -254,7 +262,7 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
         }
     }
     cfg.image = image.ok_or("give --guest NAME or --kernel PATH (see ukvmi run --help)")?;
-    cfg.image = linux_image(cfg.image, initrd, cmdline)?;
+    cfg.image = linux_image(cfg.image, initrd, cmdline, !cfg.symbols.is_empty())?;
     if matches!(cfg.image, Image::Linux { .. }) && !memory_given {
         cfg.memory_mib = LINUX_DEFAULT_MEMORY_MIB;
     }
@@ -341,6 +349,14 @@ mod tests {
             cfg.image
         );
         assert_eq!(cfg.memory_mib, LINUX_DEFAULT_MEMORY_MIB);
+        let map = file("System.map", b"ffffffff81000000 T _text\nffffffff81000100 t fpu__drop\n");
+        let cfg = parse(&args(&["--kernel", &k, "--map", &map])).unwrap().unwrap();
+        assert_eq!(
+            cfg.symbols,
+            vec![(0xffff_ffff_8100_0000, "_text".to_string()), (0xffff_ffff_8100_0100, "fpu__drop".into())]
+        );
+        assert!(parse(&args(&["--kernel", &k, "--map", &k])).unwrap_err().starts_with("--map "));
+        std::fs::remove_file(map).unwrap();
         let cfg = parse(&args(&["--kernel", &k, "--memory", "128"])).unwrap().unwrap();
         assert!(matches!(cfg.image, Image::Linux { initrd: None, cmdline: None, .. }));
         assert_eq!(cfg.memory_mib, 128, "--memory given wins");
@@ -356,6 +372,10 @@ mod tests {
         assert!(e.starts_with("--initrd is only for a Linux kernel") && e.contains("not a Linux kernel"), "{e}");
         let e = parse(&args(&["--kernel", &flat, "--cmdline", "x"])).unwrap_err();
         assert!(e.starts_with("--cmdline is only for a Linux kernel"), "{e}");
+        let map = file("map", b"ffffffff81000000 T _text\n");
+        let e = parse(&args(&["--kernel", &flat, "--map", &map])).unwrap_err();
+        assert!(e.starts_with("--map is only for a Linux kernel"), "{e}");
+        std::fs::remove_file(map).unwrap();
         let e = parse(&args(&["--guest", "demo", "--cmdline", "x"])).unwrap_err();
         assert!(e.ends_with("not for a built-in guest"), "{e}");
         let cfg = parse(&args(&["--kernel", &flat])).unwrap().unwrap();

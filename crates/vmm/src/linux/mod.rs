@@ -126,6 +126,22 @@ pub(crate) struct LinuxState {
     /// many did in all.
     pub int3_sites: Mutex<HashSet<u64>>,
     pub int3s: std::sync::atomic::AtomicU64,
+    /// Kernel symbols by address, for messages.
+    pub symbols: Vec<(u64, String)>,
+}
+
+impl LinuxState {
+    /// `addr` as `name+0xoff`, if a symbol at or below it is known.
+    pub fn symbol(&self, addr: u64) -> Option<String> {
+        symbol(&self.symbols, addr)
+    }
+}
+
+/// The symbol of `sorted` (by address) at or below `addr`, as `name+0xoff`.
+pub(crate) fn symbol(sorted: &[(u64, String)], addr: u64) -> Option<String> {
+    let i = sorted.partition_point(|(a, _)| *a <= addr).checked_sub(1)?;
+    let (a, name) = sorted.get(i)?;
+    Some(format!("{name}+{:#x}", addr - a))
 }
 
 #[cfg(test)]
@@ -188,6 +204,16 @@ pub(crate) mod tests {
         let p = std::env::temp_dir().join(format!("ukvmi-linux-{}-{name}", std::process::id()));
         std::fs::write(&p, bytes).unwrap();
         p
+    }
+
+    #[test]
+    fn addresses_are_named_by_the_symbol_below_them() {
+        let syms = vec![(0x1000, "a".to_string()), (0x1100, "b".to_string())];
+        assert_eq!(symbol(&syms, 0x1000).as_deref(), Some("a+0x0"));
+        assert_eq!(symbol(&syms, 0x10ff).as_deref(), Some("a+0xff"));
+        assert_eq!(symbol(&syms, 0x2000).as_deref(), Some("b+0xf00"));
+        assert_eq!(symbol(&syms, 0xfff), None);
+        assert_eq!(symbol(&[], 0x1000), None);
     }
 
     #[test]

@@ -39,8 +39,14 @@ pub(crate) struct Decoded {
 
 const NOXSAVE: Option<&str> = Some("boot the kernel with `noxsave` (PVM hosts get it by default)");
 const SSE: Option<&str> = Some(
-    "the emulator lacks SSE state instructions: clear the feature of the code that uses them (e.g. `clearcpuid=ssse3`)",
+    "the emulator lacks SSE instructions: clear the feature of the code that uses them \
+     (e.g. `clearcpuid=137` for SSSE3, which PVM hosts get by default)",
 );
+
+/// " <sym+0xoff>" or nothing.
+fn named_at(sym: Option<String>) -> String {
+    sym.map(|s| format!(" <{s}>")).unwrap_or_default()
+}
 
 fn named(name: &'static str, hint: Option<&'static str>) -> Decoded {
     Decoded { name, len: 0, completion: None, hint }
@@ -76,7 +82,9 @@ pub(crate) fn decode(b: &[u8]) -> Decoded {
         (Some(0xcc), _, _) => named("int3", None),
         (Some(0x0f), Some(0x01), Some(0xd0)) => named("xgetbv", NOXSAVE),
         (Some(0x0f), Some(0x01), Some(0xd1)) => named("xsetbv", NOXSAVE),
-        (Some(0x0f), Some(0xb8), _) if rep => named("popcnt", Some("boot the kernel with `clearcpuid=popcnt`")),
+        (Some(0x0f), Some(0xb8), _) if rep => {
+            named("popcnt", Some("boot the kernel with `clearcpuid=151` (POPCNT; PVM hosts get it by default)"))
+        }
         (Some(0x0f), Some(0xae), _) => match modrm(2) {
             Some((3, r)) if rep && r < 4 => named(
                 match r {
@@ -145,11 +153,14 @@ impl KvmVcpu {
         if let Err(e) = self.put_regs(&r) {
             return Some(Step::Fatal { why: FatalExit::RunFailed(e), rip: 0, code: [0; 8] });
         }
-        let first = self.shared.linux.as_ref().is_some_and(|l| lock(&l.completed).insert(regs.rip));
-        if first {
+        let first = self.shared.linux.as_ref().filter(|l| lock(&l.completed).insert(regs.rip));
+        if let Some(l) = first {
             (self.shared.log)(&format!(
-                "vCPU {}: completed {} at {:#x} (KVM's emulator lacks it); further ones at this address are not logged",
-                self.index, d.name, regs.rip
+                "vCPU {}: completed {} at {:#x}{} (KVM's emulator lacks it); further ones at this address are not logged",
+                self.index,
+                d.name,
+                regs.rip,
+                named_at(l.symbol(regs.rip))
             ));
         }
         Some(Step::Reenter)
@@ -163,9 +174,10 @@ impl KvmVcpu {
         let n = l.int3s.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         if lock(&l.int3_sites).insert(rip) {
             (self.shared.log)(&format!(
-                "vCPU {}: int3 #{n} at {rip:#x} (an emulation failure): a tool's breakpoint, else #BP to the guest \
+                "vCPU {}: int3 #{n} at {rip:#x}{} (an emulation failure): a tool's breakpoint, else #BP to the guest \
                  with RIP past it; further ones at this address are not logged",
-                self.index
+                self.index,
+                named_at(l.symbol(rip))
             ));
         }
     }
@@ -173,10 +185,10 @@ impl KvmVcpu {
     /// The named fatal exit for an instruction the emulator failed on, for
     /// a Linux guest; `None` for the guest ABI's images.
     pub(super) fn unemulated(&self, regs: &kvm_bindings::kvm_regs) -> Option<FatalExit> {
-        self.shared.linux.as_ref()?;
+        let symbol = self.shared.linux.as_ref()?.symbol(regs.rip);
         let bytes = self.code_at(regs.rip);
         let d = decode(&bytes);
-        Some(FatalExit::Unemulated { insn: d.name, bytes, hint: d.hint })
+        Some(FatalExit::Unemulated { insn: d.name, symbol, bytes, hint: d.hint })
     }
 }
 
@@ -204,7 +216,7 @@ mod tests {
     #[test]
     fn what_the_probe_met_is_named_with_its_switch() {
         assert_eq!(name(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7]), "popcnt");
-        assert!(decode(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7]).hint.unwrap().contains("clearcpuid=popcnt"));
+        assert!(decode(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7]).hint.unwrap().contains("clearcpuid=151"));
         assert_eq!(name(&[0x0f, 0xae, 0x54, 0x24, 0x04]), "ldmxcsr");
         assert_eq!(name(&[0x48, 0x0f, 0xae, 0x2f]), "xrstor");
         assert!(decode(&[0x48, 0x0f, 0xae, 0x2f]).hint.unwrap().contains("noxsave"));

@@ -102,6 +102,10 @@ pub struct VmConfig {
     pub serial: SerialSink,
     /// The introspector, if any.
     pub introspect: Option<IntrospectConfig>,
+    /// Kernel symbols (address, name) for the VMM's messages about a Linux
+    /// guest (an instruction it completed or could not run); empty: bare
+    /// addresses.
+    pub symbols: Vec<(u64, String)>,
 }
 
 /// Checks the vCPU count and RAM size against what the guest ABI and the

@@ -144,6 +144,11 @@ impl Vm {
                     completed: Mutex::new(HashSet::new()),
                     int3_sites: Mutex::new(HashSet::new()),
                     int3s: AtomicU64::new(0),
+                    symbols: {
+                        let mut s = cfg.symbols.clone();
+                        s.sort();
+                        s
+                    },
                 };
                 let entry = match boot {
                     LinuxEntry::Pvh { entry, .. } | LinuxEntry::Boot64 { entry, .. } => entry,
