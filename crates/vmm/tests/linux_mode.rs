@@ -112,6 +112,11 @@ fn the_pvh_entry_gets_start_info_the_serial_port_and_the_reset() {
     assert_eq!(vm.run(), Exit::Reset);
     assert_eq!(serial.0.lock().unwrap().as_slice(), b"M\n", "RBX pointed at hvm_start_info");
     let lines = lines.lock().unwrap();
+    let summary = lines.iter().find(|s| s.starts_with("Linux guest: ")).expect("a summary at the end");
+    assert!(summary.contains("0 int3s reached the VMM"), "{summary}");
+    if HostKind::probe() == HostKind::Pvm {
+        assert!(summary.contains("1 instructions completed for KVM's emulator at 1 sites"), "{summary}");
+    }
     assert!(lines.iter().any(|s| s.contains("port 0x2f8: no device there")), "{lines:?}");
     if HostKind::probe() == HostKind::Pvm {
         assert!(lines.iter().any(|s| s.contains("completed fwait at 0x100018")), "{lines:?}");

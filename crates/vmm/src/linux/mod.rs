@@ -126,11 +126,26 @@ pub(crate) struct LinuxState {
     /// many did in all.
     pub int3_sites: Mutex<HashSet<u64>>,
     pub int3s: std::sync::atomic::AtomicU64,
+    /// Instructions completed for the emulator, in all.
+    pub completions: std::sync::atomic::AtomicU64,
     /// Kernel symbols by address, for messages.
     pub symbols: Vec<(u64, String)>,
 }
 
 impl LinuxState {
+    /// One line for the end of the run: how often the VMM stepped in.
+    pub fn summary(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        format!(
+            "Linux guest: {} int3s reached the VMM at {} sites (the BREAKPOINT path; the kernel's own went back to it \
+             as #BP), {} instructions completed for KVM's emulator at {} sites",
+            self.int3s.load(Relaxed),
+            crate::vm::lock(&self.int3_sites).len(),
+            self.completions.load(Relaxed),
+            crate::vm::lock(&self.completed).len()
+        )
+    }
+
     /// `addr` as `name+0xoff`, if a symbol at or below it is known.
     pub fn symbol(&self, addr: u64) -> Option<String> {
         symbol(&self.symbols, addr)

@@ -153,6 +153,9 @@ impl KvmVcpu {
         if let Err(e) = self.put_regs(&r) {
             return Some(Step::Fatal { why: FatalExit::RunFailed(e), rip: 0, code: [0; 8] });
         }
+        if let Some(l) = &self.shared.linux {
+            l.completions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let first = self.shared.linux.as_ref().filter(|l| lock(&l.completed).insert(regs.rip));
         if let Some(l) = first {
             (self.shared.log)(&format!(

@@ -144,6 +144,7 @@ impl Vm {
                     completed: Mutex::new(HashSet::new()),
                     int3_sites: Mutex::new(HashSet::new()),
                     int3s: AtomicU64::new(0),
+                    completions: AtomicU64::new(0),
                     symbols: {
                         let mut s = cfg.symbols.clone();
                         s.sort();
@@ -303,8 +304,9 @@ impl Vm {
         self.endpoint.unhook();
         // A Linux guest's last words need not end with a newline (a
         // panic's). (The ABI's guests keep today's line-only output.)
-        if self.shared.linux.is_some() {
+        if let Some(l) = &self.shared.linux {
             lock(&self.shared.serial).flush_line();
+            (self.log)(&l.summary());
         }
         why
     }
