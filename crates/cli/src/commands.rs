@@ -114,6 +114,9 @@ pub(crate) const COMMANDS: &[Command] = &[
         options: &[
             valued("--guest", "NAME"),
             valued("--kernel", "PATH"),
+            valued("--initrd", "FILE"),
+            valued("--cmdline", "TEXT"),
+            valued("--map", "FILE"),
             valued("--vcpus", "N"),
             valued("--memory", "MIB"),
             valued("--introspect", "unix:PATH"),

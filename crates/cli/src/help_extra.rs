@@ -30,7 +30,13 @@ const fn stream(name: &'static str, examples: &'static [&'static str]) -> Extra 
 /// Every command's extras.
 pub(crate) const EXTRAS: &[Extra] = &[
     once("demo", &["ukvmi demo", "ukvmi demo --json | head"]),
-    stream("run", &["ukvmi run --guest demo --vcpus 2 --introspect unix:vm.sock"]),
+    stream(
+        "run",
+        &[
+            "ukvmi run --guest demo --vcpus 2 --introspect unix:vm.sock",
+            "ukvmi run --kernel vmlinux --initrd initramfs.cpio --cmdline \"console=ttyS0 rdinit=/init\"",
+        ],
+    ),
     once("guests", &["ukvmi guests", "ukvmi guests --json"]),
     once("info", &["ukvmi info", "ukvmi info --json"]),
     once("regs", &["ukvmi regs 0", "ukvmi regs 1 --json"]),

@@ -19,6 +19,13 @@ pub(crate) fn describe(e: &Error) -> String {
         ConfigError::TooMuchMemory { mib, max } => {
             format!("--memory {mib} MiB is more than the {max} MiB (1 TiB) ukvmi supports")
         }
+        ConfigError::LinuxVcpus { requested } => format!(
+            "--vcpus {requested}: a Linux kernel runs on one vCPU here (the VMM gives it no MP table or ACPI \
+             to find more); give --vcpus 1"
+        ),
+        ConfigError::LinuxMemory { mib, max } => {
+            format!("--memory {mib} MiB is more than the {max} MiB a Linux kernel may have here (RAM must stay below the IOAPIC/LAPIC)")
+        }
         ConfigError::AllowCommand { id, source } => format!("--allow-command {id}: {source}"),
         ConfigError::AllowEvent { id, source } => format!("--allow-event {id}: {source}"),
         other => other.to_string(),
@@ -50,6 +57,14 @@ mod tests {
             say(ConfigError::TooMuchMemory { mib: 2 << 20, max: 1 << 20 }),
             "--memory 2097152 MiB is more than the 1048576 MiB (1 TiB) ukvmi supports"
         );
+    }
+
+    #[test]
+    fn linux_limits_name_the_option() {
+        let v = say(ConfigError::LinuxVcpus { requested: 2 });
+        assert!(v.starts_with("--vcpus 2: a Linux kernel runs on one vCPU") && v.ends_with("give --vcpus 1"), "{v}");
+        let m = say(ConfigError::LinuxMemory { mib: 4096, max: 3072 });
+        assert!(m.starts_with("--memory 4096 MiB is more than the 3072 MiB a Linux kernel may have"), "{m}");
     }
 
     #[test]

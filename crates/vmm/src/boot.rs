@@ -97,6 +97,81 @@ pub(crate) fn enter_long_mode(fd: &VcpuFd, entry: u64, index: u16, count: u16) -
     Ok(())
 }
 
+/// Puts the PVH entry state into `s`: 32-bit protected mode, paging off,
+/// flat segments of the boot GDT (`linux::pvh::GDT`), no IDT.
+pub(crate) fn pvh_sregs(s: &mut kvm_sregs) {
+    let seg = |selector: u16, type_: u8| kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    s.cs = seg(0x08, 11);
+    let d = seg(0x10, 3);
+    (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
+    s.tr = kvm_segment { limit: 0x67, selector: 0x18, type_: 11, present: 1, s: 0, db: 0, g: 0, ..seg(0x18, 11) };
+    s.gdt.base = crate::linux::pvh::GDT_ADDR;
+    s.gdt.limit = (crate::linux::pvh::GDT.len() * 8 - 1) as u16;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cr0 = 0x11; // PE | ET
+    s.cr3 = 0;
+    s.cr4 = 0;
+    s.efer = 0;
+}
+
+/// Puts the 64-bit boot protocol's entry state into `s`: long mode with
+/// the identity tables and GDT of `linux::bzimage` (`__BOOT_CS` 0x10,
+/// `__BOOT_DS` 0x18).
+pub(crate) fn boot64_sregs(s: &mut kvm_sregs) {
+    long_mode_sregs(s);
+    s.cs.selector = 0x10;
+    for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
+        d.selector = 0x18;
+    }
+    s.tr = kvm_segment { base: 0, limit: 0x67, selector: 0x20, type_: 11, present: 1, ..Default::default() };
+    s.gdt.base = crate::linux::bzimage::GDT_ADDR;
+    s.gdt.limit = (crate::linux::bzimage::GDT.len() * 8 - 1) as u16;
+    s.cr3 = crate::linux::bzimage::PML4_ADDR;
+}
+
+/// Enters a Linux kernel on `fd`: PVH (32-bit protected mode at the entry,
+/// RBX = `hvm_start_info`) or the 64-bit boot protocol (long mode at
+/// `startup_64`, RSI = the zero page); MTRRs as [`enter_long_mode`] sets
+/// them, and the x87/SSE control words of a reset.
+pub(crate) fn enter_linux(fd: &VcpuFd, how: crate::linux::LinuxEntry) -> Result<(), FailureCause> {
+    use crate::linux::LinuxEntry;
+    let boot = |what: &'static str| move |source| FailureCause::Boot { what, source };
+    let mut s = fd.get_sregs().map_err(boot("KVM_GET_SREGS"))?;
+    let regs = match how {
+        LinuxEntry::Pvh { entry, start_info } => {
+            pvh_sregs(&mut s);
+            kvm_regs { rip: entry, rbx: start_info, rflags: 2, ..Default::default() }
+        }
+        LinuxEntry::Boot64 { entry, zero_page } => {
+            boot64_sregs(&mut s);
+            kvm_regs { rip: entry, rsi: zero_page, rflags: 2, ..Default::default() }
+        }
+    };
+    fd.set_sregs(&s).map_err(boot("KVM_SET_SREGS"))?;
+    fd.set_regs(&regs).map_err(boot("KVM_SET_REGS"))?;
+    let fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    fd.set_fpu(&fpu).map_err(boot("KVM_SET_FPU"))?;
+    let msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_MTRR_DEF_TYPE, data: 0xc06, ..Default::default() }])
+        .map_err(|_| FailureCause::Boot { what: "KVM_SET_MSRS", source: kvm_ioctls::Error::new(libc::E2BIG) })?;
+    fd.set_msrs(&msrs).map_err(boot("KVM_SET_MSRS"))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +213,25 @@ mod tests {
         assert_eq!(r0.rsp, layout::STACK_TOP);
         assert_eq!(r3.rdi, 3);
         assert_eq!(r0.rsp - r3.rsp, 3 * layout::STACK_SIZE);
+    }
+
+    #[test]
+    fn pvh_sregs_are_32_bit_protected_mode_without_paging() {
+        let mut s = kvm_sregs::default();
+        pvh_sregs(&mut s);
+        assert_eq!((s.cs.selector, s.cs.l, s.cs.db, s.cs.type_), (0x08, 0, 1, 11));
+        assert_eq!((s.ds.selector, s.ss.selector, s.ss.db), (0x10, 0x10, 1));
+        assert_eq!((s.tr.selector, s.tr.type_, s.tr.s), (0x18, 11, 0));
+        assert_eq!((s.cr0, s.cr3, s.cr4, s.efer), (0x11, 0, 0, 0));
+        assert_eq!((s.gdt.base, s.gdt.limit), (0x500, 31));
+    }
+
+    #[test]
+    fn boot64_sregs_use_the_boot_protocols_selectors() {
+        let mut s = kvm_sregs::default();
+        boot64_sregs(&mut s);
+        assert_eq!((s.cs.selector, s.cs.l, s.ds.selector, s.ss.selector, s.tr.selector), (0x10, 1, 0x18, 0x18, 0x20));
+        assert_eq!((s.cr3, s.efer & 0x500, s.gdt.limit), (0x9000, 0x500, 47));
     }
 
     #[test]

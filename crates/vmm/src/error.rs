@@ -93,6 +93,23 @@ pub enum ConfigError {
         /// Why.
         source: PermissionError,
     },
+    /// A Linux guest with more than one vCPU: there is no MP table or ACPI
+    /// MADT to tell the kernel about the others.
+    #[error(
+        "a Linux guest runs on one vCPU ({requested} asked for): the VMM gives it no MP table or ACPI to find more"
+    )]
+    LinuxVcpus {
+        /// vCPUs asked for.
+        requested: u16,
+    },
+    /// A Linux guest with more RAM than fits below the IOAPIC/LAPIC.
+    #[error("{mib} MiB of guest RAM is more than the {max} MiB a Linux guest may have (RAM is one memslot from 0, below the IOAPIC and LAPIC)")]
+    LinuxMemory {
+        /// MiB asked for.
+        mib: u64,
+        /// The maximum.
+        max: u64,
+    },
     /// An event id the endpoint's permissions refuse to allow.
     #[error("event {id} cannot be allowed: {source}")]
     AllowEvent {
@@ -121,6 +138,14 @@ pub enum ImageError {
         /// Why.
         source: std::io::Error,
     },
+    /// A Linux kernel could not be booted.
+    #[error("Linux kernel {}: {source}", path.display())]
+    Linux {
+        /// The kernel file.
+        path: PathBuf,
+        /// Why.
+        source: LinuxError,
+    },
     /// The kernel file is not a loadable image.
     #[error("kernel {}: {source}", path.display())]
     Kernel {
@@ -129,6 +154,54 @@ pub enum ImageError {
         /// What is wrong with it.
         source: LoadError,
     },
+}
+
+/// Why a Linux kernel could not be booted.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum LinuxError {
+    /// The kernel file could not be read.
+    #[error("cannot read it: {0}")]
+    ReadKernel(#[source] std::io::Error),
+    /// linux-loader refused the kernel (or its command line).
+    #[error("{0}")]
+    Load(#[source] linux_loader::loader::Error),
+    /// The ELF has no PVH entry note.
+    #[error("this vmlinux has no PVH entry (build it with CONFIG_PVH)")]
+    NoPvhEntry,
+    /// A bzImage too old for the 64-bit boot protocol (before 2.06, or
+    /// without `XLF_KERNEL_64`).
+    #[error("this bzImage cannot be booted through the 64-bit boot protocol (protocol 2.06 or later with a 64-bit entry is needed)")]
+    NotBootable,
+    /// The command line is longer than the kernel takes.
+    #[error("the kernel command line has {len} bytes, more than the {max} Linux takes")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// The most allowed.
+        max: usize,
+    },
+    /// The command line has characters the kernel cannot take.
+    #[error("bad kernel command line: {0}")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The initrd file could not be read.
+    #[error("cannot read the initrd: {0}")]
+    ReadInitrd(#[source] std::io::Error),
+    /// The initrd does not fit between the kernel and the top of RAM.
+    #[error(
+        "an initrd of {size} bytes does not fit in guest RAM between the kernel's end ({kernel_end:#x}) and {ram:#x}"
+    )]
+    InitrdDoesNotFit {
+        /// The initrd's size.
+        size: u64,
+        /// The first byte after the kernel.
+        kernel_end: u64,
+        /// The top of RAM it may use.
+        ram: u64,
+    },
+    /// The boot structures do not fit in guest RAM.
+    #[error("the PVH boot structures do not fit in guest RAM")]
+    BootParams,
 }
 
 /// What is wrong with a kernel image (an ELF64 file or a flat binary).

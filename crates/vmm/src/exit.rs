@@ -15,6 +15,9 @@ pub enum Exit {
     PowerOff(u8),
     /// Stopped from outside (a signal).
     Stopped,
+    /// The guest reset the machine (a Linux guest: i8042 `0xfe` or the
+    /// 0xcf9 reset control; `reboot`, or `panic=-1` after a panic).
+    Reset,
     /// An event reply asked for CRASH.
     Crashed(Crash),
     /// The guest or the VMM failed.
@@ -199,6 +202,55 @@ pub enum FatalExit {
     /// `KVM_RUN` itself failed.
     #[error("KVM_RUN failed: {0}")]
     RunFailed(kvm_ioctls::Error),
+    /// An instruction KVM's emulator cannot run and the VMM does not
+    /// complete (a Linux guest on a host that emulates ring 0).
+    #[error("KVM's emulator cannot run `{insn}`{} (bytes {}){}", In(symbol.as_deref()), Hex(bytes), Hint(*hint))]
+    Unemulated {
+        /// The instruction's name ("an instruction" when not decoded).
+        insn: &'static str,
+        /// The kernel symbol it is in (`name+0xoff`), when symbols are known.
+        symbol: Option<String>,
+        /// The bytes read at RIP (up to 15; fewer at a page end).
+        bytes: Vec<u8>,
+        /// What avoids it (a kernel command-line switch, usually).
+        hint: Option<&'static str>,
+    },
+}
+
+/// Bytes as `0f 01 ca`.
+struct Hex<'a>(&'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            write!(f, "{}{b:02x}", if i == 0 { "" } else { " " })?;
+        }
+        Ok(())
+    }
+}
+
+/// " in name+0xoff" or nothing.
+struct In<'a>(Option<&'a str>);
+
+impl fmt::Display for In<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(s) => write!(f, " in {s}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// "; try …" or nothing.
+struct Hint(Option<&'static str>);
+
+impl fmt::Display for Hint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(h) => write!(f, "; {h}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// "; its page or descriptor tables include gpa …" or nothing.
@@ -267,6 +319,23 @@ mod tests {
              which SET_PAGE_ACCESS left without a memslot)"
         );
         assert_eq!(FatalExit::InternalError { suberror: 1 }.to_string(), "KVM_EXIT_INTERNAL_ERROR (suberror 1)");
+    }
+
+    #[test]
+    fn unemulated_instructions_are_named_with_symbol_bytes_and_hint() {
+        let with = FatalExit::Unemulated {
+            insn: "popcnt",
+            symbol: Some("__bitmap_weight+0x34".into()),
+            bytes: vec![0xf3, 0x48, 0x0f, 0xb8, 0xc7],
+            hint: Some("boot the kernel with `clearcpuid=popcnt`"),
+        };
+        assert_eq!(
+            with.to_string(),
+            "KVM's emulator cannot run `popcnt` in __bitmap_weight+0x34 (bytes f3 48 0f b8 c7); \
+             boot the kernel with `clearcpuid=popcnt`"
+        );
+        let bare = FatalExit::Unemulated { insn: "an instruction", symbol: None, bytes: vec![0x0f, 0x0b], hint: None };
+        assert_eq!(bare.to_string(), "KVM's emulator cannot run `an instruction` (bytes 0f 0b)");
     }
 
     #[test]

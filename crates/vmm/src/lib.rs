@@ -20,6 +20,12 @@
 //!   trap-flag drain), `events` (breakpoint, single-step, hypercall, MSR),
 //!   `page_access` (the PF event), `ports` (port devices), `virt`
 //!   (guest-virtual reads), `backend` and `mtrr` (the `VcpuBackend`).
+//! * `linux`: booting a Linux kernel (telling one from the ABI's images,
+//!   PVH for a vmlinux, the 64-bit protocol for a bzImage, e820, the
+//!   command line, CPUID, irqchip/PIT/LAPIC); `devices`: a Linux guest's
+//!   port devices (16550 with its IRQ, CMOS/RTC, i8042, 0xcf9, PCI
+//!   configuration that finds nothing); `vcpu::complete`: the instructions
+//!   KVM's emulator lacks that the VMM completes for it.
 //! * `kick`: signal + `immediate_exit` to pull a vCPU out of `KVM_RUN`.
 //! * `trap_flag`: keeps KVM's single-step TF out of exception frames.
 //! * `msr_filter`: the KVM MSR filter behind MSR events.
@@ -33,14 +39,18 @@
 //!
 //! Guests follow the ABI of `ukvmi-guests`: entered in 64-bit ring 0 with
 //! identity paging, serial at 0x3f8, power-off at 0xf4, "start vCPU" at 0x600.
+//! A Linux kernel (`Image::Linux`) gets a small PC instead: one vCPU, no
+//! ACPI/MP tables, no PCI; it ends the VM by resetting (`Exit::Reset`).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 #![warn(missing_debug_implementations)]
 
 mod boot;
 mod convert;
+mod devices;
 mod error;
 mod exit;
 mod kick;
+mod linux;
 mod loader;
 mod memory;
 mod msr_filter;
@@ -50,7 +60,12 @@ mod trap_flag;
 mod vcpu;
 mod vm;
 
-pub use error::{ConfigError, Error, ImageError, LoadError, Result, SetupError, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+pub use error::{
+    ConfigError, Error, ImageError, LinuxError, LoadError, Result, SetupError, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
+};
 pub use exit::{Crash, CrashEvent, Failure, FailureCause, FatalExit, PfAccess};
+pub use linux::{kernel_kind, KernelKind, LINUX_MAX_MEMORY_MIB};
 pub use ukvmi_endpoint::{Dialect, PermissionError};
-pub use vm::{host_capabilities, BuiltinImage, Exit, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig};
+pub use vm::{
+    host_capabilities, BuiltinImage, Exit, HostKind, Image, IntrospectConfig, SerialSink, StopHandle, Vm, VmConfig,
+};

@@ -75,6 +75,10 @@ pub(crate) fn load_image(ram: &GuestRam, image: &Image) -> crate::error::Result<
             let bytes = std::fs::read(path).map_err(|source| ImageError::Read { path: path.clone(), source })?;
             Ok(load(ram, &bytes).map_err(|source| ImageError::Kernel { path: path.clone(), source })?)
         }
+        // `Vm::new` boots Linux itself (`linux::pvh`); never asked here.
+        Image::Linux { kernel, .. } => {
+            Err(ImageError::Linux { path: kernel.clone(), source: crate::error::LinuxError::NoPvhEntry }.into())
+        }
     }
 }
 

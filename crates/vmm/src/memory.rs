@@ -45,6 +45,11 @@ impl GuestRam {
         Ok(GuestRam { mem, size, file })
     }
 
+    /// The vm-memory view of RAM (for linux-loader, which writes into it).
+    pub(crate) fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
     /// The guest-RAM memfd (read-write, sealed against resizing, mode 0400).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()

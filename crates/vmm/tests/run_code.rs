@@ -57,6 +57,7 @@ fn vm(code: &[u8], vcpus: u16) -> (Vm, Captured) {
         allow_events: None,
         serial: SerialSink::Writer(Box::new(serial.clone())),
         introspect: None,
+        symbols: Vec::new(),
     };
     let vm = Vm::new(cfg, Arc::new(|_: &str| {})).unwrap_or_else(|e| panic!("creating a VM on /dev/kvm: {e}"));
     let _ = std::fs::remove_file(path);
@@ -181,6 +182,7 @@ fn a_kernel_that_cannot_be_read_is_a_config_error() {
         allow_events: None,
         serial: SerialSink::Stdout,
         introspect: None,
+        symbols: Vec::new(),
     };
     let e = Vm::new(cfg, Arc::new(|_: &str| {})).unwrap_err();
     assert!(e.to_string().starts_with("cannot read kernel /nonexistent/ukvmi-kernel: "), "{e}");

@@ -64,6 +64,7 @@ fn vm_with_tool(code: &[u8]) -> (Vm, RawPeer) {
         allow_events: None,
         serial: SerialSink::Writer(Box::new(std::io::sink())),
         introspect: None,
+        symbols: Vec::new(),
     };
     let vm = Vm::new(cfg, Arc::new(|_: &str| {})).unwrap_or_else(|e| panic!("creating a VM on /dev/kvm: {e}"));
     let _ = std::fs::remove_file(path);

@@ -15,11 +15,27 @@ USAGE:
 WHAT TO RUN:
     --guest NAME             a built-in guest (see below)
     --kernel PATH            a flat binary (loaded at 1 MiB) or an ELF64 file,
-                             entered in 64-bit ring 0 (see crates/guests for the ABI)
+                             entered in 64-bit ring 0 (see crates/guests for the ABI);
+                             or a Linux kernel, told from its bytes: a vmlinux built
+                             with CONFIG_PVH (booted through PVH) or a bzImage (the
+                             64-bit boot protocol; its decompressor runs in the guest,
+                             slow on a PVM host), on a small PC: in-kernel irqchip and PIT, a 16550 on ttyS0 with its
+                             IRQ, CMOS clock, i8042/0xcf9 reset, no PCI; one vCPU,
+                             at most 3072 MiB
+    --initrd FILE            Linux only: the initramfs (an uncompressed newc cpio
+                             unpacks fastest)
+    --cmdline TEXT           Linux only: the kernel command line (default
+                             `console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1`).
+                             On a PVM host ukvmi appends what its emulator needs
+                             (noxsave, clearcpuid=..., nofsgsbase, nosmp) unless given,
+                             and says so once
+    --map FILE               Linux only: the kernel's System.map, to name the kernel
+                             function in the VMM's messages (an instruction it
+                             completed for the emulator, or one it could not run)
     --vcpus N                number of vCPUs (default 1); a built-in guest starts at
                              most the vCPUs it uses (below), the others stay idle
-    --memory MIB             guest RAM in MiB (default 64); a built-in guest refuses
-                             less than it needs (below)
+    --memory MIB             guest RAM in MiB (default 64, 256 for a Linux kernel); a
+                             built-in guest refuses less than it needs (below)
     --serial stdio|file:PATH where the guest's serial console goes (default stdio)
 
 INTROSPECTION (the VMM connects to the tool, as QEMU does):
@@ -60,7 +76,8 @@ SIGNALS:
 
 EXIT STATUS:
     the guest's power-off status (0 for a normal power-off), 0 when stopped by
-    SIGINT/SIGTERM, 2 when an introspector answered CRASH, 1 on any failure.
+    SIGINT/SIGTERM or when a Linux guest resets the machine (reboot, or panic=-1
+    after a panic), 2 when an introspector answered CRASH, 1 on any failure.
 
 BUILT-IN GUESTS:
 ",

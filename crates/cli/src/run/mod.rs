@@ -84,14 +84,14 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     }
     let builtin = match &cfg.image {
         Image::Builtin(b) => ukvmi_guests::find(b.name),
-        Image::Kernel(_) => None,
+        Image::Kernel(_) | Image::Linux { .. } => None,
     };
     if let Some(w) = builtin.and_then(|g| options::idle_vcpus_warning(g, cfg.vcpus)) {
         say(&format!("ukvmi run: {w}"));
     }
     let kernel = match &cfg.image {
         Image::Kernel(p) => Some(p.clone()),
-        Image::Builtin(_) => None,
+        Image::Builtin(_) | Image::Linux { .. } => None,
     };
     let set = block_stop_signals();
     let log: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(|m: &str| say(&format!("ukvmi: {m}")));
@@ -129,6 +129,10 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
             ExitCode::from(s)
         }
         Exit::Stopped => ExitCode::SUCCESS,
+        Exit::Reset => {
+            say("ukvmi: the guest reset the machine (i8042 or 0xcf9): the VM ends");
+            ExitCode::SUCCESS
+        }
         Exit::Crashed(why) => {
             say(&format!("ukvmi: VM crashed: {why}"));
             ExitCode::from(2)

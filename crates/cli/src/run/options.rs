@@ -87,6 +87,40 @@ pub(super) fn idle_vcpus_warning(g: &ukvmi_guests::Guest, vcpus: u16) -> Option<
     ))
 }
 
+/// Guest RAM a Linux kernel gets when `--memory` is not given.
+pub(super) const LINUX_DEFAULT_MEMORY_MIB: u64 = 256;
+
+/// `image` as a Linux boot when its file is a Linux kernel (decided from its
+/// bytes by the VMM); `--initrd`/`--cmdline` with anything else is refused.
+fn linux_image(image: Image, initrd: Option<PathBuf>, cmdline: Option<String>, map: bool) -> Result<Image, String> {
+    let linux = match &image {
+        Image::Kernel(p) => {
+            use ukvmi_vmm::KernelKind;
+            let kind = ukvmi_vmm::kernel_kind(p).map_err(|e| e.to_string())?;
+            matches!(kind, KernelKind::LinuxPvh { .. } | KernelKind::LinuxBzImage { .. })
+        }
+        _ => false,
+    };
+    match image {
+        Image::Kernel(kernel) if linux => Ok(Image::Linux { kernel, initrd, cmdline }),
+        other => {
+            let opt = match (&initrd, &cmdline, map) {
+                (Some(_), _, _) => "--initrd",
+                (None, Some(_), _) => "--cmdline",
+                (None, None, true) => "--map",
+                (None, None, false) => return Ok(other),
+            };
+            let what = match &other {
+                Image::Kernel(p) => format!("--kernel {}, which is not a Linux kernel", p.display()),
+                _ => "a built-in guest".to_string(),
+            };
+            Err(format!(
+                "{opt} is only for a Linux kernel (an ELF vmlinux built with CONFIG_PVH, or a bzImage), not for {what}"
+            ))
+        }
+    }
+}
+
 /// The VM `args` ask for; `None` for `--help`.
 pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     let mut cfg = VmConfig {
@@ -99,10 +133,12 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
         allow_events: None,
         serial: SerialSink::Stdout,
         introspect: None,
+        symbols: Vec::new(),
     };
     let mut image = None;
     let mut guest = None;
     let mut memory_given = false;
+    let (mut initrd, mut cmdline) = (None::<PathBuf>, None::<String>);
     let mut path = None;
     let (mut key_file, mut reconnect, mut hs, mut unhook) =
         (None::<String>, Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(10));
@@ -142,6 +178,20 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
                 }
                 image = Some(Image::Kernel(p));
                 guest = None;
+            }
+            "--initrd" => {
+                let p = PathBuf::from(val()?);
+                if !p.is_file() {
+                    return Err(format!("--initrd {}: no such file", p.display()));
+                }
+                initrd = Some(p);
+            }
+            "--cmdline" => cmdline = Some(val()?),
+            "--map" => {
+                let p = val()?;
+                let text = std::fs::read_to_string(&p).map_err(|e| format!("--map {p}: {e}"))?;
+                let map = ukvmi_monitor::SymbolMap::parse(&text).map_err(|e| format!("--map {p}: {e}"))?;
+                cfg.symbols = map.iter().map(|(name, addr)| (addr, name.to_string())).collect();
             }
             "--vcpus" => cfg.vcpus = val()?.parse().map_err(|_| "--vcpus takes a number from 1 to 65535")?,
             "--memory" => {
@@ -212,6 +262,10 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
         }
     }
     cfg.image = image.ok_or("give --guest NAME or --kernel PATH (see ukvmi run --help)")?;
+    cfg.image = linux_image(cfg.image, initrd, cmdline, !cfg.symbols.is_empty())?;
+    if matches!(cfg.image, Image::Linux { .. }) && !memory_given {
+        cfg.memory_mib = LINUX_DEFAULT_MEMORY_MIB;
+    }
     if let Some(g) = guest {
         check_memory(g, cfg.memory_mib, memory_given)?;
     }
@@ -228,8 +282,109 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     if cfg.name.is_empty() {
         cfg.name = match &cfg.image {
             Image::Builtin(g) => g.name.to_string(),
-            Image::Kernel(p) => p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            Image::Kernel(p) | Image::Linux { kernel: p, .. } => {
+                p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            }
         };
     }
     Ok(Some(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny x86-64 ELF with the Xen PVH note (what makes a file Linux).
+    fn pvh_elf() -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        b[16] = 2;
+        b[18] = 62;
+        b[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
+        b[32] = 64;
+        b[52] = 64;
+        b[54] = 56;
+        b[56] = 2;
+        let phdr = |ty: u32, off: u64, addr: u64, size: u64| {
+            let mut p = vec![0u8; 56];
+            p[..4].copy_from_slice(&ty.to_le_bytes());
+            p[8..16].copy_from_slice(&off.to_le_bytes());
+            p[16..24].copy_from_slice(&addr.to_le_bytes());
+            p[24..32].copy_from_slice(&addr.to_le_bytes());
+            p[32..40].copy_from_slice(&size.to_le_bytes());
+            p[40..48].copy_from_slice(&size.to_le_bytes());
+            p
+        };
+        b.extend(phdr(1, 176, 0x20_0000, 16));
+        b.extend(phdr(4, 192, 0, 20));
+        b.extend([0xf4; 16]);
+        for w in [4u32, 4, 18] {
+            b.extend(w.to_le_bytes());
+        }
+        b.extend(b"Xen\0");
+        b.extend(0x20_0000u32.to_le_bytes());
+        b
+    }
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn file(name: &str, bytes: &[u8]) -> String {
+        let p = std::env::temp_dir().join(format!("ukvmi-run-options-{}-{name}", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        p.display().to_string()
+    }
+
+    #[test]
+    fn a_linux_kernel_takes_initrd_and_cmdline_and_256_mib() {
+        let (k, i) = (file("vmlinux", &pvh_elf()), file("initrd", b"07070"));
+        let cfg = parse(&args(&["--kernel", &k, "--initrd", &i, "--cmdline", "console=ttyS0 quiet"])).unwrap().unwrap();
+        let want_initrd = Some(std::path::PathBuf::from(&i));
+        assert!(
+            matches!(&cfg.image, Image::Linux { kernel, initrd, cmdline }
+                if kernel.display().to_string() == k && *initrd == want_initrd
+                    && cmdline.as_deref() == Some("console=ttyS0 quiet")),
+            "{:?}",
+            cfg.image
+        );
+        assert_eq!(cfg.memory_mib, LINUX_DEFAULT_MEMORY_MIB);
+        let map = file("System.map", b"ffffffff81000000 T _text\nffffffff81000100 t fpu__drop\n");
+        let cfg = parse(&args(&["--kernel", &k, "--map", &map])).unwrap().unwrap();
+        assert_eq!(
+            cfg.symbols,
+            vec![(0xffff_ffff_8100_0000, "_text".to_string()), (0xffff_ffff_8100_0100, "fpu__drop".into())]
+        );
+        assert!(parse(&args(&["--kernel", &k, "--map", &k])).unwrap_err().starts_with("--map "));
+        std::fs::remove_file(map).unwrap();
+        let cfg = parse(&args(&["--kernel", &k, "--memory", "128"])).unwrap().unwrap();
+        assert!(matches!(cfg.image, Image::Linux { initrd: None, cmdline: None, .. }));
+        assert_eq!(cfg.memory_mib, 128, "--memory given wins");
+        for p in [k, i] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+
+    #[test]
+    fn initrd_and_cmdline_are_refused_for_other_images() {
+        let (flat, i) = (file("flat", &[0xf4]), file("initrd2", b"x"));
+        let e = parse(&args(&["--kernel", &flat, "--initrd", &i])).unwrap_err();
+        assert!(e.starts_with("--initrd is only for a Linux kernel") && e.contains("not a Linux kernel"), "{e}");
+        let e = parse(&args(&["--kernel", &flat, "--cmdline", "x"])).unwrap_err();
+        assert!(e.starts_with("--cmdline is only for a Linux kernel"), "{e}");
+        let map = file("map", b"ffffffff81000000 T _text\n");
+        let e = parse(&args(&["--kernel", &flat, "--map", &map])).unwrap_err();
+        assert!(e.starts_with("--map is only for a Linux kernel"), "{e}");
+        std::fs::remove_file(map).unwrap();
+        let e = parse(&args(&["--guest", "demo", "--cmdline", "x"])).unwrap_err();
+        assert!(e.ends_with("not for a built-in guest"), "{e}");
+        let cfg = parse(&args(&["--kernel", &flat])).unwrap().unwrap();
+        assert!(matches!(cfg.image, Image::Kernel(_)));
+        assert_eq!(cfg.memory_mib, 64);
+        let e = parse(&args(&["--kernel", &flat, "--initrd", "/nonexistent/ukvmi-initrd"])).unwrap_err();
+        assert_eq!(e, "--initrd /nonexistent/ukvmi-initrd: no such file");
+        for p in [flat, i] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
 }

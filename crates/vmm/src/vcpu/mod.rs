@@ -4,12 +4,15 @@
 //! * `run`: the thread's run loop, exit decoding and dispatch.
 //! * `debug`: `KVM_SET_GUEST_DEBUG` switches and the trap-flag drain.
 //! * `events`: BREAKPOINT, SINGLESTEP, HYPERCALL and MSR events; injection.
+//! * `complete`: instructions KVM's emulator lacks that the VMM completes
+//!   for a Linux guest, and the names of those it cannot.
 //! * `page_access`: the PF event on MMIO exits and fetch faults.
 //! * `ports`: the guest ABI's port devices.
 //! * `virt`: guest-virtual reads through this vCPU's page tables.
 //! * `backend`: the endpoint's `VcpuBackend` (with `mtrr`'s computation).
 
 mod backend;
+mod complete;
 mod debug;
 mod events;
 mod mtrr;

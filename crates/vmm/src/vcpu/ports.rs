@@ -1,8 +1,9 @@
-//! The guest ABI's port devices: serial, power-off, "start vCPU" and the
-//! hypercall doorbell.
+//! Port I/O: the guest ABI's port devices (serial, power-off, "start vCPU"
+//! and the hypercall doorbell), or a Linux guest's port bus (`devices`).
 
 use super::KvmVcpu;
-use crate::vm::Exit;
+use crate::devices::PortAction;
+use crate::vm::{lock, Exit, VmShared};
 use ukvmi_endpoint::VcpuPort;
 use ukvmi_guest_abi::layout;
 
@@ -16,8 +17,26 @@ pub(super) fn in_value(port: u16) -> u8 {
     }
 }
 
+/// An `in` from `port`: a Linux guest's bus, or the guest ABI's ports.
+pub(super) fn port_in(shared: &VmShared, port: u16, data: &mut [u8]) {
+    match &shared.linux {
+        Some(l) => lock(&l.bus).read(port, data),
+        None => data.fill(in_value(port)),
+    }
+}
+
 impl KvmVcpu {
     pub(super) fn io_out(&mut self, vport: &VcpuPort, port: u16, value: u32) -> Option<Exit> {
+        if let Some(l) = &self.shared.linux {
+            if port == layout::PORT_HYPERCALL {
+                return self.hypercall(vport);
+            }
+            // (`out` sizes are not kept: the devices look at the bytes they need.)
+            return match lock(&l.bus).write(port, &value.to_le_bytes()) {
+                PortAction::Reset => Some(Exit::Reset),
+                PortAction::None => None,
+            };
+        }
         if matches!(
             port,
             layout::PORT_HYPERCALL | layout::PORT_SERIAL | layout::PORT_POWEROFF | layout::PORT_START_VCPU

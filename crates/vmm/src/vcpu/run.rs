@@ -124,7 +124,11 @@ impl KvmVcpu {
             }
             if !booted {
                 let (entry, count) = (self.shared.entry, self.shared.vcpu_count());
-                if let Err(cause) = crate::boot::enter_long_mode(&self.fd, entry, self.index, count) {
+                let entered = match &self.shared.linux {
+                    Some(l) => crate::boot::enter_linux(&self.fd, l.boot),
+                    None => crate::boot::enter_long_mode(&self.fd, entry, self.index, count),
+                };
+                if let Err(cause) = entered {
                     return Some(self.failed(cause));
                 }
                 booted = true;
@@ -205,7 +209,10 @@ impl KvmVcpu {
                 Step::Debug { exception, pc, .. } => {
                     return Some(self.failed(FailureCause::UnexpectedDebug { exception, pc }))
                 }
-                Step::Int3 { rip, gpa } => return self.breakpoint(port, rip, gpa, true),
+                Step::Int3 { rip, gpa } => {
+                    self.note_int3(rip);
+                    return self.breakpoint(port, rip, gpa, true);
+                }
                 Step::MmioRead(gpa, len) => {
                     if let Some(end) = self.mmio_read(port, gpa, len) {
                         return Some(end);
@@ -258,7 +265,7 @@ impl KvmVcpu {
         let step = match exit {
             Ok(VcpuExit::IoOut(port, data)) => Step::Out(port, out_value(data)),
             Ok(VcpuExit::IoIn(port, data)) => {
-                data.fill(super::ports::in_value(port));
+                super::ports::port_in(&self.shared, port, data);
                 Step::In
             }
             Ok(VcpuExit::Hlt) => Step::Hlt,
@@ -318,6 +325,11 @@ impl KvmVcpu {
                         return Step::Int3 { rip: regs.rip, gpa };
                     }
                 }
+                // A Linux guest: an instruction the emulator lacks that the
+                // VMM can complete (vcpu/complete.rs).
+                if let Some(step) = self.complete(&regs) {
+                    return step;
+                }
                 // No int3 there (any more): a tool may have removed it
                 // between the guest hitting it and this read (another vCPU
                 // stepping over the same breakpoint), which looks like an
@@ -337,6 +349,9 @@ impl KvmVcpu {
                         std::thread::yield_now();
                     }
                     return Step::Reenter;
+                }
+                if let Some(why) = self.unemulated(&regs) {
+                    return Step::fatal(why);
                 }
             }
         }

@@ -15,6 +15,18 @@ pub enum Image {
     Builtin(BuiltinImage),
     /// A flat binary (loaded at 1 MiB) or an ELF64 file.
     Kernel(PathBuf),
+    /// A Linux kernel (an ELF vmlinux with a PVH entry, see
+    /// [`kernel_kind`](crate::kernel_kind)), booted with the PVH protocol
+    /// on a PC platform (irqchip, PIT, 16550, CMOS, i8042).
+    Linux {
+        /// The vmlinux.
+        kernel: PathBuf,
+        /// An initramfs (uncompressed cpio, or one the kernel can unpack).
+        initrd: Option<PathBuf>,
+        /// The kernel command line (`None`: the VMM's default); on a PVM
+        /// host the VMM appends the switches the emulator needs.
+        cmdline: Option<String>,
+    },
 }
 
 /// A flat guest image linked at a fixed address (the built-in guests of
@@ -90,6 +102,10 @@ pub struct VmConfig {
     pub serial: SerialSink,
     /// The introspector, if any.
     pub introspect: Option<IntrospectConfig>,
+    /// Kernel symbols (address, name) for the VMM's messages about a Linux
+    /// guest (an instruction it completed or could not run); empty: bare
+    /// addresses.
+    pub symbols: Vec<(u64, String)>,
 }
 
 /// Checks the vCPU count and RAM size against what the guest ABI and the
@@ -106,6 +122,19 @@ pub(crate) fn check_limits(vcpus: u16, memory_mib: u64) -> Result<(), ConfigErro
     }
     if memory_mib > MAX_MEMORY_MIB {
         return Err(ConfigError::TooMuchMemory { mib: memory_mib, max: MAX_MEMORY_MIB });
+    }
+    Ok(())
+}
+
+/// The limits of a Linux guest: one vCPU (no MP table or ACPI to announce
+/// more) and RAM below the IOAPIC/LAPIC.
+pub(crate) fn check_linux_limits(vcpus: u16, memory_mib: u64) -> Result<(), ConfigError> {
+    if vcpus > 1 {
+        return Err(ConfigError::LinuxVcpus { requested: vcpus });
+    }
+    let max = crate::linux::LINUX_MAX_MEMORY_MIB;
+    if memory_mib > max {
+        return Err(ConfigError::LinuxMemory { mib: memory_mib, max });
     }
     Ok(())
 }
@@ -132,6 +161,17 @@ mod tests {
             check_limits(1, MAX_MEMORY_MIB + 1),
             Err(ConfigError::TooMuchMemory { mib: MAX_MEMORY_MIB + 1, max: MAX_MEMORY_MIB })
         );
+    }
+
+    #[test]
+    fn a_linux_guest_has_one_vcpu_and_at_most_3_gib() {
+        assert_eq!(check_linux_limits(1, 3072), Ok(()));
+        assert_eq!(check_linux_limits(2, 256), Err(ConfigError::LinuxVcpus { requested: 2 }));
+        assert_eq!(check_linux_limits(1, 3073), Err(ConfigError::LinuxMemory { mib: 3073, max: 3072 }));
+        for e in [check_linux_limits(2, 256), check_linux_limits(1, 4096)] {
+            let msg = e.unwrap_err().to_string();
+            assert!(!msg.contains("--"), "{msg}");
+        }
     }
 
     #[test]

@@ -57,3 +57,30 @@ pub fn host_capabilities() -> Result<HostCaps> {
     drop(ram);
     Ok(HostCaps::from(probed))
 }
+
+/// What kind of KVM this host has: it decides which kernel command-line
+/// switches and CPUID edits a Linux guest needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HostKind {
+    /// VMX or SVM (`kvm_intel`/`kvm_amd`): ring 0 runs on the CPU.
+    Hardware,
+    /// `kvm_pvm`: ring-0 guest code runs in KVM's instruction emulator.
+    Pvm,
+    /// None of the modules is visible in /sys/module.
+    Unknown,
+}
+
+impl HostKind {
+    /// Looks at /sys/module for the KVM module that is loaded.
+    pub fn probe() -> HostKind {
+        let has = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
+        if has("kvm_pvm") {
+            HostKind::Pvm
+        } else if has("kvm_intel") || has("kvm_amd") {
+            HostKind::Hardware
+        } else {
+            HostKind::Unknown
+        }
+    }
+}

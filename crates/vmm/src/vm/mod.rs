@@ -8,11 +8,14 @@ mod shared;
 
 pub use crate::exit::Exit;
 pub use config::{BuiltinImage, Image, IntrospectConfig, SerialSink, VmConfig};
-pub use host::host_capabilities;
-pub(crate) use shared::VmShared;
+pub use host::{host_capabilities, HostKind};
+pub(crate) use shared::{lock, Console, VmShared};
 
-use crate::error::{ConfigError, Error, Result, SetupError, MAX_MEMORY_MIB};
+use crate::devices::serial::{IrqLine, SerialPort, SERIAL_GSI};
+use crate::devices::PortBus;
+use crate::error::{ConfigError, Error, ImageError, Result, SetupError, MAX_MEMORY_MIB};
 use crate::kick;
+use crate::linux::{LinuxEntry, LinuxState};
 use crate::memory::GuestRam;
 use crate::msr_filter::MsrFilter;
 use crate::page_access::{self, GuestGate};
@@ -21,12 +24,35 @@ use connection::connection_loop;
 use host::{probe, register_ram};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
-use shared::{lock, VcpuShared};
+use shared::VcpuShared;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use ukvmi_endpoint::handshake::VmIdentity;
 use ukvmi_endpoint::{Dialect, Endpoint, HostCaps, Options, Permissions, VmBackend};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Loads a Linux kernel (PVH or the 64-bit protocol), with the command line `user` (or the
+/// default) plus, on a PVM host, the switches the emulator needs (said
+/// once through `log`).
+fn boot_linux(
+    ram: &GuestRam,
+    kernel: &std::path::Path,
+    initrd: Option<&std::path::Path>,
+    user: Option<&str>,
+    host: HostKind,
+    log: &dyn Fn(&str),
+) -> Result<LinuxEntry> {
+    use crate::linux::cmdline;
+    let extra: &[&'static str] = if host == HostKind::Pvm { &cmdline::PVM_SWITCHES } else { &[] };
+    let (line, added) = cmdline::build(user, extra);
+    if !added.is_empty() {
+        log(&format!("PVM host: added `{}` to the kernel command line", added.join(" ")));
+    }
+    crate::linux::load(ram, kernel, initrd, &line)
+        .map_err(|source| ImageError::Linux { path: kernel.to_path_buf(), source }.into())
+}
 
 /// A handle to stop a running VM from another thread (e.g. on SIGTERM).
 #[derive(Clone)]
@@ -85,6 +111,10 @@ impl Vm {
     /// `log` receives one-line status messages (connections, errors).
     pub fn new(cfg: VmConfig, log: Arc<dyn Fn(&str) + Send + Sync>) -> Result<Vm> {
         config::check_limits(cfg.vcpus, cfg.memory_mib)?;
+        let is_linux = matches!(cfg.image, Image::Linux { .. });
+        if is_linux {
+            config::check_linux_limits(cfg.vcpus, cfg.memory_mib)?;
+        }
         kick::install();
         let kvm = Kvm::new().map_err(Error::NoKvm)?;
         let max = kvm.get_max_vcpus();
@@ -99,14 +129,51 @@ impl Vm {
         let ram = GuestRam::new(bytes)?;
         let host_base = register_ram(&vmfd, &ram)?;
         let page_access = page_access::probe(&kvm, &vmfd, host_base, ram.size())?;
-        crate::boot::write_tables(&ram)?;
-        let entry = crate::loader::load_image(&ram, &cfg.image)?;
+        let host_kind = HostKind::probe();
+        let console = Arc::new(Mutex::new(Console::new(cfg.serial)));
+        let (entry, linux) = match &cfg.image {
+            Image::Linux { kernel, initrd, cmdline } => {
+                let boot = boot_linux(&ram, kernel, initrd.as_deref(), cmdline.as_deref(), host_kind, &*log)?;
+                crate::linux::platform::create(&vmfd)?;
+                let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::os("creating the serial irqfd", e))?;
+                vmfd.register_irqfd(&evt, SERIAL_GSI).map_err(|e| Error::kvm("KVM_IRQFD", e))?;
+                let serial = SerialPort::new(IrqLine(evt), Arc::clone(&console));
+                let state = LinuxState {
+                    boot,
+                    bus: Mutex::new(PortBus::pc(Arc::clone(&log), serial)),
+                    completed: Mutex::new(HashSet::new()),
+                    int3_sites: Mutex::new(HashSet::new()),
+                    int3s: AtomicU64::new(0),
+                    completions: AtomicU64::new(0),
+                    symbols: {
+                        let mut s = cfg.symbols.clone();
+                        s.sort();
+                        s
+                    },
+                };
+                let entry = match boot {
+                    LinuxEntry::Pvh { entry, .. } | LinuxEntry::Boot64 { entry, .. } => entry,
+                };
+                (entry, Some(state))
+            }
+            other => {
+                crate::boot::write_tables(&ram)?;
+                (crate::loader::load_image(&ram, other)?, None)
+            }
+        };
         let cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let mut fds = Vec::new();
         for i in 0..cfg.vcpus {
             let fd = vmfd.create_vcpu(u64::from(i)).map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?;
-            fd.set_cpuid2(&cpuid).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
+            if is_linux {
+                let mut own = cpuid.clone();
+                crate::linux::cpuid::adjust(&mut own, i as u8, host_kind == HostKind::Pvm);
+                fd.set_cpuid2(&own).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
+                crate::linux::platform::setup_vcpu(&fd)?;
+            } else {
+                fd.set_cpuid2(&cpuid).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
+            }
             fds.push(fd);
         }
         let mut probed = probe(&kvm, &vmfd);
@@ -133,8 +200,10 @@ impl Vm {
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
             exited: Condvar::new(),
-            serial: Mutex::new((cfg.serial, Vec::new())),
+            serial: console,
             spoke: AtomicBool::new(false),
+            log: Arc::clone(&log),
+            linux,
         });
         let perms = Permissions::allow_all();
         if let Some(ids) = &cfg.allow_commands {
@@ -234,6 +303,12 @@ impl Vm {
             let _ = h.join();
         }
         self.endpoint.unhook();
+        // A Linux guest's last words need not end with a newline (a
+        // panic's). (The ABI's guests keep today's line-only output.)
+        if let Some(l) = &self.shared.linux {
+            lock(&self.shared.serial).flush_line();
+            (self.log)(&l.summary());
+        }
         why
     }
 }

@@ -11,7 +11,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use ukvmi_endpoint::{BackendResult, HostCaps, PageAccessOps, SharedMemoryOps, VmBackend};
 
@@ -28,6 +28,41 @@ pub(crate) struct VcpuShared {
     pub(super) thread: Mutex<Option<libc::pthread_t>>,
     pub(super) wake: Mutex<bool>,
     pub(super) woken: Condvar,
+}
+
+/// The serial console: where the guest's serial bytes go, a line at a
+/// time.
+pub(crate) struct Console {
+    sink: SerialSink,
+    line: Vec<u8>,
+}
+
+impl Console {
+    pub(crate) fn new(sink: SerialSink) -> Console {
+        Console { sink, line: Vec::new() }
+    }
+
+    /// One byte; a full line (or 256 bytes) goes out.
+    pub(crate) fn byte(&mut self, b: u8) {
+        self.line.push(b);
+        if b == b'\n' || self.line.len() >= 256 {
+            self.flush_line();
+        }
+    }
+
+    /// Writes out what is buffered (the VM's last, unfinished line).
+    pub(crate) fn flush_line(&mut self) {
+        if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            let _ = match &mut self.sink {
+                SerialSink::Stdout => {
+                    let mut o = std::io::stdout().lock();
+                    o.write_all(&line).and_then(|()| o.flush())
+                }
+                SerialSink::Writer(w) => w.write_all(&line).and_then(|()| w.flush()),
+            };
+        }
+    }
 }
 
 /// The most restricted pages a report lists one by one.
@@ -74,7 +109,11 @@ pub(crate) struct VmShared {
     pub(super) stop: AtomicBool,
     pub(super) exit: Mutex<Option<Exit>>,
     pub(super) exited: Condvar,
-    pub(super) serial: Mutex<(SerialSink, Vec<u8>)>,
+    pub(super) serial: Arc<Mutex<Console>>,
+    /// One-line status messages (the front end's log).
+    pub log: Arc<dyn Fn(&str) + Send + Sync>,
+    /// A Linux guest's devices and state (`None` for the guest ABI).
+    pub linux: Option<crate::linux::LinuxState>,
     /// The guest has written to one of the ABI's ports (serial, power-off,
     /// start vCPU, hypercall): it got far enough to talk to the VMM.
     pub(super) spoke: AtomicBool,
@@ -134,18 +173,7 @@ impl VmShared {
     }
 
     pub fn serial_byte(&self, b: u8) {
-        let mut s = lock(&self.serial);
-        s.1.push(b);
-        if b == b'\n' || s.1.len() >= 256 {
-            let line = std::mem::take(&mut s.1);
-            let _ = match &mut s.0 {
-                SerialSink::Stdout => {
-                    let mut o = std::io::stdout().lock();
-                    o.write_all(&line).and_then(|()| o.flush())
-                }
-                SerialSink::Writer(w) => w.write_all(&line).and_then(|()| w.flush()),
-            };
-        }
+        lock(&self.serial).byte(b);
     }
 
     /// See [`StopHandle::interceptions`].

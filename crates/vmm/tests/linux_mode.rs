@@ -1,0 +1,133 @@
+//! Linux mode on /dev/kvm without a kernel: a synthetic ELF with the PVH
+//! note whose 32-bit entry code checks `hvm_start_info` through RBX, talks
+//! to the 16550, touches a port no device has, runs `fwait` (which the VMM
+//! completes where KVM emulates ring 0) and resets through the i8042.
+//! They need /dev/kvm and fail (never skip) without it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use ukvmi_vmm::{ConfigError, Error, Exit, HostKind, Image, KernelKind, SerialSink, Vm, VmConfig};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An x86-64 ELF: `code` in one PT_LOAD at 1 MiB, and a PT_NOTE with the
+/// Xen PVH entry note (type 18) pointing at it.
+fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    let mut note = Vec::new();
+    for w in [4u32, 4, 18] {
+        note.extend(w.to_le_bytes());
+    }
+    note.extend(b"Xen\0");
+    note.extend(0x10_0000u32.to_le_bytes());
+    let mut b = vec![0u8; 64];
+    b[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+    b[16] = 2;
+    b[18] = 62;
+    b[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    b[32] = 64;
+    b[52] = 64;
+    b[54] = 56;
+    b[56] = 2;
+    let phdr = |ty: u32, off: u64, addr: u64, size: u64| {
+        let mut p = vec![0u8; 56];
+        p[..4].copy_from_slice(&ty.to_le_bytes());
+        p[8..16].copy_from_slice(&off.to_le_bytes());
+        p[16..24].copy_from_slice(&addr.to_le_bytes());
+        p[24..32].copy_from_slice(&addr.to_le_bytes());
+        p[32..40].copy_from_slice(&size.to_le_bytes());
+        p[40..48].copy_from_slice(&size.to_le_bytes());
+        p
+    };
+    let code_off = 64 + 2 * 56;
+    b.extend(phdr(1, code_off, 0x10_0000, code.len() as u64));
+    b.extend(phdr(4, code_off + code.len() as u64, 0, note.len() as u64));
+    b.extend(code);
+    b.extend(note);
+    b
+}
+
+/// The entry code (32-bit protected mode).
+fn entry_code() -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    c.extend([0x8b, 0x03]); // mov eax, [ebx]
+    c.extend([0x3d, 0x78, 0xc5, 0x6e, 0x33]); // cmp eax, 0x336ec578 (start_info magic)
+    c.extend([0x75, 0x03]); // jne +3
+    c.extend([0xb0, b'M', 0xee]); // mov al, 'M'; out dx, al
+    c.extend([0xb0, b'\n', 0xee]); // mov al, '\n'; out dx, al
+    c.extend([0x66, 0xba, 0xf8, 0x02, 0xec]); // mov dx, 0x2f8; in al, dx (no device)
+    c.push(0x9b); // fwait
+    c.extend([0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al (i8042 reset)
+    c.extend([0xeb, 0xfe]); // jmp $
+    c
+}
+
+fn config(kernel: std::path::PathBuf, vcpus: u16, serial: Captured) -> VmConfig {
+    VmConfig {
+        vcpus,
+        memory_mib: 32,
+        image: Image::Linux { kernel, initrd: None, cmdline: Some("console=ttyS0".into()) },
+        name: "linux-mode".into(),
+        uuid: [0; 16],
+        allow_commands: None,
+        allow_events: None,
+        serial: SerialSink::Writer(Box::new(serial)),
+        introspect: None,
+        symbols: Vec::new(),
+    }
+}
+
+fn kernel_file(name: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("ukvmi-linux-mode-{}-{name}", std::process::id()));
+    std::fs::write(&p, pvh_elf(&entry_code())).unwrap();
+    p
+}
+
+#[test]
+fn the_pvh_entry_gets_start_info_the_serial_port_and_the_reset() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "this test runs guest code on KVM and needs /dev/kvm, which this host does not have"
+    );
+    let path = kernel_file("boot");
+    assert_eq!(ukvmi_vmm::kernel_kind(&path).unwrap(), KernelKind::LinuxPvh { entry: 0x10_0000 });
+    let serial = Captured::default();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let l = Arc::clone(&lines);
+    let vm =
+        Vm::new(config(path.clone(), 1, serial.clone()), Arc::new(move |s: &str| l.lock().unwrap().push(s.into())))
+            .unwrap_or_else(|e| panic!("creating a VM on /dev/kvm: {e}"));
+    let _ = std::fs::remove_file(path);
+    assert_eq!(vm.run(), Exit::Reset);
+    assert_eq!(serial.0.lock().unwrap().as_slice(), b"M\n", "RBX pointed at hvm_start_info");
+    let lines = lines.lock().unwrap();
+    let summary = lines.iter().find(|s| s.starts_with("Linux guest: ")).expect("a summary at the end");
+    assert!(summary.contains("0 int3s reached the VMM"), "{summary}");
+    if HostKind::probe() == HostKind::Pvm {
+        assert!(summary.contains("1 instructions completed for KVM's emulator at 1 sites"), "{summary}");
+    }
+    assert!(lines.iter().any(|s| s.contains("port 0x2f8: no device there")), "{lines:?}");
+    if HostKind::probe() == HostKind::Pvm {
+        assert!(lines.iter().any(|s| s.contains("completed fwait at 0x100018")), "{lines:?}");
+        assert!(lines.iter().any(|s| s.starts_with("PVM host: added `noxsave")), "{lines:?}");
+    }
+}
+
+#[test]
+fn a_linux_guest_is_refused_more_than_one_vcpu() {
+    let path = kernel_file("smp");
+    let e = Vm::new(config(path.clone(), 2, Captured::default()), Arc::new(|_: &str| {})).unwrap_err();
+    let _ = std::fs::remove_file(path);
+    assert!(matches!(e, Error::Config(ConfigError::LinuxVcpus { requested: 2 })), "{e}");
+}
