@@ -298,7 +298,11 @@ impl KvmVcpu {
         if let Step::Fatal { why, .. } = step {
             let rip = self.get_regs().map(|r| r.rip).unwrap_or(0);
             let mut code = [0u8; 8];
-            let _ = self.shared.ram.read(rip, &mut code);
+            // RIP is linear: through the guest's tables (identity where
+            // paging is off, as for the ABI guests' first instructions).
+            if let Some(gpa) = self.translate(rip) {
+                let _ = self.shared.ram.read(gpa, &mut code);
+            }
             return Step::Fatal { why, rip, code };
         }
         step
