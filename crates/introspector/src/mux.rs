@@ -24,6 +24,8 @@ use crate::wake::Waker;
 
 mod reading;
 pub(crate) use reading::reader_loop;
+#[cfg(test)]
+mod tests;
 
 /// How many unmatched replies are kept (the raw API's `take_unmatched`).
 const UNMATCHED_KEEP: usize = 64;
@@ -75,9 +77,9 @@ pub(crate) struct Mux {
     /// until nobody waits; the last waiter to leave wakes it.
     reader_cv: Condvar,
     reader_parked: AtomicBool,
-    /// [`Mux::wake_event_waiter`] was called: the current or next
-    /// [`Mux::next_event`] returns `Ok(None)` (taken once).
-    wake_pending: AtomicBool,
+    /// Wake-ups asked for by [`Mux::wake_event_waiter`] and not taken yet:
+    /// each makes one current or next [`Mux::next_event`] return `Ok(None)`.
+    wakes: AtomicU32,
     write_lock: Mutex<()>,
     seq: AtomicU32,
     timeout_ns: AtomicU64,
@@ -115,7 +117,7 @@ impl Mux {
             reader_wake,
             reader_cv: Condvar::new(),
             reader_parked: AtomicBool::new(false),
-            wake_pending: AtomicBool::new(false),
+            wakes: AtomicU32::new(0),
             write_lock: Mutex::new(()),
             seq: AtomicU32::new(1),
             timeout_ns: AtomicU64::new(duration_ns(timeout)),
@@ -234,18 +236,24 @@ impl Mux {
                 None if q.closed => Some(Err(Error::Closed)),
                 None => match mux.take_ring_event() {
                     Some(ev) => Some(Ok(Some(ev))),
-                    None => mux.wake_pending.swap(false, Ordering::SeqCst).then_some(Ok(None)),
+                    None => mux.take_wake().then_some(Ok(None)),
                 },
             }
         });
         got.unwrap_or(Ok(None))
     }
 
-    /// Makes the thread waiting in [`Mux::next_event`] return `Ok(None)`
+    /// Takes one pending wake-up, if there is one.
+    fn take_wake(&self) -> bool {
+        self.wakes.load(Ordering::SeqCst) > 0
+            && self.wakes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+
+    /// Makes a thread waiting in [`Mux::next_event`] return `Ok(None)`
     /// now, wherever it sleeps; with none waiting, the next call returns
-    /// `Ok(None)` at once. (With several waiting, one of them.)
+    /// `Ok(None)` at once. (With several waiting, one of them per call.)
     pub(crate) fn wake_event_waiter(&self) {
-        self.wake_pending.store(true, Ordering::SeqCst);
+        self.wakes.fetch_add(1, Ordering::SeqCst);
         let mut p = lock(&self.pending);
         p.read_releases += 1;
         self.replies_cv.notify_all();

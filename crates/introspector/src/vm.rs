@@ -106,7 +106,7 @@ impl Vm {
 
     /// Makes a thread blocked in [`Vm::next_event`] return `Ok(None)` at
     /// once (as if it had timed out); if none waits, the next call does.
-    /// With several threads waiting, one of them returns. For a thread that
+    /// With several threads waiting, one of them returns per call. For a thread that
     /// waits without a timeout (an idle wait costs no wake-ups) and must be
     /// told to look at something else, e.g. to stop.
     pub fn wake_event_waiter(&self) {
