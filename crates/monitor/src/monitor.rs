@@ -67,12 +67,28 @@ impl Monitor {
     /// Like [`start_with`](Self::start_with), with the event channel asked
     /// for (`channel`) or not, whatever the environment says. Asked for,
     /// it is enabled only where the VM reports the command (CHECK_COMMAND);
-    /// a VM without it, or one that refuses it, keeps events on the socket
-    /// ([`event_channel`](Self::event_channel) tells which).
+    /// a VM without it, or one that refuses it (an error code), keeps events
+    /// on the socket ([`event_channel`](Self::event_channel) tells which).
+    /// Any other failure to set it up is an error: the VMM may already post
+    /// events where this side would not look.
     pub fn start_with_event_channel(vm: Vm, os: Arc<dyn GuestOs>, channel: bool) -> Result<Monitor> {
         if channel && vm.check_command(ukvmi_introspector::wire::msg::UKVMI_VM_EVENT_CHANNEL).is_ok() {
-            // Refused or broken: events stay on the socket, nothing else changes.
-            let _ = vm.enable_event_channel();
+            match vm.enable_event_channel() {
+                // Refused (an error code): the VMM did not turn it on; events stay on the socket.
+                Err(e) if e.raw_err().is_some() => {}
+                // Anything else (a reply without its descriptors, a mapping that
+                // fails, a timeout) may leave the VMM posting events where this
+                // side does not look, and the guest waiting for good: give up.
+                Err(source) => {
+                    return Err(MonitorError::Command {
+                        what: "turning the shared-memory event channel on (UKVMI_EVENT_CHANNEL=0 keeps events on \
+                               the socket)"
+                            .into(),
+                        source,
+                    })
+                }
+                Ok(()) => {}
+            }
         }
         let vm = Arc::new(vm);
         let vcpus = cmd(|| "KVMI_VM_GET_INFO".into(), vm.vcpu_count())?;

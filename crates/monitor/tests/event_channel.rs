@@ -2,13 +2,18 @@
 //! the monitor turns the channel on where the VM offers it and keeps
 //! events on the socket when asked not to, and either way an MSR guard
 //! answers every write; an idle monitor (its event thread waiting without
-//! a timeout) still stops when told.
+//! a timeout) still stops when told; a channel the VMM grants but this
+//! side cannot set up is an error, a refused one is not.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ukvmi_conformance::{FakeConfig, GuestAction, Setup};
+use ukvmi_introspector::wire::event_channel::{VmEventChannelReply, VERSION};
+use ukvmi_introspector::wire::{frame, msg, read_zext, ErrorCode, IntoBytes, MsgHdr};
 use ukvmi_introspector::Vm;
 use ukvmi_monitor::{DemoOs, Kinds, Monitor, Record};
 
@@ -89,4 +94,66 @@ fn an_idle_monitor_stops_when_told() {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Reads one request off `peer`: (id, seq).
+fn request(peer: &mut UnixStream) -> (u16, u32) {
+    let mut h = [0u8; 8];
+    peer.read_exact(&mut h).unwrap();
+    let hdr: MsgHdr = read_zext(&h);
+    let mut body = vec![0u8; usize::from(hdr.size)];
+    peer.read_exact(&mut body).unwrap();
+    (hdr.id, hdr.seq)
+}
+
+fn answer(peer: &mut UnixStream, id: u16, seq: u32, err: i32, data: &[u8]) {
+    let ec = ErrorCode { err, padding: 0 };
+    peer.write_all(&frame(id, seq, &[ec.as_bytes(), data]).unwrap()).unwrap();
+}
+
+#[test]
+fn a_channel_granted_without_its_descriptors_fails_the_start() {
+    let (a, mut peer) = UnixStream::pair().unwrap();
+    peer.set_read_timeout(Some(T)).unwrap();
+    let script = std::thread::spawn(move || {
+        let (id, seq) = request(&mut peer);
+        assert_eq!(id, msg::VM_CHECK_COMMAND);
+        answer(&mut peer, id, seq, 0, &[]);
+        let (id, seq) = request(&mut peer);
+        assert_eq!(id, msg::UKVMI_VM_EVENT_CHANNEL);
+        // Success, but no file and no pipe come with it.
+        let r = VmEventChannelReply { size: 4096, nr_vcpus: 1, version: VERSION };
+        answer(&mut peer, id, seq, 0, r.as_bytes());
+        peer
+    });
+    let err = Monitor::start_with_event_channel(Vm::connect_raw(a).unwrap(), Arc::new(DemoOs::new()), true)
+        .expect_err("a channel that cannot be set up must not be ignored");
+    assert!(err.to_string().contains("event channel"), "{err}");
+    // The monitor closed the connection (the VMM then drops the channel).
+    let mut peer = script.join().unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(peer.read_to_end(&mut rest).unwrap(), 0, "closed, nothing more sent");
+}
+
+#[test]
+fn a_refused_channel_leaves_events_on_the_socket() {
+    // The VM reports the command but refuses it (e.g. not allowed to this
+    // tool): the monitor goes on without it.
+    let (a, mut peer) = UnixStream::pair().unwrap();
+    peer.set_read_timeout(Some(T)).unwrap();
+    let script = std::thread::spawn(move || {
+        let (id, seq) = request(&mut peer);
+        assert_eq!(id, msg::VM_CHECK_COMMAND);
+        answer(&mut peer, id, seq, 0, &[]);
+        let (id, seq) = request(&mut peer);
+        assert_eq!(id, msg::UKVMI_VM_EVENT_CHANNEL);
+        answer(&mut peer, id, seq, -1, &[]);
+        // Then the monitor asks for the vCPU count: end it there.
+        let (id, _) = request(&mut peer);
+        assert_eq!(id, msg::VM_GET_INFO);
+    });
+    let err = Monitor::start_with_event_channel(Vm::connect_raw(a).unwrap(), Arc::new(DemoOs::new()), true)
+        .expect_err("the script ends the connection at GET_INFO");
+    assert!(!err.to_string().contains("event channel"), "the refusal itself is not an error: {err}");
+    script.join().unwrap();
 }
