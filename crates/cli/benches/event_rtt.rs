@@ -16,6 +16,10 @@
 //!   (a write to a W-restricted page, CONTINUE) where the build and the host
 //!   have it.
 //!
+//! * the same event round trips over both dialects, v12 and kvmi-v7, through
+//!   one raw client on the socket (`rtt_dialects`; the library speaks v12
+//!   only), each dialect in its own VM.
+//!
 //! Ratios divide a figure's p50 (or its mean, where only a rate is
 //! measurable) by the baseline's.
 //!
@@ -23,6 +27,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
+mod raw;
+mod rtt_dialects;
 
 use common::{bare, next_vcpu_event, read_u64, set_mode, Fig};
 use std::time::{Duration, Instant};
@@ -324,6 +330,9 @@ fn main() {
     let idle_channel = idle_cpu(&vm);
     let channel = events(&vm, "channel", int3, &mut check);
 
+    let pf_here = channel.pf.is_ok();
+    let (raw_v12, raw_v7) = rtt_dialects::run(int3, pf_here, &mut check);
+
     let sock_again = socket_rtt();
 
     // ----------------------------------------------------------------- report
@@ -369,6 +378,7 @@ fn main() {
             Err(code) => println!("PF: not available on this build/host ({code})"),
         }
     }
+    rtt_dialects::report(&raw_v12, &raw_v7, &row);
     // The goals of issue 14, per path.
     println!("-- goals (p50; bare = the bare KVM exit p50; BP CONTINUE: extra exits over the int3 with the event off)");
     println!("{:<44} {:>14} {:>14} {:>8}", "what", "socket", "channel", "goal");

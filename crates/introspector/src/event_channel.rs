@@ -25,7 +25,9 @@ use ukvmi_wire::{frame, msg, read_zext, IntoBytes};
 
 use crate::error::{Error, ProtocolError, Result};
 use crate::mux::lock;
+use crate::transport::poll_fds;
 use crate::vm::{expect_len, reply_data, Vm};
+use crate::wake::Waker;
 
 fn bad(problem: &'static str) -> Error {
     ProtocolError::EventChannel { problem }.into()
@@ -182,25 +184,33 @@ impl Channel {
         true
     }
 
-    /// Blocks until `stream` is readable, the VMM posts an event, or
-    /// `timeout`; true when the socket is readable.
-    pub(crate) fn wait(&self, stream: &std::os::unix::net::UnixStream, timeout: Duration) -> bool {
+    /// Blocks until `stream` is readable, the VMM posts an event, `wake`
+    /// fires (it is drained), or `timeout` (`None`: no limit); true when
+    /// the socket is readable.
+    pub(crate) fn wait(
+        &self,
+        stream: &std::os::unix::net::UnixStream,
+        wake: &Waker,
+        timeout: Option<Duration>,
+    ) -> bool {
         let sleepers = self.word(TOOL_SLEEPERS);
         sleepers.fetch_add(1, Ordering::SeqCst);
         let mut fds = [
             libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: self.pipe.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: wake.fd(), events: libc::POLLIN, revents: 0 },
         ];
         if !self.has_event() {
-            let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-            // SAFETY: two valid pollfds for descriptors alive for the call.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+            poll_fds(&mut fds, timeout);
         }
         sleepers.fetch_sub(1, Ordering::SeqCst);
         if fds[1].revents != 0 {
             let mut sink = [0u8; 64];
             // SAFETY: reads into a live local buffer from our non-blocking pipe end.
             while unsafe { libc::read(self.pipe.as_raw_fd(), sink.as_mut_ptr().cast(), sink.len()) } > 0 {}
+        }
+        if fds[2].revents != 0 {
+            wake.drain();
         }
         fds[0].revents != 0
     }

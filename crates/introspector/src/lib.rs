@@ -127,6 +127,7 @@ mod pipeline;
 mod raw;
 mod transport;
 mod vm;
+mod wake;
 
 #[cfg(test)]
 mod tests;

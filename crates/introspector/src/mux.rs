@@ -8,8 +8,8 @@ use std::io::Write;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use ukvmi_wire::{msg, read_zext, ErrorCode, MsgHdr, VCPU_EVENT_BODY_BASE};
@@ -19,7 +19,13 @@ use crate::event_channel::Channel;
 use crate::event_trace::{self, Point};
 use crate::events::{self, Event};
 use crate::pending::PendingEvent;
-use crate::transport::{readable, spin_until_readable, Message, ReadSide, SPIN};
+use crate::transport::{Message, ReadSide};
+use crate::wake::Waker;
+
+mod reading;
+pub(crate) use reading::reader_loop;
+#[cfg(test)]
+mod tests;
 
 /// How many unmatched replies are kept (the raw API's `take_unmatched`).
 const UNMATCHED_KEEP: usize = 64;
@@ -31,7 +37,8 @@ struct Pending {
     /// seq → (request id, the reply once it came).
     map: HashMap<u32, (u16, Option<Message>)>,
     /// Bumped (with `replies_cv` notified) whenever a thread lets go of the
-    /// socket's read side, so a waiter that found it busy can take over.
+    /// socket's read side, so a waiter that found it busy can take over,
+    /// and by [`Mux::wake_event_waiter`].
     read_releases: u64,
 }
 
@@ -60,6 +67,19 @@ pub(crate) struct Mux {
     replies_cv: Condvar,
     /// Threads asleep on `replies_cv` (no wake-up call when there are none).
     sleepers: AtomicUsize,
+    /// Ends the `poll` of the thread holding the read side (a wake-up for
+    /// [`Mux::next_event`]); only a holder of the read side drains it.
+    holder_wake: Waker,
+    /// Ends the reader thread's `poll` (a waiter left unread messages in
+    /// the read-ahead buffer); only the reader thread drains it.
+    reader_wake: Waker,
+    /// The reader thread sleeps on `reader_cv` (with `pending` locked)
+    /// until nobody waits; the last waiter to leave wakes it.
+    reader_cv: Condvar,
+    reader_parked: AtomicBool,
+    /// Wake-ups asked for by [`Mux::wake_event_waiter`] and not taken yet:
+    /// each makes one current or next [`Mux::next_event`] return `Ok(None)`.
+    wakes: AtomicU32,
     write_lock: Mutex<()>,
     seq: AtomicU32,
     timeout_ns: AtomicU64,
@@ -85,6 +105,7 @@ impl Mux {
     /// A multiplexer over a connected stream (a clone of it is the read side).
     pub(crate) fn new(stream: UnixStream, timeout: Duration) -> Result<Arc<Mux>> {
         let read_half = stream.try_clone().map_err(Error::io("cloning the KVMI socket"))?;
+        let (holder_wake, reader_wake) = (Waker::new()?, Waker::new()?);
         Ok(Arc::new_cyclic(|me| Mux {
             me: me.clone(),
             stream,
@@ -92,6 +113,11 @@ impl Mux {
             waiters: AtomicUsize::new(0),
             replies_cv: Condvar::new(),
             sleepers: AtomicUsize::new(0),
+            holder_wake,
+            reader_wake,
+            reader_cv: Condvar::new(),
+            reader_parked: AtomicBool::new(false),
+            wakes: AtomicU32::new(0),
             write_lock: Mutex::new(()),
             seq: AtomicU32::new(1),
             timeout_ns: AtomicU64::new(duration_ns(timeout)),
@@ -200,17 +226,39 @@ impl Mux {
     /// Waits for the next event until `deadline` (`None`: forever).
     /// `Ok(None)` on timeout; `Err(Error::Closed)` once the connection has
     /// ended and every queued event has been taken.
+    /// [`Mux::wake_event_waiter`] also ends it with `Ok(None)`.
     pub(crate) fn next_event(&self, deadline: Option<Instant>) -> Result<Option<Event>> {
         let ring = self.channel.get().is_some();
         let got = self.wait_reading_for(deadline, ring, |mux| {
             let mut q = lock(&mux.events);
             match q.queue.pop_front() {
-                Some(ev) => Some(Ok(ev)),
+                Some(ev) => Some(Ok(Some(ev))),
                 None if q.closed => Some(Err(Error::Closed)),
-                None => mux.take_ring_event().map(Ok),
+                None => match mux.take_ring_event() {
+                    Some(ev) => Some(Ok(Some(ev))),
+                    None => mux.take_wake().then_some(Ok(None)),
+                },
             }
         });
-        got.transpose()
+        got.unwrap_or(Ok(None))
+    }
+
+    /// Takes one pending wake-up, if there is one.
+    fn take_wake(&self) -> bool {
+        self.wakes.load(Ordering::SeqCst) > 0
+            && self.wakes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+
+    /// Makes a thread waiting in [`Mux::next_event`] return `Ok(None)`
+    /// now, wherever it sleeps; with none waiting, the next call returns
+    /// `Ok(None)` at once. (With several waiting, one of them per call.)
+    pub(crate) fn wake_event_waiter(&self) {
+        self.wakes.fetch_add(1, Ordering::SeqCst);
+        let mut p = lock(&self.pending);
+        p.read_releases += 1;
+        self.replies_cv.notify_all();
+        drop(p);
+        self.holder_wake.wake();
     }
 
     /// The next event posted in the channel, parsed as if read off the socket.
@@ -311,6 +359,7 @@ impl Mux {
         // Every waiter wakes: replies and events already delivered are still
         // taken, the others end with `Error::Closed`.
         self.replies_cv.notify_all();
+        self.reader_cv.notify_all();
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -331,212 +380,6 @@ impl Mux {
             return Err(Error::Io { context: "writing to the KVMI socket", source: e });
         }
         Ok(())
-    }
-}
-
-/// Reads one whole message; `None` at EOF or on a read error (the
-/// connection is then over). A descriptor (`SCM_RIGHTS`) that arrives with
-/// a message goes to that message's request if it is a
-/// `UKVMI_VM_MAP_MEMORY` waiting for one, and is closed otherwise.
-fn read_message(inner: &Mux, rd: &mut ReadSide) -> Option<Message> {
-    let (m, fds) = rd.next_message()?;
-    inner.keep_fds(&m.hdr, fds);
-    Some(m)
-}
-
-/// While a thread waits for a reply or an event it reads the socket
-/// itself; this thread only reads when nobody does, so events and replies
-/// nobody waits for are still taken in and a closed connection is noticed.
-pub(crate) fn reader_loop(inner: &Mux) {
-    /// How long the reader stands by while others read (whoever waits reads
-    /// for itself, so nobody waits on this thread).
-    const STANDBY: Duration = Duration::from_millis(10);
-    /// Longest poll while nobody waits (data or a hang-up end it sooner).
-    const IDLE_POLL: Duration = Duration::from_millis(100);
-    loop {
-        if inner.is_closed() {
-            break;
-        }
-        if inner.waiters.load(Ordering::SeqCst) > 0 {
-            std::thread::sleep(STANDBY);
-            continue;
-        }
-        // Messages a waiter left in the read-ahead buffer come first.
-        match inner.try_read_side() {
-            Some(rd) if rd.buffered() => {
-                if inner.read_one(rd) {
-                    continue;
-                }
-                break;
-            }
-            Some(_) => {}
-            None => {
-                std::thread::sleep(STANDBY);
-                continue;
-            }
-        }
-        // Poll without holding the read side, so a caller can always take it.
-        if !readable(&inner.stream, IDLE_POLL) || inner.waiters.load(Ordering::SeqCst) > 0 {
-            continue;
-        }
-        let alive = match inner.try_read_side() {
-            Some(rd) => inner.read_one(rd),
-            None => {
-                std::thread::sleep(STANDBY);
-                true
-            }
-        };
-        if !alive {
-            break;
-        }
-    }
-    inner.mark_closed();
-}
-
-impl Mux {
-    /// The read side if nobody holds it (recovered if a holder panicked).
-    fn try_read_side(&self) -> Option<MutexGuard<'_, ReadSide>> {
-        match self.rd.try_lock() {
-            Ok(g) => Some(g),
-            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        }
-    }
-
-    /// Reads and dispatches one message with the read side held, then lets
-    /// go of it. False when the connection is over.
-    fn read_one(&self, mut rd: MutexGuard<'_, ReadSide>) -> bool {
-        let m = read_message(self, &mut rd);
-        if m.is_none() {
-            if let Some(e) = rd.take_failure() {
-                *lock(&self.failure) = Some(e);
-            }
-        }
-        drop(rd);
-        let alive = match m {
-            Some(m) => {
-                self.dispatch(m);
-                true
-            }
-            None => {
-                self.mark_closed();
-                false
-            }
-        };
-        let mut p = lock(&self.pending);
-        p.read_releases += 1;
-        // Sleepers count themselves under this lock before they sleep, so
-        // none is missed; with none, no wake-up call at all.
-        if self.sleepers.load(Ordering::SeqCst) > 0 {
-            self.replies_cv.notify_all();
-        }
-        drop(p);
-        alive
-    }
-
-    /// Waits, reading the socket itself whenever nobody else does, until
-    /// `done` returns `Some` (checked after every message), or `deadline`.
-    pub(crate) fn wait_reading<T>(&self, deadline: Option<Instant>, done: impl FnMut(&Mux) -> Option<T>) -> Option<T> {
-        self.wait_reading_for(deadline, false, done)
-    }
-
-    /// [`Mux::wait_reading`]; with `ring`, an event posted in the channel
-    /// also ends a spin or a sleep (so `done` sees it at once).
-    fn wait_reading_for<T>(
-        &self,
-        deadline: Option<Instant>,
-        ring: bool,
-        mut done: impl FnMut(&Mux) -> Option<T>,
-    ) -> Option<T> {
-        let ring = if ring { self.channel.get() } else { None };
-        /// Longest single poll or wait. The reader polling wakes for any
-        /// message and hands it on, and waiters are woken whenever the read
-        /// side is let go, so this only bounds how often an idle waiter
-        /// looks around.
-        const SLICE: Duration = Duration::from_millis(20);
-        self.waiters.fetch_add(1, Ordering::SeqCst);
-        let mut spin = if ring.is_some() { RING_SPIN } else { SPIN };
-        let out = loop {
-            if let Some(v) = done(self) {
-                break Some(v);
-            }
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if left.is_some_and(|l| l.is_zero()) {
-                break None;
-            }
-            let slice = left.map_or(SLICE, |l| l.min(SLICE));
-            let gen = lock(&self.pending).read_releases;
-            match self.rd.try_lock() {
-                Ok(rd) => {
-                    // Someone may have delivered ours just before we got it.
-                    if let Some(v) = done(self) {
-                        break Some(v);
-                    }
-                    let ready = match ring {
-                        None => rd.buffered() || spin_until_readable(&rd.stream, spin) || readable(&rd.stream, slice),
-                        Some(ch) => rd.buffered() || spin_ring(ch, &rd.stream, spin) || ch.wait(&rd.stream, slice),
-                    };
-                    if ready {
-                        self.read_one(rd);
-                    }
-                    // Spin once per wait, right after the request went out.
-                    spin = Duration::ZERO;
-                }
-                Err(TryLockError::Poisoned(e)) => {
-                    self.read_one(e.into_inner());
-                }
-                Err(TryLockError::WouldBlock) => {
-                    // Another thread reads: it delivers and then lets go.
-                    // A channel event wakes nobody here, so with the
-                    // channel the sleep is short (see `RING_SLICE`).
-                    let slice = if ring.is_some() { slice.min(RING_SLICE) } else { slice };
-                    let p = lock(&self.pending);
-                    self.sleepers.fetch_add(1, Ordering::SeqCst);
-                    let (p, _) = self
-                        .replies_cv
-                        .wait_timeout_while(p, slice, |p| p.read_releases == gen && !p.closed)
-                        .unwrap_or_else(PoisonError::into_inner);
-                    self.sleepers.fetch_sub(1, Ordering::SeqCst);
-                    drop(p);
-                }
-            }
-        };
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
-        out
-    }
-}
-
-/// How long an event waiter spins, with the channel on, before it sleeps
-/// (once per wait, right after it was called). Longer than the socket's
-/// [`SPIN`]: with the hand-offs gone, the next event of a vCPU that the
-/// tool just answered typically comes one exit and the event's register
-/// reads later (40 to 150 µs on a nested host), and a sleeping tool costs
-/// a wake-up (25 to 30 µs there) per event. Bounded, and only while the
-/// tool itself waits for an event; the VMM does not spin for it.
-const RING_SPIN: Duration = Duration::from_micros(200);
-
-/// Longest sleep of an event waiter, with the channel on, while another
-/// thread holds the socket's read side: that thread's `poll` is the one the
-/// channel's pipe wakes, so this waiter looks at the slots at least this
-/// often (only while both wait).
-const RING_SLICE: Duration = Duration::from_millis(1);
-
-/// Polls the socket and the channel without sleeping, for at most
-/// `budget`; true once the socket is readable, false at the end of the
-/// budget or as soon as the channel holds an event.
-fn spin_ring(ch: &Channel, stream: &UnixStream, budget: Duration) -> bool {
-    let t0 = Instant::now();
-    loop {
-        if ch.has_event() {
-            return false;
-        }
-        if readable(stream, Duration::ZERO) {
-            return true;
-        }
-        if t0.elapsed() >= budget {
-            return false;
-        }
-        std::thread::yield_now();
     }
 }
 

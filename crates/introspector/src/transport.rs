@@ -3,7 +3,7 @@
 //! readiness polls the waiters use. No routing: that is [`crate::mux`].
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -131,11 +131,33 @@ pub(crate) fn spin_until_readable(stream: &UnixStream, budget: Duration) -> bool
 
 /// Waits up to `timeout` for the socket to become readable (or hung up).
 pub(crate) fn readable(stream: &UnixStream, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd for a descriptor the stream owns, count 1.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    n > 0
+    let mut pfd = [libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+    poll_fds(&mut pfd, Some(timeout));
+    pfd[0].revents != 0
+}
+
+/// Blocks until the socket is readable (or hung up), `wake` is readable,
+/// or `timeout` (`None`: no limit); returns (socket ready, woken). A
+/// signal may end it early with neither: callers look again and loop.
+pub(crate) fn wait_readable(stream: &UnixStream, wake: RawFd, timeout: Option<Duration>) -> (bool, bool) {
+    let mut pfd = [
+        libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+    ];
+    poll_fds(&mut pfd, timeout);
+    (pfd[0].revents != 0, pfd[1].revents != 0)
+}
+
+/// One `poll` over `fds` for at most `timeout` (rounded up to whole
+/// milliseconds, so a short deadline is not a busy loop; `None`: no limit).
+pub(crate) fn poll_fds(fds: &mut [libc::pollfd], timeout: Option<Duration>) {
+    let ms = timeout.map_or(-1, |t| {
+        let ms = t.as_nanos().div_ceil(1_000_000);
+        libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+    });
+    // SAFETY: `fds` is a live slice of valid pollfds whose descriptors are
+    // owned by the caller for the duration of the call.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
 }
 
 /// Most descriptors taken from one `recvmsg`; more are closed by the kernel

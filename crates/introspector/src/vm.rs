@@ -104,6 +104,15 @@ impl Vm {
         self.mux.next_event(deadline)
     }
 
+    /// Makes a thread blocked in [`Vm::next_event`] return `Ok(None)` at
+    /// once (as if it had timed out); if none waits, the next call does.
+    /// With several threads waiting, one of them returns per call. For a thread that
+    /// waits without a timeout (an idle wait costs no wake-ups) and must be
+    /// told to look at something else, e.g. to stop.
+    pub fn wake_event_waiter(&self) {
+        self.mux.wake_event_waiter();
+    }
+
     /// A blocking iterator over events. It ends when the connection ends
     /// cleanly; if it broke (a read error, or EOF inside a message) the last
     /// item is that error.

@@ -1,23 +1,22 @@
 //! The event thread: takes every event from the connection and hands it to the policy it belongs to.
 
-use std::{
-    sync::{atomic::Ordering, Arc},
-    time::Duration,
-};
+use std::sync::{atomic::Ordering, Arc};
 
 use ukvmi_introspector::{Event, EventPayload, EventReply, PendingEvent};
 
 use crate::{engine::Inner, record::Record};
 
 /// The event thread's body: runs until the monitor stops, the VMM unhooks,
-/// or the connection fails.
+/// or the connection fails. It waits for events without a timeout (an idle
+/// monitor costs no wake-ups); [`Monitor::stop`](crate::Monitor::stop)
+/// wakes it with `Vm::wake_event_waiter`.
 pub(crate) fn event_loop(inner: Arc<Inner>) {
     while !inner.stop.load(Ordering::SeqCst) {
         if inner.stopping.load(Ordering::SeqCst) {
             inner.shutdown();
             break;
         }
-        match inner.vm.next_event(Some(Duration::from_millis(100))) {
+        match inner.vm.next_event(None) {
             Ok(None) => {}
             Ok(Some(Event::Vcpu(ev))) => {
                 inner.events.fetch_add(1, Ordering::Relaxed);

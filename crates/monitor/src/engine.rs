@@ -163,11 +163,16 @@ impl Inner {
         // removed: answer them here rather than leave them to the VMM's
         // "as if CONTINUE" at close, which would hand a breakpoint hit to
         // the guest as a #BP.
+        const QUIET: Duration = Duration::from_millis(50);
         let end = Instant::now() + Duration::from_secs(2);
         while Instant::now() < end && !self.vm.is_closed() {
-            match self.vm.next_event(Some(Duration::from_millis(50))) {
+            let asked = Instant::now();
+            match self.vm.next_event(Some(QUIET)) {
                 Ok(Some(Event::Vcpu(ev))) => self.answer_stray(&ev),
                 Ok(Some(_)) => {}
+                // Back early: the wake-up `Monitor::stop` sent the event
+                // thread, not a quiet connection.
+                Ok(None) if asked.elapsed() < QUIET => {}
                 Ok(None) | Err(_) => break,
             }
         }

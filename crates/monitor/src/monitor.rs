@@ -53,8 +53,43 @@ impl Monitor {
         Monitor::start_with(vm, Arc::new(DemoOs::new()))
     }
 
-    /// Like [`start`](Self::start), for a guest that runs `os`.
+    /// Like [`start`](Self::start), for a guest that runs `os`. Events come
+    /// through the shared-memory event channel when the VM offers it
+    /// (`UKVMI_VM_EVENT_CHANNEL`), unless the environment says
+    /// `UKVMI_EVENT_CHANNEL=0` (or `off`, `no`, `false`); see
+    /// [`start_with_event_channel`](Self::start_with_event_channel).
     pub fn start_with(vm: Vm, os: Arc<dyn GuestOs>) -> Result<Monitor> {
+        let off = std::env::var("UKVMI_EVENT_CHANNEL")
+            .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "off" | "no" | "false"));
+        Monitor::start_with_event_channel(vm, os, !off)
+    }
+
+    /// Like [`start_with`](Self::start_with), with the event channel asked
+    /// for (`channel`) or not, whatever the environment says. Asked for,
+    /// it is enabled only where the VM reports the command (CHECK_COMMAND);
+    /// a VM without it, or one that refuses it (an error code), keeps events
+    /// on the socket ([`event_channel`](Self::event_channel) tells which).
+    /// Any other failure to set it up is an error: the VMM may already post
+    /// events where this side would not look.
+    pub fn start_with_event_channel(vm: Vm, os: Arc<dyn GuestOs>, channel: bool) -> Result<Monitor> {
+        if channel && vm.check_command(ukvmi_introspector::wire::msg::UKVMI_VM_EVENT_CHANNEL).is_ok() {
+            match vm.enable_event_channel() {
+                // Refused (an error code): the VMM did not turn it on; events stay on the socket.
+                Err(e) if e.raw_err().is_some() => {}
+                // Anything else (a reply without its descriptors, a mapping that
+                // fails, a timeout) may leave the VMM posting events where this
+                // side does not look, and the guest waiting for good: give up.
+                Err(source) => {
+                    return Err(MonitorError::Command {
+                        what: "turning the shared-memory event channel on (UKVMI_EVENT_CHANNEL=0 keeps events on \
+                               the socket)"
+                            .into(),
+                        source,
+                    })
+                }
+                Ok(()) => {}
+            }
+        }
         let vm = Arc::new(vm);
         let vcpus = cmd(|| "KVMI_VM_GET_INFO".into(), vm.vcpu_count())?;
         let vcpus = u16::try_from(vcpus)
@@ -81,6 +116,12 @@ impl Monitor {
     /// The guest OS the monitor attributes events with.
     pub fn guest_os(&self) -> &dyn GuestOs {
         &*self.inner.os
+    }
+
+    /// Whether vCPU events come through the shared-memory event channel
+    /// (else through the socket).
+    pub fn event_channel(&self) -> bool {
+        self.inner.vm.event_channel_enabled()
     }
 
     /// The zero-copy view of guest RAM, if the VM granted one.
@@ -181,6 +222,7 @@ impl Monitor {
         // The event thread does the shutdown (it is the one reading events,
         // so it can answer the stragglers); if it is gone, do it here.
         self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.vm.wake_event_waiter();
         let t = self.thread.lock().map_or_else(|e| e.into_inner().take(), |mut g| g.take());
         if let Some(t) = t {
             let _ = t.join();

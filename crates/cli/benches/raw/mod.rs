@@ -22,11 +22,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use ukvmi_guests::layout;
 use ukvmi_introspector::wire::handshake::{FromIntrospector, TO_INTROSPECTOR_MAX, TO_INTROSPECTOR_MIN};
-use ukvmi_introspector::wire::v7::{self, V7Event, V7PauseVcpu};
+use ukvmi_introspector::wire::v7::{self, V7Event, V7PauseVcpu, V7SetPageAccess};
 use ukvmi_introspector::wire::{
-    event, frame, msg, read_zext, tail, ControlEvents, EventHdr, GetVersionReply, IntoBytes, MsgHdr, VcpuControlMsr,
-    VcpuEvent, VcpuEventReply, VcpuGetRegisters, VcpuGetRegistersReply, VcpuHdr, VmPauseVcpu, VmPhysical, MAX_MSG_SIZE,
-    MSG_HDR_SIZE,
+    event, frame, msg, read_zext, tail, ControlEvents, EventHdr, GetVersionReply, IntoBytes, KvmRegs, MsgHdr,
+    PageAccessEntry, VcpuControlMsr, VcpuEvent, VcpuEventReply, VcpuGetRegisters, VcpuGetRegistersReply, VcpuHdr,
+    VmPauseVcpu, VmPhysical, VmSetPageAccess, MAX_MSG_SIZE, MSG_HDR_SIZE,
 };
 
 /// Longest wait for any message.
@@ -35,6 +35,8 @@ pub const T: Duration = Duration::from_secs(20);
 pub const SPIN: Duration = Duration::from_micros(50);
 /// `KVMI_EVENT_ACTION_CONTINUE`.
 pub const CONTINUE: u8 = 0;
+/// `KVMI_EVENT_ACTION_RETRY`.
+pub const RETRY: u8 = 1;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Dialect {
@@ -50,12 +52,16 @@ pub struct Ids {
     pub write_physical: u16,
     pub pause_vcpu: u16,
     pub get_registers: u16,
+    pub set_registers: u16,
+    pub set_page_access: u16,
     pub control_events: u16,
     pub control_msr: u16,
     /// The message id of an event reply.
     pub event_reply: u16,
     pub ev_pause: u16,
     pub ev_msr: u16,
+    pub ev_breakpoint: u16,
+    pub ev_pf: u16,
 }
 
 pub const IDS_V12: Ids = Ids {
@@ -65,11 +71,15 @@ pub const IDS_V12: Ids = Ids {
     write_physical: msg::VM_WRITE_PHYSICAL,
     pause_vcpu: msg::VM_PAUSE_VCPU,
     get_registers: msg::VCPU_GET_REGISTERS,
+    set_registers: msg::VCPU_SET_REGISTERS,
+    set_page_access: msg::VM_SET_PAGE_ACCESS,
     control_events: msg::VCPU_CONTROL_EVENTS,
     control_msr: msg::VCPU_CONTROL_MSR,
     event_reply: msg::VCPU_EVENT,
     ev_pause: event::PAUSE,
     ev_msr: event::MSR,
+    ev_breakpoint: event::BREAKPOINT,
+    ev_pf: event::PF,
 };
 
 pub const IDS_V7: Ids = Ids {
@@ -79,11 +89,15 @@ pub const IDS_V7: Ids = Ids {
     write_physical: v7::msg::WRITE_PHYSICAL,
     pause_vcpu: v7::msg::PAUSE_VCPU,
     get_registers: v7::msg::GET_REGISTERS,
+    set_registers: v7::msg::SET_REGISTERS,
+    set_page_access: v7::msg::SET_PAGE_ACCESS,
     control_events: v7::msg::CONTROL_EVENTS,
     control_msr: v7::msg::CONTROL_MSR,
     event_reply: v7::msg::EVENT_REPLY,
     ev_pause: v7::event::PAUSE_VCPU,
     ev_msr: v7::event::MSR,
+    ev_breakpoint: v7::event::BREAKPOINT,
+    ev_pf: v7::event::PF,
 };
 
 impl Dialect {
@@ -117,6 +131,17 @@ impl Dialect {
     }
 }
 
+impl Dialect {
+    /// SET_PAGE_ACCESS's header for `count` entries: v12 `{u16 count; ...}`,
+    /// v7 `{u16 view; u16 count; u32}` (view 0); the entries are the same.
+    pub fn page_access_head(self, count: u16) -> Vec<u8> {
+        match self {
+            Dialect::V12 => VmSetPageAccess { count, ..Default::default() }.as_bytes().to_vec(),
+            Dialect::V7 => V7SetPageAccess { view: 0, count, padding: 0 }.as_bytes().to_vec(),
+        }
+    }
+}
+
 pub fn vcpu_hdr(vcpu: u16) -> VcpuHdr {
     VcpuHdr { vcpu, ..Default::default() }
 }
@@ -129,6 +154,8 @@ pub struct Ev {
     /// The dialect's event id.
     pub event: u16,
     pub rip: u64,
+    /// The general registers the event carries.
+    pub regs: KvmRegs,
     pub payload: Vec<u8>,
 }
 
@@ -225,19 +252,19 @@ impl Client {
         if h.id != msg::VCPU_EVENT {
             return None;
         }
-        let (vcpu, event, rip, at) = match self.d {
+        let (vcpu, event, regs, at) = match self.d {
             Dialect::V12 => {
                 let hdr: EventHdr = read_zext(body);
                 let ev: VcpuEvent = read_zext(tail(body, size_of::<EventHdr>()));
-                (ev.vcpu, hdr.event, ev.arch.regs.rip, size_of::<EventHdr>() + size_of::<VcpuEvent>())
+                (ev.vcpu, hdr.event, ev.arch.regs, size_of::<EventHdr>() + size_of::<VcpuEvent>())
             }
             Dialect::V7 => {
                 let ev: V7Event = read_zext(body);
-                (ev.vcpu, u16::from(ev.event), ev.arch.regs.rip, size_of::<V7Event>())
+                (ev.vcpu, u16::from(ev.event), ev.arch.regs, size_of::<V7Event>())
             }
         };
         assert!(body.len() >= at, "{}: an event of {} bytes", self.d.name(), body.len());
-        Some(Ev { seq: h.seq, vcpu, event, rip, payload: tail(body, at).to_vec() })
+        Some(Ev { seq: h.seq, vcpu, event, rip: regs.rip, regs, payload: tail(body, at).to_vec() })
     }
 
     /// Sends a command and returns its reply's data (after the error code),
@@ -302,6 +329,17 @@ impl Client {
             .request(self.d.ids().get_registers, &[vcpu_hdr(vcpu).as_bytes(), VcpuGetRegisters::default().as_bytes()]);
         assert_eq!(r.len(), size_of::<VcpuGetRegistersReply>());
         read_zext(&r)
+    }
+
+    pub fn set_registers(&mut self, vcpu: u16, regs: &KvmRegs) {
+        self.request(self.d.ids().set_registers, &[vcpu_hdr(vcpu).as_bytes(), regs.as_bytes()]);
+    }
+
+    /// Sets the access allowed on the page at `gpa` (`access::*`).
+    pub fn set_page_access(&mut self, gpa: u64, access: u8) {
+        let head = self.d.page_access_head(1);
+        let entry = PageAccessEntry { gpa, access, ..Default::default() };
+        self.request(self.d.ids().set_page_access, &[&head, entry.as_bytes()]);
     }
 
     pub fn control_events(&mut self, vcpu: u16, event_id: u16, enable: bool) {
