@@ -112,10 +112,12 @@ pub(super) fn connection_loop(
                     log(&format!("introspection: {e}"));
                 } else {
                     log(&format!("introspector connected at {}", cfg.path.display()));
-                    while !ep.wait_disconnected(Some(Duration::from_millis(100))) {
-                        if sh.stopping() || lock(&sh.exit).is_some() {
-                            return;
-                        }
+                    // Asleep until the connection ends: the tool's doing, or
+                    // `Vm::run`'s unhook once the VM has ended (it sets
+                    // `exit` first). No periodic wake-ups while connected.
+                    ep.wait_disconnected(None);
+                    if sh.stopping() || lock(&sh.exit).is_some() {
+                        return;
                     }
                     let events = events_line(&ep.events_sent());
                     let why = ep.unhook();
