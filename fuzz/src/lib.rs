@@ -9,6 +9,7 @@
 
 pub mod endpoint;
 pub mod handshake;
+pub mod kimage;
 pub mod seeds;
 pub mod wire;
 
