@@ -7,6 +7,7 @@
 //! on any thread (an endpoint thread, a fake vCPU) is a crash, even where
 //! the code would catch it.
 
+pub mod btf;
 pub mod endpoint;
 pub mod handshake;
 pub mod kimage;
