@@ -128,9 +128,10 @@ pub(crate) fn watch_msr(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Resul
     if restore && !msrs.contains(&hooks::LSTAR) {
         return Err(Failure::usage("--restore puts LSTAR back (the kernel's syscall_entry): name LSTAR"));
     }
-    if restore && ctx.syms.and_then(|s| s.addr("syscall_entry")).is_none() {
+    let entry_sym = ctx.mon.guest_os().syscall_entry_symbol();
+    if restore && ctx.syms.and_then(|s| s.addr(entry_sym)).is_none() {
         return Err(Failure {
-            msg: "--restore needs the kernel's `syscall_entry` symbol: run the demo guest or give --map FILE".into(),
+            msg: format!("--restore needs the kernel's `{entry_sym}` symbol: run the demo guest or give --map FILE"),
             status: 1,
         });
     }

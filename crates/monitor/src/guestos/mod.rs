@@ -146,6 +146,14 @@ pub trait GuestOs: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The gpa of kernel address `gva` that holds whatever the page tables
+    /// say (or before there are any: a guard armed before the kernel turned
+    /// paging on), when the OS knows one: Linux's image at
+    /// `__START_KERNEL_map` (kernels without KASLR, or booted `nokaslr`).
+    fn static_gpa(&self, _gva: u64) -> Option<u64> {
+        None
+    }
+
     /// What runs on `vcpu`, in a few words (`pid 3`, `pid 1 (init)`).
     fn describe_current(&self, mem: &dyn GuestMemory, vcpu: u16) -> Option<String> {
         self.current_process(mem, vcpu).map(|p| format!("pid {p}"))

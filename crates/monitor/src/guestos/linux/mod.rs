@@ -196,6 +196,10 @@ impl GuestOs for LinuxOs {
         Some(self.tasks(mem, vcpus))
     }
 
+    fn static_gpa(&self, gva: u64) -> Option<u64> {
+        gva.checked_sub(START_KERNEL_MAP)
+    }
+
     fn describe_current(&self, mem: &dyn GuestMemory, vcpu: u16) -> Option<String> {
         self.current(mem, vcpu).map(|t| format!("pid {} ({})", t.pid, t.name))
     }
