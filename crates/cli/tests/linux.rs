@@ -256,7 +256,12 @@ fn field(json: &str, key: &str) -> Option<String> {
     let k = format!("\"{key}\":");
     let at = json.find(&k)? + k.len();
     let rest = &json[at..];
-    let end = if let Some(r) = rest.strip_prefix('"') { r.find('"')? + 2 } else { rest.find([',', '}'])? };
+    // A row cut out of an array may have lost its closing brace.
+    let end = if let Some(r) = rest.strip_prefix('"') {
+        r.find('"')? + 2
+    } else {
+        rest.find([',', '}', ']']).unwrap_or(rest.len())
+    };
     Some(rest[..end].trim_matches('"').to_string())
 }
 
@@ -302,7 +307,7 @@ fn ps_lists_the_kernels_tasks_with_their_names_and_pids() {
     assert_eq!((kthreadd, k), (2, true));
     let (soft, soft_parent, k) = find("ksoftirqd/0").unwrap_or_else(|| panic!("{}", missing("ksoftirqd/0")));
     assert!(soft > 2 && k, "ksoftirqd/0 is a kernel thread with a later pid: {soft}");
-    assert_eq!(soft_parent, Some(2), "kthreadd made ksoftirqd/0");
+    assert_eq!(soft_parent, Some(2), "kthreadd made ksoftirqd/0: {out}");
     assert!(field(&out, "incomplete").is_none(), "the walk did not come back to init_task: {out}");
     // Pids come in the order the kernel made the tasks.
     let pids: Vec<u32> = rows.iter().filter_map(|r| field(r, "pid")?.parse().ok()).collect();
