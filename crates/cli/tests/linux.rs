@@ -358,3 +358,129 @@ fn the_kernels_lstar_write_is_seen_when_the_guard_is_armed_before_boot() {
         assert_eq!(field(w, "blocked").as_deref(), Some("false"), "watch-msr without --deny refused a write: {w}");
     }
 }
+
+/// The stub the page-guard test plants in the body of a syscall this guest
+/// never makes (`__x64_sys_ptrace`: user space never enters the kernel
+/// here), entered through a 5-byte `jmp` over the start of the periodic
+/// `update_process_times`: with CR0.WP off (the kernel maps `.rodata` and
+/// `.text` read-only in its own page tables) it writes `A` over the first
+/// byte of `linux_banner`, as a rootkit would, then puts the 5 bytes of
+/// `update_process_times` back, restores CR0 and RAX and jumps there, so
+/// the tick carries on as if nothing happened.
+fn rootkit_stub(stub: u64, target: u64, hooked: u64, saved: [u8; 5]) -> Vec<u8> {
+    let mut s: Vec<u8> = vec![0x50, 0x0f, 0x20, 0xc0, 0x50, 0x25, 0xff, 0xff, 0xfe, 0xff, 0x0f, 0x22, 0xc0];
+    // `op [rip+disp32], imm`: disp counts from the end of the instruction.
+    let rip_rel = |s: &mut Vec<u8>, op: &[u8], addr: u64, imm: &[u8]| {
+        let end = stub + (s.len() + op.len() + 4 + imm.len()) as u64;
+        s.extend_from_slice(op);
+        s.extend_from_slice(&(addr.wrapping_sub(end) as i32).to_le_bytes());
+        s.extend_from_slice(imm);
+    };
+    rip_rel(&mut s, &[0xc6, 0x05], target, b"A");
+    rip_rel(&mut s, &[0xc7, 0x05], hooked, &saved[..4]);
+    rip_rel(&mut s, &[0xc6, 0x05], hooked + 4, &saved[4..]);
+    s.extend_from_slice(&[0x58, 0x0f, 0x22, 0xc0, 0x58, 0xe9]);
+    let end = stub + s.len() as u64 + 4;
+    s.extend_from_slice(&(hooked.wrapping_sub(end) as i32).to_le_bytes());
+    s
+}
+
+/// A page guard with `--deny` on a `.rodata` page (`linux_banner`) reports
+/// and refuses a write planted in the guest through the introspector; the
+/// guest carries on. Its own boot, introspected by the test itself (the
+/// planting needs the library: no tool command writes guest memory).
+#[test]
+fn a_page_guard_on_rodata_refuses_a_planted_write() {
+    use std::sync::Arc;
+    use ukvmi_introspector::{wire::access, Listener};
+    use ukvmi_monitor::{
+        guestos::linux::{self, LinuxOs, START_KERNEL_MAP},
+        Kinds, Monitor, Record,
+    };
+
+    common::require_kvm();
+    let k = kernel();
+    let dir = common::Scratch::new("linux-guard");
+    let sock = dir.path("kvmi.sock");
+    let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(Duration::from_secs(60));
+    let intro = format!("unix:{}", sock.display());
+    let (kpath, ipath) = (k.vmlinux.display().to_string(), k.initrd.display().to_string());
+    let vm = common::RunningVm::start(
+        &dir,
+        &["--kernel", &kpath, "--initrd", &ipath, "--cmdline", CMDLINE, "--memory", "128", "--introspect", &intro],
+    );
+    let tool = listener.accept().unwrap();
+    let image = std::fs::read(&k.vmlinux).unwrap();
+    let syms = linux::symbol_map_of(&image).unwrap();
+    let os = LinuxOs::from_kernel(&image, &syms).unwrap();
+    let mon = Monitor::start_with(tool, Arc::new(os)).unwrap();
+    vm.wait_serial("Run /init as init process", 1, BOOT_TIMEOUT);
+
+    let gpa = |name: &str| symbol(&k, name) - START_KERNEL_MAP;
+    let (banner, hooked, stub_at) =
+        (symbol(&k, "linux_banner"), symbol(&k, "update_process_times"), symbol(&k, "__x64_sys_ptrace"));
+    let read = |pa: u64, n: usize| {
+        let mut b = vec![0u8; n];
+        mon.read(pa, &mut b).unwrap();
+        b
+    };
+    assert!(read(gpa("linux_banner"), 13).starts_with(b"Linux version"));
+    let sub = mon.subscribe(Kinds { pages: true, ..Kinds::default() });
+    mon.protect(&sub, gpa("linux_banner"), 1, access::W, true).unwrap();
+
+    // Plant, with the vCPU held outside the bytes concerned.
+    let saved: [u8; 5] = read(gpa("update_process_times"), 5).try_into().unwrap();
+    let stub = rootkit_stub(stub_at, banner, hooked, saved);
+    let stub_saved = read(gpa("__x64_sys_ptrace"), stub.len());
+    let mut jmp = vec![0xe9];
+    jmp.extend_from_slice(&(stub_at.wrapping_sub(hooked + 5) as i32).to_le_bytes());
+    let t0 = Instant::now();
+    loop {
+        mon.pause_all(Duration::from_secs(10)).unwrap();
+        let rip = mon.vm().get_registers(0, &[]).unwrap().regs.rip;
+        if !(hooked..hooked + 5).contains(&rip) && !(stub_at..stub_at + stub.len() as u64).contains(&rip) {
+            break;
+        }
+        mon.resume_all().unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(30), "the vCPU stays inside the bytes to patch");
+    }
+    let jiffies_before = u64::from_le_bytes(read(gpa("jiffies_64"), 8).try_into().unwrap());
+    mon.vm().write_physical(gpa("__x64_sys_ptrace"), &stub).unwrap();
+    mon.vm().write_physical(gpa("update_process_times"), &jmp).unwrap();
+    mon.resume_all().unwrap();
+
+    // The guard reports the write and refuses it.
+    let t0 = Instant::now();
+    let event = loop {
+        match sub.next(Duration::from_secs(1)).unwrap() {
+            Some(r @ Record::Page { .. }) => break r,
+            _ => assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "no page event within 120 s (update_process_times never ran the stub?)\nserial:\n{}",
+                vm.serial_text()
+            ),
+        }
+    };
+    let Record::Page { gpa: at, access: how, blocked, .. } = event else { unreachable!() };
+    assert_eq!((at & !0xfff, how, blocked), (gpa("linux_banner") & !0xfff, 'w', true), "{event:?}");
+    assert_eq!(at, gpa("linux_banner"), "the write was at linux_banner: {event:?}");
+    assert!(read(gpa("linux_banner"), 13).starts_with(b"Linux version"), "the planted write went through");
+
+    // The stub went on: it put update_process_times back, and the tick runs.
+    let t0 = Instant::now();
+    while read(gpa("update_process_times"), 5) != saved {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the stub never put update_process_times back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t0 = Instant::now();
+    while u64::from_le_bytes(read(gpa("jiffies_64"), 8).try_into().unwrap()) <= jiffies_before + 5 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "jiffies stopped: the guest did not carry on");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!vm.serial_text().contains("Oops"), "{}", vm.serial_text());
+    // Put the syscall's bytes back, as the tools do.
+    mon.pause_all(Duration::from_secs(10)).unwrap();
+    mon.vm().write_physical(gpa("__x64_sys_ptrace"), &stub_saved).unwrap();
+    mon.resume_all().unwrap();
+    mon.stop();
+}
