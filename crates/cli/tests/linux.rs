@@ -162,6 +162,15 @@ fn boot() -> &'static Boot {
     }
 }
 
+/// The shared boot's scratch directory, removed when the test binary exits.
+static SCRATCH: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn remove_scratch() {
+    if let Some(d) = SCRATCH.get() {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 fn start_and_boot() -> Boot {
     {
         common::require_kvm();
@@ -169,6 +178,11 @@ fn start_and_boot() -> Boot {
         let dir = std::env::temp_dir().join(format!("ukvmi-linux-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        if SCRATCH.set(dir.clone()).is_ok() {
+            // SAFETY: registers a plain function with no arguments to run at
+            // exit; it only removes a directory.
+            unsafe { libc::atexit(remove_scratch) };
+        }
         let sock = dir.join("vm.sock");
         let serial = dir.join("serial.log");
         let vmm_stderr = dir.join("vmm.err");
@@ -282,7 +296,16 @@ fn the_kernel_boots_to_its_kernel_threads_and_says_so() {
 #[test]
 fn ps_lists_the_kernels_tasks_with_their_names_and_pids() {
     let b = boot();
-    let out = b.tool_ok(&["ps", "--json"]);
+    // The console says `Run /init` just before the kernel execs it: until
+    // then pid 1 is still named after the idle task it was forked from.
+    let t0 = Instant::now();
+    let out = loop {
+        let out = b.tool_ok(&["ps", "--json"]);
+        if out.contains("\"name\":\"init\"") || t0.elapsed() > Duration::from_secs(60) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert!(out.contains("\"os\":\"linux\""), "not the Linux task list: {out}");
     let body = out.split("\"processes\":[").nth(1).unwrap_or_else(|| panic!("no processes in {out}"));
     let rows: Vec<&str> = body.split("},{").collect();
