@@ -428,11 +428,26 @@ fn a_page_guard_on_rodata_refuses_a_planted_write() {
     let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(Duration::from_secs(60));
     let intro = format!("unix:{}", sock.display());
     let (kpath, ipath) = (k.vmlinux.display().to_string(), k.initrd.display().to_string());
-    let vm = common::RunningVm::start(
+    let mut vm = common::RunningVm::start(
         &dir,
         &["--kernel", &kpath, "--initrd", &ipath, "--cmdline", CMDLINE, "--memory", "128", "--introspect", &intro],
     );
-    let tool = listener.accept().unwrap();
+    // Accept on a thread: a VMM that exits (or never connects) must fail
+    // the test with its reason, not leave it waiting.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(listener.accept());
+    });
+    let t0 = Instant::now();
+    let tool = loop {
+        if let Ok(r) = rx.recv_timeout(Duration::from_millis(200)) {
+            break r.unwrap();
+        }
+        if let Some(st) = vm.child.try_wait().unwrap() {
+            panic!("ukvmi run exited ({st}) before it connected:\n{}", vm.stderr_text());
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "ukvmi run never connected:\n{}", vm.stderr_text());
+    };
     let image = std::fs::read(&k.vmlinux).unwrap();
     let syms = linux::symbol_map_of(&image).unwrap();
     let os = LinuxOs::from_kernel(&image, &syms).unwrap();
@@ -506,4 +521,13 @@ fn a_page_guard_on_rodata_refuses_a_planted_write() {
     mon.vm().write_physical(gpa("__x64_sys_ptrace"), &stub_saved).unwrap();
     mon.resume_all().unwrap();
     mon.stop();
+}
+
+#[test]
+fn a_breakpoint_in_the_freed_init_code_is_refused() {
+    let b = boot();
+    let o = b.tool(&["trace", "--breakpoint", "do_one_initcall", "--count", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("init sections"), "{err}");
 }

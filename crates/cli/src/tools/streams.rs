@@ -50,11 +50,34 @@ fn stream(
     }
 }
 
+/// Refuses a breakpoint in a Linux kernel's init sections
+/// (`__init_begin..__init_end`): the kernel frees them after boot and fills
+/// them with 0xcc, so the int3's saved byte would later be put back into
+/// memory that holds something else.
+fn refuse_init_text(ctx: &Ctx<'_>, at: u64) -> Result<(), Failure> {
+    let Some(s) = ctx.syms else { return Ok(()) };
+    let (Some(begin), Some(end)) = (s.addr("__init_begin"), s.addr("__init_end")) else { return Ok(()) };
+    if (begin..end).contains(&at) {
+        return Err(Failure {
+            msg: format!(
+                "{} is in the kernel's init sections (__init_begin..__init_end), which it frees after boot: \
+                 a breakpoint there would outlive the code; pick a function in .text",
+                ctx.describe(at)
+            ),
+            status: 1,
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn trace(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     let mut syscalls = a.has("--syscalls");
     let hyper = a.has("--hypercalls") || a.val("--answer").is_some();
     let pauses = a.has("--pauses");
     let bp = a.val("--breakpoint").map(|b| ctx.addr(b)).transpose()?;
+    if let Some(at) = bp {
+        refuse_init_text(ctx, at)?;
+    }
     let msrs: Vec<u32> = a
         .vals("--msr")
         .iter()
