@@ -10,6 +10,10 @@ use crate::guestos::GuestMemory;
 
 /// `__START_KERNEL_map`: the kernel image's virtual base (physical 0).
 pub const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+/// Where the kernel image's mapping ends at the latest
+/// (`KERNEL_IMAGE_SIZE` without KASLR; modules are mapped above, elsewhere
+/// in physical memory).
+pub const KERNEL_IMAGE_END: u64 = START_KERNEL_MAP + (512 << 20);
 /// `PAGE_OFFSET` with 4-level paging and no memory randomisation.
 pub const PAGE_OFFSET: u64 = 0xffff_8880_0000_0000;
 /// Size of the direct map's range (64 TiB).
@@ -20,7 +24,7 @@ pub fn kva_to_pa(mem: &dyn GuestMemory, va: u64) -> Option<u64> {
     if let Some(pa) = mem.translate(0, va) {
         return Some(pa);
     }
-    if va >= START_KERNEL_MAP {
+    if (START_KERNEL_MAP..KERNEL_IMAGE_END).contains(&va) {
         return Some(va - START_KERNEL_MAP);
     }
     va.checked_sub(PAGE_OFFSET).filter(|&off| off < DIRECT_MAP_SIZE)

@@ -17,7 +17,7 @@ mod tests;
 use ukvmi_introspector::wire::KvmRegs;
 
 pub use btf::{BtfError, LinuxOffsets, MAX_BTF};
-pub use kva::{kva_to_pa, PAGE_OFFSET, START_KERNEL_MAP};
+pub use kva::{kva_to_pa, KERNEL_IMAGE_END, PAGE_OFFSET, START_KERNEL_MAP};
 pub use tasks::{Task, TaskList, MAX_TASKS, PF_KTHREAD};
 
 use super::{AgentReply, GuestMemory, GuestOs, Syscall};
@@ -53,6 +53,8 @@ pub struct LinuxSymbols {
     pub per_cpu_offset: Option<u64>,
     /// `current_task`'s per-cpu offset (the BTF's, when it has it, wins).
     pub current_task: Option<u64>,
+    /// `_end`: where the kernel image ends (its static map stops there).
+    pub image_end: Option<u64>,
 }
 
 impl LinuxSymbols {
@@ -62,6 +64,7 @@ impl LinuxSymbols {
             init_task: map.addr("init_task").ok_or(LinuxError::NoSymbol("init_task"))?,
             per_cpu_offset: map.addr("__per_cpu_offset"),
             current_task: map.addr("current_task"),
+            image_end: map.addr("_end"),
         })
     }
 }
@@ -197,7 +200,8 @@ impl GuestOs for LinuxOs {
     }
 
     fn static_gpa(&self, gva: u64) -> Option<u64> {
-        gva.checked_sub(START_KERNEL_MAP)
+        let end = self.syms.image_end.unwrap_or(KERNEL_IMAGE_END).min(KERNEL_IMAGE_END);
+        (START_KERNEL_MAP..end).contains(&gva).then(|| gva - START_KERNEL_MAP)
     }
 
     fn describe_current(&self, mem: &dyn GuestMemory, vcpu: u16) -> Option<String> {

@@ -171,6 +171,7 @@ fn offsets_from_the_test_kernels_btf() {
     assert_eq!(os.symbols().init_task, 0xffff_ffff_8181_1580);
     assert_eq!(os.symbols().current_task, Some(0x1ac00), "the symbol agrees with the BTF");
     assert!(os.symbols().per_cpu_offset.is_some());
+    assert!(os.symbols().image_end.is_some_and(|e| e > 0xffff_ffff_8100_0000));
     assert!(os.describe().contains("pid 0x3a8"), "{}", os.describe());
 }
 
@@ -247,7 +248,12 @@ fn guest(tasks: &[(u32, &str, u32, u32)], current: Option<usize>) -> (Mem, Linux
     mem.write_kva(PER_CPU_OFFSET, &(PCPU_BASE).to_le_bytes());
     let cur = current.map_or(INIT_TASK, |i| addrs[i + 1]);
     mem.write_kva(PCPU_BASE + 0x1ac00, &cur.to_le_bytes());
-    let syms = LinuxSymbols { init_task: INIT_TASK, per_cpu_offset: Some(PER_CPU_OFFSET), current_task: Some(0x1ac00) };
+    let syms = LinuxSymbols {
+        init_task: INIT_TASK,
+        per_cpu_offset: Some(PER_CPU_OFFSET),
+        current_task: Some(0x1ac00),
+        image_end: Some(0xffff_ffff_81a1_6000),
+    };
     (mem, LinuxOs::new(o, syms))
 }
 
@@ -284,6 +290,9 @@ fn walks_the_task_list_and_finds_the_current_task() {
     assert_eq!(os.current_process(&mem, 1), None, "vCPU 1's per-cpu base is not there");
     assert!(os.task_list(&mem, 1).is_some());
     assert_eq!(os.syscall_entry_symbol(), "entry_SYSCALL_64");
+    assert_eq!(os.static_gpa(INIT_TASK), Some(0x181_1580), "the image's fixed map");
+    assert_eq!(os.static_gpa(0xffff_ffff_81a1_6000), None, "past _end (modules live above)");
+    assert_eq!(os.static_gpa(task_va(0)), None, "the direct map is not the image");
     let r = KvmRegs { rax: 39, ..KvmRegs::default() };
     assert_eq!(os.decode_syscall(&mem, 0, &r).name, "getpid");
     assert!(os.agent_reply(&r, 0, "x").is_none(), "never writes to a Linux guest");
@@ -348,7 +357,7 @@ fn a_very_long_list_stops_at_the_limit() {
             None
         }
     }
-    let syms = LinuxSymbols { init_task: PAGE_OFFSET, per_cpu_offset: None, current_task: None };
+    let syms = LinuxSymbols { init_task: PAGE_OFFSET, per_cpu_offset: None, current_task: None, image_end: None };
     let os = LinuxOs::new(test_kernel_offsets(), syms);
     let list = os.tasks(&Endless, 1).unwrap();
     assert_eq!(list.tasks.len(), MAX_TASKS);
