@@ -7,8 +7,10 @@
 //! on any thread (an endpoint thread, a fake vCPU) is a crash, even where
 //! the code would catch it.
 
+pub mod btf;
 pub mod endpoint;
 pub mod handshake;
+pub mod kimage;
 pub mod seeds;
 pub mod wire;
 

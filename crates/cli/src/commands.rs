@@ -220,7 +220,7 @@ pub(crate) const COMMANDS: &[Command] = &[
     Command {
         name: "ps",
         usage: "",
-        about: "the demo OS's processes, read from its process table",
+        about: "the processes: the demo OS's table, or a Linux kernel's tasks (--map vmlinux)",
         section: Section::Tool,
         options: JSON,
         action: Action::Tool(tools::ps),

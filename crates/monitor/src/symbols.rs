@@ -1,5 +1,5 @@
 //! Kernel symbol maps in System.map format (`ADDRESS TYPE NAME` per line),
-//! as the demo guest's build writes them.
+//! as the demo guest's build and Linux's write them, or from an ELF's symbols.
 
 use std::collections::HashMap;
 
@@ -42,6 +42,14 @@ impl SymbolMap {
         by_addr.sort();
         let by_name = by_addr.iter().map(|(a, n)| (n.clone(), *a)).collect();
         Ok(SymbolMap { by_addr, by_name })
+    }
+
+    /// A map of `(address, name)` pairs (an ELF's symbols, say).
+    pub fn from_symbols(symbols: impl IntoIterator<Item = (u64, String)>) -> SymbolMap {
+        let mut by_addr: Vec<(u64, String)> = symbols.into_iter().collect();
+        by_addr.sort();
+        let by_name = by_addr.iter().map(|(a, n)| (n.clone(), *a)).collect();
+        SymbolMap { by_addr, by_name }
     }
 
     /// The address of `name`.

@@ -107,7 +107,13 @@ pub(super) fn accept_vm(d: &Daemon, listener: &KvmiSocket) -> (Monitor, Option<V
             }
             d.cond.notify_all();
         };
-        match hs.run(stream).map(Monitor::start) {
+        // The guest OS follows `--map` (a Linux kernel, or the demo OS).
+        let map = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).map.clone();
+        let start = |vm| {
+            let os = super::symbols::guest_os_for(&vm, map.as_ref());
+            Monitor::start_with(vm, os)
+        };
+        match hs.run(stream).map(start) {
             Ok(Ok(mon)) => return (mon, peer),
             Ok(Err(e)) => {
                 log(&format!("a connection on the KVMI socket failed: {e}"));

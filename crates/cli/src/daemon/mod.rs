@@ -201,12 +201,9 @@ const NO_VM_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a daemon that no VM connected to waits for its first command.
 const NO_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Reads a symbol map (System.map format).
+/// Reads a symbol map: a System.map, or a Linux vmlinux's symbols.
 fn load_map(path: &str) -> Result<Arc<SymbolMap>, String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| format!("{path}: {e}"))
-        .and_then(|t| SymbolMap::parse(&t).map_err(|e| format!("{path}: {e}")))
-        .map(Arc::new)
+    symbols::load_map(path)
 }
 
 /// The VM just attached: remembered (for `info`, and in the lock file for

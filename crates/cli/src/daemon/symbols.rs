@@ -1,9 +1,13 @@
-//! Which symbol map an attached VM gets: `--map`, else the built-in guest
-//! it really runs.
+//! Which symbol map and guest OS an attached VM gets: `--map` (a System.map
+//! or a Linux vmlinux), else the built-in guest it really runs.
 
 use std::sync::Arc;
 
-use ukvmi_monitor::{Monitor, SymbolMap};
+use ukvmi_introspector::Vm;
+use ukvmi_monitor::{
+    guestos::linux::{self, LinuxOffsets, LinuxOs, LinuxSymbols, MAX_BTF, START_KERNEL_MAP},
+    DemoOs, GuestOs, Monitor, PhysRead, SymbolMap,
+};
 
 use super::log::log;
 
@@ -48,4 +52,56 @@ pub(crate) fn symbols_for(vm_name: &str, map: Option<&Arc<SymbolMap>>) -> Option
     let g = ukvmi_guests::find(vm_name)?;
     let text: String = g.symbols.iter().map(|(n, a)| format!("{a:016x} T {n}\n")).collect();
     SymbolMap::parse(&text).ok().map(Arc::new)
+}
+
+/// Reads `--map FILE`: a System.map (text), or a kernel ELF (a Linux
+/// vmlinux: its `.symtab`).
+pub(crate) fn load_map(path: &str) -> Result<Arc<SymbolMap>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+    if bytes.starts_with(b"\x7fELF") {
+        return linux::symbol_map_of(&bytes).map(Arc::new).map_err(|e| format!("{path}: {e}"));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| format!("{path}: neither an ELF file nor a System.map"))?;
+    SymbolMap::parse(&text).map(Arc::new).map_err(|e| format!("{path}: {e}"))
+}
+
+/// The guest OS of a VM that attaches while `--map` is `map`: Linux when
+/// the map names a Linux kernel (it has `init_task`) whose BTF can be read
+/// (the vmlinux's `.BTF`, or for a System.map the kernel's own copy in
+/// guest memory), else the demo OS.
+pub(super) fn guest_os_for(vm: &Vm, map: Option<&(String, Arc<SymbolMap>)>) -> Arc<dyn GuestOs> {
+    let Some((path, syms)) = map else { return Arc::new(DemoOs::new()) };
+    if syms.addr("init_task").is_none() {
+        return Arc::new(DemoOs::new());
+    }
+    match linux_os(vm, path, syms) {
+        Ok(os) => {
+            log(&format!("guest OS: {} from {path}", os.describe()));
+            Arc::new(os)
+        }
+        Err(e) => {
+            log(&format!("{path} names a Linux kernel, but {e}: ps and the current task are not available"));
+            Arc::new(DemoOs::new())
+        }
+    }
+}
+
+/// The Linux OS of the kernel `path` (ELF or System.map with symbols `syms`).
+fn linux_os(vm: &Vm, path: &str, syms: &SymbolMap) -> Result<LinuxOs, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("reading it again: {e}"))?;
+    if bytes.starts_with(b"\x7fELF") {
+        return LinuxOs::from_kernel(&bytes, syms).map_err(|e| e.to_string());
+    }
+    // A System.map: the kernel's BTF is in its image, in guest memory.
+    let (Some(start), Some(stop)) = (syms.addr("__start_BTF"), syms.addr("__stop_BTF")) else {
+        return Err("its map has no __start_BTF/__stop_BTF (give the vmlinux as --map)".into());
+    };
+    let len = stop.checked_sub(start).and_then(|l| usize::try_from(l).ok()).filter(|&l| l > 0 && l <= MAX_BTF);
+    let (Some(len), Some(gpa)) = (len, start.checked_sub(START_KERNEL_MAP)) else {
+        return Err(format!("its BTF bounds {start:#x}..{stop:#x} are unusable"));
+    };
+    let mut blob = vec![0u8; len];
+    vm.read_phys(gpa, &mut blob).map_err(|e| format!("its BTF cannot be read from guest memory: {e}"))?;
+    let offsets = LinuxOffsets::from_btf(&blob).map_err(|e| e.to_string())?;
+    Ok(LinuxOs::new(offsets, LinuxSymbols::from_map(syms).map_err(|e| e.to_string())?))
 }

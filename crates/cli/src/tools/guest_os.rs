@@ -1,11 +1,11 @@
 //! The commands that read the guest's own structures: `ps` (the demo OS's
-//! process table) and `symbols` (the guest's symbol map: all of it, names
+//! process table, or a Linux guest's task list) and `symbols` (the guest's symbol map: all of it, names
 //! matching a pattern, or lookups).
 
 use std::io;
 
 use ukvmi_monitor::{
-    guestos::{self, ProcessTable},
+    guestos::{self, linux::TaskList, ProcessTable},
     json::{self, Obj},
     symbols::parse_number,
 };
@@ -42,7 +42,53 @@ pub fn print_ps(t: &ProcessTable, json_out: bool, out: &mut dyn Out) -> io::Resu
     out.line(&format!("(* = on its vCPU now; up {:.1} s)", t.ticks as f64 / 1000.0))
 }
 
+/// Prints a Linux guest's tasks (text or JSON): `*` marks a vCPU's current
+/// task, `K` a kernel thread.
+pub fn print_tasks(list: &TaskList, json_out: bool, out: &mut dyn Out) -> io::Result<()> {
+    if json_out {
+        let rows = json::array(list.tasks.iter().map(|t| {
+            let o = Obj::new()
+                .num("pid", u64::from(t.pid))
+                .num("tgid", u64::from(t.tgid))
+                .str("name", &t.name)
+                .str("state", &t.state.to_string())
+                .bool("kthread", t.kthread)
+                .hex("task", t.addr);
+            let o = match t.ppid {
+                Some(p) => o.num("ppid", u64::from(p)),
+                None => o,
+            };
+            match t.on_cpu {
+                Some(c) => o.num("cpu", u64::from(c)),
+                None => o,
+            }
+            .build()
+        }));
+        let o = Obj::new().str("os", "linux").raw("processes", &rows);
+        let o = match &list.incomplete {
+            Some(why) => o.str("incomplete", why),
+            None => o,
+        };
+        return out.line(&o.build());
+    }
+    out.line(&format!("{:>6}  {:>6}  {:>6}  S  {:<16} {:>18}", "PID", "TGID", "PPID", "NAME", "TASK"))?;
+    for t in &list.tasks {
+        let on = if t.on_cpu.is_some() { "*" } else { " " };
+        let name = if t.kthread { format!("[{}]", t.name) } else { t.name.clone() };
+        let ppid = t.ppid.map_or_else(|| "?".to_string(), |p| p.to_string());
+        out.line(&format!("{:>6}{on} {:>6}  {ppid:>6}  {}  {name:<16} {:>#18x}", t.pid, t.tgid, t.state, t.addr))?;
+    }
+    if let Some(why) = &list.incomplete {
+        out.note(&format!("ukvmi: the task list may be incomplete: {why}"))?;
+    }
+    out.line(&format!("({} tasks; * = on a vCPU now; [name] = kernel thread)", list.tasks.len()))
+}
+
 pub(crate) fn ps(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
+    if let Some(list) = ctx.mon.guest_os().task_list(ctx.mon, ctx.mon.vcpus()) {
+        let list = list.map_err(|e| Failure { msg: e.to_string(), status: 1 })?;
+        return Ok(print_tasks(&list, a.has("--json"), out)?);
+    }
     let t = ProcessTable::read(ctx.mon).map_err(|e| Failure { msg: e.to_string(), status: 1 })?;
     Ok(print_ps(&t, a.has("--json"), out)?)
 }

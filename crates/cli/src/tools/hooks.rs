@@ -55,7 +55,8 @@ fn msr_text(msr: u32) -> String {
 
 /// Reads each of `msrs` on every vCPU.
 pub(super) fn read_msrs(ctx: &Ctx<'_>, msrs: &[u32]) -> Result<Vec<MsrNow>, Failure> {
-    let entry = ctx.syms.and_then(|s| s.addr("syscall_entry"));
+    let entry_sym = ctx.mon.guest_os().syscall_entry_symbol();
+    let entry = ctx.syms.and_then(|s| s.addr(entry_sym));
     let mut all = Vec::new();
     for v in 0..ctx.mon.vcpus() {
         let regs = ctx.mon.vm().get_registers(v, msrs).map_err(super::kvmi("KVMI_VCPU_GET_REGISTERS"))?;
@@ -93,7 +94,8 @@ pub(super) fn show_msrs(
         let head = format!("vCPU {}: {} = {:#x} ({})", m.vcpu, msr_text(m.msr), m.value, ctx.describe(m.value));
         out.note(&match m.kernel {
             Some(k) if m.hijacked() => format!(
-                "{head}: COMPROMISED already: the kernel's syscall entry is syscall_entry ({k:#x}); {}",
+                "{head}: COMPROMISED already: the kernel's syscall entry is {} ({k:#x}); {}",
+                ctx.mon.guest_os().syscall_entry_symbol(),
                 if restoring {
                     "putting it back"
                 } else {

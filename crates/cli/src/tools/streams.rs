@@ -50,11 +50,34 @@ fn stream(
     }
 }
 
+/// Refuses a breakpoint in a Linux kernel's init sections
+/// (`__init_begin..__init_end`): the kernel frees them after boot and fills
+/// them with 0xcc, so the int3's saved byte would later be put back into
+/// memory that holds something else.
+fn refuse_init_text(ctx: &Ctx<'_>, at: u64) -> Result<(), Failure> {
+    let Some(s) = ctx.syms else { return Ok(()) };
+    let (Some(begin), Some(end)) = (s.addr("__init_begin"), s.addr("__init_end")) else { return Ok(()) };
+    if (begin..end).contains(&at) {
+        return Err(Failure {
+            msg: format!(
+                "{} is in the kernel's init sections (__init_begin..__init_end), which it frees after boot: \
+                 a breakpoint there would outlive the code; pick a function in .text",
+                ctx.describe(at)
+            ),
+            status: 1,
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn trace(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
     let mut syscalls = a.has("--syscalls");
     let hyper = a.has("--hypercalls") || a.val("--answer").is_some();
     let pauses = a.has("--pauses");
     let bp = a.val("--breakpoint").map(|b| ctx.addr(b)).transpose()?;
+    if let Some(at) = bp {
+        refuse_init_text(ctx, at)?;
+    }
     let msrs: Vec<u32> = a
         .vals("--msr")
         .iter()
@@ -128,9 +151,10 @@ pub(crate) fn watch_msr(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Resul
     if restore && !msrs.contains(&hooks::LSTAR) {
         return Err(Failure::usage("--restore puts LSTAR back (the kernel's syscall_entry): name LSTAR"));
     }
-    if restore && ctx.syms.and_then(|s| s.addr("syscall_entry")).is_none() {
+    let entry_sym = ctx.mon.guest_os().syscall_entry_symbol();
+    if restore && ctx.syms.and_then(|s| s.addr(entry_sym)).is_none() {
         return Err(Failure {
-            msg: "--restore needs the kernel's `syscall_entry` symbol: run the demo guest or give --map FILE".into(),
+            msg: format!("--restore needs the kernel's `{entry_sym}` symbol: run the demo guest or give --map FILE"),
             status: 1,
         });
     }

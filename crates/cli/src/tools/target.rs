@@ -28,13 +28,19 @@ impl Ctx<'_> {
     /// through vCPU 0's page tables (kernel mappings are the same in every
     /// address space), page by page, and the range must be contiguous in
     /// guest-physical memory. The demo kernel is identity-mapped, so there
-    /// both agree.
+    /// both agree; a Linux kernel's image is at its fixed gpa
+    /// (`GuestOs::static_gpa`).
     pub(super) fn phys(&self, text: &str, len: u64) -> Result<u64, Failure> {
         let at = self.addr(text)?;
         if parse_number(text).is_some() {
             return Ok(at);
         }
         let end = at.checked_add(len.max(1)).ok_or_else(|| Failure::usage("address range overflows"))?;
+        // A Linux kernel's image lies at a fixed gpa (no KASLR): usable
+        // before the kernel turned paging on (guards armed before boot).
+        if let Some(gpa) = self.mon.guest_os().static_gpa(at) {
+            return Ok(gpa);
+        }
         let vm = self.mon.vm();
         let walk = |va: u64| -> Result<u64, Failure> {
             vm.translate_gva(0, va).map_err(kvmi("KVMI_VCPU_TRANSLATE_GVA"))?.map(u64::from).ok_or_else(|| Failure {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use ukvmi_introspector::wire::{event, msg};
 use ukvmi_introspector::Registers;
 use ukvmi_monitor::{
-    guestos::{self, ProcessTable},
+    guestos::ProcessTable,
     json::{self, Obj},
     record::msr_name,
 };
@@ -134,13 +134,13 @@ pub(crate) fn regs(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(),
     }
     let g = &r.regs;
     let s = &r.sregs;
-    let pid = guestos::current_pid(ctx.mon, v);
+    let pid = ctx.mon.guest_os().describe_current(ctx.mon, v);
     out.line(&format!(
         "vCPU {v}: {}-bit, CPL {}{}{}",
         r.mode * 8,
         s.cs.selector & 3,
         if ctx.mon.held().contains(&v) { ", paused" } else { ", running" },
-        pid.map_or_else(String::new, |p| format!(", pid {p} on it"))
+        pid.map_or_else(String::new, |p| format!(", {p} on it"))
     ))?;
     out.line(&format!("rip {:#018x}  {}", g.rip, ctx.describe(g.rip)))?;
     let rows = [

@@ -7,6 +7,9 @@
 //! answer. A second guest OS is a second implementation, handed to
 //! [`Monitor::start_with`](crate::Monitor::start_with).
 //!
+//! [`LinuxOs`] is Linux's, from the kernel's own BTF and symbols
+//! ([`linux`]).
+//!
 //! The demo OS's process table ([`ProcessTable`]) and syscall numbers
 //! ([`sys`]) are public for the tools that show them.
 
@@ -17,9 +20,11 @@ use ukvmi_introspector::wire::KvmRegs;
 use crate::record::Who;
 
 mod demo;
+pub mod linux;
 mod table;
 
 pub use demo::{sys, DemoOs};
+pub use linux::LinuxOs;
 pub use table::{
     current_pid, OsError, ProcState, Process, ProcessTable, ENTRY_SIZE, HEADER_SIZE, MAX_CPUS, MAX_PROCS, PROC_MAGIC,
     PROC_TABLE,
@@ -123,6 +128,36 @@ pub trait GuestOs: Send + Sync + fmt::Debug {
     /// takes no answer there (a guest with other conventions is never
     /// written to).
     fn agent_reply(&self, regs: &KvmRegs, agent_buf: u64, text: &str) -> Option<AgentReply>;
+
+    /// A short name of the OS (`demo`, `linux`).
+    fn os_name(&self) -> &'static str {
+        "demo"
+    }
+
+    /// The symbol of the kernel's syscall entry: LSTAR's honest value.
+    fn syscall_entry_symbol(&self) -> &'static str {
+        "syscall_entry"
+    }
+
+    /// Every task of the guest, the current one of each of the first
+    /// `vcpus` vCPUs marked; `None` when this OS has no such list (the demo
+    /// OS's process table is read by its own tools).
+    fn task_list(&self, _mem: &dyn GuestMemory, _vcpus: u16) -> Option<Result<linux::TaskList, linux::LinuxError>> {
+        None
+    }
+
+    /// The gpa of kernel address `gva` that holds whatever the page tables
+    /// say (or before there are any: a guard armed before the kernel turned
+    /// paging on), when the OS knows one: Linux's image at
+    /// `__START_KERNEL_map` (kernels without KASLR, or booted `nokaslr`).
+    fn static_gpa(&self, _gva: u64) -> Option<u64> {
+        None
+    }
+
+    /// What runs on `vcpu`, in a few words (`pid 3`, `pid 1 (init)`).
+    fn describe_current(&self, mem: &dyn GuestMemory, vcpu: u16) -> Option<String> {
+        self.current_process(mem, vcpu).map(|p| format!("pid {p}"))
+    }
 
     /// Who is on `vcpu`: the vCPU, and the process and its name when known.
     fn who(&self, mem: &dyn GuestMemory, vcpu: u16) -> Who {

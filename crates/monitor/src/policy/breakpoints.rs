@@ -68,9 +68,14 @@ impl Breakpoints {
         syscall: bool,
     ) -> Result<u64> {
         let vm = &inner.vm;
-        let gpa = cmd(|| format!("translating {gva:#x}"), vm.translate_gva(0, gva))?
-            .map(u64::from)
-            .ok_or_else(|| MonitorError::Invalid(format!("{gva:#x} is not mapped in vCPU 0's address space")))?;
+        // The OS's fixed map of its image first (a breakpoint armed before
+        // the kernel turned paging on), else vCPU 0's page tables.
+        let gpa = match inner.os.static_gpa(gva) {
+            Some(gpa) => gpa,
+            None => cmd(|| format!("translating {gva:#x}"), vm.translate_gva(0, gva))?
+                .map(u64::from)
+                .ok_or_else(|| MonitorError::Invalid(format!("{gva:#x} is not mapped in vCPU 0's address space")))?,
+        };
         if let Some(bp) = self.lock().bps.get_mut(&gpa) {
             bp.owners.push(owner);
             bp.syscall |= syscall;
