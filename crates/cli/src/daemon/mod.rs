@@ -27,7 +27,7 @@ mod in_flight;
 mod kvmi_socket;
 mod log;
 mod serve;
-mod symbols;
+pub(crate) mod symbols;
 mod vmm_peer;
 
 use std::{

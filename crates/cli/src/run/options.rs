@@ -189,8 +189,7 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
             "--cmdline" => cmdline = Some(val()?),
             "--map" => {
                 let p = val()?;
-                let text = std::fs::read_to_string(&p).map_err(|e| format!("--map {p}: {e}"))?;
-                let map = ukvmi_monitor::SymbolMap::parse(&text).map_err(|e| format!("--map {p}: {e}"))?;
+                let map = crate::daemon::symbols::load_map(&p).map_err(|e| format!("--map {e}"))?;
                 cfg.symbols = map.iter().map(|(name, addr)| (addr, name.to_string())).collect();
             }
             "--vcpus" => cfg.vcpus = val()?.parse().map_err(|_| "--vcpus takes a number from 1 to 65535")?,
@@ -263,8 +262,17 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
     }
     cfg.image = image.ok_or("give --guest NAME or --kernel PATH (see ukvmi run --help)")?;
     cfg.image = linux_image(cfg.image, initrd, cmdline, !cfg.symbols.is_empty())?;
-    if matches!(cfg.image, Image::Linux { .. }) && !memory_given {
-        cfg.memory_mib = LINUX_DEFAULT_MEMORY_MIB;
+    if let Image::Linux { kernel, .. } = &cfg.image {
+        if !memory_given {
+            cfg.memory_mib = LINUX_DEFAULT_MEMORY_MIB;
+        }
+        // Without --map, a vmlinux names its own symbols (its .symtab,
+        // when it kept one) in the VMM's messages.
+        if cfg.symbols.is_empty() {
+            if let Ok(map) = crate::daemon::symbols::load_map(&kernel.to_string_lossy()) {
+                cfg.symbols = map.iter().map(|(name, addr)| (addr, name.to_string())).collect();
+            }
+        }
     }
     if let Some(g) = guest {
         check_memory(g, cfg.memory_mib, memory_given)?;
