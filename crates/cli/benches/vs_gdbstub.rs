@@ -101,6 +101,8 @@ struct UkvmiFigs {
     read_map: Result<Vec<Fig>, String>,
     steps: Fig,
     step_checks: String,
+    /// The same through the event channel, or why it could not be enabled.
+    steps_channel: Result<(Fig, String), String>,
     pause_all: Fig,
 }
 
@@ -169,6 +171,45 @@ fn ukvmi(vm: &Vm) -> UkvmiFigs {
     });
 
     // Single steps through the spinning loop: event to event is one step.
+    let (steps, step_checks) = single_steps(vm);
+    set_mode(vm, layout::BENCH_IDLE);
+    std::thread::sleep(Duration::from_millis(50));
+
+    // Pause both vCPUs (wait=1 each: the VM is stopped when the last reply
+    // comes), take both PAUSE events, answer CONTINUE to both.
+    let pause_all = measure(50, 500, || {
+        vm.pause_vcpu(0, true).unwrap();
+        vm.pause_vcpu(1, true).unwrap();
+        let a = next_vcpu_event(vm, T);
+        let b = next_vcpu_event(vm, T);
+        assert!(a.event == event::PAUSE && b.event == event::PAUSE && a.vcpu != b.vcpu);
+        vm.reply(&a, EventReply::Continue).unwrap();
+        vm.reply(&b, EventReply::Continue).unwrap();
+    });
+    // The same steps with events through the shared-memory event channel
+    // (a ukvmi extension the monitor turns on by itself), last: from here
+    // on every event of this connection takes the channel.
+    set_mode(vm, layout::BENCH_SPIN);
+    std::thread::sleep(Duration::from_millis(50));
+    let steps_channel = vm.enable_event_channel().map_err(|e| e.to_string()).map(|()| single_steps(vm));
+    set_mode(vm, layout::BENCH_IDLE);
+    UkvmiFigs {
+        regs_paused,
+        regs_idle,
+        regs_spin,
+        read_one,
+        read_pipe,
+        read_map,
+        steps,
+        step_checks,
+        steps_channel,
+        pause_all,
+    }
+}
+
+/// Single steps of vCPU 0 through the bench guest's spinning loop, event to
+/// event, and what the checks on the way saw.
+fn single_steps(vm: &Vm) -> (Fig, String) {
     let bench = ukvmi_guests::find("bench").expect("the bench guest");
     let (lo, hi) = (bench.symbol("bench_spin").unwrap(), bench.symbol("bench_others").unwrap());
     vm.control_singlestep(0, true).unwrap();
@@ -196,28 +237,13 @@ fn ukvmi(vm: &Vm) -> UkvmiFigs {
         }
         vm.reply(&ev, EventReply::Continue).unwrap();
     }
-    let steps = Fig::from_samples(v);
-    let step_checks = format!(
+    let checks = format!(
         "{} steps, {} distinct RIPs, {outside} outside bench_spin..bench_others, {failed} failed",
         WARMUP + N + 1,
         rips.len()
     );
-    assert!(outside == 0 && failed == 0 && rips.len() >= 3, "single steps: {step_checks}");
-    set_mode(vm, layout::BENCH_IDLE);
-    std::thread::sleep(Duration::from_millis(50));
-
-    // Pause both vCPUs (wait=1 each: the VM is stopped when the last reply
-    // comes), take both PAUSE events, answer CONTINUE to both.
-    let pause_all = measure(50, 500, || {
-        vm.pause_vcpu(0, true).unwrap();
-        vm.pause_vcpu(1, true).unwrap();
-        let a = next_vcpu_event(vm, T);
-        let b = next_vcpu_event(vm, T);
-        assert!(a.event == event::PAUSE && b.event == event::PAUSE && a.vcpu != b.vcpu);
-        vm.reply(&a, EventReply::Continue).unwrap();
-        vm.reply(&b, EventReply::Continue).unwrap();
-    });
-    UkvmiFigs { regs_paused, regs_idle, regs_spin, read_one, read_pipe, read_map, steps, step_checks, pause_all }
+    assert!(outside == 0 && failed == 0 && rips.len() >= 3, "single steps: {checks}");
+    (Fig::from_samples(v), checks)
 }
 
 fn main() {
@@ -294,6 +320,13 @@ fn main() {
     println!("  (gdbstub on a running vCPU: interrupt 0x03 + stop reply, g, c)");
     row("single step, event to event (| s)", &u.steps, gd.map(|g| &g.s));
     println!("  ({})", u.step_checks);
+    match &u.steps_channel {
+        Ok((f, checks)) => {
+            row("single step, events through the channel", f, gd.map(|g| &g.s));
+            println!("  ({checks})");
+        }
+        Err(e) => println!("single step, events through the channel: n/a ({e})"),
+    }
     row("pause + resume both vCPUs (| 0x03, c)", &u.pause_all, gd.map(|g| &g.stop_resume));
     println!();
     println!(
@@ -352,6 +385,10 @@ fn main() {
             g.running_g.key() / u.regs_idle.key(),
             5.0,
         );
+        goal("single step: gdbstub s / SINGLESTEP event to event", g.s.key() / u.steps.key(), 20.0);
+        if let Ok((f, _)) = &u.steps_channel {
+            goal("single step, event channel: gdbstub s / event to event", g.s.key() / f.key(), 20.0);
+        }
         let i = READS.len() - 1;
         goal("64 MiB: gdbstub m / pipelined READ_PHYSICAL", g.m[i].key() / u.read_pipe[i].key(), 50.0);
         if let Ok(m) = &u.read_map {
