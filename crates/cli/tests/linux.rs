@@ -380,6 +380,18 @@ fn the_kernels_lstar_write_is_seen_when_the_guard_is_armed_before_boot() {
     for w in &writes {
         assert_eq!(field(w, "blocked").as_deref(), Some("false"), "watch-msr without --deny refused a write: {w}");
     }
+    // Armed before boot, the guard found LSTAR not set yet (0): that is
+    // not a hijack.
+    let both = format!(
+        "{}\n{}",
+        std::fs::read_to_string(&b.lstar_out).unwrap_or_default(),
+        std::fs::read_to_string(b.lstar_out.with_extension("err")).unwrap_or_default()
+    );
+    let states: Vec<&str> = both.lines().filter(|l| l.contains("\"event\":\"state\"")).collect();
+    assert!(!states.is_empty(), "no state line from watch-msr: {both}");
+    for st in states {
+        assert_ne!(field(st, "compromised").as_deref(), Some("true"), "an unset LSTAR called compromised: {st}");
+    }
 }
 
 /// The stub the page-guard test plants in the body of a syscall this guest

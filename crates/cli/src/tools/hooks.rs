@@ -44,8 +44,11 @@ fn named(ctx: &Ctx<'_>, v: u64) -> String {
 }
 
 impl MsrNow {
+    /// Set, and to something other than the kernel's own value. Zero is
+    /// "not set yet": a guard armed before the guest's kernel set up its
+    /// syscall entry (a Linux guest watched from boot).
     pub fn hijacked(&self) -> bool {
-        self.kernel.is_some_and(|k| k != self.value)
+        self.value != 0 && self.kernel.is_some_and(|k| k != self.value)
     }
 }
 
@@ -89,6 +92,14 @@ pub(super) fn show_msrs(
                 None => o,
             };
             out.note(&o.build())?;
+            continue;
+        }
+        if m.value == 0 {
+            out.note(&format!(
+                "vCPU {}: {} = 0: not set yet (the guest's kernel has not set up its syscall entry)",
+                m.vcpu,
+                msr_text(m.msr)
+            ))?;
             continue;
         }
         let head = format!("vCPU {}: {} = {:#x} ({})", m.vcpu, msr_text(m.msr), m.value, ctx.describe(m.value));
