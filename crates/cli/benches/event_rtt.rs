@@ -277,7 +277,7 @@ fn events(vm: &Vm, path: &str, int3: u64, check: &mut dyn FnMut(bool, String)) -
         seqs.push((format!("{path} {label}"), s.first_seq, s.last_seq));
     }
     if let Some(s) = &bp_regs {
-        seqs.push((format!("{path} BP RETRY regs in reply"), s.first_seq, s.last_seq));
+        seqs.push((format!("{path} BP RETRY +regs"), s.first_seq, s.last_seq));
     }
     if let Ok(s) = &pf {
         seqs.push((format!("{path} PF"), s.first_seq, s.last_seq));
