@@ -1,7 +1,8 @@
 //! The shared-memory event channel (`UKVMI_VM_EVENT_CHANNEL`) end to end:
 //! `ukvmi run` on /dev/kvm, the test as the tool. What the tool answers
 //! through the channel is what the guest sees; SET_REGISTERS + RETRY work
-//! on a vCPU waiting in a channel event; `--allow-command` covers it; a tool
+//! on a vCPU waiting in a channel event, and so does one channel reply that
+//! carries the registers; `--allow-command` covers it; a tool
 //! that dies with a channel event unanswered leaves the guest running and
 //! the next connection starts without the channel.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
@@ -79,9 +80,12 @@ fn msr_replies_through_the_channel_are_what_the_guest_sees() {
     assert!(read_u64(&tool, layout::MSR_TRIED_BASE) > before, "vCPU 0 writes LSTAR unwatched");
 }
 
-#[test]
-fn set_registers_and_retry_on_a_vcpu_waiting_in_a_channel_event() {
-    let dir = Scratch::new("evch-bp");
+/// The bench guest's int3 loop with BREAKPOINT on and the channel on: `n`
+/// hits, each answered by `answer` (RIP past the int3, then RETRY); every
+/// answer completes a loop iteration, none reaches the guest's #BP handler,
+/// and the guest runs on.
+fn int3_loop_answered_with_retry(name: &str, answer: impl Fn(&Vm, &PendingEvent)) {
+    let dir = Scratch::new(name);
     let (vm, _l, tool) = start_all_up(&dir, "bench", 1, &[]);
     tool.enable_event_channel().unwrap();
     tool.control_events(0, event::BREAKPOINT, true).unwrap();
@@ -92,11 +96,8 @@ fn set_registers_and_retry_on_a_vcpu_waiting_in_a_channel_event() {
     for _ in 0..n {
         let ev = vcpu_event(&tool);
         assert_eq!(ev.event, event::BREAKPOINT);
-        let mut regs = tool.get_registers(0, &[]).unwrap().regs;
-        assert_eq!(regs, ev.regs, "GET_REGISTERS through the socket while the vCPU waits");
-        regs.rip += 1;
-        tool.set_registers(0, &regs).unwrap();
-        tool.reply(&ev, EventReply::Retry).unwrap();
+        answer(&tool, &ev);
+        assert!(ev.is_answered());
     }
     tool.write_physical(layout::BENCH_MODE, &layout::BENCH_IDLE.to_le_bytes()).unwrap();
     tool.control_events(0, event::BREAKPOINT, false).unwrap();
@@ -115,7 +116,28 @@ fn set_registers_and_retry_on_a_vcpu_waiting_in_a_channel_event() {
         assert!(t0.elapsed() < T, "the guest stopped counting");
         std::thread::sleep(Duration::from_millis(10));
     }
+    assert!(tool.vcpu_count().is_ok(), "the connection is still up");
     drop(vm);
+}
+
+#[test]
+fn set_registers_and_retry_on_a_vcpu_waiting_in_a_channel_event() {
+    int3_loop_answered_with_retry("evch-bp", |tool, ev| {
+        let mut regs = tool.get_registers(0, &[]).unwrap().regs;
+        assert_eq!(regs, ev.regs, "GET_REGISTERS through the socket while the vCPU waits");
+        regs.rip += 1;
+        tool.set_registers(0, &regs).unwrap();
+        tool.reply(ev, EventReply::Retry).unwrap();
+    });
+}
+
+#[test]
+fn a_breakpoint_answered_with_registers_and_retry_in_one_channel_reply() {
+    int3_loop_answered_with_retry("evch-bp-regs", |tool, ev| {
+        let mut regs = ev.regs;
+        regs.rip += 1;
+        tool.reply_with_registers(ev, EventReply::Retry, &regs).unwrap();
+    });
 }
 
 #[test]

@@ -18,6 +18,8 @@ use ukvmi_introspector::{Event, EventReply, Vm};
 use ukvmi_wire::event_channel::*;
 use ukvmi_wire::*;
 
+const _: () = assert!(REPLY_MAX + REPLY_REGS_SIZE < SLOT_SIZE);
+
 mod common;
 use common::{code, request_with_fds, EINVAL, ENOSYS, EPERM};
 
@@ -431,4 +433,260 @@ fn a_tool_that_never_drains_its_wake_up_pipe_does_not_block_the_vcpu() {
     }
     assert!(s.endpoint.disconnect_reason().is_none());
     s.assert_guest_runs(&[0]);
+}
+
+// ---- A channel reply that carries the tool's registers (REPLY_WITH_REGS) ----
+
+impl RawChannel {
+    /// Writes `regs` and `flags`, then the reply (as [`RawChannel::reply`]).
+    fn reply_regs(&self, vcpu: u16, seq: u32, bytes: &[u8], len: u32, flags: u32, regs: &KvmRegs) {
+        let at = slot_offset(usize::from(vcpu)) + REPLY_REGS;
+        let r = regs.as_bytes();
+        assert_eq!(r.len(), REPLY_REGS_SIZE);
+        // SAFETY: within the slot's register area.
+        unsafe { std::ptr::copy_nonoverlapping(r.as_ptr(), self.base.add(at), r.len()) };
+        self.slot(vcpu, REPLY_FLAGS).store(flags, Ordering::SeqCst);
+        self.reply(vcpu, seq, bytes, len);
+    }
+}
+
+/// GET_REGISTERS of `vcpu` on a raw socket.
+fn get_regs(sock: &UnixStream, seq: u32, vcpu: u16) -> KvmRegs {
+    let h = VcpuHdr { vcpu, padding1: 0, padding2: 0 };
+    let get = VcpuGetRegisters { nmsrs: 0, padding1: 0, padding2: 0 };
+    let body: Vec<u8> = h.as_bytes().iter().chain(get.as_bytes()).copied().collect();
+    let (_, reply, _) = request_with_fds(sock, seq, msg::VCPU_GET_REGISTERS, &body);
+    assert_eq!(read_zext::<ErrorCode>(&reply).err, 0);
+    read_zext::<VcpuGetRegistersReply>(&reply[8..]).regs
+}
+
+/// The fake guest's RIP moves on by one per slice of guest time: a jump
+/// this far tells set registers apart from that drift.
+const JUMP: u64 = 0x10_0000;
+
+/// `got` is `want` but for RIP, which has drifted by fewer than `JUMP / 16`.
+fn assert_regs(got: &KvmRegs, want: &KvmRegs, what: &str) {
+    assert!(got.rip.wrapping_sub(want.rip) < JUMP / 16, "{what}: RIP {:#x}, want {:#x}", got.rip, want.rip);
+    assert_eq!(KvmRegs { rip: 0, ..*got }, KvmRegs { rip: 0, ..*want }, "{what}");
+}
+
+fn outcome_of(s: &Setup, cause: GuestAction) -> ukvmi_endpoint::EventOutcome {
+    match s.vm.wait_log(0, T, |o| matches!(o, Observed::Event { cause: c, .. } if *c == cause)) {
+        Some(Observed::Event { outcome: Some(o), .. }) => o,
+        other => panic!("no {cause:?} outcome: {other:?}"),
+    }
+}
+
+#[test]
+fn registers_in_a_channel_reply_are_set_with_retry_and_with_continue() {
+    let s = Setup::new(&FakeConfig::default());
+    let (sock, ch) = raw_with_channel(&s);
+    assert_eq!(ch.word(HDR_FEATURES).load(Ordering::SeqCst) & FEATURE_REPLY_REGS, FEATURE_REPLY_REGS);
+    control_events(&sock, 3, 0, event::BREAKPOINT);
+    // BREAKPOINT answered RETRY with RIP moved past the int3.
+    s.vm.guest_does(0, GuestAction::Int3);
+    let (seq, ev) = ch.wait_event(0, 0);
+    assert_eq!(read_zext::<EventHdr>(&ev[8..]).event, event::BREAKPOINT);
+    let mut regs = get_regs(&sock, 4, 0);
+    regs.rip += JUMP;
+    regs.rax = 0x1234;
+    let b = reply_bytes(&ev, 0, Action::Retry as u8, &[]);
+    ch.reply_regs(0, seq, &b, b.len() as u32, REPLY_WITH_REGS, &regs);
+    let out = outcome_of(&s, GuestAction::Int3);
+    assert!(out.answered && out.action == Action::Retry, "{out:?}");
+    assert_regs(&get_regs(&sock, 5, 0), &regs, "set with the RETRY");
+    assert!(!s.vm.take_log(0).iter().any(|o| matches!(o, Observed::Injected(_))), "no #BP for a RETRY");
+    // HYPERCALL answered CONTINUE with registers; they replace a
+    // SET_REGISTERS sent on the socket during the same event.
+    s.vm.guest_does(0, GuestAction::Hypercall);
+    let (seq2, ev2) = ch.wait_event(0, seq);
+    let mut other = regs;
+    other.rcx = 0x5555;
+    let h = VcpuHdr { vcpu: 0, padding1: 0, padding2: 0 };
+    let body: Vec<u8> = h.as_bytes().iter().chain(other.as_bytes()).copied().collect();
+    let (_, r, _) = request_with_fds(&sock, 6, msg::VCPU_SET_REGISTERS, &body);
+    assert_eq!(read_zext::<ErrorCode>(&r).err, 0);
+    regs.rbx = 0xfeed;
+    let b = reply_bytes(&ev2, 0, Action::Continue as u8, &[]);
+    ch.reply_regs(0, seq2, &b, b.len() as u32, REPLY_WITH_REGS, &regs);
+    let out = hypercall_outcome(&s).unwrap();
+    assert!(out.answered && out.action == Action::Continue, "{out:?}");
+    assert_regs(&get_regs(&sock, 7, 0), &regs, "the channel's registers, set with the CONTINUE");
+    // A reply without the flag leaves the registers alone, whatever the
+    // register area still holds.
+    s.vm.guest_does(0, GuestAction::Hypercall);
+    let (seq3, ev3) = ch.wait_event(0, seq2);
+    let mut junk = regs;
+    junk.rip += JUMP;
+    junk.rdx = 0xdead;
+    let b = reply_bytes(&ev3, 0, Action::Continue as u8, &[]);
+    ch.reply_regs(0, seq3, &b, b.len() as u32, 0, &junk);
+    assert!(hypercall_outcome(&s).unwrap().answered);
+    assert_regs(&get_regs(&sock, 8, 0), &regs, "no flag, no registers");
+    assert!(s.endpoint.disconnect_reason().is_none());
+    s.assert_guest_runs(&[0]);
+}
+
+/// Posts one hypercall event, lets `hostile` answer it with registers
+/// (`regs`: the vCPU's with RIP and RAX changed), and checks the whole reply
+/// was refused: the connection ended with `BadEventReply` (or
+/// `UnsupportedAction`), the vCPU resumed as if CONTINUE, its registers are
+/// what they were, and the guest runs on.
+fn hostile_regs(what: &str, hostile: impl FnOnce(&Setup, &RawChannel, u32, &[u8], &KvmRegs)) {
+    let s = Setup::new(&FakeConfig::default());
+    let (sock, ch) = raw_with_channel(&s);
+    s.vm.guest_does(0, GuestAction::Hypercall);
+    let (seq, ev) = ch.wait_event(0, 0);
+    let before = get_regs(&sock, 3, 0);
+    let mut regs = before;
+    regs.rip += JUMP;
+    regs.rax = 0xbad;
+    hostile(&s, &ch, seq, &ev, &regs);
+    let out = hypercall_outcome(&s).unwrap();
+    assert!(!out.answered && out.action == Action::Continue, "{what}: {out:?}");
+    assert!(s.endpoint.wait_disconnected(Some(T)), "{what}: the connection ends");
+    let why = s.endpoint.disconnect_reason().unwrap();
+    assert!(
+        matches!(why, Disconnect::BadEventReply { vcpu: 0, .. } | Disconnect::UnsupportedAction { vcpu: 0, .. }),
+        "{what}: {why}"
+    );
+    s.endpoint.permissions().set_command(-1, true).unwrap();
+    let vm = Vm::connect_raw(s.connect()).unwrap();
+    assert_regs(&vm.get_registers(0, &[]).unwrap().regs, &before, &format!("{what}: no register was set"));
+    s.assert_guest_runs(&[0]);
+}
+
+#[test]
+fn malformed_replies_with_registers_are_refused_whole() {
+    let ok = |ev: &[u8]| reply_bytes(ev, 0, Action::Continue as u8, &[]);
+    hostile_regs("an unknown flag bit besides REPLY_WITH_REGS", |_, ch, seq, ev, regs| {
+        ch.reply_regs(0, seq, &ok(ev), 24, REPLY_WITH_REGS | 2, regs);
+    });
+    hostile_regs("only an unknown flag bit", |_, ch, seq, ev, regs| {
+        ch.reply_regs(0, seq, &ok(ev), 24, 0x8000_0000, regs);
+    });
+    hostile_regs("registers with a length past the reply area", |_, ch, seq, ev, regs| {
+        ch.reply_regs(0, seq, &ok(ev), (REPLY_MAX + 1) as u32, REPLY_WITH_REGS, regs);
+    });
+    hostile_regs("registers with a length running into the register area", |_, ch, seq, ev, regs| {
+        ch.reply_regs(0, seq, &ok(ev), (REPLY_MAX + REPLY_REGS_SIZE) as u32, REPLY_WITH_REGS, regs);
+    });
+    hostile_regs("registers with a length that cuts the message", |_, ch, seq, ev, regs| {
+        ch.reply_regs(0, seq, &ok(ev), 12, REPLY_WITH_REGS, regs);
+    });
+    hostile_regs("registers with a reply naming another vCPU", |_, ch, seq, ev, regs| {
+        ch.reply_regs(0, seq, &reply_bytes(ev, 1, 0, &[]), 24, REPLY_WITH_REGS, regs);
+    });
+    hostile_regs("registers with a payload the event does not take", |_, ch, seq, ev, regs| {
+        let b = reply_bytes(ev, 0, Action::Continue as u8, &[0u8; 8]);
+        ch.reply_regs(0, seq, &b, b.len() as u32, REPLY_WITH_REGS, regs);
+    });
+    hostile_regs("registers with an action the event does not accept", |_, ch, seq, ev, regs| {
+        ch.reply_regs(0, seq, &reply_bytes(ev, 0, Action::Retry as u8, &[]), 24, REPLY_WITH_REGS, regs);
+    });
+}
+
+#[test]
+fn registers_in_a_channel_reply_are_refused_where_set_registers_is_not_allowed() {
+    hostile_regs("SET_REGISTERS not allowed", |s, ch, seq, ev, regs| {
+        s.endpoint.permissions().set_command(msg::VCPU_SET_REGISTERS.into(), false).unwrap();
+        ch.reply_regs(0, seq, &reply_bytes(ev, 0, Action::Continue as u8, &[]), 24, REPLY_WITH_REGS, regs);
+    });
+}
+
+/// The library's `reply_with_registers` for a BREAKPOINT (RETRY, RIP moved
+/// on) then a HYPERCALL (CONTINUE, RBX changed), then a plain reply after a
+/// socket SET_REGISTERS; the outcomes and the registers after each (checked
+/// against what was asked, then RIP left out: it drifts).
+fn library_with_registers(channel: bool) -> Vec<(Action, bool, KvmRegs)> {
+    let s = Setup::new(&FakeConfig::default());
+    let vm = Vm::connect_raw(s.connect()).unwrap();
+    if channel {
+        vm.enable_event_channel().unwrap();
+    }
+    vm.control_events(0, event::BREAKPOINT, true).unwrap();
+    vm.control_events(0, event::HYPERCALL, true).unwrap();
+    let mut seen = Vec::new();
+    s.vm.guest_does(0, GuestAction::Int3);
+    let Some(Event::Vcpu(ev)) = vm.next_event(Some(T)).unwrap() else { panic!("no BREAKPOINT") };
+    let mut regs = ev.regs;
+    regs.rip += JUMP;
+    vm.reply_with_registers(&ev, EventReply::Retry, &regs).unwrap();
+    assert!(ev.is_answered());
+    let o = outcome_of(&s, GuestAction::Int3);
+    let mut look = |o: ukvmi_endpoint::EventOutcome, want: &KvmRegs| {
+        let got = vm.get_registers(0, &[]).unwrap().regs;
+        assert_regs(&got, want, &format!("channel {channel}"));
+        seen.push((o.action, o.answered, KvmRegs { rip: 0, ..got }));
+    };
+    look(o, &regs);
+    s.vm.guest_does(0, GuestAction::Hypercall);
+    let Some(Event::Vcpu(ev)) = vm.next_event(Some(T)).unwrap() else { panic!("no HYPERCALL") };
+    assert_regs(&ev.regs, &regs, "the next event");
+    regs = ev.regs;
+    regs.rbx = 0xfeed;
+    vm.reply_with_registers(&ev, EventReply::Continue, &regs).unwrap();
+    look(hypercall_outcome(&s).unwrap(), &regs);
+    // A plain reply afterwards applies no left-over registers.
+    s.vm.guest_does(0, GuestAction::Hypercall);
+    let Some(Event::Vcpu(ev)) = vm.next_event(Some(T)).unwrap() else { panic!("no HYPERCALL") };
+    regs = ev.regs;
+    regs.rbx = 0x3333;
+    vm.set_registers(0, &regs).unwrap();
+    vm.reply(&ev, EventReply::Continue).unwrap();
+    look(hypercall_outcome(&s).unwrap(), &regs);
+    assert!(s.endpoint.disconnect_reason().is_none());
+    assert_eq!(vm.raw().unmatched_count(), 0);
+    s.assert_guest_runs(&[0]);
+    seen
+}
+
+#[test]
+fn the_library_replies_with_registers_the_same_through_the_channel_and_the_socket() {
+    let through_channel = library_with_registers(true);
+    let on_socket = library_with_registers(false);
+    assert_eq!(through_channel, on_socket);
+    let [(a0, ans0, r0), (a1, ans1, r1), (a2, ans2, r2)] = &through_channel[..] else { panic!("three events") };
+    assert_eq!((*a0, *a1, *a2), (Action::Retry, Action::Continue, Action::Continue));
+    assert!(ans0 & ans1 & ans2);
+    assert_eq!((r0.rbx, r1.rbx, r2.rbx), (0, 0xfeed, 0x3333));
+}
+
+#[test]
+fn the_library_channel_way_sends_one_slot_write_and_the_socket_way_two_messages() {
+    // Told apart by what a disallowed SET_REGISTERS does: on the socket the
+    // command fails (-KVM_EPERM) and the event stays unanswered; through the
+    // channel the VMM refuses the whole reply and ends the connection.
+    for channel in [false, true] {
+        let s = Setup::new(&FakeConfig::default());
+        let vm = Vm::connect_raw(s.connect()).unwrap();
+        if channel {
+            vm.enable_event_channel().unwrap();
+        }
+        vm.control_events(0, event::HYPERCALL, true).unwrap();
+        s.endpoint.permissions().set_command(msg::VCPU_SET_REGISTERS.into(), false).unwrap();
+        s.vm.guest_does(0, GuestAction::Hypercall);
+        let Some(Event::Vcpu(ev)) = vm.next_event(Some(T)).unwrap() else { panic!("no HYPERCALL") };
+        let mut regs = ev.regs;
+        regs.rax = 0xbad;
+        let r = vm.reply_with_registers(&ev, EventReply::Continue, &regs);
+        if channel {
+            r.unwrap();
+            assert!(s.endpoint.wait_disconnected(Some(T)));
+            let why = s.endpoint.disconnect_reason().unwrap();
+            assert!(matches!(why, Disconnect::BadEventReply { vcpu: 0, .. }), "{why}");
+            assert!(!hypercall_outcome(&s).unwrap().answered);
+        } else {
+            assert_eq!(code(r), EPERM);
+            assert!(!ev.is_answered());
+            drop(ev);
+            assert!(hypercall_outcome(&s).unwrap().answered, "the drop answered CONTINUE");
+            assert!(s.endpoint.disconnect_reason().is_none());
+        }
+        s.endpoint.permissions().set_command(-1, true).unwrap();
+        vm.close();
+        let vm = Vm::connect_raw(s.connect()).unwrap();
+        assert_ne!(vm.get_registers(0, &[]).unwrap().regs.rax, 0xbad, "channel {channel}: not set");
+        s.assert_guest_runs(&[0]);
+    }
 }

@@ -20,9 +20,11 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use ukvmi_wire::event_channel::{
-    file_size, slot_offset, BELL, EV_DATA, EV_LEN, EV_MAX, EV_SEQ, HDR_MAGIC, HDR_NR_VCPUS, HDR_VERSION, MAGIC,
-    REPLY_DATA, REPLY_LEN, REPLY_MAX, REPLY_SEQ, TOOL_SLEEPERS, VCPU_SLEEPING, VERSION,
+    file_size, slot_offset, BELL, EV_DATA, EV_LEN, EV_MAX, EV_SEQ, FEATURE_REPLY_REGS, HDR_FEATURES, HDR_MAGIC,
+    HDR_NR_VCPUS, HDR_VERSION, MAGIC, REPLY_DATA, REPLY_FLAGS, REPLY_LEN, REPLY_MAX, REPLY_REGS, REPLY_REGS_SIZE,
+    REPLY_SEQ, REPLY_WITH_REGS, TOOL_SLEEPERS, VCPU_SLEEPING, VERSION,
 };
+use ukvmi_wire::{read_zext, KvmRegs};
 
 /// The VMM's mapping of one connection's channel file.
 pub(crate) struct EventChannel {
@@ -53,10 +55,13 @@ impl std::fmt::Debug for EventChannel {
 pub(crate) enum SlotReply {
     /// No reply for this event yet.
     NotYet,
-    /// A copy of the reply message, to be validated.
-    Bytes(Vec<u8>),
+    /// A copy of the reply message, to be validated, and a copy of the
+    /// registers the tool put with it ([`REPLY_WITH_REGS`]).
+    Bytes(Vec<u8>, Option<Box<KvmRegs>>),
     /// The announced length is impossible.
     TooLong,
+    /// The flags word has a bit this VMM does not know.
+    BadFlags,
 }
 
 fn os(what: &str) -> io::Error {
@@ -115,6 +120,7 @@ impl EventChannel {
         ch.store(HDR_MAGIC, MAGIC);
         ch.store(HDR_VERSION, VERSION);
         ch.store(HDR_NR_VCPUS, u32::try_from(nr_vcpus).unwrap_or(u32::MAX));
+        ch.store(HDR_FEATURES, FEATURE_REPLY_REGS);
         Ok(ch)
     }
 
@@ -205,13 +211,29 @@ impl EventChannel {
         if len > REPLY_MAX {
             return SlotReply::TooLong;
         }
-        let at = slot_offset(usize::from(vcpu)) + REPLY_DATA;
-        let bytes = (0..len)
-            // SAFETY: `at + i` < slot start + REPLY_DATA + REPLY_MAX, inside
-            // the slot and so inside the mapping.
+        let flags = self.slot_word(vcpu, REPLY_FLAGS).map_or(0, |w| w.load(Ordering::SeqCst));
+        if flags & !REPLY_WITH_REGS != 0 {
+            return SlotReply::BadFlags;
+        }
+        let slot = slot_offset(usize::from(vcpu));
+        // `copy` keeps `len` within its area: both areas lie inside the slot.
+        let bytes = self.copy(slot + REPLY_DATA, len);
+        let regs = (flags & REPLY_WITH_REGS != 0)
+            .then(|| Box::new(read_zext::<KvmRegs>(&self.copy(slot + REPLY_REGS, REPLY_REGS_SIZE))));
+        SlotReply::Bytes(bytes, regs)
+    }
+
+    /// A volatile copy of `len` bytes at `at`, or nothing if that is not
+    /// inside the mapping (callers pass areas of a checked slot).
+    fn copy(&self, at: usize, len: usize) -> Vec<u8> {
+        if at.checked_add(len).is_none_or(|end| end > self.len) {
+            return Vec::new();
+        }
+        (0..len)
+            // SAFETY: `at + i` < `at + len` <= `self.len` (checked above),
+            // inside the mapping, which lives as long as `self`.
             .map(|i| unsafe { std::ptr::read_volatile(self.base.as_ptr().add(at + i)) })
-            .collect();
-        SlotReply::Bytes(bytes)
+            .collect()
     }
 
     /// The bell's value now (read before checking for work, then slept on).

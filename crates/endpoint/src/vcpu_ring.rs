@@ -54,13 +54,28 @@ impl Ctx<'_> {
 
     /// Takes the reply to `seq` out of the channel if the tool wrote one and
     /// validates the copy as the seed and spec §7.3 validate a socket reply
-    /// (framing, vCPU header, then `event_reply`). True when the wait ended.
+    /// (framing, vCPU header, then `event_reply`). Registers that came with
+    /// it become the event's delayed registers, as a SET_REGISTERS during
+    /// the event would, only once the whole reply is valid and only where
+    /// SET_REGISTERS is allowed and supported; otherwise the whole reply is
+    /// refused like any malformed one. True when the wait ended.
     pub(crate) fn ring_reply(&mut self, ch: &EventChannel, local: &mut Local, seq: u32) -> bool {
         let vcpu = self.index;
+        let mut regs = None;
         let bytes = match ch.take_reply(vcpu, seq) {
             SlotReply::NotYet => return false,
             SlotReply::TooLong => Err("channel reply longer than its area"),
-            SlotReply::Bytes(b) => Ok(b),
+            SlotReply::BadFlags => Err("channel reply flags have an unknown bit"),
+            SlotReply::Bytes(b, r) => {
+                let id = msg::VCPU_SET_REGISTERS;
+                let allowed = self.sess.perms.command_allowed(id) && self.sess.caps.commands.contains(id);
+                regs = r;
+                if regs.is_some() && !allowed {
+                    Err("registers with a channel reply, but SET_REGISTERS is not allowed")
+                } else {
+                    Ok(b)
+                }
+            }
         };
         let m = bytes.and_then(|b| {
             let hdr: MsgHdr = read_zext(&b);
@@ -75,7 +90,11 @@ impl Ctx<'_> {
             }
         });
         let res = match m {
-            Ok(m) => self.event_reply(local, &m),
+            Ok(m) => self.event_reply(local, &m).map(|()| {
+                if let Some(r) = regs {
+                    local.delayed_regs = Some(*r);
+                }
+            }),
             Err(why) => {
                 local.expect = None;
                 local.reply = Some(None);

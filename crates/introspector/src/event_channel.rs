@@ -18,13 +18,16 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use ukvmi_wire::event_channel::{
-    slot_offset, VmEventChannel, VmEventChannelReply, BELL, EV_DATA, EV_LEN, EV_MAX, EV_SEQ, HDR_MAGIC, HDR_NR_VCPUS,
-    HDR_VERSION, MAGIC, REPLY_DATA, REPLY_LEN, REPLY_MAX, REPLY_SEQ, TOOL_SLEEPERS, VCPU_SLEEPING, VERSION,
+    slot_offset, VmEventChannel, VmEventChannelReply, BELL, EV_DATA, EV_LEN, EV_MAX, EV_SEQ, FEATURE_REPLY_REGS,
+    HDR_FEATURES, HDR_MAGIC, HDR_NR_VCPUS, HDR_VERSION, MAGIC, REPLY_DATA, REPLY_FLAGS, REPLY_LEN, REPLY_MAX,
+    REPLY_REGS, REPLY_SEQ, REPLY_WITH_REGS, TOOL_SLEEPERS, VCPU_SLEEPING, VERSION,
 };
-use ukvmi_wire::{frame, msg, read_zext, IntoBytes};
+use ukvmi_wire::{frame, msg, read_zext, IntoBytes, KvmRegs};
 
 use crate::error::{Error, ProtocolError, Result};
+use crate::events::{self, EventReply};
 use crate::mux::lock;
+use crate::pending::PendingEvent;
 use crate::transport::poll_fds;
 use crate::vm::{expect_len, reply_data, Vm};
 use crate::wake::Waker;
@@ -39,6 +42,8 @@ pub(crate) struct Channel {
     len: usize,
     nr_vcpus: usize,
     pipe: OwnedFd,
+    /// The VMM takes registers with a reply ([`FEATURE_REPLY_REGS`]).
+    reply_regs: bool,
     /// Per slot, the seq of the last event taken out of it.
     taken: Mutex<Vec<u32>>,
 }
@@ -94,7 +99,8 @@ impl Channel {
         let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| bad("mmap returned NULL"))?;
         // SAFETY: F_SETFL on the pipe's read end (our own open file description).
         unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        let ch = Channel { base, len, nr_vcpus, pipe, taken: Mutex::new(vec![0; nr_vcpus]) };
+        let mut ch = Channel { base, len, nr_vcpus, pipe, reply_regs: false, taken: Mutex::new(vec![0; nr_vcpus]) };
+        ch.reply_regs = ch.word(HDR_FEATURES).load(Ordering::SeqCst) & FEATURE_REPLY_REGS != 0;
         let ok = ch.word(HDR_MAGIC).load(Ordering::SeqCst) == MAGIC
             && ch.word(HDR_VERSION).load(Ordering::SeqCst) == VERSION
             && ch.word(HDR_NR_VCPUS).load(Ordering::SeqCst) as usize == nr_vcpus;
@@ -149,19 +155,31 @@ impl Channel {
     }
 
     /// Puts reply message `bytes` to event `seq` in `vcpu`'s slot if that
-    /// event came through it (and the reply fits); false otherwise (the
-    /// caller sends it on the socket).
-    pub(crate) fn reply(&self, vcpu: u16, seq: u32, bytes: &[u8]) -> bool {
+    /// event came through it (and the reply fits), with `regs` to be set as
+    /// by a SET_REGISTERS during the event if given; false otherwise (also
+    /// when `regs` are given and the VMM does not take them with a reply):
+    /// nothing was written, the caller uses the socket.
+    pub(crate) fn reply(&self, vcpu: u16, seq: u32, bytes: &[u8], regs: Option<&KvmRegs>) -> bool {
         let vcpu = usize::from(vcpu);
         let Some(ev_seq) = self.slot_word(vcpu, EV_SEQ) else { return false };
-        if ev_seq.load(Ordering::SeqCst) != seq || bytes.len() > REPLY_MAX {
+        if ev_seq.load(Ordering::SeqCst) != seq || bytes.len() > REPLY_MAX || (regs.is_some() && !self.reply_regs) {
             return false;
         }
-        let at = slot_offset(vcpu) + REPLY_DATA;
-        for (k, b) in bytes.iter().enumerate() {
-            // SAFETY: `at + k` < slot start + REPLY_DATA + REPLY_MAX, inside
-            // the slot and the mapping.
-            unsafe { std::ptr::write_volatile(self.base.as_ptr().add(at + k), *b) };
+        let slot = slot_offset(vcpu);
+        let areas = [(REPLY_DATA, bytes), (REPLY_REGS, regs.map_or(&[][..], |r| r.as_bytes()))];
+        for (area, data) in areas {
+            for (k, b) in data.iter().enumerate() {
+                // SAFETY: `slot + area + k` is inside the slot (the reply fits
+                // REPLY_MAX; the registers fit after it, checked by the
+                // layout's const asserts), and so inside the mapping.
+                unsafe { std::ptr::write_volatile(self.base.as_ptr().add(slot + area + k), *b) };
+            }
+        }
+        // Written with every reply (0 without registers): a flag left from
+        // an earlier reply must not apply old registers.
+        let flags = if regs.is_some() { REPLY_WITH_REGS } else { 0 };
+        if self.reply_regs {
+            self.word(slot + REPLY_FLAGS).store(flags, Ordering::SeqCst);
         }
         self.word(slot_offset(vcpu) + REPLY_LEN).store(bytes.len() as u32, Ordering::SeqCst);
         self.word(slot_offset(vcpu) + REPLY_SEQ).store(seq, Ordering::SeqCst);
@@ -249,6 +267,32 @@ impl Vm {
         };
         let ch = Channel::map(&file, pipe, &r)?;
         let _ = self.mux.channel.set(ch);
+        Ok(())
+    }
+
+    /// Answers `ev` with `reply` and has the VMM set `regs` first, exactly
+    /// as [`Vm::set_registers`] during the event followed by [`Vm::reply`]
+    /// would (the registers are applied when the reply is taken, before the
+    /// guest resumes). Through the event channel, when the event came
+    /// through it and the VMM takes registers with a reply, this is one
+    /// write to the vCPU's slot; otherwise it is those two messages on the
+    /// socket. Same checks as [`Vm::reply`]; nothing is sent if the reply is
+    /// refused, and nothing more if SET_REGISTERS fails on the socket (the
+    /// event stays unanswered then).
+    ///
+    /// Through the channel, a VMM where SET_REGISTERS is not allowed refuses
+    /// the whole reply and ends the connection (the vCPU resumes as if
+    /// CONTINUE, without the registers), where the socket way gets
+    /// `-KVM_EPERM` for the SET_REGISTERS: check the permission with
+    /// [`Vm::check_command`] first if it may be missing.
+    pub fn reply_with_registers(&self, ev: &PendingEvent, reply: EventReply, regs: &KvmRegs) -> Result<()> {
+        let body = events::reply_body(ev, reply)?;
+        let bytes = frame(msg::VCPU_EVENT, ev.seq, &[&body]).map_err(|e| Error::Refused(e.to_string()))?;
+        if !self.mux.send_event_reply_with_regs(ev.vcpu.raw(), ev.seq, &bytes, regs)? {
+            self.set_registers(ev.vcpu, regs)?;
+            self.mux.send_event_reply(ev.vcpu.raw(), ev.seq, &bytes)?;
+        }
+        ev.mark_answered();
         Ok(())
     }
 

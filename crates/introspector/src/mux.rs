@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use ukvmi_wire::{msg, read_zext, ErrorCode, MsgHdr, VCPU_EVENT_BODY_BASE};
+use ukvmi_wire::{msg, read_zext, ErrorCode, KvmRegs, MsgHdr, VCPU_EVENT_BODY_BASE};
 
 use crate::error::{Error, Result};
 use crate::event_channel::Channel;
@@ -283,11 +283,25 @@ impl Mux {
             if self.is_closed() {
                 return Err(Error::Closed);
             }
-            if ch.reply(vcpu, seq, bytes) {
+            if ch.reply(vcpu, seq, bytes, None) {
                 return Ok(());
             }
         }
         self.write(bytes)
+    }
+
+    /// Puts event reply `bytes` with `regs` in the event's channel slot (one
+    /// write); `Ok(false)` when that cannot be done (the channel is off, the
+    /// event did not come through it, or the VMM does not take registers
+    /// with a reply): nothing was sent.
+    pub(crate) fn send_event_reply_with_regs(&self, vcpu: u16, seq: u32, bytes: &[u8], regs: &KvmRegs) -> Result<bool> {
+        let Some(ch) = self.channel.get() else { return Ok(false) };
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        // (If this returns false, the socket way marks the point again.)
+        event_trace::mark(seq, Point::ToolReplies, 0);
+        Ok(ch.reply(vcpu, seq, bytes, Some(regs)))
     }
 
     fn dispatch(&self, m: Message) {

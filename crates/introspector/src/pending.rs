@@ -13,7 +13,8 @@ use crate::mux::Mux;
 /// A vCPU event waiting for its reply; it reads as the [`VcpuEventMsg`] it
 /// carries (`Deref`).
 ///
-/// Answer it with [`Vm::reply`](crate::Vm::reply). If it is dropped without
+/// Answer it with [`Vm::reply`](crate::Vm::reply) (or
+/// [`Vm::reply_with_registers`](crate::Vm::reply_with_registers)). If it is dropped without
 /// a successful reply while the connection is up, it answers CONTINUE
 /// itself and logs a line on stderr, so a forgotten reply does not stall
 /// the vCPU forever. [`PendingEvent::detach`] gives up that safety net, for
