@@ -42,6 +42,11 @@ const MAX_NAME: usize = 512;
 const MAX_WORK: usize = 32 << 20;
 /// How many token-table candidates are tried.
 const MAX_TABLE_CANDIDATES: usize = 64;
+/// How many places holding the digits' tokens are looked at (a kernel
+/// image has a handful).
+const MAX_DIGIT_SITES: usize = 4096;
+/// The longest token (the kernel's are a few bytes).
+const MAX_TOKEN: usize = 255;
 /// The tokens of `'0'..='9'`, in a row: where the token table is looked for.
 const DIGITS: &[u8; 20] = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00";
 /// `-(1 << 63)`'s top: a kernel-half address.
@@ -67,13 +72,24 @@ struct Names {
 impl<'a> Elf<'a> {
     /// The symbols of the kernel's kallsyms tables (in its `.rodata`, else
     /// anywhere in the file), in their order (by address).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoKallsyms`] when no tables are found, or they disagree.
     pub fn kallsyms(&self) -> Result<Vec<Symbol>, Error> {
-        kallsyms(self.section_data(".rodata").unwrap_or(self.bytes()))
+        match self.section_data(".rodata").map(kallsyms) {
+            Some(Ok(syms)) => Ok(syms),
+            _ => kallsyms(self.bytes()),
+        }
     }
 }
 
 /// The symbols of the kallsyms tables found in `data` (a kernel's
 /// `.rodata`, or a whole image), in their order (by address).
+///
+/// # Errors
+///
+/// [`Error::NoKallsyms`] when no tables are found, or they disagree.
 pub fn kallsyms(data: &[u8]) -> Result<Vec<Symbol>, Error> {
     let mut last = Error::NoKallsyms { why: "no token table (the tokens of the digits in a row)" };
     let mut work = MAX_WORK;
@@ -94,7 +110,12 @@ pub fn kallsyms(data: &[u8]) -> Result<Vec<Symbol>, Error> {
 /// Every place the token table may start, each with its index checked.
 fn token_tables(data: &[u8]) -> impl Iterator<Item = Tokens<'_>> + '_ {
     let mut from = 0usize;
+    let mut sites = 0usize;
     std::iter::from_fn(move || loop {
+        sites += 1;
+        if sites > MAX_DIGIT_SITES {
+            return None;
+        }
         let at = find(data, from, DIGITS)?;
         from = at.checked_add(1)?;
         if let Some(t) = token_table_with(data, at) {
@@ -112,9 +133,14 @@ fn token_table_with(data: &[u8], digits: usize) -> Option<Tokens<'_>> {
         if start == 0 || *data.get(start.checked_sub(1)?)? != 0 {
             return None;
         }
-        let before = data.get(..start.checked_sub(1)?)?;
-        let nul = before.iter().rposition(|&c| c == 0).map_or(0, |p| p + 1);
-        if nul == start - 1 || start - 1 - nul > 255 {
+        let end = start - 1;
+        let lo = end.saturating_sub(MAX_TOKEN + 1);
+        let nul = match data.get(lo..end)?.iter().rposition(|&c| c == 0) {
+            Some(p) => lo + p + 1,
+            None if lo == 0 => 0,
+            None => return None,
+        };
+        if nul == end || end - nul > MAX_TOKEN {
             return None;
         }
         start = nul;
@@ -124,7 +150,7 @@ fn token_table_with(data: &[u8], digits: usize) -> Option<Tokens<'_>> {
     let mut at = start;
     for _ in 0..256 {
         let rest = data.get(at..)?;
-        let len = rest.iter().take(256).position(|&c| c == 0)?;
+        let len = rest.iter().take(MAX_TOKEN + 1).position(|&c| c == 0)?;
         if len == 0 {
             return None;
         }

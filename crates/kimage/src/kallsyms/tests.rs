@@ -245,3 +245,17 @@ fn the_test_kernel_kallsyms_agree_with_its_symtab() {
     }
     assert_eq!(kallsyms(&f).unwrap(), ks, "the whole file gives what .rodata gives");
 }
+
+#[test]
+fn a_file_of_decoys_finds_nothing() {
+    // The digits' tokens a hundred thousand times, and a long run without
+    // any NUL before them: no token table.
+    let mut data = vec![b'x'; 1 << 16];
+    data.extend(DIGITS.repeat(100_000));
+    let e = kallsyms(&data).unwrap_err();
+    assert!(e.to_string().contains("token table"), "{e}");
+    // Real tables after the decoys are still found within the site budget.
+    let mut data = DIGITS.repeat(100);
+    data.extend(build(&sample(), Layout::OffsetsFirst));
+    assert_eq!(as_tuples(&kallsyms(&data).unwrap()), sample());
+}
