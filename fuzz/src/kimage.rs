@@ -2,11 +2,15 @@
 //! file can lie). Nothing may panic, and what it reports must lie inside
 //! the input.
 
-use ukvmi_kimage::{detect, Elf, Kind};
+use ukvmi_kimage::{detect, kallsyms, Elf, Kind};
 
-/// Runs `detect` and every `Elf` method on `data`.
+/// Runs `detect`, the kallsyms reader and every `Elf` method on `data`.
 pub fn check(data: &[u8]) {
     let kind = detect(data);
+    if let Ok(syms) = kallsyms(data) {
+        // Each symbol took at least a length byte and a token of the input.
+        assert!(syms.len() * 2 <= data.len(), "more kallsyms than the input holds");
+    }
     let Ok(elf) = Elf::parse(data) else {
         assert!(!matches!(kind, Kind::LinuxElf { .. } | Kind::Elf64), "detect found an ELF that does not parse");
         return;
@@ -20,6 +24,7 @@ pub fn check(data: &[u8]) {
     for n in elf.notes() {
         assert!(n.name.len() + n.desc.len() <= data.len(), "a note larger than the file");
     }
+    let _ = elf.kallsyms();
     if let Ok(syms) = elf.symbols() {
         assert!(syms.len() * 24 <= data.len(), "more symbols than the file holds");
     }

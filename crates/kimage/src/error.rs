@@ -19,6 +19,11 @@ pub enum Error {
         /// The section looked for.
         name: &'static str,
     },
+    /// No kallsyms tables were found (or they did not agree).
+    NoKallsyms {
+        /// What was missing.
+        why: &'static str,
+    },
 }
 
 impl fmt::Display for Error {
@@ -27,6 +32,7 @@ impl fmt::Display for Error {
             Error::NotElf64 => write!(f, "not a 64-bit little-endian ELF file"),
             Error::Malformed { what } => write!(f, "malformed ELF file: {what}"),
             Error::NoSection { name } => write!(f, "the ELF file has no {name} section"),
+            Error::NoKallsyms { why } => write!(f, "no kallsyms tables in the kernel image: {why}"),
         }
     }
 }

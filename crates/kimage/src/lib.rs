@@ -12,16 +12,20 @@
 //! * [`Elf`]: sections by name, `.symtab` symbols as `(address, nm type
 //!   letter, name)` ([`Symbol`]), `PT_LOAD` segments ([`Segment`]) and the
 //!   static address translation they give ([`Elf::static_pa`]), notes.
+//! * [`kallsyms`] / [`Elf::kallsyms`]: the symbols of a stripped kernel
+//!   (no `.symtab`) from its own kallsyms tables.
 
 mod bytes;
 mod bzimage;
 mod elf;
 mod error;
+mod kallsyms;
 mod symbols;
 
 pub use bzimage::BzImage;
 pub use elf::{Elf, Note, Section, Segment};
 pub use error::Error;
+pub use kallsyms::{kallsyms, MAX_KALLSYMS};
 pub use symbols::Symbol;
 
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the type of the `Xen` note that holds a

@@ -150,9 +150,15 @@ impl LinuxOs {
     }
 }
 
-/// A symbol map of a vmlinux ELF's `.symtab` (as System.map would have it).
+/// A symbol map of a vmlinux ELF's `.symtab` (as System.map would have it),
+/// or of its kallsyms tables when `.symtab` was stripped (a distribution
+/// kernel unpacked from its bzImage).
 pub fn symbol_map_of(elf: &[u8]) -> Result<SymbolMap, LinuxError> {
-    let syms = ukvmi_kimage::Elf::parse(elf)?.symbols()?;
+    let elf = ukvmi_kimage::Elf::parse(elf)?;
+    let syms = match elf.symbols() {
+        Err(ukvmi_kimage::Error::NoSection { .. }) => elf.kallsyms()?,
+        other => other?,
+    };
     Ok(SymbolMap::from_symbols(syms.into_iter().filter(|s| s.kind != 'U').map(|s| (s.addr, s.name))))
 }
 

@@ -175,6 +175,26 @@ fn offsets_from_the_test_kernels_btf() {
     assert!(os.describe().contains("pid 0x3a8"), "{}", os.describe());
 }
 
+/// With `.symtab` gone (renamed, as a stripped distribution kernel has
+/// none), the test kernel's symbols come from its kallsyms (text symbols:
+/// it lacks `CONFIG_KALLSYMS_ALL`), at the addresses `.symtab` gives.
+#[test]
+fn a_kernel_without_symtab_gives_its_kallsyms() {
+    let f = kernel_file();
+    let full = symbol_map_of(&f).unwrap();
+    let mut stripped = f.clone();
+    let at = stripped.windows(8).position(|w| w == b".symtab\0").expect(".symtab's name");
+    stripped[at + 6] = b'X';
+    let elf = ukvmi_kimage::Elf::parse(&stripped).unwrap();
+    assert!(elf.section(".symtab").is_none(), "the name was renamed");
+    let map = symbol_map_of(&stripped).unwrap();
+    assert!(map.len() > 5_000, "{} symbols", map.len());
+    for name in ["start_kernel", "kthreadd", "entry_SYSCALL_64"] {
+        assert_eq!(map.addr(name), full.addr(name), "{name}");
+        assert!(map.addr(name).is_some(), "{name}");
+    }
+}
+
 // ---- a synthetic guest memory -----------------------------------------------------
 
 /// Sparse guest memory: pages created on write; no page tables (translate
