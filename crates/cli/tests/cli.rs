@@ -107,30 +107,12 @@ fn an_unreachable_socket_does_not_stop_the_vm() {
     assert_eq!(vm.wait_exit(Duration::from_secs(20)).code(), Some(0));
 }
 
-/// Wraps a flat image in a minimal ELF64 executable: one PT_LOAD at `paddr`.
+/// Wraps a flat image in a minimal ELF64 executable: one PT_LOAD at `paddr`,
+/// with 4 KiB of BSS.
 fn elf(image: &[u8], paddr: u64, entry: u64) -> Vec<u8> {
-    let mut e = vec![0u8; 64 + 56];
-    e[..4].copy_from_slice(b"\x7fELF");
-    e[4] = 2; // ELFCLASS64
-    e[5] = 1; // little endian
-    e[6] = 1; // version
-    e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
-    e[20..24].copy_from_slice(&1u32.to_le_bytes());
-    e[24..32].copy_from_slice(&entry.to_le_bytes());
-    e[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
-    e[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
-    e[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
-    e[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
-    let ph = 64;
-    e[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    e[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes()); // offset
-    e[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes()); // vaddr
-    e[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes()); // paddr
-    e[ph + 32..ph + 40].copy_from_slice(&(image.len() as u64).to_le_bytes());
-    e[ph + 40..ph + 48].copy_from_slice(&(image.len() as u64 + 4096).to_le_bytes()); // with bss
-    e.extend_from_slice(image);
-    e
+    use ukvmi_kimage::testing::{ehdr, phdr};
+    let len = image.len() as u64;
+    [ehdr(entry, 1), phdr(1, 64 + 56, paddr, len, len + 4096), image.to_vec()].concat()
 }
 
 #[test]

@@ -21,6 +21,9 @@ mod elf;
 mod error;
 mod kallsyms;
 mod symbols;
+#[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
+pub mod testing;
 
 pub use bzimage::BzImage;
 pub use elf::{Elf, Note, Section, Segment};

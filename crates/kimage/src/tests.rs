@@ -1,6 +1,7 @@
 //! Unit tests on hand-built images, and on the test kernel when it is built.
 
 use super::*;
+use crate::testing::note;
 
 /// Builds a small x86-64 ELF vmlinux look-alike: two PT_LOADs (text at a
 /// kernel address, per-cpu data linked at 0), a PT_NOTE with `Linux` and
@@ -9,23 +10,6 @@ use super::*;
 struct Builder {
     pvh: Option<Vec<u8>>,
     linux_note: bool,
-}
-
-fn note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend_from_slice(&(name.len() as u32 + 1).to_le_bytes());
-    v.extend_from_slice(&(desc.len() as u32).to_le_bytes());
-    v.extend_from_slice(&kind.to_le_bytes());
-    v.extend_from_slice(name);
-    v.push(0);
-    while v.len() % 4 != 0 {
-        v.push(0);
-    }
-    v.extend_from_slice(desc);
-    while v.len() % 4 != 0 {
-        v.push(0);
-    }
-    v
 }
 
 fn sym(name: u32, info: u8, shndx: u16, value: u64) -> Vec<u8> {
@@ -169,6 +153,27 @@ fn detects_a_linux_elf_and_its_pvh_entry() {
     assert_eq!(detect(&no_pvh), Kind::LinuxElf { pvh_entry: None });
     let plain = Builder { pvh: Some(vec![0; 8]), linux_note: false }.build();
     assert_eq!(detect(&plain), Kind::Elf64, "without a Linux note it is some other ELF");
+}
+
+/// The other crates' tests boot `testing::pvh_vmlinux` as Linux: it must
+/// be what `detect` calls a Linux ELF, its code where the header says.
+#[test]
+fn the_test_util_vmlinux_is_a_pvh_linux_elf() {
+    let code = [0xf4, 0xeb, 0xfe];
+    let f = testing::pvh_vmlinux(0x20_0000, &code, 0x20_0002);
+    assert_eq!(detect(&f), Kind::LinuxElf { pvh_entry: Some(0x20_0002) });
+    let elf = Elf::parse(&f).unwrap();
+    assert_eq!(elf.entry(), 0x20_0000);
+    let seg = elf.segments();
+    assert_eq!(seg.len(), 1);
+    assert_eq!((seg[0].paddr, seg[0].vaddr, seg[0].filesz), (0x20_0000, 0x20_0000, 3));
+    assert_eq!(&f[seg[0].offset as usize..][..3], &code);
+    let notes = elf.notes();
+    assert_eq!(
+        notes.iter().map(|n| (n.name, n.kind)).collect::<Vec<_>>(),
+        [(&b"Linux"[..], 1), (&b"Xen"[..], XEN_ELFNOTE_PHYS32_ENTRY)]
+    );
+    assert_eq!(detect(&testing::elf(0x20_0000, &code, &[])), Kind::Elf64, "no notes: not Linux");
 }
 
 #[test]

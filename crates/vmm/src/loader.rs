@@ -85,6 +85,7 @@ pub(crate) fn load_image(ram: &GuestRam, image: &Image) -> crate::error::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ukvmi_kimage::testing::{ehdr, phdr};
 
     fn ram() -> GuestRam {
         GuestRam::new(4 << 20).unwrap()
@@ -93,28 +94,7 @@ mod tests {
     /// A little-endian x86-64 ELF64 header with `phnum` program headers
     /// right after it, entry 0x20_0000.
     fn elf(phnum: u16) -> Vec<u8> {
-        let mut b = vec![0u8; 64];
-        b[..4].copy_from_slice(b"\x7fELF");
-        b[4] = 2; // ELFCLASS64
-        b[5] = 1; // little-endian
-        b[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-        b[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes()); // e_entry
-        b[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-        b[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
-        b[56..58].copy_from_slice(&phnum.to_le_bytes()); // e_phnum
-        b
-    }
-
-    /// A program header of type `p_type` for `filesz` bytes at file offset
-    /// `off`, loaded at `paddr` with `memsz` bytes in memory.
-    fn phdr(p_type: u32, off: u64, paddr: u64, filesz: u64, memsz: u64) -> Vec<u8> {
-        let mut b = vec![0u8; 56];
-        b[..4].copy_from_slice(&p_type.to_le_bytes());
-        b[8..16].copy_from_slice(&off.to_le_bytes());
-        b[24..32].copy_from_slice(&paddr.to_le_bytes());
-        b[32..40].copy_from_slice(&filesz.to_le_bytes());
-        b[40..48].copy_from_slice(&memsz.to_le_bytes());
-        b
+        ehdr(0x20_0000, phnum)
     }
 
     #[test]

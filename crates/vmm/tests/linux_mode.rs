@@ -22,42 +22,6 @@ impl Write for Captured {
     }
 }
 
-/// An x86-64 ELF: `code` in one PT_LOAD at 1 MiB, and a PT_NOTE with the
-/// Xen PVH entry note (type 18) pointing at it.
-fn pvh_elf(code: &[u8]) -> Vec<u8> {
-    let mut note = Vec::new();
-    for w in [4u32, 4, 18] {
-        note.extend(w.to_le_bytes());
-    }
-    note.extend(b"Xen\0");
-    note.extend(0x10_0000u32.to_le_bytes());
-    let mut b = vec![0u8; 64];
-    b[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
-    b[16] = 2;
-    b[18] = 62;
-    b[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    b[32] = 64;
-    b[52] = 64;
-    b[54] = 56;
-    b[56] = 2;
-    let phdr = |ty: u32, off: u64, addr: u64, size: u64| {
-        let mut p = vec![0u8; 56];
-        p[..4].copy_from_slice(&ty.to_le_bytes());
-        p[8..16].copy_from_slice(&off.to_le_bytes());
-        p[16..24].copy_from_slice(&addr.to_le_bytes());
-        p[24..32].copy_from_slice(&addr.to_le_bytes());
-        p[32..40].copy_from_slice(&size.to_le_bytes());
-        p[40..48].copy_from_slice(&size.to_le_bytes());
-        p
-    };
-    let code_off = 64 + 2 * 56;
-    b.extend(phdr(1, code_off, 0x10_0000, code.len() as u64));
-    b.extend(phdr(4, code_off + code.len() as u64, 0, note.len() as u64));
-    b.extend(code);
-    b.extend(note);
-    b
-}
-
 /// The entry code (32-bit protected mode).
 fn entry_code() -> Vec<u8> {
     let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
@@ -90,7 +54,8 @@ fn config(kernel: std::path::PathBuf, vcpus: u16, serial: Captured) -> VmConfig 
 
 fn kernel_file(name: &str) -> std::path::PathBuf {
     let p = std::env::temp_dir().join(format!("ukvmi-linux-mode-{}-{name}", std::process::id()));
-    std::fs::write(&p, pvh_elf(&entry_code())).unwrap();
+    // `entry_code` in one PT_LOAD at 1 MiB, the PVH entry pointing at it.
+    std::fs::write(&p, ukvmi_kimage::testing::pvh_vmlinux(0x10_0000, &entry_code(), 0x10_0000)).unwrap();
     p
 }
 

@@ -302,38 +302,6 @@ pub(super) fn parse(args: &[String]) -> Result<Option<VmConfig>, String> {
 mod tests {
     use super::*;
 
-    /// A tiny x86-64 ELF with the Xen PVH note (what makes a file Linux).
-    fn pvh_elf() -> Vec<u8> {
-        let mut b = vec![0u8; 64];
-        b[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
-        b[16] = 2;
-        b[18] = 62;
-        b[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
-        b[32] = 64;
-        b[52] = 64;
-        b[54] = 56;
-        b[56] = 2;
-        let phdr = |ty: u32, off: u64, addr: u64, size: u64| {
-            let mut p = vec![0u8; 56];
-            p[..4].copy_from_slice(&ty.to_le_bytes());
-            p[8..16].copy_from_slice(&off.to_le_bytes());
-            p[16..24].copy_from_slice(&addr.to_le_bytes());
-            p[24..32].copy_from_slice(&addr.to_le_bytes());
-            p[32..40].copy_from_slice(&size.to_le_bytes());
-            p[40..48].copy_from_slice(&size.to_le_bytes());
-            p
-        };
-        b.extend(phdr(1, 176, 0x20_0000, 16));
-        b.extend(phdr(4, 192, 0, 20));
-        b.extend([0xf4; 16]);
-        for w in [4u32, 4, 18] {
-            b.extend(w.to_le_bytes());
-        }
-        b.extend(b"Xen\0");
-        b.extend(0x20_0000u32.to_le_bytes());
-        b
-    }
-
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
     }
@@ -346,7 +314,9 @@ mod tests {
 
     #[test]
     fn a_linux_kernel_takes_initrd_and_cmdline_and_256_mib() {
-        let (k, i) = (file("vmlinux", &pvh_elf()), file("initrd", b"07070"));
+        // A tiny vmlinux with the Xen PVH note (what makes a file Linux).
+        let vmlinux = ukvmi_kimage::testing::pvh_vmlinux(0x20_0000, &[0xf4; 16], 0x20_0000);
+        let (k, i) = (file("vmlinux", &vmlinux), file("initrd", b"07070"));
         let cfg = parse(&args(&["--kernel", &k, "--initrd", &i, "--cmdline", "console=ttyS0 quiet"])).unwrap().unwrap();
         let want_initrd = Some(std::path::PathBuf::from(&i));
         assert!(

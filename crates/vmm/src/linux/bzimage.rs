@@ -16,7 +16,7 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use std::path::Path;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 /// The zero page.
 pub(crate) const ZERO_PAGE_ADDR: u64 = 0x7000;
@@ -31,30 +31,17 @@ const _: () = assert!(ZERO_PAGE_ADDR + 0x1000 <= PML4_ADDR && PML4_ADDR + 6 * 0x
 
 /// The protected-mode kernel's load address (`code32_start`).
 const KERNEL_ADDR: u64 = 0x10_0000;
-/// `XLF_KERNEL_64`: the kernel has the 64-bit entry at +0x200.
-const XLF_KERNEL_64: u16 = 1;
 /// `CAN_USE_HEAP` in `loadflags`.
 const CAN_USE_HEAP: u8 = 0x80;
 /// Where the decompressed kernel goes unless relocated (16 MiB on x86-64).
 const LOAD_PHYSICAL_ADDR: u64 = 0x100_0000;
 
-/// Whether the (non-ELF) file is a bzImage the 64-bit protocol can boot:
-/// linux-loader reads and checks its setup header (loading it into a
-/// scratch, sparsely backed memory).
-pub(crate) fn kind(file: &mut std::fs::File) -> super::KernelKind {
-    let Ok(scratch) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 32)]) else {
-        return super::KernelKind::Other;
-    };
-    match BzImage::load(&scratch, None, file, None).ok().and_then(|r| r.setup_header) {
-        Some(h) if bootable(&h) => super::KernelKind::LinuxBzImage { version: h.version },
-        _ => super::KernelKind::Other,
-    }
-}
-
-/// Protocol 2.06 or later (for `cmdline_size`) with the 64-bit entry.
-fn bootable(h: &setup_header) -> bool {
-    let (version, xloadflags) = (h.version, h.xloadflags);
-    version >= 0x206 && xloadflags & XLF_KERNEL_64 != 0
+/// Whether a bzImage of boot protocol `version` with `xloadflags` can be
+/// booted here: protocol 2.06 or later (for `cmdline_size`) with the 64-bit
+/// entry. Detection ([`kernel_kind`](crate::kernel_kind), from
+/// `ukvmi_kimage`'s header) and loading (from linux-loader's) both ask it.
+pub(crate) fn bootable(version: u16, xloadflags: u16) -> bool {
+    version >= 0x206 && xloadflags & ukvmi_kimage::BzImage::XLF_KERNEL_64 != 0
 }
 
 /// The zero page for the file's setup header `hdr`, a command line of
@@ -109,7 +96,7 @@ pub(crate) fn load(
     let loaded =
         BzImage::load(ram.mem(), None, &mut file, Some(GuestAddress(KERNEL_ADDR))).map_err(LinuxError::Load)?;
     let hdr = loaded.setup_header.ok_or(LinuxError::NotBootable)?;
-    if !bootable(&hdr) {
+    if !bootable(hdr.version, hdr.xloadflags) {
         return Err(LinuxError::NotBootable);
     }
     write_cmdline(ram, cmdline)?;
@@ -131,7 +118,7 @@ mod tests {
     #[test]
     fn the_zero_page_has_the_loader_cmdline_initrd_and_map() {
         let hdr = setup_header { version: 0x20f, loadflags: 1, xloadflags: 1, ..Default::default() };
-        assert!(bootable(&hdr));
+        assert!(bootable(hdr.version, hdr.xloadflags));
         let p = zero_page(hdr, 26, Some((0xfff_e000, 0x1800)), 256 << 20);
         let (ty, lf, heap, cl, cs) =
             (p.hdr.type_of_loader, p.hdr.loadflags, p.hdr.heap_end_ptr, p.hdr.cmd_line_ptr, p.hdr.cmdline_size);
@@ -142,9 +129,8 @@ mod tests {
         let last = p.e820_table[3];
         let (a, s, t) = (last.addr, last.size, last.r#type);
         assert_eq!((a, s, t), (0x10_0000, (256 << 20) - 0x10_0000, 1));
-        let old = setup_header { version: 0x205, xloadflags: 1, ..Default::default() };
-        assert!(!bootable(&old));
-        assert!(!bootable(&setup_header { version: 0x20f, ..Default::default() }), "no 64-bit entry");
+        assert!(!bootable(0x205, 1), "too old");
+        assert!(!bootable(0x20f, 0), "no 64-bit entry");
     }
 
     #[test]

@@ -17,11 +17,10 @@ pub(crate) mod pvh;
 
 use crate::devices::PortBus;
 use crate::error::ImageError;
-use linux_loader::loader::{elf::Elf, KernelLoader, PvhBootCapability};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Mutex;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use ukvmi_kimage::Kind;
 
 /// The most guest RAM a Linux guest may have: one memslot from gpa 0 must
 /// stay below the IOAPIC and LAPIC (0xfec00000, 0xfee00000).
@@ -31,7 +30,7 @@ pub const LINUX_MAX_MEMORY_MIB: u64 = 3 << 10;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KernelKind {
-    /// An ELF with the Xen PVH entry note (type 18): a Linux vmlinux built
+    /// A Linux ELF vmlinux with the Xen PVH entry note (type 18): built
     /// with `CONFIG_PVH`, entered at `entry` in 32-bit protected mode.
     LinuxPvh {
         /// The PVH entry point (a physical address).
@@ -47,31 +46,19 @@ pub enum KernelKind {
     Other,
 }
 
-/// Tells a Linux kernel from the guest ABI's images: linux-loader loads the
-/// ELF into a scratch, sparsely backed guest memory (nothing else reads
-/// the PVH note) and reports the note. A file linux-loader cannot load is
-/// `Other`; today's loader then says what is wrong with it.
+/// Tells a Linux kernel from the guest ABI's images by what
+/// [`ukvmi_kimage::detect`] makes of the file's bytes: a Linux ELF with a
+/// PVH entry, or a bzImage the 64-bit boot protocol can boot. Anything else
+/// (a Linux ELF without PVH included) is `Other`; today's loader then says
+/// what is wrong with it.
 pub fn kernel_kind(path: &Path) -> Result<KernelKind, ImageError> {
-    let read = |source| ImageError::Read { path: path.to_path_buf(), source };
-    let mut file = std::fs::File::open(path).map_err(read)?;
-    let mut magic = [0u8; 4];
-    if std::io::Read::read_exact(&mut file, &mut magic).is_err() {
-        return Ok(KernelKind::Other);
-    }
-    if magic != *b"\x7fELF" {
-        return Ok(bzimage::kind(&mut file));
-    }
-    // 4 GiB, MAP_NORESERVE: only the pages the kernel's segments land on
-    // are ever touched (a PVH kernel lives below 4 GiB: its entry is 32-bit).
-    let Ok(scratch) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 32)]) else {
-        return Ok(KernelKind::Other);
-    };
-    Ok(match Elf::load(&scratch, None, &mut file, None) {
-        Ok(r) => match r.pvh_boot_cap {
-            PvhBootCapability::PvhEntryPresent(GuestAddress(entry)) => KernelKind::LinuxPvh { entry },
-            _ => KernelKind::Other,
-        },
-        Err(_) => KernelKind::Other,
+    let bytes = std::fs::read(path).map_err(|source| ImageError::Read { path: path.to_path_buf(), source })?;
+    Ok(match ukvmi_kimage::detect(&bytes) {
+        Kind::LinuxElf { pvh_entry: Some(entry) } => KernelKind::LinuxPvh { entry },
+        Kind::BzImage(b) if bzimage::bootable(b.version, b.xloadflags) => {
+            KernelKind::LinuxBzImage { version: b.version }
+        }
+        _ => KernelKind::Other,
     })
 }
 
@@ -162,57 +149,14 @@ pub(crate) fn symbol(sorted: &[(u64, String)], addr: u64) -> Option<String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use ukvmi_kimage::testing;
 
     /// A minimal x86-64 ELF: one PT_LOAD of 16 bytes (0xf4s) at `paddr` and,
-    /// with `pvh`, a PT_NOTE holding an unrelated `Linux` note and then the
-    /// `Xen` note of type 18 with the entry `paddr + 4`.
+    /// with `pvh`, the notes of a PVH vmlinux (`Linux`, then `Xen` of type 18
+    /// with the entry `paddr + 4`).
     pub(crate) fn elf(paddr: u64, pvh: bool) -> Vec<u8> {
-        let note = |name: &[u8], ty: u32, desc: &[u8]| {
-            let mut n = Vec::new();
-            n.extend((name.len() as u32).to_le_bytes());
-            n.extend((desc.len() as u32).to_le_bytes());
-            n.extend(ty.to_le_bytes());
-            n.extend(name);
-            n.resize(n.len().next_multiple_of(4), 0);
-            n.extend(desc);
-            n.resize(n.len().next_multiple_of(4), 0);
-            n
-        };
-        let mut notes = note(b"Linux\0", 1, &[0; 4]);
-        notes.extend(note(b"Xen\0", 18, &((paddr + 4) as u32).to_le_bytes()));
-        let phnum: u16 = if pvh { 2 } else { 1 };
-        let data_off = 64 + 56 * u64::from(phnum);
-        let mut b = vec![0u8; 64];
-        b[..4].copy_from_slice(b"\x7fELF");
-        b[4] = 2;
-        b[5] = 1;
-        b[6] = 1;
-        b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        b[18..20].copy_from_slice(&62u16.to_le_bytes());
-        b[24..32].copy_from_slice(&paddr.to_le_bytes());
-        b[32..40].copy_from_slice(&64u64.to_le_bytes());
-        b[52..54].copy_from_slice(&64u16.to_le_bytes());
-        b[54..56].copy_from_slice(&56u16.to_le_bytes());
-        b[56..58].copy_from_slice(&phnum.to_le_bytes());
-        let phdr = |ty: u32, off: u64, addr: u64, size: u64| {
-            let mut p = vec![0u8; 56];
-            p[..4].copy_from_slice(&ty.to_le_bytes());
-            p[8..16].copy_from_slice(&off.to_le_bytes());
-            p[16..24].copy_from_slice(&addr.to_le_bytes());
-            p[24..32].copy_from_slice(&addr.to_le_bytes());
-            p[32..40].copy_from_slice(&size.to_le_bytes());
-            p[40..48].copy_from_slice(&size.to_le_bytes());
-            p
-        };
-        b.extend(phdr(1, data_off, paddr, 16));
-        if pvh {
-            b.extend(phdr(4, data_off + 16, 0, notes.len() as u64));
-        }
-        b.extend([0xf4; 16]);
-        if pvh {
-            b.extend(notes);
-        }
-        b
+        let notes = if pvh { testing::pvh_notes(paddr as u32 + 4) } else { Vec::new() };
+        testing::elf(paddr, &[0xf4; 16], &notes)
     }
 
     pub(crate) fn file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
@@ -237,14 +181,16 @@ pub(crate) mod tests {
         assert_eq!(kernel_kind(&pvh).unwrap(), KernelKind::LinuxPvh { entry: 0x20_0004 });
         let plain = file("plain", &elf(0x20_0000, false));
         assert_eq!(kernel_kind(&plain).unwrap(), KernelKind::Other);
+        let no_pvh = file("no-pvh", &testing::elf(0x20_0000, &[0xf4; 16], &testing::note(b"Linux", 1, b"6.1\0")));
+        assert_eq!(kernel_kind(&no_pvh).unwrap(), KernelKind::Other, "a vmlinux without PVH is not booted");
         let flat = file("flat", &[0xf4, 0xeb, 0xfe]);
         assert_eq!(kernel_kind(&flat).unwrap(), KernelKind::Other);
         let mut cut = elf(0x20_0000, true);
         cut.truncate(100);
         let cut = file("cut", &cut);
-        assert_eq!(kernel_kind(&cut).unwrap(), KernelKind::Other, "linux-loader refuses it: not Linux");
+        assert_eq!(kernel_kind(&cut).unwrap(), KernelKind::Other, "a cut ELF does not parse: not Linux");
         assert!(kernel_kind(std::path::Path::new("/nonexistent/ukvmi-vmlinux")).is_err());
-        for p in [pvh, plain, flat, cut] {
+        for p in [pvh, plain, no_pvh, flat, cut] {
             std::fs::remove_file(p).unwrap();
         }
     }
