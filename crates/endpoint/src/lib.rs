@@ -30,7 +30,6 @@ pub mod backend;
 mod dialect;
 mod endpoint;
 mod event_channel;
-mod event_trace;
 pub mod handshake;
 mod host_features;
 mod permissions;
@@ -42,6 +41,10 @@ mod vcpu_commands;
 mod vcpu_dispatch;
 mod vcpu_ring;
 mod vm_commands;
+
+/// The VMM's side of the event trace (`UKVMI_EVENT_TRACE`): `<prefix>.vmm`,
+/// written when a connection ends.
+static TRACE: ukvmi_event_trace::Trace = ukvmi_event_trace::Trace::new("vmm");
 
 pub use backend::{
     BackendError, BackendResult, CpuidOps, Exception, HostCaps, IdSet, InjectOps, InterceptOps, MtrrOps, PageAccessOps,

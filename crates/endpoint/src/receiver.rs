@@ -4,15 +4,16 @@
 //! connection down and releases every vCPU.
 
 use crate::dialect::{Decoded, Dialect, V7Decoder};
-use crate::event_trace::{self, Point};
 use crate::session::{Disconnect, Message, Session, Wire};
 use crate::vcpu_dispatch::Routed;
+use crate::TRACE;
 use crate::{vcpu_dispatch, vm_commands};
 use std::io::{BufReader, ErrorKind, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use ukvmi_event_trace::Point;
 use ukvmi_wire::{msg, read_zext, KvmErrno, MsgHdr, MAX_MSG_SIZE, MSG_HDR_SIZE};
 
 /// Body of the receiving thread.
@@ -47,7 +48,7 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
         };
         let reply_seq = (m.hdr.id == msg::VCPU_EVENT).then_some(m.hdr.seq);
         if let Some(seq) = reply_seq {
-            event_trace::mark(seq, Point::ReceiverRead, 0);
+            TRACE.mark(seq, Point::ReceiverRead, 0);
         }
         // A v7 message becomes the v12 one that serves it, or is answered here.
         let decoded = match v7.as_mut() {
@@ -90,7 +91,7 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
             Err(why) => break why,
         }
         if let Some(seq) = reply_seq {
-            event_trace::mark(seq, Point::JobQueued, 0);
+            TRACE.mark(seq, Point::JobQueued, 0);
         }
     }));
     let why = looped.unwrap_or_else(|p| {
@@ -111,7 +112,7 @@ pub(crate) fn run(sess: Arc<Session>, rd: UnixStream) {
         ));
     }
     sess.receiver_finished();
-    event_trace::flush();
+    TRACE.flush();
 }
 
 /// How long the receiving thread polls for the next message without

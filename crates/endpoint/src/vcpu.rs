@@ -8,13 +8,14 @@
 
 use crate::backend::{Exception, IdSet, VcpuBackend};
 use crate::endpoint::Shared;
-use crate::event_trace::{self, Point};
 use crate::session::{lock, Disconnect, Job, Message, Session, VcpuSession, MAX_QUEUED_JOBS, NO_EVENT};
 use crate::vcpu_commands;
+use crate::TRACE;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use ukvmi_event_trace::Point;
 use ukvmi_wire::{
     event, msg, read_zext, tail, Action, EventMsrs, EventPayload, KvmRegs, KvmSregs, VcpuEvent, VcpuEventArch,
     VcpuEventReply, EVENT_REPLY_BODY_BASE,
@@ -358,7 +359,7 @@ impl Ctx<'_> {
         let Some(exp) = local.expect else {
             return Err(Disconnect::BadEventReply { vcpu, why: "the vCPU is not waiting for an event reply" });
         };
-        event_trace::mark(m.hdr.seq, Point::VcpuWakes, 0);
+        TRACE.mark(m.hdr.seq, Point::VcpuWakes, 0);
         let body = m.body.as_slice();
         let why = if m.hdr.seq != exp.seq {
             Some("sequence number does not match the event")
@@ -396,7 +397,7 @@ impl Ctx<'_> {
         if self.sess.is_closed() {
             return fallback;
         }
-        let built = event_trace::stamp();
+        let built = ukvmi_event_trace::stamp();
         let (body, snapshot, reads) = self.event_state();
         lock(&self.vs.queue).snapshot = snapshot.map(Box::new);
         let seq = self.sess.next_seq();
@@ -405,10 +406,10 @@ impl Ctx<'_> {
         self.vs.awaiting.store(id, Ordering::SeqCst);
         self.vs.waiting.store(true, Ordering::SeqCst);
         let ring = self.sess.ring();
-        event_trace::mark_at(seq, Point::VcpuBuilds, built);
-        event_trace::mark_at(seq, Point::RegsRead, reads[0]);
-        event_trace::mark_at(seq, Point::SregsRead, reads[1]);
-        event_trace::mark(seq, Point::VcpuSends, id);
+        TRACE.mark_at(seq, Point::VcpuBuilds, built);
+        TRACE.mark_at(seq, Point::RegsRead, reads[0]);
+        TRACE.mark_at(seq, Point::SregsRead, reads[1]);
+        TRACE.mark(seq, Point::VcpuSends, id);
         let sent = self
             .sess
             .frame_event(seq, id, &body, &ev.encode())
@@ -458,7 +459,7 @@ impl Ctx<'_> {
         if let Some(regs) = delayed {
             let _ = self.vcpu.set_regs(&regs);
         }
-        event_trace::mark(seq, Point::VcpuResumes, id);
+        TRACE.mark(seq, Point::VcpuResumes, id);
         EventOutcome { action, new_val: guest_value.map(|_| u64::from_le_bytes(reply.payload)), answered: true }
     }
 
@@ -467,9 +468,9 @@ impl Ctx<'_> {
     /// special registers had been read.
     fn event_state(&mut self) -> (VcpuEvent, Option<(KvmRegs, KvmSregs)>, [u64; 2]) {
         let regs = self.vcpu.regs();
-        let t_regs = event_trace::stamp();
+        let t_regs = ukvmi_event_trace::stamp();
         let sregs = self.vcpu.sregs();
-        let t_sregs = event_trace::stamp();
+        let t_sregs = ukvmi_event_trace::stamp();
         let snapshot = match (&regs, &sregs) {
             (Ok(r), Ok(s)) => Some((*r, *s)),
             _ => None,

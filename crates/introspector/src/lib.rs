@@ -116,7 +116,6 @@
 mod commands;
 mod error;
 mod event_channel;
-mod event_trace;
 mod events;
 mod listener;
 mod map;
@@ -128,6 +127,10 @@ mod raw;
 mod transport;
 mod vm;
 mod wake;
+
+/// The tool's side of the event trace (`UKVMI_EVENT_TRACE`): `<prefix>.tool`,
+/// written when a [`Vm`] closes.
+static TRACE: ukvmi_event_trace::Trace = ukvmi_event_trace::Trace::new("tool");
 
 #[cfg(test)]
 mod tests;

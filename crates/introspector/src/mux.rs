@@ -16,11 +16,12 @@ use ukvmi_wire::{msg, read_zext, ErrorCode, KvmRegs, MsgHdr, VCPU_EVENT_BODY_BAS
 
 use crate::error::{Error, Result};
 use crate::event_channel::Channel;
-use crate::event_trace::{self, Point};
 use crate::events::{self, Event};
 use crate::pending::PendingEvent;
 use crate::transport::{Message, ReadSide};
 use crate::wake::Waker;
+use crate::TRACE;
+use ukvmi_event_trace::Point;
 
 mod reading;
 pub(crate) use reading::reader_loop;
@@ -270,7 +271,7 @@ impl Mux {
             // Not an event: nothing the VMM would post; ignore it.
             return None;
         }
-        event_trace::mark(hdr.seq, Point::ToolReceives, 0);
+        TRACE.mark(hdr.seq, Point::ToolReceives, 0);
         let ev = events::parse_vcpu_event(hdr.seq, body);
         Some(Event::Vcpu(PendingEvent::new(ev, self.me.clone())))
     }
@@ -278,7 +279,7 @@ impl Mux {
     /// Sends reply message `bytes` to event `seq` of `vcpu`: through the
     /// channel if the event came through it, else on the socket.
     pub(crate) fn send_event_reply(&self, vcpu: u16, seq: u32, bytes: &[u8]) -> Result<()> {
-        event_trace::mark(seq, Point::ToolReplies, 0);
+        TRACE.mark(seq, Point::ToolReplies, 0);
         if let Some(ch) = self.channel.get() {
             if self.is_closed() {
                 return Err(Error::Closed);
@@ -300,7 +301,7 @@ impl Mux {
             return Err(Error::Closed);
         }
         // (If this returns false, the socket way marks the point again.)
-        event_trace::mark(seq, Point::ToolReplies, 0);
+        TRACE.mark(seq, Point::ToolReplies, 0);
         Ok(ch.reply(vcpu, seq, bytes, Some(regs)))
     }
 
@@ -310,7 +311,7 @@ impl Mux {
                 self.push_event(events::parse_vm_event(m.hdr.seq, &m.body));
             }
             msg::VCPU_EVENT if m.body.len() >= VCPU_EVENT_BODY_BASE => {
-                event_trace::mark(m.hdr.seq, Point::ToolReceives, 0);
+                TRACE.mark(m.hdr.seq, Point::ToolReceives, 0);
                 let ev = events::parse_vcpu_event(m.hdr.seq, &m.body);
                 self.push_event(Event::Vcpu(PendingEvent::new(ev, self.me.clone())));
             }

@@ -153,7 +153,7 @@ impl Vm {
             let _ = h.join();
         }
         self.mux.mark_closed();
-        crate::event_trace::flush();
+        crate::TRACE.flush();
     }
 
     /// Sends command `id` with a body made of `parts` and returns the reply
