@@ -109,6 +109,18 @@ pub(crate) fn take_option(args: &mut Vec<String>, names: &[&str]) -> Result<Opti
     Ok(Some((name, value)))
 }
 
+/// The value of the last valued option `name` among a tool command's words
+/// (`--file F` or `--file=F`), the words split as the daemon splits them
+/// (`valued`: the options that take a value).
+pub(crate) fn last_value(args: &[String], valued: &[&str], name: &str) -> Option<String> {
+    Words::new(args, valued, Style::Tool)
+        .filter_map(|w| match w {
+            Ok(Word::Opt(k, Some(v))) if k == name => Some(v.to_string()),
+            _ => None,
+        })
+        .last()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +160,18 @@ mod tests {
             got,
             vec![Ok(("--vcpus=2".into(), None)), Ok(("--vcpus".into(), Some("2".into()))), Ok(("x".into(), None))]
         );
+    }
+
+    #[test]
+    fn last_value_finds_either_spelling_and_the_last_wins() {
+        let args: Vec<String> =
+            ["write", "0x10", "--file", "a", "--json", "--file=b"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(last_value(&args, &["--file"], "--file"), Some("b".to_string()));
+        assert_eq!(last_value(&args[..4], &["--file"], "--file"), Some("a".to_string()));
+        assert_eq!(last_value(&args[..3], &["--file"], "--file"), None, "no value: none");
+        // A word that is another option's value is no `--file`.
+        let v: Vec<String> = ["--vcpu", "--file"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(last_value(&v, &["--vcpu", "--file"], "--file"), None);
     }
 
     #[test]

@@ -203,6 +203,20 @@ pub(crate) const COMMANDS: &[Command] = &[
         action: Action::Tool(tools::read),
     },
     Command {
+        name: "write",
+        usage: "ADDR HEXBYTES",
+        about: "patch guest memory (HEXBYTES such as 90c3, or --file FILE; up to 1 MiB),\n                               \
+                every vCPU held paused meanwhile (--vcpu N: ADDR is virtual)",
+        section: Section::Tool,
+        options: &[
+            flag("--json").help("one JSON object: the address, its gpa, len and whether the vCPUs were paused"),
+            valued("--vcpu", "N").help("ADDR is virtual, through vCPU N's page tables"),
+            valued("--file", "FILE").help("the bytes of FILE (- for stdin) instead of HEXBYTES; at most 1 MiB"),
+            flag("--no-pause").help("write while the vCPUs run (default: all held paused for the write)"),
+        ],
+        action: Action::Tool(tools::write),
+    },
+    Command {
         name: "dump",
         usage: "[ADDR LEN]",
         about:
@@ -376,9 +390,10 @@ HOW THE TOOL COMMANDS REACH THE VM:
     the one the daemon answers the next handshake with.
     Addresses are numbers (0x...) or, for built-in guests or with --map FILE
     (System.map format), symbol names such as syscall_table or sys_write+0x4.
-    A number given to read, dump, protect or trace --page is guest-physical; a
-    symbol is a kernel virtual address, translated through vCPU 0's page tables
-    (breakpoints, translate and read --vcpu take virtual addresses).
+    A number given to read, write, dump, protect or trace --page is
+    guest-physical; a symbol is a kernel virtual address, translated through
+    vCPU 0's page tables (breakpoints, translate, read --vcpu and write --vcpu
+    take virtual addresses).
 
 EXAMPLES:
     ukvmi --wait 30 watch-msr LSTAR --deny &                        # terminal 2, guards first
@@ -389,6 +404,7 @@ EXAMPLES:
     ukvmi regs 1 --json
     ukvmi translate 0 0x400000
     ukvmi read syscall_table 64
+    ukvmi write agent_buf 68656c6c6f     # \"hello\"; every vCPU held paused meanwhile
     ukvmi dump -o ram.bin
     ukvmi trace --syscalls --count 20
     ukvmi watch-msr LSTAR --deny --restore     # a guard started late: repair, then refuse

@@ -52,6 +52,15 @@ pub(crate) const EXTRAS: &[Extra] = &[
         ],
     ),
     once(
+        "write",
+        &[
+            "ukvmi write agent_buf 68656c6c6f   # \"hello\"",
+            "ukvmi write 0x2000000 '00 11 22 33' --json",
+            "ukvmi write --vcpu 0 0x400000 --file patch.bin",
+            "ukvmi write syscall_table --file - < table.bin   # stdin",
+        ],
+    ),
+    once(
         "dump",
         &["ukvmi dump -o ram.bin", "ukvmi dump 0x102000 32 --hex", "ukvmi dump 0x100000 0x1000 --json > page.json"],
     ),

@@ -191,6 +191,7 @@ const VISIBLE: &[&str] = &[
     "pause",
     "resume",
     "read",
+    "write",
     "dump",
     "ps",
     "trace",

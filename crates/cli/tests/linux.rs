@@ -4,8 +4,13 @@
 //! guards armed before the boot, and the tools run against it.
 //!
 //! One boot serves every test (it takes minutes on a PVM host): the first
-//! test to need it starts it ([`boot`]), the others wait for it. Each test
-//! fails with the reason when /dev/kvm or the kernel is missing; none skips.
+//! test to need it starts it ([`boot`]), the others wait for it, and all of
+//! them then run at once against it, each only through the `ukvmi` binary
+//! (the page-guard test plants its rootkit stub with `ukvmi write`). So no
+//! test may disturb another's view: streams are per command, and the one
+//! pause (while the stub goes in) is brief and let go on every path out.
+//! Each test fails with the reason when /dev/kvm or the kernel is missing;
+//! none skips.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 mod common;
@@ -420,119 +425,157 @@ fn rootkit_stub(stub: u64, target: u64, hooked: u64, saved: [u8; 5]) -> Vec<u8> 
     s
 }
 
+/// A child process killed (and reaped) when dropped: a test that fails
+/// mid-way leaves no stream running against the shared boot.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// While armed, dropping it (a failed assertion while the VM is paused)
+/// lets the vCPUs go, so that the other tests on the shared boot go on.
+struct ResumeOnDrop<'a> {
+    boot: &'a Boot,
+    armed: bool,
+}
+
+impl Drop for ResumeOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.boot.tool(&["resume"]);
+        }
+    }
+}
+
 /// A page guard with `--deny` on a `.rodata` page (`linux_banner`) reports
-/// and refuses a write planted in the guest through the introspector; the
-/// guest carries on. Its own boot, introspected by the test itself (the
-/// planting needs the library: no tool command writes guest memory).
+/// and refuses a write planted in the guest with `ukvmi write`; the guest
+/// carries on. On the shared boot, with the tool's commands only: the VM is
+/// paused for a moment while the stub goes in (the other tests' commands
+/// are served meanwhile; a pause is no event of their streams).
 #[test]
 fn a_page_guard_on_rodata_refuses_a_planted_write() {
-    use std::sync::Arc;
-    use ukvmi_introspector::{wire::access, Listener};
-    use ukvmi_monitor::{
-        guestos::linux::{self, LinuxOs, START_KERNEL_MAP},
-        Kinds, Monitor, Record,
-    };
-
-    common::require_kvm();
-    let k = kernel();
-    let dir = common::Scratch::new("linux-guard");
-    let sock = dir.path("kvmi.sock");
-    let listener = Listener::bind(&sock).unwrap().with_handshake_timeout(Duration::from_secs(60));
-    let intro = format!("unix:{}", sock.display());
-    let (kpath, ipath) = (k.vmlinux.display().to_string(), k.initrd.display().to_string());
-    let mut vm = common::RunningVm::start(
-        &dir,
-        &["--kernel", &kpath, "--initrd", &ipath, "--cmdline", CMDLINE, "--memory", "128", "--introspect", &intro],
-    );
-    // Accept on a thread: a VMM that exits (or never connects) must fail
-    // the test with its reason, not leave it waiting.
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(listener.accept());
-    });
-    let t0 = Instant::now();
-    let tool = loop {
-        if let Ok(r) = rx.recv_timeout(Duration::from_millis(200)) {
-            break r.unwrap();
-        }
-        if let Some(st) = vm.child.try_wait().unwrap() {
-            panic!("ukvmi run exited ({st}) before it connected:\n{}", vm.stderr_text());
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "ukvmi run never connected:\n{}", vm.stderr_text());
-    };
-    let image = std::fs::read(&k.vmlinux).unwrap();
-    let syms = linux::symbol_map_of(&image).unwrap();
-    let os = LinuxOs::from_kernel(&image, &syms).unwrap();
-    let mon = Monitor::start_with(tool, Arc::new(os)).unwrap();
-    vm.wait_serial("Run /init as init process", 1, BOOT_TIMEOUT);
-
-    let gpa = |name: &str| symbol(&k, name) - START_KERNEL_MAP;
+    let b = boot();
+    let k = &b.kernel;
     let (banner, hooked, stub_at) =
-        (symbol(&k, "linux_banner"), symbol(&k, "update_process_times"), symbol(&k, "__x64_sys_ptrace"));
-    let read = |pa: u64, n: usize| {
-        let mut b = vec![0u8; n];
-        mon.read(pa, &mut b).unwrap();
-        b
+        (symbol(k, "linux_banner"), symbol(k, "update_process_times"), symbol(k, "__x64_sys_ptrace"));
+    let read = |what: &str, n: usize| -> Vec<u8> {
+        let o = b.tool(&["read", what, &n.to_string(), "--raw"]);
+        assert!(o.status.success(), "read {what}: {}{}", String::from_utf8_lossy(&o.stderr), b.context());
+        o.stdout
     };
-    assert!(read(gpa("linux_banner"), 13).starts_with(b"Linux version"));
-    let sub = mon.subscribe(Kinds { pages: true, ..Kinds::default() });
-    mon.protect(&sub, gpa("linux_banner"), 1, access::W, true).unwrap();
+    let jiffies = || u64::from_le_bytes(read("jiffies_64", 8).try_into().unwrap());
+    let gpa_of = |what: &str| hex(&field(&b.tool_ok(&["translate", "0", what, "--json"]), "gpa").unwrap());
+    assert!(read("linux_banner", 13).starts_with(b"Linux version"));
+    let banner_gpa = gpa_of("linux_banner");
 
-    // Plant, with the vCPU held outside the bytes concerned.
-    let saved: [u8; 5] = read(gpa("update_process_times"), 5).try_into().unwrap();
+    // The guard, as a stream; armed once it has shown the range's state.
+    let (guard_out, guard_err) = (b.dir.join("guard.out"), b.dir.join("guard.err"));
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ukvmi"));
+    c.arg("--vm").arg(&b.sock).arg("--map").arg(&k.vmlinux);
+    c.args(["protect", "linux_banner", "1", "--deny", "--json", "--count", "1", "--duration", "180"]);
+    c.stdin(Stdio::null());
+    c.stdout(std::fs::File::create(&guard_out).unwrap()).stderr(std::fs::File::create(&guard_err).unwrap());
+    let mut guard = KillOnDrop(c.spawn().unwrap());
+    let guard_text = || {
+        let (o, e) = (std::fs::read_to_string(&guard_out), std::fs::read_to_string(&guard_err));
+        format!("stdout: {}\nstderr: {}", o.unwrap_or_default(), e.unwrap_or_default())
+    };
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&guard_err).unwrap_or_default().contains("\"event\":\"state\"") {
+        let st = guard.0.try_wait().unwrap();
+        assert!(st.is_none(), "protect ended ({st:?}) before it was armed: {}{}", guard_text(), b.context());
+        assert!(t0.elapsed() < Duration::from_secs(60), "protect not armed within 60 s: {}", guard_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Plant, with every vCPU held outside the bytes concerned.
+    let saved: [u8; 5] = read("update_process_times", 5).try_into().unwrap();
     let stub = rootkit_stub(stub_at, banner, hooked, saved);
-    let stub_saved = read(gpa("__x64_sys_ptrace"), stub.len());
+    let stub_saved = read("__x64_sys_ptrace", stub.len());
     let mut jmp = vec![0xe9];
     jmp.extend_from_slice(&(stub_at.wrapping_sub(hooked + 5) as i32).to_le_bytes());
+    let vcpus: u16 = field(&b.tool_ok(&["info", "--json"]), "vcpus").unwrap().parse().unwrap();
+    let mut paused = ResumeOnDrop { boot: b, armed: false };
     let t0 = Instant::now();
     loop {
-        mon.pause_all(Duration::from_secs(10)).unwrap();
-        let rip = mon.vm().get_registers(0, &[]).unwrap().regs.rip;
-        if !(hooked..hooked + 5).contains(&rip) && !(stub_at..stub_at + stub.len() as u64).contains(&rip) {
-            break;
-        }
-        mon.resume_all().unwrap();
-        assert!(t0.elapsed() < Duration::from_secs(30), "the vCPU stays inside the bytes to patch");
+        b.tool_ok(&["pause", "--timeout", "10"]);
+        paused.armed = true;
+        let inside = (0..vcpus).find_map(|v| {
+            let rip = hex(&field(&b.tool_ok(&["regs", &v.to_string(), "--json"]), "rip").unwrap());
+            let patched = (hooked..hooked + 5).contains(&rip) || (stub_at..stub_at + stub.len() as u64).contains(&rip);
+            patched.then_some((v, rip))
+        });
+        let Some((v, rip)) = inside else { break };
+        b.tool_ok(&["resume"]);
+        paused.armed = false;
+        assert!(t0.elapsed() < Duration::from_secs(30), "vCPU {v} stays inside the bytes to patch (rip {rip:#x})");
     }
-    let jiffies_before = u64::from_le_bytes(read(gpa("jiffies_64"), 8).try_into().unwrap());
-    mon.vm().write_physical(gpa("__x64_sys_ptrace"), &stub).unwrap();
-    mon.vm().write_physical(gpa("update_process_times"), &jmp).unwrap();
-    mon.resume_all().unwrap();
+    let jiffies_before = jiffies();
+    let j = b.tool_ok(&["write", "__x64_sys_ptrace", &hexbytes(&stub), "--json"]);
+    let got = |key: &str| field(&j, key).unwrap_or_else(|| panic!("no {key} in {j}"));
+    assert_eq!(hex(&got("addr")), stub_at, "{j}");
+    assert_eq!(hex(&got("gpa")), gpa_of("__x64_sys_ptrace"), "{j}");
+    assert_eq!((got("len"), got("paused")), (stub.len().to_string(), "true".to_string()), "{j}");
+    let said = b.tool_ok(&["write", "update_process_times", &hexbytes(&jmp)]);
+    assert!(said.contains("the vCPUs were paused already and stay paused"), "{said}");
+    assert_eq!(read("__x64_sys_ptrace", stub.len()), stub, "the stub is in");
+    assert_eq!(read("update_process_times", 5), jmp, "the jump is in");
+    b.tool_ok(&["resume"]);
+    paused.armed = false;
 
     // The guard reports the write and refuses it.
     let t0 = Instant::now();
     let event = loop {
-        match sub.next(Duration::from_secs(1)).unwrap() {
-            Some(r @ Record::Page { .. }) => break r,
-            _ => assert!(
-                t0.elapsed() < Duration::from_secs(120),
-                "no page event within 120 s (update_process_times never ran the stub?)\nserial:\n{}",
-                vm.serial_text()
-            ),
+        let page = json_lines(&guard_out).into_iter().find(|l| field(l, "event").as_deref() == Some("page"));
+        if let Some(e) = page {
+            break e;
         }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no page event within 120 s (update_process_times never ran the stub?)\n{}{}",
+            guard_text(),
+            b.context()
+        );
+        std::thread::sleep(Duration::from_millis(200));
     };
-    let Record::Page { gpa: at, access: how, blocked, .. } = event else { unreachable!() };
-    assert_eq!((at & !0xfff, how, blocked), (gpa("linux_banner") & !0xfff, 'w', true), "{event:?}");
-    assert_eq!(at, gpa("linux_banner"), "the write was at linux_banner: {event:?}");
-    assert!(read(gpa("linux_banner"), 13).starts_with(b"Linux version"), "the planted write went through");
+    let at = hex(&field(&event, "gpa").unwrap());
+    let (how, blocked) = (field(&event, "access").unwrap(), field(&event, "blocked").unwrap());
+    assert_eq!((at & !0xfff, how.as_str(), blocked.as_str()), (banner_gpa & !0xfff, "w", "true"), "{event}");
+    assert_eq!(at, banner_gpa, "the write was at linux_banner: {event}");
+    assert!(read("linux_banner", 13).starts_with(b"Linux version"), "the planted write went through");
+    // --count 1: the guard ends by itself once it has reported.
+    let t0 = Instant::now();
+    while guard.0.try_wait().unwrap().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "protect --count 1 did not end: {}", guard_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // The stub went on: it put update_process_times back, and the tick runs.
     let t0 = Instant::now();
-    while read(gpa("update_process_times"), 5) != saved {
+    while read("update_process_times", 5) != saved {
         assert!(t0.elapsed() < Duration::from_secs(30), "the stub never put update_process_times back");
         std::thread::sleep(Duration::from_millis(100));
     }
     let t0 = Instant::now();
-    while u64::from_le_bytes(read(gpa("jiffies_64"), 8).try_into().unwrap()) <= jiffies_before + 5 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "jiffies stopped: the guest did not carry on");
+    while jiffies() <= jiffies_before + 5 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "jiffies stopped: the guest did not carry on{}", b.context());
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(!vm.serial_text().contains("Oops"), "{}", vm.serial_text());
-    // Put the syscall's bytes back, as the tools do.
-    mon.pause_all(Duration::from_secs(10)).unwrap();
-    mon.vm().write_physical(gpa("__x64_sys_ptrace"), &stub_saved).unwrap();
-    mon.resume_all().unwrap();
-    mon.stop();
+    assert!(!b.serial_text().contains("Oops"), "{}", b.context());
+    // Put the syscall's bytes back, as the tools do (`write` holds the
+    // vCPUs paused while they go in).
+    let said = b.tool_ok(&["write", "__x64_sys_ptrace", &hexbytes(&stub_saved)]);
+    assert!(said.contains("every vCPU was held paused for it"), "{said}");
+    assert_eq!(read("__x64_sys_ptrace", stub.len()), stub_saved, "the syscall's bytes are back");
+}
+
+/// Bytes as `ukvmi write` takes them (HEXBYTES).
+fn hexbytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[test]

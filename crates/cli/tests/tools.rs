@@ -517,3 +517,149 @@ fn a_daemon_killed_mid_trace_leaves_no_int3_in_the_guest() {
         }
     }
 }
+
+/// `ukvmi write`'s bytes as HEXBYTES.
+fn hexbytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn write_puts_bytes_in_guest_memory_with_the_vcpus_held_and_the_guest_sees_them() {
+    let dir = Scratch::new("tools-write");
+    let (vm, tool) = start(&dir, "traps", "2");
+    // The guest prints its tick line from `tick_msg`: patched, it prints
+    // the new text (the guest itself read the bytes).
+    let tick = tool.ok(&["read", "tick_msg", "5", "--raw"]);
+    assert_eq!(tick, "tick ");
+    // While it goes in, every vCPU is held paused: a pause trace sees each
+    // one paused and resumed.
+    let pauses = {
+        let sock = tool.sock.clone();
+        std::thread::spawn(move || {
+            Tool { sock }.ok(&["trace", "--pauses", "--json", "--count", "4", "--duration", "15"])
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let out = tool.ok(&["write", "tick_msg", "54", "4f 43 4b"]);
+    assert!(out.starts_with("wrote 4 bytes at ") && out.contains("(tick_msg)"), "{out}");
+    assert!(out.contains("every vCPU was held paused for it"), "{out}");
+    let pauses = pauses.join().unwrap();
+    for (event, vcpu) in [("paused", "0"), ("paused", "1"), ("resumed", "0"), ("resumed", "1")] {
+        assert!(
+            pauses.lines().any(|l| Tool::field(l, "event") == event && Tool::field(l, "vcpu") == vcpu),
+            "no {event} of vCPU {vcpu}: {pauses}"
+        );
+    }
+    assert_eq!(tool.ok(&["read", "tick_msg", "5", "--raw"]), "TOCK ", "read back");
+    vm.wait_serial("TOCK ", 2, T);
+    // Put back: the guest ticks as before.
+    tool.ok(&["write", "tick_msg", &hexbytes(b"tick")]);
+    let ticks = vm.serial_text().matches("tick ").count();
+    vm.wait_serial("tick ", ticks + 2, T);
+
+    // --json: where it went; across a page boundary, at a physical address.
+    let j = tool.ok(&["write", "0x2000ffe", "00112233aabbccdd", "--json"]);
+    assert_eq!(
+        (Tool::field(&j, "addr"), Tool::field(&j, "gpa"), Tool::field(&j, "len"), Tool::field(&j, "paused")),
+        ("0x2000ffe".into(), "0x2000ffe".into(), "8".into(), "true".into()),
+        "{j}"
+    );
+    assert!(!j.contains("\"vcpu\"") && !j.contains("\"runs\""), "physical, in one run: {j}");
+    let o = tool.cmd(&["read", "0x2000ffe", "8", "--raw"]);
+    assert_eq!(o.stdout, [0x00, 0x11, 0x22, 0x33, 0xaa, 0xbb, 0xcc, 0xdd]);
+
+    // --file: the most one write takes (1 MiB), read back whole; and stdin.
+    let big: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let file = dir.path("big.bin");
+    std::fs::write(&file, &big).unwrap();
+    let t0 = Instant::now();
+    let j = tool.ok(&["write", "0x2100000", "--file", file.to_str().unwrap(), "--json"]);
+    let took = t0.elapsed();
+    assert_eq!(Tool::field(&j, "len"), (1u32 << 20).to_string(), "{j}");
+    assert!(tool.cmd(&["read", "0x2100000", "0x100000", "--raw"]).stdout == big, "1 MiB read back");
+    eprintln!("write: 1 MiB through KVMI_VM_WRITE_PHYSICAL in {took:?}");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ukvmi"));
+    c.arg("--vm").arg(&tool.sock).args(["write", "0x2003000", "--file", "-"]).stdin(Stdio::piped());
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"from stdin").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(tool.cmd(&["read", "0x2003000", "10", "--raw"]).stdout, b"from stdin");
+
+    // Paused by the user, the vCPUs stay paused; --vcpu N goes through
+    // vCPU N's page tables (here identity-mapped).
+    tool.ok(&["pause"]);
+    let c0 = tool.u64_at(layout::counter_addr(0));
+    let j = tool.ok(&["write", "--vcpu", "1", "0x2004000", "5a5a", "--json"]);
+    assert_eq!((Tool::field(&j, "vcpu"), Tool::field(&j, "gpa")), ("1".into(), "0x2004000".into()), "{j}");
+    let text = tool.ok(&["write", "0x2004002", "5a"]);
+    assert!(text.contains("the vCPUs were paused already and stay paused"), "{text}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(tool.u64_at(layout::counter_addr(0)), c0, "still paused after the writes");
+    assert!(tool.ok(&["regs", "0"]).contains("paused"));
+    tool.ok(&["resume"]);
+    assert_eq!(tool.cmd(&["read", "0x2004000", "3", "--raw"]).stdout, [0x5a; 3]);
+    // --no-pause: written with the vCPUs running.
+    let j = tool.ok(&["write", "0x2005000", "01", "--no-pause", "--json"]);
+    assert_eq!(Tool::field(&j, "paused"), "false", "{j}");
+    assert_eq!(tool.cmd(&["read", "0x2005000", "1", "--raw"]).stdout, [1]);
+    detach(&tool);
+    vm.assert_guest_runs();
+}
+
+#[test]
+fn write_refuses_bad_bytes_and_bad_addresses_and_writes_nothing() {
+    let dir = Scratch::new("tools-write-err");
+    let (vm, tool) = start(&dir, "traps", "2");
+    let before = tool.cmd(&["read", "0x2000000", "16", "--raw"]).stdout;
+    tool.fails(&["write", "0x2000000", "zz"], 2, "`z` (character 1) is not a hex digit");
+    tool.fails(&["write", "0x2000000", "909"], 2, "3 hex digits, an odd number");
+    tool.fails(&["write", "0x2000000", "0x90"], 2, "not a number: drop the `0x`");
+    tool.fails(&["write", "0x2000000"], 2, "missing the bytes");
+    tool.fails(&["write"], 2, "missing ADDR");
+    let empty = dir.path("empty.bin");
+    std::fs::write(&empty, b"").unwrap();
+    tool.fails(&["write", "0x2000000", "90", "--file", empty.to_str().unwrap()], 2, "give one, not both");
+    tool.fails(&["write", "0x2000000", "--file", empty.to_str().unwrap()], 2, "the file is empty");
+    tool.fails(
+        &["write", "0x2000000", "--file", "/nonexistent/patch.bin"],
+        1,
+        "--file /nonexistent/patch.bin: No such file",
+    );
+    let over = dir.path("over.bin");
+    std::fs::write(&over, vec![0x41u8; (1 << 20) + 1]).unwrap();
+    tool.fails(&["write", "0x2000000", "--file", over.to_str().unwrap()], 2, "holds more than 1 MiB");
+    // More hex than a command line carries to the daemon: --file is the way.
+    let long = "00".repeat(40_000);
+    tool.fails(&["write", "0x2000000", &long], 1, "(`write` takes its bytes from a file with --file)");
+    // Addresses: past the end of RAM, unmapped, unknown.
+    tool.fails(&["write", "0x3fffffe", "00112233"], 2, "0x3fffffe+0x4 is past the end of guest RAM (0x4000000)");
+    tool.fails(&["write", "0xfffffffffffffffe", "00112233"], 2, "address range overflows");
+    tool.fails(
+        &["write", "--vcpu", "0", "0x7f0000000000", "00"],
+        1,
+        "0x7f0000000000 is not mapped in vCPU 0's address space",
+    );
+    tool.fails(&["write", "--vcpu", "7", "0x2000000", "00"], 2, "vCPU 7 does not exist");
+    tool.fails(&["write", "no_such_symbol", "00"], 2, "not an address or a known symbol");
+    tool.fails(&["write", "0x2000000", "00", "--bogus"], 2, "unknown option --bogus");
+    // A breakpoint's int3 is no place to write: its byte would come back.
+    let trace = {
+        let sock = tool.sock.clone();
+        std::thread::spawn(move || Tool { sock }.cmd(&["trace", "--breakpoint", "bp_target", "--duration", "3"]))
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    tool.fails(&["write", "bp_target", "90"], 1, "holds the int3 of a breakpoint");
+    trace.join().unwrap();
+    // Nothing was written, and no failure left the vCPUs paused.
+    assert_eq!(tool.cmd(&["read", "0x2000000", "16", "--raw"]).stdout, before);
+    let traps = ukvmi_guests::find("traps").unwrap();
+    let bp = traps.symbol("bp_target").unwrap();
+    assert_eq!(tool.cmd(&["read", "bp_target", "1", "--raw"]).stdout, [traps.image[(bp - traps.load_addr) as usize]]);
+    assert!(tool.ok(&["regs", "0"]).contains("running"), "no write left the vCPUs paused");
+    let c = tool.u64_at(layout::counter_addr(1));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(tool.u64_at(layout::counter_addr(1)) > c, "vCPU 1 runs");
+    detach(&tool);
+    vm.assert_guest_runs();
+}

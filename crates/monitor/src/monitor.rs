@@ -168,6 +168,13 @@ impl Monitor {
         self.inner.bps.add(&self.inner, &mut refs, sub.id, gva, syscall)
     }
 
+    /// The gpas of this monitor's breakpoints in `gpa..gpa+len`: a write
+    /// there would be undone when the breakpoint goes (its saved byte put
+    /// back), so a tool that writes guest memory checks first.
+    pub fn breakpoints_in(&self, gpa: u64, len: u64) -> Vec<u64> {
+        self.inner.bps.gpas_in(gpa..gpa.saturating_add(len))
+    }
+
     /// Watches guest writes of `msr` on every vCPU; with `deny` they are
     /// refused (the old value kept).
     pub fn watch_msr(&self, sub: &Subscription, msr: u32, deny: bool) -> Result<()> {

@@ -20,7 +20,7 @@ use std::{
 
 use super::{
     ctl_path, log_path, my_uid, open_private, peer_cred, trusted_uid, write_request, Request, ALREADY_SERVED, EXIT,
-    FLAG_TTY, KEY_ENV, PROGRESS, STDERR, STDOUT,
+    FLAG_TTY, KEY_ENV, MAX_DATA, PROGRESS, STDERR, STDOUT,
 };
 
 /// What one command asks of the daemon besides its words.
@@ -165,6 +165,44 @@ fn open(vm: &Path, s: &Session<'_>, spawn: bool, req: &Request) -> Result<(UnixS
     }
 }
 
+/// The input a command takes from a file, read here (with the user's
+/// permissions and working directory; `-` is stdin): `Ok(None)` for a
+/// command without `--file` in the table, or not given one. At most
+/// `MAX_DATA` bytes are read; a FILE that holds more is refused (status 2).
+fn read_input(args: &[String]) -> Result<Option<Vec<u8>>, (u8, String)> {
+    let Some(cmd) = args.first().and_then(|n| crate::commands::find(n)) else { return Ok(None) };
+    if !cmd.options.iter().any(|o| o.name == INPUT_FILE) {
+        return Ok(None);
+    }
+    let valued = crate::commands::tool_valued_options();
+    let Some(path) = crate::args::last_value(args.get(1..).unwrap_or(&[]), &valued, INPUT_FILE) else {
+        return Ok(None);
+    };
+    let (name, src): (&str, Box<dyn Read>) = if path == "-" {
+        ("stdin", Box::new(io::stdin()))
+    } else {
+        let f = File::open(&path).map_err(|e| (1, format!("--file {path}: {e}")))?;
+        (path.as_str(), Box::new(f))
+    };
+    let mut data = Vec::new();
+    src.take(u64::from(MAX_DATA) + 1).read_to_end(&mut data).map_err(|e| (1, format!("reading {name}: {e}")))?;
+    if data.len() > MAX_DATA as usize {
+        return Err((
+            2,
+            format!(
+                "{name} holds more than {} MiB: `{}` takes at most {MAX_DATA} bytes at a time",
+                MAX_DATA >> 20,
+                cmd.name
+            ),
+        ));
+    }
+    Ok(Some(data))
+}
+
+/// The option by which a command takes its input from a file (read by the
+/// client, sent with the request).
+const INPUT_FILE: &str = "--file";
+
 /// Runs one tool command through the daemon and relays its output.
 pub fn client(vm: &Path, session: &Session<'_>, mut args: Vec<String>) -> ExitCode {
     // `-o FILE` is the client's: the file is written here, not by the
@@ -184,6 +222,13 @@ pub fn client(vm: &Path, session: &Session<'_>, mut args: Vec<String>) -> ExitCo
         );
         return ExitCode::from(2);
     }
+    let data = match read_input(&args) {
+        Ok(d) => d,
+        Err((status, msg)) => {
+            eprintln!("ukvmi {name}: {msg}");
+            return ExitCode::from(status);
+        }
+    };
     let streams = crate::help_extra::find(name).is_some_and(|e| e.streams);
     let mut out_file = out_path.as_deref().map(|p| OutFile::new(p, streams));
     let spawn = args.first().map(String::as_str) != Some("detach");
@@ -194,6 +239,7 @@ pub fn client(vm: &Path, session: &Session<'_>, mut args: Vec<String>) -> ExitCo
         // Whole milliseconds, at most u32::MAX (49 days).
         wait_ms: session.wait.map(|w| u32::try_from(w.as_millis()).unwrap_or(u32::MAX)),
         map: session.map.map(str::to_string),
+        data,
     };
     let (mut sock, first) = match open(vm, session, spawn, &req) {
         Ok(s) => s,

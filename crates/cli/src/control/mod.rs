@@ -8,7 +8,8 @@
 //! map's path follows), a u32 length and the command's arguments separated
 //! by NUL, then with bit 1 a u32 length and the key, with bit 2 a u32 count
 //! of milliseconds (how long to wait for a VM), with bit 3 a u32 length and
-//! the path — and reads frames `[kind u8][len u32 LE][data]` until an exit frame:
+//! the path, with bit 4 a u32 length and the command's input bytes (`write
+//! --file`, read by the client) — and reads frames `[kind u8][len u32 LE][data]` until an exit frame:
 //! stdout bytes, stderr text, a progress line, or the exit status. Closing
 //! the socket (Ctrl-C) tells the daemon to stop the command and undo what
 //! it set up.
@@ -44,6 +45,10 @@ pub const FLAG_WAIT: u8 = 4;
 pub const FLAG_MAP: u8 = 8;
 /// The longest `--map` path a request may carry.
 pub const MAX_MAP_PATH: u32 = 4096;
+/// Request flag: the command's input bytes follow (`write --file`).
+pub const FLAG_DATA: u8 = 16;
+/// The most input bytes a request may carry (what `write` takes at once).
+pub const MAX_DATA: u32 = 1 << 20;
 
 /// The environment variable that holds the key (tools, daemon and VMM).
 pub const KEY_ENV: &str = "UKVMI_KEY";
@@ -100,12 +105,27 @@ pub struct Request {
     pub wait_ms: Option<u32>,
     /// The symbol map the command wants (`--map`, an absolute path).
     pub map: Option<String>,
+    /// The command's input bytes (`write --file FILE`: the client reads
+    /// FILE, with the user's permissions and working directory).
+    pub data: Option<Vec<u8>>,
 }
 
 fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     let mut l = [0u8; 4];
     r.read_exact(&mut l)?;
     Ok(u32::from_le_bytes(l))
+}
+
+/// Reads a u32 length, refused over `max` (before anything is allocated),
+/// and that many bytes.
+fn read_sized(r: &mut impl Read, max: u32, what: &str) -> io::Result<Vec<u8>> {
+    let len = read_u32(r)?;
+    if len > max {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{what} of {len} bytes (at most {max})")));
+    }
+    let mut b = vec![0u8; len as usize];
+    r.read_exact(&mut b)?;
+    Ok(b)
 }
 
 /// Reads a request.
@@ -128,52 +148,40 @@ pub fn read_request(r: &mut impl Read) -> io::Result<Request> {
     let text =
         String::from_utf8(body).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "request is not UTF-8"))?;
     let args = if text.is_empty() { Vec::new() } else { text.split('\0').map(str::to_string).collect() };
-    let key = if flags & FLAG_KEY != 0 {
-        let len = read_u32(r)?;
-        if len > MAX_KEY {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("key of {len} bytes (at most {MAX_KEY})")));
-        }
-        let mut key = vec![0u8; len as usize];
-        r.read_exact(&mut key)?;
-        Some(key)
-    } else {
-        None
-    };
+    let key = if flags & FLAG_KEY != 0 { Some(read_sized(r, MAX_KEY, "key")?) } else { None };
     let wait_ms = if flags & FLAG_WAIT != 0 { Some(read_u32(r)?) } else { None };
     let map = if flags & FLAG_MAP != 0 {
-        let len = read_u32(r)?;
-        if len > MAX_MAP_PATH {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("map path of {len} bytes (at most {MAX_MAP_PATH})"),
-            ));
-        }
-        let mut path = vec![0u8; len as usize];
-        r.read_exact(&mut path)?;
+        let path = read_sized(r, MAX_MAP_PATH, "map path")?;
         Some(String::from_utf8(path).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "map path is not UTF-8"))?)
     } else {
         None
     };
-    Ok(Request { flags, args, key, wait_ms, map })
+    let data = if flags & FLAG_DATA != 0 { Some(read_sized(r, MAX_DATA, "input")?) } else { None };
+    Ok(Request { flags, args, key, wait_ms, map, data })
 }
 
-/// Writes a request (the key, the wait and the map, if any, after the
-/// arguments, in that order). The flags for them are set here.
+/// Writes a request (the key, the wait, the map and the input, if any,
+/// after the arguments, in that order). The flags for them are set here.
 fn write_request(w: &mut impl Write, req: &Request) -> io::Result<()> {
-    let Request { flags, args, key, wait_ms, map } = req;
+    let Request { flags, args, key, wait_ms, map, data } = req;
     let key = key.as_deref();
     let body = args.join("\0");
-    let len = u32::try_from(body.len())
-        .ok()
-        .filter(|&l| l <= MAX_REQUEST)
-        .ok_or_else(|| io::Error::other("arguments too long"))?;
+    let len = u32::try_from(body.len()).ok().filter(|&l| l <= MAX_REQUEST).ok_or_else(|| {
+        io::Error::other(format!(
+            "the command's words are {} bytes long, more than the {} KiB a command may have \
+             (`write` takes its bytes from a file with --file)",
+            body.len(),
+            MAX_REQUEST / 1024
+        ))
+    })?;
     let mut msg = Vec::with_capacity(15 + body.len() + key.map_or(0, <[u8]>::len));
     msg.extend_from_slice(MAGIC);
     msg.push(
         flags
             | if key.is_some() { FLAG_KEY } else { 0 }
             | if wait_ms.is_some() { FLAG_WAIT } else { 0 }
-            | if map.is_some() { FLAG_MAP } else { 0 },
+            | if map.is_some() { FLAG_MAP } else { 0 }
+            | if data.is_some() { FLAG_DATA } else { 0 },
     );
     msg.extend_from_slice(&len.to_le_bytes());
     msg.extend_from_slice(body.as_bytes());
@@ -193,6 +201,14 @@ fn write_request(w: &mut impl Write, req: &Request) -> io::Result<()> {
             .ok_or_else(|| io::Error::other("the --map path is too long"))?;
         msg.extend_from_slice(&mlen.to_le_bytes());
         msg.extend_from_slice(m.as_bytes());
+    }
+    if let Some(d) = data {
+        let dlen = u32::try_from(d.len())
+            .ok()
+            .filter(|&l| l <= MAX_DATA)
+            .ok_or_else(|| io::Error::other(format!("more than {} MiB of input", MAX_DATA >> 20)))?;
+        msg.extend_from_slice(&dlen.to_le_bytes());
+        msg.extend_from_slice(d);
     }
     w.write_all(&msg)
 }
@@ -246,6 +262,7 @@ mod tests {
             key: Some(b"k".to_vec()),
             wait_ms: Some(30_000),
             map: Some("/tmp/System.map".into()),
+            data: None,
         };
         let mut buf = Vec::new();
         write_request(&mut buf, &full).unwrap();
@@ -260,5 +277,39 @@ mod tests {
         let at = lying.len() - 5;
         lying[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(read_request(&mut lying.as_slice()).is_err(), "a lying map length is refused before allocating");
+    }
+
+    #[test]
+    fn input_bytes_round_trip_after_the_map_and_are_bounded() {
+        let args = vec!["write".to_string(), "0x1000".to_string()];
+        let with_data = Request {
+            args: args.clone(),
+            map: Some("/m".into()),
+            data: Some(vec![0, 0xff, 0x90, b'\n']),
+            ..Request::default()
+        };
+        let mut buf = Vec::new();
+        write_request(&mut buf, &with_data).unwrap();
+        assert_eq!(read_request(&mut buf.as_slice()).unwrap(), Request { flags: FLAG_MAP | FLAG_DATA, ..with_data });
+        // Empty input is input (an empty --file), not none.
+        let empty = Request { args: args.clone(), data: Some(Vec::new()), ..Request::default() };
+        let mut buf = Vec::new();
+        write_request(&mut buf, &empty).unwrap();
+        assert_eq!(read_request(&mut buf.as_slice()).unwrap().data, Some(Vec::new()));
+        // The most a request carries, and one byte more is refused by both ends.
+        let max = Request { args: args.clone(), data: Some(vec![7; MAX_DATA as usize]), ..Request::default() };
+        let mut buf = Vec::new();
+        write_request(&mut buf, &max).unwrap();
+        assert_eq!(read_request(&mut buf.as_slice()).unwrap().data.map(|d| d.len()), Some(MAX_DATA as usize));
+        let over = Request { args: args.clone(), data: Some(vec![7; MAX_DATA as usize + 1]), ..Request::default() };
+        assert!(write_request(&mut Vec::new(), &over).is_err());
+        let mut lying = Vec::new();
+        write_request(&mut lying, &Request { args, data: Some(vec![1]), ..Request::default() }).unwrap();
+        let at = lying.len() - 5;
+        lying[at..at + 4].copy_from_slice(&(MAX_DATA + 1).to_le_bytes());
+        let e = read_request(&mut lying.as_slice()).unwrap_err();
+        assert!(e.to_string().contains("at most 1048576"), "{e}");
+        let cut = &buf[..buf.len() - 1];
+        assert!(read_request(&mut &cut[..]).is_err(), "cut input is refused");
     }
 }

@@ -267,7 +267,7 @@ impl Daemon {
             let _ = out.note(&n);
         }
         let ctx = Ctx { mon: &mon, syms: syms.as_deref() };
-        match tools::run(&ctx, args, out) {
+        match tools::run(&ctx, args, req.data.as_deref(), out) {
             Ok(()) => 0,
             Err(f) => {
                 let _ = out.note(&format!("ukvmi {}: {}", args.first().map_or("", String::as_str), f.msg));

@@ -86,26 +86,12 @@ pub(crate) fn read(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(),
         // Virtual: page by page through the vCPU's page tables (whatever
         // address space it is in now; pause first for a stable view).
         Some(v) => {
-            let mut at = addr;
-            let end = addr + len;
-            while at < end {
-                let n = (0x1000 - (at & 0xfff)).min(end - at);
-                let gpa = ctx
-                    .mon
-                    .vm()
-                    .translate_gva(v, at)
-                    .map_err(kvmi("KVMI_VCPU_TRANSLATE_GVA"))?
-                    .map(u64::from)
-                    .ok_or_else(|| Failure {
-                        msg: format!("{at:#x} is not mapped in vCPU {v}'s address space"),
-                        status: 1,
-                    })?;
+            for (gpa, n) in ctx.virt_pieces(v, addr, len)? {
                 let mut buf = vec![0u8; n as usize];
                 ctx.mon
                     .read(gpa, &mut buf)
                     .map_err(|e| Failure { msg: format!("reading gpa {gpa:#x}: {e}"), status: 1 })?;
                 sink(&buf)?;
-                at += n;
             }
         }
         None => read_range(ctx, addr, len, false, |_, chunk| sink(chunk))?,

@@ -11,6 +11,7 @@ mod memory;
 mod streams;
 mod target;
 mod vm_state;
+mod write;
 
 use std::{
     io::{self, Write},
@@ -29,6 +30,7 @@ pub(crate) use guest_os::{ps, symbols};
 pub(crate) use memory::{dump, read};
 pub(crate) use streams::{protect, trace, watch_msr};
 pub(crate) use vm_state::{info, pause, regs, resume, translate};
+pub(crate) use write::write;
 
 /// Where a command's output goes: a client of the daemon, or a terminal.
 ///
@@ -111,15 +113,17 @@ pub(super) fn kvmi(what: &str) -> impl FnOnce(ukvmi_introspector::Error) -> Fail
 /// A tool command's body, as the command table holds it.
 pub(crate) type ToolFn = fn(&Ctx<'_>, &Args<'_>, &mut dyn Out) -> Result<(), Failure>;
 
-/// A tool command's words: its operands and options, in the order given.
+/// A tool command's words: its operands and options, in the order given,
+/// and the input bytes its client sent (`write --file`).
 #[derive(Debug)]
 pub(crate) struct Args<'a> {
     pos: Vec<&'a str>,
     flags: Vec<(&'a str, Option<&'a str>)>,
+    input: Option<&'a [u8]>,
 }
 
 impl<'a> Args<'a> {
-    fn parse(args: &'a [String], valued: &'a [&'a str]) -> Result<Args<'a>, Failure> {
+    fn parse(args: &'a [String], valued: &'a [&'a str], input: Option<&'a [u8]>) -> Result<Args<'a>, Failure> {
         let mut pos = Vec::new();
         let mut flags = Vec::new();
         for w in Words::new(args, valued, Style::Tool) {
@@ -129,7 +133,7 @@ impl<'a> Args<'a> {
                 Err(MissingValue(k)) => return Err(Failure::usage(format!("{k} needs a value"))),
             }
         }
-        Ok(Args { pos, flags })
+        Ok(Args { pos, flags, input })
     }
     pub(super) fn has(&self, f: &str) -> bool {
         self.flags.iter().any(|(k, _)| *k == f)
@@ -170,11 +174,12 @@ impl<'a> Args<'a> {
 }
 
 /// Runs one tool command. `args[0]` is the command name; its options are
-/// checked against the ones the command table lists for it.
-pub fn run(ctx: &Ctx<'_>, args: &[String], out: &mut dyn Out) -> Result<(), Failure> {
+/// checked against the ones the command table lists for it. `input` is
+/// what its client read for it (`write --file FILE`).
+pub fn run(ctx: &Ctx<'_>, args: &[String], input: Option<&[u8]>, out: &mut dyn Out) -> Result<(), Failure> {
     let name = args.first().map(String::as_str).unwrap_or("");
     let valued = commands::tool_valued_options();
-    let a = Args::parse(args.get(1..).unwrap_or(&[]), &valued)?;
+    let a = Args::parse(args.get(1..).unwrap_or(&[]), &valued, input)?;
     match commands::find(name) {
         Some(c) => match c.action {
             Action::Tool(body) => {

@@ -62,6 +62,31 @@ impl Ctx<'_> {
         Ok(gpa)
     }
 
+    /// Where `len` bytes at virtual `va` lie in vCPU `v`'s address space
+    /// (its page tables as they are now), in order: `(gpa, len)` a page at
+    /// most each. Fails at the first page that is not mapped.
+    pub(super) fn virt_pieces(&self, v: u16, va: u64, len: u64) -> Result<Vec<(u64, u64)>, Failure> {
+        let end = va.checked_add(len).ok_or_else(|| Failure::usage("address range overflows"))?;
+        let mut pieces = Vec::new();
+        let mut at = va;
+        while at < end {
+            let n = (0x1000 - (at & 0xfff)).min(end - at);
+            let gpa = self
+                .mon
+                .vm()
+                .translate_gva(v, at)
+                .map_err(kvmi("KVMI_VCPU_TRANSLATE_GVA"))?
+                .map(u64::from)
+                .ok_or_else(|| Failure {
+                    msg: format!("{at:#x} is not mapped in vCPU {v}'s address space"),
+                    status: 1,
+                })?;
+            pieces.push((gpa, n));
+            at += n;
+        }
+        Ok(pieces)
+    }
+
     pub(super) fn vcpu(&self, text: &str) -> Result<u16, Failure> {
         let v = parse_number(text)
             .and_then(|v| u16::try_from(v).ok())

@@ -126,6 +126,12 @@ impl Breakpoints {
         }
     }
 
+    /// The gpas of the breakpoints in `range` (planted, or out while a vCPU
+    /// steps over one).
+    pub(crate) fn gpas_in(&self, range: std::ops::Range<u64>) -> Vec<u64> {
+        self.lock().bps.range(range).map(|(&gpa, _)| gpa).collect()
+    }
+
     /// Ends every step-over in progress (at shutdown).
     pub(crate) fn stop_stepping(&self, inner: &Inner) {
         let stepping = std::mem::take(&mut self.lock().stepping);
