@@ -154,7 +154,7 @@ impl Inner {
         {
             let mut refs = self.setup();
             self.release_owners(&mut refs, &|_| true);
-            self.pauses.resume_all(self);
+            self.pauses.release_everything(self);
             self.bps.stop_stepping(self);
             refs.disable(&self.vm, self.vcpus, event::PAUSE);
             self.subs.close_all(&Record::Detached { reason: "the monitor stopped; every hook was removed".into() });

@@ -47,7 +47,7 @@ pub mod symbols;
 
 pub use error::{MonitorError, Result};
 pub use guestos::{DemoOs, GuestMemory, GuestOs, PhysRead, ReadError};
-pub use monitor::{describe, Monitor, Stats};
+pub use monitor::{describe, HeldVcpus, Monitor, Stats};
 pub use record::{Record, Who};
 pub use subs::{Kinds, Subscription};
 pub use symbols::SymbolMap;

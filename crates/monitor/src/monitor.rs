@@ -208,14 +208,25 @@ impl Monitor {
         self.inner.hypercalls.add(&self.inner, &mut refs, sub.id, answer)
     }
 
-    /// Holds every vCPU paused (in a PAUSE event) until [`resume_all`](Self::resume_all).
+    /// The tool's pause: holds every vCPU paused (in a PAUSE event) until
+    /// [`resume_all`](Self::resume_all).
     pub fn pause_all(&self, timeout: Duration) -> Result<Vec<u16>> {
         self.inner.pauses.pause_all(&self.inner, timeout)
     }
 
-    /// Lets every held vCPU go. Returns the ones that were held.
+    /// Ends the tool's pause. Returns the vCPUs let go: none while a
+    /// [`hold_all`](Self::hold_all) still keeps them (they go when it ends).
     pub fn resume_all(&self) -> Result<Vec<u16>> {
         Ok(self.inner.pauses.resume_all(&self.inner))
+    }
+
+    /// Holds every vCPU paused for as long as the returned guard lives,
+    /// whatever [`pause_all`](Self::pause_all)/[`resume_all`](Self::resume_all)
+    /// do meanwhile: for work that must not be seen half done (patching
+    /// guest code). Holds nest; the vCPUs go when the last holder is gone.
+    pub fn hold_all(&self, timeout: Duration) -> Result<HeldVcpus<'_>> {
+        let vcpus = self.inner.pauses.hold(&self.inner, timeout)?;
+        Ok(HeldVcpus { mon: self, vcpus })
     }
 
     /// vCPUs held paused now.
@@ -259,4 +270,25 @@ impl GuestMemory for Monitor {
 /// Describes an address with a symbol map if there is one.
 pub fn describe(syms: Option<&SymbolMap>, addr: u64) -> String {
     syms.map_or_else(|| format!("{addr:#x}"), |s| s.describe(addr))
+}
+
+/// Every vCPU held paused until this is dropped ([`Monitor::hold_all`]).
+#[derive(Debug)]
+#[must_use = "the vCPUs are let go when this is dropped"]
+pub struct HeldVcpus<'a> {
+    mon: &'a Monitor,
+    vcpus: Vec<u16>,
+}
+
+impl HeldVcpus<'_> {
+    /// The vCPUs held.
+    pub fn vcpus(&self) -> &[u16] {
+        &self.vcpus
+    }
+}
+
+impl Drop for HeldVcpus<'_> {
+    fn drop(&mut self) {
+        self.mon.inner.pauses.unhold(&self.mon.inner);
+    }
 }

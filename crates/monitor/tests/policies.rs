@@ -103,6 +103,43 @@ fn an_agent_call_elsewhere_is_reported_but_not_written_to() {
     mon.stop();
 }
 
+/// A scoped hold (a `write`) and the tool's pause nest: whichever ends
+/// first, the vCPUs stay held until the other ends too, and only then go.
+#[test]
+fn a_hold_and_the_tools_pause_nest() {
+    let s = Setup::new(&FakeConfig::default());
+    let mon = attach(&s);
+    let sub = mon.subscribe(Kinds { pauses: true, ..Kinds::default() });
+    // The hold ends first: the tool's pause keeps the vCPU.
+    let held = mon.hold_all(T).unwrap();
+    assert_eq!(held.vcpus(), [0]);
+    assert_eq!(next(&sub), Record::Paused { vcpu: 0 });
+    assert_eq!(mon.pause_all(T).unwrap(), vec![0]);
+    drop(held);
+    assert_eq!(mon.held(), vec![0], "the end of a hold let go of a vCPU the tool's pause holds");
+    assert_eq!(mon.resume_all().unwrap(), vec![0]);
+    assert_eq!(next(&sub), Record::Resumed { vcpu: 0 });
+    assert!(mon.held().is_empty());
+    // The tool's pause ends first: the hold keeps the vCPU until it ends.
+    mon.pause_all(T).unwrap();
+    assert_eq!(next(&sub), Record::Paused { vcpu: 0 });
+    let held = mon.hold_all(T).unwrap();
+    assert_eq!(mon.resume_all().unwrap(), Vec::<u16>::new(), "resume let go of a vCPU a hold keeps");
+    assert_eq!(mon.held(), vec![0]);
+    drop(held);
+    assert_eq!(next(&sub), Record::Resumed { vcpu: 0 });
+    assert!(mon.held().is_empty());
+    // Two holds: the vCPU goes with the second.
+    let (a, b) = (mon.hold_all(T).unwrap(), mon.hold_all(T).unwrap());
+    assert_eq!(next(&sub), Record::Paused { vcpu: 0 });
+    drop(a);
+    assert_eq!(mon.held(), vec![0]);
+    drop(b);
+    assert_eq!(next(&sub), Record::Resumed { vcpu: 0 });
+    assert!(mon.held().is_empty());
+    mon.stop();
+}
+
 /// Who on the fake (no demo-OS table in its memory): just the vCPU.
 fn next_who(vcpu: u16) -> ukvmi_monitor::Who {
     ukvmi_monitor::Who { vcpu, pid: None, process: None }

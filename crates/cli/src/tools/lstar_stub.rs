@@ -68,7 +68,7 @@ struct Patch {
 /// Writes `patches` while every vCPU is held paused outside all of them.
 fn write_paused(ctx: &Ctx<'_>, patches: &[Patch]) -> Result<(), Failure> {
     for _ in 0..20 {
-        ctx.mon.pause_all(Duration::from_secs(5))?;
+        let held = ctx.mon.hold_all(Duration::from_secs(5))?;
         let mut inside = false;
         for v in 0..ctx.mon.vcpus() {
             match ctx.mon.vm().get_registers(v, &[]) {
@@ -78,7 +78,7 @@ fn write_paused(ctx: &Ctx<'_>, patches: &[Patch]) -> Result<(), Failure> {
                         .any(|p| (p.gva..p.gva.saturating_add(p.bytes.len() as u64)).contains(&r.regs.rip));
                 }
                 Err(e) => {
-                    ctx.mon.resume_all()?;
+                    drop(held);
                     return Err(super::kvmi("KVMI_VCPU_GET_REGISTERS")(e));
                 }
             }
@@ -88,7 +88,7 @@ fn write_paused(ctx: &Ctx<'_>, patches: &[Patch]) -> Result<(), Failure> {
         } else {
             Some(patches.iter().try_for_each(|p| ctx.mon.vm().write_physical(p.gpa, &p.bytes)))
         };
-        ctx.mon.resume_all()?;
+        drop(held);
         match written {
             Some(r) => return r.map_err(super::kvmi("KVMI_VM_WRITE_PHYSICAL")),
             None => std::thread::sleep(Duration::from_millis(10)),

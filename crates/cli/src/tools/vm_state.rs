@@ -201,6 +201,11 @@ pub(crate) fn resume(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(
             &Obj::new().str("event", "resumed").raw("vcpus", &json::array(v.iter().map(u16::to_string))).build(),
         )?);
     }
-    out.line(&if v.is_empty() { "no vCPU was paused".to_string() } else { format!("resumed vCPUs {v:?}") })?;
+    let text = match (v.is_empty(), ctx.mon.held()) {
+        (false, _) => format!("resumed vCPUs {v:?}"),
+        (true, h) if h.is_empty() => "no vCPU was paused".to_string(),
+        (true, h) => format!("vCPUs {h:?} stay paused until the `write` holding them ends"),
+    };
+    out.line(&text)?;
     Ok(())
 }

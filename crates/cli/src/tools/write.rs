@@ -15,7 +15,7 @@ use std::{fmt, time::Duration};
 use ukvmi_introspector::wire::msg;
 use ukvmi_monitor::{
     json::{self, Obj},
-    Monitor,
+    HeldVcpus, Monitor,
 };
 
 use super::{Args, Ctx, Failure, Out};
@@ -134,37 +134,27 @@ enum Paused {
     No,
 }
 
-/// Every vCPU held paused for the write, let go when this is dropped, on
-/// every path out of the command. (Pauses are not counted: a `ukvmi pause`
-/// from another client while a write holds the VM ends with the write.)
+/// Every vCPU held paused for the write (a scoped hold: it nests with a
+/// `ukvmi pause` from any client and ends with the command, on every path
+/// out of it; vCPUs paused before it stay paused).
 struct Hold<'a> {
-    mon: &'a Monitor,
+    _held: Option<HeldVcpus<'a>>,
     how: Paused,
 }
 
 impl<'a> Hold<'a> {
     fn new(mon: &'a Monitor, pause: bool) -> Result<Hold<'a>, Failure> {
         if !pause {
-            return Ok(Hold { mon, how: Paused::No });
+            return Ok(Hold { _held: None, how: Paused::No });
         }
-        if mon.held().len() == usize::from(mon.vcpus()) {
-            return Ok(Hold { mon, how: Paused::Already });
-        }
-        mon.pause_all(PAUSE_TIMEOUT).map_err(|e| Failure {
+        let already = mon.held().len() == usize::from(mon.vcpus());
+        let held = mon.hold_all(PAUSE_TIMEOUT).map_err(|e| Failure {
             msg: format!(
                 "pausing the vCPUs for the write: {e}; nothing was written (--no-pause writes while they run)"
             ),
             status: 1,
         })?;
-        Ok(Hold { mon, how: Paused::ForTheWrite })
-    }
-}
-
-impl Drop for Hold<'_> {
-    fn drop(&mut self) {
-        if self.how == Paused::ForTheWrite {
-            let _ = self.mon.resume_all();
-        }
+        Ok(Hold { _held: Some(held), how: if already { Paused::Already } else { Paused::ForTheWrite } })
     }
 }
 

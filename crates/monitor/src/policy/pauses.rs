@@ -1,5 +1,11 @@
 //! Held pauses: every vCPU kept in a PAUSE event until the tool lets them go.
 //!
+//! Two kinds of holder keep the vCPUs paused: the tool's own pause
+//! ([`Pauses::pause_all`] until [`Pauses::resume_all`]) and scoped holds
+//! ([`Pauses::hold`] until [`Pauses::unhold`], e.g. for a write that must
+//! not be half-seen). The vCPUs are let go when the last holder is gone, so
+//! one holder ending never lets go of vCPUs another still needs held.
+//!
 //! The state lock is taken to mark which vCPUs should be held and to hold
 //! or release them; pausing a vCPU (up to 10 s while the guest starts it)
 //! and answering the held events happen without it.
@@ -24,6 +30,26 @@ struct State {
     want: BTreeSet<u16>,
     /// vCPUs held, with the PAUSE event they are stopped in.
     held: BTreeMap<u16, PendingEvent>,
+    /// The tool's own pause is on (`pause_all` until `resume_all`).
+    tool: bool,
+    /// Scoped holds alive (`hold` until `unhold`).
+    holds: usize,
+}
+
+impl State {
+    /// Nobody wants the vCPUs held any more.
+    fn unwanted(&self) -> bool {
+        !self.tool && self.holds == 0
+    }
+}
+
+/// Who asks for the vCPUs to be held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// The tool's own pause.
+    Tool,
+    /// A scoped hold.
+    Scoped,
 }
 
 /// The pause policy.
@@ -49,15 +75,53 @@ impl Pauses {
         self.lock().held.keys().copied().collect()
     }
 
-    /// Holds every vCPU paused, waiting up to `timeout` for all of them.
+    /// The tool's pause: holds every vCPU paused, waiting up to `timeout`
+    /// for all of them, until [`resume_all`](Self::resume_all).
     pub(crate) fn pause_all(&self, inner: &Inner, timeout: Duration) -> Result<Vec<u16>> {
-        let to_pause: Vec<u16> = {
+        self.acquire(inner, timeout, Holder::Tool)
+    }
+
+    /// A scoped hold: every vCPU held paused until the matching
+    /// [`unhold`](Self::unhold), whatever the tool's pause does meanwhile.
+    pub(crate) fn hold(&self, inner: &Inner, timeout: Duration) -> Result<Vec<u16>> {
+        self.acquire(inner, timeout, Holder::Scoped)
+    }
+
+    /// Ends one scoped hold; lets the vCPUs go if nobody else holds them.
+    pub(crate) fn unhold(&self, inner: &Inner) -> Vec<u16> {
+        {
             let mut st = self.lock();
-            (0..inner.vcpus).filter(|&v| st.want.insert(v) && !st.held.contains_key(&v)).collect()
+            st.holds = st.holds.saturating_sub(1);
+        }
+        self.release_unwanted(inner)
+    }
+
+    fn acquire(&self, inner: &Inner, timeout: Duration, who: Holder) -> Result<Vec<u16>> {
+        let (to_pause, had_tool) = {
+            let mut st = self.lock();
+            let had_tool = st.tool;
+            match who {
+                Holder::Tool => st.tool = true,
+                Holder::Scoped => st.holds += 1,
+            }
+            let to_pause: Vec<u16> =
+                (0..inner.vcpus).filter(|&v| st.want.insert(v) && !st.held.contains_key(&v)).collect();
+            (to_pause, had_tool)
+        };
+        // Undoes this holder's claim (the vCPUs go if nobody else holds them).
+        let give_up = || {
+            {
+                let mut st = self.lock();
+                match who {
+                    Holder::Tool => st.tool = had_tool,
+                    Holder::Scoped => st.holds = st.holds.saturating_sub(1),
+                }
+            }
+            self.release_unwanted(inner);
         };
         for v in to_pause {
             if let Err(e) = cmd(|| format!("KVMI_VM_PAUSE_VCPU {v}"), on_vcpu(|| inner.vm.pause_vcpu(v, false))) {
-                self.resume_all(inner);
+                give_up();
                 return Err(e);
             }
         }
@@ -70,25 +134,42 @@ impl Pauses {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 let msg = format!(
-                    "only vCPUs {:?} paused within {timeout:?}; all let go again",
+                    "only vCPUs {:?} paused within {timeout:?}; let go again unless another holder keeps them",
                     st.held.keys().collect::<Vec<_>>()
                 );
                 drop(st);
-                self.resume_all(inner);
+                give_up();
                 return Err(MonitorError::Timeout(msg));
             }
-            st = self
-                .cond
-                .wait_timeout(st, left.min(Duration::from_millis(50)))
-                .map_or_else(|e| e.into_inner().0, |r| r.0);
+            st = self.cond.wait_timeout(st, left).map_or_else(|e| e.into_inner().0, |r| r.0);
         }
         Ok(st.held.keys().copied().collect())
     }
 
-    /// Lets every held vCPU go (and wants none held). Returns the ones that were held.
+    /// Ends the tool's pause. Returns the vCPUs let go: none while a
+    /// scoped hold still keeps them (they go when it ends).
     pub(crate) fn resume_all(&self, inner: &Inner) -> Vec<u16> {
+        self.lock().tool = false;
+        self.release_unwanted(inner)
+    }
+
+    /// Lets every held vCPU go whoever holds them (the monitor stops).
+    pub(crate) fn release_everything(&self, inner: &Inner) -> Vec<u16> {
+        {
+            let mut st = self.lock();
+            st.tool = false;
+            st.holds = 0;
+        }
+        self.release_unwanted(inner)
+    }
+
+    /// Lets the held vCPUs go when nobody wants them held.
+    fn release_unwanted(&self, inner: &Inner) -> Vec<u16> {
         let held = {
             let mut st = self.lock();
+            if !st.unwanted() {
+                return Vec::new();
+            }
             st.want.clear();
             std::mem::take(&mut st.held)
         };
