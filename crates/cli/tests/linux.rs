@@ -336,7 +336,14 @@ fn ps_lists_the_kernels_tasks_with_their_names_and_pids() {
     let (soft, soft_parent, k) = find("ksoftirqd/0").unwrap_or_else(|| panic!("{}", missing("ksoftirqd/0")));
     assert!(soft > 2 && k, "ksoftirqd/0 is a kernel thread with a later pid: {soft}");
     assert_eq!(soft_parent, Some(2), "kthreadd made ksoftirqd/0: {out}");
-    assert!(field(&out, "incomplete").is_none(), "the walk did not come back to init_task: {out}");
+    assert!(field(&out, "incomplete").is_none(), "the walk (or a thread list's) stopped early: {out}");
+    // Every task here leads its own thread group: kernel threads, and an
+    // /init with one thread (user space cannot enter the kernel on the PVM
+    // hosts, so it makes none). Each one's thread list was walked all the same.
+    for r in &rows {
+        assert_eq!(field(r, "thread").as_deref(), Some("false"), "a thread on a kernel that has none: {r}");
+        assert_eq!(field(r, "tgid"), field(r, "pid"), "{r}");
+    }
     // Pids come in the order the kernel made the tasks.
     let pids: Vec<u32> = rows.iter().filter_map(|r| field(r, "pid")?.parse().ok()).collect();
     assert!(pids.windows(2).all(|w| w[0] < w[1]), "task list not in creation order: {pids:?}");

@@ -43,7 +43,8 @@ pub fn print_ps(t: &ProcessTable, json_out: bool, out: &mut dyn Out) -> io::Resu
 }
 
 /// Prints a Linux guest's tasks (text or JSON): `*` marks a vCPU's current
-/// task, `K` a kernel thread.
+/// task, `[name]` a kernel thread, `\_ name` a thread of the process above
+/// (its pid is not its TGID; `"thread":true` in JSON).
 pub fn print_tasks(list: &TaskList, json_out: bool, out: &mut dyn Out) -> io::Result<()> {
     if json_out {
         let rows = json::array(list.tasks.iter().map(|t| {
@@ -58,11 +59,11 @@ pub fn print_tasks(list: &TaskList, json_out: bool, out: &mut dyn Out) -> io::Re
                 Some(p) => o.num("ppid", u64::from(p)),
                 None => o,
             };
-            match t.on_cpu {
+            let o = match t.on_cpu {
                 Some(c) => o.num("cpu", u64::from(c)),
                 None => o,
-            }
-            .build()
+            };
+            o.bool("thread", t.is_thread()).build()
         }));
         let o = Obj::new().str("os", "linux").raw("processes", &rows);
         let o = match &list.incomplete {
@@ -74,14 +75,21 @@ pub fn print_tasks(list: &TaskList, json_out: bool, out: &mut dyn Out) -> io::Re
     out.line(&format!("{:>6}  {:>6}  {:>6}  S  {:<16} {:>18}", "PID", "TGID", "PPID", "NAME", "TASK"))?;
     for t in &list.tasks {
         let on = if t.on_cpu.is_some() { "*" } else { " " };
-        let name = if t.kthread { format!("[{}]", t.name) } else { t.name.clone() };
+        let name = match (t.kthread, t.is_thread()) {
+            (true, _) => format!("[{}]", t.name),
+            (false, true) => format!("\\_ {}", t.name),
+            (false, false) => t.name.clone(),
+        };
         let ppid = t.ppid.map_or_else(|| "?".to_string(), |p| p.to_string());
         out.line(&format!("{:>6}{on} {:>6}  {ppid:>6}  {}  {name:<16} {:>#18x}", t.pid, t.tgid, t.state, t.addr))?;
     }
     if let Some(why) = &list.incomplete {
         out.note(&format!("ukvmi: the task list may be incomplete: {why}"))?;
     }
-    out.line(&format!("({} tasks; * = on a vCPU now; [name] = kernel thread)", list.tasks.len()))
+    out.line(&format!(
+        "({} tasks; * = on a vCPU now; [name] = kernel thread; \\_ name = another thread of the process above)",
+        list.tasks.len()
+    ))
 }
 
 pub(crate) fn ps(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(), Failure> {
@@ -173,7 +181,84 @@ fn glob_match(pattern: &str, text: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use ukvmi_monitor::guestos::linux::{Task, TaskList};
+
+    use super::{glob_match, print_tasks, Out};
+
+    /// What a command printed: standard output's lines, then standard error's.
+    #[derive(Default)]
+    struct Lines(Vec<String>, Vec<String>);
+
+    impl Out for Lines {
+        fn line(&mut self, s: &str) -> std::io::Result<()> {
+            self.0.push(s.to_string());
+            Ok(())
+        }
+        fn raw(&mut self, b: &[u8]) -> std::io::Result<()> {
+            self.line(&String::from_utf8_lossy(b))
+        }
+        fn note(&mut self, s: &str) -> std::io::Result<()> {
+            self.1.push(s.to_string());
+            Ok(())
+        }
+        fn progress(&mut self, _s: &str) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn stderr_tty(&self) -> bool {
+            false
+        }
+        fn gone(&self) -> bool {
+            false
+        }
+    }
+
+    fn task(pid: u32, tgid: u32, name: &str, kthread: bool, on_cpu: Option<u16>) -> Task {
+        let addr = 0xffff_8880_0020_0000 + u64::from(pid) * 0x2000;
+        Task { addr, pid, tgid, name: name.into(), state: 'S', kthread, ppid: Some(1), on_cpu }
+    }
+
+    /// A leader, a kernel thread, and a process with another thread that
+    /// runs on vCPU 1.
+    fn list() -> TaskList {
+        let tasks = vec![
+            task(2, 2, "kthreadd", true, None),
+            task(42, 42, "app", false, None),
+            task(43, 42, "app:io", false, Some(1)),
+        ];
+        TaskList { tasks, incomplete: Some("the thread list of pid 42 loops back".into()) }
+    }
+
+    #[test]
+    fn ps_marks_threads_in_text() {
+        let mut out = Lines::default();
+        print_tasks(&list(), false, &mut out).unwrap();
+        assert_eq!(out.0[0], "   PID    TGID    PPID  S  NAME                           TASK");
+        assert_eq!(out.0[1], "     2       2       1  S  [kthreadd]       0xffff888000204000");
+        assert_eq!(out.0[2], "    42      42       1  S  app              0xffff888000254000");
+        assert_eq!(out.0[3], "    43*     42       1  S  \\_ app:io        0xffff888000256000");
+        assert_eq!(
+            out.0[4],
+            "(3 tasks; * = on a vCPU now; [name] = kernel thread; \\_ name = another thread of the process above)"
+        );
+        assert_eq!(out.1, ["ukvmi: the task list may be incomplete: the thread list of pid 42 loops back"]);
+    }
+
+    #[test]
+    fn ps_marks_threads_in_json() {
+        let mut out = Lines::default();
+        print_tasks(&list(), true, &mut out).unwrap();
+        assert_eq!(out.0.len(), 1);
+        let rows: Vec<&str> = out.0[0].split("},{").collect();
+        assert_eq!(rows.len(), 3, "{}", out.0[0]);
+        assert!(rows[1].contains(r#""pid":42,"tgid":42,"name":"app","#) && rows[1].ends_with(r#""thread":false"#));
+        assert!(
+            rows[2].contains(r#""pid":43,"tgid":42,"name":"app:io","#)
+                && rows[2].contains(r#""ppid":1,"cpu":1,"thread":true}"#),
+            "{}",
+            rows[2]
+        );
+        assert!(out.0[0].ends_with(r#""incomplete":"the thread list of pid 42 loops back"}"#), "{}", out.0[0]);
+    }
 
     #[test]
     fn globs_match_whole_names() {

@@ -86,8 +86,36 @@ pub struct LinuxOffsets {
     /// variable (6.1), or `pcpu_hot.current_task` (6.2+), from the
     /// `.data..percpu` DATASEC.
     pub current_task: Option<u64>,
+    /// How the threads of a thread group are linked.
+    pub threads: ThreadLinks,
     /// How many types the BTF has.
     pub types: usize,
+}
+
+/// How the threads of a thread group are linked to each other (all of them
+/// `list_head`s; `init_task.tasks` links only each group's leader).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadLinks {
+    /// `task_struct.signal` (a pointer) to the group's `signal_struct`,
+    /// whose `thread_head` heads a list through every thread's
+    /// `task_struct.thread_node`, the leader's included (3.14 on; the only
+    /// one left from 6.7).
+    Signal {
+        /// `task_struct.signal`.
+        signal: u64,
+        /// `signal_struct.thread_head`.
+        thread_head: u64,
+        /// `task_struct.thread_node`.
+        thread_node: u64,
+    },
+    /// `task_struct.thread_group`: a ring through every thread of the group,
+    /// with no head but the leader's own link (before 6.7).
+    Group {
+        /// `task_struct.thread_group`.
+        thread_group: u64,
+    },
+    /// The BTF describes neither (or only unusably): leaders only.
+    LeadersOnly,
 }
 
 /// A byte slice as btfparse reads it.
@@ -262,6 +290,18 @@ impl LinuxOffsets {
         let (mm, _) = t("mm", &[8])?;
         let (real_parent, _) = t("real_parent", &[8])?;
         let (list_next, _) = types.field(list, "list_head", "next", &[8])?;
+        // Threads are a bonus: a BTF that does not say how they are linked
+        // (or says it unusably) still gives the leaders.
+        let by_signal = || -> Result<ThreadLinks, BtfError> {
+            let sig = types.find_struct("signal_struct")?;
+            let (thread_head, _) = types.field(sig, "signal_struct", "thread_head", &[16])?;
+            let (signal, _) = t("signal", &[8])?;
+            let (thread_node, _) = t("thread_node", &[16])?;
+            Ok(ThreadLinks::Signal { signal, thread_head, thread_node })
+        };
+        let threads = by_signal()
+            .or_else(|_| t("thread_group", &[16]).map(|(thread_group, _)| ThreadLinks::Group { thread_group }))
+            .unwrap_or(ThreadLinks::LeadersOnly);
         Ok(LinuxOffsets {
             task_size: task.1,
             tasks,
@@ -276,6 +316,7 @@ impl LinuxOffsets {
             real_parent,
             list_next,
             current_task: types.current_task(),
+            threads,
             types: types.0.len(),
         })
     }

@@ -16,7 +16,7 @@ mod tests;
 
 use ukvmi_introspector::wire::KvmRegs;
 
-pub use btf::{BtfError, LinuxOffsets, MAX_BTF};
+pub use btf::{BtfError, LinuxOffsets, ThreadLinks, MAX_BTF};
 pub use kva::{kva_to_pa, KERNEL_IMAGE_END, PAGE_OFFSET, START_KERNEL_MAP};
 pub use tasks::{Task, TaskList, MAX_TASKS, PF_KTHREAD};
 
@@ -103,8 +103,17 @@ impl LinuxOs {
     /// One line saying what this OS reads, for logs.
     pub fn describe(&self) -> String {
         let o = &self.offsets;
+        let threads = match o.threads {
+            ThreadLinks::Signal { signal, thread_head, thread_node } => {
+                format!("threads by signal {signal:#x} -> thread_head {thread_head:#x}, thread_node {thread_node:#x}")
+            }
+            ThreadLinks::Group { thread_group } => format!("threads by thread_group {thread_group:#x}"),
+            ThreadLinks::LeadersOnly => {
+                "no thread links in the BTF (signal_struct.thread_head, task_struct.thread_group): leaders only".into()
+            }
+        };
         format!(
-            "Linux (BTF: {} types; task_struct {} bytes: tasks {:#x}, pid {:#x}, comm {:#x}; current_task per-cpu {})",
+            "Linux (BTF: {} types; task_struct {} bytes: tasks {:#x}, pid {:#x}, comm {:#x}, {threads}; current_task per-cpu {})",
             o.types,
             o.task_size,
             o.tasks,
@@ -130,8 +139,9 @@ impl LinuxOs {
         (task != 0).then_some(task)
     }
 
-    /// Every task (thread-group leaders, kernel threads included), with the
-    /// task each of the first `vcpus` vCPUs runs marked.
+    /// Every task (kernel threads included; each thread-group leader
+    /// followed by its other threads, unless the BTF gave no thread links),
+    /// with the task each of the first `vcpus` vCPUs runs marked.
     pub fn tasks(&self, mem: &dyn GuestMemory, vcpus: u16) -> Result<TaskList, LinuxError> {
         let mut list = tasks::walk(mem, &self.offsets, self.syms.init_task).map_err(LinuxError::Tasks)?;
         for v in 0..vcpus {

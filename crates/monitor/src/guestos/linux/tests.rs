@@ -19,6 +19,12 @@ struct Lies {
     self_union: bool,
     /// `real_parent` lies past the end of the struct.
     outside: bool,
+    /// There is no `struct signal_struct` (it has another name).
+    no_signal_struct: bool,
+    /// There is no `thread_group` (it has another name).
+    no_thread_group: bool,
+    /// `thread_node` is a bit field.
+    thread_node_bitfield: bool,
 }
 
 fn btf_blob(lies: Lies) -> Vec<u8> {
@@ -63,6 +69,9 @@ fn btf_blob(lies: Lies) -> Vec<u8> {
         (name("real_parent"), 7, if lies.outside { 0x5fc * 8 } else { 0x3b0 * 8 }),
         (name("comm"), 6, 0x508 * 8),
         (name("brk_randomized"), 1, (1 << 24) | (0x518 * 8 + 3)),
+        (name(if lies.no_thread_group { "thread_grp" } else { "thread_group" }), 4, 0x450 * 8),
+        (name("thread_node"), 4, if lies.thread_node_bitfield { (16 << 24) | (0x460 * 8 + 1) } else { 0x460 * 8 }),
+        (name("signal"), 16, 0x538 * 8),
     ];
     put(&[name("task_struct"), kind(4, members.len() as u32, true), 0x600]);
     for (n, t, o) in members {
@@ -77,6 +86,11 @@ fn btf_blob(lies: Lies) -> Vec<u8> {
     put(&[name(".data..percpu"), kind(15, 1, false), 0x20000, 12, 0x1ac00, 8]);
     // 14 typedef loop -> itself
     put(&[name("loop"), kind(8, 0, false), 14]);
+    // 15 struct signal_struct { int nr_threads; ...; struct list_head thread_head; }, 16 a pointer to it
+    let (n_nr, n_head) = (name("nr_threads"), name("thread_head"));
+    let n_sig = name(if lies.no_signal_struct { "signal_strukt" } else { "signal_struct" });
+    put(&[n_sig, kind(4, 2, false), 0x400, n_nr, 1, 8 * 8, n_head, 4, 0x10 * 8]);
+    put(&[0, kind(2, 0, false), 15]);
 
     let mut blob = Vec::new();
     blob.extend_from_slice(&0xeb9fu16.to_le_bytes());
@@ -105,6 +119,7 @@ fn test_kernel_offsets() -> LinuxOffsets {
         real_parent: 0x3b0,
         list_next: 0,
         current_task: Some(0x1ac00),
+        threads: ThreadLinks::Signal { signal: 0x538, thread_head: 0x10, thread_node: 0x460 },
         types: 28_210,
     }
 }
@@ -114,9 +129,29 @@ fn offsets_from_a_hand_built_btf() {
     let o = LinuxOffsets::from_btf(&btf_blob(Lies::default())).unwrap();
     assert_eq!(
         o,
-        LinuxOffsets { task_size: 0x600, types: 14, ..test_kernel_offsets() },
+        LinuxOffsets { task_size: 0x600, types: 16, ..test_kernel_offsets() },
         "mm is found through an anonymous union and struct"
     );
+}
+
+/// Thread links are a bonus: `signal->thread_head` when the BTF has it,
+/// else `thread_group`, else none; a lie in them loses the threads, never
+/// the offsets.
+#[test]
+fn thread_links_from_a_hand_built_btf() {
+    let threads = |lies: Lies| LinuxOffsets::from_btf(&btf_blob(lies)).unwrap().threads;
+    assert_eq!(threads(Lies::default()), test_kernel_offsets().threads, "signal->thread_head first");
+    let group = ThreadLinks::Group { thread_group: 0x450 };
+    assert_eq!(threads(Lies { no_signal_struct: true, ..Lies::default() }), group, "before 3.14");
+    assert_eq!(threads(Lies { thread_node_bitfield: true, ..Lies::default() }), group, "an unusable thread_node");
+    let none = Lies { no_signal_struct: true, no_thread_group: true, ..Lies::default() };
+    assert_eq!(threads(none), ThreadLinks::LeadersOnly);
+    assert_eq!(
+        LinuxOffsets::from_btf(&btf_blob(none)).unwrap(),
+        LinuxOffsets { task_size: 0x600, types: 16, threads: ThreadLinks::LeadersOnly, ..test_kernel_offsets() },
+        "the other offsets are the same"
+    );
+    assert_eq!(threads(Lies { no_thread_group: true, ..Lies::default() }), test_kernel_offsets().threads, "6.7+");
 }
 
 #[test]
@@ -173,6 +208,11 @@ fn offsets_from_the_test_kernels_btf() {
     assert!(os.symbols().per_cpu_offset.is_some());
     assert!(os.symbols().image_end.is_some_and(|e| e > 0xffff_ffff_8100_0000));
     assert!(os.describe().contains("pid 0x3a8"), "{}", os.describe());
+    assert!(
+        os.describe().contains("threads by signal 0x538 -> thread_head 0x10, thread_node 0x460"),
+        "{}",
+        os.describe()
+    );
 }
 
 /// With `.symtab` gone (renamed, as a stripped distribution kernel has
@@ -241,33 +281,94 @@ fn task_va(i: u64) -> u64 {
     PAGE_OFFSET + 0x20_0000 + i * 0x2000
 }
 
-/// A kernel with `tasks` (pid, name, state, flags) after init_task, linked
-/// in order; vCPU 0 runs the task at index `current` (None: init_task).
-fn guest(tasks: &[(u32, &str, u32, u32)], current: Option<usize>) -> (Mem, LinuxOs) {
-    let o = test_kernel_offsets();
+/// The test kernel's thread links: `task_struct.{thread_group, thread_node,
+/// signal}`, `signal_struct.thread_head`.
+const THREAD_GROUP: u64 = 0x450;
+const THREAD_NODE: u64 = 0x460;
+const SIGNAL: u64 = 0x538;
+const THREAD_HEAD: u64 = 0x10;
+
+/// Where the thread at index `j` of a [`guest_with`]'s threads lies.
+fn thread_va(j: usize) -> u64 {
+    task_va(0x100 + j as u64)
+}
+
+/// Where the `signal_struct` of thread group `g` lies (0: init_task's, `i
+/// + 1`: that of the leader at index `i`).
+fn signal_va(g: usize) -> u64 {
+    PAGE_OFFSET + 0x80_0000 + g as u64 * 0x1000
+}
+
+/// A task after init_task: pid, name, state, flags.
+type Leader = (u32, &'static str, u32, u32);
+/// A thread: the index of its leader in the leaders, its pid and name.
+type Thread = (usize, u32, &'static str);
+
+/// Which thread lists a synthetic kernel keeps (6.1 keeps both; 6.7+ only
+/// `signal->thread_head`; before 3.14 only `thread_group`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lists {
+    Both,
+    GroupOnly,
+}
+
+/// Links the `list_head`s at `nodes` into a ring, in order.
+fn ring(mem: &Mem, nodes: &[u64]) {
+    for (i, &n) in nodes.iter().enumerate() {
+        mem.write_kva(n, &nodes[(i + 1) % nodes.len()].to_le_bytes());
+    }
+}
+
+/// A kernel with `tasks` after init_task, linked in order; vCPU 0 runs the
+/// task at index `current` (None: init_task).
+fn guest(tasks: &[Leader], current: Option<usize>) -> (Mem, LinuxOs) {
+    guest_with(tasks, &[], Lists::Both, current.map_or(INIT_TASK, |i| task_va(i as u64)))
+}
+
+/// A kernel with `tasks` after init_task, linked in order, each leader's
+/// `threads` after it on its thread lists (the `j`th at [`thread_va`]`(j)`);
+/// vCPU 0 runs the task at address `current`. The offsets are the test
+/// kernel's (`signal->thread_head`), or `thread_group` for `GroupOnly`.
+fn guest_with(tasks: &[Leader], threads: &[Thread], lists: Lists, current: u64) -> (Mem, LinuxOs) {
+    let mut o = test_kernel_offsets();
+    if lists == Lists::GroupOnly {
+        o.threads = ThreadLinks::Group { thread_group: THREAD_GROUP };
+    }
     let mem = Mem::default();
-    let write_task = |at: u64, pid: u32, name: &str, state: u32, flags: u32, parent: u64| {
+    let write_task = |at: u64, pid: u32, tgid: u32, name: &str, state: u32, flags: u32| {
         mem.write_kva(at + o.pid, &pid.to_le_bytes());
-        mem.write_kva(at + o.tgid, &pid.to_le_bytes());
+        mem.write_kva(at + o.tgid, &tgid.to_le_bytes());
         let mut comm = [0u8; 16];
         comm[..name.len()].copy_from_slice(name.as_bytes());
         mem.write_kva(at + o.comm, &comm);
         mem.write_kva(at + o.state, &state.to_le_bytes());
         mem.write_kva(at + o.flags, &flags.to_le_bytes());
-        mem.write_kva(at + o.real_parent, &parent.to_le_bytes());
+        mem.write_kva(at + o.real_parent, &INIT_TASK.to_le_bytes());
     };
-    write_task(INIT_TASK, 0, "swapper/0", 0, PF_KTHREAD, INIT_TASK);
+    write_task(INIT_TASK, 0, 0, "swapper/0", 0, PF_KTHREAD);
     let addrs: Vec<u64> = std::iter::once(INIT_TASK).chain((0..tasks.len() as u64).map(task_va)).collect();
     for (i, &(pid, name, state, flags)) in tasks.iter().enumerate() {
-        write_task(addrs[i + 1], pid, name, state, flags, INIT_TASK);
+        write_task(addrs[i + 1], pid, pid, name, state, flags);
     }
-    for (i, &a) in addrs.iter().enumerate() {
-        let next = addrs[(i + 1) % addrs.len()];
-        mem.write_kva(a + o.tasks + o.list_next, &(next + o.tasks).to_le_bytes());
+    ring(&mem, &addrs.iter().map(|a| a + o.tasks).collect::<Vec<_>>());
+    for (g, &leader) in addrs.iter().enumerate() {
+        let tgid = g.checked_sub(1).map_or(0, |i| tasks[i].0);
+        let mut members = vec![leader];
+        for (j, &(_, pid, name)) in threads.iter().enumerate().filter(|(_, t)| t.0 + 1 == g) {
+            write_task(thread_va(j), pid, tgid, name, 1, 0x0040_0040);
+            members.push(thread_va(j));
+        }
+        ring(&mem, &members.iter().map(|m| m + THREAD_GROUP).collect::<Vec<_>>());
+        if lists == Lists::Both {
+            let head = signal_va(g) + THREAD_HEAD;
+            ring(&mem, &std::iter::once(head).chain(members.iter().map(|m| m + THREAD_NODE)).collect::<Vec<_>>());
+            for m in &members {
+                mem.write_kva(m + SIGNAL, &signal_va(g).to_le_bytes());
+            }
+        }
     }
     mem.write_kva(PER_CPU_OFFSET, &(PCPU_BASE).to_le_bytes());
-    let cur = current.map_or(INIT_TASK, |i| addrs[i + 1]);
-    mem.write_kva(PCPU_BASE + 0x1ac00, &cur.to_le_bytes());
+    mem.write_kva(PCPU_BASE + 0x1ac00, &current.to_le_bytes());
     let syms = LinuxSymbols {
         init_task: INIT_TASK,
         per_cpu_offset: Some(PER_CPU_OFFSET),
@@ -277,7 +378,7 @@ fn guest(tasks: &[(u32, &str, u32, u32)], current: Option<usize>) -> (Mem, Linux
     (mem, LinuxOs::new(o, syms))
 }
 
-const BOOTED: &[(u32, &str, u32, u32)] = &[
+const BOOTED: &[Leader] = &[
     (1, "init", 0, 0x0040_0100),
     (2, "kthreadd", 1, PF_KTHREAD),
     (3, "rcu_gp", 0x402, PF_KTHREAD),
@@ -382,4 +483,248 @@ fn a_very_long_list_stops_at_the_limit() {
     let list = os.tasks(&Endless, 1).unwrap();
     assert_eq!(list.tasks.len(), MAX_TASKS);
     assert!(list.incomplete.as_deref().unwrap().contains("more than"), "{:?}", list.incomplete);
+}
+
+// ---- threads ----------------------------------------------------------------------
+
+/// init, kthreadd and two processes: `app` (42) with three more threads and
+/// `db` (50) with one.
+const PROCS: &[Leader] = &[
+    (1, "init", 1, 0x0040_0100),
+    (2, "kthreadd", 1, PF_KTHREAD),
+    (42, "app", 1, 0x0040_0000),
+    (50, "db", 1, 0x0040_0000),
+];
+const THREADS: &[Thread] = &[(2, 43, "app:io"), (2, 44, "app:gc"), (3, 51, "db:wal"), (2, 47, "app:worker")];
+
+/// pid, tgid, name, whether a thread, the vCPU it runs on.
+type Row = (u32, u32, String, bool, Option<u16>);
+
+fn rows(list: &TaskList) -> Vec<Row> {
+    list.tasks.iter().map(|t| (t.pid, t.tgid, t.name.clone(), t.is_thread(), t.on_cpu)).collect()
+}
+
+fn row(pid: u32, tgid: u32, name: &str, on_cpu: Option<u16>) -> Row {
+    (pid, tgid, name.to_string(), pid != tgid, on_cpu)
+}
+
+/// Every task of PROCS and THREADS, leaders each followed by their threads;
+/// `app:gc` (44) on vCPU 0.
+fn all_rows() -> Vec<Row> {
+    vec![
+        row(0, 0, "swapper/0", None),
+        row(1, 1, "init", None),
+        row(2, 2, "kthreadd", None),
+        row(42, 42, "app", None),
+        row(43, 42, "app:io", None),
+        row(44, 42, "app:gc", Some(0)),
+        row(47, 42, "app:worker", None),
+        row(50, 50, "db", None),
+        row(51, 50, "db:wal", None),
+    ]
+}
+
+/// The leaders' rows alone, and those of the threads of `app` before the
+/// walk of its list stopped (by pid).
+fn rows_but(app_threads: &[u32]) -> Vec<Row> {
+    all_rows().into_iter().filter(|r| !r.3 || r.1 != 42 || app_threads.contains(&r.0)).collect()
+}
+
+#[test]
+fn threads_follow_their_leader_by_signal_thread_head() {
+    let (mem, os) = guest_with(PROCS, THREADS, Lists::Both, thread_va(1));
+    let list = os.tasks(&mem, 1).unwrap();
+    assert_eq!(list.incomplete, None);
+    assert_eq!(rows(&list), all_rows());
+    assert!(list.tasks.iter().all(|t| t.ppid == Some(0) && t.state != '?'));
+    assert!(!list.tasks.iter().any(|t| t.is_thread() && t.kthread));
+    // The thread on vCPU 0 is the current task everywhere.
+    assert_eq!(os.current_process(&mem, 0), Some(44));
+    assert_eq!(os.who(&mem, 0), Who { vcpu: 0, pid: Some(44), process: Some("app:gc".into()) });
+    assert_eq!(os.describe_current(&mem, 0).as_deref(), Some("pid 44 (app:gc)"));
+    assert_eq!(os.process_name(&mem, 47).as_deref(), Some("app:worker"), "threads are found by pid");
+}
+
+#[test]
+fn threads_follow_their_leader_by_thread_group_on_older_kernels() {
+    let (mem, os) = guest_with(PROCS, THREADS, Lists::GroupOnly, thread_va(1));
+    let list = os.tasks(&mem, 1).unwrap();
+    assert_eq!(list.incomplete, None);
+    assert_eq!(rows(&list), all_rows());
+    assert!(os.describe().contains("threads by thread_group 0x450"), "{}", os.describe());
+    // No signal->thread_head there: the 6.1 offsets find no signal_struct,
+    // say so for every group and still list every leader.
+    let os = LinuxOs::new(test_kernel_offsets(), *os.symbols());
+    let list = os.tasks(&mem, 1).unwrap();
+    assert_eq!(rows(&list), all_rows().into_iter().filter(|r| !r.3).collect::<Vec<_>>());
+    assert_eq!(
+        list.incomplete.as_deref(),
+        Some("the signal_struct of pid 0 cannot be read (and 4 more thread lists stopped early)")
+    );
+}
+
+#[test]
+fn without_thread_links_only_leaders_are_listed() {
+    let (mem, os) = guest_with(PROCS, THREADS, Lists::Both, thread_va(1));
+    let o = LinuxOffsets { threads: ThreadLinks::LeadersOnly, ..test_kernel_offsets() };
+    let os = LinuxOs::new(o, *os.symbols());
+    let list = os.tasks(&mem, 1).unwrap();
+    assert_eq!(list.incomplete, None, "the walk did all it could");
+    let leaders: Vec<Row> = all_rows().into_iter().filter(|r| !r.3).collect();
+    assert_eq!(rows(&list), leaders, "the current thread is not listed, so nothing is marked");
+    assert!(os.describe().contains("leaders only"), "{}", os.describe());
+    assert_eq!(os.who(&mem, 0).pid, Some(44), "the current task is still read directly");
+}
+
+/// Each lie stops the walk of its own thread list only, with a reason:
+/// every leader, and every other group's threads, are still listed, and no
+/// task twice.
+#[test]
+fn lying_thread_lists_stop_their_group_with_a_reason() {
+    let node = |j: usize| thread_va(j) + THREAD_NODE;
+    let app_head = signal_va(3) + THREAD_HEAD;
+    let check = |what: &str, lie: &dyn Fn(&Mem), lists: Lists, app: &[u32], why: &str| {
+        let (mem, os) = guest_with(PROCS, THREADS, lists, thread_va(1));
+        lie(&mem);
+        let list = os.tasks(&mem, 1).unwrap();
+        let on = |mut r: Row| {
+            r.4 = r.4.filter(|_| app.contains(&44));
+            r
+        };
+        assert_eq!(rows(&list), rows_but(app).into_iter().map(on).collect::<Vec<_>>(), "{what}");
+        let got = list.incomplete.unwrap_or_else(|| panic!("{what}: no reason"));
+        assert!(got.starts_with(why), "{what}: {got}");
+    };
+    let link = |mem: &Mem, at: u64, to: u64| mem.write_kva(at, &to.to_le_bytes());
+    let both = Lists::Both;
+    check(
+        "app:gc back to app:io",
+        &|m| link(m, node(1), node(0)),
+        both,
+        &[43, 44],
+        &format!("the thread list of pid 42 loops back to {:#x} without reaching its head", node(0)),
+    );
+    check("app:io to itself", &|m| link(m, node(0), node(0)), both, &[43], "the thread list of pid 42 loops back");
+    check(
+        "app:io into the leader list (kthreadd's link)",
+        &|m| link(m, node(0), task_va(1) + 0x2e0),
+        both,
+        &[43],
+        "the thread list of pid 42 runs into the leader list",
+    );
+    check(
+        "app:io into init_task's link (the leader list's head)",
+        &|m| link(m, node(0), INIT_TASK + 0x2e0),
+        both,
+        &[43],
+        "the thread list of pid 42 runs into the leader list",
+    );
+    check(
+        "app:io to db's thread",
+        &|m| link(m, node(0), node(2)),
+        both,
+        &[43],
+        "the thread list of pid 42 reaches pid 51 of thread group 50",
+    );
+    check(
+        "app's head to unmapped memory",
+        &|m| link(m, app_head, 0xffff_8880_7fff_0000),
+        both,
+        &[],
+        "the thread list of pid 42 has a task at node 0xffff88807fff0000 that cannot be read",
+    );
+    for bad in [0u64, 5, u64::MAX, u64::MAX - 7] {
+        check(&format!("app:io to {bad:#x}"), &|m| link(m, node(0), bad), both, &[43], "the thread list of pid 42 ");
+    }
+    check(
+        "app's signal pointer to unmapped memory",
+        &|m| link(m, task_va(2) + SIGNAL, 0xffff_8880_7fff_0000),
+        both,
+        &[],
+        "the thread list of pid 42 has a link at 0xffff88807fff0010 that cannot be read",
+    );
+    for bad in [0u64, u64::MAX - 7] {
+        check(
+            &format!("app's signal pointer {bad:#x}"),
+            &|m| link(m, task_va(2) + SIGNAL, bad),
+            both,
+            &[],
+            "the signal_struct of pid 42 cannot be read",
+        );
+    }
+    // A task listed already, under a tgid that agrees: db claims app's tgid
+    // (so it reads as one of app's threads) and its list (after db's own
+    // link) goes to app:io.
+    let (mem, os) = guest_with(PROCS, THREADS, both, thread_va(1));
+    mem.write_kva(task_va(3) + 0x3ac, &42u32.to_le_bytes());
+    link(&mem, task_va(3) + THREAD_NODE, node(0));
+    let list = os.tasks(&mem, 1).unwrap();
+    let mut want = all_rows();
+    want.truncate(7);
+    want.push(row(50, 42, "db", None));
+    assert_eq!(rows(&list), want, "app:io once; db:wal is lost behind the lie");
+    let why = list.incomplete.unwrap();
+    assert_eq!(why, format!("the thread list of pid 50 reaches the task at {:#x} again", thread_va(0)));
+    // The same lies in a thread_group ring (its head is the leader's own link).
+    let group = |j: usize| thread_va(j) + THREAD_GROUP;
+    check(
+        "thread_group: app:gc back to app:io",
+        &|m| link(m, group(1), group(0)),
+        Lists::GroupOnly,
+        &[43, 44],
+        "the thread list of pid 42 loops back",
+    );
+    check(
+        "thread_group: app:io into the leader list",
+        &|m| link(m, group(0), task_va(3) + 0x2e0),
+        Lists::GroupOnly,
+        &[43],
+        "the thread list of pid 42 runs into the leader list",
+    );
+}
+
+#[test]
+fn two_lying_lists_say_the_first_and_count_the_rest() {
+    let (mem, os) = guest_with(PROCS, THREADS, Lists::Both, thread_va(1));
+    let node = |j: usize| thread_va(j) + THREAD_NODE;
+    mem.write_kva(node(0), &node(0).to_le_bytes());
+    mem.write_kva(node(2), &node(2).to_le_bytes());
+    let list = os.tasks(&mem, 1).unwrap();
+    let why = list.incomplete.unwrap();
+    assert!(why.starts_with("the thread list of pid 42 loops back"), "{why}");
+    assert!(why.ends_with("(and 1 more thread lists stopped early)"), "{why}");
+    assert_eq!(list.tasks.iter().filter(|t| t.is_thread()).count(), 2, "app:io and db:wal");
+}
+
+#[test]
+fn threads_count_toward_the_limit() {
+    // init_task's only leader link points at itself; its thread_group link
+    // at the next page's, forever: built lazily by a memory that makes up
+    // every page (every task reads as pid 0, tgid 0, like init_task).
+    struct Endless;
+    impl PhysRead for Endless {
+        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+            buf.fill(0);
+            let page = gpa & !0xfff;
+            let node = match gpa & 0xfff {
+                0x2e0 => PAGE_OFFSET + page + 0x2e0,
+                0x450 => PAGE_OFFSET + page + 0x1000 + 0x450,
+                _ => return Ok(()),
+            };
+            if buf.len() == 8 {
+                buf.copy_from_slice(&node.to_le_bytes());
+            }
+            Ok(())
+        }
+    }
+    impl GuestMemory for Endless {
+        fn translate(&self, _vcpu: u16, _gva: u64) -> Option<u64> {
+            None
+        }
+    }
+    let syms = LinuxSymbols { init_task: PAGE_OFFSET, per_cpu_offset: None, current_task: None, image_end: None };
+    let o = LinuxOffsets { threads: ThreadLinks::Group { thread_group: THREAD_GROUP }, ..test_kernel_offsets() };
+    let list = LinuxOs::new(o, syms).tasks(&Endless, 1).unwrap();
+    assert_eq!(list.tasks.len(), MAX_TASKS, "leaders and threads together");
+    assert_eq!(list.incomplete.as_deref(), Some("more than 32768 tasks: the walk stopped there"));
 }
