@@ -201,8 +201,8 @@ mod tests {
             self.1.push(s.to_string());
             Ok(())
         }
-        fn progress(&mut self, _s: &str) -> std::io::Result<()> {
-            Ok(())
+        fn progress(&mut self, s: &str) -> std::io::Result<()> {
+            self.note(s)
         }
         fn stderr_tty(&self) -> bool {
             false

@@ -455,32 +455,38 @@ fn lying_task_lists_end_the_walk_with_a_reason() {
     assert_eq!(os.who(&empty, 0), Who { vcpu: 0, pid: None, process: None });
 }
 
+/// A memory that makes up every page, lazily: zeros, but for the 8-byte
+/// links at the page offsets in its list, each pointing that many bytes on
+/// (0: at itself) to the same offset. With tasks at every page, a list as
+/// long as the address space.
+struct Endless(&'static [(u64, u64)]);
+
+impl PhysRead for Endless {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        buf.fill(0);
+        let link = self.0.iter().find(|&&(at, _)| gpa & 0xfff == at && buf.len() == 8);
+        if let Some(&(_, step)) = link {
+            buf.copy_from_slice(&(PAGE_OFFSET + gpa + step).to_le_bytes());
+        }
+        Ok(())
+    }
+}
+
+impl GuestMemory for Endless {
+    fn translate(&self, _vcpu: u16, _gva: u64) -> Option<u64> {
+        None
+    }
+}
+
+/// An OS whose init_task is the first task of an [`Endless`] memory.
+fn endless_os(o: LinuxOffsets) -> LinuxOs {
+    LinuxOs::new(o, LinuxSymbols { init_task: PAGE_OFFSET, per_cpu_offset: None, current_task: None, image_end: None })
+}
+
 #[test]
 fn a_very_long_list_stops_at_the_limit() {
-    // init_task's link points at a node whose link points at a fresh node,
-    // forever: built lazily by a memory that makes up every page.
-    struct Endless;
-    impl PhysRead for Endless {
-        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ReadError> {
-            // Every 8-byte link at offset tasks (0x2e0) of a 0x1000-aligned
-            // task points to the next page's; other fields read as zeros.
-            buf.fill(0);
-            let page = gpa & !0xfff;
-            if gpa & 0xfff == 0x2e0 && buf.len() == 8 {
-                let next_task = PAGE_OFFSET + page + 0x1000;
-                buf.copy_from_slice(&(next_task + 0x2e0).to_le_bytes());
-            }
-            Ok(())
-        }
-    }
-    impl GuestMemory for Endless {
-        fn translate(&self, _vcpu: u16, _gva: u64) -> Option<u64> {
-            None
-        }
-    }
-    let syms = LinuxSymbols { init_task: PAGE_OFFSET, per_cpu_offset: None, current_task: None, image_end: None };
-    let os = LinuxOs::new(test_kernel_offsets(), syms);
-    let list = os.tasks(&Endless, 1).unwrap();
+    // init_task's link (at tasks, 0x2e0) points at the next page's task's, forever.
+    let list = endless_os(test_kernel_offsets()).tasks(&Endless(&[(0x2e0, 0x1000)]), 1).unwrap();
     assert_eq!(list.tasks.len(), MAX_TASKS);
     assert!(list.incomplete.as_deref().unwrap().contains("more than"), "{:?}", list.incomplete);
 }
@@ -530,12 +536,23 @@ fn rows_but(app_threads: &[u32]) -> Vec<Row> {
     all_rows().into_iter().filter(|r| !r.3 || r.1 != 42 || app_threads.contains(&r.0)).collect()
 }
 
-#[test]
-fn threads_follow_their_leader_by_signal_thread_head() {
-    let (mem, os) = guest_with(PROCS, THREADS, Lists::Both, thread_va(1));
+/// The leaders' rows alone.
+fn leader_rows() -> Vec<Row> {
+    all_rows().into_iter().filter(|r| !r.3).collect()
+}
+
+/// A guest of PROCS and THREADS with `lists`, whose walk lists them all.
+fn all_listed(lists: Lists) -> (Mem, LinuxOs, TaskList) {
+    let (mem, os) = guest_with(PROCS, THREADS, lists, thread_va(1));
     let list = os.tasks(&mem, 1).unwrap();
     assert_eq!(list.incomplete, None);
     assert_eq!(rows(&list), all_rows());
+    (mem, os, list)
+}
+
+#[test]
+fn threads_follow_their_leader_by_signal_thread_head() {
+    let (mem, os, list) = all_listed(Lists::Both);
     assert!(list.tasks.iter().all(|t| t.ppid == Some(0) && t.state != '?'));
     assert!(!list.tasks.iter().any(|t| t.is_thread() && t.kthread));
     // The thread on vCPU 0 is the current task everywhere.
@@ -547,16 +564,13 @@ fn threads_follow_their_leader_by_signal_thread_head() {
 
 #[test]
 fn threads_follow_their_leader_by_thread_group_on_older_kernels() {
-    let (mem, os) = guest_with(PROCS, THREADS, Lists::GroupOnly, thread_va(1));
-    let list = os.tasks(&mem, 1).unwrap();
-    assert_eq!(list.incomplete, None);
-    assert_eq!(rows(&list), all_rows());
+    let (mem, os, _) = all_listed(Lists::GroupOnly);
     assert!(os.describe().contains("threads by thread_group 0x450"), "{}", os.describe());
     // No signal->thread_head there: the 6.1 offsets find no signal_struct,
     // say so for every group and still list every leader.
     let os = LinuxOs::new(test_kernel_offsets(), *os.symbols());
     let list = os.tasks(&mem, 1).unwrap();
-    assert_eq!(rows(&list), all_rows().into_iter().filter(|r| !r.3).collect::<Vec<_>>());
+    assert_eq!(rows(&list), leader_rows());
     assert_eq!(
         list.incomplete.as_deref(),
         Some("the signal_struct of pid 0 cannot be read (and 4 more thread lists stopped early)")
@@ -570,8 +584,7 @@ fn without_thread_links_only_leaders_are_listed() {
     let os = LinuxOs::new(o, *os.symbols());
     let list = os.tasks(&mem, 1).unwrap();
     assert_eq!(list.incomplete, None, "the walk did all it could");
-    let leaders: Vec<Row> = all_rows().into_iter().filter(|r| !r.3).collect();
-    assert_eq!(rows(&list), leaders, "the current thread is not listed, so nothing is marked");
+    assert_eq!(rows(&list), leader_rows(), "the current thread is not listed, so nothing is marked");
     assert!(os.describe().contains("leaders only"), "{}", os.describe());
     assert_eq!(os.who(&mem, 0).pid, Some(44), "the current task is still read directly");
 }
@@ -699,32 +712,10 @@ fn two_lying_lists_say_the_first_and_count_the_rest() {
 #[test]
 fn threads_count_toward_the_limit() {
     // init_task's only leader link points at itself; its thread_group link
-    // at the next page's, forever: built lazily by a memory that makes up
-    // every page (every task reads as pid 0, tgid 0, like init_task).
-    struct Endless;
-    impl PhysRead for Endless {
-        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ReadError> {
-            buf.fill(0);
-            let page = gpa & !0xfff;
-            let node = match gpa & 0xfff {
-                0x2e0 => PAGE_OFFSET + page + 0x2e0,
-                0x450 => PAGE_OFFSET + page + 0x1000 + 0x450,
-                _ => return Ok(()),
-            };
-            if buf.len() == 8 {
-                buf.copy_from_slice(&node.to_le_bytes());
-            }
-            Ok(())
-        }
-    }
-    impl GuestMemory for Endless {
-        fn translate(&self, _vcpu: u16, _gva: u64) -> Option<u64> {
-            None
-        }
-    }
-    let syms = LinuxSymbols { init_task: PAGE_OFFSET, per_cpu_offset: None, current_task: None, image_end: None };
+    // at the next page's task's, forever (every task reads as pid 0, tgid 0,
+    // like init_task).
     let o = LinuxOffsets { threads: ThreadLinks::Group { thread_group: THREAD_GROUP }, ..test_kernel_offsets() };
-    let list = LinuxOs::new(o, syms).tasks(&Endless, 1).unwrap();
+    let list = endless_os(o).tasks(&Endless(&[(0x2e0, 0), (THREAD_GROUP, 0x1000)]), 1).unwrap();
     assert_eq!(list.tasks.len(), MAX_TASKS, "leaders and threads together");
     assert_eq!(list.incomplete.as_deref(), Some("more than 32768 tasks: the walk stopped there"));
 }
