@@ -173,6 +173,19 @@ fn wait_threads(pid: u32, want: &[String], within: Duration, what: &str) -> Dura
     t0.elapsed()
 }
 
+/// Asserts that the stream `s` and the daemon serving `sock` both end
+/// within 5 s of `since`, when `what` happened.
+fn assert_both_end(mut s: Stream, sock: &Path, since: Instant, what: &str) {
+    let within = Duration::from_secs(5);
+    let status = s.wait_exit(within, what);
+    eprintln!("the stream's client exited ({status}) {:?} after {what}", since.elapsed());
+    while !daemon_pids(sock).is_empty() {
+        assert!(since.elapsed() < within, "the daemon did not exit within {within:?} of {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("the daemon exited {:?} after {what}", since.elapsed());
+}
+
 #[test]
 fn an_attached_daemon_and_a_guards_stream_do_not_wake_while_the_guest_runs() {
     let dir = Scratch::new("daemon-idle");
@@ -215,32 +228,20 @@ fn an_attached_daemon_and_a_guards_stream_do_not_wake_while_the_guest_runs() {
 
     // A stop signal to the daemon ends the open stream and the daemon, and
     // the guest runs on.
-    let mut s = Stream::start(&sock, &["watch-msr", "LSTAR"]);
+    let s = Stream::start(&sock, &["watch-msr", "LSTAR"]);
     let signalled = Instant::now();
     // SAFETY: kill(2) on the daemon's pid, found by its command line above.
     unsafe { libc::kill(i32::try_from(daemon).unwrap(), libc::SIGTERM) };
-    let status = s.wait_exit(Duration::from_secs(5), "the daemon got SIGTERM");
-    eprintln!("the stream's client exited ({status}) {:?} after SIGTERM to the daemon", signalled.elapsed());
-    while !daemon_pids(&sock).is_empty() {
-        assert!(signalled.elapsed() < Duration::from_secs(5), "the daemon did not exit within 5 s of SIGTERM");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    eprintln!("the daemon exited {:?} after SIGTERM", signalled.elapsed());
+    assert_both_end(s, &sock, signalled, "SIGTERM to the daemon");
     vm.assert_guest_runs();
     // The VMM connects again, to the next daemon.
     let o = ukvmi(&sock).args(["--wait", "10", "info"]).output().unwrap();
     assert!(o.status.success(), "info after the daemon's exit: {}", String::from_utf8_lossy(&o.stderr));
 
     // The VM going away ends the open stream and the daemon.
-    let mut s = Stream::start(&sock, &["watch-msr", "LSTAR"]);
+    let s = Stream::start(&sock, &["watch-msr", "LSTAR"]);
     let gone = Instant::now();
     vm.child.kill().unwrap();
     vm.child.wait().unwrap();
-    let status = s.wait_exit(Duration::from_secs(5), "the VM was killed");
-    eprintln!("the stream's client exited ({status}) {:?} after the VM was killed", gone.elapsed());
-    while !daemon_pids(&sock).is_empty() {
-        assert!(gone.elapsed() < Duration::from_secs(5), "the daemon did not exit within 5 s of the VM going away");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    eprintln!("the daemon exited {:?} after the VM was killed", gone.elapsed());
+    assert_both_end(s, &sock, gone, "the VM was killed");
 }

@@ -16,6 +16,14 @@ fn attach(s: &Setup) -> Monitor {
     Monitor::start(Vm::connect_raw(s.connect()).unwrap()).unwrap()
 }
 
+/// A monitor on `s` and a subscription watching (not refusing) LSTAR writes.
+fn watching_lstar(s: &Setup) -> (Monitor, ukvmi_monitor::Subscription) {
+    let mon = attach(s);
+    let sub = mon.subscribe(Kinds { msr: true, ..Kinds::default() });
+    mon.watch_msr(&sub, LSTAR, false).unwrap();
+    (mon, sub)
+}
+
 fn next(sub: &ukvmi_monitor::Subscription) -> Record {
     sub.next(T).unwrap().expect("a record within the timeout")
 }
@@ -54,9 +62,7 @@ fn an_msr_guard_keeps_the_old_value_and_goes_away_with_its_subscription() {
 #[test]
 fn a_reader_that_falls_behind_loses_records_and_is_told_how_many() {
     let s = Setup::new(&FakeConfig::default());
-    let mon = attach(&s);
-    let slow = mon.subscribe(Kinds { msr: true, ..Kinds::default() });
-    mon.watch_msr(&slow, LSTAR, false).unwrap();
+    let (mon, slow) = watching_lstar(&s);
     const BACKLOG: u64 = 10_000;
     const EXTRA: u64 = 25;
     for i in 0..BACKLOG + EXTRA {
@@ -85,9 +91,7 @@ fn a_reader_that_falls_behind_loses_records_and_is_told_how_many() {
 #[test]
 fn a_wait_without_deadline_ends_with_a_record_a_wake_or_the_monitor_stopping() {
     let s = Setup::new(&FakeConfig::default());
-    let mon = attach(&s);
-    let sub = mon.subscribe(Kinds { msr: true, ..Kinds::default() });
-    mon.watch_msr(&sub, LSTAR, false).unwrap();
+    let (mon, sub) = watching_lstar(&s);
     // A record ends the wait.
     s.vm.guest_does(0, GuestAction::WriteMsr { msr: LSTAR, value: 0x4141 });
     assert!(matches!(sub.next_until(None).unwrap(), Some(Record::Msr { new: 0x4141, .. })));
