@@ -24,8 +24,10 @@
 //! nothing to what is measured. Each round takes every condition once, in
 //! an order rotated from round to round so drift hits all alike; a
 //! condition's figure is its rate divided by the rate without an
-//! introspector in the same round. CPU time of the VMM's threads and of the
-//! daemon during each window comes from /proc.
+//! introspector in the same round. CPU time and wake-ups (voluntary context
+//! switches) of the VMM's threads, the daemon and the tool during each
+//! window come from /proc; in conditions 2 and 3, where nothing happens,
+//! the daemon and the tool are checked to sleep through the window.
 //!
 //! Run: `cargo bench -p ukvmi --bench guest_cost` (needs /dev/kvm). To
 //! look closer: `UKVMI_GUEST_COST_ROUNDS=N`, `UKVMI_GUEST_COST_WINDOW=SECS`,
@@ -61,6 +63,11 @@ const SETTLE: Duration = Duration::from_millis(500);
 const T: Duration = Duration::from_secs(20);
 /// The VMM's reconnect interval while nobody listens.
 const RECONNECT: &str = "0.5";
+/// Most wake-ups of the daemon (all its threads) and of the tool process in
+/// a window of conditions 2 and 3, where nothing happens: 1/s of anything
+/// periodic would be 3 (the daemon used to make 15 and, with a stream
+/// open, 45 in 3 s).
+const IDLE_WAKES: f64 = 2.0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Cond {
@@ -100,9 +107,11 @@ struct Window {
     daemon_cpu: f64,
     /// CPU (cores) of the tool process (see `cpu_ns`).
     tool_cpu: f64,
-    /// Wake-ups per second of the VMM's other threads and of the daemon.
+    /// Wake-ups per second of the VMM's other threads, of the daemon and
+    /// of the tool process.
     vmm_wakes: f64,
     daemon_wakes: f64,
+    tool_wakes: f64,
     /// Iterations per second of CPU time the vCPU thread got: the guest's
     /// speed with the host's other load (time the thread waited for a
     /// core) taken out.
@@ -322,10 +331,13 @@ fn get_w(round: &[(Cond, Window)], c: Cond) -> Window {
 /// CPU time (ns) of the vCPU threads, the other VMM threads, the daemon
 /// and the tool (`tool`: the running `ukvmi trace` client, or this process
 /// when it runs the library tracer); then the wake-ups of the other VMM
-/// threads and of the daemon.
-fn cpu_ns(vmm: u32, sock: &Path, tool: Option<u32>) -> ([u64; 4], [u64; 2]) {
-    let (mut cpu, mut wakes) = ([0u64; 4], [0u64; 2]);
-    cpu[3] = tool.map_or(0, |p| thread_cpu(p).iter().map(|(_, t, _)| t).sum());
+/// threads, of the daemon and of the tool.
+fn cpu_ns(vmm: u32, sock: &Path, tool: Option<u32>) -> ([u64; 4], [u64; 3]) {
+    let (mut cpu, mut wakes) = ([0u64; 4], [0u64; 3]);
+    for (_, t, w) in tool.map(thread_cpu).unwrap_or_default() {
+        cpu[3] += t;
+        wakes[2] += w;
+    }
     for (name, t, w) in thread_cpu(vmm) {
         if name.starts_with("vcpu") {
             cpu[0] += t;
@@ -370,6 +382,7 @@ fn measure(ram: &GuestRam, tools: &Tools, vmm: u32, window: Duration) -> Window 
         tool_cpu: cores(cpu0.0[3], cpu1.0[3]),
         vmm_wakes: cpu1.1[0].saturating_sub(cpu0.1[0]) as f64 / secs,
         daemon_wakes: cpu1.1[1].saturating_sub(cpu0.1[1]) as f64 / secs,
+        tool_wakes: cpu1.1[2].saturating_sub(cpu0.1[2]) as f64 / secs,
         per_cpu: (c1 - c0) as f64 / (cpu1.0[0].saturating_sub(cpu0.0[0]).max(1) as f64 / 1e9),
         iterations: c1 - c0,
         handled: s1 - s0,
@@ -455,6 +468,19 @@ fn main() {
                     format!("round {r}, {c:?}: {:.0} records/s for {:.0} syscalls/s", w.records, w.syscalls),
                 );
             }
+            if matches!(c, Cond::Idle | Cond::Armed) {
+                // Nothing runs on a clock while nothing happens (issue 14):
+                // the daemon and the stream's client sleep through the
+                // window (a one-off wake-up or two, nothing periodic).
+                let secs = window.as_secs_f64();
+                let (d, t) = ((w.daemon_wakes * secs).round(), (w.tool_wakes * secs).round());
+                check(
+                    d <= IDLE_WAKES && t <= IDLE_WAKES,
+                    format!(
+                        "round {r}, {c:?}: the daemon woke {d:.0} times, the tool {t:.0} (at most {IDLE_WAKES} each)"
+                    ),
+                );
+            }
             round.push((c, w));
         }
         table.push(round);
@@ -524,11 +550,11 @@ fn main() {
          [min..max]; \"x none per CPU\": the same for iterations per second of CPU the vCPU thread got (the host's \
          other load taken out); CPU in cores during the window: vCPU thread / the VMM's other threads / the daemon / \
          the tool (the `ukvmi trace` client, or this process for the library tracer); \
-         wake-ups per second of the VMM's other threads / the daemon"
+         wake-ups per second of the VMM's other threads / the daemon / the tool"
     );
     println!(
         "{:<46} {:>8} {:>24} {:>8} {:>24} {:>26} {:>12}",
-        "condition", "it/s", "x none", "slower", "x none per CPU", "CPU vcpu/vmm/daemon/tool", "wakes vmm/d"
+        "condition", "it/s", "x none", "slower", "x none per CPU", "CPU vcpu/vmm/daemon/tool", "wakes vmm/d/tool"
     );
     let spread = |v: Vec<f64>| {
         let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
@@ -540,7 +566,7 @@ fn main() {
         let (pm, plo, phi) =
             spread(table.iter().map(|round| get(round, c).per_cpu / get(round, Cond::Alone).per_cpu).collect());
         println!(
-            "{:<46} {:>8.0} {:>7.4} [{:.4}..{:.4}] {:>7.2}% {:>7.4} [{:.4}..{:.4}] {:>8.3}/{:.3}/{:.3}/{:.3} {:>7.0}/{:.0}",
+            "{:<46} {:>8.0} {:>7.4} [{:.4}..{:.4}] {:>7.2}% {:>7.4} [{:.4}..{:.4}] {:>8.3}/{:.3}/{:.3}/{:.3} {:>7.0}/{:.0}/{:.0}",
             c.label(),
             median(ws.iter().map(|w| w.rate).collect()),
             m,
@@ -556,6 +582,7 @@ fn main() {
             median(ws.iter().map(|w| w.tool_cpu).collect()),
             median(ws.iter().map(|w| w.vmm_wakes).collect()),
             median(ws.iter().map(|w| w.daemon_wakes).collect()),
+            median(ws.iter().map(|w| w.tool_wakes).collect()),
         );
     }
     let alone: Vec<Window> = table.iter().map(|round| get(round, Cond::Alone)).collect();

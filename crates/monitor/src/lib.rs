@@ -28,8 +28,10 @@
 //! under its own lock, so that a step-over and a removal cannot cross. A
 //! policy records an owner before it arms the hardware and removes it if
 //! arming fails, so an event that arrives meanwhile is already handled by
-//! the owner's rules. The subscribers' lock is innermost. Lock order:
-//! setup → one policy → subscribers. The shutdown sets the stop flag before
+//! the owner's rules. The subscribers' lock is innermost but for each
+//! subscription's queue (a reader waits on its queue alone, woken by a
+//! record, the end of the stream or a [`SubWaker`]). Lock order: setup →
+//! one policy → subscribers → a queue. The shutdown sets the stop flag before
 //! it lets held vCPUs go, and the pause policy checks that flag under its
 //! lock, so no vCPU is held after a stop.
 
@@ -49,5 +51,5 @@ pub use error::{MonitorError, Result};
 pub use guestos::{DemoOs, GuestMemory, GuestOs, PhysRead, ReadError};
 pub use monitor::{describe, HeldVcpus, Monitor, Stats};
 pub use record::{Record, Who};
-pub use subs::{Kinds, Subscription};
+pub use subs::{Kinds, SubWaker, Subscription};
 pub use symbols::SymbolMap;

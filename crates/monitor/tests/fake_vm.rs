@@ -1,6 +1,6 @@
 //! The monitor against the conformance crate's fake VM (no KVM): MSR
-//! guards, subscriptions that undo what they set up, and the backlog
-//! limit for a reader that stops reading.
+//! guards, subscriptions that undo what they set up, the backlog limit for
+//! a reader that stops reading, and what ends a reader's wait.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
 use std::time::{Duration, Instant};
@@ -14,6 +14,14 @@ const T: Duration = Duration::from_secs(10);
 
 fn attach(s: &Setup) -> Monitor {
     Monitor::start(Vm::connect_raw(s.connect()).unwrap()).unwrap()
+}
+
+/// A monitor on `s` and a subscription watching (not refusing) LSTAR writes.
+fn watching_lstar(s: &Setup) -> (Monitor, ukvmi_monitor::Subscription) {
+    let mon = attach(s);
+    let sub = mon.subscribe(Kinds { msr: true, ..Kinds::default() });
+    mon.watch_msr(&sub, LSTAR, false).unwrap();
+    (mon, sub)
 }
 
 fn next(sub: &ukvmi_monitor::Subscription) -> Record {
@@ -54,9 +62,7 @@ fn an_msr_guard_keeps_the_old_value_and_goes_away_with_its_subscription() {
 #[test]
 fn a_reader_that_falls_behind_loses_records_and_is_told_how_many() {
     let s = Setup::new(&FakeConfig::default());
-    let mon = attach(&s);
-    let slow = mon.subscribe(Kinds { msr: true, ..Kinds::default() });
-    mon.watch_msr(&slow, LSTAR, false).unwrap();
+    let (mon, slow) = watching_lstar(&s);
     const BACKLOG: u64 = 10_000;
     const EXTRA: u64 = 25;
     for i in 0..BACKLOG + EXTRA {
@@ -80,4 +86,48 @@ fn a_reader_that_falls_behind_loses_records_and_is_told_how_many() {
     assert_eq!(next(&slow), Record::Lost { count: EXTRA });
     assert!(matches!(next(&slow), Record::Msr { new: 7, .. }));
     mon.stop();
+}
+
+#[test]
+fn a_wait_without_deadline_ends_with_a_record_a_wake_or_the_monitor_stopping() {
+    let s = Setup::new(&FakeConfig::default());
+    let (mon, sub) = watching_lstar(&s);
+    // A record ends the wait.
+    s.vm.guest_does(0, GuestAction::WriteMsr { msr: LSTAR, value: 0x4141 });
+    assert!(matches!(sub.next_until(None).unwrap(), Some(Record::Msr { new: 0x4141, .. })));
+    // A deadline ends it, not before.
+    let t0 = Instant::now();
+    assert!(sub.next_until(Some(t0 + Duration::from_millis(200))).unwrap().is_none());
+    assert!(t0.elapsed() >= Duration::from_millis(200), "back after {:?}", t0.elapsed());
+    // A waker ends it, from another thread, while it waits.
+    let w = sub.waker();
+    let waking = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        w.wake();
+    });
+    let t0 = Instant::now();
+    assert!(sub.next_until(None).unwrap().is_none());
+    assert!(t0.elapsed() >= Duration::from_millis(200), "back after {:?}", t0.elapsed());
+    waking.join().unwrap();
+    // A wake that finds no wait ends the next one, after the queued records.
+    s.vm.guest_does(0, GuestAction::WriteMsr { msr: LSTAR, value: 0x4242 });
+    let end = Instant::now() + T;
+    while s.vm.msr(0, LSTAR) != 0x4242 {
+        assert!(Instant::now() < end, "the write was not answered");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sub.waker().wake();
+    assert!(matches!(sub.next_until(None).unwrap(), Some(Record::Msr { new: 0x4242, .. })));
+    assert!(sub.next_until(None).unwrap().is_none());
+    // The monitor stopping ends it: the reason, then the end of the stream.
+    let stopping = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        mon.stop();
+        mon
+    });
+    assert!(matches!(sub.next_until(None).unwrap(), Some(Record::Detached { .. })));
+    assert!(sub.next_until(None).is_err());
+    // A subscription made after the stop is over at once.
+    let mon = stopping.join().unwrap();
+    assert!(mon.subscribe(Kinds::ALL).next_until(None).is_err());
 }

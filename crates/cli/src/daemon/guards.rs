@@ -97,7 +97,7 @@ pub(super) fn catch_stop_signals(d: &Arc<Daemon>) {
         if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
             log(&format!("signal {sig}: undoing every hook and exiting"));
             d.quit.store(true, Ordering::SeqCst);
-            d.cond.notify_all();
+            d.wake();
         }
     });
 }

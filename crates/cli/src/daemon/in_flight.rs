@@ -6,15 +6,48 @@ use std::{
     os::{fd::AsRawFd, unix::net::UnixStream},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Condvar, Mutex,
+        Arc, Condvar, Mutex, PoisonError,
     },
     time::{Duration, Instant},
 };
 
+use ukvmi_monitor::SubWaker;
+
 /// The longest a new command waits for departed ones to finish undoing
-/// (a stream notices its reader left within 0.1 s; undoing takes a few
-/// round trips to the VMM).
+/// (a stream is woken when its reader leaves; undoing takes a few round
+/// trips to the VMM).
 const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Whether a command's client has left, and the waits to end when it does
+/// (a stream's: it sleeps until a record, its deadline or this).
+#[derive(Debug, Default)]
+pub(super) struct ClientGone {
+    gone: AtomicBool,
+    wakers: Mutex<Vec<SubWaker>>,
+}
+
+impl ClientGone {
+    pub(super) fn get(&self) -> bool {
+        self.gone.load(Ordering::SeqCst)
+    }
+
+    /// The client left: the command is told, and woken where it waits.
+    pub(super) fn set(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+        for w in self.wakers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            w.wake();
+        }
+    }
+
+    /// Wakes `waker` when the client leaves. (A command checks [`get`]
+    /// after this and before each wait: a client that left before is seen
+    /// there, one that leaves after wakes it.)
+    ///
+    /// [`get`]: ClientGone::get
+    pub(super) fn wake_on_leaving(&self, waker: SubWaker) {
+        self.wakers.lock().unwrap_or_else(PoisonError::into_inner).push(waker);
+    }
+}
 
 /// One command being served.
 #[derive(Debug)]
@@ -23,7 +56,7 @@ struct Running {
     /// Its control connection (a clone), to see whether the client left.
     sock: UnixStream,
     /// Set when the client left; the command stops when it sees it.
-    gone: Arc<AtomicBool>,
+    gone: Arc<ClientGone>,
 }
 
 /// Every command being served.
@@ -45,7 +78,7 @@ fn hung_up(sock: &UnixStream) -> bool {
 
 impl InFlight {
     /// Registers a command; `gone` is its "the client left" flag.
-    pub(super) fn start(&self, sock: &UnixStream, gone: &Arc<AtomicBool>) -> Option<u64> {
+    pub(super) fn start(&self, sock: &UnixStream, gone: &Arc<ClientGone>) -> Option<u64> {
         let sock = sock.try_clone().ok()?;
         let mut r = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         r.0 += 1;
@@ -61,17 +94,26 @@ impl InFlight {
         self.done.notify_all();
     }
 
+    /// A command's client left: a `settle` under way waits for it too.
+    pub(super) fn left(&self) {
+        drop(self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        self.done.notify_all();
+    }
+
     /// Waits until every other command whose client has left has returned:
     /// what it set up is undone by then. Clients that left are told to
-    /// stop here, not only when their watcher thread gets to it.
+    /// stop here, not only when their watcher thread gets to it. Woken by
+    /// a command returning or another client leaving (`left`).
     pub(super) fn settle(&self, me: Option<u64>) {
         let end = Instant::now() + SETTLE_LIMIT;
         let mut r = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             let mut waiting = false;
             for c in r.1.iter().filter(|c| Some(c.id) != me) {
-                if c.gone.load(Ordering::Relaxed) || hung_up(&c.sock) {
-                    c.gone.store(true, Ordering::Relaxed);
+                if c.gone.get() {
+                    waiting = true;
+                } else if hung_up(&c.sock) {
+                    c.gone.set();
                     waiting = true;
                 }
             }
@@ -79,10 +121,7 @@ impl InFlight {
             if !waiting || left.is_zero() {
                 return;
             }
-            r = self
-                .done
-                .wait_timeout(r, left.min(Duration::from_millis(50)))
-                .map_or_else(|e| e.into_inner().0, |x| x.0);
+            r = self.done.wait_timeout(r, left).map_or_else(|e| e.into_inner().0, |x| x.0);
         }
     }
 }

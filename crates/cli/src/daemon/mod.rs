@@ -62,6 +62,7 @@ pub(crate) use vmm_peer::served_vm;
 struct Attached {
     mon: Option<Arc<Monitor>>,
     syms: Option<Arc<SymbolMap>>,
+    /// The attached VM went away (the monitor stopped).
     gone: bool,
     /// The key the next handshake answers with.
     key: Option<Vec<u8>>,
@@ -116,6 +117,16 @@ struct Daemon {
     /// The path's lock, held for the daemon's life; it keeps the record of
     /// the VM served.
     lock: DaemonLock,
+}
+
+impl Daemon {
+    /// Wakes every wait on `cond` after a change made outside `state` (a
+    /// flag): taking the lock first means a waiter that checked the flag
+    /// before the change is already waiting, so it cannot miss this.
+    fn wake(&self) {
+        drop(self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        self.cond.notify_all();
+    }
 }
 
 /// `ukvmi daemon --vm PATH [--map FILE] [--key-file FILE]` (normally
@@ -209,7 +220,7 @@ fn load_map(path: &str) -> Result<Arc<SymbolMap>, String> {
 /// The VM just attached: remembered (for `info`, and in the lock file for
 /// the next daemon), announced to the next command if the path served
 /// another VM before, and given its symbols.
-fn attached(d: &Daemon, mon: Monitor, vmm: Option<vmm_peer::VmmPeer>, before: Option<&ServedVm>) {
+fn attached(d: &Arc<Daemon>, mon: Monitor, vmm: Option<vmm_peer::VmmPeer>, before: Option<&ServedVm>) {
     let i = mon.vm().info();
     let served = ServedVm { name: i.name.clone(), uuid: uuid_hex(&i.uuid), vmm };
     log(&format!("VM {} attached: {} vCPUs", served.describe(), mon.vcpus()));
@@ -219,6 +230,7 @@ fn attached(d: &Daemon, mon: Monitor, vmm: Option<vmm_peer::VmmPeer>, before: Op
     }
     d.lock.set_record(&served.to_record());
     set_served(served);
+    watch_for_the_end(d, &mon);
     let map = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).map.as_ref().map(|m| Arc::clone(&m.1));
     let syms = symbols_for_vm(&mon, map.as_ref());
     let mut st = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -228,6 +240,25 @@ fn attached(d: &Daemon, mon: Monitor, vmm: Option<vmm_peer::VmmPeer>, before: Op
     st.handshaking = false;
     st.notice = notice;
     d.cond.notify_all();
+}
+
+/// Marks the VM gone (and wakes the main loop) when `mon` stops: the VM or
+/// its connection went away, the VMM unhooked, or `detach`. A thread
+/// waits for that on a subscription to no records, whose stream ends only
+/// then: nothing wakes it before.
+fn watch_for_the_end(d: &Arc<Daemon>, mon: &Monitor) {
+    let sub = mon.subscribe(ukvmi_monitor::Kinds::default());
+    let d = Arc::clone(d);
+    let started = std::thread::Builder::new().name("vm-watch".into()).spawn(move || {
+        while sub.next_until(None).is_ok() {}
+        d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).gone = true;
+        d.cond.notify_all();
+    });
+    if let Err(e) = started {
+        // The main loop sees the monitor stopped once `attached` wakes it.
+        log(&format!("cannot watch for the VM going away ({e}): detaching"));
+        mon.stop();
+    }
 }
 
 /// How the daemon's log ends: what a daemon that saw no VM leaves behind.
@@ -317,39 +348,56 @@ fn run_daemon(
         .map_err(|e| format!("starting the accept thread: {e}"))?;
 
     // Run until the VM goes away, `detach`, a stop signal, or no VM came.
+    // Nothing here runs on a clock: whatever may end the loop wakes it (a
+    // command ending, a handshake ending, the VM attaching or going away,
+    // `detach`, a signal), and its only deadlines, while no VM is
+    // attached, are waited for exactly.
     let started = Instant::now();
     let mut no_vm = false;
+    let mut st = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     loop {
         if d.quit.load(Ordering::SeqCst) {
             break;
         }
-        let st = d.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if d.detaching.load(Ordering::SeqCst) {
-            drop(d.cond.wait_timeout(st, Duration::from_millis(200)));
-            continue;
+        let mut deadline = None;
+        // While a `detach` is under way, only `quit` ends the loop.
+        if !d.detaching.load(Ordering::SeqCst) {
+            if st.mon.is_none() {
+                if started.elapsed() >= NO_VM_TIMEOUT {
+                    log(&format!("no VM connected within {NO_VM_TIMEOUT:?}"));
+                    no_vm = !st.vmm_seen;
+                    break;
+                }
+                deadline = Some(started + NO_VM_TIMEOUT);
+            }
+            // No VM ever came and nobody waits: its command was answered (or
+            // the client that started it left before asking).
+            let unwanted = st.mon.is_none() && !st.vmm_seen && !st.handshaking && st.clients == 0;
+            if unwanted && (st.served > 0 || started.elapsed() >= NO_CLIENT_TIMEOUT) {
+                // Nothing here worth keeping: no file stays behind.
+                log("no VM ever connected and no command waits for one");
+                no_vm = true;
+                st.leaving = true;
+                break;
+            }
+            if unwanted {
+                let at = started + NO_CLIENT_TIMEOUT;
+                deadline = Some(deadline.map_or(at, |d: Instant| d.min(at)));
+            }
+            if st.gone || st.mon.as_ref().is_some_and(|m| !m.is_running()) {
+                log("the VM went away");
+                break;
+            }
         }
-        if st.mon.is_none() && started.elapsed() > NO_VM_TIMEOUT {
-            log(&format!("no VM connected within {NO_VM_TIMEOUT:?}"));
-            no_vm = !st.vmm_seen;
-            break;
-        }
-        // No VM ever came and nobody waits: its command was answered (or
-        // the client that started it left before asking).
-        let asked = st.served > 0 || started.elapsed() > NO_CLIENT_TIMEOUT;
-        if st.mon.is_none() && !st.vmm_seen && !st.handshaking && st.clients == 0 && asked {
-            // Nothing here worth keeping: no file stays behind.
-            log("no VM ever connected and no command waits for one");
-            no_vm = true;
-            let mut st = st;
-            st.leaving = true;
-            break;
-        }
-        if st.gone || st.mon.as_ref().is_some_and(|m| !m.is_running()) {
-            log("the VM went away");
-            break;
-        }
-        drop(d.cond.wait_timeout(st, Duration::from_millis(200)));
+        st = match deadline {
+            None => d.cond.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner),
+            Some(at) => d
+                .cond
+                .wait_timeout(st, at.saturating_duration_since(Instant::now()))
+                .map_or_else(|e| e.into_inner().0, |r| r.0),
+        };
     }
+    drop(st);
     let mon = d.state.lock().ok().and_then(|mut s| s.mon.take());
     let served = mon.is_some() || served_vm().is_some();
     if let Some(m) = mon {

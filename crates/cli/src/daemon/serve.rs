@@ -6,16 +6,13 @@
 use std::{
     io::{Read, Write},
     os::unix::net::UnixStream,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
-use ukvmi_monitor::{Monitor, SymbolMap};
+use ukvmi_monitor::{Monitor, SubWaker, SymbolMap};
 
-use super::{load_map, log::log, Daemon, REFUSAL_FRESH};
+use super::{in_flight::ClientGone, load_map, log::log, Daemon, REFUSAL_FRESH};
 use crate::{
     control,
     tools::{self, Ctx, Out},
@@ -26,7 +23,7 @@ use crate::{
 struct SockOut {
     sock: UnixStream,
     stderr_tty: bool,
-    gone: Arc<AtomicBool>,
+    gone: Arc<ClientGone>,
 }
 
 impl Out for SockOut {
@@ -49,7 +46,10 @@ impl Out for SockOut {
         self.stderr_tty
     }
     fn gone(&self) -> bool {
-        self.gone.load(Ordering::Relaxed)
+        self.gone.get()
+    }
+    fn wake_when_gone(&mut self, waker: SubWaker) {
+        self.gone.wake_on_leaving(waker);
     }
 }
 
@@ -98,9 +98,10 @@ impl Daemon {
                 }
             }
             let mut left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() && st.handshaking && started.elapsed() < wait + HANDSHAKE_GRACE {
-                // A VMM is connecting right now: let it finish.
-                left = Duration::from_millis(50);
+            if left.is_zero() && st.handshaking {
+                // A VMM is connecting right now: let it finish (its end,
+                // either way, wakes this wait).
+                left = (deadline + HANDSHAKE_GRACE).saturating_duration_since(Instant::now());
             }
             if left.is_zero() {
                 let p = self.vm_path.display();
@@ -119,10 +120,9 @@ impl Daemon {
                 let _ = out.note(&format!("waiting for the VM to connect to {} ...", self.vm_path.display()));
                 told = true;
             }
-            st = self
-                .cond
-                .wait_timeout(st, left.min(Duration::from_millis(200)))
-                .map_or_else(|e| e.into_inner().0, |r| r.0);
+            // Until the deadline, or until woken: the VM attaching, a
+            // handshake ending, the client leaving.
+            st = self.cond.wait_timeout(st, left).map_or_else(|e| e.into_inner().0, |r| r.0);
         }
     }
 
@@ -169,14 +169,18 @@ impl Daemon {
             }
             st.clients += 1;
         }
-        let gone = Arc::new(AtomicBool::new(false));
+        let gone = Arc::new(ClientGone::default());
         // The client sends nothing more: a read that returns means it left.
+        // Whatever the command waits on is woken: its stream, its wait for
+        // a VM, another command's wait for it to finish undoing.
         if let Ok(mut watch) = sock.try_clone() {
-            let g = Arc::clone(&gone);
+            let (g, d) = (Arc::clone(&gone), Arc::clone(self));
             let _ = std::thread::Builder::new().name("ctl-watch".into()).spawn(move || {
                 let mut b = [0u8; 1];
                 let _ = watch.read(&mut b);
-                g.store(true, Ordering::Relaxed);
+                g.set();
+                d.wake();
+                d.in_flight.left();
             });
         }
         let me = self.in_flight.start(&sock, &gone);
@@ -198,7 +202,7 @@ impl Daemon {
         if self.detaching.load(Ordering::SeqCst) && args.first().map(String::as_str) == Some("detach") {
             // Only now, with the client's reply written, may the daemon go.
             self.quit.store(true, Ordering::SeqCst);
-            self.cond.notify_all();
+            self.wake();
         }
     }
 

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use ukvmi_monitor::{symbols::parse_number, Monitor, SymbolMap};
+use ukvmi_monitor::{symbols::parse_number, Monitor, SubWaker, SymbolMap};
 
 use crate::{
     args::{MissingValue, Style, Word, Words},
@@ -50,6 +50,10 @@ pub trait Out {
     fn stderr_tty(&self) -> bool;
     /// Whether the reader went away (Ctrl-C on the client).
     fn gone(&self) -> bool;
+    /// Wakes `waker` when the reader goes away, so that a command waiting
+    /// for records notices it at once. (Output whose reader cannot go away
+    /// unseen need not.)
+    fn wake_when_gone(&mut self, _waker: SubWaker) {}
 }
 
 /// Whether `e` says the reader of the output went away (EPIPE, as after
@@ -162,8 +166,7 @@ impl<'a> Args<'a> {
             .map(|v| {
                 v.parse::<f64>()
                     .ok()
-                    .filter(|s| s.is_finite() && *s >= 0.0)
-                    .map(Duration::from_secs_f64)
+                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
                     .ok_or_else(|| Failure::usage(format!("{f} takes seconds, not `{v}`")))
             })
             .transpose()

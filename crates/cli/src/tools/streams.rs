@@ -3,7 +3,7 @@
 //! end. (`watch-msr` and `protect` first show, and with `--restore` repair,
 //! what the guest already holds: see `hooks` and `lstar_stub`.)
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ukvmi_introspector::wire::access;
 use ukvmi_monitor::{
@@ -15,7 +15,9 @@ use ukvmi_monitor::{
 use super::{hooks, lstar_stub, Args, Ctx, Failure, Out};
 
 /// Streams records from `sub` until `count` records, `duration`, the
-/// reader leaving or the VM going away.
+/// reader leaving or the VM going away. Between records it sleeps: a
+/// record, the deadline, the reader leaving (`Out::wake_when_gone`) or the
+/// monitor stopping wakes it, nothing else.
 fn stream(
     ctx: &Ctx<'_>,
     sub: &ukvmi_monitor::Subscription,
@@ -24,14 +26,16 @@ fn stream(
     mut keep: impl FnMut(&Record) -> bool,
 ) -> Result<(), Failure> {
     let count = a.num("--count")?;
-    let until = a.secs("--duration")?.map(|d| Instant::now() + d);
+    // A duration too long to add to now is as good as none.
+    let until = a.secs("--duration")?.and_then(|d| Instant::now().checked_add(d));
     let json_out = a.has("--json");
+    out.wake_when_gone(sub.waker());
     let mut n = 0u64;
     loop {
         if out.gone() || until.is_some_and(|u| Instant::now() >= u) || count.is_some_and(|c| n >= c) {
             return Ok(());
         }
-        match sub.next(Duration::from_millis(100)) {
+        match sub.next_until(until) {
             Ok(Some(r)) => {
                 let end = matches!(r, Record::Detached { .. } | Record::Unhook);
                 if end || matches!(r, Record::Lost { .. }) || keep(&r) {
