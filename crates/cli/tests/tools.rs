@@ -594,11 +594,14 @@ fn write_puts_bytes_in_guest_memory_with_the_vcpus_held_and_the_guest_sees_them(
     assert_eq!((Tool::field(&j, "vcpu"), Tool::field(&j, "gpa")), ("1".into(), "0x2004000".into()), "{j}");
     let text = tool.ok(&["write", "0x2004002", "5a"]);
     assert!(text.contains("the vCPUs were paused already and stay paused"), "{text}");
+    // --no-pause while the user's pause holds them: still reported paused.
+    let j = tool.ok(&["write", "0x2004003", "5a", "--no-pause", "--json"]);
+    assert_eq!(Tool::field(&j, "paused"), "true", "{j}");
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(tool.u64_at(layout::counter_addr(0)), c0, "still paused after the writes");
     assert!(tool.ok(&["regs", "0"]).contains("paused"));
     tool.ok(&["resume"]);
-    assert_eq!(tool.cmd(&["read", "0x2004000", "3", "--raw"]).stdout, [0x5a; 3]);
+    assert_eq!(tool.cmd(&["read", "0x2004000", "4", "--raw"]).stdout, [0x5a; 4]);
     // --no-pause: written with the vCPUs running.
     let j = tool.ok(&["write", "0x2005000", "01", "--no-pause", "--json"]);
     assert_eq!(Tool::field(&j, "paused"), "false", "{j}");
@@ -643,6 +646,9 @@ fn write_refuses_bad_bytes_and_bad_addresses_and_writes_nothing() {
     tool.fails(&["write", "--vcpu", "7", "0x2000000", "00"], 2, "vCPU 7 does not exist");
     tool.fails(&["write", "no_such_symbol", "00"], 2, "not an address or a known symbol");
     tool.fails(&["write", "0x2000000", "00", "--bogus"], 2, "unknown option --bogus");
+    // A wait longer than the clock can add is a usage error, not a daemon
+    // thread's panic (which left the vCPUs paused and the client waiting).
+    tool.fails(&["pause", "--timeout", "1e19"], 2, "--timeout takes at most");
     // A breakpoint's int3 is no place to write: its byte would come back.
     let trace = {
         let sock = tool.sock.clone();

@@ -49,7 +49,7 @@ pub mod symbols;
 
 pub use error::{MonitorError, Result};
 pub use guestos::{DemoOs, GuestMemory, GuestOs, PhysRead, ReadError};
-pub use monitor::{describe, HeldVcpus, Monitor, Stats};
+pub use monitor::{describe, GuardedWriteError, HeldVcpus, Monitor, PauseHolders, Stats};
 pub use record::{Record, Who};
 pub use subs::{Kinds, SubWaker, Subscription};
 pub use symbols::SymbolMap;

@@ -168,11 +168,28 @@ impl Monitor {
         self.inner.bps.add(&self.inner, &mut refs, sub.id, gva, syscall)
     }
 
-    /// The gpas of this monitor's breakpoints in `gpa..gpa+len`: a write
-    /// there would be undone when the breakpoint goes (its saved byte put
-    /// back), so a tool that writes guest memory checks first.
-    pub fn breakpoints_in(&self, gpa: u64, len: u64) -> Vec<u64> {
-        self.inner.bps.gpas_in(gpa..gpa.saturating_add(len))
+    /// Writes `pieces` (gpa, bytes) into guest memory unless one of them
+    /// covers a breakpoint's `int3` (the byte saved under it would come
+    /// back over the new bytes when the breakpoint goes). The check and the
+    /// writes happen under the setup lock, under which every new
+    /// breakpoint is planted, so none appears in between.
+    pub fn write_unless_breakpoint(&self, pieces: &[(u64, &[u8])]) -> std::result::Result<(), GuardedWriteError> {
+        let _setup = self.inner.setup_open().map_err(|_| GuardedWriteError::Closed)?;
+        for &(gpa, bytes) in pieces {
+            if let Some(&at) = self.inner.bps.gpas_in(gpa..gpa.saturating_add(bytes.len() as u64)).first() {
+                return Err(GuardedWriteError::Breakpoint { gpa: at });
+            }
+        }
+        let mut written = 0u64;
+        for &(gpa, bytes) in pieces {
+            self.inner.vm.write_physical(gpa, bytes).map_err(|source| GuardedWriteError::Write {
+                gpa,
+                written,
+                source,
+            })?;
+            written += bytes.len() as u64;
+        }
+        Ok(())
     }
 
     /// Watches guest writes of `msr` on every vCPU; with `deny` they are
@@ -234,6 +251,12 @@ impl Monitor {
         self.inner.pauses.held()
     }
 
+    /// Who holds the vCPUs paused: the tool's pause, and how many scoped
+    /// holds ([`hold_all`](Self::hold_all)).
+    pub fn pause_holders(&self) -> PauseHolders {
+        self.inner.pauses.holders()
+    }
+
     /// Undoes every interception, lets held vCPUs go, stops the event
     /// thread and closes the connection.
     pub fn stop(&self) {
@@ -291,4 +314,39 @@ impl Drop for HeldVcpus<'_> {
     fn drop(&mut self) {
         self.mon.inner.pauses.unhold(&self.mon.inner);
     }
+}
+
+/// Who holds the vCPUs paused ([`Monitor::pause_holders`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PauseHolders {
+    /// The tool's pause ([`Monitor::pause_all`]) is on.
+    pub tool: bool,
+    /// Scoped holds alive ([`Monitor::hold_all`]).
+    pub scoped: usize,
+}
+
+/// Why [`Monitor::write_unless_breakpoint`] wrote nothing, or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GuardedWriteError {
+    /// The monitor has stopped; nothing was written.
+    #[error("the connection to the VM is closed; nothing was written")]
+    Closed,
+    /// A breakpoint's `int3` is in the range; nothing was written.
+    #[error("gpa {gpa:#x} holds the int3 of a breakpoint; nothing was written")]
+    Breakpoint {
+        /// Where the breakpoint is.
+        gpa: u64,
+    },
+    /// A KVMI_VM_WRITE_PHYSICAL failed after `written` bytes went in.
+    #[error("KVMI_VM_WRITE_PHYSICAL at gpa {gpa:#x}: {source}")]
+    Write {
+        /// The piece that failed.
+        gpa: u64,
+        /// Bytes written before it.
+        written: u64,
+        /// The library's error.
+        #[source]
+        source: ukvmi_introspector::Error,
+    },
 }

@@ -124,7 +124,9 @@ fn a_hold_and_the_tools_pause_nest() {
     mon.pause_all(T).unwrap();
     assert_eq!(next(&sub), Record::Paused { vcpu: 0 });
     let held = mon.hold_all(T).unwrap();
+    assert_eq!(mon.pause_holders(), ukvmi_monitor::PauseHolders { tool: true, scoped: 1 });
     assert_eq!(mon.resume_all().unwrap(), Vec::<u16>::new(), "resume let go of a vCPU a hold keeps");
+    assert_eq!(mon.pause_holders(), ukvmi_monitor::PauseHolders { tool: false, scoped: 1 });
     assert_eq!(mon.held(), vec![0]);
     drop(held);
     assert_eq!(next(&sub), Record::Resumed { vcpu: 0 });

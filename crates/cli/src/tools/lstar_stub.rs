@@ -146,7 +146,7 @@ pub(super) fn restore_lstar(
     if hijacked.is_empty() {
         return Ok(());
     }
-    if !ctx.mon.held().is_empty() {
+    if ctx.mon.pause_holders().tool {
         return Err(fail("vCPUs are held paused (`ukvmi pause`): `ukvmi resume` first, then --restore".into()));
     }
     let Some(entry) = hijacked.first().and_then(|m| m.kernel) else { return Ok(()) };

@@ -32,6 +32,9 @@ pub(crate) use streams::{protect, trace, watch_msr};
 pub(crate) use vm_state::{info, pause, regs, resume, translate};
 pub(crate) use write::write;
 
+/// The longest time a seconds option takes (a year).
+const MAX_SECS: u64 = 365 * 24 * 3600;
+
 /// Where a command's output goes: a client of the daemon, or a terminal.
 ///
 /// A method's `Err` of kind `BrokenPipe` means the reader went away (`| head`
@@ -161,13 +164,20 @@ impl<'a> Args<'a> {
             .map(|v| parse_number(v).ok_or_else(|| Failure::usage(format!("{f} takes a number, not `{v}`"))))
             .transpose()
     }
+    /// A number of seconds, at most [`MAX_SECS`] (a longer wait is a
+    /// mistake, and the clock cannot add some longer ones).
     pub(super) fn secs(&self, f: &str) -> Result<Option<Duration>, Failure> {
         self.val(f)
             .map(|v| {
-                v.parse::<f64>()
+                let d = v
+                    .parse::<f64>()
                     .ok()
                     .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                    .ok_or_else(|| Failure::usage(format!("{f} takes seconds, not `{v}`")))
+                    .ok_or_else(|| Failure::usage(format!("{f} takes seconds, not `{v}`")))?;
+                if d > Duration::from_secs(MAX_SECS) {
+                    return Err(Failure::usage(format!("{f} takes at most {MAX_SECS} seconds (a year), not `{v}`")));
+                }
+                Ok(d)
             })
             .transpose()
     }

@@ -204,7 +204,10 @@ pub(crate) fn resume(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<(
     let text = match (v.is_empty(), ctx.mon.held()) {
         (false, _) => format!("resumed vCPUs {v:?}"),
         (true, h) if h.is_empty() => "no vCPU was paused".to_string(),
-        (true, h) => format!("vCPUs {h:?} stay paused until the `write` holding them ends"),
+        (true, h) => format!(
+            "vCPUs {h:?} stay paused until the command holding them ends (a `write`, or `watch-msr --restore` \
+             putting LSTAR back)"
+        ),
     };
     out.line(&text)?;
     Ok(())

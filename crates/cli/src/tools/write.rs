@@ -15,7 +15,7 @@ use std::{fmt, time::Duration};
 use ukvmi_introspector::wire::msg;
 use ukvmi_monitor::{
     json::{self, Obj},
-    HeldVcpus, Monitor,
+    GuardedWriteError, HeldVcpus, Monitor,
 };
 
 use super::{Args, Ctx, Failure, Out};
@@ -144,10 +144,12 @@ struct Hold<'a> {
 
 impl<'a> Hold<'a> {
     fn new(mon: &'a Monitor, pause: bool) -> Result<Hold<'a>, Failure> {
+        // Paused already by the tool's own pause (`ukvmi pause`): they stay
+        // paused after the write, whatever --no-pause says.
+        let already = mon.pause_holders().tool && mon.held().len() == usize::from(mon.vcpus());
         if !pause {
-            return Ok(Hold { _held: None, how: Paused::No });
+            return Ok(Hold { _held: None, how: if already { Paused::Already } else { Paused::No } });
         }
-        let already = mon.held().len() == usize::from(mon.vcpus());
         let held = mon.hold_all(PAUSE_TIMEOUT).map_err(|e| Failure {
             msg: format!(
                 "pausing the vCPUs for the write: {e}; nothing was written (--no-pause writes while they run)"
@@ -223,32 +225,30 @@ pub(crate) fn write(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<()
                 status: 1,
             });
         }
-        if let Some(bp) = ctx.mon.breakpoints_in(gpa, n).first() {
-            return Err(Failure {
-                msg: format!(
-                    "gpa {bp:#x} holds the int3 of a breakpoint (a `trace --breakpoint` or `trace --syscalls`): \
-                     the byte under it would come back when the trace ends; stop that trace first. Nothing was written"
-                ),
-                status: 1,
-            });
-        }
     }
-    let mut done = 0u64;
+    let mut chunks = Vec::with_capacity(pieces.len());
+    let mut at = 0usize;
     for &(gpa, n) in &pieces {
-        let chunk = bytes.get(done as usize..(done + n) as usize).unwrap_or_default();
-        ctx.mon.vm().write_physical(gpa, chunk).map_err(|e| Failure {
-            msg: format!(
-                "KVMI_VM_WRITE_PHYSICAL at gpa {gpa:#x}: {e}; {}",
-                if done == 0 {
-                    "nothing was written".to_string()
-                } else {
-                    format!("{done} of {len} bytes were written")
-                }
-            ),
-            status: 1,
-        })?;
-        done += n;
+        let end = at.saturating_add(n as usize);
+        chunks.push((gpa, bytes.get(at..end).unwrap_or_default()));
+        at = end;
     }
+    ctx.mon.write_unless_breakpoint(&chunks).map_err(|e| Failure {
+        msg: match e {
+            GuardedWriteError::Breakpoint { gpa: bp } => format!(
+                "gpa {bp:#x} holds the int3 of a breakpoint (a `trace --breakpoint` or `trace --syscalls`): \
+                 the byte under it would come back when the trace ends; stop that trace first. Nothing was written"
+            ),
+            GuardedWriteError::Write { gpa, written: 0, source } => {
+                format!("KVMI_VM_WRITE_PHYSICAL at gpa {gpa:#x}: {source}; nothing was written")
+            }
+            GuardedWriteError::Write { gpa, written, source } => {
+                format!("KVMI_VM_WRITE_PHYSICAL at gpa {gpa:#x}: {source}; {written} of {len} bytes were written")
+            }
+            other => other.to_string(),
+        },
+        status: 1,
+    })?;
     let paused = hold.how;
     drop(hold);
     let runs = runs(&pieces);

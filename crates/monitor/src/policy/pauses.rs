@@ -66,8 +66,17 @@ impl Pauses {
     }
 
     /// Wakes everyone waiting for vCPUs to be held (the monitor stopped).
+    /// The lock is taken first: a waiter that saw `stop` still clear is
+    /// then already waiting, so it cannot miss this.
     pub(crate) fn wake(&self) {
+        drop(self.lock());
         self.cond.notify_all();
+    }
+
+    /// Who holds the vCPUs: the tool's pause, and the scoped holds.
+    pub(crate) fn holders(&self) -> crate::PauseHolders {
+        let st = self.lock();
+        crate::PauseHolders { tool: st.tool, scoped: st.holds }
     }
 
     /// vCPUs held now.
@@ -125,13 +134,14 @@ impl Pauses {
                 return Err(e);
             }
         }
-        let deadline = Instant::now() + timeout;
+        // No deadline where the timeout is too long for the clock.
+        let deadline = Instant::now().checked_add(timeout);
         let mut st = self.lock();
         while st.held.len() < usize::from(inner.vcpus) {
             if inner.stop.load(Ordering::SeqCst) {
                 return Err(MonitorError::Closed);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
             if left.is_zero() {
                 let msg = format!(
                     "only vCPUs {:?} paused within {timeout:?}; let go again unless another holder keeps them",
@@ -141,7 +151,10 @@ impl Pauses {
                 give_up();
                 return Err(MonitorError::Timeout(msg));
             }
-            st = self.cond.wait_timeout(st, left).map_or_else(|e| e.into_inner().0, |r| r.0);
+            st = match deadline {
+                Some(_) => self.cond.wait_timeout(st, left).map_or_else(|e| e.into_inner().0, |r| r.0),
+                None => self.cond.wait(st).unwrap_or_else(PoisonError::into_inner),
+            };
         }
         Ok(st.held.keys().copied().collect())
     }
