@@ -188,7 +188,15 @@ impl Daemon {
         // A stream stopped with Ctrl-C just before this command: its undo
         // (int3s put back, interceptions off) is finished first.
         self.in_flight.settle(me);
-        let status = self.run(&req, &mut out);
+        // A command that panics (a bug) fails alone: its client still gets
+        // its exit status, and the daemon's books (in flight, clients) stay
+        // right for the commands after it.
+        let status = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(&req, &mut out)))
+            .unwrap_or_else(|_| {
+                log(&format!("the command {:?} failed inside the daemon (a bug: a panic)", req.args.first()));
+                let _ = out.note("ukvmi: this command failed inside the daemon (a bug); the daemon carries on");
+                1
+            });
         self.in_flight.finish(me);
         let _ = control::write_frame(&mut sock, control::EXIT, &[status]);
         let _ = sock.flush();
