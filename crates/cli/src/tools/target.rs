@@ -66,11 +66,9 @@ impl Ctx<'_> {
     /// (its page tables as they are now), in order: `(gpa, len)` a page at
     /// most each. Fails at the first page that is not mapped.
     pub(super) fn virt_pieces(&self, v: u16, va: u64, len: u64) -> Result<Vec<(u64, u64)>, Failure> {
-        let end = va.checked_add(len).ok_or_else(|| Failure::usage("address range overflows"))?;
+        va.checked_add(len).ok_or_else(|| Failure::usage("address range overflows"))?;
         let mut pieces = Vec::new();
-        let mut at = va;
-        while at < end {
-            let n = (0x1000 - (at & 0xfff)).min(end - at);
+        for (at, n) in page_pieces(va, len) {
             let gpa = self
                 .mon
                 .vm()
@@ -82,7 +80,6 @@ impl Ctx<'_> {
                     status: 1,
                 })?;
             pieces.push((gpa, n));
-            at += n;
         }
         Ok(pieces)
     }
@@ -104,4 +101,19 @@ impl Ctx<'_> {
     pub(super) fn describe(&self, a: u64) -> String {
         ukvmi_monitor::describe(self.syms, a)
     }
+}
+
+/// `len` bytes from `start` cut at page boundaries, in order: `(address,
+/// len)` a page at most each (one KVMI memory command or translation
+/// each). Empty when the range passes the end of the address space.
+pub(super) fn page_pieces(start: u64, len: u64) -> Vec<(u64, u64)> {
+    let Some(end) = start.checked_add(len) else { return Vec::new() };
+    let mut v = Vec::new();
+    let mut at = start;
+    while at < end {
+        let n = (0x1000 - (at & 0xfff)).min(end - at);
+        v.push((at, n));
+        at += n;
+    }
+    v
 }

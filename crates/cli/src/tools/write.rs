@@ -18,7 +18,7 @@ use ukvmi_monitor::{
     GuardedWriteError, HeldVcpus, Monitor,
 };
 
-use super::{Args, Ctx, Failure, Out};
+use super::{target::page_pieces, Args, Ctx, Failure, Out};
 
 /// The most bytes one `write` takes (what a request may carry).
 const MAX_WRITE: usize = crate::control::MAX_DATA as usize;
@@ -160,20 +160,6 @@ impl<'a> Hold<'a> {
     }
 }
 
-/// The guest-physical pieces of `len` bytes at physical `gpa`, each
-/// within one page (what one KVMI_VM_WRITE_PHYSICAL takes).
-fn physical_pieces(gpa: u64, len: u64) -> Vec<(u64, u64)> {
-    let mut v = Vec::new();
-    let mut at = gpa;
-    let end = gpa + len;
-    while at < end {
-        let n = (0x1000 - (at & 0xfff)).min(end - at);
-        v.push((at, n));
-        at += n;
-    }
-    v
-}
-
 /// The pieces merged where they follow each other in guest-physical memory.
 fn runs(pieces: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut v: Vec<(u64, u64)> = Vec::new();
@@ -214,7 +200,7 @@ pub(crate) fn write(ctx: &Ctx<'_>, a: &Args<'_>, out: &mut dyn Out) -> Result<()
     let hold = Hold::new(ctx.mon, !a.has("--no-pause"))?;
     let pieces = match target {
         Target::Virtual(v) => ctx.virt_pieces(v, addr, len)?,
-        Target::Physical(gpa) => physical_pieces(gpa, len),
+        Target::Physical(gpa) => page_pieces(gpa, len),
     };
     for &(gpa, n) in &pieces {
         if gpa.checked_add(n).is_none_or(|e| e > ram) {
@@ -321,9 +307,10 @@ mod tests {
 
     #[test]
     fn pieces_stay_within_pages_and_runs_merge_what_follows() {
-        assert_eq!(physical_pieces(0x1ffe, 4), vec![(0x1ffe, 2), (0x2000, 2)]);
-        assert_eq!(physical_pieces(0x3000, 0x2000), vec![(0x3000, 0x1000), (0x4000, 0x1000)]);
-        assert_eq!(physical_pieces(0x10, 1), vec![(0x10, 1)]);
+        assert_eq!(page_pieces(0x1ffe, 4), vec![(0x1ffe, 2), (0x2000, 2)]);
+        assert_eq!(page_pieces(0x3000, 0x2000), vec![(0x3000, 0x1000), (0x4000, 0x1000)]);
+        assert_eq!(page_pieces(0x10, 1), vec![(0x10, 1)]);
+        assert_eq!(page_pieces(u64::MAX - 1, 4), vec![], "a range past the end of the address space: none");
         assert_eq!(runs(&[(0x1ffe, 2), (0x2000, 2)]), vec![(0x1ffe, 4)]);
         assert_eq!(runs(&[(0x5ffe, 2), (0x9000, 2)]), vec![(0x5ffe, 2), (0x9000, 2)]);
     }
