@@ -11,7 +11,7 @@
 //! and answering the held events happen without it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     sync::{atomic::Ordering, Condvar, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
@@ -26,8 +26,6 @@ use crate::{
 
 #[derive(Debug, Default)]
 struct State {
-    /// vCPUs a tool wants held.
-    want: BTreeSet<u16>,
     /// vCPUs held, with the PAUSE event they are stopped in.
     held: BTreeMap<u16, PendingEvent>,
     /// The tool's own pause is on (`pause_all` until `resume_all`).
@@ -109,12 +107,17 @@ impl Pauses {
         let (to_pause, had_tool) = {
             let mut st = self.lock();
             let had_tool = st.tool;
+            let first = st.unwanted();
             match who {
                 Holder::Tool => st.tool = true,
                 Holder::Scoped => st.holds += 1,
             }
-            let to_pause: Vec<u16> =
-                (0..inner.vcpus).filter(|&v| st.want.insert(v) && !st.held.contains_key(&v)).collect();
+            // The first holder pauses them; later ones wait for that.
+            let to_pause: Vec<u16> = if first {
+                (0..inner.vcpus).filter(|v| !st.held.contains_key(v)).collect()
+            } else {
+                Vec::new()
+            };
             (to_pause, had_tool)
         };
         // Undoes this holder's claim (the vCPUs go if nobody else holds them).
@@ -183,7 +186,6 @@ impl Pauses {
             if !st.unwanted() {
                 return Vec::new();
             }
-            st.want.clear();
             std::mem::take(&mut st.held)
         };
         let mut out = Vec::new();
@@ -202,7 +204,7 @@ impl Pauses {
         let mut st = self.lock();
         // Checked under the lock: the shutdown sets `stop` before it lets
         // every held vCPU go, so none is held after that.
-        if st.want.contains(&v) && !inner.stop.load(Ordering::SeqCst) {
+        if !st.unwanted() && !inner.stop.load(Ordering::SeqCst) {
             // Emitted under the lock, so that Paused precedes its Resumed.
             inner.subs.emit(&Record::Paused { vcpu: v });
             st.held.insert(v, ev);
