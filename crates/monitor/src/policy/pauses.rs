@@ -113,11 +113,8 @@ impl Pauses {
                 Holder::Scoped => st.holds += 1,
             }
             // The first holder pauses them; later ones wait for that.
-            let to_pause: Vec<u16> = if first {
-                (0..inner.vcpus).filter(|v| !st.held.contains_key(v)).collect()
-            } else {
-                Vec::new()
-            };
+            let to_pause: Vec<u16> =
+                if first { (0..inner.vcpus).filter(|v| !st.held.contains_key(v)).collect() } else { Vec::new() };
             (to_pause, had_tool)
         };
         // Undoes this holder's claim (the vCPUs go if nobody else holds them).
